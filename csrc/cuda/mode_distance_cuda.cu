@@ -1,0 +1,128 @@
+// CUDA launchers of the mode-distance op (SPEC.md §3). The kernels themselves
+// are in kernels/cuda/mode_distance.cuh, free of ATen.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <type_traits>
+
+#include "../../kernels/cuda/mode_distance.cuh"
+#include "../mode_distance.h"
+
+namespace drsl_fast {
+namespace {
+
+// ATen's storage types and their CUDA twins (same bits).
+template <typename T> struct DeviceType { using type = T; };
+template <> struct DeviceType<at::Half> { using type = __half; };
+template <> struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename scalar_t>
+const typename DeviceType<scalar_t>::type* device_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename DeviceType<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
+}
+template <typename scalar_t>
+typename DeviceType<scalar_t>::type* mutable_device_ptr(at::Tensor& t) {
+  return reinterpret_cast<typename DeviceType<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
+}
+
+dim3 pixel_grid(int64_t P, int64_t B, int threads) {
+  TORCH_CHECK(B <= 65535, "mode_distance (cuda): batch size must be <= 65535, got ", B);
+  return dim3(static_cast<unsigned>((P + threads - 1) / threads), static_cast<unsigned>(B));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tensor& emb, const at::Tensor& modes_in,
+                                                                  std::optional<double> sigma) {
+  check_mode_distance_inputs(emb, modes_in);
+  TORCH_CHECK(!sigma.has_value() || (std::isfinite(*sigma) && *sigma > 0), "mode_distance: sigma must be finite and > 0");
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const at::Tensor bdp = as_bdp(emb);
+  const auto acc_dtype = accumulate_dtype(emb);
+  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
+  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
+  const int64_t B = bdp.size(0), P = bdp.size(2);
+  const auto shape = per_class_shape(emb, C);
+  at::Tensor dmin = at::empty(shape, emb.options().dtype(acc_dtype));
+  at::Tensor mstar = at::empty(shape, emb.options().dtype(at::kByte));
+  at::Tensor posterior = at::empty(sigma ? shape : std::vector<int64_t>{0}, dmin.options());
+  if (dmin.numel() == 0) return {dmin, mstar, posterior};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t scale = sigma ? static_cast<acc_t>(-1.0 / (2.0 * *sigma * *sigma)) : acc_t(0);
+    const size_t modes_bytes = static_cast<size_t>(C * M * D) * sizeof(acc_t);
+    const bool in_shared = modes_bytes <= cuda::kModesSharedBytes;
+    cuda::mode_distance_forward_kernel<<<pixel_grid(P, B, cuda::kForwardThreads), cuda::kForwardThreads,
+                                         in_shared ? modes_bytes : 0, stream>>>(
+        device_ptr<scalar_t>(bdp), layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, in_shared,
+        dmin.mutable_data_ptr<acc_t>(), mstar.mutable_data_ptr<uint8_t>(),
+        sigma ? posterior.mutable_data_ptr<acc_t>() : nullptr, scale, per_class_layout(emb, C));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dmin, mstar, posterior};
+}
+
+std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor& grad_dmin_in, const at::Tensor& emb,
+                                                              const at::Tensor& modes_in, const at::Tensor& mstar_in,
+                                                              bool emb_requires_grad, bool modes_requires_grad) {
+  check_mode_distance_inputs(emb, modes_in);
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const at::Tensor bdp = as_bdp(emb);
+  const auto acc_dtype = accumulate_dtype(emb);
+  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
+  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
+  const int64_t B = bdp.size(0), P = bdp.size(2);
+  TORCH_CHECK(D <= 1024, "mode_distance_backward (cuda): D must be <= 1024, got ", D);
+  const at::Tensor grad_dmin = grad_dmin_in.to(acc_dtype).contiguous();
+  const at::Tensor mstar = mstar_in.contiguous();
+  TORCH_CHECK(grad_dmin.sizes() == mstar.sizes() && grad_dmin.sizes() == at::IntArrayRef(per_class_shape(emb, C)),
+              "mode_distance_backward: grad and mstar must be shaped ", at::IntArrayRef(per_class_shape(emb, C)));
+  const PixelLayout out_layout = per_class_layout(emb, C);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor grad_emb = emb_requires_grad ? empty_like_pixel_viewable(emb) : at::empty({0}, emb.options());
+  at::Tensor grad_modes = at::empty({0}, modes_in.options());
+  if (P == 0 || B == 0) {
+    if (modes_requires_grad) grad_modes = at::zeros_like(modes_in);
+    if (emb_requires_grad) grad_emb.zero_();
+    return {grad_emb, grad_modes};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_backward_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (emb_requires_grad) {
+      at::Tensor grad_bdp = as_bdp(grad_emb);
+      cuda::mode_distance_grad_emb_kernel<<<pixel_grid(P, B, cuda::kGradEmbThreads), cuda::kGradEmbThreads, 0,
+                                            stream>>>(
+          grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout, device_ptr<scalar_t>(bdp),
+          layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, mutable_device_ptr<scalar_t>(grad_bdp),
+          layout_of(grad_bdp));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (modes_requires_grad) {
+      const int64_t chunks = (P + cuda::kModeGradChunk - 1) / cuda::kModeGradChunk;
+      TORCH_CHECK(B <= 65535 && C <= 65535, "mode_distance_backward (cuda): B and C must be <= 65535");
+      at::Tensor partial = at::empty({B * chunks, C, M, D}, modes.options());
+      const int threads = static_cast<int>((D + 31) / 32 * 32);
+      cuda::mode_distance_grad_modes_kernel<<<dim3(chunks, C, B), threads, 0, stream>>>(
+          grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout, device_ptr<scalar_t>(bdp),
+          layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, partial.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // ATen's reduction over the first axis has a fixed order: deterministic.
+      grad_modes = partial.sum(0).to(modes_in.scalar_type());
+    }
+  });
+  return {grad_emb, grad_modes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(drsl_fast, CUDA, m) {
+  m.impl("mode_distance", &mode_distance_cuda);
+  m.impl("mode_distance_backward", &mode_distance_backward_cuda);
+}
+
+}  // namespace drsl_fast

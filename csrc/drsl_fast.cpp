@@ -1,0 +1,14 @@
+// Operator schemas of the drsl_fast library. Backends are registered per
+// dispatch key in csrc/cpu/ and csrc/cuda/; fake kernels and autograd are
+// registered from Python (drsl_fast/ops/).
+#include <torch/library.h>
+
+TORCH_LIBRARY(drsl_fast, m) {
+  // SPEC.md §3. emb (B, D, H, W) or (N, D); modes (C, M, D).
+  // Returns dmin and mstar shaped (B, C, H, W) or (N, C), and the class
+  // posterior exp(-dmin / (2 sigma^2)) when sigma is given (else an empty tensor).
+  m.def("mode_distance(Tensor emb, Tensor modes, float? sigma) -> (Tensor dmin, Tensor mstar, Tensor posterior)");
+  m.def(
+      "mode_distance_backward(Tensor grad_dmin, Tensor emb, Tensor modes, Tensor mstar, "
+      "bool emb_requires_grad, bool modes_requires_grad) -> (Tensor grad_emb, Tensor grad_modes)");
+}

@@ -1,0 +1,20 @@
+"""Networks of SPEC.md §2: DeepLab-v2 (ResNet, frozen BN, summed 4-branch
+classifier) and the MMDL-FR head, plus init-weight loading."""
+
+from .deeplab import DeepLabOutput, DeepLabV2, SummedDilatedConvs
+from .frozen_bn import FrozenBatchNorm2d
+from .mmdl_head import MMDLHead
+from .resnet import DeepLabResNet
+from .weights import InitWeightsWarning, LoadReport, load_init_weights
+
+__all__ = [
+    "DeepLabOutput",
+    "DeepLabResNet",
+    "DeepLabV2",
+    "FrozenBatchNorm2d",
+    "InitWeightsWarning",
+    "LoadReport",
+    "MMDLHead",
+    "SummedDilatedConvs",
+    "load_init_weights",
+]

@@ -1,0 +1,200 @@
+"""Per-pixel mode distance and max-over-modes class posterior (SPEC.md §3, §10).
+
+Replaces ``((e[:, None] - R[None]) ** 2).sum(-1)`` followed by a max over modes:
+the fast backends read (B, D, H, W) embeddings in place (no permute copy), never
+build the (N, C, M, D) difference tensor, and save only the winning mode index
+``mstar`` (uint8, (N, C)) for backward, which flows through the winning mode
+only. The mode gradient is summed over fixed pixel chunks in a fixed order, so
+it is deterministic on every backend.
+
+Operators (``torch.library``, traceable by ``torch.compile``):
+  drsl_fast::mode_distance / mode_distance_backward          C++ CPU and CUDA
+  drsl_fast::mode_distance_triton / mode_distance_backward_triton   Triton
+"""
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _extension, reference
+from ..backends import resolve, triton_import_error
+from ..reference.mode_distance import accumulate_dtype
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_MODES = 16
+
+
+class ModeDistance(NamedTuple):
+    """dmin and mstar shaped (B, C, H, W) or (N, C); posterior likewise, or None."""
+
+    dmin: Tensor
+    mstar: Tensor
+    posterior: Optional[Tensor]
+
+
+def mode_distance(
+    emb: Tensor, modes: Tensor, sigma: Optional[float] = None, *, backend: Optional[str] = None
+) -> ModeDistance:
+    """SPEC.md §3: ``dmin[c] = min_m ||e - r[c, m]||^2``, ``mstar[c]`` its
+    argmin (ties: lowest m), and with ``sigma`` the class posterior
+    ``P[c] = exp(-dmin[c] / (2 sigma^2))``, fused.
+
+    Args:
+        emb: embeddings (B, D, H, W) (contiguous or channels-last, read in
+            place) or (N, D); float16, bfloat16, float32 or float64.
+        modes: mode centres R viewed as (C, M, D), M <= 16.
+        sigma: posterior width (SPEC: 0.5); None skips the posterior.
+        backend: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton';
+            see :mod:`drsl_fast.backends`.
+
+    Returns:
+        :class:`ModeDistance` with fp32 dmin/posterior (fp64 for fp64 input)
+        and uint8 mstar. Differentiable in emb and modes.
+    """
+    check_inputs(emb, modes, sigma)
+    name = resolve(backend, emb.device)
+    if name == "reference":
+        return ModeDistance(*reference.mode_distance(emb, modes, sigma))
+    op = torch.ops.drsl_fast.mode_distance_triton if name == "triton" else torch.ops.drsl_fast.mode_distance
+    dmin, mstar, posterior = op(emb, modes, sigma)
+    return ModeDistance(dmin, mstar, posterior if sigma is not None else None)
+
+
+def mode_posterior(emb: Tensor, modes: Tensor, sigma: float = 0.5, *, backend: Optional[str] = None) -> Tensor:
+    """SPEC.md §3 class posterior ``P[c] = max_m exp(-||e - r[c, m]||^2 / (2 sigma^2))``."""
+    return mode_distance(emb, modes, sigma, backend=backend).posterior
+
+
+def check_inputs(emb: Tensor, modes: Tensor, sigma: Optional[float]) -> None:
+    """Raises with a message naming the expected shape, dtype or device."""
+    if not isinstance(emb, Tensor) or not isinstance(modes, Tensor):
+        raise TypeError("mode_distance: emb and modes must be tensors")
+    if emb.dim() not in (2, 4):
+        raise ValueError(f"mode_distance: emb must be (B, D, H, W) or (N, D), got shape {tuple(emb.shape)}")
+    if modes.dim() != 3:
+        raise ValueError(f"mode_distance: modes must be (C, M, D), got shape {tuple(modes.shape)}")
+    for name, t in (("emb", emb), ("modes", modes)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"mode_distance: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if emb.device != modes.device:
+        raise ValueError(f"mode_distance: emb is on {emb.device} but modes are on {modes.device}")
+    if emb.shape[1] != modes.shape[2]:
+        raise ValueError(
+            f"mode_distance: emb has D={emb.shape[1]} channels (dim 1) but modes have D={modes.shape[2]} (dim 2)"
+        )
+    if modes.shape[0] < 1 or not 1 <= modes.shape[1] <= MAX_MODES:
+        raise ValueError(f"mode_distance: modes need C >= 1 and 1 <= M <= {MAX_MODES}, got {tuple(modes.shape)}")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"mode_distance: sigma must be finite and > 0, got {sigma}")
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _per_class_shape(emb: Tensor, C: int) -> Tuple[int, ...]:
+    return (emb.shape[0], C) if emb.dim() == 2 else (emb.shape[0], C, emb.shape[2], emb.shape[3])
+
+
+def _empty_like_pixel_viewable(emb: Tensor) -> Tensor:
+    """Like emb, contiguous or channels-last (mirrors csrc/mode_distance.h)."""
+    if emb.dim() == 2:
+        return torch.empty_like(emb)
+    channels_last = emb.is_contiguous(memory_format=torch.channels_last) and not emb.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty_like(emb, memory_format=fmt)
+
+
+def _fake_forward(emb: Tensor, modes: Tensor, sigma: Optional[float]):
+    shape = _per_class_shape(emb, modes.shape[0])
+    acc = accumulate_dtype(emb.dtype)
+    return (
+        emb.new_empty(shape, dtype=acc),
+        emb.new_empty(shape, dtype=torch.uint8),
+        emb.new_empty(shape if sigma is not None else (0,), dtype=acc),
+    )
+
+
+def _fake_backward(grad_dmin, emb, modes, mstar, emb_requires_grad: bool, modes_requires_grad: bool):
+    grad_emb = _empty_like_pixel_viewable(emb) if emb_requires_grad else emb.new_empty((0,))
+    grad_modes = torch.empty_like(modes) if modes_requires_grad else modes.new_empty((0,))
+    return grad_emb, grad_modes
+
+
+def _register_autograd(op_name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        emb, modes, sigma = inputs
+        _, mstar, posterior = output
+        ctx.sigma = sigma
+        ctx.save_for_backward(emb, modes, mstar, posterior)
+
+    def backward(ctx, grad_dmin, grad_mstar, grad_posterior):
+        emb, modes, mstar, posterior = ctx.saved_tensors
+        grad = grad_dmin
+        if ctx.sigma is not None and grad_posterior is not None:
+            # P = exp(-dmin / (2 sigma^2))  =>  dP/ddmin = -P / (2 sigma^2)
+            through_posterior = grad_posterior * posterior * (-0.5 / (ctx.sigma * ctx.sigma))
+            grad = through_posterior if grad is None else grad + through_posterior
+        if grad is None:
+            grad = torch.zeros(mstar.shape, dtype=posterior.dtype, device=mstar.device)
+        grad_emb, grad_modes = backward_op(
+            grad, emb, modes, mstar, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return (
+            grad_emb if ctx.needs_input_grad[0] else None,
+            grad_modes if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("drsl_fast::mode_distance")(_fake_forward)
+    torch.library.register_fake("drsl_fast::mode_distance_backward")(_fake_backward)
+    _register_autograd("drsl_fast::mode_distance", torch.ops.drsl_fast.mode_distance_backward)
+
+
+if triton_import_error() is None:
+    from torch.library import triton_op, wrap_triton
+
+    from ..triton_kernels import mode_distance as triton_kernels
+
+    @triton_op("drsl_fast::mode_distance_triton", mutates_args=())
+    def _mode_distance_triton(emb: Tensor, modes: Tensor, sigma: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+        if emb.dtype == torch.float64:
+            raise TypeError("mode_distance: the triton backend computes in fp32; use 'cpu'/'cuda' for float64")
+        dmin, mstar, posterior = _fake_forward(emb, modes, sigma)
+        scale = 0.0 if sigma is None else -0.5 / (sigma * sigma)
+        if dmin.numel() > 0:
+            triton_kernels.forward(
+                emb, modes.float().contiguous(), dmin, mstar, posterior if sigma is not None else None, scale,
+                launch=wrap_triton,
+            )
+        return dmin, mstar, posterior
+
+    @triton_op("drsl_fast::mode_distance_backward_triton", mutates_args=())
+    def _mode_distance_backward_triton(
+        grad_dmin: Tensor, emb: Tensor, modes: Tensor, mstar: Tensor, emb_requires_grad: bool,
+        modes_requires_grad: bool,
+    ) -> Tuple[Tensor, Tensor]:
+        grad_emb, grad_modes = _fake_backward(grad_dmin, emb, modes, mstar, emb_requires_grad, modes_requires_grad)
+        centres = modes.float().contiguous()
+        grad = grad_dmin.float().contiguous()
+        mstar = mstar.contiguous()
+        if emb_requires_grad and grad_emb.numel() > 0:
+            triton_kernels.grad_emb(grad, mstar, emb, centres, grad_emb, launch=wrap_triton)
+        if modes_requires_grad:
+            pixels = emb.shape[0] if emb.dim() == 2 else emb.shape[2] * emb.shape[3]
+            batch = 1 if emb.dim() == 2 else emb.shape[0]
+            partial = centres.new_zeros((batch * triton_kernels.mode_grad_chunks(pixels),) + tuple(modes.shape))
+            if partial.numel() > 0:
+                triton_kernels.grad_modes_partials(grad, mstar, emb, centres, partial, launch=wrap_triton)
+            grad_modes = partial.sum(0).to(modes.dtype)
+        return grad_emb, grad_modes
+
+    # Explicit fake kernels: triton_op derives them by tracing, which the
+    # Triton interpreter (CPU tensors) does not support.
+    _mode_distance_triton.register_fake(_fake_forward)
+    _mode_distance_backward_triton.register_fake(_fake_backward)
+    _register_autograd("drsl_fast::mode_distance_triton", torch.ops.drsl_fast.mode_distance_backward_triton)

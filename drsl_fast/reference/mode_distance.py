@@ -1,0 +1,41 @@
+"""Reference for the per-pixel mode model of SPEC.md §3."""
+from typing import Optional, Tuple
+
+import torch
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp16/bf16/fp32 inputs, fp64 for fp64 (SPEC.md §10)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mode_distance(
+    emb: torch.Tensor, modes: torch.Tensor, sigma: Optional[float] = None
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """SPEC.md §3: squared distance to the nearest mode of every class.
+
+    ``d[c, m] = ||e - r[c, m]||^2``, ``dmin[c] = min_m d[c, m]``,
+    ``mstar[c] = argmin_m d[c, m]`` (ties: lowest m), and, when ``sigma`` is
+    given, the class posterior ``P[c] = exp(-dmin[c] / (2 sigma^2))``.
+
+    emb: (B, D, H, W) or (N, D); modes: (C, M, D). Returns dmin and mstar shaped
+    (B, C, H, W) or (N, C) (mstar as uint8), and the posterior or None.
+    Differentiable by plain autograd; the gradient flows only through the
+    winning mode because it is gathered. Materialises (N, C, M, D): it is the
+    oracle, not the fast path.
+    """
+    acc = accumulate_dtype(emb.dtype)
+    x = emb.to(acc)
+    if x.dim() == 4:
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, D)
+    r = modes.to(acc)
+    diff = x[..., None, None, :] - r  # (..., C, M, D)
+    dist = (diff * diff).sum(-1)  # (..., C, M)
+    mstar = dist.argmin(-1, keepdim=True)  # first minimum: ties keep the lowest mode
+    dmin = dist.gather(-1, mstar).squeeze(-1)
+    mstar = mstar.squeeze(-1).to(torch.uint8)
+    if emb.dim() == 4:
+        dmin = dmin.permute(0, 3, 1, 2).contiguous()
+        mstar = mstar.permute(0, 3, 1, 2).contiguous()
+    posterior = None if sigma is None else torch.exp(-dmin / (2.0 * sigma * sigma))
+    return dmin, mstar, posterior

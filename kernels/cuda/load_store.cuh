@@ -1,0 +1,29 @@
+// Conversions between storage types (float, double, half, bfloat16) and the
+// accumulation type, for device code. No ATen: this header must compile alone.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace drsl_fast {
+namespace cuda {
+
+// fp32 accumulation for fp32/fp16/bf16 storage; fp64 for fp64 storage.
+template <typename T> struct AccumulateType { using type = float; };
+template <> struct AccumulateType<double> { using type = double; };
+
+template <typename acc_t> __device__ __forceinline__ acc_t load_as(float v) { return static_cast<acc_t>(v); }
+template <typename acc_t> __device__ __forceinline__ acc_t load_as(double v) { return static_cast<acc_t>(v); }
+template <typename acc_t> __device__ __forceinline__ acc_t load_as(__half v) { return static_cast<acc_t>(__half2float(v)); }
+template <typename acc_t> __device__ __forceinline__ acc_t load_as(__nv_bfloat16 v) { return static_cast<acc_t>(__bfloat162float(v)); }
+
+template <typename T> __device__ __forceinline__ T store_as(float v);
+template <> __device__ __forceinline__ float store_as<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half store_as<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ T store_as(double v) { return static_cast<T>(v); }
+
+__device__ __forceinline__ float exp_of(float v) { return expf(v); }
+__device__ __forceinline__ double exp_of(double v) { return exp(v); }
+
+}  // namespace cuda
+}  // namespace drsl_fast

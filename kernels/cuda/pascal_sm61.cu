@@ -1,0 +1,27 @@
+// Compiles the device kernels alone (no ATen, no torch headers) so that a
+// CUDA 11.x toolkit can check them for sm_61 (GTX 1080 Ti): .ci/run builds
+// this translation unit with `nvcc -arch=sm_61`. Every kernel is instantiated
+// for every storage type the launchers use.
+#include "mode_distance.cuh"
+
+namespace drsl_fast {
+namespace cuda {
+
+#define DRSL_INSTANTIATE_MODE_DISTANCE(scalar_t, acc_t)                                      \
+  template __global__ void mode_distance_forward_kernel<scalar_t, acc_t>(                    \
+      const scalar_t*, PixelLayout, const acc_t*, int, int, int, int64_t, bool, acc_t*,      \
+      uint8_t*, acc_t*, acc_t, PixelLayout);                                                 \
+  template __global__ void mode_distance_grad_emb_kernel<scalar_t, acc_t>(                   \
+      const acc_t*, const uint8_t*, PixelLayout, const scalar_t*, PixelLayout, const acc_t*, \
+      int, int, int, int64_t, scalar_t*, PixelLayout);                                       \
+  template __global__ void mode_distance_grad_modes_kernel<scalar_t, acc_t>(                 \
+      const acc_t*, const uint8_t*, PixelLayout, const scalar_t*, PixelLayout, const acc_t*, \
+      int, int, int, int64_t, acc_t*);
+
+DRSL_INSTANTIATE_MODE_DISTANCE(float, float)
+DRSL_INSTANTIATE_MODE_DISTANCE(double, double)
+DRSL_INSTANTIATE_MODE_DISTANCE(__half, float)
+DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
+
+}  // namespace cuda
+}  // namespace drsl_fast

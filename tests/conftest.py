@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter on CPU tensors. It must be
+# switched on before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import drsl_fast  # noqa: E402
+from drsl_fast.backends import why_unavailable  # noqa: E402
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
+
+
+@pytest.fixture(params=["cpu", "cuda", "triton"])
+def fast_backend(request):
+    """Each fast backend available here, with the device it runs on."""
+    name = request.param
+    device = device_for(name)
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    return name, device

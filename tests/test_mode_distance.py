@@ -1,0 +1,347 @@
+"""The mode-distance op (SPEC.md §3) on every backend available here, against
+the float64 reference and an independent formulation."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import drsl_fast
+from drsl_fast import reference
+from drsl_fast.backends import BackendUnavailableError
+
+SIGMA = 0.5
+
+# name -> (embedding factory(generator, dtype), C, M)
+SHAPES = {
+    "bdhw": (lambda g, dt: torch.randn(2, 5, 7, 9, generator=g).to(dt), 3, 2),
+    "bdhw_channels_last": (
+        lambda g, dt: torch.randn(2, 16, 5, 6, generator=g).to(dt).contiguous(memory_format=torch.channels_last), 19, 3),
+    "bdhw_strided": (lambda g, dt: torch.randn(1, 6, 9, 11, generator=g).to(dt)[:, :, ::2, 1:], 4, 3),
+    "nd": (lambda g, dt: torch.randn(37, 8, generator=g).to(dt), 4, 1),
+    "nd_transposed": (lambda g, dt: torch.randn(8, 37, generator=g).to(dt).t(), 2, 5),
+    "max_modes_one_channel": (lambda g, dt: torch.randn(3, 1, 2, 5, generator=g).to(dt), 2, 16),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def make_case(name, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    factory, C, M = SHAPES[name]
+    emb = factory(g, dtype).to(device)
+    modes = (torch.randn(C, M, emb.shape[1], generator=g) * 0.7).to(dtype).to(device)
+    return emb, modes
+
+
+def skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend computes in fp32")
+
+
+def as_rows(t):
+    """Per-class output (B, C, H, W) or (N, C) as (N, C)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) if t.dim() == 4 else t
+
+
+def independent_distances(emb, modes):
+    """All squared distances (N, C, M) in float64 via torch.cdist (no broadcasting
+    of the difference tensor): an independent formulation of SPEC §3."""
+    x = emb.double()
+    x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+    C, M, D = modes.shape
+    d = torch.cdist(x, modes.double().reshape(C * M, D), compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    return d.reshape(-1, C, M)
+
+
+def tolerance(dtype):
+    """Absolute/relative tolerance on distances computed from the same stored
+    inputs: only the accumulation differs (fp32, or fp64 for fp64 input)."""
+    return (1e-11, 1e-11) if dtype == torch.float64 else (2e-5, 2e-5)
+
+
+def assert_forward_close(result, emb, modes, sigma):
+    dist = independent_distances(emb, modes)  # (N, C, M)
+    atol, rtol = tolerance(emb.dtype)
+    expected_dmin = dist.min(-1).values
+    dmin, mstar = as_rows(result.dmin).cpu().double(), as_rows(result.mstar).cpu().long()
+    torch.testing.assert_close(dmin, expected_dmin, atol=atol, rtol=rtol)
+    # The chosen mode must be a minimiser (up to rounding, for near-ties).
+    chosen = dist.gather(-1, mstar.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(chosen, expected_dmin, atol=atol, rtol=rtol)
+    if sigma is None:
+        assert result.posterior is None
+    else:
+        expected_post = torch.exp(-expected_dmin / (2 * sigma**2))
+        torch.testing.assert_close(as_rows(result.posterior).cpu().double(), expected_post, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_reference_matches_independent_formulation(shape):
+    emb, modes = make_case(shape, torch.float64, "cpu")
+    result = drsl_fast.mode_distance(emb, modes, SIGMA, backend="reference")
+    assert result.dmin.dtype == torch.float64 and result.mstar.dtype == torch.uint8
+    assert_forward_close(result, emb, modes, SIGMA)
+    # and the winner is exactly the first minimum
+    dist = independent_distances(emb, modes)
+    assert torch.equal(as_rows(result.mstar).long(), dist.argmin(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_forward_matches_float64(fast_backend, shape, dtype):
+    backend, device = fast_backend
+    skip_unsupported(backend, dtype)
+    emb, modes = make_case(shape, dtype, device, seed=1)
+    for sigma in (None, SIGMA):
+        result = drsl_fast.mode_distance(emb, modes, sigma, backend=backend)
+        expected_shape = (emb.shape[0], modes.shape[0]) + tuple(emb.shape[2:])
+        assert result.dmin.shape == expected_shape and result.mstar.shape == expected_shape
+        assert result.dmin.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert result.mstar.dtype == torch.uint8
+        assert_forward_close(result, emb, modes, sigma)
+
+
+def test_forward_odd_sizes_many_classes(fast_backend):
+    backend, device = fast_backend
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(3, 13, 17, 5, generator=g).to(device)
+    modes = torch.randn(19, 3, 13, generator=g).to(device)
+    assert_forward_close(drsl_fast.mode_distance(emb, modes, SIGMA, backend=backend), emb, modes, SIGMA)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 5), (0, 4)])
+def test_empty_inputs(fast_backend, shape):
+    backend, device = fast_backend
+    emb = torch.randn(shape, device=device, requires_grad=True)
+    modes = torch.randn(3, 2, 4, device=device, requires_grad=True)
+    result = drsl_fast.mode_distance(emb, modes, SIGMA, backend=backend)
+    assert result.dmin.numel() == 0
+    (result.dmin.sum() + result.posterior.sum()).backward()
+    assert emb.grad.shape == emb.shape
+    torch.testing.assert_close(modes.grad, torch.zeros_like(modes))
+
+
+def test_ties_pick_the_lowest_mode(fast_backend):
+    backend, device = fast_backend
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(2, 6, 4, 5, generator=g)
+    far = torch.full((6,), 100.0)
+    centre = torch.randn(6, generator=g)
+    # class 0: modes 0 and 1 identical (tie -> 0); class 1: mode 0 far, 1 and 2 identical (tie -> 1)
+    modes = torch.stack([
+        torch.stack([centre, centre, far]),
+        torch.stack([far, centre, centre]),
+    ]).to(device)
+    result = drsl_fast.mode_distance(emb.to(device), modes, backend=backend)
+    assert (result.mstar[:, 0] == 0).all()
+    assert (result.mstar[:, 1] == 1).all()
+    # every pixel equidistant from all modes of a class: all ties -> mode 0
+    zero = torch.zeros(2, 6, 4, 5, device=device)
+    tied = torch.zeros(1, 4, 6, device=device)
+    assert (drsl_fast.mode_distance(zero, tied, backend=backend).mstar == 0).all()
+
+
+def weighted_loss(result, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    w_dmin = torch.randn(result.dmin.shape, generator=g).to(result.dmin)
+    w_post = torch.randn(result.dmin.shape, generator=g).to(result.dmin)
+    return (result.dmin * w_dmin).sum() + (result.posterior * w_post).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", ["bdhw", "bdhw_channels_last", "nd_transposed", "bdhw_strided"])
+def test_backward_matches_reference(fast_backend, shape, dtype):
+    backend, device = fast_backend
+    skip_unsupported(backend, dtype)
+    emb, modes = make_case(shape, dtype, device, seed=5)
+    emb.requires_grad_(True)
+    modes.requires_grad_(True)
+    weighted_loss(drsl_fast.mode_distance(emb, modes, SIGMA, backend=backend)).backward()
+
+    emb64 = emb.detach().cpu().double().requires_grad_(True)
+    modes64 = modes.detach().cpu().double().requires_grad_(True)
+    weighted_loss(drsl_fast.mode_distance(emb64, modes64, SIGMA, backend="reference")).backward()
+
+    assert emb.grad.dtype == dtype and emb.grad.shape == emb.shape
+    assert modes.grad.dtype == dtype and modes.grad.shape == modes.shape
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(emb.grad.cpu().double(), emb64.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(modes.grad.cpu().double(), modes64.grad, atol=tol, rtol=tol)
+
+
+def test_backward_only_one_input(fast_backend):
+    backend, device = fast_backend
+    emb, modes = make_case("bdhw", torch.float32, device)
+    modes.requires_grad_(True)
+    drsl_fast.mode_distance(emb, modes, backend=backend).dmin.sum().backward()
+    modes_ref = modes.detach().clone().requires_grad_(True)
+    drsl_fast.mode_distance(emb, modes_ref, backend="reference").dmin.sum().backward()
+    torch.testing.assert_close(modes.grad, modes_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    modes = torch.randn(3, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    for backend in ("reference", "cpu"):
+
+        def f(e, r):
+            out = drsl_fast.mode_distance(e, r, SIGMA, backend=backend)
+            return out.dmin, out.posterior
+
+        assert torch.autograd.gradcheck(f, (emb, modes))
+        emb2d = emb.detach()[0].reshape(3, -1).t().contiguous().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda e, r: drsl_fast.mode_distance(e, r, backend=backend).dmin, (emb2d, modes))
+
+
+def test_opcheck_cpu_operator():
+    from drsl_fast import _extension
+
+    if not _extension.has_cpu_kernels():
+        pytest.skip(f"extension missing: {_extension.LOAD_ERROR}")
+    g = torch.Generator().manual_seed(4)
+    for sigma in (None, SIGMA):
+        for emb in (torch.randn(2, 4, 3, 5, generator=g), torch.randn(7, 4, generator=g)):
+            modes = torch.randn(3, 2, 4, generator=g)
+            args = (emb.requires_grad_(True), modes.requires_grad_(True), sigma)
+            torch.library.opcheck(torch.ops.drsl_fast.mode_distance.default, args)
+    emb = torch.randn(2, 4, 3, 5, generator=g)
+    modes = torch.randn(3, 2, 4, generator=g)
+    dmin, mstar, _ = torch.ops.drsl_fast.mode_distance(emb, modes, None)
+    torch.library.opcheck(
+        torch.ops.drsl_fast.mode_distance_backward.default, (torch.randn_like(dmin), emb, modes, mstar, True, True)
+    )
+
+
+def test_opcheck_triton_operator():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if drsl_fast.backends.why_unavailable("triton", device) is not None:
+        pytest.skip(drsl_fast.backends.why_unavailable("triton", device))
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(2, 4, 3, 5, generator=g).to(device).requires_grad_(True)
+    modes = torch.randn(3, 2, 4, generator=g).to(device).requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.drsl_fast.mode_distance_triton.default, (emb, modes, SIGMA),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_torch_compile_fullgraph(fast_backend):
+    backend, device = fast_backend
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("torch.compile traces triton_op bodies, which the Triton CPU interpreter cannot run")
+    emb, modes = make_case("bdhw", torch.float32, device, seed=9)
+
+    def loss_fn(e, r):
+        out = drsl_fast.mode_distance(e, r, SIGMA, backend=backend)
+        return (out.dmin * 0.1).sum() - out.posterior.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (loss_fn, compiled):
+        e = emb.clone().requires_grad_(True)
+        r = modes.clone().requires_grad_(True)
+        loss = fn(e, r)
+        loss.backward()
+        grads.append((loss.detach(), e.grad, r.grad))
+    for eager, traced in zip(*grads):
+        torch.testing.assert_close(traced, eager)
+
+
+def test_mode_gradient_is_deterministic(fast_backend):
+    backend, device = fast_backend
+    g = torch.Generator().manual_seed(8)
+    emb = torch.randn(2, 8, 40, 70, generator=g).to(device)  # several gradient chunks
+    modes = torch.randn(5, 3, 8, generator=g).to(device)
+    threads = torch.get_num_threads()
+    grads = []
+    for num_threads in (1, max(2, threads), 1):
+        torch.set_num_threads(num_threads)
+        r = modes.clone().requires_grad_(True)
+        drsl_fast.mode_distance(emb, r, SIGMA, backend=backend).posterior.sum().backward()
+        grads.append(r.grad)
+    torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+
+
+def test_saves_nothing_of_size_pixels_by_modes(fast_backend):
+    """SPEC §10: no (N, C, M) or (N, C, M, D) tensor is kept for backward."""
+    backend, device = fast_backend
+    B, D, H, W, C, M = 2, 8, 6, 7, 5, 3
+    emb = torch.randn(B, D, H, W, device=device, requires_grad=True)
+    modes = torch.randn(C, M, D, device=device, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = drsl_fast.mode_distance(emb, modes, SIGMA, backend=backend)
+    assert max(saved) <= max(emb.numel(), B * C * H * W)
+    assert sum(n for n in saved if n == B * C * H * W) <= 2 * B * C * H * W  # mstar and the posterior
+    out.posterior.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "emb_shape, modes_shape, dtype, sigma, error, match",
+    [
+        ((2, 4, 3), (3, 2, 4), torch.float32, None, ValueError, r"\(B, D, H, W\) or \(N, D\)"),
+        ((2, 4, 3, 3), (6, 4), torch.float32, None, ValueError, r"\(C, M, D\)"),
+        ((2, 4, 3, 3), (3, 2, 5), torch.float32, None, ValueError, "D=4 channels.*D=5"),
+        ((2, 4, 3, 3), (3, 17, 4), torch.float32, None, ValueError, "M <= 16"),
+        ((2, 4, 3, 3), (3, 2, 4), torch.int64, None, TypeError, "float16, bfloat16, float32 or float64"),
+        ((2, 4, 3, 3), (3, 2, 4), torch.float32, float("nan"), ValueError, "sigma must be finite"),
+        ((2, 4, 3, 3), (3, 2, 4), torch.float32, -1.0, ValueError, "sigma must be finite and > 0"),
+    ],
+)
+def test_input_validation(emb_shape, modes_shape, dtype, sigma, error, match):
+    emb = torch.ones(emb_shape, dtype=dtype)
+    modes = torch.ones(modes_shape)
+    with pytest.raises(error, match=match):
+        drsl_fast.mode_distance(emb, modes, sigma)
+
+
+def test_device_mismatch_is_reported():
+    with pytest.raises(ValueError, match="emb is on cpu but modes are on meta"):
+        drsl_fast.mode_distance(torch.ones(2, 4), torch.ones(3, 2, 4, device="meta"))
+
+
+def test_backend_selection(monkeypatch):
+    emb, modes = make_case("nd", torch.float32, "cpu")
+    assert drsl_fast.backends.resolve(None, torch.device("cpu")) in ("cpu", "reference")
+    with pytest.raises(BackendUnavailableError, match="'cuda' cannot run on cpu: it runs on CUDA tensors"):
+        drsl_fast.mode_distance(emb, modes, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        drsl_fast.mode_distance(emb, modes, backend="fastest")
+    monkeypatch.setenv("DRSL_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError):
+        drsl_fast.mode_distance(emb, modes)
+    monkeypatch.setenv("DRSL_FAST_BACKEND", "reference")
+    assert drsl_fast.backends.resolve(None, torch.device("cpu")) == "reference"
+    monkeypatch.delenv("DRSL_FAST_BACKEND")
+    assert "reference" in drsl_fast.available_backends("cpu")
+
+
+def test_import_without_extension_falls_back_to_reference():
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['drsl_fast._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import drsl_fast, torch\n"
+        "assert any('compiled extension is unavailable' in str(w.message) for w in caught), caught\n"
+        "assert drsl_fast.backends.resolve(None, torch.device('cpu')) == 'reference'\n"
+        "assert 'cpu' not in drsl_fast.available_backends('cpu')\n"
+        "out = drsl_fast.mode_distance(torch.randn(5, 3), torch.randn(2, 2, 3), 0.5)\n"
+        "assert out.dmin.shape == (5, 2)\n"
+        "try:\n"
+        "    drsl_fast.mode_distance(torch.randn(5, 3), torch.randn(2, 2, 3), backend='cpu')\n"
+        "except drsl_fast.BackendUnavailableError as e:\n"
+        "    assert 'compiled extension is missing' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('forcing cpu without the extension must fail')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
