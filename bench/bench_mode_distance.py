@@ -36,6 +36,14 @@ SWEEP = [
     dict(B=2, D=64, C=16, M=5, H=128, W=128),
 ]
 BASELINES = ("broadcast", "cdist")
+# Methods that build the (B, H, W, C, M, D) difference tensor are skipped where
+# it (and its gradient) would not fit this budget.
+BROADCAST_BUDGET_BYTES = 8 * 2**30
+
+
+def broadcast_bytes(size, backward):
+    B, D, C, M, H, W = (size[k] for k in ("B", "D", "C", "M", "H", "W"))
+    return B * H * W * C * M * D * 4 * (2 if backward else 1)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -173,7 +181,7 @@ def markdown_table(rows):
         label = f"{s['B']},{s['D']},{s['C']},{s['M']},{s['H']}x{s['W']}"
         for r in group:
             if "error" in r:
-                lines.append(f"| {label} | {pass_name} | {r['method']} | failed: {r['error'][:60]} | | |")
+                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | |")
                 continue
             speedup = f"{best / r['time_ms']:.1f}x" if best else ""
             lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.1f} | "
@@ -203,7 +211,11 @@ def main():
             for method in methods_for(device):
                 spec = dict(method=method, size=size, device=device, repeats=args.repeats,
                             budget_s=args.budget_s, **{"pass": pass_name})
-                row = measure(spec)
+                needed = broadcast_bytes(size, pass_name != "forward")
+                if method in ("broadcast", "reference") and needed > BROADCAST_BUDGET_BYTES:
+                    row = dict(spec, error=f"skipped: needs ~{needed / 2**30:.0f} GiB")
+                else:
+                    row = measure(spec)
                 rows.append(row)
                 shown = f"{row['time_ms']:9.1f} ms  {row['peak_extra_mib']:8.1f} MiB" if "time_ms" in row else row["error"]
                 print(f"{str(size):60s} {pass_name:17s} {method:10s} {shown}", flush=True)

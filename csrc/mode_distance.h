@@ -2,7 +2,11 @@
 // the mode-distance op.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
 #include <vector>
+
 #include "../kernels/pixel_layout.h"
 
 namespace drsl_fast {
@@ -53,6 +57,37 @@ inline void check_mode_distance_inputs(const at::Tensor& emb, const at::Tensor& 
   TORCH_CHECK(modes.size(0) >= 1, "mode_distance: modes need at least one class");
   TORCH_CHECK(emb.device() == modes.device(), "mode_distance: emb is on ", emb.device(), " but modes on ",
               modes.device());
+}
+
+inline void check_sigma(std::optional<double> sigma) {
+  TORCH_CHECK(!sigma.has_value() || (std::isfinite(*sigma) && *sigma > 0), "mode_distance: sigma must be finite and > 0");
+}
+
+// One validated mode-distance call: emb viewed as (B, D, P), the modes in the
+// accumulation dtype, and the sizes.
+struct ModeDistanceProblem {
+  at::Tensor bdp;
+  at::Tensor modes;
+  at::ScalarType acc_dtype;
+  int64_t B, P, C, M, D;
+};
+
+inline ModeDistanceProblem mode_distance_problem(const at::Tensor& emb, const at::Tensor& modes) {
+  check_mode_distance_inputs(emb, modes);
+  const at::Tensor bdp = as_bdp(emb);
+  const auto acc_dtype = accumulate_dtype(emb);
+  const at::Tensor centres = modes.to(acc_dtype).contiguous();
+  return {bdp, centres, acc_dtype, bdp.size(0), bdp.size(2), centres.size(0), centres.size(1), centres.size(2)};
+}
+
+// The upstream gradient (accumulation dtype) and mstar, both contiguous and
+// shaped like the per-class outputs.
+inline std::pair<at::Tensor, at::Tensor> backward_inputs(const at::Tensor& grad_dmin, const at::Tensor& mstar,
+                                                         const at::Tensor& emb, const ModeDistanceProblem& p) {
+  const std::vector<int64_t> shape = per_class_shape(emb, p.C);
+  TORCH_CHECK(grad_dmin.sizes() == at::IntArrayRef(shape) && mstar.sizes() == at::IntArrayRef(shape),
+              "mode_distance_backward: grad and mstar must be shaped ", at::IntArrayRef(shape));
+  return {grad_dmin.to(p.acc_dtype).contiguous(), mstar.contiguous()};
 }
 
 }  // namespace drsl_fast

@@ -232,23 +232,19 @@ void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layo
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cpu(const at::Tensor& emb, const at::Tensor& modes_in,
                                                                  std::optional<double> sigma) {
-  check_mode_distance_inputs(emb, modes_in);
-  TORCH_CHECK(!sigma.has_value() || (std::isfinite(*sigma) && *sigma > 0), "mode_distance: sigma must be finite and > 0");
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
-  const auto shape = per_class_shape(emb, C);
-  at::Tensor dmin = at::empty(shape, emb.options().dtype(acc_dtype));
+  check_sigma(sigma);
+  const ModeDistanceProblem p = mode_distance_problem(emb, modes_in);
+  const auto shape = per_class_shape(emb, p.C);
+  at::Tensor dmin = at::empty(shape, emb.options().dtype(p.acc_dtype));
   at::Tensor mstar = at::empty(shape, emb.options().dtype(at::kByte));
   at::Tensor posterior = at::empty(sigma ? shape : std::vector<int64_t>{0}, dmin.options());
   if (dmin.numel() == 0) return {dmin, mstar, posterior};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = sigma ? static_cast<acc_t>(-1.0 / (2.0 * *sigma * *sigma)) : acc_t(0);
-    forward<scalar_t, acc_t>(bdp.const_data_ptr<scalar_t>(), layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D,
-                             bdp.size(0), bdp.size(2), dmin.mutable_data_ptr<acc_t>(), mstar.mutable_data_ptr<uint8_t>(),
-                             sigma ? posterior.mutable_data_ptr<acc_t>() : nullptr, scale, per_class_layout(emb, C));
+    forward<scalar_t, acc_t>(p.bdp.const_data_ptr<scalar_t>(), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C,
+                             p.M, p.D, p.B, p.P, dmin.mutable_data_ptr<acc_t>(), mstar.mutable_data_ptr<uint8_t>(),
+                             sigma ? posterior.mutable_data_ptr<acc_t>() : nullptr, scale, per_class_layout(emb, p.C));
   });
   return {dmin, mstar, posterior};
 }
@@ -256,16 +252,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cpu(const at::Tensor& grad_dmin_in, const at::Tensor& emb,
                                                              const at::Tensor& modes_in, const at::Tensor& mstar_in,
                                                              bool emb_requires_grad, bool modes_requires_grad) {
-  check_mode_distance_inputs(emb, modes_in);
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
-  const int64_t B = bdp.size(0), P = bdp.size(2);
-  const at::Tensor grad_dmin = grad_dmin_in.to(acc_dtype).contiguous();
-  const at::Tensor mstar = mstar_in.contiguous();
-  TORCH_CHECK(grad_dmin.sizes() == mstar.sizes() && grad_dmin.sizes() == at::IntArrayRef(per_class_shape(emb, C)),
-              "mode_distance_backward: grad and mstar must be shaped ", at::IntArrayRef(per_class_shape(emb, C)));
+  const ModeDistanceProblem p = mode_distance_problem(emb, modes_in);
+  const auto [grad_dmin, mstar] = backward_inputs(grad_dmin_in, mstar_in, emb, p);
+  const at::Tensor& bdp = p.bdp;
+  const at::Tensor& modes = p.modes;
+  const int64_t B = p.B, P = p.P, C = p.C, M = p.M, D = p.D;
 
   at::Tensor grad_emb = emb_requires_grad ? empty_like_pixel_viewable(emb) : at::empty({0}, emb.options());
   const int64_t chunks = (P + kModeGradChunk - 1) / kModeGradChunk;

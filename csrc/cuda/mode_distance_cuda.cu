@@ -37,14 +37,13 @@ dim3 pixel_grid(int64_t P, int64_t B, int threads) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tensor& emb, const at::Tensor& modes_in,
                                                                   std::optional<double> sigma) {
-  check_mode_distance_inputs(emb, modes_in);
-  TORCH_CHECK(!sigma.has_value() || (std::isfinite(*sigma) && *sigma > 0), "mode_distance: sigma must be finite and > 0");
+  check_sigma(sigma);
   const c10::cuda::CUDAGuard guard(emb.device());
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
-  const int64_t B = bdp.size(0), P = bdp.size(2);
+  const ModeDistanceProblem p = mode_distance_problem(emb, modes_in);
+  const at::Tensor& bdp = p.bdp;
+  const at::Tensor& modes = p.modes;
+  const auto acc_dtype = p.acc_dtype;
+  const int64_t B = p.B, P = p.P, C = p.C, M = p.M, D = p.D;
   const auto shape = per_class_shape(emb, C);
   at::Tensor dmin = at::empty(shape, emb.options().dtype(acc_dtype));
   at::Tensor mstar = at::empty(shape, emb.options().dtype(at::kByte));
@@ -69,18 +68,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor& grad_dmin_in, const at::Tensor& emb,
                                                               const at::Tensor& modes_in, const at::Tensor& mstar_in,
                                                               bool emb_requires_grad, bool modes_requires_grad) {
-  check_mode_distance_inputs(emb, modes_in);
   const c10::cuda::CUDAGuard guard(emb.device());
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
-  const int64_t B = bdp.size(0), P = bdp.size(2);
+  const ModeDistanceProblem p = mode_distance_problem(emb, modes_in);
+  const auto [grad_dmin, mstar] = backward_inputs(grad_dmin_in, mstar_in, emb, p);
+  const at::Tensor& bdp = p.bdp;
+  const at::Tensor& modes = p.modes;
+  const int64_t B = p.B, P = p.P, C = p.C, M = p.M, D = p.D;
   TORCH_CHECK(D <= 1024, "mode_distance_backward (cuda): D must be <= 1024, got ", D);
-  const at::Tensor grad_dmin = grad_dmin_in.to(acc_dtype).contiguous();
-  const at::Tensor mstar = mstar_in.contiguous();
-  TORCH_CHECK(grad_dmin.sizes() == mstar.sizes() && grad_dmin.sizes() == at::IntArrayRef(per_class_shape(emb, C)),
-              "mode_distance_backward: grad and mstar must be shaped ", at::IntArrayRef(per_class_shape(emb, C)));
   const PixelLayout out_layout = per_class_layout(emb, C);
   const auto stream = at::cuda::getCurrentCUDAStream();
 
