@@ -229,3 +229,11 @@ def test_sampled_pairs_feed_the_losses():
     assert int(out.count) == int(samples.count.sum())
     picked = labels.reshape(2, -1).gather(1, index.clamp(min=0))
     assert ((picked == label) | (index < 0)).all()
+
+
+def test_triton_is_refused_clearly():
+    from drsl_fast.backends import BackendUnavailableError
+
+    emb, index, label, modes = case(S=4)
+    with pytest.raises(BackendUnavailableError, match="no Triton backend"):
+        mmdl_losses(emb, index, label, modes, backend="triton")

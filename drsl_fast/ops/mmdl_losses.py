@@ -12,7 +12,7 @@ of size samples x C x M x D (or samples x C kept between the passes).
 Gradients flow through the winning modes only (SPEC §3).
 
 Operators: drsl_fast::mmdl_losses / mmdl_losses_backward and
-drsl_fast::label_mode (C++ CPU and CUDA); *_triton twins (Triton).
+drsl_fast::label_mode (C++ CPU and CUDA). No Triton kernels yet.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, reference
-from ..backends import resolve, triton_import_error
+from ..backends import BackendUnavailableError, resolve
 from ..reference.mmdl import pixel_rows, valid_samples
 from ..reference.mode_distance import accumulate_dtype
 from .mode_distance import check_inputs as check_emb_and_modes
@@ -54,20 +54,19 @@ def mmdl_losses(
         modes: mode centres (C, M, D), M <= 16.
         sigma, alpha, scale: SPEC §3/§4 (0.5, 1.0, 15).
         reduction: 'mean' (over valid samples) or 'none' (per sample).
-        backend: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton'.
+        backend: 'auto' (default), 'reference', 'cpu' or 'cuda'.
 
     Returns:
         :class:`MMDLLosses`, fp32 (fp64 for fp64 embeddings), differentiable
         in emb and modes. With C = 1 there is no wrong class and Eq. 4 is 0.
     """
     index, label = check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction)
-    name = resolve(backend, emb.device)
+    name = fast_backend(backend, emb.device)
     params = (float(sigma), float(alpha), float(scale))
     if name == "reference":
         triplet, ce = reference.mmdl_losses(emb, index, label, modes, *params)
     else:
-        op = torch.ops.drsl_fast.mmdl_losses_triton if name == "triton" else torch.ops.drsl_fast.mmdl_losses
-        triplet, ce = op(emb, index, label, modes, *params)
+        triplet, ce = torch.ops.drsl_fast.mmdl_losses(emb, index, label, modes, *params)
     count = valid_samples(index, label, pixel_rows(emb).shape[2], modes.shape[0]).sum()
     if reduction == "none":
         return MMDLLosses(triplet, ce, count)
@@ -80,11 +79,18 @@ def label_mode(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, *, back
     ties to the lowest m) as uint8 (B, S); 255 where the sample does not count.
     Arguments as in :func:`mmdl_losses`. Not differentiable (an argmin)."""
     index, label = check_inputs(emb, index, label, modes, 0.5, 0.0, 1.0, "none")
-    name = resolve(backend, emb.device)
-    if name == "reference":
+    if fast_backend(backend, emb.device) == "reference":
         return reference.label_mode(emb, index, label, modes)
-    op = torch.ops.drsl_fast.label_mode_triton if name == "triton" else torch.ops.drsl_fast.label_mode
-    return op(emb.detach(), index, label, modes.detach())
+    return torch.ops.drsl_fast.label_mode(emb.detach(), index, label, modes.detach())
+
+
+def fast_backend(backend: Optional[str], device: torch.device) -> str:
+    """resolve(), except that these ops have no Triton kernels yet: 'auto'
+    never picks Triton here (cuda comes first) and forcing it raises."""
+    name = resolve(backend, device)
+    if name == "triton":
+        raise BackendUnavailableError("mmdl_losses/label_mode have no Triton backend yet; use 'cuda', 'cpu' or 'reference'")
+    return name
 
 
 def check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction) -> Tuple[Tensor, Tensor]:
