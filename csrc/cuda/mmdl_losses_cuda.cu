@@ -88,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
       const at::Tensor counts = (index >= 0) & (index < P) & (label >= 0) & (label < C);
       const at::Tensor pixel = at::where(counts, index, at::zeros_like(index)).reshape({-1});
       const at::Tensor image = at::arange(B, index.options()).repeat_interleave(S);
-      grad_acc.index_put_({image, at::indexing::Slice(), pixel}, sample_grad, /*accumulate=*/true);
+      const c10::List<std::optional<at::Tensor>> where_to{image, std::nullopt, pixel};  // [image, :, pixel]
+      grad_acc.index_put_(where_to, sample_grad, /*accumulate=*/true);
     }
     grad_emb = at::empty(emb.sizes(), emb.options().memory_format(emb.dim() == 4 ? emb.suggest_memory_format()
                                                                                : at::MemoryFormat::Contiguous));
