@@ -11,4 +11,18 @@ TORCH_LIBRARY(drsl_fast, m) {
   m.def(
       "mode_distance_backward(Tensor grad_dmin, Tensor emb, Tensor modes, Tensor mstar, "
       "bool emb_requires_grad, bool modes_requires_grad) -> (Tensor grad_emb, Tensor grad_modes)");
+
+  // SPEC.md §4 (DRSL losses). labels (B, H, W) integer, keys int64 (B, H*W)
+  // uniform in [0, 2^48). Returns index (B, C, k) int64 padded with -1, count (B, C).
+  m.def("sample_per_class(Tensor labels, Tensor keys, int num_classes, int k) -> (Tensor index, Tensor count)");
+  // Eq. 4 and 5 per sample; index, label int64 (B, S); returns triplet, ce (B, S).
+  m.def(
+      "mmdl_losses(Tensor emb, Tensor index, Tensor label, Tensor modes, float sigma, float alpha, float scale) "
+      "-> (Tensor triplet, Tensor ce)");
+  m.def(
+      "mmdl_losses_backward(Tensor grad_triplet, Tensor grad_ce, Tensor emb, Tensor index, Tensor label, "
+      "Tensor modes, float sigma, float alpha, float scale, bool emb_requires_grad, bool modes_requires_grad) "
+      "-> (Tensor grad_emb, Tensor grad_modes)");
+  // mstar of each sample's own class, uint8 (B, S), 255 where the sample does not count.
+  m.def("label_mode(Tensor emb, Tensor index, Tensor label, Tensor modes) -> Tensor");
 }

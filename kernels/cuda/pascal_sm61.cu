@@ -3,6 +3,7 @@
 // this translation unit with `nvcc -arch=sm_61`. Every kernel is instantiated
 // for every storage type the launchers use.
 #include "mode_distance.cuh"
+#include "mmdl_losses.cuh"
 
 namespace drsl_fast {
 namespace cuda {
@@ -22,6 +23,23 @@ DRSL_INSTANTIATE_MODE_DISTANCE(float, float)
 DRSL_INSTANTIATE_MODE_DISTANCE(double, double)
 DRSL_INSTANTIATE_MODE_DISTANCE(__half, float)
 DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
+
+// DRSL losses (SPEC.md §4)
+#define DRSL_INSTANTIATE_MMDL_LOSSES(scalar_t, acc_t)                                                  \
+  template __global__ void mmdl_losses_forward_kernel<scalar_t, acc_t>(                                \
+      const scalar_t*, PixelLayout, const int64_t*, const int64_t*, const acc_t*, int64_t, int64_t,    \
+      int64_t, int, int, int, acc_t, acc_t, acc_t, acc_t*, acc_t*);                                    \
+  template __global__ void mmdl_losses_backward_kernel<scalar_t, acc_t>(                               \
+      const acc_t*, const acc_t*, const scalar_t*, PixelLayout, const int64_t*, const int64_t*,        \
+      const acc_t*, int64_t, int64_t, int64_t, int, int, int, acc_t, acc_t, acc_t, acc_t*, acc_t*);    \
+  template __global__ void label_mode_kernel<scalar_t, acc_t>(                                         \
+      const scalar_t*, PixelLayout, const int64_t*, const int64_t*, const acc_t*, int64_t, int64_t,    \
+      int64_t, int, int, int, uint8_t*);
+
+DRSL_INSTANTIATE_MMDL_LOSSES(float, float)
+DRSL_INSTANTIATE_MMDL_LOSSES(double, double)
+DRSL_INSTANTIATE_MMDL_LOSSES(__half, float)
+DRSL_INSTANTIATE_MMDL_LOSSES(__nv_bfloat16, float)
 
 }  // namespace cuda
 }  // namespace drsl_fast

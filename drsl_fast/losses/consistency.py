@@ -1,0 +1,147 @@
+"""Cross-domain mode consistency, SPEC.md §4 Eq. 6 (DRSL+).
+
+Anchors are target embeddings with a valid pseudo-label c (the per-class
+samples of :func:`sample_per_class`); the anchor's mode is m = mstar[c](e_t).
+The positive is a uniformly random source pixel with ground truth c whose own
+mstar[c] is m; the negative a uniformly random source pixel of any other
+(valid) class. Both are drawn among all source pixels of the batch, with
+replacement across anchors. Then
+    L_cons = mean relu(||e_t - e_s+||^2 - ||e_t - e_s-||^2 + beta),
+over the anchors that have both; the others are skipped and counted.
+
+One call, no host synchronisation, no pairwise distance matrix: the source
+pixels are ordered by (class, mode) group with one device sort, group sizes
+come from a scatter, and each anchor picks its positive and negative by one
+uniform draw into its group's run (resp. the complement of its class's run).
+Extra memory is O(source pixels + anchors x D).
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.mmdl_losses import label_mode
+from ..reference.mmdl import pixel_rows
+from ..reference.mode_distance import accumulate_dtype
+
+
+class ConsistencyTriplets(NamedTuple):
+    """Per anchor (shape of the anchor index, (Bt, S)): flat positions
+    ``b * H*W + p`` of the anchor in the target batch and of its positive and
+    negative in the source batch (-1 where absent), and ``valid`` (both found).
+    ``skipped_no_positive`` / ``skipped_no_negative`` count anchors with a valid
+    label that lack one (an anchor can lack both)."""
+
+    anchor: Tensor
+    positive: Tensor
+    negative: Tensor
+    valid: Tensor
+    skipped_no_positive: Tensor
+    skipped_no_negative: Tensor
+
+
+class ConsistencyLoss(NamedTuple):
+    """Eq. 6 (0 when no anchor is valid), the number of anchors used and the
+    skip counts (int64 tensors)."""
+
+    loss: Tensor
+    anchors: Tensor
+    skipped_no_positive: Tensor
+    skipped_no_negative: Tensor
+
+
+def consistency_triplets(
+    target_emb: Tensor, anchor_index: Tensor, anchor_label: Tensor, source_emb: Tensor, source_labels: Tensor,
+    modes: Tensor, generator: Optional[torch.Generator] = None, *, backend: Optional[str] = None,
+) -> ConsistencyTriplets:
+    """Draws the Eq. 6 triplets (see the module docstring).
+
+    target_emb (Bt, D, H, W); anchor_index, anchor_label (Bt, S) as for
+    :func:`mmdl_losses` (e.g. ``sample_per_class(...).pairs()`` of the target
+    pseudo-labels); source_emb (Bs, D, H', W'); source_labels (Bs, H', W') at
+    embedding resolution (255 ignored); modes (C, M, D).
+    """
+    C, M, _ = modes.shape
+    device = target_emb.device
+    Bs = source_labels.shape[0]
+    source_pixels = pixel_rows(source_emb).shape[2]
+    target_pixels = pixel_rows(target_emb).shape[2]
+    anchor_index, anchor_label = anchor_index.long(), anchor_label.long()
+
+    anchor_mode = label_mode(target_emb, anchor_index, anchor_label, modes, backend=backend).long()
+    source_label = source_labels.reshape(Bs, -1).long()
+    every_pixel = torch.arange(source_pixels, device=device).expand(Bs, -1)
+    source_mode = label_mode(source_emb, every_pixel, source_label, modes, backend=backend).long()
+
+    groups = C * M  # group g = class * M + mode; invalid source pixels go to group `groups`
+    source_group = torch.where(source_mode == 255, groups, source_label * M + source_mode).reshape(-1)
+    order = torch.sort(source_group, stable=True).indices  # flat source positions, grouped by (class, mode)
+    group_size = torch.zeros(groups + 1, dtype=torch.int64, device=device)
+    group_size.scatter_add_(0, source_group, torch.ones_like(source_group))
+    group_start = group_size.cumsum(0) - group_size
+    class_size = group_size[:groups].view(C, M).sum(1)
+    class_start = group_start[: groups : M]
+    labelled = class_size.sum()
+
+    has_label = anchor_mode != 255
+    y = torch.where(has_label, anchor_label, 0)
+    group = y * M + torch.where(has_label, anchor_mode, 0)
+    n_positive = group_size[group]
+    n_negative = labelled - class_size[y]
+    draws = torch.rand((2,) + anchor_index.shape, generator=generator, device=device, dtype=torch.float64)
+    pick_positive = torch.minimum((draws[0] * n_positive).long(), (n_positive - 1).clamp(min=0))
+    pick_negative = torch.minimum((draws[1] * n_negative).long(), (n_negative - 1).clamp(min=0))
+    # The i-th pixel outside class y's run: runs of the other classes before it, then after.
+    negative_slot = torch.where(pick_negative < class_start[y], pick_negative, pick_negative + class_size[y])
+    last = max(order.numel() - 1, 0)
+    positive = order[(group_start[group] + pick_positive).clamp(max=last)] if order.numel() else pick_positive
+    negative = order[negative_slot.clamp(max=last)] if order.numel() else pick_negative
+
+    has_positive, has_negative = n_positive > 0, n_negative > 0
+    valid = has_label & has_positive & has_negative
+    absent = torch.full_like(positive, -1)
+    batch = torch.arange(anchor_index.shape[0], device=device)[:, None]
+    anchor = torch.where(has_label, batch * target_pixels + anchor_index, absent)
+    return ConsistencyTriplets(
+        anchor, torch.where(valid, positive, absent), torch.where(valid, negative, absent), valid,
+        (has_label & ~has_positive).sum(), (has_label & ~has_negative).sum(),
+    )
+
+
+def rows_at(emb: Tensor, flat: Tensor) -> Tensor:
+    """Embeddings at flat positions ``b * H*W + p`` as (len(flat), D), read
+    from (B, D, H, W) in place (no permuted copy of the map)."""
+    bdp = pixel_rows(emb)
+    pixels = bdp.shape[2]
+    return bdp[flat // pixels, :, flat % pixels]
+
+
+def triplet_hinge(target_emb: Tensor, source_emb: Tensor, triplets: ConsistencyTriplets, beta: float = 1.0) -> Tensor:
+    """Eq. 6 mean over the valid triplets (0 when there are none), from the
+    gathered (anchors, D) rows only; differentiable in both embeddings."""
+    acc = accumulate_dtype(target_emb.dtype)
+    keep = triplets.valid.reshape(-1)
+    e_t = rows_at(target_emb, torch.where(keep, triplets.anchor.reshape(-1), 0)).to(acc)
+    e_positive = rows_at(source_emb, torch.where(keep, triplets.positive.reshape(-1), 0)).to(acc)
+    e_negative = rows_at(source_emb, torch.where(keep, triplets.negative.reshape(-1), 0)).to(acc)
+    d_positive = ((e_t - e_positive) ** 2).sum(-1)
+    d_negative = ((e_t - e_negative) ** 2).sum(-1)
+    hinge = torch.relu(d_positive - d_negative + beta)
+    used = keep.sum()
+    return torch.where(keep, hinge, torch.zeros_like(hinge)).sum() / used.clamp(min=1).to(acc)
+
+
+def consistency_loss(
+    target_emb: Tensor, anchor_index: Tensor, anchor_label: Tensor, source_emb: Tensor, source_labels: Tensor,
+    modes: Tensor, beta: float = 1.0, generator: Optional[torch.Generator] = None, *, backend: Optional[str] = None,
+) -> ConsistencyLoss:
+    """SPEC.md Eq. 6 in one call: draws the triplets
+    (:func:`consistency_triplets`) and returns their mean hinge with margin
+    ``beta`` (SPEC: 1). Gradients reach both embeddings (detach
+    ``source_emb`` to move only the target side); the modes only choose
+    positives, so they get none."""
+    triplets = consistency_triplets(
+        target_emb, anchor_index, anchor_label, source_emb, source_labels, modes, generator, backend=backend
+    )
+    loss = triplet_hinge(target_emb, source_emb, triplets, beta)
+    return ConsistencyLoss(loss, triplets.valid.sum(), triplets.skipped_no_positive, triplets.skipped_no_negative)

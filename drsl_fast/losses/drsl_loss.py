@@ -1,0 +1,118 @@
+"""The DRSL objectives, SPEC.md §4 Eq. 7-10, usable from any training loop.
+
+Segmentation losses (Eq. 1/2) are passed in, not computed here: the training
+loop owns the segmentation output (resolution, multi-level auxiliary head with
+its 0.1 weight, SPEC §2), so :class:`DRSLLoss` takes the already-reduced
+``seg_source`` / ``seg_target``; :func:`segmentation_loss` is the SPEC's pixel
+cross-entropy with ignore 255 for loops that want it.
+"""
+from typing import Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.class_sampling import sample_per_class
+from ..ops.mmdl_losses import MMDLLosses, mmdl_losses
+from .consistency import consistency_loss
+
+IGNORE_LABEL = 255
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_LABEL) -> Tensor:
+    """Eq. 1/2: mean pixel cross-entropy over labelled pixels (0, not NaN, when
+    none is labelled). Logits (B, C, h, w) are upsampled bilinearly to the
+    labels' (B, H, W) size first."""
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
+    labelled = (labels != ignore_index).sum()
+    return per_pixel.sum() / labelled.clamp(min=1).to(per_pixel.dtype)
+
+
+def labels_at(labels: Tensor, emb: Tensor) -> Tensor:
+    """Labels (B, H, W) reduced to the embedding map's size by nearest
+    neighbour (SPEC §2: stride 2); unchanged when the sizes already match."""
+    size = tuple(emb.shape[-2:])
+    if tuple(labels.shape[-2:]) == size:
+        return labels
+    reduced = F.interpolate(labels[:, None].float(), size=size, mode="nearest")
+    return reduced[:, 0].to(labels.dtype)
+
+
+def in_mode_variance(source: MMDLLosses, target: MMDLLosses) -> Tensor:
+    """Eq. 7: ``mean_S L_tri + mean_T L_tri``, each mean over its own count;
+    an empty set contributes 0 (which the 'mean' of :func:`mmdl_losses` is)."""
+    return source.triplet + target.triplet
+
+
+class DRSLLossOutput(NamedTuple):
+    total: Tensor
+    terms: Dict[str, Tensor]
+
+
+class DRSLLoss(nn.Module):
+    """Eq. 8 (source training), Eq. 9 (DRSL) and Eq. 10 (DRSL+).
+
+    Eq. 8:  seg_s + lambda1 * L_tri_s + lambda2 * L_ce_s                 (no target given)
+    Eq. 9:  seg_s + seg_t + lambda1 * L_mm + lambda2 * (L_ce_s + L_ce_t)
+    Eq. 10: Eq. 9 + lambda3 * L_cons                                    (consistency=True)
+
+    Per image and class, ``samples_per_class`` embeddings (N = 300) are drawn
+    with :func:`sample_per_class` from the labels (source ground truth, target
+    pseudo-labels; full resolution or already at embedding resolution). Eq. 6
+    anchors are the sampled target embeddings. No host synchronisation.
+    """
+
+    def __init__(
+        self, num_classes: int, *, samples_per_class: int = 300, sigma: float = 0.5, alpha: float = 1.0,
+        scale: float = 15.0, beta: float = 1.0, lambda1: float = 0.25, lambda2: float = 0.1, lambda3: float = 0.1,
+        consistency: bool = True, backend: Optional[str] = None,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.samples_per_class = samples_per_class
+        self.sigma, self.alpha, self.scale, self.beta = sigma, alpha, scale, beta
+        self.lambda1, self.lambda2, self.lambda3 = lambda1, lambda2, lambda3
+        self.consistency = consistency
+        self.backend = backend
+
+    def forward(
+        self, modes: Tensor, source_emb: Tensor, source_labels: Tensor, seg_source: Tensor,
+        target_emb: Optional[Tensor] = None, target_labels: Optional[Tensor] = None,
+        seg_target: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+    ) -> DRSLLossOutput:
+        """modes (C, M, D); *_emb (B, D, h, w); *_labels (B, H, W) with 255
+        ignored; seg_* the segmentation losses (scalars). Without target
+        inputs this is Eq. 8."""
+        source_labels = labels_at(source_labels, source_emb)
+        source_pairs = self._pairs(source_labels, generator)
+        source = self._mmdl(source_emb, source_pairs, modes)
+        terms = {"seg_source": seg_source, "triplet_source": source.triplet, "ce_source": source.ce}
+        if target_emb is None:
+            total = seg_source + self.lambda1 * source.triplet + self.lambda2 * source.ce
+            return DRSLLossOutput(total, terms)
+        if target_labels is None or seg_target is None:
+            raise ValueError("DRSLLoss: target_emb needs target_labels (pseudo-labels) and seg_target")
+        target_labels = labels_at(target_labels, target_emb)
+        target_pairs = self._pairs(target_labels, generator)
+        target = self._mmdl(target_emb, target_pairs, modes)
+        in_mode = in_mode_variance(source, target)
+        total = (seg_source + seg_target + self.lambda1 * in_mode + self.lambda2 * (source.ce + target.ce))
+        terms.update(seg_target=seg_target, triplet_target=target.triplet, ce_target=target.ce, in_mode=in_mode)
+        if self.consistency:
+            cons = consistency_loss(
+                target_emb, *target_pairs, source_emb, source_labels, modes, self.beta, generator,
+                backend=self.backend,
+            )
+            total = total + self.lambda3 * cons.loss
+            terms.update(consistency=cons.loss, consistency_anchors=cons.anchors,
+                         skipped_no_positive=cons.skipped_no_positive, skipped_no_negative=cons.skipped_no_negative)
+        return DRSLLossOutput(total, terms)
+
+    def _pairs(self, labels, generator):
+        samples = sample_per_class(labels, self.num_classes, self.samples_per_class, generator, backend=self.backend)
+        return samples.pairs()
+
+    def _mmdl(self, emb, pairs, modes) -> MMDLLosses:
+        return mmdl_losses(emb, *pairs, modes, self.sigma, self.alpha, self.scale, backend=self.backend)

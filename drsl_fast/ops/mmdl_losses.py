@@ -1,0 +1,165 @@
+"""Fused MMDL losses (SPEC.md §4 Eq. 4 and Eq. 5, §10) and the per-sample
+own-class mode used by Eq. 6.
+
+For every sampled embedding e (read in place from (B, D, H, W) at its pixel
+index) with label y, one pass computes all C*M squared distances to the mode
+centres, dmin[c] and mstar[c] (SPEC §3), then
+  Eq. 4  triplet = relu(dmin[y] - min_{c != y} dmin[c] + alpha)
+  Eq. 5  ce      = -log softmax_c(s * P[c])[y],  P[c] = exp(-dmin[c] / (2 sigma^2))
+Backward recomputes the distances, so the extra memory is O(samples): one
+gradient row per sample and per-chunk partial mode gradients, never anything
+of size samples x C x M x D (or samples x C kept between the passes).
+Gradients flow through the winning modes only (SPEC §3).
+
+Operators: drsl_fast::mmdl_losses / mmdl_losses_backward and
+drsl_fast::label_mode (C++ CPU and CUDA). No Triton kernels yet.
+"""
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _extension, reference
+from ..backends import BackendUnavailableError, resolve
+from ..reference.mmdl import pixel_rows, valid_samples
+from ..reference.mode_distance import accumulate_dtype
+from .mode_distance import check_inputs as check_emb_and_modes
+
+REDUCTIONS = ("mean", "none")
+
+
+class MMDLLosses(NamedTuple):
+    """Eq. 4 and Eq. 5: means over the valid samples (0 when there are none),
+    or per-sample (B, S) values (0 for invalid samples) with reduction='none';
+    ``count`` is the number of valid samples (int64 tensor)."""
+
+    triplet: Tensor
+    ce: Tensor
+    count: Tensor
+
+
+def mmdl_losses(
+    emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, sigma: float = 0.5, alpha: float = 1.0,
+    scale: float = 15.0, *, reduction: str = "mean", backend: Optional[str] = None,
+) -> MMDLLosses:
+    """SPEC.md Eq. 4 (MMDL triplet) and Eq. 5 (MMDL cross-entropy), fused.
+
+    Args:
+        emb: embeddings (B, D, H, W) (any strides; read in place) or (N, D)
+            (one image); float16, bfloat16, float32 or float64.
+        index: (B, S) flat pixel indices (h * W + w); entries outside
+            [0, H*W) (e.g. the -1 padding of :func:`sample_per_class`) are ignored.
+        label: (B, S) class of each sample; entries outside [0, C) are ignored.
+        modes: mode centres (C, M, D), M <= 16.
+        sigma, alpha, scale: SPEC §3/§4 (0.5, 1.0, 15).
+        reduction: 'mean' (over valid samples) or 'none' (per sample).
+        backend: 'auto' (default), 'reference', 'cpu' or 'cuda'.
+
+    Returns:
+        :class:`MMDLLosses`, fp32 (fp64 for fp64 embeddings), differentiable
+        in emb and modes. With C = 1 there is no wrong class and Eq. 4 is 0.
+    """
+    index, label = check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction)
+    name = fast_backend(backend, emb.device)
+    params = (float(sigma), float(alpha), float(scale))
+    if name == "reference":
+        triplet, ce = reference.mmdl_losses(emb, index, label, modes, *params)
+    else:
+        triplet, ce = torch.ops.drsl_fast.mmdl_losses(emb, index, label, modes, *params)
+    count = valid_samples(index, label, pixel_rows(emb).shape[2], modes.shape[0]).sum()
+    if reduction == "none":
+        return MMDLLosses(triplet, ce, count)
+    denominator = count.clamp(min=1).to(triplet.dtype)
+    return MMDLLosses(triplet.sum() / denominator, ce.sum() / denominator, count)
+
+
+def label_mode(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """``mstar[y](e)`` of every sample (SPEC §3: nearest mode of its own class,
+    ties to the lowest m) as uint8 (B, S); 255 where the sample does not count.
+    Arguments as in :func:`mmdl_losses`. Not differentiable (an argmin)."""
+    index, label = check_inputs(emb, index, label, modes, 0.5, 0.0, 1.0, "none")
+    if fast_backend(backend, emb.device) == "reference":
+        return reference.label_mode(emb, index, label, modes)
+    return torch.ops.drsl_fast.label_mode(emb.detach(), index, label, modes.detach())
+
+
+def fast_backend(backend: Optional[str], device: torch.device) -> str:
+    """resolve(), except that these ops have no Triton kernels yet: 'auto'
+    never picks Triton here (cuda comes first) and forcing it raises."""
+    name = resolve(backend, device)
+    if name == "triton":
+        raise BackendUnavailableError("mmdl_losses/label_mode have no Triton backend yet; use 'cuda', 'cpu' or 'reference'")
+    return name
+
+
+def check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction) -> Tuple[Tensor, Tensor]:
+    """Validates; returns index and label as int64. Raises naming the problem."""
+    check_emb_and_modes(emb, modes, sigma)
+    for name, t in (("index", index), ("label", label)):
+        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"mmdl_losses: {name} must be an integer tensor")
+        if t.device != emb.device:
+            raise ValueError(f"mmdl_losses: {name} is on {t.device} but emb is on {emb.device}")
+    batch = emb.shape[0] if emb.dim() == 4 else 1
+    if index.dim() != 2 or index.shape[0] != batch:
+        raise ValueError(f"mmdl_losses: index must be (B, S) with B={batch}, got shape {tuple(index.shape)}")
+    if label.shape != index.shape:
+        raise ValueError(f"mmdl_losses: label must be shaped like index {tuple(index.shape)}, got {tuple(label.shape)}")
+    if not (math.isfinite(alpha) and math.isfinite(scale)):
+        raise ValueError("mmdl_losses: alpha and scale must be finite")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"mmdl_losses: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return index.long(), label.long()
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _fake_forward(emb, index, label, modes, sigma, alpha, scale):
+    acc = accumulate_dtype(emb.dtype)
+    return emb.new_empty(index.shape, dtype=acc), emb.new_empty(index.shape, dtype=acc)
+
+
+def _fake_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale, emb_requires_grad,
+                   modes_requires_grad):
+    if emb_requires_grad:
+        channels_last = emb.dim() == 4 and emb.is_contiguous(memory_format=torch.channels_last) and not emb.is_contiguous()
+        grad_emb = torch.empty_like(emb, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    else:
+        grad_emb = emb.new_empty((0,))
+    grad_modes = torch.empty_like(modes) if modes_requires_grad else modes.new_empty((0,))
+    return grad_emb, grad_modes
+
+
+def _fake_label_mode(emb, index, label, modes):
+    return emb.new_empty(index.shape, dtype=torch.uint8)
+
+
+def _register_autograd(op_name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        emb, index, label, modes, sigma, alpha, scale = inputs
+        ctx.params = (sigma, alpha, scale)
+        ctx.save_for_backward(emb, index, label, modes)
+
+    def backward(ctx, grad_triplet, grad_ce):
+        emb, index, label, modes = ctx.saved_tensors
+        acc = accumulate_dtype(emb.dtype)
+        zeros = torch.zeros(index.shape, dtype=acc, device=index.device)
+        grad_emb, grad_modes = backward_op(
+            zeros if grad_triplet is None else grad_triplet, zeros if grad_ce is None else grad_ce,
+            emb, index, label, modes, *ctx.params, ctx.needs_input_grad[0], ctx.needs_input_grad[3],
+        )
+        return (
+            grad_emb if ctx.needs_input_grad[0] else None, None, None,
+            grad_modes if ctx.needs_input_grad[3] else None, None, None, None,
+        )
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("drsl_fast::mmdl_losses")(_fake_forward)
+    torch.library.register_fake("drsl_fast::mmdl_losses_backward")(_fake_backward)
+    torch.library.register_fake("drsl_fast::label_mode")(_fake_label_mode)
+    _register_autograd("drsl_fast::mmdl_losses", torch.ops.drsl_fast.mmdl_losses_backward)

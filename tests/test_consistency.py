@@ -1,0 +1,130 @@
+"""Cross-domain mode consistency (SPEC.md Eq. 6): the drawn triplets obey the
+SPEC (class and mode of the positive, class of the negative), positives and
+negatives are uniform over their candidate sets, skips are counted, and the
+loss equals an independent per-triplet computation."""
+import math
+
+import pytest
+import torch
+
+from drsl_fast import reference
+from drsl_fast.losses import consistency_loss, consistency_triplets, sample_per_class
+
+C, M, D = 3, 2, 4
+
+
+def domain_pair(seed=0, H=6, W=5):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(2, D, H, W, generator=g, dtype=torch.float64)
+    source = torch.randn(2, D, H, W, generator=g, dtype=torch.float64)
+    modes = torch.randn(C, M, D, generator=g, dtype=torch.float64)
+    target_labels = torch.randint(0, C, (2, H, W), generator=g)
+    target_labels[1, :2] = 255
+    source_labels = torch.randint(0, C, (2, H, W), generator=g)
+    source_labels[0, 0] = 255
+    return target, target_labels, source, source_labels, modes
+
+
+def source_modes(source, source_labels, modes):
+    flat = source_labels.reshape(2, -1)
+    every = torch.arange(flat.shape[1]).expand(2, -1)
+    return reference.label_mode(source, every, flat, modes).reshape(-1).long(), flat.reshape(-1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_triplets_follow_the_spec(backend):
+    target, target_labels, source, source_labels, modes = domain_pair()
+    index, label = sample_per_class(target_labels, C, 4, torch.Generator().manual_seed(0)).pairs()
+    t = consistency_triplets(target, index, label, source, source_labels, modes,
+                             torch.Generator().manual_seed(1), backend=backend)
+    anchor_mode = reference.label_mode(target, index, label, modes).long()
+    s_mode, s_label = source_modes(source, source_labels, modes)
+    valid = t.valid
+    assert int(valid.sum()) == int((index >= 0).sum()) - int(t.skipped_no_positive)
+    assert torch.equal(s_label[t.positive[valid]], label[valid])
+    assert torch.equal(s_mode[t.positive[valid]], anchor_mode[valid])
+    negative_label = s_label[t.negative[valid]]
+    assert (negative_label != label[valid]).all() and (negative_label < C).all()
+    assert (t.positive[~valid] == -1).all() and (t.negative[~valid] == -1).all()
+
+
+def test_positives_and_negatives_are_uniform():
+    """One anchor, many draws: its positive is uniform over the source pixels
+    of its (class, mode) group, its negative uniform over other-class pixels."""
+    target, target_labels, source, source_labels, modes = domain_pair(seed=3, H=8, W=8)
+    index = torch.tensor([[5], [0]])
+    label = target_labels.reshape(2, -1)[:, :1].clone()
+    label[0, 0] = 1
+    index[1, 0] = -1
+    anchor_mode = int(reference.label_mode(target, index, label, modes)[0, 0])
+    s_mode, s_label = source_modes(source, source_labels, modes)
+    candidates = ((s_label == 1) & (s_mode == anchor_mode)).nonzero().squeeze(1)
+    others = ((s_label != 1) & (s_label < C)).nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(4)
+    draws = 4000
+    pos_hits = torch.zeros(s_label.numel())
+    neg_hits = torch.zeros(s_label.numel())
+    for _ in range(draws // 50):  # 50 copies of the anchor per call
+        t = consistency_triplets(target, index.repeat(1, 50), label.repeat(1, 50), source, source_labels, modes, g)
+        pos_hits += torch.bincount(t.positive[0], minlength=s_label.numel())
+        neg_hits += torch.bincount(t.negative[0], minlength=s_label.numel())
+    for hits, support in ((pos_hits, candidates), (neg_hits, others)):
+        assert hits.sum() == draws and hits[support].sum() == draws
+        expected = draws / support.numel()
+        stat = float(((hits[support] - expected) ** 2 / expected).sum())
+        assert abs((stat - (support.numel() - 1)) / math.sqrt(2 * (support.numel() - 1))) < 5
+
+
+def test_skips_are_counted():
+    target, target_labels, source, source_labels, modes = domain_pair()
+    index, label = sample_per_class(target_labels, C, 3, torch.Generator().manual_seed(0)).pairs()
+    no_class_2 = torch.where(source_labels == 2, 255, source_labels)
+    out = consistency_loss(target, index, label, source, no_class_2, modes, generator=torch.Generator())
+    anchors_of_2 = int(((label == 2) & (index >= 0)).sum())
+    assert int(out.skipped_no_positive) >= anchors_of_2
+    only_class_0 = torch.zeros_like(source_labels)
+    out = consistency_loss(target, index, label, source, only_class_0, modes, generator=torch.Generator())
+    assert int(out.skipped_no_negative) == int(((label == 0) & (index >= 0)).sum())
+    nothing = consistency_loss(target, index, label, source, torch.full_like(source_labels, 255), modes)
+    assert float(nothing.loss) == 0 and int(nothing.anchors) == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_loss_matches_independent_hinge(backend):
+    target, target_labels, source, source_labels, modes = domain_pair(seed=7)
+    index, label = sample_per_class(target_labels, C, 4, torch.Generator().manual_seed(2)).pairs()
+    t = consistency_triplets(target, index, label, source, source_labels, modes, torch.Generator().manual_seed(5),
+                             backend=backend)
+    out = consistency_loss(target.requires_grad_(), index, label, source.requires_grad_(), source_labels, modes,
+                           beta=1.0, generator=torch.Generator().manual_seed(5), backend=backend)
+    P = target.shape[2] * target.shape[3]
+    total, used = 0.0, 0
+    for a, p, n in zip(t.anchor[t.valid].tolist(), t.positive[t.valid].tolist(), t.negative[t.valid].tolist()):
+        e_t = target[a // P, :, (a % P) // 5, a % 5]
+        e_p = source[p // P, :, (p % P) // 5, p % 5]
+        e_n = source[n // P, :, (n % P) // 5, n % 5]
+        total += max(0.0, float(((e_t - e_p) ** 2).sum() - ((e_t - e_n) ** 2).sum() + 1.0))
+        used += 1
+    assert used > 0 and int(out.anchors) == used
+    torch.testing.assert_close(out.loss, torch.tensor(total / used, dtype=torch.float64))
+    out.loss.backward()
+    assert target.grad.abs().sum() > 0 and source.grad.abs().sum() > 0
+
+
+def test_no_host_synchronisation_on_cpu():
+    """No .item()/nonzero/data-dependent shapes: every op runs under a mode that
+    forbids _local_scalar_dense and nonzero."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ForbidSync(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            assert "_local_scalar_dense" not in name and "nonzero" not in name, name
+            return func(*args, **(kwargs or {}))
+
+    target, target_labels, source, source_labels, modes = domain_pair()
+    with ForbidSync():
+        index, label = sample_per_class(target_labels, C, 4, torch.Generator().manual_seed(0), backend="cpu").pairs()
+        out = consistency_loss(target, index, label, source, source_labels, modes, generator=torch.Generator(),
+                               backend="cpu")
+    assert out.loss.dim() == 0

@@ -1,0 +1,239 @@
+"""Fused MMDL losses (SPEC.md Eq. 4, 5) and label_mode on every backend,
+against the reference and an independent per-sample formulation, with
+gradients (float64 gradcheck) and DRSLLoss (Eq. 7-10)."""
+import pytest
+import torch
+
+from drsl_fast.losses import DRSLLoss, in_mode_variance, label_mode, mmdl_losses, sample_per_class
+
+SIGMA, ALPHA, SCALE = 0.5, 1.0, 15.0
+
+
+def case(dtype=torch.float64, seed=0, B=2, D=5, H=6, W=7, C=4, M=3, S=23, layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    emb = (torch.randn(B, D, H, W, generator=g) * 0.6).to(dtype)
+    if layout == "channels_last":
+        emb = emb.contiguous(memory_format=torch.channels_last)
+    modes = (torch.randn(C, M, D, generator=g) * 0.6).to(dtype)
+    index = torch.randint(-1, H * W, (B, S), generator=g)
+    label = torch.randint(0, C, (B, S), generator=g)
+    label[0, :3] = 255  # ignored
+    return emb, index, label, modes
+
+
+def independent(emb, index, label, modes):
+    """Eq. 4/5 with per-sample Python loops and torch.cdist, float64."""
+    B, D = emb.shape[:2]
+    C, M, _ = modes.shape
+    rows = emb.double().flatten(2)
+    centres = modes.double().reshape(C * M, D)
+    tri = torch.zeros(index.shape, dtype=torch.float64)
+    ce = torch.zeros(index.shape, dtype=torch.float64)
+    for b in range(B):
+        for s in range(index.shape[1]):
+            p, y = int(index[b, s]), int(label[b, s])
+            if not (0 <= p < rows.shape[2] and 0 <= y < C):
+                continue
+            d = torch.cdist(rows[b, :, p][None], centres, compute_mode="donot_use_mm_for_euclid_dist")[0] ** 2
+            dmin = d.view(C, M).min(1).values
+            wrong = torch.cat([dmin[:y], dmin[y + 1:]])
+            tri[b, s] = max(0.0, float(dmin[y] - wrong.min() + ALPHA)) if C > 1 else 0.0
+            logits = SCALE * torch.exp(-dmin / (2 * SIGMA**2))
+            ce[b, s] = -torch.log_softmax(logits, 0)[y]
+    return tri, ce
+
+
+def fast_backends():
+    from drsl_fast.backends import why_unavailable
+
+    return [b for b in ("cpu", "cuda", "triton") if why_unavailable(b, torch.device("cpu")) is None and b != "triton"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_sample_values_match_independent_formulas(backend, layout):
+    emb, index, label, modes = case(layout=layout)
+    out = mmdl_losses(emb, index, label, modes, SIGMA, ALPHA, SCALE, reduction="none", backend=backend)
+    tri, ce = independent(emb, index, label, modes)
+    torch.testing.assert_close(out.triplet, tri, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.ce, ce, atol=1e-10, rtol=1e-10)
+    valid = (index >= 0) & (label < 4)
+    assert int(out.count) == int(valid.sum())
+    mean = mmdl_losses(emb, index, label, modes, backend=backend)
+    torch.testing.assert_close(mean.triplet, tri.sum() / valid.sum())
+    torch.testing.assert_close(mean.ce, ce.sum() / valid.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    emb, index, label, modes = case(dtype=dtype, seed=1, D=16, C=19, S=64)
+    for backend in fast_backends():
+        out = mmdl_losses(emb, index, label, modes, reduction="none", backend=backend)
+        ref = mmdl_losses(emb.double(), index, label, modes.double(), reduction="none", backend="reference")
+        assert out.triplet.dtype == torch.float32
+        torch.testing.assert_close(out.triplet.double(), ref.triplet, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(out.ce.double(), ref.ce, atol=2e-4, rtol=2e-4)
+
+
+def test_gradcheck_float64():
+    emb, index, label, modes = case(B=2, D=3, H=3, W=4, C=3, M=2, S=9)
+    index[1, :3] = torch.tensor([5, 5, 7])  # a repeated pixel: its gradients add up
+    label[1, :3] = torch.tensor([0, 2, 1])
+    for backend in ["reference"] + fast_backends():
+        f = lambda e, r: tuple(mmdl_losses(e, index, label, r, reduction="none", backend=backend)[:2])
+        assert torch.autograd.gradcheck(f, (emb.clone().requires_grad_(), modes.clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradients_match_reference(layout):
+    emb, index, label, modes = case(seed=4, D=8, C=19, S=200, H=12, W=13, layout=layout)
+    weights = torch.rand(2, *index.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for backend in ["reference"] + fast_backends():
+        e, r = emb.clone().requires_grad_(), modes.clone().requires_grad_()
+        out = mmdl_losses(e, index, label, r, reduction="none", backend=backend)
+        ((out.triplet * weights[0]).sum() + (out.ce * weights[1]).sum()).backward()
+        grads[backend] = (e.grad, r.grad)
+        assert e.grad.shape == emb.shape
+    for backend, (ge, gr) in grads.items():
+        torch.testing.assert_close(ge, grads["reference"][0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(gr, grads["reference"][1], atol=1e-10, rtol=1e-10)
+
+
+def test_empty_and_all_ignored_sets():
+    emb, index, label, modes = case()
+    for backend in ["reference"] + fast_backends():
+        e = emb.clone().requires_grad_()
+        out = mmdl_losses(e, torch.full_like(index, -1), label, modes, backend=backend)
+        assert float(out.triplet) == 0 and float(out.ce) == 0 and int(out.count) == 0
+        (out.triplet + out.ce).backward()
+        assert (e.grad == 0).all()
+        empty = mmdl_losses(emb, index[:, :0], label[:, :0], modes, backend=backend)
+        assert float(empty.triplet) == 0 and int(empty.count) == 0
+
+
+def test_single_class_has_no_triplet_term():
+    emb, index, label, modes = case(C=1)
+    label = label.clamp(max=0)
+    for backend in ["reference"] + fast_backends():
+        out = mmdl_losses(emb, index, label, modes, reduction="none", backend=backend)
+        assert (out.triplet == 0).all() and torch.allclose(out.ce, torch.zeros_like(out.ce))
+
+
+def test_ties_in_modes_and_nd_input():
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(20, 4, generator=g, dtype=torch.float64)  # (N, D): one image
+    centre = torch.randn(4, generator=g, dtype=torch.float64)
+    modes = torch.stack([torch.stack([centre, centre]), torch.stack([centre + 1, centre - 1])])
+    index = torch.arange(20)[None]
+    label = torch.randint(0, 2, (1, 20), generator=g)
+    for backend in ["reference"] + fast_backends():
+        assert (label_mode(emb, index, torch.zeros_like(label), modes, backend=backend) == 0).all()
+        out = mmdl_losses(emb, index, label, modes, reduction="none", backend=backend)
+        ref = mmdl_losses(emb, index, label, modes, reduction="none", backend="reference")
+        torch.testing.assert_close(out.ce, ref.ce)
+
+
+def test_label_mode_matches_reference():
+    emb, index, label, modes = case(seed=6, C=5, M=4, S=80)
+    expected = label_mode(emb, index, label, modes, backend="reference")
+    assert expected.dtype == torch.uint8 and (expected[0, :3] == 255).all()
+    for backend in fast_backends():
+        assert torch.equal(label_mode(emb, index, label, modes, backend=backend), expected)
+        assert torch.equal(label_mode(emb.float(), index, label, modes.float(), backend=backend), expected)
+
+
+def test_saves_nothing_of_size_samples_by_classes():
+    emb, index, label, modes = case(dtype=torch.float32, C=19, S=300, D=8)
+    e, r = emb.clone().requires_grad_(), modes.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = mmdl_losses(e, index, label, r, backend="cpu")
+    assert max(saved) <= max(emb.numel(), index.numel())
+    (out.triplet + out.ce).backward()
+
+
+def test_opcheck_cpu_operators():
+    emb, index, label, modes = case(dtype=torch.float32, S=10)
+    args = (emb.requires_grad_(), index, label, modes.requires_grad_(), SIGMA, ALPHA, SCALE)
+    torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses.default, args)
+    grads = (torch.rand(index.shape), torch.rand(index.shape))
+    torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses_backward.default,
+                          grads + (emb.detach(), index, label, modes.detach(), SIGMA, ALPHA, SCALE, True, True))
+    torch.library.opcheck(torch.ops.drsl_fast.label_mode.default, (emb.detach(), index, label, modes.detach()))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(index=torch.zeros(3, 4, dtype=torch.long)), ValueError, r"index must be \(B, S\) with B=2"),
+        (dict(label=torch.zeros(2, 5, dtype=torch.long)), ValueError, "label must be shaped like index"),
+        (dict(index=torch.zeros(2, 4)), TypeError, "index must be an integer tensor"),
+        (dict(reduction="sum"), ValueError, "reduction must be one of"),
+        (dict(sigma=0.0), ValueError, "sigma must be finite and > 0"),
+    ],
+)
+def test_input_validation(change, error, match):
+    emb, index, label, modes = case(S=4)
+    kwargs = dict(index=index, label=label, reduction="mean", sigma=SIGMA)
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        mmdl_losses(emb, kwargs["index"], kwargs["label"], modes, kwargs["sigma"], reduction=kwargs["reduction"])
+
+
+def test_drsl_loss_combines_eq_8_9_10():
+    g = torch.Generator().manual_seed(0)
+    C, D = 4, 6
+    emb_s = torch.randn(1, D, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    emb_t = torch.randn(1, D, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    modes = torch.randn(C, 3, D, generator=g, dtype=torch.float64, requires_grad=True)
+    labels_s = torch.randint(0, C, (1, 16, 16), generator=g)  # full resolution: reduced by 2 inside
+    labels_t = torch.randint(0, C, (1, 16, 16), generator=g)
+    labels_t[:, :4] = 255
+    seg_s, seg_t = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    loss = DRSLLoss(C, samples_per_class=5)
+
+    source_only = loss(modes, emb_s, labels_s, seg_s, generator=torch.Generator().manual_seed(1))
+    t = source_only.terms
+    torch.testing.assert_close(source_only.total, seg_s + 0.25 * t["triplet_source"] + 0.1 * t["ce_source"])
+
+    out = loss(modes, emb_s, labels_s, seg_s, emb_t, labels_t, seg_t, generator=torch.Generator().manual_seed(1))
+    t = out.terms
+    # the same seed draws the same source samples: Eq. 9/10 reuse Eq. 8's source terms
+    torch.testing.assert_close(t["triplet_source"], source_only.terms["triplet_source"])
+    expected = (seg_s + seg_t + 0.25 * (t["triplet_source"] + t["triplet_target"])
+                + 0.1 * (t["ce_source"] + t["ce_target"]) + 0.1 * t["consistency"])
+    torch.testing.assert_close(out.total, expected)
+    torch.testing.assert_close(t["in_mode"], t["triplet_source"] + t["triplet_target"])
+    out.total.backward()
+    assert emb_s.grad.abs().sum() > 0 and emb_t.grad.abs().sum() > 0 and modes.grad.abs().sum() > 0
+
+
+def test_in_mode_variance_averages_each_set_separately():
+    emb, index, label, modes = case(seed=9, S=30)
+    source = mmdl_losses(emb, index, label, modes)
+    target = mmdl_losses(emb, index[:, :7], label[:, :7], modes)
+    empty = mmdl_losses(emb, index[:, :0], label[:, :0], modes)
+    torch.testing.assert_close(in_mode_variance(source, target), source.triplet + target.triplet)
+    torch.testing.assert_close(in_mode_variance(source, empty), source.triplet)
+
+
+def test_sampled_pairs_feed_the_losses():
+    labels = torch.randint(0, 4, (2, 6, 7), generator=torch.Generator().manual_seed(0))
+    labels[0, 0] = 255
+    emb, _, _, modes = case()
+    samples = sample_per_class(labels, 4, 5, torch.Generator().manual_seed(0))
+    index, label = samples.pairs()
+    assert index.shape == label.shape == (2, 20)
+    out = mmdl_losses(emb, index, label, modes)
+    assert int(out.count) == int(samples.count.sum())
+    picked = labels.reshape(2, -1).gather(1, index.clamp(min=0))
+    assert ((picked == label) | (index < 0)).all()
+
+
+def test_triton_is_refused_clearly():
+    from drsl_fast.backends import BackendUnavailableError
+
+    emb, index, label, modes = case(S=4)
+    with pytest.raises(BackendUnavailableError, match="no Triton backend"):
+        mmdl_losses(emb, index, label, modes, backend="triton")
