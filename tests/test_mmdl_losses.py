@@ -237,3 +237,17 @@ def test_triton_is_refused_clearly():
     emb, index, label, modes = case(S=4)
     with pytest.raises(BackendUnavailableError, match="no Triton backend"):
         mmdl_losses(emb, index, label, modes, backend="triton")
+
+
+def test_mode_gradient_is_deterministic_across_thread_counts():
+    emb, index, label, modes = case(dtype=torch.float32, B=2, D=8, H=40, W=50, C=5, S=3000, seed=4)
+    threads = torch.get_num_threads()
+    grads = []
+    for num_threads in (1, max(2, threads), 1):
+        torch.set_num_threads(num_threads)
+        r = modes.clone().requires_grad_(True)
+        out = mmdl_losses(emb, index, label, r, backend="cpu")
+        (out.triplet + out.ce).backward()
+        grads.append(r.grad)
+    torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])

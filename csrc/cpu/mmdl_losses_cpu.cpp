@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "chunk_sum.h"
 #include "../drsl_losses.h"
 
 namespace drsl_fast {
@@ -286,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cpu(
       }
     });
   }
-  at::Tensor grad_modes = modes_requires_grad ? partial.sum(0).to(modes_in.scalar_type()) : at::empty({0}, modes_in.options());
+  at::Tensor grad_modes = modes_requires_grad ? sum_chunks_in_order(partial, 1.0).to(modes_in.scalar_type()) : at::empty({0}, modes_in.options());
   return {grad_emb, grad_modes};
 }
 

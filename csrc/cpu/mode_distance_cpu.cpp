@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "chunk_sum.h"
 #include "../mode_distance.h"
 
 // Defines a hot function twice, for AVX2+FMA and for the baseline ISA; GCC
@@ -262,7 +263,6 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cpu(const at::Tensor& 
   const int64_t chunks = (P + kModeGradChunk - 1) / kModeGradChunk;
   at::Tensor partial = modes_requires_grad ? at::zeros({B * chunks, C, M, D}, modes.options())
                                            : at::empty({0}, modes.options());
-  at::Tensor grad_modes = at::empty(modes_requires_grad ? modes.sizes() : at::IntArrayRef{0}, modes.options());
   if (emb_requires_grad || modes_requires_grad) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -273,22 +273,11 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cpu(const at::Tensor& 
                                 emb_requires_grad ? grad_bdp.mutable_data_ptr<scalar_t>() : nullptr,
                                 emb_requires_grad ? layout_of(grad_bdp) : PixelLayout{0, 0, 0},
                                 modes_requires_grad ? partial.mutable_data_ptr<acc_t>() : nullptr);
-      if (modes_requires_grad) {
-        // Fixed-order sum of the partials: deterministic for any thread count.
-        const int64_t cmd = C * M * D;
-        const acc_t* src = partial.const_data_ptr<acc_t>();
-        acc_t* dst = grad_modes.mutable_data_ptr<acc_t>();
-        at::parallel_for(0, cmd, 1024, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            acc_t sum = acc_t(0);
-            for (int64_t t = 0; t < B * chunks; ++t) sum += src[t * cmd + i];
-            dst[i] = acc_t(2) * sum;
-          }
-        });
-      }
     });
   }
-  return {grad_emb, grad_modes.to(modes_in.scalar_type())};
+  at::Tensor grad_modes = modes_requires_grad ? sum_chunks_in_order(partial, 2.0).to(modes_in.scalar_type())
+                                              : at::empty({0}, modes_in.options());
+  return {grad_emb, grad_modes};
 }
 
 }  // namespace

@@ -12,23 +12,10 @@
 
 #include "../../kernels/cuda/mode_distance.cuh"
 #include "../mode_distance.h"
+#include "device_pointers.h"
 
 namespace drsl_fast {
 namespace {
-
-// ATen's storage types and their CUDA twins (same bits).
-template <typename T> struct DeviceType { using type = T; };
-template <> struct DeviceType<at::Half> { using type = __half; };
-template <> struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
-
-template <typename scalar_t>
-const typename DeviceType<scalar_t>::type* device_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename DeviceType<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
-}
-template <typename scalar_t>
-typename DeviceType<scalar_t>::type* mutable_device_ptr(at::Tensor& t) {
-  return reinterpret_cast<typename DeviceType<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
-}
 
 dim3 pixel_grid(int64_t P, int64_t B, int threads) {
   TORCH_CHECK(B <= 65535, "mode_distance (cuda): batch size must be <= 65535, got ", B);
@@ -57,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
     const bool in_shared = modes_bytes <= cuda::kModesSharedBytes;
     cuda::mode_distance_forward_kernel<<<pixel_grid(P, B, cuda::kForwardThreads), cuda::kForwardThreads,
                                          in_shared ? modes_bytes : 0, stream>>>(
-        device_ptr<scalar_t>(bdp), layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, in_shared,
+        cuda_ptr<scalar_t>(bdp), layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, in_shared,
         dmin.mutable_data_ptr<acc_t>(), mstar.mutable_data_ptr<uint8_t>(),
         sigma ? posterior.mutable_data_ptr<acc_t>() : nullptr, scale, per_class_layout(emb, C));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -91,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor&
       at::Tensor grad_bdp = as_bdp(grad_emb);
       cuda::mode_distance_grad_emb_kernel<<<pixel_grid(P, B, cuda::kGradEmbThreads), cuda::kGradEmbThreads, 0,
                                             stream>>>(
-          grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout, device_ptr<scalar_t>(bdp),
-          layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, mutable_device_ptr<scalar_t>(grad_bdp),
+          grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout, cuda_ptr<scalar_t>(bdp),
+          layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, mutable_cuda_ptr<scalar_t>(grad_bdp),
           layout_of(grad_bdp));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -102,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor&
       at::Tensor partial = at::empty({B * chunks, C, M, D}, modes.options());
       const int threads = static_cast<int>((D + 31) / 32 * 32);
       cuda::mode_distance_grad_modes_kernel<<<dim3(chunks, C, B), threads, 0, stream>>>(
-          grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout, device_ptr<scalar_t>(bdp),
+          grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout, cuda_ptr<scalar_t>(bdp),
           layout_of(bdp), modes.const_data_ptr<acc_t>(), C, M, D, P, partial.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // ATen's reduction over the first axis has a fixed order: deterministic.
