@@ -11,4 +11,11 @@ TORCH_LIBRARY(drsl_fast, m) {
   m.def(
       "mode_distance_backward(Tensor grad_dmin, Tensor emb, Tensor modes, Tensor mstar, "
       "bool emb_requires_grad, bool modes_requires_grad) -> (Tensor grad_emb, Tensor grad_modes)");
+
+  // SPEC.md §5 (issue 4). scores (B, C, H, W) probabilities or logits ->
+  // int64 counts (C, 1 + 24 * 2^mantissa_bits) per (argmax class, confidence
+  // bin of kernels/confidence_bins.h). select_labels: probs (B, C, H, W),
+  // thresholds (C,) -> uint8 labels (B, H, W), 255 where max_c prob/t < 1.
+  m.def("confidence_histogram(Tensor scores, bool from_logits, int mantissa_bits) -> Tensor");
+  m.def("select_labels(Tensor probs, Tensor thresholds) -> Tensor");
 }

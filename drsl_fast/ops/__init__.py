@@ -1,5 +1,6 @@
 """Drop-in fast ops (SPEC.md §10). Each picks its backend as described in
 :mod:`drsl_fast.backends`."""
 from .mode_distance import ModeDistance, mode_distance, mode_posterior
+from .pseudo_labels import confidence_histogram, select_labels
 
-__all__ = ["ModeDistance", "mode_distance", "mode_posterior"]
+__all__ = ["ModeDistance", "confidence_histogram", "mode_distance", "mode_posterior", "select_labels"]
