@@ -39,8 +39,12 @@ DRSL_HOST_DEVICE inline int64_t confidence_bin(float conf, int mantissa_bits) {
   const float gap = 1.0f - conf;
   if (gap < 5.9604645e-08f) return 0;  // 2^-24
   if (!(gap < 1.0f)) return confidence_num_bins(mantissa_bits) - 1;
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(gap);
+#else
   uint32_t bits;
   std::memcpy(&bits, &gap, sizeof(bits));
+#endif
   return 1 + static_cast<int64_t>((bits - kSmallestGapBits) >> (23 - mantissa_bits));
 }
 

@@ -105,11 +105,10 @@ def test_entropy_loss_gradient_alone(fast_backend):
 
 
 def test_gradcheck_float64():
-    logits = make_logits((2, 3, 2, 3), torch.float64, seed=7, scale=1.5).requires_grad_(True)
-    for backend in ("reference", "cpu"):
-        assert torch.autograd.gradcheck(lambda x: tuple(drsl_fast.ops.entropy_map(x, backend=backend)), (logits,))
-        assert torch.autograd.gradcheck(
-            lambda x: tuple(drsl_fast.ops.entropy_map(x, with_map=False, backend=backend)[1:]), (logits,))
+    logits = make_logits((2, 3, 1, 3), torch.float64, seed=7, scale=1.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: tuple(drsl_fast.ops.entropy_map(x, backend="cpu")), (logits,))
+    assert torch.autograd.gradcheck(
+        lambda x: tuple(drsl_fast.ops.entropy_map(x, with_map=False, backend="cpu")[1:]), (logits,))
 
 
 def test_opcheck_cpu_operators():

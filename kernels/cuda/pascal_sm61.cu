@@ -3,6 +3,8 @@
 // this translation unit with `nvcc -arch=sm_61`. Every kernel is instantiated
 // for every storage type the launchers use.
 #include "mode_distance.cuh"
+#include "entropy.cuh"
+#include "pseudo_labels.cuh"
 
 namespace drsl_fast {
 namespace cuda {
@@ -22,6 +24,24 @@ DRSL_INSTANTIATE_MODE_DISTANCE(float, float)
 DRSL_INSTANTIATE_MODE_DISTANCE(double, double)
 DRSL_INSTANTIATE_MODE_DISTANCE(__half, float)
 DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
+
+// Pseudo-labels (SPEC.md §5) and entropy map (SPEC.md §7), issue 4.
+#define DRSL_INSTANTIATE_ISSUE4(scalar_t, acc_t)                                                      \
+  template __global__ void confidence_histogram_kernel<scalar_t>(const scalar_t*, PixelLayout, int,  \
+                                                                 int64_t, bool, int,                 \
+                                                                 unsigned long long*);               \
+  template __global__ void select_labels_kernel<scalar_t>(const scalar_t*, PixelLayout, int, int64_t, \
+                                                          const float*, uint8_t*);                    \
+  template __global__ void entropy_map_kernel<scalar_t, acc_t>(const scalar_t*, PixelLayout, int,     \
+                                                               int64_t, acc_t, acc_t*, acc_t*);       \
+  template __global__ void entropy_map_backward_kernel<scalar_t, acc_t>(                              \
+      const scalar_t*, PixelLayout, int, int64_t, acc_t, const acc_t*, const acc_t*, scalar_t*,       \
+      PixelLayout);
+
+DRSL_INSTANTIATE_ISSUE4(float, float)
+DRSL_INSTANTIATE_ISSUE4(double, double)
+DRSL_INSTANTIATE_ISSUE4(__half, float)
+DRSL_INSTANTIATE_ISSUE4(__nv_bfloat16, float)
 
 }  // namespace cuda
 }  // namespace drsl_fast
