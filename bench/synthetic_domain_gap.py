@@ -6,10 +6,8 @@ Runs on the CPU in a few minutes:
 
     nice -n 19 python bench/synthetic_domain_gap.py
 
-Writes bench/results/synthetic_domain_gap.json and .md. The mIoU here is a
-minimal confusion-matrix helper (SPEC.md §9 semantics: 255 ignored, IoU =
-TP / (TP + FP + FN), nanmean over classes that occur); the full evaluation
-lives elsewhere.
+Writes bench/results/synthetic_domain_gap.json and .md. The mIoU is that of
+drsl_fast.evaluation (SPEC.md §9).
 """
 
 import argparse
@@ -34,34 +32,20 @@ from drsl_fast.data import (
     TrainTransform,
     make_synthetic_pair,
 )
+from drsl_fast.evaluation import ConfusionMatrix
 from drsl_fast.models import DeepLabV2
 
 NUM_CLASSES = 19
-
-
-def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    valid = label != IGNORE_LABEL
-    index = label[valid] * num_classes + pred[valid]
-    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def per_class_iou(confusion: torch.Tensor) -> torch.Tensor:
-    confusion = confusion.double()
-    tp = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
 @torch.no_grad()
 def evaluate(model: DeepLabV2, dataset) -> torch.Tensor:
     """Per-class IoU over ``dataset`` (predictions upsampled bilinearly to the label size)."""
     model.eval()
-    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    confusion = ConfusionMatrix(NUM_CLASSES, align_corners=False)
     for sample in DataLoader(dataset, batch_size=8):
-        logits = model(sample["image"]).logits
-        logits = F.interpolate(logits, size=sample["label"].shape[-2:], mode="bilinear", align_corners=False)
-        confusion += confusion_matrix(logits.argmax(1), sample["label"], NUM_CLASSES)
-    return per_class_iou(confusion)
+        confusion.update(model(sample["image"]).logits, sample["label"])
+    return confusion.iou()
 
 
 def train_source_only(model: DeepLabV2, dataset, args) -> list:

@@ -25,4 +25,17 @@ TORCH_LIBRARY(drsl_fast, m) {
       "-> (Tensor grad_emb, Tensor grad_modes)");
   // mstar of each sample's own class, uint8 (B, S), 255 where the sample does not count.
   m.def("label_mode(Tensor emb, Tensor index, Tensor label, Tensor modes) -> Tensor");
+
+  // SPEC.md §5. scores (B, C, H, W) probabilities or logits ->
+  // int64 counts (C, 1 + 24 * 2^mantissa_bits) per (argmax class, confidence
+  // bin of kernels/confidence_bins.h). select_labels: probs (B, C, H, W),
+  // thresholds (C,) -> uint8 labels (B, H, W), 255 where max_c prob/t < 1.
+  m.def("confidence_histogram(Tensor scores, bool from_logits, int mantissa_bits) -> Tensor");
+  m.def("select_labels(Tensor probs, Tensor thresholds) -> Tensor");
+  // SPEC.md §7. logits (B, C, H, W) -> the normalised self-information map
+  // (B, C, H, W) (empty without with_map), the pixel entropy (B, H, W) and the
+  // per-image mean of the map (B,). The backward takes the map's gradient
+  // (empty = 0) and the pixel entropy's (which includes the image mean's).
+  m.def("entropy_map(Tensor logits, bool with_map) -> (Tensor map, Tensor pixel_entropy, Tensor image_score)");
+  m.def("entropy_map_backward(Tensor logits, Tensor grad_map, Tensor grad_pixel) -> Tensor");
 }

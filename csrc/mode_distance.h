@@ -1,4 +1,4 @@
-// Host-side shape and layout helpers shared by the CPU and CUDA backends of
+// Host-side shapes, checks and inputs shared by the CPU and CUDA backends of
 // the mode-distance op.
 #pragma once
 #include <ATen/ATen.h>
@@ -7,27 +7,9 @@
 #include <optional>
 #include <vector>
 
-#include "../kernels/pixel_layout.h"
+#include "pixel_view.h"
 
 namespace drsl_fast {
-
-// Views emb, (B, D, H, W) or (N, D), as (B, D, P) without copying where the
-// strides allow it (contiguous and channels-last inputs, any (N, D) matrix).
-inline at::Tensor as_bdp(const at::Tensor& emb) {
-  if (emb.dim() == 2) return emb.t().unsqueeze(0);
-  return emb.reshape({emb.size(0), emb.size(1), emb.size(2) * emb.size(3)});
-}
-
-// A new tensor shaped like emb whose as_bdp() is always a view: same strides
-// for (N, D), contiguous or channels-last for (B, D, H, W).
-inline at::Tensor empty_like_pixel_viewable(const at::Tensor& emb) {
-  if (emb.dim() == 2) return at::empty_like(emb);
-  return at::empty(emb.sizes(), emb.options().memory_format(emb.suggest_memory_format()));
-}
-
-inline PixelLayout layout_of(const at::Tensor& bdp) {
-  return PixelLayout{bdp.stride(0), bdp.stride(1), bdp.stride(2)};
-}
 
 // Shape of the per-class outputs (dmin, mstar, posterior): (B, C, H, W) or (N, C).
 inline std::vector<int64_t> per_class_shape(const at::Tensor& emb, int64_t C) {
@@ -40,10 +22,6 @@ inline PixelLayout per_class_layout(const at::Tensor& emb, int64_t C) {
   if (emb.dim() == 2) return PixelLayout{0, 1, C};
   const int64_t P = emb.size(2) * emb.size(3);
   return PixelLayout{C * P, P, 1};
-}
-
-inline at::ScalarType accumulate_dtype(const at::Tensor& emb) {
-  return emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_mode_distance_inputs(const at::Tensor& emb, const at::Tensor& modes) {

@@ -1,10 +1,22 @@
 """Drop-in fast ops (SPEC.md §10). Each picks its backend as described in
 :mod:`drsl_fast.backends`."""
-from .mode_distance import ModeDistance, mode_distance, mode_posterior
-
-# DRSL losses (SPEC.md §4)
 from .class_sampling import ClassSamples, sample_per_class
+from .entropy import EntropyMaps, entropy_map
 from .mmdl_losses import MMDLLosses, label_mode, mmdl_losses
+from .mode_distance import ModeDistance, mode_distance, mode_posterior
+from .pseudo_labels import confidence_histogram, select_labels
 
-__all__ = ["ModeDistance", "mode_distance", "mode_posterior"]
-__all__ += ["ClassSamples", "MMDLLosses", "label_mode", "mmdl_losses", "sample_per_class"]
+__all__ = [
+    "ClassSamples",
+    "EntropyMaps",
+    "MMDLLosses",
+    "ModeDistance",
+    "confidence_histogram",
+    "entropy_map",
+    "label_mode",
+    "mmdl_losses",
+    "mode_distance",
+    "mode_posterior",
+    "sample_per_class",
+    "select_labels",
+]

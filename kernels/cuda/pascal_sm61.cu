@@ -4,6 +4,8 @@
 // for every storage type the launchers use.
 #include "mode_distance.cuh"
 #include "mmdl_losses.cuh"
+#include "entropy.cuh"
+#include "pseudo_labels.cuh"
 
 namespace drsl_fast {
 namespace cuda {
@@ -40,6 +42,24 @@ DRSL_INSTANTIATE_MMDL_LOSSES(float, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(double, double)
 DRSL_INSTANTIATE_MMDL_LOSSES(__half, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(__nv_bfloat16, float)
+
+// Pseudo-labels (SPEC.md §5) and entropy map (SPEC.md §7)
+#define DRSL_INSTANTIATE_PSEUDO_LABELS_AND_ENTROPY(scalar_t, acc_t)                                                      \
+  template __global__ void confidence_histogram_kernel<scalar_t>(const scalar_t*, PixelLayout, int,  \
+                                                                 int64_t, bool, int,                 \
+                                                                 unsigned long long*);               \
+  template __global__ void select_labels_kernel<scalar_t>(const scalar_t*, PixelLayout, int, int64_t, \
+                                                          const float*, uint8_t*);                    \
+  template __global__ void entropy_map_kernel<scalar_t, acc_t>(const scalar_t*, PixelLayout, int,     \
+                                                               int64_t, acc_t, acc_t*, acc_t*);       \
+  template __global__ void entropy_map_backward_kernel<scalar_t, acc_t>(                              \
+      const scalar_t*, PixelLayout, int, int64_t, acc_t, const acc_t*, const acc_t*, scalar_t*,       \
+      PixelLayout);
+
+DRSL_INSTANTIATE_PSEUDO_LABELS_AND_ENTROPY(float, float)
+DRSL_INSTANTIATE_PSEUDO_LABELS_AND_ENTROPY(double, double)
+DRSL_INSTANTIATE_PSEUDO_LABELS_AND_ENTROPY(__half, float)
+DRSL_INSTANTIATE_PSEUDO_LABELS_AND_ENTROPY(__nv_bfloat16, float)
 
 }  // namespace cuda
 }  // namespace drsl_fast

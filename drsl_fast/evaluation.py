@@ -1,0 +1,161 @@
+"""Semantic-segmentation evaluation of SPEC.md §9, streamed on the device.
+
+:class:`ConfusionMatrix` accumulates a (C, C) int64 matrix (rows: ground truth,
+columns: prediction) over pixels whose ground truth is in [0, C) (255 and any
+other value ignored), batch by batch with ``torch.bincount``: memory is flat
+over the dataset. Logits are upsampled bilinearly to the label resolution
+before the argmax, one image at a time.
+
+IoU follows the official Cityscapes evaluation: ``TP / (TP + FP + FN)`` with
+FP counted over pixels with a valid ground truth only; NaN when the class
+neither occurs nor is predicted; mIoU is the mean over the non-NaN classes.
+
+Reports (:func:`report`) list the classes in the papers' column order
+(Cityscapes train ids):
+  "19"  all 19 classes;
+  "16"  the SYNTHIA protocol: without terrain, truck, train; from a 16-class
+        model's matrix, or the 16 classes' IoUs of a 19-class matrix;
+  "13"  mIoU*: the 16 classes without wall, fence, pole.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data.labels import CITYSCAPES_CLASSES, DROPPED_16_TO_13, DROPPED_19_TO_16, SYNTHIA_CLASSES
+
+
+class ConfusionMatrix:
+    """Streaming confusion matrix on ``device``.
+
+    Args:
+        num_classes: C.
+        device: where the matrix lives (the model's device).
+        align_corners: of the bilinear upsampling of logits; True as in
+            ADVENT's and CRST's evaluation code.
+    """
+
+    def __init__(self, num_classes: int, device=None, align_corners: bool = True):
+        if num_classes < 1:
+            raise ValueError(f"ConfusionMatrix: num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, prediction: Tensor, label: Tensor) -> None:
+        """Adds a batch. ``prediction``: scores (B, C, h, w) (logits or
+        probabilities, upsampled to the label size) or class ids (B, H, W);
+        ``label``: ground-truth train ids (B, H, W), 255 ignored."""
+        if label.dim() != 3:
+            raise ValueError(f"ConfusionMatrix.update: label must be (B, H, W), got shape {tuple(label.shape)}")
+        label = label.to(self.matrix.device)
+        if prediction.dim() == 4:
+            if prediction.shape[1] != self.num_classes:
+                raise ValueError(f"ConfusionMatrix.update: scores have {prediction.shape[1]} classes, "
+                                 f"expected {self.num_classes}")
+            if prediction.shape[0] != label.shape[0]:
+                raise ValueError("ConfusionMatrix.update: scores and labels differ in batch size")
+            for scores, target in zip(prediction, label):  # one upsampled image at a time
+                self.matrix += self._counts(self.upsampled_argmax(scores[None], target.shape)[0], target)
+        elif prediction.shape == label.shape:
+            self.matrix += self._counts(prediction.to(self.matrix.device), label)
+        else:
+            raise ValueError(f"ConfusionMatrix.update: prediction {tuple(prediction.shape)} must be (B, C, h, w) "
+                             f"scores or class ids shaped like the label {tuple(label.shape)}")
+
+    def upsampled_argmax(self, scores: Tensor, size: Tuple[int, int]) -> Tensor:
+        if tuple(scores.shape[-2:]) != tuple(size):
+            scores = F.interpolate(scores.float(), size=tuple(size), mode="bilinear", align_corners=self.align_corners)
+        return scores.argmax(1).to(self.matrix.device)
+
+    def _counts(self, prediction: Tensor, label: Tensor) -> Tensor:
+        C = self.num_classes
+        label, prediction = label.long().flatten(), prediction.long().flatten()
+        valid = (label >= 0) & (label < C)
+        # invalid pixels go to an extra bin that is dropped: no data-dependent shapes
+        index = torch.where(valid, label * C + prediction.clamp(0, C - 1), C * C)
+        return torch.bincount(index, minlength=C * C + 1)[: C * C].view(C, C)
+
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        if other.num_classes != self.num_classes:
+            raise ValueError("ConfusionMatrix.merge: different numbers of classes")
+        self.matrix += other.matrix.to(self.matrix.device)
+        return self
+
+    def all_reduce(self, group=None) -> None:
+        """Sums the matrix over the ranks of a torch.distributed group."""
+        torch.distributed.all_reduce(self.matrix, group=group)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def iou(self) -> Tensor:
+        return per_class_iou(self.matrix)
+
+    def miou(self) -> float:
+        return float(self.iou().nanmean())
+
+
+def per_class_iou(matrix: Tensor) -> Tensor:
+    """IoU per class (float64) of a (C, C) confusion matrix (rows: ground
+    truth); NaN where TP + FP + FN = 0."""
+    m = matrix.double()
+    tp = m.diagonal()
+    union = m.sum(0) + m.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+@dataclass(frozen=True)
+class Report:
+    """Per-class IoU (in [0, 1], NaN for absent classes) in column order."""
+
+    protocol: str
+    names: Tuple[str, ...]
+    iou: Tuple[float, ...]
+
+    @property
+    def miou(self) -> float:
+        present = [v for v in self.iou if v == v]
+        return sum(present) / len(present) if present else float("nan")
+
+    def markdown(self) -> str:
+        label = "mIoU*" if self.protocol == "13" else "mIoU"
+        header = "| " + " | ".join(self.names) + f" | {label} |"
+        cells = ["-" if v != v else f"{100 * v:.1f}" for v in self.iou]
+        return "\n".join([header, "|" + "---|" * (len(self.names) + 1),
+                          "| " + " | ".join(cells) + f" | {100 * self.miou:.1f} |"])
+
+
+def report(confusion, protocol: str = "19") -> Report:
+    """The per-class table and mean of ``protocol`` "19", "16" or "13" (see
+    the module docstring) from a :class:`ConfusionMatrix` or a (C, C) matrix
+    with C = 19 (Cityscapes train ids) or 16 (SYNTHIA's 16 classes)."""
+    matrix = confusion.matrix if isinstance(confusion, ConfusionMatrix) else confusion
+    C = matrix.shape[0]
+    iou = per_class_iou(matrix).tolist()
+    if C == 19:
+        names = CITYSCAPES_CLASSES
+    elif C == 16:
+        names = SYNTHIA_CLASSES
+    else:
+        raise ValueError(f"report: expected a 19- or 16-class confusion matrix, got {C} classes")
+    if protocol == "19":
+        if C != 19:
+            raise ValueError("report: the 19-class protocol needs a 19-class confusion matrix")
+        return Report("19", tuple(names), tuple(iou))
+    if protocol not in ("16", "13"):
+        raise ValueError(f"report: protocol must be '19', '16' or '13', got {protocol!r}")
+    if C == 19:
+        names, iou = drop(names, iou, DROPPED_19_TO_16)
+    if protocol == "13":
+        names, iou = drop(names, iou, DROPPED_16_TO_13)
+    return Report(protocol, names, iou)
+
+
+def drop(names, values, dropped: Tuple[int, ...]) -> Tuple[tuple, tuple]:
+    kept = [i for i in range(len(names)) if i not in dropped]
+    return tuple(names[i] for i in kept), tuple(values[i] for i in kept)
+

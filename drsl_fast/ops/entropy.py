@@ -1,0 +1,138 @@
+"""Fused ADVENT/IntraDA entropy map (SPEC.md §7, §10).
+
+Replaces ``p = softmax(x); -p * log2(p + 1e-30) / log2(C)`` then ``.sum(1)``
+and ``.mean()`` as separate passes: one pass over the logits gives the
+C-channel map (the discriminator's input), the pixel entropy (the entropy
+loss is its mean) and the per-image mean used for ranking. Backward
+recomputes the softmax from the logits: nothing but the logits is saved.
+
+Operators (``torch.library``, traceable by ``torch.compile``):
+  drsl_fast::entropy_map / entropy_map_backward                 C++ CPU and CUDA
+  drsl_fast::entropy_map_triton / entropy_map_backward_triton   Triton
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _extension, reference
+from ..backends import resolve, triton_import_error
+from ..reference.mode_distance import accumulate_dtype
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class EntropyMaps(NamedTuple):
+    """map (B, C, H, W) or None, pixel entropy (B, H, W), image score (B,)."""
+
+    map: Optional[Tensor]
+    pixel_entropy: Tensor
+    image_score: Tensor
+
+
+def entropy_map(logits: Tensor, with_map: bool = True, *, backend: Optional[str] = None) -> EntropyMaps:
+    """SPEC.md §7: with p = softmax over C of ``logits`` (B, C, H, W),
+
+    - ``map[c] = -p_c log2(p_c + 1e-30) / log2(C)`` (skipped without ``with_map``),
+    - ``pixel_entropy = sum_c map[c]``,
+    - ``image_score = mean of map over C, H, W`` (IntraDA's ranking score).
+
+    fp32 results (fp64 for fp64 logits); differentiable in ``logits``
+    through all three. ``backend``: see :mod:`drsl_fast.backends`.
+    """
+    check_logits(logits)
+    name = resolve(backend, logits.device)
+    if name == "reference":
+        return EntropyMaps(*reference.entropy_map(logits, with_map))
+    op = torch.ops.drsl_fast.entropy_map_triton if name == "triton" else torch.ops.drsl_fast.entropy_map
+    entropy, pixel, score = op(logits, with_map)
+    return EntropyMaps(entropy if with_map else None, pixel, score)
+
+
+def check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"entropy_map: logits must be a tensor, got {type(logits).__name__}")
+    if logits.dim() != 4:
+        raise ValueError(f"entropy_map: expected (B, C, H, W) logits, got shape {tuple(logits.shape)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"entropy_map: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"entropy_map: needs C >= 2 classes (it divides by log2 C), got C={logits.shape[1]}")
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _fake_forward(logits: Tensor, with_map: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    acc = accumulate_dtype(logits.dtype)
+    B, _, H, W = logits.shape
+    return (
+        logits.new_empty(logits.shape if with_map else (0,), dtype=acc),
+        logits.new_empty((B, H, W), dtype=acc),
+        logits.new_empty((B,), dtype=acc),
+    )
+
+
+def _fake_backward(logits: Tensor, grad_map: Tensor, grad_pixel: Tensor) -> Tensor:
+    channels_last = logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
+    return torch.empty_like(logits, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _register_autograd(op_name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        logits, _ = inputs
+        ctx.save_for_backward(logits)
+
+    def backward(ctx, grad_map, grad_pixel, grad_score):
+        (logits,) = ctx.saved_tensors
+        B, C, H, W = logits.shape
+        acc = accumulate_dtype(logits.dtype)
+        # score = sum over H, W of the pixel entropy / (C H W)
+        total = torch.zeros((B, H, W), dtype=acc, device=logits.device) if grad_pixel is None else grad_pixel
+        if grad_score is not None:
+            total = total + grad_score[:, None, None] / (C * H * W)
+        if grad_map is None or grad_map.numel() == 0:
+            grad_map = logits.new_empty((0,), dtype=acc)
+        return backward_op(logits, grad_map, total), None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("drsl_fast::entropy_map")(_fake_forward)
+    torch.library.register_fake("drsl_fast::entropy_map_backward")(_fake_backward)
+    _register_autograd("drsl_fast::entropy_map", torch.ops.drsl_fast.entropy_map_backward)
+
+
+if triton_import_error() is None:
+    from torch.library import triton_op, wrap_triton
+
+    from ..triton_kernels import entropy as triton_kernels
+
+    def _check_triton_dtype(logits: Tensor) -> None:
+        if logits.dtype == torch.float64:
+            raise TypeError("entropy_map: the triton backend computes in fp32; use 'cpu'/'cuda' for float64")
+
+    @triton_op("drsl_fast::entropy_map_triton", mutates_args=())
+    def _entropy_map_triton(logits: Tensor, with_map: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        _check_triton_dtype(logits)
+        entropy, pixel, _ = _fake_forward(logits, with_map)
+        if pixel.numel() > 0:
+            triton_kernels.forward(logits, entropy if with_map else None, pixel, launch=wrap_triton)
+        score = pixel.flatten(1).mean(1) / logits.shape[1]
+        return entropy, pixel, score
+
+    @triton_op("drsl_fast::entropy_map_backward_triton", mutates_args=())
+    def _entropy_map_backward_triton(logits: Tensor, grad_map: Tensor, grad_pixel: Tensor) -> Tensor:
+        _check_triton_dtype(logits)
+        grad_logits = _fake_backward(logits, grad_map, grad_pixel)
+        if grad_logits.numel() > 0:
+            triton_kernels.backward(
+                logits, grad_map.float().contiguous() if grad_map.numel() > 0 else None,
+                grad_pixel.float().contiguous(), grad_logits, launch=wrap_triton,
+            )
+        return grad_logits
+
+    _entropy_map_triton.register_fake(_fake_forward)
+    _entropy_map_backward_triton.register_fake(_fake_backward)
+    _register_autograd("drsl_fast::entropy_map_triton", torch.ops.drsl_fast.entropy_map_backward_triton)
