@@ -128,3 +128,23 @@ def test_no_host_synchronisation_on_cpu():
         out = consistency_loss(target, index, label, source, source_labels, modes, generator=torch.Generator(),
                                backend="cpu")
     assert out.loss.dim() == 0
+
+
+def test_every_fast_backend_on_its_device(fast_backend):
+    """The triplet rules of Eq. 6 hold on the fast backend's own device (the
+    CUDA backend runs here where a GPU is present)."""
+    backend, device = fast_backend
+    if backend == "triton":
+        pytest.skip("label_mode has no Triton backend")
+    target, target_labels, source, source_labels, modes = domain_pair(seed=5)
+    index, label = sample_per_class(target_labels, C, 4, torch.Generator().manual_seed(0)).pairs()
+    on = lambda t: t.to(device)
+    t = consistency_triplets(on(target.float()), on(index), on(label), on(source.float()), on(source_labels),
+                             on(modes.float()), torch.Generator(device=device).manual_seed(1), backend=backend)
+    positive, negative, valid = t.positive.cpu(), t.negative.cpu(), t.valid.cpu()
+    anchor_mode = reference.label_mode(target, index, label, modes).long()
+    s_mode, s_label = source_modes(source, source_labels, modes)
+    assert int(valid.sum()) == int((index >= 0).sum()) - int(t.skipped_no_positive)
+    assert torch.equal(s_label[positive[valid]], label[valid])
+    assert torch.equal(s_mode[positive[valid]], anchor_mode[valid])
+    assert (s_label[negative[valid]] != label[valid]).all()

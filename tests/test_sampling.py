@@ -133,3 +133,25 @@ def test_opcheck_cpu_operator():
     labels = torch.randint(0, 3, (2, 4, 5), generator=torch.Generator().manual_seed(0))
     keys = torch.randint(0, 1 << 48, (2, 20), generator=torch.Generator().manual_seed(1))
     torch.library.opcheck(torch.ops.drsl_fast.sample_per_class.default, (labels, keys, 4, 3))
+
+
+def test_every_fast_backend_on_its_device(fast_backend):
+    """Counts, classes, padding and first-slot uniformity on the backend's own
+    device (the CUDA backend runs here where a GPU is present)."""
+    backend, device = fast_backend
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (3, 11, 7), generator=g)
+    labels[0, :4] = 255
+    labels[2] = 255
+    gen = torch.Generator(device=device).manual_seed(1)
+    for k in (0, 3, 40):
+        samples = sample_per_class(labels.to(device), 7, k, gen, backend=backend)
+        check_sample(labels, 7, k, type(samples)(samples.index.cpu(), samples.count.cpu()))
+    pattern = torch.full((1, 6, 5), 255, dtype=torch.int64)
+    pattern.view(-1)[::2] = 1
+    pixels = (pattern.view(-1) == 1).nonzero().squeeze(1)
+    first_slot = torch.zeros(30)
+    draws = 1500
+    for _ in range(draws):
+        first_slot[sample_per_class(pattern.to(device), 2, 4, gen, backend=backend).index[0, 1, 0].cpu()] += 1
+    assert abs(chi_square_uniform(first_slot[pixels], draws / pixels.numel())) < 5
