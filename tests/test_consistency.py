@@ -134,8 +134,6 @@ def test_every_fast_backend_on_its_device(fast_backend):
     """The triplet rules of Eq. 6 hold on the fast backend's own device (the
     CUDA backend runs here where a GPU is present)."""
     backend, device = fast_backend
-    if backend == "triton":
-        pytest.skip("label_mode has no Triton backend")
     target, target_labels, source, source_labels, modes = domain_pair(seed=5)
     index, label = sample_per_class(target_labels, C, 4, torch.Generator().manual_seed(0)).pairs()
     on = lambda t: t.to(device)

@@ -11,8 +11,13 @@ gradient row per sample and per-chunk partial mode gradients, never anything
 of size samples x C x M x D (or samples x C kept between the passes).
 Gradients flow through the winning modes only (SPEC §3).
 
-Operators: drsl_fast::mmdl_losses / mmdl_losses_backward and
-drsl_fast::label_mode (C++ CPU and CUDA). No Triton kernels yet.
+Operators (``torch.library``):
+  drsl_fast::mmdl_losses / mmdl_losses_backward, drsl_fast::label_mode      C++ CPU and CUDA
+  drsl_fast::mmdl_losses_triton / mmdl_losses_backward_triton,
+  drsl_fast::label_mode_triton                                              Triton (fp32)
+The C++ CPU and Triton backends sum gradient contributions in a fixed order,
+so their gradients are deterministic; the CUDA backend adds mode gradients
+atomically.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -21,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, reference
-from ..backends import BackendUnavailableError, resolve
+from ..backends import resolve, triton_import_error
 from ..reference.mmdl import pixel_rows, valid_samples
 from ..reference.mode_distance import accumulate_dtype
 from .mode_distance import check_inputs as check_emb_and_modes
@@ -54,19 +59,21 @@ def mmdl_losses(
         modes: mode centres (C, M, D), M <= 16.
         sigma, alpha, scale: SPEC §3/§4 (0.5, 1.0, 15).
         reduction: 'mean' (over valid samples) or 'none' (per sample).
-        backend: 'auto' (default), 'reference', 'cpu' or 'cuda'.
+        backend: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton'
+            (fp32 computation; float64 embeddings raise TypeError there).
 
     Returns:
         :class:`MMDLLosses`, fp32 (fp64 for fp64 embeddings), differentiable
         in emb and modes. With C = 1 there is no wrong class and Eq. 4 is 0.
     """
     index, label = check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction)
-    name = fast_backend(backend, emb.device)
+    name = resolve(backend, emb.device)
     params = (float(sigma), float(alpha), float(scale))
     if name == "reference":
         triplet, ce = reference.mmdl_losses(emb, index, label, modes, *params)
     else:
-        triplet, ce = torch.ops.drsl_fast.mmdl_losses(emb, index, label, modes, *params)
+        op = torch.ops.drsl_fast.mmdl_losses_triton if name == "triton" else torch.ops.drsl_fast.mmdl_losses
+        triplet, ce = op(emb, index, label, modes, *params)
     count = valid_samples(index, label, pixel_rows(emb).shape[2], modes.shape[0]).sum()
     if reduction == "none":
         return MMDLLosses(triplet, ce, count)
@@ -79,18 +86,11 @@ def label_mode(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, *, back
     ties to the lowest m) as uint8 (B, S); 255 where the sample does not count.
     Arguments as in :func:`mmdl_losses`. Not differentiable (an argmin)."""
     index, label = check_inputs(emb, index, label, modes, 0.5, 0.0, 1.0, "none")
-    if fast_backend(backend, emb.device) == "reference":
+    name = resolve(backend, emb.device)
+    if name == "reference":
         return reference.label_mode(emb, index, label, modes)
-    return torch.ops.drsl_fast.label_mode(emb.detach(), index, label, modes.detach())
-
-
-def fast_backend(backend: Optional[str], device: torch.device) -> str:
-    """resolve(), except that these ops have no Triton kernels yet: 'auto'
-    never picks Triton here (cuda comes first) and forcing it raises."""
-    name = resolve(backend, device)
-    if name == "triton":
-        raise BackendUnavailableError("mmdl_losses/label_mode have no Triton backend yet; use 'cuda', 'cpu' or 'reference'")
-    return name
+    op = torch.ops.drsl_fast.label_mode_triton if name == "triton" else torch.ops.drsl_fast.label_mode
+    return op(emb.detach(), index, label, modes.detach())
 
 
 def check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction) -> Tuple[Tensor, Tensor]:
@@ -163,3 +163,71 @@ if _extension.has_cpu_kernels():
     torch.library.register_fake("drsl_fast::mmdl_losses_backward")(_fake_backward)
     torch.library.register_fake("drsl_fast::label_mode")(_fake_label_mode)
     _register_autograd("drsl_fast::mmdl_losses", torch.ops.drsl_fast.mmdl_losses_backward)
+
+
+if triton_import_error() is None:
+    from torch.library import triton_op, wrap_triton
+
+    from ..triton_kernels import mmdl_losses as triton_kernels
+
+    def _check_triton_dtype(emb: Tensor) -> None:
+        if emb.dtype == torch.float64:
+            raise TypeError("mmdl_losses: the triton backend computes in fp32; use 'cpu'/'cuda' for float64")
+
+    @triton_op("drsl_fast::mmdl_losses_triton", mutates_args=())
+    def _mmdl_losses_triton(
+        emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, sigma: float, alpha: float, scale: float
+    ) -> Tuple[Tensor, Tensor]:
+        _check_triton_dtype(emb)
+        triplet, ce = _fake_forward(emb, index, label, modes, sigma, alpha, scale)
+        if triplet.numel() > 0:
+            triton_kernels.forward(
+                emb, index.contiguous(), label.contiguous(), modes.float().contiguous(), triplet, ce,
+                0.5 / (sigma * sigma), alpha, scale, launch=wrap_triton,
+            )
+        return triplet, ce
+
+    @triton_op("drsl_fast::mmdl_losses_backward_triton", mutates_args=())
+    def _mmdl_losses_backward_triton(
+        grad_triplet: Tensor, grad_ce: Tensor, emb: Tensor, index: Tensor, label: Tensor, modes: Tensor,
+        sigma: float, alpha: float, scale: float, emb_requires_grad: bool, modes_requires_grad: bool,
+    ) -> Tuple[Tensor, Tensor]:
+        _check_triton_dtype(emb)
+        grad_emb, grad_modes = _fake_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale,
+                                              emb_requires_grad, modes_requires_grad)
+        centres = modes.float().contiguous()
+        index, label = index.contiguous(), label.contiguous()
+        samples = index.numel()
+        C, M, D = modes.shape
+        rows = centres.new_empty((samples, D)) if emb_requires_grad else None
+        partial = (centres.new_empty((triton_kernels.sample_blocks(samples), C, M, D))
+                   if modes_requires_grad else None)
+        if samples > 0 and (emb_requires_grad or modes_requires_grad):
+            triton_kernels.backward(
+                grad_triplet.float().expand(index.shape).contiguous(), grad_ce.float().expand(index.shape).contiguous(),
+                emb, index, label, centres, rows, partial, 0.5 / (sigma * sigma), alpha, scale, launch=wrap_triton,
+            )
+        if emb_requires_grad:
+            grad_emb.zero_()
+            if samples > 0:
+                triton_kernels.scatter_rows(rows, index, label, C, grad_emb, launch=wrap_triton)
+        if modes_requires_grad:
+            grad_modes = partial.sum(0).to(modes.dtype)
+        return grad_emb, grad_modes
+
+    @triton_op("drsl_fast::label_mode_triton", mutates_args=())
+    def _label_mode_triton(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor) -> Tensor:
+        _check_triton_dtype(emb)
+        mode = _fake_label_mode(emb, index, label, modes)
+        if mode.numel() > 0:
+            triton_kernels.label_mode(
+                emb, index.contiguous(), label.contiguous(), modes.float().contiguous(), mode, launch=wrap_triton
+            )
+        return mode
+
+    # Explicit fake kernels: triton_op derives them by tracing, which the
+    # Triton interpreter (CPU tensors) does not support.
+    _mmdl_losses_triton.register_fake(_fake_forward)
+    _mmdl_losses_backward_triton.register_fake(_fake_backward)
+    _label_mode_triton.register_fake(_fake_label_mode)
+    _register_autograd("drsl_fast::mmdl_losses_triton", torch.ops.drsl_fast.mmdl_losses_backward_triton)
