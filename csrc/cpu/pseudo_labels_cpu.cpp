@@ -14,6 +14,7 @@
 
 #include "../../kernels/confidence_bins.h"
 #include "../pixel_view.h"
+#include "multiversion.h"
 
 namespace drsl_fast {
 namespace {
@@ -25,11 +26,26 @@ void check_scores(const at::Tensor& scores, const char* op) {
   TORCH_CHECK(scores.size(1) >= 1 && scores.size(1) <= 255, op, ": need 1 <= C <= 255, got C=", scores.size(1));
 }
 
+// best[j], cls[j] = row[j], c where row[j] > best[j] (strict: ties keep the
+// lowest class).
+DRSL_MULTIVERSIONED(void keep_larger(const float* __restrict__ row, int32_t c, int64_t n, float* __restrict__ best,
+                                     int32_t* __restrict__ cls) {
+  for (int64_t j = 0; j < n; ++j) {
+    const bool better = row[j] > best[j];
+    best[j] = better ? row[j] : best[j];
+    cls[j] = better ? c : cls[j];
+  }
+})
+
 // Loads channel c of pixels [p0, p0 + n) of image b as fp32.
 template <typename scalar_t>
 inline void load_channel(const scalar_t* x, PixelLayout L, int64_t b, int64_t c, int64_t p0, int64_t n, float* dst) {
   const scalar_t* src = x + L.offset(b, c, p0);
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * L.pixel]);
+  if (L.pixel == 1) {  // contiguous (B, C, H, W): a unit-stride loop the compiler vectorises
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * L.pixel]);
+  }
 }
 
 // For kTile pixels: best value and its class (first maximum), and, for
@@ -41,11 +57,7 @@ void tile_argmax(const scalar_t* x, PixelLayout L, int64_t b, int64_t C, int64_t
   std::fill(cls, cls + n, 0);
   for (int64_t c = 1; c < C; ++c) {
     load_channel(x, L, b, c, p0, n, row);
-    for (int64_t j = 0; j < n; ++j) {
-      const bool better = row[j] > best[j];  // strict: ties keep the lowest class
-      best[j] = better ? row[j] : best[j];
-      cls[j] = better ? static_cast<int32_t>(c) : cls[j];
-    }
+    keep_larger(row, static_cast<int32_t>(c), n, best, cls);
   }
   if (!from_logits) return;
   std::fill(sum, sum + n, 0.0f);
