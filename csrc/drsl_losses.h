@@ -2,6 +2,9 @@
 // ops (SPEC.md §4): per-class sampling, the fused MMDL losses and label_mode.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <cmath>
+
 #include "mode_distance.h"
 
 namespace drsl_fast {
@@ -36,6 +39,30 @@ inline void check_sample_inputs(const char* op, const at::Tensor& emb, const at:
               ": index and label must be int64");
   TORCH_CHECK(index.device() == emb.device() && label.device() == emb.device(), op,
               ": index and label must be on the embeddings' device ", emb.device());
+}
+
+inline void check_loss_params(double sigma, double alpha, double scale) {
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "mmdl_losses: sigma must be finite and > 0, got ", sigma);
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(scale), "mmdl_losses: alpha and scale must be finite");
+}
+
+// One validated call of a per-sample op: emb viewed as (B, D, P), the modes in
+// the accumulation dtype, contiguous index and label, and the sizes.
+struct SampleProblem {
+  at::Tensor bdp, modes, index, label;
+  at::ScalarType acc_dtype;
+  int64_t B, S, P, C, M, D;
+};
+
+inline SampleProblem sample_problem(const char* op, const at::Tensor& emb, const at::Tensor& index,
+                                    const at::Tensor& label, const at::Tensor& modes) {
+  check_sample_inputs(op, emb, index, label, modes);
+  const at::Tensor bdp = as_bdp(emb);
+  const auto acc_dtype = accumulate_dtype(emb);
+  const at::Tensor centres = modes.to(acc_dtype).contiguous();
+  const at::Tensor samples = index.contiguous();
+  return {bdp, centres, samples, label.contiguous(), acc_dtype, samples.size(0), samples.size(1), bdp.size(2),
+          centres.size(0), centres.size(1), centres.size(2)};
 }
 
 }  // namespace drsl_fast

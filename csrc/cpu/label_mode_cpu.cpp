@@ -50,11 +50,9 @@ void label_mode_kernel(const scalar_t* emb, PixelLayout L, const int64_t* index,
 
 at::Tensor label_mode_cpu(const at::Tensor& emb, const at::Tensor& index_in, const at::Tensor& label_in,
                           const at::Tensor& modes_in) {
-  check_sample_inputs("label_mode", emb, index_in, label_in, modes_in);
-  const at::Tensor bdp = as_bdp(emb);
-  const at::Tensor modes = modes_in.to(accumulate_dtype(emb)).contiguous();
-  const at::Tensor index = index_in.contiguous(), label = label_in.contiguous();
-  const int64_t B = index.size(0), S = index.size(1);
+  const SampleProblem p = sample_problem("label_mode", emb, index_in, label_in, modes_in);
+  const at::Tensor &bdp = p.bdp, &modes = p.modes, &index = p.index, &label = p.label;
+  const int64_t B = p.B, S = p.S;
   at::Tensor mode = at::empty({B, S}, index.options().dtype(at::kByte));
   if (mode.numel() == 0) return mode;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "label_mode_cpu", [&] {

@@ -207,22 +207,18 @@ void backward(const acc_t* grad_triplet, const acc_t* grad_ce, const scalar_t* e
 }
 
 LossParams params_of(double sigma, double alpha, double scale) {
-  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "mmdl_losses: sigma must be finite and > 0, got ", sigma);
-  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(scale), "mmdl_losses: alpha and scale must be finite");
+  check_loss_params(sigma, alpha, scale);
   return LossParams{sigma, alpha, scale};
 }
 
 std::tuple<at::Tensor, at::Tensor> mmdl_losses_cpu(const at::Tensor& emb, const at::Tensor& index_in,
                                                    const at::Tensor& label_in, const at::Tensor& modes_in,
                                                    double sigma, double alpha, double scale) {
-  check_sample_inputs("mmdl_losses", emb, index_in, label_in, modes_in);
   const LossParams params = params_of(sigma, alpha, scale);
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const at::Tensor index = index_in.contiguous(), label = label_in.contiguous();
-  const int64_t B = index.size(0), S = index.size(1), P = bdp.size(2);
-  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
+  const SampleProblem p = sample_problem("mmdl_losses", emb, index_in, label_in, modes_in);
+  const at::Tensor &bdp = p.bdp, &modes = p.modes, &index = p.index, &label = p.label;
+  const auto acc_dtype = p.acc_dtype;
+  const int64_t B = p.B, S = p.S, P = p.P, C = p.C, M = p.M, D = p.D;
   at::Tensor triplet = at::empty({B, S}, emb.options().dtype(acc_dtype));
   at::Tensor ce = at::empty({B, S}, triplet.options());
   if (triplet.numel() == 0) return {triplet, ce};
@@ -239,14 +235,11 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cpu(
     const at::Tensor& grad_triplet_in, const at::Tensor& grad_ce_in, const at::Tensor& emb,
     const at::Tensor& index_in, const at::Tensor& label_in, const at::Tensor& modes_in, double sigma, double alpha,
     double scale, bool emb_requires_grad, bool modes_requires_grad) {
-  check_sample_inputs("mmdl_losses_backward", emb, index_in, label_in, modes_in);
   const LossParams params = params_of(sigma, alpha, scale);
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const at::Tensor index = index_in.contiguous(), label = label_in.contiguous();
-  const int64_t B = index.size(0), S = index.size(1), P = bdp.size(2);
-  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
+  const SampleProblem p = sample_problem("mmdl_losses_backward", emb, index_in, label_in, modes_in);
+  const at::Tensor &bdp = p.bdp, &modes = p.modes, &index = p.index, &label = p.label;
+  const auto acc_dtype = p.acc_dtype;
+  const int64_t B = p.B, S = p.S, P = p.P, C = p.C, M = p.M, D = p.D;
   const at::Tensor grad_triplet = grad_triplet_in.to(acc_dtype).expand({B, S}).contiguous();
   const at::Tensor grad_ce = grad_ce_in.to(acc_dtype).expand({B, S}).contiguous();
   const int64_t chunks = (S + kChunk - 1) / kChunk;

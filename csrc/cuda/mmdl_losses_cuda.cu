@@ -18,22 +18,15 @@
 namespace drsl_fast {
 namespace {
 
-void check_params(double sigma, double alpha, double scale) {
-  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "mmdl_losses: sigma must be finite and > 0, got ", sigma);
-  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(scale), "mmdl_losses: alpha and scale must be finite");
-}
-
 std::tuple<at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor& emb, const at::Tensor& index_in,
                                                     const at::Tensor& label_in, const at::Tensor& modes_in,
                                                     double sigma, double alpha, double scale) {
-  check_sample_inputs("mmdl_losses", emb, index_in, label_in, modes_in);
-  check_params(sigma, alpha, scale);
+  check_loss_params(sigma, alpha, scale);
   const c10::cuda::CUDAGuard guard(emb.device());
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const at::Tensor index = index_in.contiguous(), label = label_in.contiguous();
-  const int64_t B = index.size(0), S = index.size(1), P = bdp.size(2);
+  const SampleProblem p = sample_problem("mmdl_losses", emb, index_in, label_in, modes_in);
+  const at::Tensor &bdp = p.bdp, &modes = p.modes, &index = p.index, &label = p.label;
+  const auto acc_dtype = p.acc_dtype;
+  const int64_t B = p.B, S = p.S, P = p.P;
   at::Tensor triplet = at::empty({B, S}, emb.options().dtype(acc_dtype));
   at::Tensor ce = at::empty({B, S}, triplet.options());
   if (triplet.numel() == 0) return {triplet, ce};
@@ -54,15 +47,12 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
     const at::Tensor& grad_triplet_in, const at::Tensor& grad_ce_in, const at::Tensor& emb,
     const at::Tensor& index_in, const at::Tensor& label_in, const at::Tensor& modes_in, double sigma, double alpha,
     double scale, bool emb_requires_grad, bool modes_requires_grad) {
-  check_sample_inputs("mmdl_losses_backward", emb, index_in, label_in, modes_in);
-  check_params(sigma, alpha, scale);
+  check_loss_params(sigma, alpha, scale);
   const c10::cuda::CUDAGuard guard(emb.device());
-  const at::Tensor bdp = as_bdp(emb);
-  const auto acc_dtype = accumulate_dtype(emb);
-  const at::Tensor modes = modes_in.to(acc_dtype).contiguous();
-  const at::Tensor index = index_in.contiguous(), label = label_in.contiguous();
-  const int64_t B = index.size(0), S = index.size(1), P = bdp.size(2);
-  const int64_t C = modes.size(0), M = modes.size(1), D = modes.size(2);
+  const SampleProblem p = sample_problem("mmdl_losses_backward", emb, index_in, label_in, modes_in);
+  const at::Tensor &bdp = p.bdp, &modes = p.modes, &index = p.index, &label = p.label;
+  const auto acc_dtype = p.acc_dtype;
+  const int64_t B = p.B, S = p.S, P = p.P, C = p.C, M = p.M, D = p.D;
   const at::Tensor grad_triplet = grad_triplet_in.to(acc_dtype).expand({B, S}).contiguous();
   const at::Tensor grad_ce = grad_ce_in.to(acc_dtype).expand({B, S}).contiguous();
   at::Tensor sample_grad = at::empty({emb_requires_grad ? B * S : 0, D}, modes.options());
@@ -101,12 +91,10 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
 
 at::Tensor label_mode_cuda(const at::Tensor& emb, const at::Tensor& index_in, const at::Tensor& label_in,
                            const at::Tensor& modes_in) {
-  check_sample_inputs("label_mode", emb, index_in, label_in, modes_in);
   const c10::cuda::CUDAGuard guard(emb.device());
-  const at::Tensor bdp = as_bdp(emb);
-  const at::Tensor modes = modes_in.to(accumulate_dtype(emb)).contiguous();
-  const at::Tensor index = index_in.contiguous(), label = label_in.contiguous();
-  const int64_t B = index.size(0), S = index.size(1);
+  const SampleProblem p = sample_problem("label_mode", emb, index_in, label_in, modes_in);
+  const at::Tensor &bdp = p.bdp, &modes = p.modes, &index = p.index, &label = p.label;
+  const int64_t B = p.B, S = p.S;
   at::Tensor mode = at::empty({B, S}, index.options().dtype(at::kByte));
   if (mode.numel() == 0) return mode;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "label_mode_cuda", [&] {
