@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "../../kernels/cuda/entropy.cuh"
+#include "../entropy.h"
 #include "../pixel_view.h"
 #include "device_pointers.h"
 
@@ -19,11 +20,6 @@ namespace {
 dim3 pixel_grid(int64_t P, int64_t B) {
   TORCH_CHECK(B <= 65535, "entropy_map (cuda): batch size must be <= 65535, got ", B);
   return dim3(static_cast<unsigned>((P + cuda::kEntropyThreads - 1) / cuda::kEntropyThreads), static_cast<unsigned>(B));
-}
-
-void check_logits(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 4, "entropy_map: expected (B, C, H, W) logits, got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 2, "entropy_map: needs C >= 2 classes (it divides by log2 C), got ", logits.size(1));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_map_cuda(const at::Tensor& logits, bool with_map) {
@@ -51,17 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_map_cuda(const at::Tensor
 
 at::Tensor entropy_map_backward_cuda(const at::Tensor& logits, const at::Tensor& grad_map_in,
                                      const at::Tensor& grad_pixel_in) {
-  check_logits(logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor bcp = as_bdp(logits);
-  const int64_t B = bcp.size(0), C = bcp.size(1), P = bcp.size(2);
-  const auto acc_dtype = accumulate_dtype(logits);
-  const bool with_map_grad = grad_map_in.numel() > 0;
-  TORCH_CHECK(!with_map_grad || grad_map_in.sizes() == logits.sizes(), "entropy_map_backward: grad_map must be ",
-              logits.sizes(), " or empty, got ", grad_map_in.sizes());
-  TORCH_CHECK(grad_pixel_in.numel() == B * P, "entropy_map_backward: grad_pixel must be (B, H, W)");
-  const at::Tensor grad_map = with_map_grad ? grad_map_in.to(acc_dtype).contiguous() : grad_map_in;
-  const at::Tensor grad_pixel = grad_pixel_in.to(acc_dtype).contiguous();
+  const EntropyBackwardInputs in = entropy_backward_inputs(logits, grad_map_in, grad_pixel_in);
+  const at::Tensor &bcp = in.bcp, &grad_map = in.grad_map, &grad_pixel = in.grad_pixel;
+  const bool with_map_grad = in.with_map_grad;
+  const int64_t B = in.B, C = in.C, P = in.P;
   at::Tensor grad_logits = empty_like_pixel_viewable(logits);
   if (grad_logits.numel() == 0) return grad_logits;
   at::Tensor grad_bcp = as_bdp(grad_logits);
