@@ -11,6 +11,8 @@ import math
 import triton
 import triton.language as tl
 
+from .layout import pixel_view
+
 BLOCK_PIXELS = 32
 EPS = 1e-30
 INV_LN2 = 1.0 / math.log(2.0)
@@ -63,14 +65,10 @@ def _backward_kernel(
              grad.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _bcp(t):
-    return t.reshape(t.shape[0], t.shape[1], t.shape[2] * t.shape[3])
-
-
 def forward(logits, entropy_map, pixel_entropy, launch=lambda kernel: kernel):
     """Fills ``pixel_entropy`` (B, H, W) and, if not None, ``entropy_map``
     (B, C, H, W), both contiguous fp32."""
-    x = _bcp(logits)
+    x = pixel_view(logits)
     B, C, P = x.shape
     launch(_forward_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
         x, pixel_entropy if entropy_map is None else entropy_map, pixel_entropy, C, P, *x.stride(),
@@ -81,7 +79,7 @@ def forward(logits, entropy_map, pixel_entropy, launch=lambda kernel: kernel):
 
 def backward(logits, grad_map, grad_pixel, grad_logits, launch=lambda kernel: kernel):
     """Fills ``grad_logits`` (like logits); ``grad_map`` contiguous fp32 or None."""
-    x, out = _bcp(logits), _bcp(grad_logits)
+    x, out = pixel_view(logits), pixel_view(grad_logits)
     B, C, P = x.shape
     launch(_backward_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
         x, grad_pixel if grad_map is None else grad_map, grad_pixel, out, C, P, *x.stride(), *out.stride(),

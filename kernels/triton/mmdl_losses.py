@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mode_distance import _block_d, _pixel_view
+from .layout import channel_block, pixel_view
 
 BLOCK_SAMPLES = 32
 
@@ -226,7 +226,7 @@ def sample_blocks(samples: int) -> int:
 
 
 def _launch_shape(emb, index, modes):
-    bdp = _pixel_view(emb)
+    bdp = pixel_view(emb)
     C, M, D = modes.shape
     return bdp, (index.numel(), index.shape[1], bdp.shape[2], C, M, D)
 
@@ -239,7 +239,7 @@ def forward(emb, index, label, modes, triplet, ce, inv_two_var, alpha, scale, la
         bdp, index, label, modes, triplet, ce,
         *sizes, *bdp.stride(),
         inv_two_var, alpha, scale,
-        BLOCK_S=BLOCK_SAMPLES, BLOCK_D=_block_d(sizes[-1]),
+        BLOCK_S=BLOCK_SAMPLES, BLOCK_D=channel_block(sizes[-1]),
     )
 
 
@@ -255,7 +255,7 @@ def backward(grad_triplet, grad_ce, emb, index, label, modes, rows, partial, inv
         *sizes, *bdp.stride(),
         inv_two_var, alpha, scale,
         EMB_GRAD=rows is not None, MODES_GRAD=partial is not None,
-        BLOCK_S=BLOCK_SAMPLES, BLOCK_D=_block_d(sizes[-1]),
+        BLOCK_S=BLOCK_SAMPLES, BLOCK_D=channel_block(sizes[-1]),
     )
 
 
@@ -264,7 +264,7 @@ def scatter_rows(rows, index, label, num_classes, grad_emb, launch=lambda kernel
     ``grad_emb`` (shaped like emb). Samples are stably sorted by (image,
     pixel), so each pixel is written by one program that adds its rows in
     sample order: deterministic, no atomics."""
-    gbdp = _pixel_view(grad_emb)
+    gbdp = pixel_view(grad_emb)
     B, D, P = gbdp.shape
     counts = (index >= 0) & (index < P) & (label >= 0) & (label < num_classes)
     first_pixel = torch.arange(B, device=index.device)[:, None] * P
@@ -274,7 +274,7 @@ def scatter_rows(rows, index, label, num_classes, grad_emb, launch=lambda kernel
         sorted_keys, order, rows, gbdp,
         keys.numel(), P, B * P, D,
         *gbdp.stride(),
-        BLOCK_D=_block_d(D),
+        BLOCK_D=channel_block(D),
     )
 
 
@@ -284,5 +284,5 @@ def label_mode(emb, index, label, modes, mode, launch=lambda kernel: kernel):
     launch(_label_mode_kernel)[(sample_blocks(index.numel()),)](
         bdp, index, label, modes, mode,
         *sizes, *bdp.stride(),
-        BLOCK_S=BLOCK_SAMPLES, BLOCK_D=_block_d(sizes[-1]),
+        BLOCK_S=BLOCK_SAMPLES, BLOCK_D=channel_block(sizes[-1]),
     )

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import channel_block, pixel_view
+
 BLOCK_PIXELS = 64
 # Pixels summed by one program of the mode-gradient kernel (fixed, so the
 # summation order, and the result, do not depend on the launch).
@@ -120,14 +122,6 @@ def _grad_modes_kernel(
     tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + centre, result, mask=block_ok)
 
 
-def _pixel_view(t: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) or (N, D) viewed as (B, D, P) in place (copies only when
-    H and W cannot be merged)."""
-    if t.dim() == 2:
-        return t.t().unsqueeze(0)
-    return t.reshape(t.shape[0], t.shape[1], t.shape[2] * t.shape[3])
-
-
 def _per_class_layout(emb: torch.Tensor, C: int):
     if emb.dim() == 2:
         return 0, 1, C
@@ -135,13 +129,9 @@ def _per_class_layout(emb: torch.Tensor, C: int):
     return C * P, P, 1
 
 
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
 def forward(emb, modes, dmin, mstar, posterior, posterior_scale, launch=lambda kernel: kernel):
     """Fills dmin, mstar and (if not None) posterior. ``modes`` is fp32, contiguous."""
-    bdp = _pixel_view(emb)
+    bdp = pixel_view(emb)
     B, D, P = bdp.shape
     C, M, _ = modes.shape
     grid = (triton.cdiv(P, BLOCK_PIXELS), B)
@@ -150,13 +140,13 @@ def forward(emb, modes, dmin, mstar, posterior, posterior_scale, launch=lambda k
         P, C, M, D,
         *bdp.stride(), *_per_class_layout(emb, C),
         posterior_scale,
-        WITH_POSTERIOR=posterior is not None, BLOCK_P=BLOCK_PIXELS, BLOCK_D=_block_d(D),
+        WITH_POSTERIOR=posterior is not None, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
     )
 
 
 def grad_emb(grad_dmin, mstar, emb, modes, out, launch=lambda kernel: kernel):
     """Fills ``out`` (shaped like emb) with dL/de."""
-    bdp, out_bdp = _pixel_view(emb), _pixel_view(out)
+    bdp, out_bdp = pixel_view(emb), pixel_view(out)
     B, D, P = bdp.shape
     C, M, _ = modes.shape
     grid = (triton.cdiv(P, BLOCK_PIXELS), B)
@@ -164,13 +154,13 @@ def grad_emb(grad_dmin, mstar, emb, modes, out, launch=lambda kernel: kernel):
         grad_dmin, mstar, bdp, modes, out_bdp,
         P, C, M, D,
         *bdp.stride(), *_per_class_layout(emb, C), *out_bdp.stride(),
-        BLOCK_P=BLOCK_PIXELS, BLOCK_D=_block_d(D),
+        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
     )
 
 
 def grad_modes_partials(grad_dmin, mstar, emb, modes, partial, launch=lambda kernel: kernel):
     """Fills ``partial`` (B * chunks, C, M, D) with per-chunk mode gradients."""
-    bdp = _pixel_view(emb)
+    bdp = pixel_view(emb)
     B, D, P = bdp.shape
     C, M, _ = modes.shape
     grid = (triton.cdiv(P, MODE_GRAD_CHUNK), C, B)
@@ -178,7 +168,7 @@ def grad_modes_partials(grad_dmin, mstar, emb, modes, partial, launch=lambda ker
         grad_dmin, mstar, bdp, modes, partial,
         P, C, M, D,
         *bdp.stride(), *_per_class_layout(emb, C),
-        CHUNK=MODE_GRAD_CHUNK, BLOCK_P=BLOCK_PIXELS, BLOCK_D=_block_d(D),
+        CHUNK=MODE_GRAD_CHUNK, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
         BLOCK_M=max(16, triton.next_power_of_2(M)),
     )
 

@@ -9,6 +9,8 @@ kernels/confidence_bins.h bit for bit.
 import triton
 import triton.language as tl
 
+from .layout import pixel_view
+
 BLOCK_PIXELS = 128
 SMALLEST_GAP = 5.9604645e-08  # 2^-24
 SMALLEST_GAP_BITS = 103 << 23
@@ -63,14 +65,9 @@ def _select_kernel(
     tl.store(labels_ptr + b * P + pixels, label.to(tl.uint8), mask=ok)
 
 
-def _bcp(t):
-    """(B, C, H, W) viewed as (B, C, P) in place where the strides allow it."""
-    return t.reshape(t.shape[0], t.shape[1], t.shape[2] * t.shape[3])
-
-
 def histogram(scores, counts, from_logits, mantissa_bits, launch=lambda kernel: kernel):
     """Adds the pixels of ``scores`` to ``counts`` (C, num_bins) int64."""
-    x = _bcp(scores)
+    x = pixel_view(scores)
     B, C, P = x.shape
     launch(_histogram_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
         x, counts, P, C, *x.stride(),
@@ -80,7 +77,7 @@ def histogram(scores, counts, from_logits, mantissa_bits, launch=lambda kernel: 
 
 def select(probs, thresholds, labels, launch=lambda kernel: kernel):
     """Fills ``labels`` (B, H, W) uint8; ``thresholds`` is fp32 (C,)."""
-    x = _bcp(probs)
+    x = pixel_view(probs)
     B, C, P = x.shape
     launch(_select_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
         x, thresholds, labels, P, C, *x.stride(), BLOCK_P=BLOCK_PIXELS,
