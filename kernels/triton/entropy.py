@@ -14,8 +14,9 @@ import triton.language as tl
 from .layout import pixel_view
 
 BLOCK_PIXELS = 32
-EPS = 1e-30
-INV_LN2 = 1.0 / math.log(2.0)
+# Globals read inside a kernel must be constexprs.
+EPS = tl.constexpr(1e-30)
+INV_LN2 = tl.constexpr(1.0 / math.log(2.0))
 
 
 @triton.jit

@@ -12,8 +12,9 @@ import triton.language as tl
 from .layout import pixel_view
 
 BLOCK_PIXELS = 128
-SMALLEST_GAP = 5.9604645e-08  # 2^-24
-SMALLEST_GAP_BITS = 103 << 23
+# Globals read inside a kernel must be constexprs.
+SMALLEST_GAP = tl.constexpr(2.0**-24)
+SMALLEST_GAP_BITS = tl.constexpr(103 << 23)  # the fp32 bits of SMALLEST_GAP
 
 
 @triton.jit
