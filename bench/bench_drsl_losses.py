@@ -219,6 +219,7 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=30.0)
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/drsl_losses_<device>)")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
@@ -239,7 +240,7 @@ def main():
     print(f"\nDRSL+ loss step on {machine}\n\n{table}")
     if args.quick:
         return
-    stem = os.path.join(RESULTS_DIR, f"drsl_losses_{device}")
+    stem = args.out or os.path.join(RESULTS_DIR, f"drsl_losses_{device}")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     meta = dict(device=machine, torch=torch.__version__, size=SIZE, command=" ".join(["python"] + sys.argv))
     with open(stem + ".json", "w") as f:

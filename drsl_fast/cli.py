@@ -1,5 +1,14 @@
 """The ``drsl`` command line. Subcommands:
 
+drsl run      [--config NAME|FILE] [--resume] [key=value ...]
+    the whole DRSL pipeline: source training, pseudo-label rounds, DRSL and
+    DRSL+ adaptation, evaluation (configs: gta5, synthia, demo; see
+    ``drsl config``). Under torchrun every stage runs data-parallel.
+drsl source | adapt | evaluate   [--config ...] [key=value ...]
+    one stage of the run in output_dir (adapt needs the source model;
+    evaluate writes the tables, plot and panels of what is finished).
+drsl evaluate --weights FILE [...]   evaluates a model file on target val.
+drsl config   [--config ...] [key=value ...]   prints the resolved config.
 drsl data synth --out DIR [--seed S] [--n-source N] [--n-target-train N]
                 [--n-target-val N] [--source-size WxH] [--target-size WxH]
     writes the built-in synthetic domain pair (drsl_fast.data.synthetic):
@@ -46,7 +55,41 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--source-size", type=image_size, default=defaults.source_size, metavar="WxH")
     synth.add_argument("--target-size", type=image_size, default=defaults.target_size, metavar="WxH")
     synth.set_defaults(handler=run_data_synth)
+
+    for name, help_text in (
+        ("run", "all stages: source training, pseudo-label rounds, adaptation, evaluation"),
+        ("source", "stage 1: source training with MMDL-FR (Eq. 8)"),
+        ("adapt", "stages 2-3: pseudo-label rounds and DRSL / DRSL+ adaptation"),
+        ("evaluate", "stage 4: evaluation tables, plot and panels (or of --weights files)"),
+        ("config", "print the resolved config"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", default="demo", help="built-in config name or YAML file (default: demo)")
+        command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
+        if name == "run":
+            command.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+        if name == "evaluate":
+            command.add_argument("--weights", nargs="+", default=None, help="model files (model.pt) to evaluate")
+        command.set_defaults(handler=run_pipeline_command, stage=name)
     return parser
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .train.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"drsl {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    if args.stage == "config":
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    from .train.commands import execute
+
+    return execute(args.stage, config, resume=getattr(args, "resume", False), weights=getattr(args, "weights", None))
 
 
 def run_data_synth(args: argparse.Namespace) -> int:

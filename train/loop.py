@@ -1,0 +1,167 @@
+"""One training stage (SPEC.md §4, §6): source training (Eq. 8) or one
+adaptation round (Eq. 9 / Eq. 10), resumable at any checkpoint.
+
+SGD with momentum 0.9 and weight decay 5e-4, backbone at lr and heads at
+10 x lr, poly decay (power 0.9) for source training and a constant lr in
+adaptation rounds (CRST). Each step takes ``batch_size`` source images and,
+in adaptation, as many target images with their pseudo-labels; both go through
+the network in one batch (BatchNorm is frozen, so this is the same as two
+passes, at one launch sequence).
+"""
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from drsl_fast.losses import DRSLLoss, segmentation_loss
+from drsl_fast.models.deeplab import AUX_LOSS_WEIGHT
+
+from .checkpoint import load_training_state, save_training_state, save_weights
+from .data import AugmentedSamples, StepSampler, stream_seed
+from .log import RunLog
+from .network import DRSLNetwork
+from .runtime import Runtime, nvtx_range
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.pt"
+
+
+@dataclass
+class Stage:
+    name: str                      # e.g. "source", "drsl_plus/round_2"
+    directory: str
+    iterations: int
+    lr: float
+    poly: bool
+    source: AugmentedSamples
+    target: Optional[AugmentedSamples] = None   # None: source training (Eq. 8)
+    consistency: bool = False                    # Eq. 10 (DRSL+)
+
+
+def drsl_loss(config: Dict, consistency: bool) -> DRSLLoss:
+    loss = config["loss"]
+    return DRSLLoss(
+        config["data"]["num_classes"], samples_per_class=loss["samples_per_class"], sigma=config["model"]["sigma"],
+        alpha=loss["alpha"], scale=loss["scale"], beta=loss["beta"], lambda1=loss["lambda1"],
+        lambda2=loss["lambda2"], lambda3=loss["lambda3"], consistency=consistency,
+    )
+
+
+def segmentation_terms(out, labels, start: int, stop: int):
+    seg = segmentation_loss(out.logits[start:stop].float(), labels)
+    if out.aux_logits is not None:
+        seg = seg + AUX_LOSS_WEIGHT * segmentation_loss(out.aux_logits[start:stop].float(), labels)
+    return seg
+
+
+def step_loss(model, network: DRSLNetwork, loss_fn: DRSLLoss, source: Dict, target: Optional[Dict],
+              generator: torch.Generator):
+    """Eq. 8 without a target batch, else Eq. 9 / 10; without the MMDL-FR head
+    only the segmentation terms (plain self-training)."""
+    n = source["image"].shape[0]
+    images = source["image"] if target is None else torch.cat([source["image"], target["image"]])
+    embedding_size = source["embedding_label"].shape[-2:] if network.head is not None else None
+    out = model(images, embedding_size)
+    seg_source = segmentation_terms(out, source["label"], 0, n)
+    seg_target = segmentation_terms(out, target["label"], n, None) if target is not None else None
+    if out.embeddings is None:
+        total = seg_source if seg_target is None else seg_source + seg_target
+        terms = {"seg_source": seg_source} if seg_target is None else {"seg_source": seg_source,
+                                                                         "seg_target": seg_target}
+        return total, terms
+    emb = out.embeddings
+    result = loss_fn(
+        network.head.modes, emb[:n], source["embedding_label"], seg_source,
+        emb[n:] if target is not None else None, target["embedding_label"] if target is not None else None,
+        seg_target, generator=generator,
+    )
+    return result.total, result.terms
+
+
+def loader(samples: AugmentedSamples, sampler: StepSampler, batch_size: int, workers: int, device) -> DataLoader:
+    return DataLoader(samples, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def to_device(batch: Dict, device) -> Dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Stage, log: RunLog) -> None:
+    """Runs ``stage`` to completion (or resumes it from its checkpoint) and
+    writes its final weights to ``<directory>/model.pt``."""
+    checkpoint_path = os.path.join(stage.directory, CHECKPOINT)
+    device, seed = runtime.device, config["seed"]
+    network.to(device).train()
+    model = network
+    if runtime.distributed:
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(network.parameter_groups(stage.lr), lr=stage.lr,
+                                momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
+    position = load_training_state(checkpoint_path, model=network, optimizer=optimizer, scaler=scaler,
+                                   map_location=device)
+    start = 0 if position is None else position["iteration"]
+    if position is not None:
+        log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
+
+    batch_size = config["source"]["batch_size"] if stage.target is None else config["adaptation"]["batch_size"]
+    workers = config["data"]["workers"]
+
+    def samples(dataset, stream):
+        sampler = StepSampler(len(dataset), batch_size, start, stage.iterations, seed, f"{stage.name}/{stream}",
+                              runtime.rank, runtime.world)
+        return iter(loader(dataset, sampler, batch_size, workers, device))
+
+    source_batches = samples(stage.source, "source")
+    target_batches = samples(stage.target, "target") if stage.target is not None else None
+    loss_fn = drsl_loss(config, stage.consistency)
+    every = max(1, config["train"]["log_every"])
+    checkpoint_every = max(1, config["train"]["checkpoint_every"])
+    bar = log.bar(stage.iterations, start, stage.name)
+    running: Dict[str, torch.Tensor] = {}
+    for iteration in range(start, stage.iterations):
+        with nvtx_range(f"{stage.name}/step"):
+            scale = (1 - iteration / stage.iterations) ** config["optim"]["poly_power"] if stage.poly else 1.0
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * scale
+            source = to_device(next(source_batches), device)
+            target = to_device(next(target_batches), device) if target_batches is not None else None
+            generator = torch.Generator(device).manual_seed(stream_seed(seed, stage.name, "losses", iteration,
+                                                                        runtime.rank))
+            with runtime.autocast():
+                total, terms = step_loss(model, network, loss_fn, source, target, generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        for name, value in terms.items():
+            if value.is_floating_point():
+                running[name] = running.get(name, 0.0) + value.detach()
+        running["loss"] = running.get("loss", 0.0) + total.detach()
+        done = iteration + 1
+        if done % every == 0 or done == stage.iterations:
+            count = every if done % every == 0 else done % every
+            means = {name: float(value) / count for name, value in running.items()}  # one host sync
+            running.clear()
+            means["lr"] = optimizer.param_groups[0]["lr"]
+            log.scalars(stage.name, means, done)
+            bar.set_postfix(loss=f"{means['loss']:.3f}")
+        bar.update(1)
+        if done % checkpoint_every == 0 and done < stage.iterations:
+            if runtime.is_main:
+                save_training_state(checkpoint_path, model=network, optimizer=optimizer, scaler=scaler,
+                                    position={"stage": stage.name, "iteration": done,
+                                              "iterations": stage.iterations})
+            runtime.barrier()
+    bar.close()
+    if runtime.is_main:
+        save_weights(network, os.path.join(stage.directory, WEIGHTS),
+                     {"stage": stage.name, "iterations": stage.iterations})
+        if os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)
+    runtime.barrier()

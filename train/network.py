@@ -1,0 +1,61 @@
+"""The network a DRSL run trains: DeepLab-v2 plus the MMDL-FR head on its
+base features (SPEC.md §2), as one module so DDP sees every parameter."""
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from drsl_fast.models import DeepLabV2, MMDLHead, load_init_weights
+
+
+class NetworkOutput(NamedTuple):
+    logits: Tensor                 # (B, C, h, w), stride 8
+    aux_logits: Optional[Tensor]   # layer3 classifier, when configured
+    embeddings: Optional[Tensor]   # (B, D, H/2, W/2), when the MMDL-FR head is on and asked for
+
+
+class DRSLNetwork(nn.Module):
+    def __init__(self, segmenter: DeepLabV2, head: Optional[MMDLHead]):
+        super().__init__()
+        self.segmenter = segmenter
+        self.head = head
+
+    @property
+    def num_classes(self) -> int:
+        return self.segmenter.num_classes
+
+    def forward(self, images: Tensor, embedding_size: Optional[Sequence[int]] = None) -> NetworkOutput:
+        out = self.segmenter(images)
+        embeddings = None
+        if self.head is not None and embedding_size is not None:
+            embeddings = self.head(out.features, tuple(embedding_size))
+        return NetworkOutput(out.logits, out.aux_logits, embeddings)
+
+    def parameter_groups(self, lr: float) -> List[Dict]:
+        """Backbone at lr, classifiers and the MMDL-FR head at 10 x lr (SPEC §2)."""
+        return self.segmenter.parameter_groups(lr, [self.head] if self.head is not None else [])
+
+
+
+def build_network(config: Dict, log=print) -> DRSLNetwork:
+    model, data = config["model"], config["data"]
+    segmenter = DeepLabV2(data["num_classes"], depth=model["depth"], width=model["width"],
+                          checkpointing=model["checkpointing"])
+    if model["init_weights"]:
+        report = load_init_weights(segmenter, model["init_weights"])
+        log(f"init weights {model['init_weights']}: {report.summary()}")
+    head = None
+    if model["mmdl"]:
+        head = MMDLHead(segmenter.feature_channels, data["num_classes"], model["num_modes"],
+                        model["embedding_dim"], model["sigma"])
+    return DRSLNetwork(segmenter, head)
+
+
+def seeded_network(config: Dict, log=print) -> DRSLNetwork:
+    """The network with weights drawn from the run's seed (same on every rank)."""
+    state = torch.get_rng_state()
+    torch.manual_seed(config["seed"])
+    try:
+        return build_network(config, log)
+    finally:
+        torch.set_rng_state(state)

@@ -1,0 +1,231 @@
+"""The stages of a DRSL run, in order (SPEC.md §4-§6, §9):
+
+1. source training with MMDL-FR (Eq. 8)                 -> source/model.pt
+2. per round: class-balanced pseudo-labels (§5)          -> <method>/round_k/pseudo_labels/
+3. per round: adaptation, DRSL (Eq. 9) or DRSL+ (Eq. 10) -> <method>/round_k/model.pt
+4. evaluation on target val after each stage            -> results.json, results.md, rounds.png, panels/
+
+Every stage is skipped when its output exists and resumed from its checkpoint
+when it was interrupted, so ``drsl run --resume`` after a crash continues where
+the run stopped and ends with the numbers of an uninterrupted run.
+"""
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
+
+from .checkpoint import load_weights
+from .config import save_config
+from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
+from .evaluate import evaluate, write_pictures
+from .log import RunLog
+from .loop import WEIGHTS, Stage, train_stage
+from .network import DRSLNetwork, seeded_network
+from .pseudo_labels import DIRECTORY as PSEUDO_LABEL_DIR
+from .pseudo_labels import make_pseudo_labels
+from .runtime import Runtime, nvtx_range
+
+METHODS = {"drsl": ("DRSL", False), "drsl_plus": ("DRSL+", True)}
+RESOLVED_CONFIG = "config.yaml"
+# keys that may differ between a run and its resumption
+RESUMABLE_CHANGES = ("train", "data.workers", "dry_run")
+
+
+class RunDirectoryError(RuntimeError):
+    """The output directory holds another run (or none to resume)."""
+
+
+def prepare_synthetic_data(config: Dict, runtime: Runtime, log: RunLog) -> None:
+    """Writes the built-in synthetic pair when the config asks for it and it
+    is not already there with the same settings."""
+    settings, root = config["data"]["synthetic"], config["data"]["synthetic_root"]
+    if not settings:
+        return
+    pair = SyntheticPairConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    marker = os.path.join(root, "synthetic_pair.json")
+    if runtime.is_main:
+        current = None
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as handle:
+                current = json.load(handle)
+        wanted = json.loads(json.dumps(pair.__dict__))
+        if current != wanted:
+            log.info(f"writing the synthetic pair to {root} ...")
+            make_synthetic_pair(root, pair)
+    runtime.barrier()
+
+
+def comparable(config: Dict) -> Dict:
+    reduced = json.loads(json.dumps(config))
+    for key in RESUMABLE_CHANGES:
+        section, _, leaf = key.partition(".")
+        if leaf:
+            reduced.get(section, {}).pop(leaf, None)
+        else:
+            reduced.pop(section, None)
+    return reduced
+
+
+def claim_output_dir(config: Dict, resume: bool, runtime: Runtime) -> None:
+    """A new run needs an output directory without a run in it; ``--resume``
+    needs the same resolved config (up to logging and worker settings)."""
+    from .config import read_yaml
+
+    path = os.path.join(config["output_dir"], RESOLVED_CONFIG)
+    exists = os.path.isfile(path)
+    if exists and not resume:
+        raise RunDirectoryError(f"{config['output_dir']} already holds a run; pass --resume to continue it "
+                                f"or choose another output_dir=...")
+    if exists:
+        previous = read_yaml(path)
+        if comparable(previous) != comparable(config):
+            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            raise RunDirectoryError(f"--resume: the config differs from the run's {path} (sections: {changed})")
+    runtime.barrier()
+    if runtime.is_main:
+        save_config(config, path)
+
+
+def finished(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, WEIGHTS))
+
+
+def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
+    """Stage 1 (Eq. 8); returns the trained network."""
+    network = seeded_network(config, log.info)
+    directory = os.path.join(config["output_dir"], "source")
+    if not finished(directory):
+        stage = Stage("source", directory, 1 if config["dry_run"] else config["source"]["iterations"],
+                      config["source"]["lr"], poly=True,
+                      source=AugmentedSamples(source_dataset(config), train_transform(config, "source")))
+        with nvtx_range("source"):
+            train_stage(runtime, config, network, stage, log)
+    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu")
+    return network
+
+
+def evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, directory: str, title: str,
+              log: RunLog) -> Dict:
+    """The evaluation of a finished stage, cached in ``directory/evaluation.json``."""
+    path = os.path.join(directory, "evaluation.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    reports = evaluate(runtime, config, network, log, title)
+    result = {protocol: {"miou": 100 * r.miou, "classes": dict(zip(r.names, [100 * v for v in r.iou])),
+                         "markdown": r.markdown()} for protocol, r in reports.items()}
+    if runtime.is_main:
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=1)
+        os.replace(path + ".tmp", path)
+    runtime.barrier()
+    return result
+
+
+def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) -> List[Dict]:
+    """Stages 2-3 for one method, every round evaluated; returns one summary per round."""
+    title, consistency = METHODS[method]
+    network = seeded_network(config, log.info)
+    load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu")
+    source = AugmentedSamples(source_dataset(config), train_transform(config, "source"))
+    target_images = len(target_dataset(config, "train", with_labels=False))
+    settings = config["adaptation"]
+    rounds = 1 if config["dry_run"] else settings["rounds"]
+    summaries = []
+    for round_index in range(rounds):
+        directory = os.path.join(config["output_dir"], method, f"round_{round_index + 1}")
+        name = f"{method}/round_{round_index + 1}"
+        if not finished(directory):
+            with nvtx_range(f"{name}/pseudo_labels"):
+                pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log)
+            steps = math.ceil(settings["epochs_per_round"] * target_images / (settings["batch_size"] * runtime.world))
+            target = AugmentedSamples(pseudo_labelled_target(config, os.path.join(directory, PSEUDO_LABEL_DIR)),
+                                      train_transform(config, "target"))
+            stage = Stage(name, directory, 1 if config["dry_run"] else steps, settings["lr"], settings["poly"],
+                          source, target, consistency)
+            with nvtx_range(name):
+                train_stage(runtime, config, network, stage, log)
+        else:
+            pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log)
+        load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu")
+        result = evaluated(runtime, config, network, directory, f"{title} round {round_index + 1}", log)
+        main = result[protocols_main(config)]
+        accuracy = pseudo["accuracy"]
+        summaries.append({
+            "round": round_index + 1, "miou": main["miou"], "portion": pseudo["portion"],
+            "pseudo_label_accuracy": 100 * accuracy if accuracy is not None else None,
+            "pseudo_label_coverage": 100 * pseudo["coverage"], "evaluation": result,
+        })
+        log.info(f"{title} round {round_index + 1}: mIoU {main['miou']:.1f}")
+        log.scalars(f"{method}/evaluation", {"miou": main["miou"]}, round_index + 1)
+    return summaries
+
+
+def protocols_main(config: Dict) -> str:
+    return "19" if config["data"]["num_classes"] == 19 else "16"
+
+
+def final_network(config: Dict, directory: str, log: RunLog) -> DRSLNetwork:
+    network = seeded_network(config, log.info)
+    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu")
+    return network
+
+
+def summary_table(results: Dict) -> str:
+    lines = ["| method | round | mIoU (target val) | pseudo-label accuracy | coverage |", "|---|---|---|---|---|"]
+    lines.append(f"| source only | - | {results['source_only']['miou']:.1f} | | |")
+    for title, rounds in results["methods"].items():
+        for r in rounds:
+            accuracy = f"{r['pseudo_label_accuracy']:.1f}" if r["pseudo_label_accuracy"] is not None else "-"
+            lines.append(f"| {title} | {r['round']} | {r['miou']:.1f} | {accuracy} | {r['pseudo_label_coverage']:.1f} |")
+    return "\n".join(lines)
+
+
+def run(runtime: Runtime, config: Dict, log: RunLog, stages=("source", "adapt", "evaluate")) -> Optional[Dict]:
+    """Runs the given stages of the pipeline (``drsl run`` runs all)."""
+    out = config["output_dir"]
+    prepare_synthetic_data(config, runtime, log)
+    source = source_stage(runtime, config, log)
+    if "adapt" not in stages and "evaluate" not in stages:
+        return None
+    source_eval = evaluated(runtime, config, source, os.path.join(out, "source"), "source only", log)
+    results = {"source_only": {"miou": source_eval[protocols_main(config)]["miou"], "evaluation": source_eval},
+               "methods": {}}
+    finals = {"source only": source}
+    for method in config["adaptation"]["methods"]:
+        if method not in METHODS:
+            raise ValueError(f"adaptation.methods: unknown method {method!r}; known: {sorted(METHODS)}")
+        title = METHODS[method][0]
+        if "adapt" in stages:
+            results["methods"][title] = adaptation_rounds(runtime, config, method, log)
+        rounds = 1 if config["dry_run"] else config["adaptation"]["rounds"]
+        last = os.path.join(out, method, f"round_{rounds}")
+        if finished(last):
+            finals[title] = final_network(config, last, log)
+    if "evaluate" in stages and runtime.is_main:
+        write_summary(runtime, config, results, finals, log)
+    runtime.barrier()
+    return results
+
+
+def write_summary(runtime: Runtime, config: Dict, results: Dict, finals: Dict[str, DRSLNetwork], log: RunLog) -> None:
+    from .visualize import plot_rounds
+
+    out = config["output_dir"]
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1)
+    table = summary_table(results)
+    per_class = [f"### {title}\n\n" + evaluation[protocol]["markdown"]
+                 for title, evaluation in [("source only", results["source_only"]["evaluation"])]
+                 + [(t, rounds[-1]["evaluation"]) for t, rounds in results["methods"].items() if rounds]
+                 for protocol in evaluation]
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"# {config['config_name']} run, seed {config['seed']}\n\n{table}\n\n"
+                     + "\n\n".join(per_class) + "\n")
+    plot = plot_rounds(results, os.path.join(out, "rounds.png"))
+    panels = write_pictures(runtime, config, finals, out)
+    log.info("\n" + table + "\n")
+    log.info(f"results: {os.path.join(out, 'results.md')}" + (f", plot: {plot}" if plot else "")
+             + (f", {len(panels)} panels in {os.path.join(out, 'panels')}" if panels else ""))
