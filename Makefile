@@ -16,8 +16,11 @@ SOURCES := setup.py $(shell find csrc kernels -type f -name '*.cpp' -o -type f -
 
 .PHONY: demo test bench build venv check-sm61 clean
 
+# The DRSL pipeline on the built-in synthetic pair: source training, two rounds
+# each of DRSL and DRSL+, evaluation (runs/demo/results.md, panels/, rounds.png).
 demo: build
-	$(PY) bench/bench_mode_distance.py --quick
+	rm -rf runs/demo
+	$(PY) -m drsl_fast.cli run --config demo
 
 test: build
 	$(PY) -m pytest -q tests

@@ -46,10 +46,11 @@ def as_rows(t):
 def independent_distances(emb, modes):
     """All squared distances (N, C, M) in float64 via torch.cdist (no broadcasting
     of the difference tensor): an independent formulation of SPEC §3."""
-    x = emb.double()
+    x = emb.detach().double().cpu()
     x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
     C, M, D = modes.shape
-    d = torch.cdist(x, modes.double().reshape(C * M, D), compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    d = torch.cdist(x, modes.detach().double().cpu().reshape(C * M, D),
+                    compute_mode="donot_use_mm_for_euclid_dist") ** 2
     return d.reshape(-1, C, M)
 
 

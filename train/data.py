@@ -171,4 +171,4 @@ class ResizedImages(Dataset):
 def train_transform(config: Dict, domain: str) -> TrainTransform:
     data = config["data"]
     return TrainTransform(tuple(data["crop"]), tuple(data["scale_range"]), data["flip"],
-                          base_size=tuple(data[f"{domain}_size"]))
+                          base_size=tuple(data[f"{domain}_size"]), colour_jitter=data["colour_jitter"])

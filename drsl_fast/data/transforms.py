@@ -75,6 +75,7 @@ class TrainTransform:
     scale_range: Tuple[float, float] = (0.5, 1.5)
     flip: bool = True
     base_size: Optional[Sequence[int]] = None
+    colour_jitter: float = 0.0  # see colour_jitter(); 0 = off (the SPEC's setting)
 
     def __call__(
         self, image: Tensor, label: Optional[Tensor], generator: Optional[torch.Generator] = None
@@ -102,4 +103,17 @@ class TrainTransform:
         if self.flip and uniform() < 0.5:
             image = image.flip(-1)
             label = label.flip(-1) if label is not None else None
+        if self.colour_jitter > 0:
+            image = colour_jitter(image, self.colour_jitter, generator)
         return image, label
+
+
+def colour_jitter(image: Tensor, strength: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """A random affine colour transform of a normalised image (3, H, W):
+    ``x' = (I + strength * U) x + strength * u`` with U (3, 3) and u (3,) drawn
+    uniformly in [-1, 1]. It mixes channels and shifts colours, so a network
+    cannot rely on a domain's exact palette (not part of SPEC.md §6; off by
+    default)."""
+    mix = torch.eye(3) + strength * (2 * torch.rand(3, 3, generator=generator) - 1)
+    shift = strength * (2 * torch.rand(3, generator=generator) - 1)
+    return torch.einsum("ij,jhw->ihw", mix.to(image.dtype), image) + shift.to(image.dtype)[:, None, None]

@@ -1,0 +1,71 @@
+"""The demo over several seeds: source-only vs DRSL vs DRSL+ mIoU on the
+synthetic target val split, mean and spread (sample standard deviation).
+
+    python bench/demo_seeds.py                 # seeds 0 1 2 -> bench/results/demo_seeds.{json,md}
+    python bench/demo_seeds.py --seeds 0 1 2 3 key=value ...
+
+Each seed is a full `drsl run --config demo seed=S` (model init, sample order
+and loss sampling change; the synthetic pair stays the same), timed.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def run_seed(seed: int, overrides, runs_dir: str) -> dict:
+    out = os.path.join(runs_dir, f"demo_seed_{seed}")
+    subprocess.run(["rm", "-rf", out], check=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "drsl_fast.cli", "run", "--config", "demo", f"seed={seed}",
+                    f"output_dir={out}", "train.progress=false", *overrides], check=True)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
+        results = json.load(handle)
+    row = {"seed": seed, "seconds": seconds, "source only": results["source_only"]["miou"]}
+    for title, rounds in results["methods"].items():
+        row[title] = rounds[-1]["miou"]
+        row[f"{title} pseudo-label accuracy"] = [r["pseudo_label_accuracy"] for r in rounds]
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "demo_seeds"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    rows = [run_seed(seed, args.overrides, args.runs_dir) for seed in args.seeds]
+    methods = [k for k in rows[0] if k not in ("seed", "seconds") and not k.endswith("accuracy")]
+    summary = {m: {"mean": statistics.mean(r[m] for r in rows),
+                   "std": statistics.stdev(r[m] for r in rows) if len(rows) > 1 else 0.0} for m in methods}
+    gains = {m: [r[m] - r["source only"] for r in rows] for m in methods if m != "source only"}
+    lines = ["| seed | " + " | ".join(methods) + " | wall time (s) |", "|---" * (len(methods) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{r[m]:.1f}" for m in methods) + f" | {r['seconds']:.0f} |")
+    lines.append("| mean ± std | " + " | ".join(f"{summary[m]['mean']:.1f} ± {summary[m]['std']:.1f}"
+                                              for m in methods) + " | |")
+    table = "\n".join(lines)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    text = (f"# Demo over seeds\n\nmIoU (%) on the synthetic target val split after the last round; "
+            f"`python bench/demo_seeds.py {' '.join(sys.argv[1:])}` on {machine}.\n\n{table}\n\n"
+            + "\n".join(f"- {m} minus source only, per seed: {', '.join(f'{g:+.1f}' for g in gains[m])}"
+                        for m in gains) + "\n")
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w", encoding="utf-8") as handle:
+        json.dump({"rows": rows, "summary": summary, "gains": gains, "machine": machine}, handle, indent=1)
+    with open(args.out + ".md", "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
