@@ -7,6 +7,12 @@ drsl run      [--config NAME|FILE] [--resume] [key=value ...]
 drsl source | adapt | evaluate   [--config ...] [key=value ...]
     one stage of the run in output_dir (adapt needs the source model;
     evaluate writes the tables, plot and panels of what is finished).
+drsl intrada  [--config ...] [--resume] [key=value ...]
+    IntraDA (SPEC §7) on the run in output_dir: the source model (trained
+    first when missing), ADVENT inter-domain adaptation, entropy ranking into
+    easy/hard splits, intra-domain adaptation, evaluation beside the finished
+    DRSL methods (settings: intrada.*; ``drsl run adaptation.methods=[drsl,
+    drsl_plus,intrada]`` runs it beside DRSL in one go).
 drsl evaluate --weights FILE [...]   evaluates a model file on target val.
 drsl config   [--config ...] [key=value ...]   prints the resolved config.
 drsl data synth --out DIR [--seed S] [--n-source N] [--n-target-train N]
@@ -61,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("source", "stage 1: source training with MMDL-FR (Eq. 8)"),
         ("adapt", "stages 2-3: pseudo-label rounds and DRSL / DRSL+ adaptation"),
         ("evaluate", "stage 4: evaluation tables, plot and panels (or of --weights files)"),
+        ("intrada", "IntraDA (SPEC §7): ADVENT inter-domain adaptation, entropy ranking, intra-domain adaptation"),
         ("config", "print the resolved config"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="demo", help="built-in config name or YAML file (default: demo)")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
-        if name == "run":
+        if name in ("run", "intrada"):
             command.add_argument("--resume", action="store_true", help="continue the run in output_dir")
         if name == "evaluate":
             command.add_argument("--weights", nargs="+", default=None, help="model files (model.pt) to evaluate")

@@ -43,7 +43,7 @@ def test_bad_overrides_are_errors(override, message):
 
 
 def test_unknown_config_name_lists_builtins():
-    with pytest.raises(ConfigError, match="built-in configs: demo, gta5, synthia"):
+    with pytest.raises(ConfigError, match="built-in configs: demo, gta5, gta5_intrada, synthia"):
         load_config("gta6")
 
 

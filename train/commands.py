@@ -9,11 +9,20 @@ from .checkpoint import load_weights
 from .evaluate import evaluate
 from .log import RunLog
 from .network import seeded_network
-from .pipeline import RunDirectoryError, claim_output_dir, finished, run
+from .pipeline import INTRADA, RunDirectoryError, claim_output_dir, finished, run
 from .runtime import start, stop
 
 STAGES = {"run": ("source", "adapt", "evaluate"), "source": ("source",), "adapt": ("source", "adapt"),
-          "evaluate": ("source", "adapt", "evaluate")}
+          "evaluate": ("source", "adapt", "evaluate"), "intrada": ("source", "adapt", "evaluate")}
+
+
+def with_intrada(config: Dict) -> Dict:
+    """``drsl intrada``: the IntraDA stages (SPEC §7) in output_dir, reported
+    beside the DRSL methods of the run that are already finished there."""
+    rounds = 1 if config["dry_run"] else config["adaptation"]["rounds"]
+    done = [m for m in config["adaptation"]["methods"]
+            if m != INTRADA and finished(os.path.join(config["output_dir"], m, f"round_{rounds}"))]
+    return dict(config, adaptation=dict(config["adaptation"], methods=done + [INTRADA]))
 
 
 def execute(command: str, config: Dict, resume: bool = False, weights: Optional[List[str]] = None) -> int:
@@ -29,6 +38,8 @@ def execute(command: str, config: Dict, resume: bool = False, weights: Optional[
             log.info(f"drsl {command}: no finished source model in {config['output_dir']}/source; "
                      f"run `drsl source` (or `drsl run`) with the same config first")
             return 2
+        if command == "intrada":
+            config = with_intrada(config)
         # stage commands work on the run in output_dir; `run` starts one unless --resume
         claim_output_dir(config, resume or command != "run", runtime)
         amp = str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32"

@@ -23,9 +23,11 @@ def protocols(config: Dict) -> List[str]:
     return ["19"] if config["data"]["num_classes"] == 19 else ["16", "13"]
 
 
-def evaluate(runtime: Runtime, config: Dict, network: DRSLNetwork, log: RunLog, title: str) -> Dict[str, Report]:
-    """Reports of ``network`` on the target val split (all ranks get them)."""
-    dataset = target_dataset(config, "val", with_labels=True)
+def evaluate(runtime: Runtime, config: Dict, network: DRSLNetwork, log: RunLog, title: str,
+             split: str = "val") -> Dict[str, Report]:
+    """Reports of ``network`` on the target val split, or on the labelled
+    target training images with ``split='train'`` (all ranks get them)."""
+    dataset = target_dataset(config, split, with_labels=True)
     limit = DRY_RUN_IMAGES if config["dry_run"] else config["evaluation"]["max_images"]
     network.to(runtime.device).eval()
     confusion = ConfusionMatrix(config["data"]["num_classes"], runtime.device, align_corners=False)

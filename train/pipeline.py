@@ -30,7 +30,8 @@ from .runtime import Runtime, nvtx_range
 METHODS = {"drsl": ("DRSL", False), "drsl_plus": ("DRSL+", True)}
 RESOLVED_CONFIG = "config.yaml"
 # keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = ("train", "data.workers", "dry_run")
+RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods")
+INTRADA = "intrada"  # SPEC §7, run by train/intrada.py
 
 
 class RunDirectoryError(RuntimeError):
@@ -173,13 +174,23 @@ def final_network(config: Dict, directory: str, log: RunLog) -> DRSLNetwork:
     return network
 
 
+def round_label(row: Dict) -> str:
+    """The round number, or for IntraDA the stage and the snapshot choice
+    (``1 inter, last`` / ``2 intra, best on val @ 400``)."""
+    if "stage" not in row:
+        return str(row["round"])
+    choice = "last" if row["selected_on"] is None else f"best on {row['selected_on']} @ {row['snapshot']}"
+    return f"{row['round']} {row['stage']}, {choice}"
+
+
 def summary_table(results: Dict) -> str:
     lines = ["| method | round | mIoU (target val) | pseudo-label accuracy | coverage |", "|---|---|---|---|---|"]
     lines.append(f"| source only | - | {results['source_only']['miou']:.1f} | | |")
     for title, rounds in results["methods"].items():
         for r in rounds:
             accuracy = f"{r['pseudo_label_accuracy']:.1f}" if r["pseudo_label_accuracy"] is not None else "-"
-            lines.append(f"| {title} | {r['round']} | {r['miou']:.1f} | {accuracy} | {r['pseudo_label_coverage']:.1f} |")
+            coverage = f"{r['pseudo_label_coverage']:.1f}" if r["pseudo_label_coverage"] is not None else "-"
+            lines.append(f"| {title} | {round_label(r)} | {r['miou']:.1f} | {accuracy} | {coverage} |")
     return "\n".join(lines)
 
 
@@ -195,8 +206,17 @@ def run(runtime: Runtime, config: Dict, log: RunLog, stages=("source", "adapt", 
                "methods": {}}
     finals = {"source only": source}
     for method in config["adaptation"]["methods"]:
+        if method == INTRADA:
+            from . import intrada
+
+            if "adapt" in stages:
+                results["methods"][intrada.TITLE] = intrada.intrada_stages(runtime, config, log)
+            network = intrada.final_network(runtime, config, log)
+            if network is not None:
+                finals[intrada.TITLE] = network
+            continue
         if method not in METHODS:
-            raise ValueError(f"adaptation.methods: unknown method {method!r}; known: {sorted(METHODS)}")
+            raise ValueError(f"adaptation.methods: unknown method {method!r}; known: {sorted(METHODS) + [INTRADA]}")
         title = METHODS[method][0]
         if "adapt" in stages:
             results["methods"][title] = adaptation_rounds(runtime, config, method, log)

@@ -1,0 +1,380 @@
+"""The IntraDA pipeline (SPEC.md §7), on the models, data, ops and command
+line of the DRSL pipeline:
+
+1. inter-domain adaptation (ADVENT) from the run's source model:
+   source segmentation + adversarial entropy alignment of the target   -> intrada/inter/model.pt
+2. entropy ranking of the target training set, easy/hard split at lambda,
+   easy-split pseudo-labels (argmax)                                   -> intrada/ranking/
+3. intra-domain adaptation: segmentation on the easy images with their
+   pseudo-labels + adversarial alignment easy (label 0) vs hard (label 1) -> intrada/intra/model.pt
+4. evaluation on target val after stages 1 and 3                       -> evaluation.json, results.*
+
+Each adversarial stage is :func:`train_adversarial_stage`: SGD (momentum,
+weight decay, heads at 10 x lr) with poly decay for the network, Adam
+(lr 1e-4, betas (0.9, 0.99)) with the same poly decay for one discriminator
+per output level, AMP, DDP, checkpoints and per-iteration sample seeds
+exactly as the DRSL stages (:mod:`train.loop`), so a resumed run ends where
+an uninterrupted one does.
+
+The snapshot a stage hands on is an explicit choice, ``intrada.select_snapshot``:
+``last`` (default), or ``best_on_val`` / ``best_on_train``: every
+``intrada.snapshot_every`` iterations a snapshot is kept and the one with the
+best mIoU on target val (the split the results are reported on, so the number
+is optimistic, as in ADVENT's protocol) or on the labelled target training
+images is taken. The results name the split used.
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from drsl_fast.data.base import Item, SegmentationDataset
+from drsl_fast.data.io import read_label_ids
+from drsl_fast.data.labels import LabelMap
+from drsl_fast.models import DeepLabV2, load_init_weights
+
+from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
+from .checkpoint import load_training_state, load_weights, save_training_state, save_weights
+from .data import (AugmentedSamples, StepSampler, has_labels, pseudo_label_path, source_dataset, stream_seed,
+                   target_dataset, train_transform)
+from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
+from .evaluate import evaluate
+from .log import RunLog
+from .loop import CHECKPOINT, WEIGHTS, loader, to_device
+from .network import DRSLNetwork
+from .runtime import Runtime, nvtx_range
+
+METHOD, TITLE = "intrada", "IntraDA"
+SNAPSHOTS, SELECTION = "snapshots", "selection.json"
+SELECTIONS = ("last", "best_on_val", "best_on_train")
+INTRA_STARTS = ("inter", "init")
+
+
+class AugmentedImages(Dataset):
+    """Unlabelled images under the :class:`TrainTransform` seeded by the
+    :class:`StepSampler` (the adversarial target stream)."""
+
+    def __init__(self, dataset: SegmentationDataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Dict:
+        index, seed = key
+        image, _ = self.transform(self.dataset[index]["image"], None, torch.Generator().manual_seed(seed))
+        return {"image": image}
+
+
+@dataclass
+class AdversarialStage:
+    name: str                  # "intrada/inter" or "intrada/intra"
+    directory: str
+    iterations: int
+    source: Dataset            # labelled: source images, or easy images with pseudo-labels
+    target: Dataset            # unlabelled: target images, or hard images
+
+
+class Joint:
+    """Several modules or optimisers saved and restored as one (for the checkpoint functions)."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def state_dict(self) -> Dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def check_settings(config: Dict) -> None:
+    settings = config["intrada"]
+    if settings["select_snapshot"] not in SELECTIONS:
+        raise ValueError(f"intrada.select_snapshot must be one of {SELECTIONS}, got {settings['select_snapshot']!r}")
+    if settings["intra_start"] not in INTRA_STARTS:
+        raise ValueError(f"intrada.intra_start must be one of {INTRA_STARTS}, got {settings['intra_start']!r}")
+    for key in ("normalize", "aux_classifier", "poly"):
+        if not isinstance(settings[key], bool):
+            raise ValueError(f"intrada.{key} must be true or false, got {settings[key]!r}")
+
+
+def intrada_network(config: Dict, log=print, init_weights: bool = False) -> DRSLNetwork:
+    """DeepLab-v2 with the auxiliary classifier of ``intrada.aux_classifier``
+    (no MMDL-FR head), weights drawn from the run's seed."""
+    state = torch.get_rng_state()
+    torch.manual_seed(stream_seed(config["seed"], METHOD, "network"))
+    try:
+        segmenter = DeepLabV2(config["data"]["num_classes"], depth=config["model"]["depth"],
+                              width=config["model"]["width"], aux_classifier=config["intrada"]["aux_classifier"],
+                              checkpointing=config["model"]["checkpointing"])
+    finally:
+        torch.set_rng_state(state)
+    if init_weights and config["model"]["init_weights"]:
+        report = load_init_weights(segmenter, config["model"]["init_weights"])
+        log(f"init weights {config['model']['init_weights']}: {report.summary()}")
+    return DRSLNetwork(segmenter, None)
+
+
+def load_segmenter(network: DRSLNetwork, path: str) -> None:
+    """The segmenter weights of a model file; only the auxiliary classifier
+    may be absent from it (a source model trained without one keeps its
+    seeded initialisation, N(0, 0.01))."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    segmenter = {k: v for k, v in state.items() if k.startswith("segmenter.")}
+    missing, unexpected = network.load_state_dict(segmenter, strict=False)
+    missing = [k for k in missing if not k.startswith("segmenter.aux_classifier.")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: does not fit the IntraDA network (missing {missing}, unexpected {unexpected})")
+
+
+def discriminators_for(config: Dict, network: DRSLNetwork) -> Discriminators:
+    levels = ("main", "aux") if network.segmenter.aux_classifier is not None else ("main",)
+    state = torch.get_rng_state()
+    torch.manual_seed(stream_seed(config["seed"], METHOD, "discriminators"))
+    try:
+        return Discriminators(config["data"]["num_classes"], levels, config["intrada"]["discriminator_width"])
+    finally:
+        torch.set_rng_state(state)
+
+
+def poly_factor(config: Dict, iteration: int, iterations: int) -> float:
+    settings = config["intrada"]
+    if not settings["poly"]:
+        return 1.0
+    total = settings["poly_iterations"] or iterations
+    return max(0.0, 1 - iteration / total) ** config["optim"]["poly_power"]
+
+
+def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: AdversarialStage,
+                            log: RunLog) -> None:
+    """Runs (or resumes) ``stage``; writes ``<directory>/model.pt`` and, when
+    a best snapshot is to be selected, ``snapshots/model_<iteration>.pt``."""
+    settings, device, seed = config["intrada"], runtime.device, config["seed"]
+    checkpoint_path = os.path.join(stage.directory, CHECKPOINT)
+    discriminators = discriminators_for(config, network)
+    network.to(device).train()
+    discriminators.to(device).train()
+    model, discriminator_model = network, discriminators
+    if runtime.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(network, device_ids=ids)
+        discriminator_model = DistributedDataParallel(discriminators, device_ids=ids)
+    optimizer = torch.optim.SGD(network.parameter_groups(settings["lr"]), lr=settings["lr"],
+                                momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
+    d_optimizer = discriminator_optimizer(discriminators, settings["discriminator_lr"],
+                                          settings["discriminator_betas"])
+    base_lrs = [group["lr"] for group in optimizer.param_groups] + [settings["discriminator_lr"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
+    modules = Joint(network=network, discriminators=discriminators)
+    optimizers = Joint(network=optimizer, discriminators=d_optimizer)
+    position = load_training_state(checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler,
+                                   map_location=device)
+    start = 0 if position is None else position["iteration"]
+    if position is not None:
+        log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
+
+    batch_size, workers = settings["batch_size"], config["data"]["workers"]
+
+    def batches(dataset, stream):
+        sampler = StepSampler(len(dataset), batch_size, start, stage.iterations, seed, f"{stage.name}/{stream}",
+                              runtime.rank, runtime.world)
+        return iter(loader(dataset, sampler, batch_size, workers, device))
+
+    source_batches, target_batches = batches(stage.source, "source"), batches(stage.target, "target")
+    weights = AdversarialWeights(settings["adv_main"], settings["adv_aux"], settings["seg_aux"])
+    every = max(1, config["train"]["log_every"])
+    checkpoint_every = max(1, config["train"]["checkpoint_every"])
+    snapshot_every = settings["snapshot_every"] if settings["select_snapshot"] != "last" else 0
+    groups = optimizer.param_groups + d_optimizer.param_groups
+    bar = log.bar(stage.iterations, start, stage.name)
+    running: Dict[str, torch.Tensor] = {}
+    for iteration in range(start, stage.iterations):
+        with nvtx_range(f"{stage.name}/step"):
+            factor = poly_factor(config, iteration, stage.iterations)
+            for group, base in zip(groups, base_lrs):
+                group["lr"] = base * factor
+            source = to_device(next(source_batches), device)
+            target = to_device(next(target_batches), device)
+            losses = adversarial_step(model, discriminators, optimizer, d_optimizer, source["image"],
+                                      source["label"], target["image"], weights, autocast=runtime.autocast,
+                                      scaler=scaler, discriminator_model=discriminator_model)
+        for name, value in losses.terms.items():
+            running[name] = running.get(name, 0.0) + value
+        running["loss"] = running.get("loss", 0.0) + losses.generator
+        done = iteration + 1
+        if done % every == 0 or done == stage.iterations:
+            count = every if done % every == 0 else done % every
+            means = {name: float(value) / count for name, value in running.items()}
+            running.clear()
+            means["lr"], means["lr_discriminator"] = optimizer.param_groups[0]["lr"], d_optimizer.param_groups[0]["lr"]
+            log.scalars(stage.name, means, done)
+            bar.set_postfix(loss=f"{means['loss']:.3f}")
+        bar.update(1)
+        if runtime.is_main and snapshot_every and done % snapshot_every == 0 and done < stage.iterations:
+            save_weights(network, snapshot_path(stage.directory, done), {"stage": stage.name, "iteration": done})
+        if done % checkpoint_every == 0 and done < stage.iterations:
+            if runtime.is_main:
+                save_training_state(checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler,
+                                    position={"stage": stage.name, "iteration": done,
+                                              "iterations": stage.iterations})
+            runtime.barrier()
+    bar.close()
+    if runtime.is_main:
+        save_weights(network, os.path.join(stage.directory, WEIGHTS),
+                     {"stage": stage.name, "iterations": stage.iterations})
+        save_weights(discriminators, os.path.join(stage.directory, "discriminators.pt"),
+                     {"stage": stage.name, "iterations": stage.iterations})
+        if os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)
+    runtime.barrier()
+
+
+def snapshot_path(directory: str, iteration: int) -> str:
+    return os.path.join(directory, SNAPSHOTS, f"model_{iteration:07d}.pt")
+
+
+def finished(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, WEIGHTS))
+
+
+def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations: int, title: str,
+                      log: RunLog) -> Dict:
+    """The snapshot of a finished stage that ``intrada.select_snapshot`` picks,
+    {'path', 'iteration', 'selected_on' (None, 'val' or 'train'), 'miou_by_iteration'},
+    cached in ``directory/selection.json``."""
+    mode = config["intrada"]["select_snapshot"]
+    if mode == "last":
+        return {"path": os.path.join(directory, WEIGHTS), "iteration": iterations, "selected_on": None,
+                "miou_by_iteration": None}
+    path = os.path.join(directory, SELECTION)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    split = mode[len("best_on_"):]
+    target = config["data"]["target"]
+    if split == "train" and not has_labels(target["root"], target["train_split"]):
+        raise ValueError("intrada.select_snapshot=best_on_train needs ground truth of the target training images")
+    candidates = {}
+    snapshots = os.path.join(directory, SNAPSHOTS)
+    for name in sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []:
+        candidates[int(name[len("model_"):-len(".pt")])] = os.path.join(snapshots, name)
+    candidates[iterations] = os.path.join(directory, WEIGHTS)
+    scores = {}
+    network = intrada_network(config, log.info)
+    for iteration, file in sorted(candidates.items()):
+        load_weights(network, file, map_location="cpu")
+        reports = evaluate(runtime, config, network, log, f"{title} @ {iteration} on {split}", split=split)
+        scores[iteration] = 100 * reports[main_protocol(config)].miou
+    best = max(scores, key=lambda it: (scores[it], -it))  # the earliest of equal scores
+    selection = {"path": candidates[best], "iteration": best, "selected_on": split,
+                 "miou_by_iteration": {str(k): v for k, v in scores.items()}}
+    if runtime.is_main:
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(selection, handle, indent=1)
+        os.replace(path + ".tmp", path)
+    runtime.barrier()
+    log.info(f"{title}: snapshot of iteration {best} selected on target {split} (mIoU {scores[best]:.1f})")
+    return selection
+
+
+def main_protocol(config: Dict) -> str:
+    return "19" if config["data"]["num_classes"] == 19 else "16"
+
+
+def stage_iterations(config: Dict, key: str) -> int:
+    return 1 if config["dry_run"] else config["intrada"][key]
+
+
+def easy_dataset(config: Dict, ranking_dir: str) -> SegmentationDataset:
+    """The easy split's images with their pseudo-labels (uint8 PNGs)."""
+    images = target_dataset(config, "train", with_labels=False)
+    by_name = {item.name: item for item in images.items}
+    label_dir = os.path.join(ranking_dir, PSEUDO_LABELS)
+    items = [Item(name, by_name[name].image, pseudo_label_path(label_dir, name))
+             for name in read_split(os.path.join(ranking_dir, EASY_SPLIT))]
+    identity = LabelMap("pseudo-label", {**{c: c for c in range(config["data"]["num_classes"])}, 255: 255})
+    return SegmentationDataset(items, read_label_ids, identity, normalization=images.normalization)
+
+
+def hard_dataset(config: Dict, ranking_dir: str) -> SegmentationDataset:
+    """The hard split's images (unlabelled)."""
+    images = target_dataset(config, "train", with_labels=False)
+    by_name = {item.name: item for item in images.items}
+    images.items = [by_name[name] for name in read_split(os.path.join(ranking_dir, HARD_SPLIT))]
+    return images
+
+
+def stage_summary(round_number: int, stage: str, evaluation: Dict, selection: Dict, config: Dict,
+                  ranking: Optional[Dict] = None) -> Dict:
+    """One row of the run's results (the shape of a DRSL round, plus the stage and the snapshot choice)."""
+    accuracy = ranking["pseudo_label_accuracy"] if ranking else None
+    return {
+        "round": round_number, "stage": stage, "miou": evaluation[main_protocol(config)]["miou"],
+        "pseudo_label_accuracy": 100 * accuracy if accuracy is not None else None,
+        "pseudo_label_coverage": 100 * ranking["easy"] / max(ranking["images"], 1) if ranking else None,
+        "snapshot": selection["iteration"], "selected_on": selection["selected_on"],
+        "evaluation": evaluation,
+    }
+
+
+def intrada_stages(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
+    """Stages 1-3 of IntraDA, each evaluated on target val; returns the
+    results rows of the inter-domain (round 1) and intra-domain (round 2) models."""
+    from .pipeline import evaluated  # the evaluation cache of the DRSL pipeline
+
+    check_settings(config)
+    out = os.path.join(config["output_dir"], METHOD)
+    inter_dir, ranking_dir, intra_dir = (os.path.join(out, name) for name in ("inter", "ranking", "intra"))
+
+    network = intrada_network(config, log.info)
+    load_segmenter(network, os.path.join(config["output_dir"], "source", WEIGHTS))
+    inter_iterations = stage_iterations(config, "inter_iterations")
+    if not finished(inter_dir):
+        source = AugmentedSamples(source_dataset(config), train_transform(config, "source"))
+        target = AugmentedImages(target_dataset(config, "train", with_labels=False), train_transform(config, "target"))
+        with nvtx_range("intrada/inter"):
+            train_adversarial_stage(runtime, config, network,
+                                    AdversarialStage("intrada/inter", inter_dir, inter_iterations, source, target), log)
+    inter_selection = selected_snapshot(runtime, config, inter_dir, inter_iterations, "IntraDA inter-domain", log)
+    load_weights(network, inter_selection["path"], map_location="cpu")
+    inter_eval = evaluated(runtime, config, network, inter_dir, "IntraDA inter-domain (ADVENT)", log)
+    log.info(f"IntraDA inter-domain (ADVENT): mIoU {inter_eval[main_protocol(config)]['miou']:.1f}")
+
+    with nvtx_range("intrada/ranking"):
+        ranking = rank_target(runtime, config, network, ranking_dir, log)
+
+    intra_iterations = stage_iterations(config, "intra_iterations")
+    if config["intrada"]["intra_start"] == "init":
+        network = intrada_network(config, log.info, init_weights=True)
+    if not finished(intra_dir):
+        source = AugmentedSamples(easy_dataset(config, ranking_dir), train_transform(config, "target"))
+        target = AugmentedImages(hard_dataset(config, ranking_dir), train_transform(config, "target"))
+        with nvtx_range("intrada/intra"):
+            train_adversarial_stage(runtime, config, network,
+                                    AdversarialStage("intrada/intra", intra_dir, intra_iterations, source, target), log)
+    intra_selection = selected_snapshot(runtime, config, intra_dir, intra_iterations, "IntraDA intra-domain", log)
+    load_weights(network, intra_selection["path"], map_location="cpu")
+    intra_eval = evaluated(runtime, config, network, intra_dir, "IntraDA", log)
+    log.info(f"IntraDA: mIoU {intra_eval[main_protocol(config)]['miou']:.1f}")
+    for number, evaluation in ((1, inter_eval), (2, intra_eval)):
+        log.scalars(f"{METHOD}/evaluation", {"miou": evaluation[main_protocol(config)]["miou"]}, number)
+    return [stage_summary(1, "inter", inter_eval, inter_selection, config),
+            stage_summary(2, "intra", intra_eval, intra_selection, config, ranking)]
+
+
+def final_network(runtime: Runtime, config: Dict, log: RunLog) -> Optional[DRSLNetwork]:
+    """The selected intra-domain model of a finished IntraDA run (for the panels), else None."""
+    directory = os.path.join(config["output_dir"], METHOD, "intra")
+    if not finished(directory):
+        return None
+    selection = selected_snapshot(runtime, config, directory, stage_iterations(config, "intra_iterations"),
+                                  "IntraDA intra-domain", log)
+    network = intrada_network(config, log.info)
+    load_weights(network, selection["path"], map_location="cpu")
+    return network
