@@ -21,24 +21,16 @@ shapes) on CPU, and with torch.cuda.set_sync_debug_mode on GPU.
     python bench/bench_drsl_losses.py --quick    # print only
 """
 import argparse
-import csv
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
 SIZE = dict(B=2, C=19, M=3, D=64, H=256, W=256, k=300)  # 1 source + 1 target, embedding maps of 512x512 crops
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select")
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def loop_step(source, source_labels, target, target_labels, modes, k, generator):
@@ -54,9 +46,9 @@ def loop_step(source, source_labels, target, target_labels, modes, k, generator)
             flat = labels[b].reshape(-1)
             for c in range(C):
                 pixels = (flat == c).nonzero().squeeze(1)
-                chosen = pixels[torch.randperm(pixels.numel(), generator=generator)[:k]]
+                chosen = pixels[torch.randperm(pixels.numel(), generator=generator, device=generator.device)[:k]]
                 rows.append(emb[b].reshape(D, -1)[:, chosen].t())
-                classes.append(torch.full((chosen.numel(),), c, dtype=torch.long))
+                classes.append(torch.full((chosen.numel(),), c, dtype=torch.long, device=emb.device))
         return torch.cat(rows), torch.cat(classes)
 
     def mmdl(e, y):
@@ -75,10 +67,10 @@ def loop_step(source, source_labels, target, target_labels, modes, k, generator)
     pairwise = torch.cdist(e_t, e_s) ** 2  # (anchors, source samples)
     same_group = (y_t[:, None] == y_s[None]) & (m_t[:, None] == m_s[None])
     other_class = y_t[:, None] != y_s[None]
-    scores = torch.rand(pairwise.shape, generator=generator)
+    scores = torch.rand(pairwise.shape, generator=generator, device=pairwise.device)
     positive = torch.where(same_group, scores, -1.0).argmax(1)
     negative = torch.where(other_class, scores, -1.0).argmax(1)
-    rows = torch.arange(e_t.shape[0])
+    rows = torch.arange(e_t.shape[0], device=e_t.device)
     valid = same_group.any(1) & other_class.any(1)
     hinge = torch.relu(pairwise[rows, positive] - pairwise[rows, negative] + 1.0)[valid]
     cons = hinge.mean() if hinge.numel() else hinge.sum()
@@ -148,56 +140,15 @@ def worker(spec):
             t.grad = None
         return loss
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    with harness.PeakMemory(device) as memory:
         step()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = current_rss_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     syncs = count_syncs(step, device)
-    times = []
-    deadline = time.perf_counter() + spec["budget_s"]
-    for i in range(spec["repeats"]):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() > deadline and i >= 1:
-            break
-    print(json.dumps(dict(spec, time_ms=1e3 * statistics.median(times), runs=len(times),
-                          peak_extra_mib=max(peak, 0) / 2**20, host_syncs=syncs)))
+    timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
+    harness.emit(dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, host_syncs=syncs))
 
 
 def measure(spec):
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=1800)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return dict(spec, error=(done.stderr.strip().splitlines() or ["failed"])[-1])
-    return json.loads(lines[-1])
-
-
-def device_name(device):
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "cpu"
-    return f"{model}, {torch.get_num_threads()} threads"
+    return harness.run_fresh(__file__, ["--worker", json.dumps(spec)], spec)
 
 
 def markdown_table(rows):
@@ -217,47 +168,38 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="print only, write nothing")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--budget-s", type=float, default=30.0)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 7 CPU, 30 GPU)")
+    parser.add_argument("--budget-s", type=float, default=None, help="time budget per method (default 30 CPU, 3 GPU)")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/drsl_losses_<device>)")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
 
-    import torch
-
-    import drsl_fast
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fast = [b for b in ("cpu", "cuda") if b in drsl_fast.available_backends(torch.device(device))]
+    device = harness.default_device(args.device)
+    gpu = device == "cuda"
+    repeats = args.repeats or (30 if gpu else 7)
+    budget = args.budget_s or (3.0 if gpu else 30.0)
+    fast = [b for b in harness.fast_backends(device) if b != "triton"]  # sampling has no Triton kernel
     rows = []
     for method in ["loop", "reference"] + fast:
-        row = measure(dict(method=method, size=SIZE, device=device, repeats=args.repeats, budget_s=args.budget_s))
+        row = measure(dict(method=method, size=SIZE, device=device, repeats=repeats, budget_s=budget))
         rows.append(row)
-        print(row, flush=True)
+        print({k: v for k, v in row.items() if k in ("method", "time_ms", "peak_extra_mib", "host_syncs", "error")},
+              flush=True)
     table = markdown_table(rows)
-    machine = device_name(device)
+    machine = harness.device_name(device)
     print(f"\nDRSL+ loss step on {machine}\n\n{table}")
     if args.quick:
         return
-    stem = args.out or os.path.join(RESULTS_DIR, f"drsl_losses_{device}")
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    meta = dict(device=machine, torch=torch.__version__, size=SIZE, command=" ".join(["python"] + sys.argv))
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta, results=rows), f, indent=1)
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["method", "time_ms", "peak_extra_mib", "host_syncs", "runs", "error"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# DRSL losses benchmark\n\nOne DRSL+ loss step (sampling, Eq. 4/5 on source and target, Eq. 6), "
-                f"forward + backward, at B={SIZE['B']} (1 source + 1 target), C={SIZE['C']}, M={SIZE['M']}, "
-                f"D={SIZE['D']}, {SIZE['H']}x{SIZE['W']} embedding maps, k={SIZE['k']}. Device: {machine}; torch "
-                f"{torch.__version__}. Command: `{meta['command']}`. Times are medians; peak extra memory is "
-                f"measured on a fresh process above the inputs; host syncs are counted as described in "
-                f"bench/bench_drsl_losses.py.\n\n{table}\n")
-    print(f"wrote {stem}.json, .csv, .md")
+    stem = args.out or os.path.join(harness.RESULTS_DIR, f"drsl_losses_{device}")
+    body = (f"One DRSL+ loss step (sampling, Eq. 4/5 on source and target, Eq. 6), forward + backward, at "
+            f"B={SIZE['B']} (1 source + 1 target), C={SIZE['C']}, M={SIZE['M']}, D={SIZE['D']}, "
+            f"{SIZE['H']}x{SIZE['W']} embedding maps, k={SIZE['k']}. Times are medians; peak extra memory is "
+            f"measured on a fresh process above the inputs; host syncs are counted as described in "
+            f"bench/bench_drsl_losses.py.\n\n{table}")
+    harness.write_results(stem, harness.metadata(device, size=SIZE), rows,
+                          ["method", "time_ms", "min_ms", "max_ms", "peak_extra_mib", "host_syncs", "runs", "error"],
+                          "DRSL losses benchmark", body)
 
 
 if __name__ == "__main__":

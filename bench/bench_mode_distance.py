@@ -16,15 +16,12 @@ runs after a warm-up.
     python bench/bench_mode_distance.py --quick    # realistic size only, printed
 """
 import argparse
-import csv
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 REALISTIC = dict(B=2, D=64, C=19, M=3, H=256, W=256)  # embedding map of a 512x512 crop
 SWEEP = [
@@ -35,6 +32,7 @@ SWEEP = [
     dict(B=2, D=128, C=19, M=3, H=128, W=128),
     dict(B=2, D=64, C=16, M=5, H=128, W=128),
 ]
+REALISTIC_SIZES = [REALISTIC, dict(B=2, D=64, C=19, M=3, H=256, W=512)]  # 512x512 and 512x1024 crops
 BASELINES = ("broadcast", "cdist")
 # Methods that build the (B, H, W, C, M, D) difference tensor are skipped where
 # it (and its gradient) would not fit this budget.
@@ -44,12 +42,16 @@ BROADCAST_BUDGET_BYTES = 8 * 2**30
 def broadcast_bytes(size, backward):
     B, D, C, M, H, W = (size[k] for k in ("B", "D", "C", "M", "H", "W"))
     return B * H * W * C * M * D * 4 * (2 if backward else 1)
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def roofline_bytes(size, backward):
+    """The least a fused op must move: read the embeddings and write dmin (fp32)
+    and mstar (uint8); backward reads the dmin gradient, mstar and the
+    embeddings again and writes the embedding gradient (modes are tiny)."""
+    B, D, C, M, H, W = (size[k] for k in ("B", "D", "C", "M", "H", "W"))
+    pixels = B * H * W
+    forward = pixels * D * 4 + pixels * C * (4 + 1)
+    return forward + (pixels * C * (4 + 1) + 2 * pixels * D * 4 if backward else 0)
 
 
 def build_method(name, backend_device):
@@ -82,16 +84,18 @@ def worker(spec):
     size = spec["size"]
     torch.manual_seed(0)
     B, D, C, M, H, W = (size[k] for k in ("B", "D", "C", "M", "H", "W"))
-    emb = torch.randn(B, D, H, W, device=device)
-    modes = torch.randn(C, M, D, device=device)
-    weights = torch.randn(B, C, H, W, device=device)
     fn = build_method(spec["method"], device)
     backward = spec["pass"] == "forward+backward"
-    if backward:
-        emb.requires_grad_(True)
-        modes.requires_grad_(True)
+
+    def make(_):
+        emb = torch.randn(B, D, H, W, device=device).requires_grad_(backward)
+        modes = torch.randn(C, M, D, device=device).requires_grad_(backward)
+        return emb, modes, torch.randn(B, C, H, W, device=device)
+
+    inputs = harness.Rotating(make, B * (D + C) * H * W * 4, device)
 
     def step():
+        emb, modes, weights = inputs.next()
         out = fn(emb, modes)
         if out.shape != weights.shape:  # baselines return (B, H, W, C)
             out = out.permute(0, 3, 1, 2)
@@ -101,77 +105,29 @@ def worker(spec):
             modes.grad = None
         return out
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     # Memory of the first call, on a clean process.
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    with harness.PeakMemory(device) as memory:
         out = step()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        before = current_rss_bytes()
-        out = step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     output_bytes = out.numel() * out.element_size()
     del out
-    times = []
-    deadline = time.perf_counter() + spec["budget_s"]
-    for i in range(spec["repeats"]):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() > deadline and i >= 1:
-            break
-    print(json.dumps(dict(spec, time_ms=1e3 * statistics.median(times), runs=len(times),
-                          peak_extra_mib=max(peak, 0) / 2**20, dmin_mib=output_bytes / 2**20)))
+    timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
+    nbytes = roofline_bytes(size, backward)
+    harness.emit(dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
+                      roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"])))
 
 
 def measure(spec):
-    done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, timeout=1800,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return dict(spec, error=(done.stderr.strip().splitlines() or ["failed"])[-1])
-    return json.loads(lines[-1])
-
-
-def device_name(device):
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return harness.run_fresh(__file__, ["--worker", json.dumps(spec)], spec)
 
 
 def methods_for(device):
-    import torch
-
-    import drsl_fast
-
-    fast = [b for b in ("cpu", "cuda", "triton") if b in drsl_fast.available_backends(torch.device(device))]
-    if device == "cpu":
-        fast = [b for b in fast if b != "triton"]  # the interpreter is not a speed path
-    return list(BASELINES) + ["reference"] + fast
+    return list(BASELINES) + ["reference"] + harness.fast_backends(device)
 
 
 def markdown_table(rows):
-    header = "| size (B,D,C,M,HxW) | pass | method | time ms | peak extra MiB | speed-up vs best baseline |"
-    lines = [header, "|" + "---|" * 6]
+    header = ("| size (B,D,C,M,HxW) | pass | method | time ms | peak extra MiB | speed-up vs best baseline "
+              "| achieved GB/s (roofline bytes) |")
+    lines = [header, "|" + "---|" * 7]
     groups = {}
     for r in rows:
         groups.setdefault((json.dumps(r["size"], sort_keys=True), r["pass"]), []).append(r)
@@ -181,11 +137,12 @@ def markdown_table(rows):
         label = f"{s['B']},{s['D']},{s['C']},{s['M']},{s['H']}x{s['W']}"
         for r in group:
             if "error" in r:
-                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | |")
+                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | | |")
                 continue
             speedup = f"{best / r['time_ms']:.1f}x" if best else ""
-            lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.1f} | "
-                         f"{r['peak_extra_mib']:.1f} | {speedup} |")
+            bandwidth = f"{r['bandwidth_gbs']:.0f}" if "bandwidth_gbs" in r else ""
+            lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.2f} | "
+                         f"{r['peak_extra_mib']:.1f} | {speedup} | {bandwidth} |")
     return "\n".join(lines)
 
 
@@ -194,55 +151,52 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="realistic size only; print, write nothing")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--budget-s", type=float, default=20.0, help="time budget per measurement")
+    parser.add_argument("--sizes", choices=("sweep", "realistic"), default="sweep",
+                        help="sweep: all sizes; realistic: the 512x512 and 512x1024 crops' maps only")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 7 CPU, 100 GPU)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="time budget per measurement (default 20 CPU, 1 GPU)")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/mode_distance_<device>)")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
 
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sizes = [REALISTIC] if args.quick else SWEEP
+    device = harness.default_device(args.device)
+    gpu = device == "cuda"
+    repeats = args.repeats or (100 if gpu else 7)
+    budget = args.budget_s or (1.0 if gpu else 20.0)
+    sizes = [REALISTIC] if args.quick else REALISTIC_SIZES if args.sizes == "realistic" else SWEEP
     rows = []
     for size in sizes:
         for pass_name in ("forward", "forward+backward"):
             for method in methods_for(device):
-                spec = dict(method=method, size=size, device=device, repeats=args.repeats,
-                            budget_s=args.budget_s, **{"pass": pass_name})
+                spec = dict(method=method, size=size, device=device, repeats=repeats,
+                            budget_s=budget, **{"pass": pass_name})
                 needed = broadcast_bytes(size, pass_name != "forward")
                 if method in ("broadcast", "reference") and needed > BROADCAST_BUDGET_BYTES:
                     row = dict(spec, error=f"skipped: needs ~{needed / 2**30:.0f} GiB")
                 else:
                     row = measure(spec)
                 rows.append(row)
-                shown = f"{row['time_ms']:9.1f} ms  {row['peak_extra_mib']:8.1f} MiB" if "time_ms" in row else row["error"]
+                shown = f"{row['time_ms']:9.2f} ms  {row['peak_extra_mib']:8.1f} MiB" if "time_ms" in row else row["error"]
                 print(f"{str(size):60s} {pass_name:17s} {method:10s} {shown}", flush=True)
     table = markdown_table(rows)
-    machine = device_name(device)
+    machine = harness.device_name(device)
     print(f"\nmode_distance on {machine}\n\n{table}")
     if args.quick:
         return
-    stem = args.out or os.path.join(RESULTS_DIR, f"mode_distance_{device}")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    meta = dict(device=machine, torch=torch.__version__, command=" ".join(["python"] + sys.argv))
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta, results=rows), f, indent=1)
-    with open(stem + ".csv", "w", newline="") as f:
-        fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "peak_extra_mib", "dmin_mib", "runs", "error"]
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(dict(r, **r["size"]))
-    with open(stem + ".md", "w") as f:
-        f.write(f"# mode_distance benchmark\n\nDevice: {machine}; torch {torch.__version__}. "
-                f"Command: `{meta['command']}`. Times are medians; peak extra memory is measured on a fresh "
-                f"process ({'max_memory_allocated' if device == 'cuda' else 'RSS high-water mark'}) above the "
-                f"inputs. The fp32 `dmin` output of the realistic size is "
-                f"{REALISTIC['B'] * REALISTIC['C'] * REALISTIC['H'] * REALISTIC['W'] * 4 / 2**20:.1f} MiB.\n\n"
-                f"{table}\n")
-    print(f"wrote {stem}.json, .csv, .md")
+    stem = args.out or os.path.join(harness.RESULTS_DIR, f"mode_distance_{device}")
+    fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "peak_extra_mib",
+              "dmin_mib", "roofline_mib", "bandwidth_gbs", "runs", "error"]
+    body = (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}); "
+            f"peak extra memory is measured on a fresh process "
+            f"({'max_memory_allocated' if gpu else 'RSS high-water mark'}) above the inputs. Achieved bandwidth is "
+            f"the op's roofline bytes (read the embeddings, write dmin and mstar; backward: read the dmin gradient, "
+            f"mstar and the embeddings, write their gradient) over the time, for every method alike. The fp32 "
+            f"`dmin` output of the realistic size is "
+            f"{REALISTIC['B'] * REALISTIC['C'] * REALISTIC['H'] * REALISTIC['W'] * 4 / 2**20:.1f} MiB.\n\n{table}")
+    harness.write_results(stem, harness.metadata(device), [dict(r, **r["size"]) for r in rows], fields,
+                          "mode_distance benchmark", body)
 
 
 if __name__ == "__main__":

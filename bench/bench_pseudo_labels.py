@@ -21,24 +21,17 @@ mul, sum, mean) vs the fused op, forward and forward+backward.
     python bench/bench_pseudo_labels.py --images 500    # the issue's full pass (GPU)
 """
 import argparse
-import csv
 import json
 import math
 import os
-import resource
-import statistics
-import subprocess
 import sys
 import time
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
 C, H, W = 19, 512, 1024
 PORTION = 0.5
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def peak_bytes(device) -> int:
@@ -46,7 +39,14 @@ def peak_bytes(device) -> int:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return harness.rss_high_water_bytes()
+
+
+def entropy_roofline_bytes(backward: bool) -> int:
+    """Read the logits, write the map, the pixel entropy and the score;
+    backward: read the map's gradient and the logits, write their gradient."""
+    forward = C * H * W * 4 * 2 + H * W * 4
+    return forward + (3 * C * H * W * 4 if backward else 0)
 
 
 def simulated_probs(index, device):
@@ -81,7 +81,6 @@ def crst_lists_thresholds(batches, portion):
 def threshold_worker(spec):
     import torch
 
-    import drsl_fast
     from drsl_fast.pseudo_labels import ClassBalancedThresholds
     from drsl_fast.reference.pseudo_labels import SortedThresholds
 
@@ -107,6 +106,7 @@ def threshold_worker(spec):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    host_base = harness.current_rss_bytes()
     if method == "generate_only":
         for _ in timed_batches():
             pass
@@ -124,8 +124,12 @@ def threshold_worker(spec):
         thresholds = acc.thresholds(PORTION)
         sync()
         elapsed[0] += time.perf_counter() - start
-    print(json.dumps(dict(spec, time_s=elapsed[0], peak_mib=(peak_bytes(device) - base) / 2**20,
-                          thresholds=[float(v) for v in thresholds.cpu()])))
+    read = spec["images"] * C * H * W * 4  # every probability read once
+    harness.emit(dict(spec, time_s=elapsed[0], peak_mib=(peak_bytes(device) - base) / 2**20,
+                      host_peak_mib=(harness.rss_high_water_bytes() - host_base) / 2**20,
+                      images_per_s=spec["images"] / elapsed[0] if elapsed[0] > 0 else float("nan"),
+                      bandwidth_gbs=harness.bandwidth_gbs(read, 1e3 * elapsed[0]),
+                      thresholds=[float(v) for v in thresholds.cpu()]))
 
 
 def entropy_worker(spec):
@@ -152,35 +156,16 @@ def entropy_worker(spec):
             ((m * weights).sum() + pixel.mean() + score.sum()).backward()
             logits.grad = None
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = current_rss_bytes()
-    step()
-    sync()
-    peak = peak_bytes(device) - before
-    times = []
-    for _ in range(spec["repeats"]):
-        sync()
-        start = time.perf_counter()
+    with harness.PeakMemory(device) as memory:
         step()
-        sync()
-        times.append(time.perf_counter() - start)
-    print(json.dumps(dict(spec, time_ms=1e3 * statistics.median(times), peak_extra_mib=max(peak, 0) / 2**20)))
+    timing = harness.median_ms(step, device, spec["repeats"], spec.get("budget_s", 30.0), warmup=0)
+    nbytes = entropy_roofline_bytes(logits.requires_grad)
+    harness.emit(dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, roofline_mib=nbytes / 2**20,
+                      bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"])))
 
 
 def run_worker(kind, spec):
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=3600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return dict(spec, error=(done.stderr.strip().splitlines() or ["failed"])[-1])
-    return json.loads(lines[-1])
+    return harness.run_fresh(__file__, ["--worker", kind, json.dumps(spec)], spec, timeout=3600)
 
 
 def selection_disagreement(rows, images, device_name):
@@ -210,32 +195,38 @@ def selection_disagreement(rows, images, device_name):
 
 def markdown(threshold_rows, entropy_rows, images):
     sort_time = next((r["time_s"] for r in threshold_rows if r["method"] == "sort_all" and "time_s" in r), None)
-    base_peak = next((r["peak_mib"] for r in threshold_rows if r["method"] == "generate_only"), 0.0)
+    base_peak = next((r["peak_mib"] for r in threshold_rows if r["method"] == "generate_only" and "peak_mib" in r), 0.0)
+    base_host = next((r.get("host_peak_mib", 0.0) for r in threshold_rows if r["method"] == "generate_only"), 0.0)
     lines = [f"### Thresholds over {images} images of {C}x{H}x{W} (portion {PORTION})", "",
-             "| method | time s | peak extra MiB | speed-up vs sort_all | max error / (1 - t*) | label disagreement |",
-             "|---|---|---|---|---|---|"]
+             "| method | time s | images/s | GB/s read | peak extra MiB | host peak extra MiB | speed-up vs sort_all "
+             "| max error / (1 - t*) | label disagreement |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in threshold_rows:
         if r["method"] == "generate_only":
             continue
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:60]} | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'][:60]} | | | | | | | |")
             continue
         speed = f"{sort_time / r['time_s']:.1f}x" if sort_time else ""
         err = f"{r['max_rel_threshold_error']:.2e}" if "max_rel_threshold_error" in r else "0 (exact)"
         dis = f"{100 * r['disagreement']:.4f} %" if "disagreement" in r else "0 (exact)"
-        lines.append(f"| {r['method']} | {r['time_s']:.2f} | {max(r['peak_mib'] - base_peak, 0):.1f} | {speed} | "
-                     f"{err} | {dis} |")
+        host = max(r.get("host_peak_mib", 0.0) - base_host, 0)
+        lines.append(f"| {r['method']} | {r['time_s']:.2f} | {r.get('images_per_s', float('nan')):.1f} | "
+                     f"{r.get('bandwidth_gbs', float('nan')):.1f} | {max(r['peak_mib'] - base_peak, 0):.1f} | "
+                     f"{host:.1f} | {speed} | {err} | {dis} |")
     lines += ["", f"### Entropy map, logits 1x{C}x{H}x{W}", "",
-              "| pass | method | time ms | peak extra MiB | speed-up vs advent_ops |", "|---|---|---|---|---|"]
+              "| pass | method | time ms | peak extra MiB | speed-up vs advent_ops | achieved GB/s (roofline bytes) |",
+              "|---|---|---|---|---|---|"]
     for pass_name in ("forward", "forward+backward"):
         group = [r for r in entropy_rows if r["pass"] == pass_name]
         base = next((r["time_ms"] for r in group if r["method"] == "advent_ops" and "time_ms" in r), None)
         for r in group:
             if "error" in r:
-                lines.append(f"| {pass_name} | {r['method']} | failed: {r['error'][:60]} | | |")
+                lines.append(f"| {pass_name} | {r['method']} | failed: {r['error'][:60]} | | | |")
                 continue
             speed = f"{base / r['time_ms']:.1f}x" if base else ""
-            lines.append(f"| {pass_name} | {r['method']} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} | {speed} |")
+            lines.append(f"| {pass_name} | {r['method']} | {r['time_ms']:.2f} | {r['peak_extra_mib']:.1f} | {speed} | "
+                         f"{r.get('bandwidth_gbs', float('nan')):.0f} |")
     return "\n".join(lines)
 
 
@@ -244,63 +235,52 @@ def main():
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--images", type=int, default=None, help="images in the pass (default 500 on GPU, 12 on CPU)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="entropy timed runs (default 5 CPU, 100 GPU)")
+    parser.add_argument("--budget-s", type=float, default=None, help="entropy time budget (default 30 CPU, 1 GPU)")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/pseudo_labels_<device>)")
     args = parser.parse_args()
     if args.worker:
         kind, spec = args.worker
         return (threshold_worker if kind == "thresholds" else entropy_worker)(json.loads(spec))
 
-    import torch
-
-    import drsl_fast
-    from bench_mode_distance import device_name
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    images = args.images or (500 if device == "cuda" else 12)
-    fast = [b for b in ("cpu", "cuda", "triton") if b in drsl_fast.available_backends(torch.device(device))]
-    if device == "cpu":
-        fast = [b for b in fast if b != "triton"]  # the interpreter is not a speed path
+    device = harness.default_device(args.device)
+    gpu = device == "cuda"
+    images = args.images or (500 if gpu else 12)
+    repeats = args.repeats or (100 if gpu else 5)
+    budget = args.budget_s or (1.0 if gpu else 30.0)
+    fast = harness.fast_backends(device)
     threshold_rows = []
     for method in ["generate_only", "sort_all", "crst_lists", "histogram_reference"] + [f"histogram_{b}" for b in fast]:
         row = run_worker("thresholds", dict(method=method, device=device, images=images))
         threshold_rows.append(row)
-        print(method, {k: v for k, v in row.items() if k in ("time_s", "peak_mib", "error")}, flush=True)
+        print(method, {k: v for k, v in row.items() if k in ("time_s", "peak_mib", "host_peak_mib", "error")},
+              flush=True)
     selection_disagreement(threshold_rows, images, device)
     entropy_rows = []
     for pass_name in ("forward", "forward+backward"):
         for method in ["advent_ops", "reference"] + fast:
-            row = run_worker("entropy", {"method": method, "device": device, "repeats": args.repeats, "pass": pass_name})
+            row = run_worker("entropy", {"method": method, "device": device, "repeats": repeats, "budget_s": budget,
+                                         "pass": pass_name})
             entropy_rows.append(row)
             print(pass_name, method, {k: v for k, v in row.items() if k in ("time_ms", "peak_extra_mib", "error")},
                   flush=True)
 
-    machine = device_name(device)
+    machine = harness.device_name(device)
     table = markdown(threshold_rows, entropy_rows, images)
     print(f"\n{machine}\n\n{table}")
-    stem = args.out or os.path.join(RESULTS_DIR, f"pseudo_labels_{device}")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    command = " ".join(["python"] + sys.argv)
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(device=machine, torch=torch.__version__, command=command, images=images,
-                       thresholds=threshold_rows, entropy=entropy_rows), f, indent=1)
-    with open(stem + ".csv", "w", newline="") as f:
-        fields = ["part", "method", "pass", "images", "time_s", "time_ms", "peak_mib", "peak_extra_mib",
-                  "max_rel_threshold_error", "disagreement", "error"]
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for r in threshold_rows:
-            writer.writerow(dict(r, part="thresholds"))
-        for r in entropy_rows:
-            writer.writerow(dict(r, part="entropy"))
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Pseudo-label thresholds and entropy map benchmark\n\nDevice: {machine}; torch {torch.__version__}. "
-                f"Command: `{command}`. Threshold times exclude generating the images and include every update "
-                f"plus the final threshold computation; peak extra memory is above a generation-only pass "
-                f"(fresh process each). Entropy times are medians; peak memory is above the inputs.\n\n{table}\n")
-    print(f"wrote {stem}.json, .csv, .md")
+    stem = args.out or os.path.join(harness.RESULTS_DIR, f"pseudo_labels_{device}")
+    fields = ["part", "method", "pass", "images", "time_s", "images_per_s", "time_ms", "peak_mib", "host_peak_mib",
+              "peak_extra_mib", "bandwidth_gbs", "max_rel_threshold_error", "disagreement", "error"]
+    rows = [dict(r, part="thresholds") for r in threshold_rows] + [dict(r, part="entropy") for r in entropy_rows]
+    body = ("Threshold times exclude generating the images and include every update plus the final threshold "
+            "computation; images/s and GB/s read (19x512x1024 fp32 probabilities per image) follow from them. Peak "
+            f"extra memory ({'max_memory_allocated' if gpu else 'RSS high-water'}) and host peak extra memory "
+            "(RSS high-water) are above a generation-only pass (fresh process each). Entropy times are medians; "
+            f"peak memory is above the inputs; achieved bandwidth uses the op's roofline bytes.\n\n{table}")
+    harness.write_results(stem, harness.metadata(device, images=images), rows, fields,
+                          "Pseudo-label thresholds and entropy map benchmark", body,
+                          extra_json=dict(thresholds=threshold_rows, entropy=entropy_rows))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

@@ -1,0 +1,261 @@
+"""Benchmark of one DRSL+ training step as the pipeline runs it
+(``drsl_fast.train.loop.step_loss``): 1 source + 1 target image through
+DeepLab-v2 and the MMDL-FR head, segmentation losses, every Eq. 10 loss,
+backward and an SGD step with momentum (and a gradient scaler in fp16).
+
+Variants, each in a fresh process:
+  reference / fast   the DRSL loss's ops: the pure-PyTorch oracles
+                     (DRSL_FAST_BACKEND=reference) or the fused backends
+  fp32 / amp         autocast in bf16 where the GPU has it, else fp16 with a
+                     gradient scaler; bf16 on the CPU
+  checkpointing      backbone checkpointing off / on
+  floor              plain DeepLab-v2, segmentation loss only (no MMDL head)
+
+Weights are random (nothing is downloaded); images and labels are random,
+every class present, so the losses sample their full N = 300 per class.
+Peak memory is ``torch.cuda.max_memory_allocated`` over two warm-up steps
+(the second has momentum buffers and the previous gradients live, as in
+training) on a GPU, and the RSS high-water mark above the process's state
+before the model was built on the CPU. Step time is the median of the
+following steps. Every row also carries the peak that
+``drsl_fast.memory_model`` predicts for it, and the error.
+
+Default sizes: GPU, ResNet-101 at 512x512 and 512x1024 crops (the paper's
+setting); CPU, a ResNet-50 at 128x128 (ResNet-101 at full crops takes minutes
+per step on a few cores), stated in the output.
+
+    python bench/bench_training_step.py                # -> bench/results/training_step_<device>.*
+    python bench/bench_training_step.py --quick        # tiny network, prints only
+"""
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+GPU_SIZES = dict(depth=101, width=1.0, crops=[(512, 512), (512, 1024)])
+CPU_SIZES = dict(depth=50, width=1.0, crops=[(128, 128)])
+QUICK_SIZES = dict(depth=18, width=0.25, crops=[(64, 64)])
+FIELDS = ["variant", "ops", "precision", "checkpointing", "depth", "width", "crop", "peak_mib", "predicted_mib",
+          "prediction_error", "time_ms", "min_ms", "max_ms", "runs", "error"]
+
+
+def amp_for(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def variants(sizes, amp: str):
+    """Every (setting, label) the benchmark measures, floors first per crop."""
+    for crop in sizes["crops"]:
+        base = dict(depth=sizes["depth"], width=sizes["width"], crop=list(crop))
+        for precision in (None, amp):
+            yield dict(base, mmdl=False, amp=precision, checkpointing=False, ops="fast")
+        for ops in ("reference", "fast"):
+            for precision in (None, amp):
+                for checkpointing in (False, True):
+                    yield dict(base, mmdl=True, amp=precision, checkpointing=checkpointing, ops=ops)
+
+
+def setting_of(spec):
+    from drsl_fast.memory_model import StepSetting
+
+    s = spec["setting"]
+    return StepSetting(depth=s["depth"], width=s["width"], crop=tuple(s["crop"]), amp=s["amp"],
+                       checkpointing=s["checkpointing"], ops=s["ops"], mmdl=s["mmdl"])
+
+
+def worker(spec):
+    """One variant: two warm-up steps measured for memory, then timed steps."""
+    if spec["setting"]["ops"] == "reference":
+        os.environ["DRSL_FAST_BACKEND"] = "reference"
+    import contextlib
+
+    import torch
+
+    from drsl_fast.memory_model import amp_dtype, simulated_batch
+    from drsl_fast.train.loop import drsl_loss, step_loss
+    from drsl_fast.train.network import build_network
+
+    device = torch.device(spec["device"])
+    setting = setting_of(spec)
+    config = setting.config()
+    dtype = amp_dtype(setting.amp)
+    harness.warm_up_runtime(device)
+    torch.manual_seed(0)
+    baseline = harness.current_rss_bytes()
+    network = build_network(config, log=lambda *_: None).to(device).train()
+    optimizer = torch.optim.SGD(network.parameter_groups(5e-5), lr=5e-5, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loss_fn = drsl_loss(config, consistency=True)
+    source, target = simulated_batch(setting, device)
+    iteration = [0]
+
+    def step():
+        generator = torch.Generator(device).manual_seed(iteration[0])
+        iteration[0] += 1
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with autocast:
+            total, _ = step_loss(network, network, loss_fn, source, target, generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    with harness.PeakMemory(device) as memory:
+        for _ in range(2):
+            step()
+    peak = memory.total if device.type == "cuda" else memory.total - baseline
+    timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
+    harness.emit(dict(spec, peak_mib=peak / harness.MIB, **timing))
+
+
+def predicted_mib(setting_dict, device):
+    """Worker for the memory model, run beside the measurements."""
+    from drsl_fast.memory_model import StepSetting, predict_step_peak
+
+    s = dict(setting_dict, crop=tuple(setting_dict["crop"]))
+    return predict_step_peak(StepSetting(**s), device).peak_bytes / harness.MIB
+
+
+def label(s):
+    if not s["mmdl"]:
+        return "DeepLab-v2 floor"
+    return f"DRSL+ {s['ops']}"
+
+
+def row_of(result, amp):
+    s = result["setting"]
+    row = dict(result, variant=label(s), ops=s["ops"] if s["mmdl"] else "-", precision=s["amp"] or "fp32",
+               checkpointing="on" if s["checkpointing"] else "off", depth=s["depth"], width=s["width"],
+               crop=f"{s['crop'][0]}x{s['crop'][1]}")
+    if "predicted_mib" in row and "peak_mib" in row:
+        row["prediction_error"] = (row["predicted_mib"] - row["peak_mib"]) / row["peak_mib"]
+    return row
+
+
+def markdown(rows):
+    def fmt(r, key, spec):
+        return format(r[key], spec) if key in r else ""
+
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["crop"], r["variant"], r["precision"], r["checkpointing"], f"failed: {r['error'][:60]}",
+                         "", "", ""])
+            continue
+        error = f"{100 * r['prediction_error']:+.1f} %" if "prediction_error" in r else ""
+        body.append([r["crop"], r["variant"], r["precision"], r["checkpointing"], fmt(r, "peak_mib", ".0f"),
+                     fmt(r, "predicted_mib", ".0f"), error, fmt(r, "time_ms", ".1f")])
+    return harness.markdown_table(["crop", "variant", "precision", "checkpointing", "peak MiB", "predicted MiB",
+                                   "prediction error", "step ms (median)"], body)
+
+
+def fast_vs_reference(rows):
+    """For every (crop, precision, checkpointing): fast peak < reference peak?"""
+    lines = []
+    keyed = {(r["crop"], r["precision"], r["checkpointing"], r["ops"]): r for r in rows if "peak_mib" in r}
+    for (crop, precision, ckpt, ops), r in keyed.items():
+        if ops != "fast" or (crop, precision, ckpt, "reference") not in keyed:
+            continue
+        ref = keyed[(crop, precision, ckpt, "reference")]
+        saved = ref["peak_mib"] - r["peak_mib"]
+        lines.append(dict(crop=crop, precision=precision, checkpointing=ckpt, reference_mib=ref["peak_mib"],
+                          fast_mib=r["peak_mib"], saved_mib=saved, fast_lower=saved > 0,
+                          speedup=ref["time_ms"] / r["time_ms"]))
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true",
+                        help="ResNet-18 x0.25 at 64x64, four variants, 2 timed steps; print only")
+    parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default: 101 on GPU, 50 on CPU)")
+    parser.add_argument("--width", type=float, default=None)
+    parser.add_argument("--crops", nargs="+", default=None, metavar="HxW",
+                        help="crops (default: 512x512 512x1024 on GPU, 128x128 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
+    parser.add_argument("--budget-s", type=float, default=None, help="time budget per variant (default 4 GPU, 60 CPU)")
+    parser.add_argument("--no-prediction", action="store_true", help="skip the memory model")
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/training_step_<device>)")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    device = harness.default_device(args.device)
+    gpu = device == "cuda"
+    sizes = dict(QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES)
+    if args.depth:
+        sizes["depth"] = args.depth
+    if args.width:
+        sizes["width"] = args.width
+    if args.crops:
+        sizes["crops"] = [tuple(int(v) for v in c.lower().split("x")) for c in args.crops]
+    repeats = args.repeats or (2 if args.quick else 10 if gpu else 3)
+    budget = args.budget_s or (4.0 if gpu else 60.0)
+    amp = amp_for(device)
+    settings = list(variants(sizes, amp))
+    if args.quick:  # the floor, each kind of ops in fp32, and the leanest setting
+        settings = [s for s in settings if s["amp"] is None and not s["checkpointing"]] + [settings[-1]]
+
+    # The memory model runs on the host's CPU: beside the GPU measurements, after the CPU ones.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(4, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) if gpu else None
+    predictions = {}
+    if pool and not args.no_prediction:
+        predictions = {i: pool.submit(predicted_mib, s, device) for i, s in enumerate(settings)}
+    results = []
+    for s in settings:
+        spec = dict(setting=s, device=device, repeats=repeats, budget_s=budget)
+        result = harness.run_fresh(__file__, ["--worker", json.dumps(spec)], spec)
+        results.append(result)
+        shown = (f"{result['peak_mib']:8.0f} MiB {result['time_ms']:9.1f} ms" if "peak_mib" in result
+                 else result["error"])
+        print(f"{s['crop'][0]}x{s['crop'][1]} {label(s):18s} {s['amp'] or 'fp32':5s} "
+              f"ckpt={'on ' if s['checkpointing'] else 'off'} {shown}", flush=True)
+    for i, (s, result) in enumerate(zip(settings, results)):
+        if args.no_prediction:
+            break
+        try:
+            result["predicted_mib"] = predictions[i].result() if pool else predicted_mib(s, device)
+        except Exception as exc:  # a model failure must not lose the measurements
+            result["prediction_failure"] = f"{type(exc).__name__}: {exc}"
+    if pool:
+        pool.shutdown()
+    rows = [row_of(r, amp) for r in results]
+    comparison = fast_vs_reference(rows)
+    machine = harness.device_name(device)
+    scale = (f"ResNet-{sizes['depth']}" + (f" x{sizes['width']}" if sizes["width"] != 1 else "") + ", crops "
+             + ", ".join(f"{h}x{w}" for h, w in sizes["crops"]))
+    if not gpu:
+        scale += " (a reduced setting for the CPU; the paper's is ResNet-101 at 512x512 / 512x1024 on a GPU)"
+    table = markdown(rows)
+    verdict = ("fast ops use less memory than the reference at every setting measured"
+               if comparison and all(c["fast_lower"] for c in comparison)
+               else "fast ops do NOT use less memory than the reference everywhere: see the table")
+    print(f"\nDRSL+ training step on {machine}: {scale}\n\n{table}\n\n{verdict}")
+    if args.quick:
+        return
+    stem = args.out or os.path.join(harness.RESULTS_DIR, f"training_step_{device}")
+    meta = harness.metadata(device, scale=scale, depth=sizes["depth"], width=sizes["width"],
+                            crops=sizes["crops"], amp=amp,
+                            peak_measure="max_memory_allocated" if gpu else "RSS high-water above the pre-model RSS")
+    body = (f"One DRSL+ step (1 source + 1 target image, Eq. 10, backward, SGD with momentum) as "
+            f"`drsl_fast.train.loop.step_loss` runs it; {scale}; amp = {amp}. Peak memory: "
+            f"{meta['peak_measure']} over two warm-up steps; step time: median of the following steps; "
+            f"predicted: `drsl_fast.memory_model`. {verdict}.\n\n{table}\n")
+    harness.write_results(stem, meta, rows, FIELDS, "DRSL+ training-step benchmark", body,
+                          extra_json=dict(fast_vs_reference=comparison))
+
+
+if __name__ == "__main__":
+    main()

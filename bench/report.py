@@ -1,0 +1,227 @@
+"""Writes the README's performance section from the benchmark results.
+
+Reads every result set under ``--results`` (the CPU files ``*_cpu.json`` at
+its top level and one folder per GPU, ``<device>/*.json``, as
+bench/gpu_suite.sh writes them) and writes markdown tables per machine (the
+training step with the memory model's error, fast vs reference memory, the
+GTX 1080 Ti verdict, the op microbenchmarks at the realistic size, the
+pseudo-label pass) and a plot of training-step peak memory
+(``training_step_memory.png`` beside the markdown).
+
+    python bench/report.py                                     # -> bench/results/PERFORMANCE.md, printed
+    python bench/report.py --results bench/results --out FILE.md
+"""
+import argparse
+import glob
+import json
+import os
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+
+def load(path: str) -> Optional[Dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def result_sets(roots: List[str]) -> Dict[str, Dict[str, Dict]]:
+    """{machine label: {benchmark name: result json}} over result roots (as
+    bench/results) and single device folders (as bench/results/<device>)."""
+    sets: Dict[str, Dict[str, Dict]] = {}
+    for root in roots:
+        names = [os.path.basename(p) for p in glob.glob(os.path.join(root, "*.json"))]
+        if names and not any(n.endswith("_cpu.json") for n in names):
+            folders = [os.path.join(root, "")]
+        else:
+            folders = sorted(glob.glob(os.path.join(root, "*", "")))
+        read_root(root, folders, sets)
+    return sets
+
+
+def read_root(root: str, folders: List[str], sets: Dict[str, Dict[str, Dict]]) -> None:
+    verdict = os.path.join(root, "gtx_1080ti_verdict.md")
+    if os.path.exists(verdict):
+        with open(verdict) as f:
+            sets.setdefault("GTX 1080 Ti (predicted by the memory model)", {})["gtx_1080ti_verdict"] = {
+                "markdown": f.read()}
+    for path in sorted(glob.glob(os.path.join(root, "*_cpu.json"))):
+        name = os.path.basename(path)[: -len("_cpu.json")]
+        data = load(path)
+        if data:
+            sets.setdefault("cpu", {})[name] = data
+    for folder in folders:
+        label = os.path.basename(os.path.dirname(folder))
+        if label == "local":
+            continue
+        for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+            data = load(path)
+            if data:
+                sets.setdefault(label, {})[os.path.basename(path)[:-5]] = data
+        verdict = os.path.join(folder, "gtx_1080ti_verdict.md")
+        if os.path.exists(verdict):
+            with open(verdict) as f:
+                sets.setdefault(label, {})["gtx_1080ti_verdict"] = {"markdown": f.read()}
+
+
+def table(header: List[str], rows: List[List[object]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
+
+
+def training_section(data: Dict) -> str:
+    rows = [r for r in data["results"] if "peak_mib" in r]
+    body = []
+    for r in rows:
+        error = f"{100 * r['prediction_error']:+.1f} %" if r.get("prediction_error") is not None else ""
+        predicted = f"{r['predicted_mib']:.0f}" if r.get("predicted_mib") is not None else ""
+        body.append([r["crop"], r["variant"], r["precision"], r["checkpointing"], f"{r['peak_mib']:.0f}", predicted,
+                     error, f"{r['time_ms']:.1f}"])
+    out = [f"**Training step** (`bench/bench_training_step.py`): {data.get('scale', '')}; peak = "
+           f"{data.get('peak_measure', '')}.", "",
+           table(["crop", "variant", "precision", "checkpointing", "peak MiB", "predicted MiB", "model error",
+                  "step ms"], body)]
+    comparison = data.get("fast_vs_reference") or []
+    if comparison:
+        lower = all(c["fast_lower"] for c in comparison)
+        out += ["", f"Fast vs reference ops, same setting: the fast path uses "
+                f"{'less memory at every setting measured' if lower else 'NOT less memory everywhere'}.", "",
+                table(["crop", "precision", "checkpointing", "reference MiB", "fast MiB", "saved MiB",
+                       "step speed-up"],
+                      [[c["crop"], c["precision"], c["checkpointing"], f"{c['reference_mib']:.0f}",
+                        f"{c['fast_mib']:.0f}", f"{c['saved_mib']:.0f}", f"{c['speedup']:.2f}x"] for c in comparison])]
+    errors = [abs(r["prediction_error"]) for r in rows if r.get("prediction_error") is not None]
+    if errors:
+        out += ["", f"Memory model (`drsl_fast.memory_model`) against the measurements: largest error "
+                f"{100 * max(errors):.1f} %, median {100 * sorted(errors)[len(errors) // 2]:.1f} %."]
+    return "\n".join(out)
+
+
+def mode_distance_section(data: Dict) -> str:
+    rows = [r for r in data["results"] if "time_ms" in r and (r.get("size") or r).get("H") == 256
+            and (r.get("size") or r).get("W") == 256]
+    body = [[r["pass"], r["method"], f"{r['time_ms']:.2f}", f"{r['peak_extra_mib']:.1f}",
+             f"{r['bandwidth_gbs']:.0f}" if r.get("bandwidth_gbs") is not None else ""] for r in rows]
+    return ("**Mode distance** (`bench/bench_mode_distance.py`), B=2, D=64, C=19, M=3, 256x256 map (512x512 crop), "
+            "fp32:\n\n" + table(["pass", "method", "ms", "peak extra MiB", "achieved GB/s"], body))
+
+
+def losses_section(data: Dict) -> str:
+    body = [[r["method"], f"{r['time_ms']:.2f}", f"{r['peak_extra_mib']:.1f}", r.get("host_syncs", "")]
+            for r in data["results"] if "time_ms" in r]
+    return ("**DRSL+ loss step** (`bench/bench_drsl_losses.py`), sampling + Eq. 4/5/6, forward+backward, "
+            "256x256 maps:\n\n" + table(["method", "ms", "peak extra MiB", "host syncs"], body))
+
+
+def pseudo_label_section(data: Dict) -> str:
+    rows = data.get("thresholds") or [r for r in data["results"] if r.get("part") == "thresholds"]
+    base = next((r for r in rows if r["method"] == "generate_only" and "peak_mib" in r), {})
+    body = []
+    for r in rows:
+        if r["method"] == "generate_only" or "time_s" not in r:
+            continue
+        images_per_s = r.get("images_per_s") or data.get("images", 0) / r["time_s"]
+        host = r.get("host_peak_mib")
+        peak = max(r["peak_mib"] - base.get("peak_mib", 0.0), 0.0)
+        host = None if host is None else max(host - base.get("host_peak_mib", 0.0), 0.0)
+        body.append([r["method"], f"{r['time_s']:.2f}", f"{images_per_s:.1f}", f"{peak:.1f}",
+                     f"{host:.1f}" if host is not None else ""])
+    return (f"**Pseudo-label pass** (`bench/bench_pseudo_labels.py`), {data.get('images', '?')} simulated target "
+            "images of 19x512x1024 probabilities, class-balanced thresholds (portion 0.5); sort_all and crst_lists "
+            "are the sort-and-cache ways of SPEC §5:\n\n"
+            + table(["method", "s", "images/s", "peak extra MiB", "host peak extra MiB"], body)
+            + "\n\nPeak memory is above a pass that only generates the images.")
+
+
+def plot(sets: Dict[str, Dict[str, Dict]], path: str) -> Optional[str]:
+    """Bars of measured peak per training-step variant, markers for the
+    prediction, one panel per machine and crop."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = []
+    for label, benches in sets.items():
+        data = benches.get("training_step")
+        if not data:
+            continue
+        rows = [r for r in data["results"] if "peak_mib" in r]
+        for crop in sorted({r["crop"] for r in rows}):
+            panels.append((f"{data['device'].split(',')[0]}\n{crop}", [r for r in rows if r["crop"] == crop]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    colours = {"DeepLab-v2 floor": "#999999", "DRSL+ reference": "#d62728", "DRSL+ fast": "#2ca02c"}
+    for ax, (title, rows) in zip(axes[0], panels):
+        names = [f"{r['variant'].replace('DRSL+ ', '')}\n{r['precision']} ckpt {r['checkpointing']}" for r in rows]
+        x = range(len(rows))
+        ax.bar(x, [r["peak_mib"] / 1024 for r in rows], color=[colours.get(r["variant"], "#1f77b4") for r in rows])
+        predicted = [(i, r["predicted_mib"] / 1024) for i, r in enumerate(rows) if r.get("predicted_mib")]
+        if predicted:
+            ax.scatter(*zip(*predicted), marker="_", s=400, color="black", label="memory model", zorder=3)
+            ax.legend(loc="upper right")
+        if "H100" in title or "GPU" in title or "NVIDIA" in title:
+            ax.axhline(10.5, color="#1f77b4", linestyle="--", linewidth=1)
+            ax.text(len(rows) - 0.5, 10.6, "1080 Ti: 11 GiB - 0.5 GiB", ha="right", fontsize=8, color="#1f77b4")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("peak memory of one step, GiB")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
+    out = ["## Performance", "",
+           "Generated by `python bench/report.py` from `bench/results/` (JSON, CSV and markdown of every run "
+           "there). GPU results come from `bash bench/gpu_suite.sh`, CPU results from the benchmark scripts run "
+           "with `--device cpu`.", ""]
+    if plot_name:
+        out += [f"![training-step peak memory]({plot_name})", ""]
+    for label, benches in sets.items():
+        any_data = next(iter(benches.values()))
+        machine = any_data.get("device", label)
+        env = f"; torch {any_data['torch']}" if "torch" in any_data else ""
+        out += [f"### {machine}{env}", ""]
+        if "training_step" in benches:
+            out += [training_section(benches["training_step"]), ""]
+        if "gtx_1080ti_verdict" in benches:
+            verdict = benches["gtx_1080ti_verdict"]["markdown"].split("\n", 2)[-1].strip()
+            out += ["**GTX 1080 Ti verdict** (`python -m drsl_fast.memory_model`; its error against measured GPU "
+                    "steps is in the GPU training-step table):", "", verdict, ""]
+        if "mode_distance" in benches:
+            out += [mode_distance_section(benches["mode_distance"]), ""]
+        if "drsl_losses" in benches:
+            out += [losses_section(benches["drsl_losses"]), ""]
+        if "pseudo_labels" in benches:
+            out += [pseudo_label_section(benches["pseudo_labels"]), ""]
+    return "\n".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", nargs="+", default=[RESULTS],
+                        help="result roots (bench/results) or device folders (bench/results/<device>)")
+    parser.add_argument("--out", default=None, help="markdown file (default <results>/PERFORMANCE.md)")
+    args = parser.parse_args()
+    out = args.out or os.path.join(args.results[0], "PERFORMANCE.md")
+    sets = result_sets(args.results)
+    png = plot(sets, os.path.join(os.path.dirname(os.path.abspath(out)), "training_step_memory.png"))
+    text = render(sets, os.path.basename(png) if png else None)
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    main()

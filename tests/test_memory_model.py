@@ -1,0 +1,66 @@
+"""The memory model (drsl_fast.memory_model) against a measured CPU training
+step, and the orderings a user relies on when choosing settings."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from drsl_fast.memory_model import MIB, StepSetting, predict_step_peak
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = StepSetting(depth=18, width=0.5, crop=(96, 96), samples_per_class=300)
+# RSS carries what no tensor accounts for (allocator arenas, code pages
+# touched by the first kernels): the measured peak may exceed the prediction
+# by this much, and the prediction may exceed the measurement by 25 %.
+RSS_SLACK_MIB = 96
+RELATIVE_TOLERANCE = 0.25
+
+
+def measured_cpu_peak_mib(setting: StepSetting) -> float:
+    """One training step of bench/bench_training_step.py, in a fresh process."""
+    spec = dict(setting=dict(depth=setting.depth, width=setting.width, crop=list(setting.crop), amp=setting.amp,
+                             checkpointing=setting.checkpointing, ops=setting.ops, mmdl=setting.mmdl),
+                device="cpu", repeats=1, budget_s=1.0)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_training_step.py"), "--worker",
+                           json.dumps(spec)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])["peak_mib"]
+
+
+@pytest.mark.parametrize("ops", ["reference", "fast"])
+def test_prediction_matches_a_measured_cpu_step(ops):
+    setting = replace(TINY, ops=ops)
+    measured = measured_cpu_peak_mib(setting)
+    predicted = predict_step_peak(setting, "cpu").peak_bytes / MIB
+    assert measured - RSS_SLACK_MIB <= predicted <= measured * (1 + RELATIVE_TOLERANCE), (predicted, measured)
+
+
+def test_orderings():
+    base = replace(TINY, crop=(128, 128))
+    peak = {}
+    for name, setting in {
+        "base": base, "checkpointing": replace(base, checkpointing=True), "amp": replace(base, amp="bf16"),
+        "reference": replace(base, ops="reference"), "floor": replace(base, mmdl=False),
+    }.items():
+        peak[name] = predict_step_peak(setting, "cpu").peak_bytes
+    assert peak["checkpointing"] < peak["base"]
+    assert peak["amp"] < peak["base"]
+    assert peak["reference"] >= peak["base"]
+    assert peak["floor"] < peak["base"]
+
+
+def test_static_memory_is_parameters_gradients_and_momentum():
+    from drsl_fast.memory_model import network_memory
+    from drsl_fast.train.network import build_network
+
+    setting = replace(TINY, mmdl=False)
+    network = build_network(setting.config(), log=lambda *_: None)
+    trainable = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in network.parameters() if not p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in network.buffers())
+    # a few scalars (the loss stand-in's constants) may stay alive beside them
+    assert 0 <= network_memory(setting).static_bytes - (3 * trainable + frozen + buffers) < 1024
