@@ -23,7 +23,8 @@ def sample_per_class(
     for b in range(B):
         for c in range(num_classes):
             pixels = (flat[b] == c).nonzero().squeeze(1)
-            order = torch.randperm(pixels.numel(), generator=generator, device="cpu").to(labels.device)
+            order = torch.randperm(pixels.numel(), generator=generator,
+                                   device=generator.device if generator is not None else "cpu").to(labels.device)
             chosen = pixels[order[:k]]
             index[b, c, : chosen.numel()] = chosen
             count[b, c] = chosen.numel()
