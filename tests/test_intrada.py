@@ -350,3 +350,35 @@ def test_booleans_parse_as_booleans_and_configs_carry_spec_settings():
     assert (gta5["adv_main"], gta5["adv_aux"], gta5["seg_aux"]) == (0.001, 0.0002, 0.1)
     assert gta5["discriminator_lr"] == 1e-4 and gta5["discriminator_betas"] == [0.9, 0.99]
     assert gta5["lr"] == 2.5e-4 and load_config("gta5_intrada")["adaptation"]["methods"] == ["intrada"]
+
+
+def test_two_process_ddp_ranks_like_one_process(tmp_path):
+    """torchrun, gloo, 2 CPU processes: the adversarial stages train data-
+    parallel and the all-reduced scores give the ranking of one process."""
+    import subprocess
+    import sys
+
+    settings = dict(FAST, **{"adaptation.methods": "[intrada]", "data.synthetic": json.dumps(
+        dict(TINY_PAIR, n_target_train=7))})
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    assert cli.main(["source", "--config", "demo", *tiny(str(tmp_path), single, **settings)]) == 0
+    os.makedirs(ddp)
+    shutil.copytree(os.path.join(single, "source"), os.path.join(ddp, "source"))
+    # the inter-domain model is the same input for both rankings
+    assert cli.main(["intrada", "--config", "demo", *tiny(str(tmp_path), single, **settings)]) == 0
+    shutil.copytree(os.path.join(single, "intrada", "inter"), os.path.join(ddp, "intrada", "inter"))
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "drsl_fast.cli", "intrada", "--config", "demo", *tiny(str(tmp_path), ddp, **settings)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    for name in ("easy_split.txt", "hard_split.txt"):
+        a, b = (open(os.path.join(d, "intrada", "ranking", name)).read() for d in (single, ddp))
+        assert a == b and a.strip()
+    a, b = (json.load(open(os.path.join(d, "intrada", "ranking", "scores.json"))) for d in (single, ddp))
+    assert len(a) == len(b) == 7
+    for x, y in zip(a, b):  # per image: name, split, rare count equal; scores equal up to summation order
+        assert {k: v for k, v in x.items() if not isinstance(v, float)} == \
+            {k: v for k, v in y.items() if not isinstance(v, float)}
+        assert all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x if isinstance(x[k], float))
+    assert os.path.isfile(os.path.join(ddp, "intrada", "intra", "model.pt"))
