@@ -89,6 +89,7 @@ def worker(spec):
     config = setting.config()
     dtype = amp_dtype(setting.amp)
     harness.warm_up_runtime(device)
+    warm_up_step(setting, device, dtype)
     torch.manual_seed(0)
     baseline = harness.current_rss_bytes()
     network = build_network(config, log=lambda *_: None).to(device).train()
@@ -115,6 +116,34 @@ def worker(spec):
     peak = memory.total if device.type == "cuda" else memory.total - baseline
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
     harness.emit(dict(spec, peak_mib=peak / harness.MIB, **timing))
+
+
+def warm_up_step(setting, device, dtype) -> None:
+    """One step of the same code path on a tiny network and crop, so the
+    modules and kernel libraries it loads lazily (extension ops, their fake
+    kernels, oneDNN primitives) are resident before the RSS baseline."""
+    import contextlib
+    import gc
+    from dataclasses import replace
+
+    import torch
+
+    from drsl_fast.memory_model import simulated_batch
+    from drsl_fast.train.loop import drsl_loss, step_loss
+    from drsl_fast.train.network import build_network
+
+    tiny = replace(setting, depth=18, width=0.125, crop=(32, 32))
+    config = tiny.config()
+    network = build_network(config, log=lambda *_: None).to(device).train()
+    source, target = simulated_batch(tiny, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with autocast:
+        total, _ = step_loss(network, network, drsl_loss(config, consistency=True), source, target,
+                             torch.Generator(device).manual_seed(0))
+    total.backward()
+    del network, source, target, total
+    gc.collect()
+    harness.sync(device)
 
 
 def predicted_mib(setting_dict, device):

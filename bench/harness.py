@@ -40,6 +40,13 @@ def current_rss_bytes() -> int:
 
 
 def rss_high_water_bytes() -> int:
+    """This process's own RSS peak (VmHWM). Not ``getrusage``'s ru_maxrss: on
+    Linux that keeps the high-water mark of the pre-exec copy of the parent,
+    so a worker started by a large parent reports the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -17,6 +17,12 @@ TINY = StepSetting(depth=18, width=0.5, crop=(96, 96), samples_per_class=300)
 # by this much, and the prediction may exceed the measurement by 25 %.
 RSS_SLACK_MIB = 96
 RELATIVE_TOLERANCE = 0.25
+# glibc otherwise raises its mmap threshold as large blocks are freed and keeps
+# them in per-thread arenas, so the RSS peak depends on allocation history
+# (64 to 87 MiB for the same step). With a fixed threshold every tensor-sized
+# block is mapped and unmapped, and RSS follows the live tensors.
+# (conftest's TRITON_INTERPRET is dropped: it is not a user's setup.)
+STABLE_RSS = {"OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
 
 
 def measured_cpu_peak_mib(setting: StepSetting) -> float:
@@ -26,7 +32,7 @@ def measured_cpu_peak_mib(setting: StepSetting) -> float:
                 device="cpu", repeats=1, budget_s=1.0)
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_training_step.py"), "--worker",
                            json.dumps(spec)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **STABLE_RSS})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])["peak_mib"]
 
