@@ -23,6 +23,11 @@ def protocols(config: Dict) -> List[str]:
     return ["19"] if config["data"]["num_classes"] == 19 else ["16", "13"]
 
 
+def main_protocol(config: Dict) -> str:
+    """The report whose mIoU the tables and plots show (19, or 16 for SYNTHIA)."""
+    return protocols(config)[0]
+
+
 def evaluate(runtime: Runtime, config: Dict, network: DRSLNetwork, log: RunLog, title: str,
              split: str = "val") -> Dict[str, Report]:
     """Reports of ``network`` on the target val split, or on the labelled

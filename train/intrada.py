@@ -42,7 +42,7 @@ from .checkpoint import load_training_state, load_weights, save_training_state, 
 from .data import (AugmentedSamples, StepSampler, has_labels, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
-from .evaluate import evaluate
+from .evaluate import evaluate, main_protocol
 from .log import RunLog
 from .loop import CHECKPOINT, WEIGHTS, loader, to_device
 from .network import DRSLNetwork
@@ -281,10 +281,6 @@ def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations
     runtime.barrier()
     log.info(f"{title}: snapshot of iteration {best} selected on target {split} (mIoU {scores[best]:.1f})")
     return selection
-
-
-def main_protocol(config: Dict) -> str:
-    return "19" if config["data"]["num_classes"] == 19 else "16"
 
 
 def stage_iterations(config: Dict, key: str) -> int:

@@ -17,9 +17,9 @@ from typing import Dict, List, Optional
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 
 from .checkpoint import load_weights
-from .config import save_config
+from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
-from .evaluate import evaluate, write_pictures
+from .evaluate import evaluate, main_protocol, write_pictures
 from .log import RunLog
 from .loop import WEIGHTS, Stage, train_stage
 from .network import DRSLNetwork, seeded_network
@@ -72,8 +72,6 @@ def comparable(config: Dict) -> Dict:
 def claim_output_dir(config: Dict, resume: bool, runtime: Runtime) -> None:
     """A new run needs an output directory without a run in it; ``--resume``
     needs the same resolved config (up to logging and worker settings)."""
-    from .config import read_yaml
-
     path = os.path.join(config["output_dir"], RESOLVED_CONFIG)
     exists = os.path.isfile(path)
     if exists and not resume:
@@ -152,7 +150,7 @@ def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) 
             pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log)
         load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu")
         result = evaluated(runtime, config, network, directory, f"{title} round {round_index + 1}", log)
-        main = result[protocols_main(config)]
+        main = result[main_protocol(config)]
         accuracy = pseudo["accuracy"]
         summaries.append({
             "round": round_index + 1, "miou": main["miou"], "portion": pseudo["portion"],
@@ -162,10 +160,6 @@ def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) 
         log.info(f"{title} round {round_index + 1}: mIoU {main['miou']:.1f}")
         log.scalars(f"{method}/evaluation", {"miou": main["miou"]}, round_index + 1)
     return summaries
-
-
-def protocols_main(config: Dict) -> str:
-    return "19" if config["data"]["num_classes"] == 19 else "16"
 
 
 def final_network(config: Dict, directory: str, log: RunLog) -> DRSLNetwork:
@@ -202,7 +196,7 @@ def run(runtime: Runtime, config: Dict, log: RunLog, stages=("source", "adapt", 
     if "adapt" not in stages and "evaluate" not in stages:
         return None
     source_eval = evaluated(runtime, config, source, os.path.join(out, "source"), "source only", log)
-    results = {"source_only": {"miou": source_eval[protocols_main(config)]["miou"], "evaluation": source_eval},
+    results = {"source_only": {"miou": source_eval[main_protocol(config)]["miou"], "evaluation": source_eval},
                "methods": {}}
     finals = {"source only": source}
     for method in config["adaptation"]["methods"]:
