@@ -6,6 +6,7 @@ It is written to a temporary file in the same directory and renamed over the
 old one, so a crash at any moment leaves either the previous checkpoint or the
 new one, never a torn file.
 """
+import json
 import os
 import random
 from typing import Any, Dict, Optional
@@ -27,6 +28,15 @@ def atomic_save(obj: Any, path: str) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    """A stage's JSON summary, written to a temporary name and renamed: a
+    present summary always marks a finished step."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=1)
+    os.replace(temporary, path)
 
 
 def rng_states() -> Dict[str, Any]:

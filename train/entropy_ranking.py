@@ -32,6 +32,7 @@ from drsl_fast.data.labels import TRAIN_19_TO_16
 from drsl_fast.ops.entropy import entropy_map
 from drsl_fast.ranking import RARE_CLASSES, rank_easy_hard, rare_classes_present
 
+from .checkpoint import atomic_write_json
 from .data import DRY_RUN_IMAGES, has_labels, pseudo_label_path, target_dataset, write_label_png
 from .inference import batches
 from .log import RunLog
@@ -122,10 +123,7 @@ def rank_target(runtime: Runtime, config: Dict, network: DRSLNetwork, directory:
     }
     if runtime.is_main:
         write_outputs(directory, names, easy, hard, scores, rare, split.scores, num_classes)
-        temporary = summary_path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=1)
-        os.replace(temporary, summary_path)
+        atomic_write_json(summary, summary_path)
     runtime.barrier()
     accuracy = summary["pseudo_label_accuracy"]
     log.info(f"intrada ranking: {len(easy)} easy / {len(hard)} hard images (lambda {settings['lambda']}, "

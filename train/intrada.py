@@ -38,7 +38,7 @@ from drsl_fast.data.labels import LabelMap
 from drsl_fast.models import DeepLabV2, load_init_weights
 
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
-from .checkpoint import load_training_state, load_weights, save_training_state, save_weights
+from .checkpoint import atomic_write_json, load_training_state, load_weights, save_training_state, save_weights
 from .data import (AugmentedSamples, StepSampler, has_labels, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
@@ -275,9 +275,7 @@ def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations
     selection = {"path": candidates[best], "iteration": best, "selected_on": split,
                  "miou_by_iteration": {str(k): v for k, v in scores.items()}}
     if runtime.is_main:
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(selection, handle, indent=1)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(selection, path)
     runtime.barrier()
     log.info(f"{title}: snapshot of iteration {best} selected on target {split} (mIoU {scores[best]:.1f})")
     return selection

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 
-from .checkpoint import load_weights
+from .checkpoint import atomic_write_json, load_weights
 from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
 from .evaluate import evaluate, main_protocol, write_pictures
@@ -116,9 +116,7 @@ def evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, directory: s
     result = {protocol: {"miou": 100 * r.miou, "classes": dict(zip(r.names, [100 * v for v in r.iou])),
                          "markdown": r.markdown()} for protocol, r in reports.items()}
     if runtime.is_main:
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(result, path)
     runtime.barrier()
     return result
 

@@ -18,6 +18,7 @@ import torch
 from drsl_fast.data import CITYSCAPES_CLASSES, SYNTHIA_CLASSES
 from drsl_fast.pseudo_labels import ClassBalancedThresholds, portion_for_round, select_labels
 
+from .checkpoint import atomic_write_json
 from .data import DRY_RUN_IMAGES, has_labels, pseudo_label_path, target_dataset, write_label_png
 from .inference import batches, class_probabilities
 from .log import RunLog
@@ -102,10 +103,7 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
         "accuracy": correct / known if with_labels and known else None,
     }
     if runtime.is_main:
-        temporary = summary_path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=1)
-        os.replace(temporary, summary_path)
+        atomic_write_json(summary, summary_path)
     runtime.barrier()
     accuracy = f", accuracy {100 * summary['accuracy']:.1f} %" if summary["accuracy"] is not None else ""
     log.info(f"{name}: pseudo-labels at portion {portion:.2f}: coverage {100 * summary['coverage']:.1f} %{accuracy}")
