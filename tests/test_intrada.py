@@ -19,6 +19,7 @@ from drsl_fast import cli
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 from drsl_fast.models import DeepLabOutput, DeepLabV2
 from drsl_fast.train import intrada as intrada_module
+from drsl_fast.train import loop as loop_module
 from drsl_fast.train.adversarial import (AdversarialWeights, Discriminators, adversarial_step,
                                          discriminator_loss, discriminator_optimizer, entropy_maps,
                                          generator_loss)
@@ -310,17 +311,17 @@ def test_resume_after_a_crash_mid_stage_gives_the_same_result(tmp_path, monkeypa
     whole, crashed = str(tmp_path / "whole"), str(tmp_path / "crashed")
     assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), whole, **settings)]) == 0
 
-    save = intrada_module.save_training_state
+    save = loop_module.save_training_state
 
     def save_then_crash(path, **kwargs):
         save(path, **kwargs)
         if kwargs["position"]["stage"] == "intrada/intra" and kwargs["position"]["iteration"] == 4:
             raise Crash
 
-    monkeypatch.setattr(intrada_module, "save_training_state", save_then_crash)
+    monkeypatch.setattr(loop_module, "save_training_state", save_then_crash)
     with pytest.raises(Crash):
         cli.main(["run", "--config", "demo", *tiny(str(tmp_path), crashed, **settings)])
-    monkeypatch.setattr(intrada_module, "save_training_state", save)
+    monkeypatch.setattr(loop_module, "save_training_state", save)
     assert not os.path.exists(os.path.join(crashed, "intrada", "intra", "model.pt"))
     assert cli.main(["run", "--resume", "--config", "demo", *tiny(str(tmp_path), crashed, **settings)]) == 0
     for name in ("inter/model.pt", "inter/discriminators.pt", "intra/model.pt", "intra/discriminators.pt"):

@@ -38,13 +38,13 @@ from drsl_fast.data.labels import LabelMap
 from drsl_fast.models import DeepLabV2, load_init_weights
 
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
-from .checkpoint import atomic_write_json, load_training_state, load_weights, save_training_state, save_weights
-from .data import (AugmentedSamples, StepSampler, has_labels, pseudo_label_path, source_dataset, stream_seed,
+from .checkpoint import atomic_write_json, load_training_state, load_weights, save_weights
+from .data import (AugmentedSamples, has_labels, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
 from .evaluate import evaluate, main_protocol
 from .log import RunLog
-from .loop import CHECKPOINT, WEIGHTS, loader, to_device
+from .loop import CHECKPOINT, WEIGHTS, RunningMeans, checkpoint_if_due, finish_stage, step_batches, to_device
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
 
@@ -155,7 +155,7 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
                             log: RunLog) -> None:
     """Runs (or resumes) ``stage``; writes ``<directory>/model.pt`` and, when
     a best snapshot is to be selected, ``snapshots/model_<iteration>.pt``."""
-    settings, device, seed = config["intrada"], runtime.device, config["seed"]
+    settings, device = config["intrada"], runtime.device
     checkpoint_path = os.path.join(stage.directory, CHECKPOINT)
     discriminators = discriminators_for(config, network)
     network.to(device).train()
@@ -179,21 +179,16 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
     if position is not None:
         log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
 
-    batch_size, workers = settings["batch_size"], config["data"]["workers"]
-
-    def batches(dataset, stream):
-        sampler = StepSampler(len(dataset), batch_size, start, stage.iterations, seed, f"{stage.name}/{stream}",
-                              runtime.rank, runtime.world)
-        return iter(loader(dataset, sampler, batch_size, workers, device))
-
-    source_batches, target_batches = batches(stage.source, "source"), batches(stage.target, "target")
+    batch_size = settings["batch_size"]
+    source_batches = step_batches(stage.source, stage.name, "source", start, stage.iterations, batch_size, runtime,
+                                  config)
+    target_batches = step_batches(stage.target, stage.name, "target", start, stage.iterations, batch_size, runtime,
+                                  config)
     weights = AdversarialWeights(settings["adv_main"], settings["adv_aux"], settings["seg_aux"])
-    every = max(1, config["train"]["log_every"])
-    checkpoint_every = max(1, config["train"]["checkpoint_every"])
     snapshot_every = settings["snapshot_every"] if settings["select_snapshot"] != "last" else 0
     groups = optimizer.param_groups + d_optimizer.param_groups
     bar = log.bar(stage.iterations, start, stage.name)
-    running: Dict[str, torch.Tensor] = {}
+    running = RunningMeans(config["train"]["log_every"], stage.iterations)
     for iteration in range(start, stage.iterations):
         with nvtx_range(f"{stage.name}/step"):
             factor = poly_factor(config, iteration, stage.iterations)
@@ -204,35 +199,19 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
             losses = adversarial_step(model, discriminators, optimizer, d_optimizer, source["image"],
                                       source["label"], target["image"], weights, autocast=runtime.autocast,
                                       scaler=scaler, discriminator_model=discriminator_model)
-        for name, value in losses.terms.items():
-            running[name] = running.get(name, 0.0) + value
-        running["loss"] = running.get("loss", 0.0) + losses.generator
+        running.add(losses.terms, losses.generator)
         done = iteration + 1
-        if done % every == 0 or done == stage.iterations:
-            count = every if done % every == 0 else done % every
-            means = {name: float(value) / count for name, value in running.items()}
-            running.clear()
-            means["lr"], means["lr_discriminator"] = optimizer.param_groups[0]["lr"], d_optimizer.param_groups[0]["lr"]
-            log.scalars(stage.name, means, done)
-            bar.set_postfix(loss=f"{means['loss']:.3f}")
+        running.log(done, log, stage.name, bar, lr=optimizer.param_groups[0]["lr"],
+                    lr_discriminator=d_optimizer.param_groups[0]["lr"])
         bar.update(1)
         if runtime.is_main and snapshot_every and done % snapshot_every == 0 and done < stage.iterations:
             save_weights(network, snapshot_path(stage.directory, done), {"stage": stage.name, "iteration": done})
-        if done % checkpoint_every == 0 and done < stage.iterations:
-            if runtime.is_main:
-                save_training_state(checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler,
-                                    position={"stage": stage.name, "iteration": done,
-                                              "iterations": stage.iterations})
-            runtime.barrier()
+        checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=modules,
+                          optimizer=optimizers, scaler=scaler)
     bar.close()
-    if runtime.is_main:
-        save_weights(network, os.path.join(stage.directory, WEIGHTS),
-                     {"stage": stage.name, "iterations": stage.iterations})
-        save_weights(discriminators, os.path.join(stage.directory, "discriminators.pt"),
-                     {"stage": stage.name, "iterations": stage.iterations})
-        if os.path.exists(checkpoint_path):
-            os.remove(checkpoint_path)
-    runtime.barrier()
+    finish_stage(runtime, stage.name, stage.iterations, checkpoint_path,
+                 {os.path.join(stage.directory, WEIGHTS): network,
+                  os.path.join(stage.directory, "discriminators.pt"): discriminators})
 
 
 def snapshot_path(directory: str, iteration: int) -> str:

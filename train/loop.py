@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -90,6 +91,65 @@ def to_device(batch: Dict, device) -> Dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def step_batches(dataset: AugmentedSamples, stage_name: str, stream: str, start: int, stop: int, batch_size: int,
+                 runtime: Runtime, config: Dict):
+    """Batches of iterations ``start`` .. ``stop``-1 of one stream of a stage
+    (the :class:`StepSampler` order, so a resumed stage sees the same samples)."""
+    sampler = StepSampler(len(dataset), batch_size, start, stop, config["seed"], f"{stage_name}/{stream}",
+                          runtime.rank, runtime.world)
+    return iter(loader(dataset, sampler, batch_size, config["data"]["workers"], runtime.device))
+
+
+class RunningMeans:
+    """Loss terms summed on the device between two log points; :meth:`log`
+    makes the one host synchronisation of a logging interval."""
+
+    def __init__(self, every: int, iterations: int):
+        self.every, self.iterations = max(1, every), iterations
+        self.sums: Dict[str, torch.Tensor] = {}
+
+    def add(self, terms: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        for name, value in terms.items():
+            if value.is_floating_point():
+                self.sums[name] = self.sums.get(name, 0.0) + value.detach()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + total.detach()
+
+    def log(self, done: int, log: RunLog, name: str, bar, **extra: float) -> None:
+        """Logs the means at every ``every``-th and at the last iteration."""
+        if done % self.every and done != self.iterations:
+            return
+        count = self.every if done % self.every == 0 else done % self.every
+        means = {key: float(value) / count for key, value in self.sums.items()}
+        self.sums.clear()
+        means.update(extra)
+        log.scalars(name, means, done)
+        bar.set_postfix(loss=f"{means['loss']:.3f}")
+
+
+def checkpoint_if_due(runtime: Runtime, config: Dict, done: int, stage_name: str, iterations: int,
+                      path: str, **state) -> None:
+    """Every ``train.checkpoint_every`` iterations (not at the end, where the
+    stage's weights are written): :func:`save_training_state` on rank 0."""
+    if done % max(1, config["train"]["checkpoint_every"]) or done >= iterations:
+        return
+    if runtime.is_main:
+        save_training_state(path, **state, position={"stage": stage_name, "iteration": done,
+                                                     "iterations": iterations})
+    runtime.barrier()
+
+
+def finish_stage(runtime: Runtime, stage_name: str, iterations: int, checkpoint_path: str,
+                 outputs: Dict[str, nn.Module]) -> None:
+    """Writes the stage's final weights (``outputs``: path -> module), the
+    mark that it is complete, and drops its resumable checkpoint."""
+    if runtime.is_main:
+        for path, module in outputs.items():
+            save_weights(module, path, {"stage": stage_name, "iterations": iterations})
+        if os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)
+    runtime.barrier()
+
+
 def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Stage, log: RunLog) -> None:
     """Runs ``stage`` to completion (or resumes it from its checkpoint) and
     writes its final weights to ``<directory>/model.pt``."""
@@ -110,20 +170,13 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
         log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
 
     batch_size = config["source"]["batch_size"] if stage.target is None else config["adaptation"]["batch_size"]
-    workers = config["data"]["workers"]
-
-    def samples(dataset, stream):
-        sampler = StepSampler(len(dataset), batch_size, start, stage.iterations, seed, f"{stage.name}/{stream}",
-                              runtime.rank, runtime.world)
-        return iter(loader(dataset, sampler, batch_size, workers, device))
-
-    source_batches = samples(stage.source, "source")
-    target_batches = samples(stage.target, "target") if stage.target is not None else None
+    source_batches = step_batches(stage.source, stage.name, "source", start, stage.iterations, batch_size, runtime,
+                                  config)
+    target_batches = (step_batches(stage.target, stage.name, "target", start, stage.iterations, batch_size, runtime,
+                                   config) if stage.target is not None else None)
     loss_fn = drsl_loss(config, stage.consistency)
-    every = max(1, config["train"]["log_every"])
-    checkpoint_every = max(1, config["train"]["checkpoint_every"])
     bar = log.bar(stage.iterations, start, stage.name)
-    running: Dict[str, torch.Tensor] = {}
+    running = RunningMeans(config["train"]["log_every"], stage.iterations)
     for iteration in range(start, stage.iterations):
         with nvtx_range(f"{stage.name}/step"):
             scale = (1 - iteration / stage.iterations) ** config["optim"]["poly_power"] if stage.poly else 1.0
@@ -139,29 +192,12 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
             scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
-        for name, value in terms.items():
-            if value.is_floating_point():
-                running[name] = running.get(name, 0.0) + value.detach()
-        running["loss"] = running.get("loss", 0.0) + total.detach()
+        running.add(terms, total)
         done = iteration + 1
-        if done % every == 0 or done == stage.iterations:
-            count = every if done % every == 0 else done % every
-            means = {name: float(value) / count for name, value in running.items()}  # one host sync
-            running.clear()
-            means["lr"] = optimizer.param_groups[0]["lr"]
-            log.scalars(stage.name, means, done)
-            bar.set_postfix(loss=f"{means['loss']:.3f}")
+        running.log(done, log, stage.name, bar, lr=optimizer.param_groups[0]["lr"])
         bar.update(1)
-        if done % checkpoint_every == 0 and done < stage.iterations:
-            if runtime.is_main:
-                save_training_state(checkpoint_path, model=network, optimizer=optimizer, scaler=scaler,
-                                    position={"stage": stage.name, "iteration": done,
-                                              "iterations": stage.iterations})
-            runtime.barrier()
+        checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=network,
+                          optimizer=optimizer, scaler=scaler)
     bar.close()
-    if runtime.is_main:
-        save_weights(network, os.path.join(stage.directory, WEIGHTS),
-                     {"stage": stage.name, "iterations": stage.iterations})
-        if os.path.exists(checkpoint_path):
-            os.remove(checkpoint_path)
-    runtime.barrier()
+    finish_stage(runtime, stage.name, stage.iterations, checkpoint_path,
+                 {os.path.join(stage.directory, WEIGHTS): network})
