@@ -3,7 +3,9 @@
 DeepLab-v2 and the MMDL-FR head, segmentation losses, every Eq. 10 loss,
 backward and an SGD step with momentum (and a gradient scaler in fp16).
 
-Variants, each in a fresh process:
+Variants (on the CPU each in a fresh process, since its RSS high-water mark
+cannot be reset; on a GPU one process per crop, ``max_memory_allocated``
+reset and the previous variant freed between variants):
   reference / fast   the DRSL loss's ops: the pure-PyTorch oracles
                      (DRSL_FAST_BACKEND=reference) or the fused backends
   fp32 / amp         autocast in bf16 where the GPU has it, else fp16 with a
@@ -39,9 +41,10 @@ import harness  # noqa: E402
 
 GPU_SIZES = dict(depth=101, width=1.0, crops=[(512, 512), (512, 1024)])
 CPU_SIZES = dict(depth=50, width=1.0, crops=[(128, 128)])
+BACKEND_VARIABLE = "DRSL_FAST_BACKEND"
 QUICK_SIZES = dict(depth=18, width=0.25, crops=[(64, 64)])
-FIELDS = ["variant", "ops", "precision", "checkpointing", "depth", "width", "crop", "peak_mib", "predicted_mib",
-          "prediction_error", "time_ms", "min_ms", "max_ms", "runs", "error"]
+FIELDS = ["variant", "ops", "precision", "checkpointing", "depth", "width", "crop", "peak_mib", "resident_mib",
+          "predicted_mib", "prediction_error", "time_ms", "min_ms", "max_ms", "runs", "error"]
 
 
 def amp_for(device: str) -> str:
@@ -72,10 +75,31 @@ def setting_of(spec):
                        checkpointing=s["checkpointing"], ops=s["ops"], mmdl=s["mmdl"])
 
 
-def worker(spec):
+def worker(specs):
+    """Measures each variant of ``specs`` in turn and prints its result line
+    (a failure, e.g. out of memory, is that variant's row, not the end of the
+    process)."""
+    import gc
+
+    for index, spec in enumerate(specs):
+        try:
+            result = measure(spec)
+        except Exception as exc:  # reported in the variant's row
+            result = dict(spec, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        gc.collect()
+        if spec["device"] == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        harness.emit(dict(result, index=index))
+
+
+def measure(spec):
     """One variant: two warm-up steps measured for memory, then timed steps."""
     if spec["setting"]["ops"] == "reference":
-        os.environ["DRSL_FAST_BACKEND"] = "reference"
+        os.environ[BACKEND_VARIABLE] = "reference"
+    else:
+        os.environ.pop(BACKEND_VARIABLE, None)
     import contextlib
 
     import torch
@@ -92,6 +116,8 @@ def worker(spec):
     warm_up_step(setting, device, dtype)
     torch.manual_seed(0)
     baseline = harness.current_rss_bytes()
+    # on a GPU: what earlier variants of this process left allocated (should be ~0), counted in the peak
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     network = build_network(config, log=lambda *_: None).to(device).train()
     optimizer = torch.optim.SGD(network.parameter_groups(5e-5), lr=5e-5, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -115,7 +141,10 @@ def worker(spec):
             step()
     peak = memory.total if device.type == "cuda" else memory.total - baseline
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
-    harness.emit(dict(spec, peak_mib=peak / harness.MIB, **timing))
+    from drsl_fast.backends import resolve
+
+    return dict(spec, peak_mib=peak / harness.MIB, resident_mib=resident / harness.MIB,
+                backend=resolve(None, device), **timing)
 
 
 def warm_up_step(setting, device, dtype) -> None:
@@ -242,15 +271,19 @@ def main():
     predictions = {}
     if pool and not args.no_prediction:
         predictions = {i: pool.submit(predicted_mib, s, device) for i, s in enumerate(settings)}
+    specs = [dict(setting=s, device=device, repeats=repeats, budget_s=budget) for s in settings]
+    # one process per variant on the CPU; per crop on a GPU (saves the start-up of each variant)
+    groups = ([[spec for spec in specs if spec["setting"]["crop"] == list(crop)] for crop in sizes["crops"]]
+              if gpu else [[spec] for spec in specs])
     results = []
-    for s in settings:
-        spec = dict(setting=s, device=device, repeats=repeats, budget_s=budget)
-        result = harness.run_fresh(__file__, ["--worker", json.dumps(spec)], spec)
-        results.append(result)
-        shown = (f"{result['peak_mib']:8.0f} MiB {result['time_ms']:9.1f} ms" if "peak_mib" in result
-                 else result["error"])
-        print(f"{s['crop'][0]}x{s['crop'][1]} {label(s):18s} {s['amp'] or 'fp32':5s} "
-              f"ckpt={'on ' if s['checkpointing'] else 'off'} {shown}", flush=True)
+    for group in groups:
+        for spec, result in zip(group, harness.run_fresh_many(__file__, ["--worker", json.dumps(group)], group)):
+            results.append(result)
+            s = spec["setting"]
+            shown = (f"{result['peak_mib']:8.0f} MiB {result['time_ms']:9.1f} ms" if "peak_mib" in result
+                     else result["error"])
+            print(f"{s['crop'][0]}x{s['crop'][1]} {label(s):18s} {s['amp'] or 'fp32':5s} "
+                  f"ckpt={'on ' if s['checkpointing'] else 'off'} {shown}", flush=True)
     for i, (s, result) in enumerate(zip(settings, results)):
         if args.no_prediction:
             break

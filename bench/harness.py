@@ -204,6 +204,26 @@ def run_fresh(script: str, args: Sequence[str], spec: Dict, timeout: float = 180
     return json.loads(lines[-1])
 
 
+def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], timeout: float = 3600) -> List[Dict]:
+    """Like :func:`run_fresh` for a worker that measures every spec of
+    ``specs`` in one process and emits one result line each, carrying its
+    ``index``; a spec without a line (the process died) gets ``error``."""
+    try:
+        done = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
+                              timeout=timeout)
+        stdout, reason = done.stdout, (done.stderr.strip().splitlines() or ["failed"])[-1]
+    except subprocess.TimeoutExpired as exc:
+        stdout, reason = exc.stdout or "", f"timed out after {timeout:.0f} s"
+    if isinstance(stdout, bytes):
+        stdout = stdout.decode(errors="replace")
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            found[result.pop("index")] = result
+    return [found.get(i, dict(spec, error=reason)) for i, spec in enumerate(specs)]
+
+
 def emit(result: Dict) -> None:
     """A worker's result line for :func:`run_fresh`."""
     print(json.dumps(result), flush=True)

@@ -31,7 +31,7 @@ def measured_cpu_peak_mib(setting: StepSetting) -> float:
                              checkpointing=setting.checkpointing, ops=setting.ops, mmdl=setting.mmdl),
                 device="cpu", repeats=1, budget_s=1.0)
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_training_step.py"), "--worker",
-                           json.dumps(spec)], capture_output=True, text=True, timeout=600,
+                           json.dumps([spec])], capture_output=True, text=True, timeout=600,
                           env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **STABLE_RSS})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])["peak_mib"]
@@ -43,6 +43,20 @@ def test_prediction_matches_a_measured_cpu_step(ops):
     measured = measured_cpu_peak_mib(setting)
     predicted = predict_step_peak(setting, "cpu").peak_bytes / MIB
     assert measured - RSS_SLACK_MIB <= predicted <= measured * (1 + RELATIVE_TOLERANCE), (predicted, measured)
+
+
+def test_one_worker_process_measures_several_variants():
+    """The GPU suite measures every variant of a crop in one process: each
+    gets its own result line, in order, with the ops it asked for."""
+    specs = [dict(setting=dict(depth=18, width=0.125, crop=[32, 32], amp=None, checkpointing=False, ops=ops,
+                               mmdl=True), device="cpu", repeats=1, budget_s=1.0) for ops in ("reference", "fast")]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_training_step.py"), "--worker",
+                           json.dumps(specs)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [row["index"] for row in rows] == [0, 1]
+    assert [row["backend"] for row in rows] == ["reference", "cpu"]
+    assert all(row["peak_mib"] > 0 and row["time_ms"] > 0 and "error" not in row for row in rows)
 
 
 def test_orderings():
