@@ -3,14 +3,16 @@ by the real loaders, with the required classes, modes and a domain shift."""
 
 import hashlib
 import os
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from drsl_fast.cli import main as drsl_main
 from drsl_fast.data import GTA5, Cityscapes, SyntheticPairConfig, make_synthetic_pair
 from drsl_fast.data.labels import CITYSCAPES_ID
-from drsl_fast.data.synthetic import MODE_COLOURS, SOURCE_STYLE, TARGET_STYLE, render_scene, scene_rng
+from drsl_fast.data.synthetic import MODE_COLOURS, SOURCE_STYLE, TARGET_STYLE, render_scene, scene_rng, target_style
 
 SMALL = SyntheticPairConfig(
     seed=3, n_source=4, n_target_train=3, n_target_val=2, source_size=(96, 54), target_size=(96, 48)
@@ -68,6 +70,25 @@ def test_target_is_a_shifted_domain():
     assert saturation(TARGET_STYLE, "target_val") < 0.8 * saturation(SOURCE_STYLE, "source")
     assert TARGET_STYLE.mode_weights["car"] != SOURCE_STYLE.mode_weights["car"]
     assert TARGET_STYLE.noise > 0 and TARGET_STYLE.blur > 0 and SOURCE_STYLE.noise == SOURCE_STYLE.blur == 0
+
+
+def test_target_style_changes_vary_the_target_only(tmp_path):
+    assert target_style(None) is TARGET_STYLE
+    style = target_style({"lighting": 0, "colour_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+                          "mode_weights": {"sky": [1, 0]}})
+    assert style.lighting == 0 and style.colour_matrix == ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+    assert style.mode_weights["sky"] == (1, 0) and style.mode_weights["car"] == TARGET_STYLE.mode_weights["car"]
+    with pytest.raises(ValueError, match="unknown DomainStyle fields"):
+        target_style({"lightning": 0})
+
+    plain, changed = tmp_path / "plain", tmp_path / "changed"
+    make_synthetic_pair(str(plain), SMALL)
+    make_synthetic_pair(str(changed), replace(SMALL, target_style={"noise": 0.0, "blur": 0.0}))
+    assert tree_digest(plain / "source") == tree_digest(changed / "source")
+    for split in ("train", "val"):  # same scenes and labels, other pixels
+        assert tree_digest(plain / "target" / "gtFine" / split) == tree_digest(changed / "target" / "gtFine" / split)
+        assert tree_digest(plain / "target" / "leftImg8bit" / split) != tree_digest(
+            changed / "target" / "leftImg8bit" / split)
 
 
 def test_cli_data_synth_writes_both_layouts(tmp_path, capsys):

@@ -23,7 +23,7 @@ deterministic and byte-identical across runs.
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
@@ -373,6 +373,30 @@ class SyntheticPairConfig:
     n_target_val: int = 60
     source_size: Tuple[int, int] = (256, 144)  # 16:9 like GTA5
     target_size: Tuple[int, int] = (256, 128)  # 2:1 like Cityscapes
+    target_style: Optional[Dict[str, object]] = None  # DomainStyle fields changed for the target, e.g. {"lighting": 0}
+
+
+def target_style(changes: Optional[Dict[str, object]]) -> DomainStyle:
+    """:data:`TARGET_STYLE` with ``changes`` (a mapping of :class:`DomainStyle`
+    fields; lists become tuples; ``mode_weights`` changes only the classes it
+    names), to vary the domain gap."""
+    if not changes:
+        return TARGET_STYLE
+    known = {field.name for field in fields(DomainStyle)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"target_style: unknown DomainStyle fields {unknown}; known: {sorted(known)}")
+
+    def as_tuples(value):
+        if isinstance(value, dict):
+            return {k: as_tuples(v) for k, v in value.items()}
+        return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    def merged(name, value):  # a mapping field (mode_weights) keeps the classes not named
+        current = getattr(TARGET_STYLE, name)
+        return {**current, **as_tuples(value)} if isinstance(current, dict) else as_tuples(value)
+
+    return replace(TARGET_STYLE, **{name: merged(name, value) for name, value in changes.items()})
 
 
 def make_synthetic_pair(out_dir: str, config: Optional[SyntheticPairConfig] = None) -> Dict[str, str]:
@@ -392,6 +416,7 @@ def make_synthetic_pair(out_dir: str, config: Optional[SyntheticPairConfig] = No
         save_palette_label(os.path.join(source_root, "labels", name), ids)
 
     width, height = config.target_size
+    style = target_style(config.target_style)
     for split, city, count in (
         ("train", "synthtrain", config.n_target_train),
         ("val", "synthval", config.n_target_val),
@@ -401,7 +426,7 @@ def make_synthetic_pair(out_dir: str, config: Optional[SyntheticPairConfig] = No
         os.makedirs(image_dir, exist_ok=True)
         os.makedirs(label_dir, exist_ok=True)
         for index in range(count):
-            rgb, ids = render_scene(scene_rng(config.seed, f"target_{split}", index), TARGET_STYLE, height, width)
+            rgb, ids = render_scene(scene_rng(config.seed, f"target_{split}", index), style, height, width)
             stem = f"{city}_{index // 1000:06d}_{index % 1000:06d}"
             save_rgb(os.path.join(image_dir, f"{stem}_leftImg8bit.png"), rgb)
             Image.fromarray(ids).save(os.path.join(label_dir, f"{stem}_gtFine_labelIds.png"))
