@@ -4,7 +4,10 @@
 # runs on rotated inputs, achieved bandwidth), the training-step benchmark with
 # the memory model's predictions, and the performance report; everything is
 # written under bench/results/<device>/ (or $DEST), with a log per stage and
-# stage timings in $DEST/timings.txt. About 8 minutes on an H100.
+# stage timings in $DEST/timings.txt. 13 minutes on an H100 before the
+# training-step variants of a crop shared one process (about 11 s of start-up
+# saved per variant, 20 variants). Where a command may run 10 minutes at most,
+# run it in two parts: STAGES="build tests", then STAGES="build ops training report".
 #
 #   bash bench/gpu_suite.sh            # everything
 #   STAGES="build tests" bash bench/gpu_suite.sh
