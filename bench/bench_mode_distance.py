@@ -7,10 +7,11 @@ Methods:
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
   cpu / cuda / triton   drsl_fast's fused backends
 
-Each (method, size, pass) runs in a fresh subprocess: the peak memory is the
-process's RSS high-water mark (CPU) or torch.cuda.max_memory_allocated (GPU),
-minus what was in use once the inputs existed. Times are medians of repeated
-runs after a warm-up.
+Each (method, size, pass) runs in a fresh subprocess on the CPU, where the peak
+memory is the process's RSS high-water mark; on a GPU all run in one process,
+the peak being torch.cuda.max_memory_allocated reset per measurement. Either
+way, minus what was in use once the inputs existed. Times are medians of
+repeated runs after a warm-up.
 
     python bench/bench_mode_distance.py            # full sweep -> bench/results/
     python bench/bench_mode_distance.py --quick    # realistic size only, printed
@@ -76,8 +77,8 @@ def build_method(name, backend_device):
     return lambda e, r: drsl_fast.mode_distance(e, r, backend=name).dmin
 
 
-def worker(spec):
-    """Runs one measurement; prints one JSON line."""
+def measure(spec):
+    """One measurement (run by :func:`harness.serve` in a worker process)."""
     import torch
 
     device = torch.device(spec["device"])
@@ -112,12 +113,8 @@ def worker(spec):
     del out
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
     nbytes = roofline_bytes(size, backward)
-    harness.emit(dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
-                      roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"])))
-
-
-def measure(spec):
-    return harness.run_fresh(__file__, ["--worker", json.dumps(spec)], spec)
+    return dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
+                roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"]))
 
 
 def methods_for(device):
@@ -159,14 +156,14 @@ def main():
     parser.add_argument("--out", default=None, help="output stem (default bench/results/mode_distance_<device>)")
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return harness.serve(measure, json.loads(args.worker))
 
     device = harness.default_device(args.device)
     gpu = device == "cuda"
     repeats = args.repeats or (100 if gpu else 7)
     budget = args.budget_s or (1.0 if gpu else 20.0)
     sizes = [REALISTIC] if args.quick else REALISTIC_SIZES if args.sizes == "realistic" else SWEEP
-    rows = []
+    specs, skipped = [], {}
     for size in sizes:
         for pass_name in ("forward", "forward+backward"):
             for method in methods_for(device):
@@ -174,12 +171,16 @@ def main():
                             budget_s=budget, **{"pass": pass_name})
                 needed = broadcast_bytes(size, pass_name != "forward")
                 if method in ("broadcast", "reference") and needed > BROADCAST_BUDGET_BYTES:
-                    row = dict(spec, error=f"skipped: needs ~{needed / 2**30:.0f} GiB")
-                else:
-                    row = measure(spec)
-                rows.append(row)
-                shown = f"{row['time_ms']:9.2f} ms  {row['peak_extra_mib']:8.1f} MiB" if "time_ms" in row else row["error"]
-                print(f"{str(size):60s} {pass_name:17s} {method:10s} {shown}", flush=True)
+                    skipped[len(specs)] = dict(spec, error=f"skipped: needs ~{needed / 2**30:.0f} GiB")
+                specs.append(spec)
+    # on a GPU every measurement in one process (saves a process start each); on the CPU one each
+    measured = harness.measure_all(__file__, [s for i, s in enumerate(specs) if i not in skipped], one_process=gpu)
+    rows = []
+    for index, spec in enumerate(specs):
+        row = skipped[index] if index in skipped else next(measured)
+        rows.append(row)
+        shown = f"{row['time_ms']:9.2f} ms  {row['peak_extra_mib']:8.1f} MiB" if "time_ms" in row else row["error"]
+        print(f"{str(spec['size']):60s} {spec['pass']:17s} {spec['method']:10s} {shown}", flush=True)
     table = markdown_table(rows)
     machine = harness.device_name(device)
     print(f"\nmode_distance on {machine}\n\n{table}")

@@ -75,25 +75,6 @@ def setting_of(spec):
                        checkpointing=s["checkpointing"], ops=s["ops"], mmdl=s["mmdl"])
 
 
-def worker(specs):
-    """Measures each variant of ``specs`` in turn and prints its result line
-    (a failure, e.g. out of memory, is that variant's row, not the end of the
-    process)."""
-    import gc
-
-    for index, spec in enumerate(specs):
-        try:
-            result = measure(spec)
-        except Exception as exc:  # reported in the variant's row
-            result = dict(spec, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        gc.collect()
-        if spec["device"] == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
-        harness.emit(dict(result, index=index))
-
-
 def measure(spec):
     """One variant: two warm-up steps measured for memory, then timed steps."""
     if spec["setting"]["ops"] == "reference":
@@ -247,7 +228,7 @@ def main():
     parser.add_argument("--out", default=None, help="output stem (default bench/results/training_step_<device>)")
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return harness.serve(measure, json.loads(args.worker))
 
     device = harness.default_device(args.device)
     gpu = device == "cuda"
@@ -272,12 +253,10 @@ def main():
     if pool and not args.no_prediction:
         predictions = {i: pool.submit(predicted_mib, s, device) for i, s in enumerate(settings)}
     specs = [dict(setting=s, device=device, repeats=repeats, budget_s=budget) for s in settings]
-    # one process per variant on the CPU; per crop on a GPU (saves the start-up of each variant)
-    groups = ([[spec for spec in specs if spec["setting"]["crop"] == list(crop)] for crop in sizes["crops"]]
-              if gpu else [[spec] for spec in specs])
     results = []
-    for group in groups:
-        for spec, result in zip(group, harness.run_fresh_many(__file__, ["--worker", json.dumps(group)], group)):
+    for crop in sizes["crops"]:  # on a GPU one process per crop (saves the start-up of each variant)
+        group = [spec for spec in specs if spec["setting"]["crop"] == list(crop)]
+        for spec, result in zip(group, harness.measure_all(__file__, group, one_process=gpu)):
             results.append(result)
             s = spec["setting"]
             shown = (f"{result['peak_mib']:8.0f} MiB {result['time_ms']:9.1f} ms" if "peak_mib" in result

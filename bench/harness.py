@@ -1,8 +1,10 @@
 """Measurement harness shared by the benchmarks in bench/.
 
-- every measurement runs in a fresh Python process (:func:`run_fresh`), so
-  its peak memory is its own: the RSS high-water mark on the CPU,
-  ``torch.cuda.max_memory_allocated`` (after a reset) on a GPU;
+- measurements run in fresh Python processes (:func:`run_fresh`,
+  :func:`measure_all`), so their peak memory is their own: the RSS
+  high-water mark on the CPU (one process per measurement, since it cannot
+  be reset), ``torch.cuda.max_memory_allocated`` after a reset on a GPU
+  (where one process may serve several measurements, :func:`serve`);
 - times are medians over repeats after a warm-up, taken with CUDA events on
   a GPU and ``perf_counter`` on the CPU (:func:`median_ms`);
 - microbenchmarks rotate through several copies of their inputs
@@ -19,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MIB = 2**20
@@ -222,6 +224,39 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
             result = json.loads(line)
             found[result.pop("index")] = result
     return [found.get(i, dict(spec, error=reason)) for i, spec in enumerate(specs)]
+
+
+def serve(measure: Callable[[Dict], Dict], specs: Sequence[Dict]) -> None:
+    """The worker side of :func:`run_fresh_many`: measures each spec in turn
+    and prints its result line with its ``index``. A failure (out of memory,
+    a backend that cannot run) is that spec's row, not the end of the process;
+    between specs the garbage is collected and the CUDA cache emptied."""
+    import gc
+
+    import torch
+
+    for index, spec in enumerate(specs):
+        try:
+            result = measure(spec)
+        except Exception as exc:  # reported in the spec's row
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            result = dict(spec, error=f"{type(exc).__name__}: {message}")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        emit(dict(result, index=index))
+
+
+def measure_all(script: str, specs: Sequence[Dict], one_process: bool) -> Iterator[Dict]:
+    """Results of ``specs``, in order, measured by ``script --worker '<json
+    list>'``: all in one fresh process (on a GPU, where ``max_memory_allocated``
+    is reset per measurement) or each in its own, yielded as it ends (on the
+    CPU, whose RSS high-water mark cannot be reset)."""
+    if one_process:
+        yield from run_fresh_many(script, ["--worker", json.dumps(list(specs))], specs)
+        return
+    for spec in specs:
+        yield run_fresh_many(script, ["--worker", json.dumps([spec])], [spec])[0]
 
 
 def emit(result: Dict) -> None:

@@ -46,17 +46,19 @@ def test_prediction_matches_a_measured_cpu_step(ops):
 
 
 def test_one_worker_process_measures_several_variants():
-    """The GPU suite measures every variant of a crop in one process: each
-    gets its own result line, in order, with the ops it asked for."""
-    specs = [dict(setting=dict(depth=18, width=0.125, crop=[32, 32], amp=None, checkpointing=False, ops=ops,
-                               mmdl=True), device="cpu", repeats=1, budget_s=1.0) for ops in ("reference", "fast")]
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_training_step.py"), "--worker",
-                           json.dumps(specs)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [row["index"] for row in rows] == [0, 1]
-    assert [row["backend"] for row in rows] == ["reference", "cpu"]
-    assert all(row["peak_mib"] > 0 and row["time_ms"] > 0 and "error" not in row for row in rows)
+    """The GPU suite measures every variant of a crop in one process
+    (bench/harness.py measure_all): each gets its own result, in order, with
+    the ops it asked for."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import harness
+
+    specs = [dict(setting=dict(depth=depth, width=0.125, crop=[32, 32], amp=None, checkpointing=False, ops=ops,
+                               mmdl=True), device="cpu", repeats=1, budget_s=1.0)
+             for depth, ops in ((18, "reference"), (18, "fast"), (7, "fast"))]  # no ResNet-7: a failure
+    rows = list(harness.measure_all(os.path.join(ROOT, "bench", "bench_training_step.py"), specs, one_process=True))
+    assert [row["backend"] for row in rows[:2]] == ["reference", "cpu"]
+    assert all(row["peak_mib"] > 0 and row["time_ms"] > 0 and "error" not in row for row in rows[:2])
+    assert "error" in rows[2] and rows[2]["setting"]["depth"] == 7  # a failure is its own row
 
 
 def test_orderings():
