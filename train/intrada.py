@@ -299,46 +299,52 @@ def stage_summary(round_number: int, stage: str, evaluation: Dict, selection: Di
 def intrada_stages(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
     """Stages 1-3 of IntraDA, each evaluated on target val; returns the
     results rows of the inter-domain (round 1) and intra-domain (round 2) models."""
-    from .pipeline import evaluated  # the evaluation cache of the DRSL pipeline
-
     check_settings(config)
     out = os.path.join(config["output_dir"], METHOD)
     inter_dir, ranking_dir, intra_dir = (os.path.join(out, name) for name in ("inter", "ranking", "intra"))
 
     network = intrada_network(config, log.info)
     load_segmenter(network, os.path.join(config["output_dir"], "source", WEIGHTS))
-    inter_iterations = stage_iterations(config, "inter_iterations")
-    if not finished(inter_dir):
-        source = AugmentedSamples(source_dataset(config), train_transform(config, "source"))
-        target = AugmentedImages(target_dataset(config, "train", with_labels=False), train_transform(config, "target"))
-        with nvtx_range("intrada/inter"):
-            train_adversarial_stage(runtime, config, network,
-                                    AdversarialStage("intrada/inter", inter_dir, inter_iterations, source, target), log)
-    inter_selection = selected_snapshot(runtime, config, inter_dir, inter_iterations, "IntraDA inter-domain", log)
-    load_weights(network, inter_selection["path"], map_location="cpu")
-    inter_eval = evaluated(runtime, config, network, inter_dir, "IntraDA inter-domain (ADVENT)", log)
-    log.info(f"IntraDA inter-domain (ADVENT): mIoU {inter_eval[main_protocol(config)]['miou']:.1f}")
+    inter_eval, inter_selection = adapted_and_evaluated(
+        runtime, config, network, "inter", inter_dir, "IntraDA inter-domain (ADVENT)", log,
+        lambda: (AugmentedSamples(source_dataset(config), train_transform(config, "source")),
+                 AugmentedImages(target_dataset(config, "train", with_labels=False),
+                                 train_transform(config, "target"))))
 
     with nvtx_range("intrada/ranking"):
         ranking = rank_target(runtime, config, network, ranking_dir, log)
 
-    intra_iterations = stage_iterations(config, "intra_iterations")
     if config["intrada"]["intra_start"] == "init":
         network = intrada_network(config, log.info, init_weights=True)
-    if not finished(intra_dir):
-        source = AugmentedSamples(easy_dataset(config, ranking_dir), train_transform(config, "target"))
-        target = AugmentedImages(hard_dataset(config, ranking_dir), train_transform(config, "target"))
-        with nvtx_range("intrada/intra"):
-            train_adversarial_stage(runtime, config, network,
-                                    AdversarialStage("intrada/intra", intra_dir, intra_iterations, source, target), log)
-    intra_selection = selected_snapshot(runtime, config, intra_dir, intra_iterations, "IntraDA intra-domain", log)
-    load_weights(network, intra_selection["path"], map_location="cpu")
-    intra_eval = evaluated(runtime, config, network, intra_dir, "IntraDA", log)
-    log.info(f"IntraDA: mIoU {intra_eval[main_protocol(config)]['miou']:.1f}")
+    intra_eval, intra_selection = adapted_and_evaluated(
+        runtime, config, network, "intra", intra_dir, "IntraDA", log,
+        lambda: (AugmentedSamples(easy_dataset(config, ranking_dir), train_transform(config, "target")),
+                 AugmentedImages(hard_dataset(config, ranking_dir), train_transform(config, "target"))))
     for number, evaluation in ((1, inter_eval), (2, intra_eval)):
         log.scalars(f"{METHOD}/evaluation", {"miou": evaluation[main_protocol(config)]["miou"]}, number)
     return [stage_summary(1, "inter", inter_eval, inter_selection, config),
             stage_summary(2, "intra", intra_eval, intra_selection, config, ranking)]
+
+
+def adapted_and_evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: str, directory: str,
+                          title: str, log: RunLog, datasets) -> Tuple[Dict, Dict]:
+    """Stage 1 or 3 of IntraDA (``stage``: 'inter' or 'intra'): trains it
+    unless finished (``datasets()`` gives its source-side and target-side
+    samples), loads the selected snapshot into ``network`` and evaluates it;
+    returns (evaluation, selection)."""
+    from .pipeline import evaluated  # the evaluation cache of the DRSL pipeline
+
+    iterations = stage_iterations(config, f"{stage}_iterations")
+    if not finished(directory):
+        source, target = datasets()
+        with nvtx_range(f"{METHOD}/{stage}"):
+            train_adversarial_stage(runtime, config, network,
+                                    AdversarialStage(f"{METHOD}/{stage}", directory, iterations, source, target), log)
+    selection = selected_snapshot(runtime, config, directory, iterations, f"IntraDA {stage}-domain", log)
+    load_weights(network, selection["path"], map_location="cpu")
+    evaluation = evaluated(runtime, config, network, directory, title, log)
+    log.info(f"{title}: mIoU {evaluation[main_protocol(config)]['miou']:.1f}")
+    return evaluation, selection
 
 
 def final_network(runtime: Runtime, config: Dict, log: RunLog) -> Optional[DRSLNetwork]:
