@@ -191,25 +191,17 @@ def fast_backends(device: str) -> List[str]:
     return [b for b in names if not (device == "cpu" and b == "triton")]
 
 
-def run_fresh(script: str, args: Sequence[str], spec: Dict, timeout: float = 1800,
-              env: Optional[Dict[str, str]] = None) -> Dict:
+def run_fresh(script: str, args: Sequence[str], spec: Dict, timeout: float = 1800) -> Dict:
     """Runs ``python script *args`` in a fresh process; its last stdout line
     starting with '{' is the result (JSON). On failure: ``spec`` plus ``error``."""
-    try:
-        done = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
-                              timeout=timeout, env=None if env is None else {**os.environ, **env})
-    except subprocess.TimeoutExpired:
-        return dict(spec, error=f"timed out after {timeout:.0f} s")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return dict(spec, error=(done.stderr.strip().splitlines() or ["failed"])[-1])
-    return json.loads(lines[-1])
+    return run_fresh_many(script, args, [spec], timeout)[0]
 
 
 def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], timeout: float = 3600) -> List[Dict]:
-    """Like :func:`run_fresh` for a worker that measures every spec of
-    ``specs`` in one process and emits one result line each, carrying its
-    ``index``; a spec without a line (the process died) gets ``error``."""
+    """Runs a worker that measures every spec of ``specs`` in one fresh
+    process and emits one result line each, carrying its ``index`` (a worker
+    of one spec may leave it out); a spec without a line (the process died)
+    gets ``error``."""
     try:
         done = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
                               timeout=timeout)
@@ -222,7 +214,7 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
     for line in stdout.splitlines():
         if line.startswith("{"):
             result = json.loads(line)
-            found[result.pop("index")] = result
+            found[result.pop("index", 0)] = result
     return [found.get(i, dict(spec, error=reason)) for i, spec in enumerate(specs)]
 
 
