@@ -18,8 +18,7 @@ from torch import Tensor
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
 from ..reference.mode_distance import accumulate_dtype
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .validation import check_class_maps
 
 
 class EntropyMaps(NamedTuple):
@@ -40,24 +39,13 @@ def entropy_map(logits: Tensor, with_map: bool = True, *, backend: Optional[str]
     fp32 results (fp64 for fp64 logits); differentiable in ``logits``
     through all three. ``backend``: see :mod:`drsl_fast.backends`.
     """
-    check_logits(logits)
+    check_class_maps("entropy_map", "logits", logits, 2, None, "it divides by log2 C")
     name = resolve(backend, logits.device)
     if name == "reference":
         return EntropyMaps(*reference.entropy_map(logits, with_map))
     op = torch.ops.drsl_fast.entropy_map_triton if name == "triton" else torch.ops.drsl_fast.entropy_map
     entropy, pixel, score = op(logits, with_map)
     return EntropyMaps(entropy if with_map else None, pixel, score)
-
-
-def check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"entropy_map: logits must be a tensor, got {type(logits).__name__}")
-    if logits.dim() != 4:
-        raise ValueError(f"entropy_map: expected (B, C, H, W) logits, got shape {tuple(logits.shape)}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"entropy_map: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if logits.shape[1] < 2:
-        raise ValueError(f"entropy_map: needs C >= 2 classes (it divides by log2 C), got C={logits.shape[1]}")
 
 
 # ---------------------------------------------------------------- registration

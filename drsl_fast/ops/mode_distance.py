@@ -20,8 +20,8 @@ from torch import Tensor
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
 from ..reference.mode_distance import accumulate_dtype
+from .validation import FLOAT_DTYPES
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_MODES = 16
 
 

@@ -22,8 +22,8 @@ from torch import Tensor
 from .. import _extension
 from ..backends import resolve, triton_import_error
 from ..reference import pseudo_labels as reference
+from .validation import check_class_maps
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_MANTISSA_BITS = 16
 
 
@@ -33,7 +33,7 @@ def confidence_histogram(
     """Counts (C, 1 + 24 * 2**mantissa_bits) int64 of the pixels of ``scores``
     (B, C, H, W) per argmax class (ties: lowest) and bin of their confidence
     (the largest probability; ``softmax`` of logits when ``from_logits``)."""
-    check_scores("confidence_histogram", scores)
+    check_class_maps("confidence_histogram", "scores", scores, 1, 255, "labels are uint8, 255 = ignore")
     if not isinstance(mantissa_bits, int) or not 0 <= mantissa_bits <= MAX_MANTISSA_BITS:
         raise ValueError(f"confidence_histogram: mantissa_bits must be an int in [0, {MAX_MANTISSA_BITS}], "
                          f"got {mantissa_bits!r}")
@@ -56,7 +56,7 @@ def select_labels(probs: Tensor, thresholds: Tensor, *, backend: Optional[str] =
     Returns:
         uint8 labels (B, H, W).
     """
-    check_scores("select_labels", probs)
+    check_class_maps("select_labels", "scores", probs, 1, 255, "labels are uint8, 255 = ignore")
     if not isinstance(thresholds, Tensor) or thresholds.shape != (probs.shape[1],):
         shape = tuple(thresholds.shape) if isinstance(thresholds, Tensor) else type(thresholds).__name__
         raise ValueError(f"select_labels: thresholds must be a ({probs.shape[1]},) tensor, one per class, got {shape}")
@@ -68,17 +68,6 @@ def select_labels(probs: Tensor, thresholds: Tensor, *, backend: Optional[str] =
         return reference.select_labels(probs, thresholds)
     op = torch.ops.drsl_fast.select_labels_triton if name == "triton" else torch.ops.drsl_fast.select_labels
     return op(probs, thresholds)
-
-
-def check_scores(op: str, scores: Tensor) -> None:
-    if not isinstance(scores, Tensor):
-        raise TypeError(f"{op}: expected a tensor, got {type(scores).__name__}")
-    if scores.dim() != 4:
-        raise ValueError(f"{op}: expected (B, C, H, W) scores, got shape {tuple(scores.shape)}")
-    if scores.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: scores must be float16, bfloat16, float32 or float64, got {scores.dtype}")
-    if not 1 <= scores.shape[1] <= 255:
-        raise ValueError(f"{op}: need 1 <= C <= 255 classes (labels are uint8, 255 = ignore), got C={scores.shape[1]}")
 
 
 # ---------------------------------------------------------------- registration
