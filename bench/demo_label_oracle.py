@@ -25,24 +25,22 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 
 import numpy as np
 from PIL import Image
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
 VARIANTS = ("none", "pseudo", "drop_wrong", "fix_wrong")
 IGNORE = 255
 PROTOCOL = "19"
 
 
-def drsl_run(output_dir: str, seed: int, overrides) -> dict:
-    subprocess.run([sys.executable, "-m", "drsl_fast.cli", "run", "--config", "demo", f"seed={seed}",
-                    f"output_dir={output_dir}", "train.progress=false", "adaptation.rounds=1",
-                    "adaptation.methods=[drsl]", *overrides], check=True)
-    with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as handle:
-        return json.load(handle)
+def round_one(output_dir: str, seed: int, overrides) -> dict:
+    """The demo's source stage and one DRSL round (results.json)."""
+    return harness.run_demo(output_dir, seed, ["adaptation.rounds=1", "adaptation.methods=[drsl]", *overrides])
 
 
 def relabel(pseudo: np.ndarray, truth: np.ndarray, variant: str) -> np.ndarray:
@@ -112,7 +110,7 @@ def main() -> int:
     parser.add_argument("--round-seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--runs-dir", default="runs/label_oracle")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "demo_label_oracle"))
+    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "demo_label_oracle"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
@@ -120,14 +118,14 @@ def main() -> int:
 
     base = os.path.join(args.runs_dir, "base")
     shutil.rmtree(base, ignore_errors=True)
-    source = drsl_run(base, 0, args.overrides)
+    source = round_one(base, 0, args.overrides)
     config = read_yaml(os.path.join(base, "config.yaml"))
     rows = []
     for variant in args.variants:
         for seed in args.round_seeds:
             out = os.path.join(args.runs_dir, f"{variant}_seed_{seed}")
             labels = prepare_round(base, out, variant, config)
-            result = drsl_run(out, seed, args.overrides)["methods"]["DRSL"][0]
+            result = round_one(out, seed, args.overrides)["methods"]["DRSL"][0]
             miou, classes = result["miou"], result["evaluation"][PROTOCOL]["classes"]
             rows.append(dict(variant=variant, round_seed=seed, miou=miou, classes=classes, **labels))
             print(f"{variant} seed {seed}: mIoU {miou:.1f}", flush=True)

@@ -16,18 +16,16 @@ import subprocess
 import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 
 def run_seed(seed: int, overrides, runs_dir: str) -> dict:
     out = os.path.join(runs_dir, f"demo_seed_{seed}")
     subprocess.run(["rm", "-rf", out], check=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "drsl_fast.cli", "run", "--config", "demo", f"seed={seed}",
-                    f"output_dir={out}", "train.progress=false", *overrides], check=True)
+    results = harness.run_demo(out, seed, overrides)
     seconds = time.perf_counter() - start
-    with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
-        results = json.load(handle)
     row = {"seed": seed, "seconds": seconds, "source only": results["source_only"]["miou"]}
     for title, rounds in results["methods"].items():
         row[title] = rounds[-1]["miou"]
@@ -39,7 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "demo_seeds"))
+    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "demo_seeds"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     rows = [run_seed(seed, args.overrides, args.runs_dir) for seed in args.seeds]
