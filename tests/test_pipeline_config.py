@@ -1,10 +1,16 @@
 """The run configuration (train/config.py): built-in configs, key=value
-overrides typed as YAML, unknown keys rejected, the resolved config written."""
+overrides typed as YAML, unknown keys rejected, every key checked against the
+schema (train/schema.py), the resolved config written."""
+import dataclasses
+import os
+
 import pytest
 import yaml
 
 from drsl_fast import cli
-from drsl_fast.train.config import ConfigError, builtin_configs, load_config, parse_override, save_config
+from drsl_fast.data import SyntheticPairConfig
+from drsl_fast.train.config import CONFIG_DIR, ConfigError, builtin_configs, load_config, parse_override, save_config
+from drsl_fast.train.schema import SCHEMA, check_paths
 
 
 def test_builtin_configs_load_with_spec_settings():
@@ -59,3 +65,48 @@ def test_cli_prints_resolved_config_and_rejects_typos(capsys):
     assert printed["seed"] == 5 and printed["config_name"] == "gta5"
     assert cli.main(["config", "--config", "gta5", "sede=5"]) == 2
     assert "unknown key 'sede'" in capsys.readouterr().err
+
+
+def dotted_keys(section, prefix=""):
+    """Every key of a nested dict, sections included (``data``, ``data.source``, ...)."""
+    for key, value in section.items():
+        yield prefix + key
+        if isinstance(value, dict):
+            yield from dotted_keys(value, prefix + key + ".")
+
+
+def test_schema_has_a_rule_for_every_key_of_defaults():
+    with open(os.path.join(CONFIG_DIR, "defaults.yaml"), encoding="utf-8") as handle:
+        defaults = set(dotted_keys(yaml.safe_load(handle)))
+    synthetic = {f"data.synthetic.{field.name}" for field in dataclasses.fields(SyntheticPairConfig)}
+    assert set(SCHEMA) == defaults | synthetic
+
+
+@pytest.mark.parametrize("name", builtin_configs())
+def test_builtin_configs_fit_the_schema(name):
+    load_config(name)
+
+
+def test_numbers_integers_and_booleans_are_told_apart():
+    config = load_config("demo", ["source.lr=1", "adaptation.epochs_per_round=0.5", "device=cuda:0", "dry_run=True"])
+    assert config["source"]["lr"] == 1 and config["adaptation"]["epochs_per_round"] == 0.5 and config["dry_run"]
+    for override in ("source.batch_size=2.0", "source.batch_size=true", "flip=1", "data.flip=1", "seed=-1",
+                     "device=cuda:x", "device=cpu:0", "evaluation.protocol=19", "data.source.root=null",
+                     "data.source.root=''", "intrada.discriminator_betas=[0.9, 1.5]"):
+        with pytest.raises(ConfigError):
+            load_config("demo", [override])
+
+
+def test_paths_of_the_synthetic_pair_may_be_missing(tmp_path):
+    """The run writes the pair under data.synthetic_root first; other roots must exist."""
+    demo = load_config("demo", [f"data.synthetic_root={tmp_path}/pair", f"data.source.root={tmp_path}/pair/source",
+                                f"data.target.root={tmp_path}/pair/target", f"output_dir={tmp_path}/run"])
+    check_paths(demo)
+    without_pair = dict(demo, data=dict(demo["data"], synthetic=None))
+    with pytest.raises(ConfigError, match="data.source.root: expected an existing directory"):
+        check_paths(without_pair)
+    with pytest.raises(ConfigError, match="data.target.root: expected an existing directory"):
+        check_paths(without_pair, training=False)  # evaluating model files reads no source images
+    elsewhere = dict(demo["data"], target=dict(demo["data"]["target"], root=str(tmp_path / "cityscapes")))
+    with pytest.raises(ConfigError, match="data.target.root: expected an existing directory"):
+        check_paths(dict(demo, data=elsewhere))

@@ -5,7 +5,9 @@ A config is a nested dict. ``defaults.yaml`` holds every key with the
 settings of SPEC.md §4-§6; a named config (``gta5``, ``synthia``, ``demo``) or
 a YAML file changes some of them, and ``a.b=value`` overrides change single
 keys (the value is read as YAML: ``true``, ``0.5``, ``[512, 1024]``, ``null``).
-Unknown keys are errors, so a typo never runs silently with a default.
+Unknown keys are errors, so a typo never runs silently with a default, and
+the resolved config is checked against the types and ranges of
+:mod:`~drsl_fast.train.schema` before anything runs.
 """
 import copy
 import os
@@ -13,6 +15,8 @@ import re
 from typing import Any, Dict, Iterable, List
 
 import yaml
+
+from .schema import ConfigError, nullable_section, validate
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULTS = "defaults"
@@ -33,8 +37,9 @@ def parse_yaml(text):
     return yaml.load(text, Loader=ConfigLoader)
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema of defaults.yaml."""
+def one_line(error: yaml.YAMLError) -> str:
+    """A YAML error (several lines with a pointer into the text) as one line."""
+    return " ".join(str(error).split())
 
 
 def builtin_configs() -> List[str]:
@@ -45,8 +50,12 @@ def read_yaml(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             data = parse_yaml(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {one_line(exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -65,13 +74,15 @@ def config_path(name_or_path: str) -> str:
 
 
 def merge(base: Dict[str, Any], changes: Dict[str, Any], where: str, prefix: str = "") -> Dict[str, Any]:
-    """``base`` updated by ``changes`` recursively; keys absent from ``base`` are errors."""
+    """``base`` updated by ``changes`` recursively; keys absent from ``base``
+    are errors, and a section can only be replaced by null where the schema
+    allows it (``data.synthetic=null`` switches the synthetic pair off)."""
     merged = copy.deepcopy(base)
     for key, value in changes.items():
         dotted = prefix + str(key)
         if key not in merged:
             raise ConfigError(f"{where}: unknown key {dotted!r}; known here: {', '.join(sorted(map(str, merged)))}")
-        if isinstance(merged[key], dict):
+        if isinstance(merged[key], dict) and not (value is None and nullable_section(dotted)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {dotted!r} is a section; give its keys, e.g. {dotted}.<key>=...")
             merged[key] = merge(merged[key], value, where, dotted + ".")
@@ -88,7 +99,7 @@ def parse_override(text: str) -> Dict[str, Any]:
     try:
         value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {one_line(exc)}") from exc
     nested: Dict[str, Any] = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -96,13 +107,15 @@ def parse_override(text: str) -> Dict[str, Any]:
 
 
 def load_config(name_or_path: str = "demo", overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """defaults.yaml <- the named config or file <- each ``key=value`` override."""
+    """defaults.yaml <- the named config or file <- each ``key=value``
+    override, checked against the schema (raises ConfigError)."""
     config = read_yaml(os.path.join(CONFIG_DIR, DEFAULTS + ".yaml"))
     path = config_path(name_or_path)
     config = merge(config, read_yaml(path), path)
     for text in overrides:
         config = merge(config, parse_override(text), f"override {text!r}")
     config["config_name"] = os.path.splitext(os.path.basename(path))[0]
+    validate(config)
     return config
 
 
