@@ -71,9 +71,11 @@ def comparable(config: Dict) -> Dict:
 
 def claim_output_dir(config: Dict, resume: bool, runtime: Runtime) -> None:
     """A new run needs an output directory without a run in it; ``--resume``
-    needs the same resolved config (up to logging and worker settings)."""
+    needs the same resolved config (up to logging and worker settings). A
+    run is there once its first stage has written ``source/``: a start that
+    failed before leaves only its config (and logs), which the next start replaces."""
     path = os.path.join(config["output_dir"], RESOLVED_CONFIG)
-    exists = os.path.isfile(path)
+    exists = os.path.isfile(path) and os.path.isdir(os.path.join(config["output_dir"], "source"))
     if exists and not resume:
         raise RunDirectoryError(f"{config['output_dir']} already holds a run; pass --resume to continue it "
                                 f"or choose another output_dir=...")
