@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .schema import ConfigError, shown
+
 
 @dataclass
 class Runtime:
@@ -59,21 +61,32 @@ def amp_dtype_for(setting: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def device_for(wanted: str, local_rank: int, world: int) -> torch.device:
+    """The device of ``device: auto | cpu | cuda | cuda:N``, checked against
+    the GPUs torch sees (raises ConfigError): ``cuda`` is the GPU of this
+    rank (LOCAL_RANK under torchrun), ``cuda:N`` one GPU of a single process."""
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: expected cpu or auto (torch sees no GPU), got {shown(wanted)}")
+    _, _, index = wanted.partition(":")
+    if index and world > 1:
+        raise ConfigError(f"device: expected cuda under torchrun (each rank takes GPU LOCAL_RANK), got {shown(wanted)}")
+    device = torch.device("cuda", int(index) if index else local_rank)
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: expected a GPU index below {torch.cuda.device_count()}, got {shown(wanted)}")
+    return device
+
+
 def start(config) -> Runtime:
     """Device and process group from the config and torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    wanted = config["device"]
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but torch sees no GPU")
-    if wanted == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = device_for(config["device"], int(os.environ.get("LOCAL_RANK", "0")), world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if config["train"]["threads"]:
         torch.set_num_threads(int(config["train"]["threads"]))
     if world > 1 and not dist.is_initialized():
