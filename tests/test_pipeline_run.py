@@ -100,7 +100,7 @@ def test_resume_after_kill_mid_round_gives_the_same_result(tmp_path):
     process.wait()
     assert os.path.exists(checkpoint), "the run ended before a mid-round checkpoint was seen"
     assert not os.path.exists(os.path.join(killed, "drsl", "round_2", "model.pt"))
-    assert torch.load(checkpoint, weights_only=False)["position"]["iteration"] < 36
+    assert torch.load(checkpoint, weights_only=True)["position"]["iteration"] < 36
 
     resumed = drsl(*args, "--resume", *tiny(str(tmp_path), killed, **settings))
     assert resumed.returncode == 0, resumed.stderr

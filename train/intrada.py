@@ -38,7 +38,8 @@ from drsl_fast.data.labels import LabelMap
 from drsl_fast.models import DeepLabV2, load_init_weights
 
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
-from .checkpoint import atomic_write_json, load_training_state, load_weights, save_weights
+from .checkpoint import (CheckpointError, atomic_write_json, check_digest, config_digest, load_training_state,
+                         load_weights, read_file, save_weights)
 from .data import (AugmentedSamples, has_labels, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
@@ -121,16 +122,22 @@ def intrada_network(config: Dict, log=print, init_weights: bool = False) -> DRSL
     return DRSLNetwork(segmenter, None)
 
 
-def load_segmenter(network: DRSLNetwork, path: str) -> None:
-    """The segmenter weights of a model file; only the auxiliary classifier
-    may be absent from it (a source model trained without one keeps its
-    seeded initialisation, N(0, 0.01))."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    segmenter = {k: v for k, v in state.items() if k.startswith("segmenter.")}
-    missing, unexpected = network.load_state_dict(segmenter, strict=False)
+def load_segmenter(network: DRSLNetwork, path: str, digest: str) -> None:
+    """The segmenter weights of the run's model file ``path``; only the
+    auxiliary classifier may be absent from it (a source model trained
+    without one keeps its seeded initialisation, N(0, 0.01))."""
+    state = read_file(path, "cpu", keys=("model", "meta"))
+    check_digest(state["meta"], path, digest)
+    segmenter = {k: v for k, v in state["model"].items() if k.startswith("segmenter.")}
+    try:
+        missing, unexpected = network.load_state_dict(segmenter, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit the IntraDA network ({str(exc).splitlines()[-1].strip()})") \
+            from None
     missing = [k for k in missing if not k.startswith("segmenter.aux_classifier.")]
     if missing or unexpected:
-        raise RuntimeError(f"{path}: does not fit the IntraDA network (missing {missing}, unexpected {unexpected})")
+        raise CheckpointError(f"{path}: does not fit the IntraDA network ({len(missing)} missing keys, e.g. "
+                              f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
 
 
 def discriminators_for(config: Dict, network: DRSLNetwork) -> Discriminators:
@@ -174,6 +181,7 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
     modules = Joint(network=network, discriminators=discriminators)
     optimizers = Joint(network=optimizer, discriminators=d_optimizer)
     position = load_training_state(checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler,
+                                   digest=config_digest(config), stage=stage.name, iterations=stage.iterations,
                                    map_location=device)
     start = 0 if position is None else position["iteration"]
     if position is not None:
@@ -205,11 +213,12 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
                     lr_discriminator=d_optimizer.param_groups[0]["lr"])
         bar.update(1)
         if runtime.is_main and snapshot_every and done % snapshot_every == 0 and done < stage.iterations:
-            save_weights(network, snapshot_path(stage.directory, done), {"stage": stage.name, "iteration": done})
+            save_weights(network, snapshot_path(stage.directory, done),
+                         {"stage": stage.name, "iteration": done, "digest": config_digest(config)})
         checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=modules,
                           optimizer=optimizers, scaler=scaler)
     bar.close()
-    finish_stage(runtime, stage.name, stage.iterations, checkpoint_path,
+    finish_stage(runtime, config, stage.name, stage.iterations, checkpoint_path,
                  {os.path.join(stage.directory, WEIGHTS): network,
                   os.path.join(stage.directory, "discriminators.pt"): discriminators})
 
@@ -247,7 +256,7 @@ def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations
     scores = {}
     network = intrada_network(config, log.info)
     for iteration, file in sorted(candidates.items()):
-        load_weights(network, file, map_location="cpu")
+        load_weights(network, file, map_location="cpu", digest=config_digest(config))
         reports = evaluate(runtime, config, network, log, f"{title} @ {iteration} on {split}", split=split)
         scores[iteration] = 100 * reports[main_protocol(config)].miou
     best = max(scores, key=lambda it: (scores[it], -it))  # the earliest of equal scores
@@ -304,7 +313,7 @@ def intrada_stages(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
     inter_dir, ranking_dir, intra_dir = (os.path.join(out, name) for name in ("inter", "ranking", "intra"))
 
     network = intrada_network(config, log.info)
-    load_segmenter(network, os.path.join(config["output_dir"], "source", WEIGHTS))
+    load_segmenter(network, os.path.join(config["output_dir"], "source", WEIGHTS), config_digest(config))
     inter_eval, inter_selection = adapted_and_evaluated(
         runtime, config, network, "inter", inter_dir, "IntraDA inter-domain (ADVENT)", log,
         lambda: (AugmentedSamples(source_dataset(config), train_transform(config, "source")),
@@ -341,7 +350,7 @@ def adapted_and_evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, 
             train_adversarial_stage(runtime, config, network,
                                     AdversarialStage(f"{METHOD}/{stage}", directory, iterations, source, target), log)
     selection = selected_snapshot(runtime, config, directory, iterations, f"IntraDA {stage}-domain", log)
-    load_weights(network, selection["path"], map_location="cpu")
+    load_weights(network, selection["path"], map_location="cpu", digest=config_digest(config))
     evaluation = evaluated(runtime, config, network, directory, title, log)
     log.info(f"{title}: mIoU {evaluation[main_protocol(config)]['miou']:.1f}")
     return evaluation, selection
@@ -355,5 +364,5 @@ def final_network(runtime: Runtime, config: Dict, log: RunLog) -> Optional[DRSLN
     selection = selected_snapshot(runtime, config, directory, stage_iterations(config, "intra_iterations"),
                                   "IntraDA intra-domain", log)
     network = intrada_network(config, log.info)
-    load_weights(network, selection["path"], map_location="cpu")
+    load_weights(network, selection["path"], map_location="cpu", digest=config_digest(config))
     return network

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from drsl_fast.losses import DRSLLoss, segmentation_loss
 from drsl_fast.models.deeplab import AUX_LOSS_WEIGHT
 
-from .checkpoint import load_training_state, save_training_state, save_weights
+from .checkpoint import config_digest, load_training_state, save_training_state, save_weights
 from .data import AugmentedSamples, StepSampler, stream_seed
 from .log import RunLog
 from .network import DRSLNetwork
@@ -134,17 +134,18 @@ def checkpoint_if_due(runtime: Runtime, config: Dict, done: int, stage_name: str
         return
     if runtime.is_main:
         save_training_state(path, **state, position={"stage": stage_name, "iteration": done,
-                                                     "iterations": iterations})
+                                                     "iterations": iterations}, digest=config_digest(config))
     runtime.barrier()
 
 
-def finish_stage(runtime: Runtime, stage_name: str, iterations: int, checkpoint_path: str,
+def finish_stage(runtime: Runtime, config: Dict, stage_name: str, iterations: int, checkpoint_path: str,
                  outputs: Dict[str, nn.Module]) -> None:
     """Writes the stage's final weights (``outputs``: path -> module), the
     mark that it is complete, and drops its resumable checkpoint."""
     if runtime.is_main:
+        meta = {"stage": stage_name, "iterations": iterations, "digest": config_digest(config)}
         for path, module in outputs.items():
-            save_weights(module, path, {"stage": stage_name, "iterations": iterations})
+            save_weights(module, path, meta)
         if os.path.exists(checkpoint_path):
             os.remove(checkpoint_path)
     runtime.barrier()
@@ -164,6 +165,7 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
     position = load_training_state(checkpoint_path, model=network, optimizer=optimizer, scaler=scaler,
+                                   digest=config_digest(config), stage=stage.name, iterations=stage.iterations,
                                    map_location=device)
     start = 0 if position is None else position["iteration"]
     if position is not None:
@@ -199,5 +201,5 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
         checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=network,
                           optimizer=optimizer, scaler=scaler)
     bar.close()
-    finish_stage(runtime, stage.name, stage.iterations, checkpoint_path,
+    finish_stage(runtime, config, stage.name, stage.iterations, checkpoint_path,
                  {os.path.join(stage.directory, WEIGHTS): network})

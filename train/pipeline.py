@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 
-from .checkpoint import atomic_write_json, load_weights
+from .checkpoint import atomic_write_json, comparable, config_digest, load_weights, remove_stale_temporaries
 from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
 from .evaluate import evaluate, main_protocol, write_pictures
@@ -29,8 +29,6 @@ from .runtime import Runtime, nvtx_range
 
 METHODS = {"drsl": ("DRSL", False), "drsl_plus": ("DRSL+", True)}
 RESOLVED_CONFIG = "config.yaml"
-# keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods")
 INTRADA = "intrada"  # SPEC §7, run by train/intrada.py
 
 
@@ -56,17 +54,6 @@ def prepare_synthetic_data(config: Dict, runtime: Runtime, log: RunLog) -> None:
             log.info(f"writing the synthetic pair to {root} ...")
             make_synthetic_pair(root, pair)
     runtime.barrier()
-
-
-def comparable(config: Dict) -> Dict:
-    reduced = json.loads(json.dumps(config))
-    for key in RESUMABLE_CHANGES:
-        section, _, leaf = key.partition(".")
-        if leaf:
-            reduced.get(section, {}).pop(leaf, None)
-        else:
-            reduced.pop(section, None)
-    return reduced
 
 
 def claim_output_dir(config: Dict, resume: bool, runtime: Runtime) -> None:
@@ -103,7 +90,7 @@ def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
                       source=AugmentedSamples(source_dataset(config), train_transform(config, "source")))
         with nvtx_range("source"):
             train_stage(runtime, config, network, stage, log)
-    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu")
+    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
     return network
 
 
@@ -127,7 +114,8 @@ def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) 
     """Stages 2-3 for one method, every round evaluated; returns one summary per round."""
     title, consistency = METHODS[method]
     network = seeded_network(config, log.info)
-    load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu")
+    load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu",
+                 digest=config_digest(config))
     source = AugmentedSamples(source_dataset(config), train_transform(config, "source"))
     target_images = len(target_dataset(config, "train", with_labels=False))
     settings = config["adaptation"]
@@ -147,8 +135,8 @@ def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) 
             with nvtx_range(name):
                 train_stage(runtime, config, network, stage, log)
         else:
-            pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log)
-        load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu")
+            pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log, need_files=False)
+        load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
         result = evaluated(runtime, config, network, directory, f"{title} round {round_index + 1}", log)
         main = result[main_protocol(config)]
         accuracy = pseudo["accuracy"]
@@ -164,7 +152,7 @@ def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) 
 
 def final_network(config: Dict, directory: str, log: RunLog) -> DRSLNetwork:
     network = seeded_network(config, log.info)
-    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu")
+    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
     return network
 
 
@@ -177,20 +165,26 @@ def round_label(row: Dict) -> str:
     return f"{row['round']} {row['stage']}, {choice}"
 
 
+def number(value: Optional[float]) -> str:
+    """One decimal, or '-' where the value is undefined (None or NaN)."""
+    return f"{value:.1f}" if value is not None and math.isfinite(value) else "-"
+
+
 def summary_table(results: Dict) -> str:
     lines = ["| method | round | mIoU (target val) | pseudo-label accuracy | coverage |", "|---|---|---|---|---|"]
-    lines.append(f"| source only | - | {results['source_only']['miou']:.1f} | | |")
+    lines.append(f"| source only | - | {number(results['source_only']['miou'])} | | |")
     for title, rounds in results["methods"].items():
         for r in rounds:
-            accuracy = f"{r['pseudo_label_accuracy']:.1f}" if r["pseudo_label_accuracy"] is not None else "-"
-            coverage = f"{r['pseudo_label_coverage']:.1f}" if r["pseudo_label_coverage"] is not None else "-"
-            lines.append(f"| {title} | {round_label(r)} | {r['miou']:.1f} | {accuracy} | {coverage} |")
+            lines.append(f"| {title} | {round_label(r)} | {number(r['miou'])} | "
+                         f"{number(r['pseudo_label_accuracy'])} | {number(r['pseudo_label_coverage'])} |")
     return "\n".join(lines)
 
 
 def run(runtime: Runtime, config: Dict, log: RunLog, stages=("source", "adapt", "evaluate")) -> Optional[Dict]:
     """Runs the given stages of the pipeline (``drsl run`` runs all)."""
     out = config["output_dir"]
+    if runtime.is_main and remove_stale_temporaries(out):
+        log.info(f"removed the temporary files an interrupted run left in {out}")
     prepare_synthetic_data(config, runtime, log)
     source = source_stage(runtime, config, log)
     if "adapt" not in stages and "evaluate" not in stages:
@@ -228,8 +222,7 @@ def write_summary(runtime: Runtime, config: Dict, results: Dict, finals: Dict[st
     from .visualize import plot_rounds
 
     out = config["output_dir"]
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=1)
+    atomic_write_json(results, os.path.join(out, "results.json"))
     table = summary_table(results)
     per_class = [f"### {title}\n\n" + evaluation[protocol]["markdown"]
                  for title, evaluation in [("source only", results["source_only"]["evaluation"])]

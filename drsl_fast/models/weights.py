@@ -21,6 +21,7 @@ them. Caffe-converted DeepLab weights expect BGR input with mean
 """
 
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
@@ -91,7 +92,14 @@ def model_key(file_key: str) -> str:
 def read_state_dict(path: str) -> Dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init weights: no such file {path!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise pickle.UnpicklingError(f"init weights {path!r}: refused, it holds more than tensors and plain "
+                                     f"values ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"init weights {path!r}: not a readable torch file ({type(exc).__name__})") from None
     for wrapper in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
