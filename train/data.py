@@ -20,6 +20,8 @@ from drsl_fast.data.io import read_label_ids
 from drsl_fast.data.labels import LabelMap
 from drsl_fast.data.transforms import reduce_label, resize_pair
 
+from .checkpoint import temporary_name
+
 PSEUDO_LABEL_SUFFIX = ".png"
 DRY_RUN_IMAGES = 2  # images per pass in a dry run
 
@@ -85,10 +87,15 @@ def pseudo_labelled_target(config: Dict, directory: str) -> SegmentationDataset:
     return SegmentationDataset(items, read_label_ids, identity, normalization=images.normalization)
 
 
+def missing_files(paths: List[str]) -> int:
+    """How many of ``paths`` are not files."""
+    return sum(not os.path.isfile(path) for path in paths)
+
+
 def write_label_png(path: str, label: np.ndarray) -> None:
     """uint8 PNG, written to a temporary name and renamed (no half-written file)."""
-    temporary = path + ".tmp.png"
-    Image.fromarray(label.astype(np.uint8)).save(temporary)
+    temporary = temporary_name(path)
+    Image.fromarray(label.astype(np.uint8)).save(temporary, format="PNG")
     os.replace(temporary, path)
 
 

@@ -33,7 +33,7 @@ from drsl_fast.ops.entropy import entropy_map
 from drsl_fast.ranking import RARE_CLASSES, rank_easy_hard, rare_classes_present
 
 from .checkpoint import atomic_write_json
-from .data import DRY_RUN_IMAGES, has_labels, pseudo_label_path, target_dataset, write_label_png
+from .data import DRY_RUN_IMAGES, has_labels, missing_files, pseudo_label_path, target_dataset, write_label_png
 from .inference import batches
 from .log import RunLog
 from .network import DRSLNetwork
@@ -72,11 +72,17 @@ def rank_target(runtime: Runtime, config: Dict, network: DRSLNetwork, directory:
     ``directory``; returns the summary. A finished ranking (summary present)
     is not redone."""
     summary_path = os.path.join(directory, SUMMARY)
-    if os.path.isfile(summary_path):
-        with open(summary_path, encoding="utf-8") as handle:
-            return json.load(handle)
     settings, num_classes = config["intrada"], config["data"]["num_classes"]
     label_dir, colour_dir = os.path.join(directory, PSEUDO_LABELS), os.path.join(directory, COLOUR_PSEUDO_LABELS)
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+        easy_path = os.path.join(directory, EASY_SPLIT)
+        easy = read_split(easy_path) if os.path.isfile(easy_path) else []
+        missing = missing_files([easy_path] + [pseudo_label_path(label_dir, name) for name in easy])
+        if not missing:
+            return summary
+        log.info(f"intrada ranking: {missing} of its files are missing; ranking again")
     os.makedirs(label_dir, exist_ok=True)
     os.makedirs(colour_dir, exist_ok=True)
     target = config["data"]["target"]
@@ -143,8 +149,7 @@ def write_outputs(directory: str, names: List[str], easy: List[int], hard: List[
     records = [{"name": names[i], "score": float(scores[i]), "rare_classes": int(rare[i]),
                 "ranked_score": float(ranked_scores[i]), "split": "easy" if i in in_easy else "hard"}
                for i in range(len(names))]
-    with open(os.path.join(directory, SCORES), "w", encoding="utf-8") as handle:
-        json.dump(records, handle, indent=1)
+    atomic_write_json(records, os.path.join(directory, SCORES))
     label_dir, colour_dir = os.path.join(directory, PSEUDO_LABELS), os.path.join(directory, COLOUR_PSEUDO_LABELS)
     for i in hard:
         path = pseudo_label_path(label_dir, names[i])

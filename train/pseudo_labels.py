@@ -19,7 +19,7 @@ from drsl_fast.data import CITYSCAPES_CLASSES, SYNTHIA_CLASSES
 from drsl_fast.pseudo_labels import ClassBalancedThresholds, portion_for_round, select_labels
 
 from .checkpoint import atomic_write_json
-from .data import DRY_RUN_IMAGES, has_labels, pseudo_label_path, target_dataset, write_label_png
+from .data import DRY_RUN_IMAGES, has_labels, missing_files, pseudo_label_path, target_dataset, write_label_png
 from .inference import batches, class_probabilities
 from .log import RunLog
 from .network import DRSLNetwork
@@ -40,20 +40,28 @@ def round_portion(config: Dict, round_index: int) -> float:
 
 
 def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, round_dir: str, round_index: int,
-                       log: RunLog) -> Dict:
+                       log: RunLog, need_files: bool = True) -> Dict:
     """Writes ``round_dir/pseudo_labels/*.png`` and ``round_dir/pseudo_labels.json``
     (portion, thresholds, pixel counts, accuracy); returns the summary. A
-    finished pass (summary present) is not redone."""
+    finished pass (summary present) is not redone, unless ``need_files`` and
+    some of its PNGs are missing (the pass is deterministic, so it writes the
+    same labels again)."""
     summary_path = os.path.join(round_dir, SUMMARY)
-    if os.path.isfile(summary_path):
-        with open(summary_path, encoding="utf-8") as handle:
-            return json.load(handle)
     out_dir = os.path.join(round_dir, DIRECTORY)
-    os.makedirs(out_dir, exist_ok=True)
     num_classes = config["data"]["num_classes"]
     with_labels = has_labels(config["data"]["target"]["root"], config["data"]["target"]["train_split"])
     dataset = target_dataset(config, "train", with_labels=with_labels)
     limit = DRY_RUN_IMAGES if config["dry_run"] else None
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+        expected = [pseudo_label_path(out_dir, item.name) for item in dataset.items[:summary["images"]]]
+        missing = missing_files(expected) if need_files else 0
+        if not missing:
+            return summary
+        log.info(f"{os.path.relpath(round_dir, config['output_dir'])}: {missing} pseudo-label files are missing; "
+                 f"writing them again")
+    os.makedirs(out_dir, exist_ok=True)
     size = config["data"]["target_size"]
     network.to(runtime.device).eval()
     state = ClassBalancedThresholds(num_classes, runtime.device, config["pseudo_labels"]["mantissa_bits"])
