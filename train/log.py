@@ -3,6 +3,7 @@ point, machine-readable), TensorBoard scalars and images when the
 ``tensorboard`` package is installed, and progress bars."""
 import json
 import os
+import sys
 import time
 from typing import Dict
 
@@ -41,13 +42,46 @@ class RunLog:
         if self.enabled and self.writer is not None:
             self.writer.add_image(tag, rgb, step, dataformats="HWC")
 
-    def bar(self, total: int, initial: int, description: str) -> tqdm:
-        return tqdm(total=total, initial=initial, desc=description, disable=not self.progress_bars,
-                    dynamic_ncols=True, leave=False)
+    def bar(self, total: int, initial: int, description: str):
+        """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line
+        every quarter of the way and at the end."""
+        if self.progress_bars and sys.stderr.isatty():
+            return tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True, leave=False)
+        return PlainProgress(total, initial, description, self.info if self.progress_bars else None)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class PlainProgress:
+    """The calls of a tqdm bar, reported as whole lines through ``write``
+    (None: silent), so a log that is not a terminal holds no carriage returns."""
+
+    def __init__(self, total: int, initial: int, description: str, write):
+        self.total, self.done, self.description, self.write = total, initial, description, write
+        self.every = max(1, total // 4)
+        self.began, self.postfix = time.perf_counter(), ""
+
+    def say(self, line: str) -> None:
+        if self.write is not None:
+            self.write(line)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{key} {value}" for key, value in values.items())
+
+    def update(self, count: int = 1) -> None:
+        before, self.done = self.done, self.done + count
+        if self.done // self.every > before // self.every and self.done < self.total:
+            self.say(self.line())
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.began
+        return f"{self.description}: {self.done}/{self.total} in {elapsed:.0f} s" + \
+            (f" ({self.postfix})" if self.postfix else "")
+
+    def close(self) -> None:
+        self.say(self.line())
 
 
 def quiet_log() -> RunLog:
