@@ -108,12 +108,37 @@ def consistency_triplets(
     )
 
 
+class RowsAt(torch.autograd.Function):
+    """Forward: the rows of ``emb`` at flat pixel positions. Backward: the row
+    gradients added into a zero map with ``index_add_``, which on the CPU adds
+    repeated positions one after the other in the order of ``flat`` (a
+    fixed-order sum, so a training step gives the same bits on every run and
+    thread count; advanced indexing's backward adds with racing atomics)."""
+
+    @staticmethod
+    def forward(ctx, emb: Tensor, flat: Tensor) -> Tensor:
+        bdp = pixel_rows(emb)
+        pixels = bdp.shape[2]
+        ctx.save_for_backward(flat)
+        ctx.shape = (bdp.shape[0], pixels, bdp.shape[1])
+        ctx.emb_shape, ctx.two_d = emb.shape, emb.dim() == 2
+        return bdp[flat // pixels, :, flat % pixels]
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        (flat,) = ctx.saved_tensors
+        batch, pixels, channels = ctx.shape
+        grad = grad_rows.new_zeros(batch * pixels, channels).index_add_(0, flat, grad_rows)
+        if ctx.two_d:  # (N, D) rows
+            return grad, None
+        return grad.view(batch, *ctx.emb_shape[2:], channels).movedim(-1, 1), None
+
+
 def rows_at(emb: Tensor, flat: Tensor) -> Tensor:
     """Embeddings at flat positions ``b * H*W + p`` as (len(flat), D), read
-    from (B, D, H, W) in place (no permuted copy of the map)."""
-    bdp = pixel_rows(emb)
-    pixels = bdp.shape[2]
-    return bdp[flat // pixels, :, flat % pixels]
+    from (B, D, H, W) in place (no permuted copy of the map); the backward is
+    deterministic (:class:`RowsAt`)."""
+    return RowsAt.apply(emb, flat)
 
 
 def triplet_hinge(target_emb: Tensor, source_emb: Tensor, triplets: ConsistencyTriplets, beta: float = 1.0) -> Tensor:
