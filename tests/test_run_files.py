@@ -222,3 +222,21 @@ def test_missing_pseudo_labels_are_written_again(tmp_path):
     assert make_pseudo_labels(runtime, config, network, round_dir, 0, quiet_log()) == first
     assert open(os.path.join(labels, names[1]), "rb").read() == original
     assert sorted(os.listdir(labels)) == names
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk (ENOSPC from the write) names the file and leaves the old one."""
+    import errno
+
+    path = str(tmp_path / "model.pt")
+    checkpoint.atomic_save({"model": {}, "meta": {}}, path)
+    before = open(path, "rb").read()
+
+    def full_disk(obj, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="model.pt: could not be written \\(No space left on device\\)"):
+        checkpoint.atomic_save({"model": {}, "meta": {}}, path)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["model.pt"]

@@ -11,6 +11,7 @@ the old one, so a crash at any moment leaves either the previous file or the
 new one, never a torn file; a temporary left by a killed process is removed at
 the next start (:func:`remove_stale_temporaries`).
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -69,32 +70,39 @@ def temporary_name(path: str) -> str:
     return os.path.join(directory, f".{name}.{os.getpid()}.tmp")
 
 
-def atomic_save(obj: Any, path: str) -> None:
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """Yields a temporary name beside ``path`` to write; renames it over
+    ``path`` when the block succeeds and removes it otherwise. A failed write
+    (a full disk, say) is one :class:`CheckpointError` naming ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = temporary_name(path)
     try:
+        yield temporary
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().split("\n")[0]
+        raise CheckpointError(f"{path}: could not be written ({reason[:200]})") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    with atomic_write(path) as temporary:
         with open(temporary, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def atomic_write_json(obj: Any, path: str) -> None:
     """A stage's JSON summary (strict JSON: undefined numbers are null),
     written to a temporary name and renamed: a present summary always marks a
     finished step."""
-    temporary = temporary_name(path)
-    try:
+    with atomic_write(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(json_safe(obj), handle, indent=1, allow_nan=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def remove_stale_temporaries(directory: str) -> int:

@@ -20,7 +20,7 @@ from drsl_fast.data.io import read_label_ids
 from drsl_fast.data.labels import LabelMap
 from drsl_fast.data.transforms import reduce_label, resize_pair
 
-from .checkpoint import temporary_name
+from .checkpoint import atomic_write
 
 PSEUDO_LABEL_SUFFIX = ".png"
 DRY_RUN_IMAGES = 2  # images per pass in a dry run
@@ -94,9 +94,8 @@ def missing_files(paths: List[str]) -> int:
 
 def write_label_png(path: str, label: np.ndarray) -> None:
     """uint8 PNG, written to a temporary name and renamed (no half-written file)."""
-    temporary = temporary_name(path)
-    Image.fromarray(label.astype(np.uint8)).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        Image.fromarray(label.astype(np.uint8)).save(temporary, format="PNG")
 
 
 class StepSampler(Sampler):
