@@ -19,9 +19,19 @@ drsl data synth --out DIR [--seed S] [--n-source N] [--n-target-train N]
                 [--n-target-val N] [--source-size WxH] [--target-size WxH]
     writes the built-in synthetic domain pair (drsl_fast.data.synthetic):
     DIR/source in the GTA5 layout, DIR/target in the Cityscapes layout.
+
+Before anything runs, the resolved config is checked in full (types, ranges,
+choices; see train/schema.py) and so are the files and directories the
+command reads and the device; ``drsl config`` checks the config but not the
+paths. A bad config, path, device or output_dir, or an unusable model file,
+ends the command with one line ``drsl <command>: <message>`` on stderr and
+exit code 2; ``--debug`` (or DRSL_DEBUG=1 in the environment) shows the
+traceback instead. A start that failed leaves nothing that blocks the
+corrected command.
 """
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional, Tuple
@@ -73,12 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="demo", help="built-in config name or YAML file (default: demo)")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
+        command.add_argument("--debug", action="store_true", default=os.environ.get("DRSL_DEBUG") == "1",
+                             help="show the traceback of an error (default: DRSL_DEBUG=1 in the environment)")
         if name in ("run", "intrada"):
             command.add_argument("--resume", action="store_true", help="continue the run in output_dir")
         if name == "evaluate":
             command.add_argument("--weights", nargs="+", default=None, help="model files (model.pt) to evaluate")
         command.set_defaults(handler=run_pipeline_command, stage=name)
     return parser
+
+
+def failed(command: str, error: Exception) -> int:
+    """A bad command line: one line on stderr, exit code 2."""
+    message = " ".join(str(error).splitlines())
+    print(f"drsl {command}: {message}", file=sys.stderr)
+    return 2
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
@@ -89,14 +108,21 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"drsl {args.stage}: {exc}", file=sys.stderr)
-        return 2
+        if args.debug:
+            raise
+        return failed(args.stage, exc)
     if args.stage == "config":
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
-    from .train.commands import execute
+    from .train.commands import EXPECTED_ERRORS, execute
 
-    return execute(args.stage, config, resume=getattr(args, "resume", False), weights=getattr(args, "weights", None))
+    try:
+        return execute(args.stage, config, resume=getattr(args, "resume", False),
+                       weights=getattr(args, "weights", None))
+    except EXPECTED_ERRORS as exc:
+        if args.debug:
+            raise
+        return failed(args.stage, exc)
 
 
 def run_data_synth(args: argparse.Namespace) -> int:
@@ -109,7 +135,10 @@ def run_data_synth(args: argparse.Namespace) -> int:
         target_size=args.target_size,
     )
     start = time.perf_counter()
-    roots = make_synthetic_pair(args.out, config)
+    try:
+        roots = make_synthetic_pair(args.out, config)
+    except OSError as exc:
+        return failed("data synth", f"--out: cannot write {exc.filename or args.out!r}: {exc.strerror}")
     print(
         f"synthetic pair (seed {config.seed}) written in {time.perf_counter() - start:.1f} s: "
         f"source {config.n_source} images at {roots['source']} (GTA5 layout), "

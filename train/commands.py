@@ -5,15 +5,20 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoint import load_weights
+from drsl_fast.data.base import DatasetLayoutError
+
+from .checkpoint import CheckpointError, load_weights
 from .evaluate import evaluate
 from .log import RunLog
 from .network import seeded_network
 from .pipeline import INTRADA, RunDirectoryError, claim_output_dir, finished, run
 from .runtime import start, stop
+from .schema import ConfigError, check_paths, shown
 
 STAGES = {"run": ("source", "adapt", "evaluate"), "source": ("source",), "adapt": ("source", "adapt"),
           "evaluate": ("source", "adapt", "evaluate"), "intrada": ("source", "adapt", "evaluate")}
+# what a bad command line raises: the CLI reports these in one line, exit code 2
+EXPECTED_ERRORS = (ConfigError, RunDirectoryError, CheckpointError, DatasetLayoutError)
 
 
 def with_intrada(config: Dict) -> Dict:
@@ -25,7 +30,24 @@ def with_intrada(config: Dict) -> Dict:
     return dict(config, adaptation=dict(config["adaptation"], methods=done + [INTRADA]))
 
 
+def check_files(paths: List[str]) -> None:
+    """The model files of ``drsl evaluate --weights`` exist."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--weights: expected an existing file, got {shown(path)}")
+
+
 def execute(command: str, config: Dict, resume: bool = False, weights: Optional[List[str]] = None) -> int:
+    """Runs ``command`` on a validated config. Paths and the device are
+    checked, and output_dir claimed, before anything runs; what does not fit
+    raises one of :data:`EXPECTED_ERRORS` (one line, reported by the CLI)."""
+    if command == "intrada":
+        config = with_intrada(config)
+    check_paths(config, training=not weights)
+    check_files(weights or [])
+    if command in ("adapt", "evaluate") and not weights and not finished(os.path.join(config["output_dir"], "source")):
+        raise RunDirectoryError(f"no finished source model in {config['output_dir']}/source; "
+                                f"run `drsl source` (or `drsl run`) with the same config first")
     runtime = start(config)
     torch.manual_seed(config["seed"])
     log = RunLog(config["output_dir"], enabled=runtime.is_main, tensorboard=config["train"]["tensorboard"],
@@ -34,12 +56,6 @@ def execute(command: str, config: Dict, resume: bool = False, weights: Optional[
     try:
         if weights:
             return evaluate_files(runtime, config, weights, log)
-        if command in ("adapt", "evaluate") and not finished(os.path.join(config["output_dir"], "source")):
-            log.info(f"drsl {command}: no finished source model in {config['output_dir']}/source; "
-                     f"run `drsl source` (or `drsl run`) with the same config first")
-            return 2
-        if command == "intrada":
-            config = with_intrada(config)
         # stage commands work on the run in output_dir; `run` starts one unless --resume
         claim_output_dir(config, resume or command != "run", runtime)
         amp = str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32"
@@ -48,9 +64,6 @@ def execute(command: str, config: Dict, resume: bool = False, weights: Optional[
         run(runtime, config, log, STAGES[command])
         log.info(f"drsl {command}: done in {time.perf_counter() - began:.0f} s")
         return 0
-    except RunDirectoryError as exc:
-        log.info(f"drsl {command}: {exc}")
-        return 2
     finally:
         log.close()
         stop(runtime)
