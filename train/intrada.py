@@ -51,8 +51,6 @@ from .runtime import Runtime, nvtx_range
 
 METHOD, TITLE = "intrada", "IntraDA"
 SNAPSHOTS, SELECTION = "snapshots", "selection.json"
-SELECTIONS = ("last", "best_on_val", "best_on_train")
-INTRA_STARTS = ("inter", "init")
 
 
 class AugmentedImages(Dataset):
@@ -92,17 +90,6 @@ class Joint:
     def load_state_dict(self, state: Dict) -> None:
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
-
-
-def check_settings(config: Dict) -> None:
-    settings = config["intrada"]
-    if settings["select_snapshot"] not in SELECTIONS:
-        raise ValueError(f"intrada.select_snapshot must be one of {SELECTIONS}, got {settings['select_snapshot']!r}")
-    if settings["intra_start"] not in INTRA_STARTS:
-        raise ValueError(f"intrada.intra_start must be one of {INTRA_STARTS}, got {settings['intra_start']!r}")
-    for key in ("normalize", "aux_classifier", "poly"):
-        if not isinstance(settings[key], bool):
-            raise ValueError(f"intrada.{key} must be true or false, got {settings[key]!r}")
 
 
 def intrada_network(config: Dict, log=print, init_weights: bool = False) -> DRSLNetwork:
@@ -308,7 +295,6 @@ def stage_summary(round_number: int, stage: str, evaluation: Dict, selection: Di
 def intrada_stages(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
     """Stages 1-3 of IntraDA, each evaluated on target val; returns the
     results rows of the inter-domain (round 1) and intra-domain (round 2) models."""
-    check_settings(config)
     out = os.path.join(config["output_dir"], METHOD)
     inter_dir, ranking_dir, intra_dir = (os.path.join(out, name) for name in ("inter", "ranking", "intra"))
 

@@ -203,8 +203,6 @@ def run(runtime: Runtime, config: Dict, log: RunLog, stages=("source", "adapt", 
             if network is not None:
                 finals[intrada.TITLE] = network
             continue
-        if method not in METHODS:
-            raise ValueError(f"adaptation.methods: unknown method {method!r}; known: {sorted(METHODS) + [INTRADA]}")
         title = METHODS[method][0]
         if "adapt" in stages:
             results["methods"][title] = adaptation_rounds(runtime, config, method, log)
