@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -38,7 +39,17 @@ inline void check_mode_distance_inputs(const at::Tensor& emb, const at::Tensor& 
 }
 
 inline void check_sigma(std::optional<double> sigma) {
-  TORCH_CHECK(!sigma.has_value() || (std::isfinite(*sigma) && *sigma > 0), "mode_distance: sigma must be finite and > 0");
+  TORCH_CHECK(!sigma.has_value() || (std::isfinite(*sigma) && *sigma > 0),
+              "mode_distance: sigma must be a finite number > 0, got ", sigma.value_or(0.0));
+}
+
+// -1 / (2 sigma^2) in the accumulation type, -inf where it overflows (tiny
+// sigma); as posterior_scale of drsl_fast/reference/mode_distance.py.
+template <typename acc_t>
+inline acc_t posterior_scale(double sigma) {
+  const double scale = -0.5 / sigma / sigma;
+  constexpr acc_t largest = std::numeric_limits<acc_t>::max();
+  return -scale > static_cast<double>(largest) ? -std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(scale);
 }
 
 // One validated mode-distance call: emb viewed as (B, D, P), the modes in the

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../drsl_losses.h"
+#include "../../kernels/nan_rules.h"
 
 namespace drsl_fast {
 namespace {
@@ -38,7 +39,7 @@ void label_mode_kernel(const scalar_t* emb, PixelLayout L, const int64_t* index,
           const acc_t t = e[d] - r[d];
           dist += t * t;
         }
-        if (m == 0 || dist < best) {  // strict: ties keep the lowest mode
+        if (m == 0 || replaces_min(dist, best)) {  // ties keep the lowest mode; NaN wins
           best = dist;
           winner = static_cast<uint8_t>(m);
         }

@@ -18,6 +18,7 @@
 
 #include "chunk_sum.h"
 #include "../drsl_losses.h"
+#include "../../kernels/nan_rules.h"
 
 namespace drsl_fast {
 namespace {
@@ -28,6 +29,12 @@ constexpr int64_t kChunk = 1024;
 
 struct LossParams {
   double sigma, alpha, scale;
+
+  // 1 / (2 sigma^2) in the accumulation type (+inf where it overflows).
+  template <typename acc_t>
+  acc_t inv_two_var() const {
+    return -posterior_scale<acc_t>(sigma);
+  }
 };
 
 // Samples [s0, s0 + n) of image b as a [D][kTile] tile; invalid ones (and the
@@ -71,16 +78,18 @@ struct SampleTerms {
 
 // From the tile distances of sample j: dmin[c], mstar[c], the posterior logits
 // z[c] = s exp(-dmin[c] / (2 sigma^2)) and, as softmax, prob[c]; then Eq. 4, 5.
+// NaN propagates as in the reference (kernels/nan_rules.h): the minima keep
+// it, so does the hinge; with C = 1 the nearest wrong class is at +inf.
 template <typename acc_t>
 SampleTerms<acc_t> sample_terms(const acc_t* dist, int64_t j, int64_t C, int64_t M, int64_t y, const LossParams& p,
                                 acc_t* dmin, uint8_t* mstar, acc_t* z, acc_t* prob) {
-  const acc_t inv_two_var = acc_t(0.5 / (p.sigma * p.sigma));
+  const acc_t inv_two_var = p.inv_two_var<acc_t>();
   for (int64_t c = 0; c < C; ++c) {
     acc_t best = dist[(c * M) * kTile + j];
     uint8_t winner = 0;
     for (int64_t m = 1; m < M; ++m) {
       const acc_t v = dist[(c * M + m) * kTile + j];
-      if (v < best) {  // strict: ties keep the lowest mode
+      if (replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
         best = v;
         winner = static_cast<uint8_t>(m);
       }
@@ -91,19 +100,17 @@ SampleTerms<acc_t> sample_terms(const acc_t* dist, int64_t j, int64_t C, int64_t
   SampleTerms<acc_t> t{acc_t(0), acc_t(0), -1, false};
   acc_t nearest_wrong = std::numeric_limits<acc_t>::infinity();
   for (int64_t c = 0; c < C; ++c) {
-    if (c != y && dmin[c] < nearest_wrong) {
+    if (c != y && replaces_min(dmin[c], nearest_wrong)) {
       nearest_wrong = dmin[c];
       t.negative = c;
     }
   }
-  if (t.negative >= 0) {
-    const acc_t hinge = dmin[y] - nearest_wrong + acc_t(p.alpha);
-    t.hinge_active = hinge > acc_t(0);
-    t.triplet = t.hinge_active ? hinge : acc_t(0);
-  }
+  const acc_t hinge = dmin[y] - nearest_wrong + acc_t(p.alpha);
+  t.hinge_active = hinge > acc_t(0);
+  t.triplet = relu_keep_nan(hinge);
   acc_t z_max = -std::numeric_limits<acc_t>::infinity();
   for (int64_t c = 0; c < C; ++c) {
-    z[c] = acc_t(p.scale) * std::exp(-dmin[c] * inv_two_var);
+    z[c] = acc_t(p.scale) * std::exp(posterior_exponent(dmin[c], -inv_two_var));
     z_max = std::max(z_max, z[c]);
   }
   acc_t total = acc_t(0);
@@ -159,7 +166,7 @@ void backward(const acc_t* grad_triplet, const acc_t* grad_ce, const scalar_t* e
               const int64_t* index, const int64_t* label, const acc_t* modes, int64_t B, int64_t S, int64_t P,
               int64_t C, int64_t M, int64_t D, const LossParams& params, acc_t* sample_grad, acc_t* partial) {
   const int64_t chunks = (S + kChunk - 1) / kChunk;
-  const acc_t inv_two_var = acc_t(0.5 / (params.sigma * params.sigma));
+  const acc_t inv_two_var = params.inv_two_var<acc_t>();
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(D * kTile), dist(C * M * kTile), dmin(C), z(C), prob(C), g(C), e(D);
     std::vector<uint8_t> mstar(C);

@@ -18,6 +18,7 @@
 #include "chunk_sum.h"
 #include "multiversion.h"
 #include "../mode_distance.h"
+#include "../../kernels/nan_rules.h"
 
 namespace drsl_fast {
 namespace {
@@ -168,7 +169,7 @@ void forward(const scalar_t* emb, PixelLayout emb_layout, const acc_t* modes, in
         for (int64_t m = 1; m < M; ++m) {
           squared_distances(tile.data(), modes + (c * M + m) * D, D, dist.data());
           for (int64_t j = 0; j < kTile; ++j) {
-            if (dist[j] < best[j]) {  // strict: ties keep the lowest mode
+            if (replaces_min(dist[j], best[j])) {  // ties keep the lowest mode; NaN wins
               best[j] = dist[j];
               winner[j] = static_cast<uint8_t>(m);
             }
@@ -178,7 +179,7 @@ void forward(const scalar_t* emb, PixelLayout emb_layout, const acc_t* modes, in
           const int64_t o = out_layout.offset(b, c, p0 + j);
           dmin[o] = best[j];
           mstar[o] = winner[j];
-          if (posterior != nullptr) posterior[o] = std::exp(best[j] * posterior_scale);
+          if (posterior != nullptr) posterior[o] = std::exp(posterior_exponent(best[j], posterior_scale));
         }
       }
     }
@@ -227,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cpu(const at::Tenso
   if (dmin.numel() == 0) return {dmin, mstar, posterior};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = sigma ? static_cast<acc_t>(-1.0 / (2.0 * *sigma * *sigma)) : acc_t(0);
+    const acc_t scale = sigma ? posterior_scale<acc_t>(*sigma) : acc_t(0);
     forward<scalar_t, acc_t>(p.bdp.const_data_ptr<scalar_t>(), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C,
                              p.M, p.D, p.B, p.P, dmin.mutable_data_ptr<acc_t>(), mstar.mutable_data_ptr<uint8_t>(),
                              sigma ? posterior.mutable_data_ptr<acc_t>() : nullptr, scale, per_class_layout(emb, p.C));

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../../kernels/confidence_bins.h"
+#include "../../kernels/nan_rules.h"
 #include "../pixel_view.h"
 #include "multiversion.h"
 
@@ -26,12 +27,12 @@ void check_scores(const at::Tensor& scores, const char* op) {
   TORCH_CHECK(scores.size(1) >= 1 && scores.size(1) <= 255, op, ": need 1 <= C <= 255, got C=", scores.size(1));
 }
 
-// best[j], cls[j] = row[j], c where row[j] > best[j] (strict: ties keep the
-// lowest class).
+// best[j], cls[j] = row[j], c where row[j] replaces best[j] as a maximum
+// (ties keep the lowest class; the first NaN wins, as in torch.max).
 DRSL_MULTIVERSIONED(void keep_larger(const float* __restrict__ row, int32_t c, int64_t n, float* __restrict__ best,
                                      int32_t* __restrict__ cls) {
   for (int64_t j = 0; j < n; ++j) {
-    const bool better = row[j] > best[j];
+    const bool better = replaces_max(row[j], best[j]);
     best[j] = better ? row[j] : best[j];
     cls[j] = better ? c : cls[j];
   }
@@ -130,13 +131,15 @@ at::Tensor select_labels_cpu(const at::Tensor& probs, const at::Tensor& threshol
           const float tc = t[c];
           for (int64_t j = 0; j < n; ++j) {
             const float ratio = row[j] / tc;
-            const bool better = c == 0 || ratio > best[j];  // strict: ties keep the lowest class
+            // ties keep the lowest class; the first NaN wins
+            const bool better = c == 0 || replaces_max(ratio, best[j]);
             best[j] = better ? ratio : best[j];
             cls[j] = better ? static_cast<int32_t>(c) : cls[j];
           }
         }
         uint8_t* dst = out + b * P + p0;
-        for (int64_t j = 0; j < n; ++j) dst[j] = best[j] < 1.0f ? uint8_t(255) : static_cast<uint8_t>(cls[j]);
+        // 255 where the largest ratio is below 1 or NaN
+        for (int64_t j = 0; j < n; ++j) dst[j] = best[j] >= 1.0f ? static_cast<uint8_t>(cls[j]) : uint8_t(255);
       }
     });
   });

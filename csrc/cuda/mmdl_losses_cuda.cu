@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor& emb, const
                                        at::cuda::getCurrentCUDAStream()>>>(
         cuda_ptr<scalar_t>(bdp), layout_of(bdp), index.const_data_ptr<int64_t>(), label.const_data_ptr<int64_t>(),
         modes.const_data_ptr<acc_t>(), B, S, P, modes.size(0), modes.size(1), modes.size(2),
-        acc_t(0.5 / (sigma * sigma)), acc_t(alpha), acc_t(scale), triplet.mutable_data_ptr<acc_t>(),
+        -posterior_scale<acc_t>(sigma), acc_t(alpha), acc_t(scale), triplet.mutable_data_ptr<acc_t>(),
         ce.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
                                           at::cuda::getCurrentCUDAStream()>>>(
           grad_triplet.const_data_ptr<acc_t>(), grad_ce.const_data_ptr<acc_t>(), cuda_ptr<scalar_t>(bdp),
           layout_of(bdp), index.const_data_ptr<int64_t>(), label.const_data_ptr<int64_t>(),
-          modes.const_data_ptr<acc_t>(), B, S, P, C, M, D, acc_t(0.5 / (sigma * sigma)), acc_t(alpha), acc_t(scale),
+          modes.const_data_ptr<acc_t>(), B, S, P, C, M, D, -posterior_scale<acc_t>(sigma), acc_t(alpha), acc_t(scale),
           emb_requires_grad ? sample_grad.mutable_data_ptr<acc_t>() : nullptr,
           modes_requires_grad ? grad_modes.mutable_data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

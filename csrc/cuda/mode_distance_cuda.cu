@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const acc_t scale = sigma ? static_cast<acc_t>(-1.0 / (2.0 * *sigma * *sigma)) : acc_t(0);
+    const acc_t scale = sigma ? posterior_scale<acc_t>(*sigma) : acc_t(0);
     const size_t modes_bytes = static_cast<size_t>(C * M * D) * sizeof(acc_t);
     const bool in_shared = modes_bytes <= cuda::kModesSharedBytes;
     cuda::mode_distance_forward_kernel<<<pixel_grid(P, B, cuda::kForwardThreads), cuda::kForwardThreads,

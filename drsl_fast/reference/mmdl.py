@@ -5,7 +5,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .mode_distance import accumulate_dtype
+from .mode_distance import accumulate_dtype, class_posterior
 
 
 def pixel_rows(emb: torch.Tensor) -> torch.Tensor:
@@ -19,10 +19,13 @@ def valid_samples(index: torch.Tensor, label: torch.Tensor, pixels: int, num_cla
 
 
 def gather_samples(emb: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The sampled embeddings (B, S, D); invalid samples read pixel 0."""
+    """The sampled embeddings (B, S, D); invalid samples read 0."""
     bdp = pixel_rows(emb)
+    if bdp.shape[2] == 0:  # no pixels: no sample is valid
+        return bdp.new_zeros((index.shape[0], index.shape[1], bdp.shape[1]))
     safe = torch.where(valid, index, torch.zeros_like(index))
-    return bdp.gather(2, safe[:, None, :].expand(-1, bdp.shape[1], -1)).transpose(1, 2)
+    rows = bdp.gather(2, safe[:, None, :].expand(-1, bdp.shape[1], -1)).transpose(1, 2)
+    return torch.where(valid[..., None], rows, torch.zeros_like(rows))
 
 
 def mmdl_losses(
@@ -37,6 +40,8 @@ def mmdl_losses(
       triplet   = relu(dmin[y] - min_{c != y} dmin[c] + alpha)      (Eq. 4; 0 when C = 1)
       ce        = -log softmax_c(scale * exp(-dmin[c] / (2 sigma^2)))[y]   (Eq. 5)
     Invalid samples (index outside [0, P), label outside [0, C)) give 0.
+    NaN propagates (``min`` and ``relu`` keep it; with C = 1 the nearest wrong
+    class is at +inf, so Eq. 4 is NaN only for a NaN or inf dmin[y]).
     Returns (triplet, ce), each (B, S) in the accumulation dtype.
     Materialises (B, S, C, M, D): it is the oracle.
     """
@@ -52,7 +57,7 @@ def mmdl_losses(
     is_label = F.one_hot(y, C).bool()
     negative = dmin.masked_fill(is_label, float("inf")).min(-1).values
     triplet = torch.relu(positive - negative + alpha)
-    logits = scale * torch.exp(-dmin / (2.0 * sigma * sigma))
+    logits = scale * class_posterior(dmin, sigma)
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(positive)
     zero = torch.zeros((), dtype=acc, device=emb.device)
     return torch.where(valid, triplet, zero), torch.where(valid, ce, zero)

@@ -23,9 +23,10 @@ def num_confidence_bins(mantissa_bits: int) -> int:
 
 
 def pixel_confidence(scores: Tensor, from_logits: bool) -> Tuple[Tensor, Tensor]:
-    """Per pixel of (B, C, H, W) scores: (argmax class (ties: lowest), fp32
-    confidence max_c prob[c]), both flattened. For logits the confidence is
-    ``1 / sum_c exp(l_c - max l)``, the softmax probability of the argmax."""
+    """Per pixel of (B, C, H, W) scores: (argmax class (ties: lowest; the
+    first NaN, as ``torch.max``), fp32 confidence max_c prob[c]), both
+    flattened. For logits the confidence is ``1 / sum_c exp(l_c - max l)``,
+    the softmax probability of the argmax (NaN when a logit is NaN or +inf)."""
     x = scores.float()
     best, cls = x.max(1)
     conf = 1.0 / torch.exp(x - best[:, None]).sum(1) if from_logits else best
@@ -53,10 +54,11 @@ def confidence_histogram(scores: Tensor, from_logits: bool, mantissa_bits: int) 
 
 def select_labels(probs: Tensor, thresholds: Tensor) -> Tensor:
     """SPEC.md §5: ``y = argmax_c prob[c] / t[c]`` (ties: lowest c), 255 where
-    ``max_c prob[c] / t[c] < 1``. (B, C, H, W) -> (B, H, W) uint8."""
+    ``max_c prob[c] / t[c] < 1``, or NaN (``torch.max`` keeps a NaN ratio).
+    (B, C, H, W) -> (B, H, W) uint8."""
     ratio = probs.float() / thresholds.float().to(probs.device)[None, :, None, None]
     best, label = ratio.max(1)
-    return torch.where(best < 1.0, IGNORE_LABEL, label).to(torch.uint8)
+    return torch.where(best >= 1.0, label, IGNORE_LABEL).to(torch.uint8)
 
 
 def rank_threshold(values: Tensor, portion: float) -> float:

@@ -11,7 +11,9 @@
 //   = -g_ce (softmax(z)[c] - [c == y]) z[c] / (2 sigma^2) + g_tri [hinge > 0] ([c == y] - [c == negative]):
 //   dL/de = 2 sum_c g_c (e - r[c, mstar[c]]),  dL/dr[c, mstar[c]] += 2 g_c (r - e).
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include "../nan_rules.h"
 #include "../pixel_layout.h"
 #include "load_store.cuh"
 
@@ -36,7 +38,7 @@ __device__ __forceinline__ acc_t class_dmin(const scalar_t* e, int64_t step, con
       const acc_t t = load_as<acc_t>(e[d * step]) - r[d];
       dist += t * t;
     }
-    if (m == 0 || dist < best) {  // strict: ties keep the lowest mode
+    if (m == 0 || replaces_min(dist, best)) {  // ties keep the lowest mode; NaN wins
       best = dist;
       *winner = m;
     }
@@ -54,17 +56,18 @@ struct SampleSummary {
 template <typename scalar_t, typename acc_t>
 __device__ SampleSummary<acc_t> summarise(const scalar_t* e, int64_t step, const acc_t* modes, int C, int M, int D,
                                           int y, acc_t inv_two_var, acc_t scale) {
-  SampleSummary<acc_t> s{acc_t(0), acc_t(0), acc_t(0), -1};
+  // nearest_wrong stays +inf when C = 1; NaN propagates (kernels/nan_rules.h)
+  SampleSummary<acc_t> s{acc_t(0), acc_t(INFINITY), acc_t(0), -1};
   acc_t z_max = acc_t(0), total = acc_t(0);
   for (int c = 0; c < C; ++c) {
     int winner = 0;
     const acc_t dmin = class_dmin(e, step, modes, c, M, D, &winner);
     if (c == y) s.positive = dmin;
-    else if (s.negative < 0 || dmin < s.nearest_wrong) {
+    else if (replaces_min(dmin, s.nearest_wrong)) {
       s.nearest_wrong = dmin;
       s.negative = c;
     }
-    const acc_t z = scale * exp_of(-dmin * inv_two_var);
+    const acc_t z = scale * exp_of(posterior_exponent(dmin, -inv_two_var));
     if (c == 0 || z > z_max) {  // online log-sum-exp
       total = (c == 0 ? acc_t(0) : total * exp_of(z_max - z)) + acc_t(1);
       z_max = z;
@@ -97,9 +100,8 @@ __global__ void mmdl_losses_forward_kernel(const scalar_t* __restrict__ emb, Pix
   }
   const scalar_t* e = emb + L.offset(o / S, 0, p);
   const auto s = summarise(e, L.channel, modes, C, M, D, static_cast<int>(y), inv_two_var, scale);
-  const acc_t hinge = s.positive - s.nearest_wrong + alpha;
-  triplet[o] = (s.negative >= 0 && hinge > acc_t(0)) ? hinge : acc_t(0);
-  ce[o] = s.log_sum_exp - scale * exp_of(-s.positive * inv_two_var);
+  triplet[o] = relu_keep_nan(s.positive - s.nearest_wrong + alpha);
+  ce[o] = s.log_sum_exp - scale * exp_of(posterior_exponent(s.positive, -inv_two_var));
 }
 
 // Writes dL/de of each sample to sample_grad (B*S, D) (optional) and adds
@@ -125,7 +127,7 @@ __global__ void mmdl_losses_backward_kernel(const acc_t* __restrict__ grad_tripl
   for (int c = 0; c < C; ++c) {
     int winner = 0;
     const acc_t dmin = class_dmin(e, L.channel, modes, c, M, D, &winner);
-    const acc_t z = scale * exp_of(-dmin * inv_two_var);
+    const acc_t z = scale * exp_of(posterior_exponent(dmin, -inv_two_var));
     acc_t g = -g_ce * (exp_of(z - s.log_sum_exp) - acc_t(c == y)) * z * inv_two_var;
     if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));
     if (g == acc_t(0)) continue;

@@ -11,6 +11,7 @@
 //   dL/dr[c, m]  = 2 sum_{pixels with mstar[c] == m} g[c] (r[c, m] - e)
 #pragma once
 #include <cstdint>
+#include "../nan_rules.h"
 #include "../pixel_layout.h"
 #include "load_store.cuh"
 
@@ -65,7 +66,7 @@ __global__ void mode_distance_forward_kernel(
     int best_mode = 0;
 #pragma unroll
     for (int m = 1; m < kMaxModes; ++m) {
-      if (m < M && dist[m] < best) {
+      if (m < M && replaces_min(dist[m], best)) {  // ties keep the lowest mode; NaN wins
         best = dist[m];
         best_mode = m;
       }
@@ -73,7 +74,7 @@ __global__ void mode_distance_forward_kernel(
     const int64_t o = out_layout.offset(b, c, p);
     dmin[o] = best;
     mstar[o] = static_cast<uint8_t>(best_mode);
-    if (posterior != nullptr) posterior[o] = exp_of(best * posterior_scale);
+    if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
   }
 }
 

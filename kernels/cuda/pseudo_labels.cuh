@@ -6,10 +6,12 @@
 //   conf = x[k] (probabilities) or 1 / sum_c exp(x[c] - x[k]) (logits);
 //   counts[k, confidence_bin(conf)] += 1 (kernels/confidence_bins.h).
 // select_labels_kernel: y = argmax_c x[c] / t[c] (ties: lowest), 255 where
-//   the largest ratio is below 1.
+//   the largest ratio is below 1 or NaN.
+// Maxima propagate NaN and keep the first, as torch.max (kernels/nan_rules.h).
 #pragma once
 #include <cstdint>
 #include "../confidence_bins.h"
+#include "../nan_rules.h"
 #include "../pixel_layout.h"
 #include "load_store.cuh"
 
@@ -31,7 +33,7 @@ __global__ void confidence_histogram_kernel(const scalar_t* __restrict__ x, Pixe
   int cls = 0;
   for (int c = 1; c < C; ++c) {
     const float v = load_as<float>(px[c * layout.channel]);
-    if (v > best) {  // strict: ties keep the lowest class
+    if (replaces_max(v, best)) {  // ties keep the lowest class; NaN wins
       best = v;
       cls = c;
     }
@@ -57,12 +59,12 @@ __global__ void select_labels_kernel(const scalar_t* __restrict__ x, PixelLayout
   int cls = 0;
   for (int c = 1; c < C; ++c) {
     const float ratio = load_as<float>(px[c * layout.channel]) / thresholds[c];
-    if (ratio > best) {  // strict: ties keep the lowest class
+    if (replaces_max(ratio, best)) {  // ties keep the lowest class; NaN wins
       best = ratio;
       cls = c;
     }
   }
-  labels[b * P + p] = best < 1.0f ? uint8_t(255) : static_cast<uint8_t>(cls);
+  labels[b * P + p] = best >= 1.0f ? static_cast<uint8_t>(cls) : uint8_t(255);
 }
 
 }  // namespace cuda

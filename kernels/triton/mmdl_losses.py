@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .layout import channel_block, pixel_view
+from .rules import posterior_exponent, relu_keep_nan, replaces_min
 
 BLOCK_SAMPLES = 32
 
@@ -62,7 +63,7 @@ def _class_dmin(e, modes_ptr, c, M, D, channels, channel_ok):
         r = tl.load(modes_ptr + (c * M + m) * D + channels, mask=channel_ok, other=0.0)
         diff = e - r[None, :]
         dist = tl.sum(diff * diff, axis=1)
-        closer = dist < best
+        closer = replaces_min(dist, best)  # ties keep the lowest mode; NaN wins
         best = tl.where(closer, dist, best)
         winner = tl.where(closer, m, winner)
     return best, winner
@@ -71,7 +72,8 @@ def _class_dmin(e, modes_ptr, c, M, D, channels, channel_ok):
 @triton.jit
 def _summarise(e, y, modes_ptr, C, M, D, channels, channel_ok, inv_two_var, scale, BLOCK_S: tl.constexpr):
     """First pass over the classes: dmin[y], the nearest wrong class and its
-    dmin (class -1 when C = 1), and logsumexp_c(z[c]) of Eq. 5 (online)."""
+    dmin (class -1 and +inf when C = 1; NaN propagates), and logsumexp_c(z[c])
+    of Eq. 5 (online)."""
     positive = tl.zeros([BLOCK_S], dtype=tl.float32)
     nearest_wrong = tl.full([BLOCK_S], float("inf"), dtype=tl.float32)
     negative = tl.full([BLOCK_S], -1, dtype=tl.int32)
@@ -81,10 +83,10 @@ def _summarise(e, y, modes_ptr, C, M, D, channels, channel_ok, inv_two_var, scal
         dmin, _ = _class_dmin(e, modes_ptr, c, M, D, channels, channel_ok)
         is_label = y == c
         positive = tl.where(is_label, dmin, positive)
-        closer = (~is_label) & ((negative < 0) | (dmin < nearest_wrong))  # ties: lowest c
+        closer = (~is_label) & replaces_min(dmin, nearest_wrong)  # ties: lowest c
         nearest_wrong = tl.where(closer, dmin, nearest_wrong)
         negative = tl.where(closer, c, negative)
-        z = scale * tl.exp(-dmin * inv_two_var)
+        z = scale * tl.exp(posterior_exponent(dmin, -inv_two_var))
         new_max = tl.maximum(z_max, z)
         total = total * tl.exp(z_max - new_max) + tl.exp(z - new_max)
         z_max = new_max
@@ -107,9 +109,8 @@ def _forward_kernel(
     positive, nearest_wrong, negative, log_sum_exp = _summarise(
         e, y, modes_ptr, C, M, D, channels, channel_ok, inv_two_var, scale, BLOCK_S,
     )
-    hinge = positive - nearest_wrong + alpha
-    triplet = tl.where(counts & (negative >= 0) & (hinge > 0), hinge, 0.0)
-    ce = tl.where(counts, log_sum_exp - scale * tl.exp(-positive * inv_two_var), 0.0)
+    triplet = tl.where(counts, relu_keep_nan(positive - nearest_wrong + alpha), 0.0)
+    ce = tl.where(counts, log_sum_exp - scale * tl.exp(posterior_exponent(positive, -inv_two_var)), 0.0)
     tl.store(triplet_ptr + samples, triplet, mask=in_range)
     tl.store(ce_ptr + samples, ce, mask=in_range)
 
@@ -140,7 +141,7 @@ def _backward_kernel(
     for c in range(0, C):
         dmin, winner = _class_dmin(e, modes_ptr, c, M, D, channels, channel_ok)
         is_label = (y == c).to(tl.float32)
-        z = scale * tl.exp(-dmin * inv_two_var)
+        z = scale * tl.exp(posterior_exponent(dmin, -inv_two_var))
         g = -grad_ce * (tl.exp(z - log_sum_exp) - is_label) * z * inv_two_var
         g += grad_triplet * (is_label - (negative == c).to(tl.float32))
         r = tl.load(
@@ -214,7 +215,7 @@ def _label_mode_kernel(
         )
         diff = e - r
         dist = tl.sum(diff * diff, axis=1)
-        closer = (dist < best) | (m == 0)
+        closer = replaces_min(dist, best) | (m == 0)  # ties keep the lowest mode; NaN wins
         best = tl.where(closer, dist, best)
         winner = tl.where(closer, m, winner)
     tl.store(mode_ptr + samples, tl.where(counts, winner, 255).to(tl.uint8), mask=in_range)

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .layout import channel_block, pixel_view
+from .rules import posterior_exponent, replaces_min
 
 BLOCK_PIXELS = 64
 # Pixels summed by one program of the mode-gradient kernel (fixed, so the
@@ -44,14 +45,14 @@ def _forward_kernel(
             r = tl.load(modes_ptr + (c * M + m) * D + channels, mask=channel_ok, other=0.0)
             diff = e - r[:, None]
             dist = tl.sum(diff * diff, axis=0)
-            closer = dist < best  # strict: ties keep the lowest mode
+            closer = replaces_min(dist, best)  # ties keep the lowest mode; NaN wins
             best = tl.where(closer, dist, best)
             winner = tl.where(closer, m, winner)
         out = b * out_sb + c * out_sc + pixels * out_sp
         tl.store(dmin_ptr + out, best, mask=pixel_ok)
         tl.store(mstar_ptr + out, winner.to(tl.uint8), mask=pixel_ok)
         if WITH_POSTERIOR:
-            tl.store(posterior_ptr + out, tl.exp(best * posterior_scale), mask=pixel_ok)
+            tl.store(posterior_ptr + out, tl.exp(posterior_exponent(best, posterior_scale)), mask=pixel_ok)
 
 
 @triton.jit

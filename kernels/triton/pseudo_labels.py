@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .layout import pixel_view
+from .rules import replaces_max
 
 BLOCK_PIXELS = 128
 # Globals read inside a kernel must be constexprs.
@@ -30,7 +31,7 @@ def _histogram_kernel(
     cls = tl.zeros([BLOCK_P], dtype=tl.int64)
     for c in range(1, C):
         v = tl.load(base + c * x_sc, mask=ok, other=0.0).to(tl.float32)
-        better = v > best  # strict: ties keep the lowest class
+        better = replaces_max(v, best)  # ties keep the lowest class; NaN wins
         best = tl.where(better, v, best)
         cls = tl.where(better, c, cls)
     conf = best
@@ -59,10 +60,10 @@ def _select_kernel(
     cls = tl.zeros([BLOCK_P], dtype=tl.int32)
     for c in range(1, C):
         ratio = tl.load(base + c * x_sc, mask=ok, other=0.0).to(tl.float32) / tl.load(t_ptr + c)
-        better = ratio > best  # strict: ties keep the lowest class
+        better = replaces_max(ratio, best)  # ties keep the lowest class; NaN wins
         best = tl.where(better, ratio, best)
         cls = tl.where(better, c, cls)
-    label = tl.where(best < 1.0, 255, cls)
+    label = tl.where(best >= 1.0, cls, 255)  # 255 below 1 or NaN
     tl.store(labels_ptr + b * P + pixels, label.to(tl.uint8), mask=ok)
 
 
