@@ -223,7 +223,7 @@ def test_opcheck_triton_operators():
         (dict(label=torch.zeros(2, 5, dtype=torch.long)), ValueError, "label must be shaped like index"),
         (dict(index=torch.zeros(2, 4)), TypeError, "index must be an integer tensor"),
         (dict(reduction="sum"), ValueError, "reduction must be one of"),
-        (dict(sigma=0.0), ValueError, "sigma must be finite and > 0"),
+        (dict(sigma=0.0), ValueError, "sigma must be a finite number > 0"),
     ],
 )
 def test_input_validation(change, error, match):

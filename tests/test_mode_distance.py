@@ -292,8 +292,8 @@ def test_saves_nothing_of_size_pixels_by_modes(fast_backend):
         ((2, 4, 3, 3), (3, 2, 5), torch.float32, None, ValueError, "D=4 channels.*D=5"),
         ((2, 4, 3, 3), (3, 17, 4), torch.float32, None, ValueError, "M <= 16"),
         ((2, 4, 3, 3), (3, 2, 4), torch.int64, None, TypeError, "float16, bfloat16, float32 or float64"),
-        ((2, 4, 3, 3), (3, 2, 4), torch.float32, float("nan"), ValueError, "sigma must be finite"),
-        ((2, 4, 3, 3), (3, 2, 4), torch.float32, -1.0, ValueError, "sigma must be finite and > 0"),
+        ((2, 4, 3, 3), (3, 2, 4), torch.float32, float("nan"), ValueError, "sigma must be a finite number > 0, got nan"),
+        ((2, 4, 3, 3), (3, 2, 4), torch.float32, -1.0, ValueError, "sigma must be a finite number > 0, got -1.0"),
     ],
 )
 def test_input_validation(emb_shape, modes_shape, dtype, sigma, error, match):
@@ -304,7 +304,7 @@ def test_input_validation(emb_shape, modes_shape, dtype, sigma, error, match):
 
 
 def test_device_mismatch_is_reported():
-    with pytest.raises(ValueError, match="emb is on cpu but modes are on meta"):
+    with pytest.raises(ValueError, match="emb is on cpu but modes is on meta"):
         drsl_fast.mode_distance(torch.ones(2, 4), torch.ones(3, 2, 4, device="meta"))
 
 

@@ -114,7 +114,7 @@ def test_large_map_no_host_sync_shape():
 @pytest.mark.parametrize(
     "labels, num_classes, k, error, match",
     [
-        (torch.zeros(2, 3), 4, 3, ValueError, r"\(B, H, W\)"),
+        (torch.zeros(2, 3, dtype=torch.long), 4, 3, ValueError, r"\(B, H, W\)"),
         (torch.zeros(1, 2, 3), 4, 3, TypeError, "integer"),
         (torch.zeros(1, 2, 3, dtype=torch.long), 0, 3, ValueError, "num_classes"),
         (torch.zeros(1, 2, 3, dtype=torch.long), 4, -1, ValueError, "k must be"),

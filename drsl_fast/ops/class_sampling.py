@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..backends import resolve
+from .validation import check_dim, check_int, check_integer_tensor, describe
 
 KEY_BITS = 48  # csrc/drsl_losses.h kSampleKeyBits
 MAX_CLASSES = 1 << (62 - KEY_BITS)
@@ -61,8 +62,16 @@ def sample_per_class(
 
     Returns:
         :class:`ClassSamples` (index (B, C, k) in random order, count (B, C)).
+
+    Edge cases, the same on every backend: labels of any integer dtype (not
+    bool or float, which would be truncated); their values are not checked
+    (no host synchronisation), so -1, 255 and any id outside [0, C) are
+    ignored; empty inputs (B, H or W = 0) give count 0 and index -1 (shape
+    (B, C, k)). Wrong types, dtypes or shapes, num_classes outside
+    [1, 16383], k < 0 or a generator on another device type raise TypeError
+    or ValueError naming the argument.
     """
-    check_inputs(labels, num_classes, k)
+    num_classes, k = check_inputs(labels, num_classes, k, generator)
     name = resolve(backend, labels.device)
     if name == "reference":
         return ClassSamples(*reference.sample_per_class(labels, num_classes, k, generator))
@@ -101,17 +110,19 @@ def sort_based_sample_per_class(labels: Tensor, keys: Tensor, num_classes: int, 
     return index, count
 
 
-def check_inputs(labels: Tensor, num_classes: int, k: int) -> None:
-    if not isinstance(labels, Tensor):
-        raise TypeError("sample_per_class: labels must be a tensor")
-    if labels.dim() != 3:
-        raise ValueError(f"sample_per_class: labels must be (B, H, W), got shape {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"sample_per_class: labels must be an integer tensor, got {labels.dtype}")
-    if not isinstance(num_classes, int) or not 1 <= num_classes < MAX_CLASSES:
-        raise ValueError(f"sample_per_class: num_classes must be an int in [1, {MAX_CLASSES}), got {num_classes!r}")
-    if not isinstance(k, int) or k < 0:
-        raise ValueError(f"sample_per_class: k must be an int >= 0, got {k!r}")
+def check_inputs(labels: Tensor, num_classes: int, k: int, generator: Optional[torch.Generator]) -> Tuple[int, int]:
+    """The validation of :func:`sample_per_class`; returns num_classes and k as ints."""
+    op = "sample_per_class"
+    check_integer_tensor(op, "labels", labels, "class ids")
+    check_dim(op, "labels", labels, (3,), "(B, H, W)")
+    num_classes = check_int(op, "num_classes", num_classes, 1, MAX_CLASSES - 1)
+    k = check_int(op, "k", k, 0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {describe(generator)}")
+    if generator is not None and generator.device.type != labels.device.type:
+        raise ValueError(f"{op}: generator is on {generator.device} but labels are on {labels.device}; "
+                         f"the keys are drawn on the labels' device")
+    return num_classes, k
 
 
 def _fake_sample_per_class(labels: Tensor, keys: Tensor, num_classes: int, k: int):

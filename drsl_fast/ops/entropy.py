@@ -18,7 +18,8 @@ from torch import Tensor
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
 from ..reference.mode_distance import accumulate_dtype
-from .validation import check_class_maps
+from .mode_distance import check_triton_dtype
+from .validation import check_bool, check_class_maps
 
 
 class EntropyMaps(NamedTuple):
@@ -37,9 +38,18 @@ def entropy_map(logits: Tensor, with_map: bool = True, *, backend: Optional[str]
     - ``image_score = mean of map over C, H, W`` (IntraDA's ranking score).
 
     fp32 results (fp64 for fp64 logits); differentiable in ``logits``
-    through all three. ``backend``: see :mod:`drsl_fast.backends`.
+    through all three. ``backend``: see :mod:`drsl_fast.backends` (triton
+    computes in fp32 and refuses float64 logits).
+
+    Edge cases, the same on every backend as in the reference: a pixel with a
+    NaN or +inf logit (or all logits -inf) gets NaN map and entropy, and its
+    image a NaN score; empty inputs give empty outputs, and an image without
+    pixels (H or W = 0) the score NaN (a mean over nothing). Wrong types,
+    dtypes or shapes, C < 2 and a with_map that is not a bool raise TypeError
+    or ValueError naming the argument.
     """
     check_class_maps("entropy_map", "logits", logits, 2, None, "it divides by log2 C")
+    with_map = check_bool("entropy_map", "with_map", with_map)
     name = resolve(backend, logits.device)
     if name == "reference":
         return EntropyMaps(*reference.entropy_map(logits, with_map))
@@ -97,13 +107,9 @@ if triton_import_error() is None:
 
     from ..triton_kernels import entropy as triton_kernels
 
-    def _check_triton_dtype(logits: Tensor) -> None:
-        if logits.dtype == torch.float64:
-            raise TypeError("entropy_map: the triton backend computes in fp32; use 'cpu'/'cuda' for float64")
-
     @triton_op("drsl_fast::entropy_map_triton", mutates_args=())
     def _entropy_map_triton(logits: Tensor, with_map: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        _check_triton_dtype(logits)
+        check_triton_dtype("entropy_map", "logits", logits)
         entropy, pixel, _ = _fake_forward(logits, with_map)
         if pixel.numel() > 0:
             triton_kernels.forward(logits, entropy if with_map else None, pixel, launch=wrap_triton)
@@ -112,7 +118,7 @@ if triton_import_error() is None:
 
     @triton_op("drsl_fast::entropy_map_backward_triton", mutates_args=())
     def _entropy_map_backward_triton(logits: Tensor, grad_map: Tensor, grad_pixel: Tensor) -> Tensor:
-        _check_triton_dtype(logits)
+        check_triton_dtype("entropy_map", "logits", logits)
         grad_logits = _fake_backward(logits, grad_map, grad_pixel)
         if grad_logits.numel() > 0:
             triton_kernels.backward(

@@ -19,7 +19,6 @@ The C++ CPU and Triton backends sum gradient contributions in a fixed order,
 so their gradients are deterministic; the CUDA backend adds mode gradients
 atomically.
 """
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -28,8 +27,9 @@ from torch import Tensor
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
 from ..reference.mmdl import pixel_rows, valid_samples
-from ..reference.mode_distance import accumulate_dtype
-from .mode_distance import check_inputs as check_emb_and_modes
+from ..reference.mode_distance import accumulate_dtype, posterior_scale
+from .mode_distance import check_emb_and_modes, check_sigma, check_triton_dtype
+from .validation import check_choice, check_integer_tensor, check_real, check_same_device
 
 REDUCTIONS = ("mean", "none")
 
@@ -65,10 +65,27 @@ def mmdl_losses(
     Returns:
         :class:`MMDLLosses`, fp32 (fp64 for fp64 embeddings), differentiable
         in emb and modes. With C = 1 there is no wrong class and Eq. 4 is 0.
+
+    Every backend gives the reference's answer on edge cases:
+
+    - index and label are int tensors of any integer dtype (not bool or
+      float); their values are not checked (no host synchronisation):
+      out-of-range samples are ignored and do not count.
+    - NaN propagates: a NaN (or inf) embedding at a counted sample, or a NaN
+      in a mode, gives that sample NaN losses wherever the reference's
+      formula does (``min`` and ``relu`` keep NaN; with C = 1 the nearest
+      wrong class is at +inf), and NaN means with reduction='mean'.
+    - sigma so small that ``1 / (2 sigma^2)`` overflows: posteriors are 1
+      where dmin = 0 and 0 elsewhere, as in :func:`mode_distance`.
+    - Empty inputs (B, S, H or W = 0) give empty per-sample losses, means 0.
+    - Anything else (wrong types, dtypes, shapes or devices; sigma not
+      finite and > 0; alpha or scale not finite; an unknown reduction)
+      raises TypeError or ValueError naming the argument.
     """
-    index, label = check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction)
+    index, label = check_samples("mmdl_losses", emb, index, label, modes)
+    params = check_loss_params(sigma, alpha, scale)
+    check_choice("mmdl_losses", "reduction", reduction, REDUCTIONS)
     name = resolve(backend, emb.device)
-    params = (float(sigma), float(alpha), float(scale))
     if name == "reference":
         triplet, ce = reference.mmdl_losses(emb, index, label, modes, *params)
     else:
@@ -84,8 +101,10 @@ def mmdl_losses(
 def label_mode(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """``mstar[y](e)`` of every sample (SPEC §3: nearest mode of its own class,
     ties to the lowest m) as uint8 (B, S); 255 where the sample does not count.
-    Arguments as in :func:`mmdl_losses`. Not differentiable (an argmin)."""
-    index, label = check_inputs(emb, index, label, modes, 0.5, 0.0, 1.0, "none")
+    Arguments, validation and edge cases as in :func:`mmdl_losses`; NaN
+    distances win as in ``torch.argmin`` (a NaN embedding gives mode 0).
+    Not differentiable (an argmin)."""
+    index, label = check_samples("label_mode", emb, index, label, modes)
     name = resolve(backend, emb.device)
     if name == "reference":
         return reference.label_mode(emb, index, label, modes)
@@ -93,24 +112,27 @@ def label_mode(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, *, back
     return op(emb.detach(), index, label, modes.detach())
 
 
-def check_inputs(emb, index, label, modes, sigma, alpha, scale, reduction) -> Tuple[Tensor, Tensor]:
-    """Validates; returns index and label as int64. Raises naming the problem."""
-    check_emb_and_modes(emb, modes, sigma)
-    for name, t in (("index", index), ("label", label)):
-        if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"mmdl_losses: {name} must be an integer tensor")
-        if t.device != emb.device:
-            raise ValueError(f"mmdl_losses: {name} is on {t.device} but emb is on {emb.device}")
+def check_samples(op: str, emb, index, label, modes) -> Tuple[Tensor, Tensor]:
+    """Validates emb, modes and the (B, S) samples; returns index and label
+    as int64. Their values are not checked (no host synchronisation): samples
+    out of range are ignored, as documented."""
+    check_emb_and_modes(op, emb, modes)
+    check_integer_tensor(op, "index", index, "flat pixel indices")
+    check_integer_tensor(op, "label", label, "class ids")
+    check_same_device(op, "index", index, "emb", emb)
+    check_same_device(op, "label", label, "emb", emb)
     batch = emb.shape[0] if emb.dim() == 4 else 1
     if index.dim() != 2 or index.shape[0] != batch:
-        raise ValueError(f"mmdl_losses: index must be (B, S) with B={batch}, got shape {tuple(index.shape)}")
+        raise ValueError(f"{op}: index must be (B, S) with B={batch} (the images of emb), got shape {tuple(index.shape)}")
     if label.shape != index.shape:
-        raise ValueError(f"mmdl_losses: label must be shaped like index {tuple(index.shape)}, got {tuple(label.shape)}")
-    if not (math.isfinite(alpha) and math.isfinite(scale)):
-        raise ValueError("mmdl_losses: alpha and scale must be finite")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"mmdl_losses: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"{op}: label must be shaped like index {tuple(index.shape)}, got {tuple(label.shape)}")
     return index.long(), label.long()
+
+
+def check_loss_params(sigma, alpha, scale) -> Tuple[float, float, float]:
+    """sigma finite > 0, alpha and scale finite; returned as floats."""
+    op = "mmdl_losses"
+    return check_sigma(op, sigma), check_real(op, "alpha", alpha), check_real(op, "scale", scale)
 
 
 # ---------------------------------------------------------------- registration
@@ -170,20 +192,16 @@ if triton_import_error() is None:
 
     from ..triton_kernels import mmdl_losses as triton_kernels
 
-    def _check_triton_dtype(emb: Tensor) -> None:
-        if emb.dtype == torch.float64:
-            raise TypeError("mmdl_losses: the triton backend computes in fp32; use 'cpu'/'cuda' for float64")
-
     @triton_op("drsl_fast::mmdl_losses_triton", mutates_args=())
     def _mmdl_losses_triton(
         emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, sigma: float, alpha: float, scale: float
     ) -> Tuple[Tensor, Tensor]:
-        _check_triton_dtype(emb)
+        check_triton_dtype("mmdl_losses", "emb", emb)
         triplet, ce = _fake_forward(emb, index, label, modes, sigma, alpha, scale)
         if triplet.numel() > 0:
             triton_kernels.forward(
                 emb, index.contiguous(), label.contiguous(), modes.float().contiguous(), triplet, ce,
-                0.5 / (sigma * sigma), alpha, scale, launch=wrap_triton,
+                -posterior_scale(sigma, torch.float32), alpha, scale, launch=wrap_triton,
             )
         return triplet, ce
 
@@ -192,7 +210,7 @@ if triton_import_error() is None:
         grad_triplet: Tensor, grad_ce: Tensor, emb: Tensor, index: Tensor, label: Tensor, modes: Tensor,
         sigma: float, alpha: float, scale: float, emb_requires_grad: bool, modes_requires_grad: bool,
     ) -> Tuple[Tensor, Tensor]:
-        _check_triton_dtype(emb)
+        check_triton_dtype("mmdl_losses", "emb", emb)
         grad_emb, grad_modes = _fake_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale,
                                               emb_requires_grad, modes_requires_grad)
         centres = modes.float().contiguous()
@@ -205,7 +223,8 @@ if triton_import_error() is None:
         if samples > 0 and (emb_requires_grad or modes_requires_grad):
             triton_kernels.backward(
                 grad_triplet.float().expand(index.shape).contiguous(), grad_ce.float().expand(index.shape).contiguous(),
-                emb, index, label, centres, rows, partial, 0.5 / (sigma * sigma), alpha, scale, launch=wrap_triton,
+                emb, index, label, centres, rows, partial, -posterior_scale(sigma, torch.float32), alpha, scale,
+                launch=wrap_triton,
             )
         if emb_requires_grad:
             grad_emb.zero_()
@@ -217,7 +236,7 @@ if triton_import_error() is None:
 
     @triton_op("drsl_fast::label_mode_triton", mutates_args=())
     def _label_mode_triton(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor) -> Tensor:
-        _check_triton_dtype(emb)
+        check_triton_dtype("label_mode", "emb", emb)
         mode = _fake_label_mode(emb, index, label, modes)
         if mode.numel() > 0:
             triton_kernels.label_mode(

@@ -11,7 +11,6 @@ Operators (``torch.library``, traceable by ``torch.compile``):
   drsl_fast::mode_distance / mode_distance_backward          C++ CPU and CUDA
   drsl_fast::mode_distance_triton / mode_distance_backward_triton   Triton
 """
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -19,8 +18,8 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
-from ..reference.mode_distance import accumulate_dtype
-from .validation import FLOAT_DTYPES
+from ..reference.mode_distance import accumulate_dtype, posterior_scale
+from .validation import check_dim, check_float_tensor, check_real, check_same_device
 
 MAX_MODES = 16
 
@@ -44,15 +43,29 @@ def mode_distance(
         emb: embeddings (B, D, H, W) (contiguous or channels-last, read in
             place) or (N, D); float16, bfloat16, float32 or float64.
         modes: mode centres R viewed as (C, M, D), M <= 16.
-        sigma: posterior width (SPEC: 0.5); None skips the posterior.
-        backend: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton';
+        sigma: posterior width (SPEC: 0.5), a finite number > 0; None
+            skips the posterior.
+        backend: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton'
+            (fp32 computation; float64 inputs raise TypeError there);
             see :mod:`drsl_fast.backends`.
 
     Returns:
         :class:`ModeDistance` with fp32 dmin/posterior (fp64 for fp64 input)
         and uint8 mstar. Differentiable in emb and modes.
+
+    Every backend gives the reference's answer on edge cases:
+
+    - NaN propagates as in ``torch.min``: a NaN embedding makes its pixel's
+      dmin and posterior NaN for every class (mstar 0); a NaN in mode m of
+      class c makes dmin[c] NaN with mstar[c] = the first such m.
+    - The posterior is 1 where dmin = 0, for every sigma > 0 (the limit), also
+      when ``1 / (2 sigma^2)`` overflows fp32 (sigma < ~4e-20; the posterior
+      is then 0 wherever dmin > 0).
+    - Empty inputs (B, H, W or N = 0) give empty outputs; D = 0 gives dmin = 0.
+    - Anything else (wrong types, dtypes, shapes or devices; sigma NaN, inf,
+      <= 0 or not a number) raises TypeError or ValueError naming the argument.
     """
-    check_inputs(emb, modes, sigma)
+    sigma = check_inputs(emb, modes, sigma)
     name = resolve(backend, emb.device)
     if name == "reference":
         return ModeDistance(*reference.mode_distance(emb, modes, sigma))
@@ -66,27 +79,38 @@ def mode_posterior(emb: Tensor, modes: Tensor, sigma: float = 0.5, *, backend: O
     return mode_distance(emb, modes, sigma, backend=backend).posterior
 
 
-def check_inputs(emb: Tensor, modes: Tensor, sigma: Optional[float]) -> None:
-    """Raises with a message naming the expected shape, dtype or device."""
-    if not isinstance(emb, Tensor) or not isinstance(modes, Tensor):
-        raise TypeError("mode_distance: emb and modes must be tensors")
-    if emb.dim() not in (2, 4):
-        raise ValueError(f"mode_distance: emb must be (B, D, H, W) or (N, D), got shape {tuple(emb.shape)}")
-    if modes.dim() != 3:
-        raise ValueError(f"mode_distance: modes must be (C, M, D), got shape {tuple(modes.shape)}")
-    for name, t in (("emb", emb), ("modes", modes)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"mode_distance: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if emb.device != modes.device:
-        raise ValueError(f"mode_distance: emb is on {emb.device} but modes are on {modes.device}")
+def check_inputs(emb: Tensor, modes: Tensor, sigma: Optional[float]) -> Optional[float]:
+    """The validation of :func:`mode_distance`; returns sigma as a float (or None)."""
+    check_emb_and_modes("mode_distance", emb, modes)
+    return None if sigma is None else check_sigma("mode_distance", sigma)
+
+
+def check_emb_and_modes(op: str, emb: Tensor, modes: Tensor) -> None:
+    """emb (B, D, H, W) or (N, D) and modes (C, M, D), floating point, on
+    one device, with the same D, C >= 1 and 1 <= M <= 16."""
+    check_float_tensor(op, "emb", emb)
+    check_float_tensor(op, "modes", modes)
+    check_dim(op, "emb", emb, (2, 4), "(B, D, H, W) or (N, D)")
+    check_dim(op, "modes", modes, (3,), "(C, M, D)")
+    check_same_device(op, "emb", emb, "modes", modes)
     if emb.shape[1] != modes.shape[2]:
-        raise ValueError(
-            f"mode_distance: emb has D={emb.shape[1]} channels (dim 1) but modes have D={modes.shape[2]} (dim 2)"
-        )
+        raise ValueError(f"{op}: emb has D={emb.shape[1]} channels (dim 1) but modes have D={modes.shape[2]} (dim 2); "
+                         f"they must match")
     if modes.shape[0] < 1 or not 1 <= modes.shape[1] <= MAX_MODES:
-        raise ValueError(f"mode_distance: modes need C >= 1 and 1 <= M <= {MAX_MODES}, got {tuple(modes.shape)}")
-    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"mode_distance: sigma must be finite and > 0, got {sigma}")
+        raise ValueError(f"{op}: modes must have C >= 1 and 1 <= M <= {MAX_MODES}, got shape {tuple(modes.shape)}")
+
+
+def check_sigma(op: str, sigma) -> float:
+    """sigma: a finite real number > 0 (tiny values are fine, see
+    :func:`drsl_fast.reference.mode_distance.class_posterior`)."""
+    return check_real(op, "sigma", sigma, positive=True)
+
+
+def check_triton_dtype(op: str, name: str, value: Tensor) -> None:
+    """The Triton kernels compute in fp32 and refuse float64 inputs."""
+    if value.dtype == torch.float64:
+        raise TypeError(f"{op}: {name} is float64 and the triton backend computes in fp32; "
+                        f"use backend 'cpu' or 'cuda' for float64")
 
 
 # ---------------------------------------------------------------- registration
@@ -133,7 +157,7 @@ def _register_autograd(op_name: str, backward_op) -> None:
         grad = grad_dmin
         if ctx.sigma is not None and grad_posterior is not None:
             # P = exp(-dmin / (2 sigma^2))  =>  dP/ddmin = -P / (2 sigma^2)
-            through_posterior = grad_posterior * posterior * (-0.5 / (ctx.sigma * ctx.sigma))
+            through_posterior = grad_posterior * posterior * posterior_scale(ctx.sigma, posterior.dtype)
             grad = through_posterior if grad is None else grad + through_posterior
         if grad is None:
             grad = torch.zeros(mstar.shape, dtype=posterior.dtype, device=mstar.device)
@@ -162,10 +186,9 @@ if triton_import_error() is None:
 
     @triton_op("drsl_fast::mode_distance_triton", mutates_args=())
     def _mode_distance_triton(emb: Tensor, modes: Tensor, sigma: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
-        if emb.dtype == torch.float64:
-            raise TypeError("mode_distance: the triton backend computes in fp32; use 'cpu'/'cuda' for float64")
+        check_triton_dtype("mode_distance", "emb", emb)
         dmin, mstar, posterior = _fake_forward(emb, modes, sigma)
-        scale = 0.0 if sigma is None else -0.5 / (sigma * sigma)
+        scale = 0.0 if sigma is None else posterior_scale(sigma, torch.float32)
         if dmin.numel() > 0:
             triton_kernels.forward(
                 emb, modes.float().contiguous(), dmin, mstar, posterior if sigma is not None else None, scale,

@@ -8,7 +8,8 @@
 
 Inputs are read in place (contiguous or channels-last) in fp16/bf16/fp32/fp64
 and compared in fp32. Both are integer-valued, so every backend gives the same
-bits as the reference.
+bits as the reference, NaN inputs included (maxima keep the first NaN, as
+``torch.max`` does).
 
 Operators (``torch.library``):
   drsl_fast::confidence_histogram / select_labels                 C++ CPU and CUDA
@@ -22,7 +23,7 @@ from torch import Tensor
 from .. import _extension
 from ..backends import resolve, triton_import_error
 from ..reference import pseudo_labels as reference
-from .validation import check_class_maps
+from .validation import check_bool, check_class_maps, check_float_tensor, check_int, check_same_device
 
 MAX_MANTISSA_BITS = 16
 
@@ -32,11 +33,20 @@ def confidence_histogram(
 ) -> Tensor:
     """Counts (C, 1 + 24 * 2**mantissa_bits) int64 of the pixels of ``scores``
     (B, C, H, W) per argmax class (ties: lowest) and bin of their confidence
-    (the largest probability; ``softmax`` of logits when ``from_logits``)."""
-    check_class_maps("confidence_histogram", "scores", scores, 1, 255, "labels are uint8, 255 = ignore")
-    if not isinstance(mantissa_bits, int) or not 0 <= mantissa_bits <= MAX_MANTISSA_BITS:
-        raise ValueError(f"confidence_histogram: mantissa_bits must be an int in [0, {MAX_MANTISSA_BITS}], "
-                         f"got {mantissa_bits!r}")
+    (the largest probability; ``softmax`` of logits when ``from_logits``).
+
+    Edge cases, the same on every backend as in the reference: the argmax
+    is ``torch.max``'s, so a pixel with a NaN score counts for its first NaN
+    class, in the last bin (with the confidences <= 0); so does a logit
+    pixel whose softmax is NaN (a +inf logit). Empty inputs count nothing.
+    Wrong types, dtypes or shapes, C outside [1, 255], a from_logits that is
+    not a bool and mantissa_bits outside [0, 16] raise TypeError or
+    ValueError naming the argument.
+    """
+    op = "confidence_histogram"
+    check_class_maps(op, "scores", scores, 1, 255, "labels are uint8, 255 = ignore")
+    from_logits = check_bool(op, "from_logits", from_logits)
+    mantissa_bits = check_int(op, "mantissa_bits", mantissa_bits, 0, MAX_MANTISSA_BITS)
     name = resolve(backend, scores.device)
     if name == "reference":
         return reference.confidence_histogram(scores, from_logits, mantissa_bits)
@@ -49,25 +59,47 @@ def select_labels(probs: Tensor, thresholds: Tensor, *, backend: Optional[str] =
     lowest c); 255 where ``max_c prob[c] / t[c] < 1``.
 
     Args:
-        probs: class probabilities (B, C, H, W).
-        thresholds: t (C,), e.g. from
+        probs: class probabilities (B, C, H, W), 1 <= C <= 255.
+        thresholds: t (C,) floating point, e.g. from
             :meth:`drsl_fast.pseudo_labels.ClassBalancedThresholds.thresholds`;
-            ``inf`` never selects its class.
+            each > 0 in float32, and ``inf`` never selects its class.
     Returns:
         uint8 labels (B, H, W).
+
+    Edge cases, the same on every backend as in the reference: a pixel with
+    a NaN ratio (a NaN probability, or inf / inf) is not selected (255), as
+    ``torch.max`` makes its largest ratio NaN. Empty inputs give empty labels.
+    Thresholds that are NaN or <= 0 (where the ratio has no meaning) raise
+    ValueError, read on the host (one synchronisation on a (C,) tensor);
+    wrong types, dtypes, shapes or devices raise TypeError or ValueError
+    naming the argument.
     """
-    check_class_maps("select_labels", "scores", probs, 1, 255, "labels are uint8, 255 = ignore")
-    if not isinstance(thresholds, Tensor) or thresholds.shape != (probs.shape[1],):
-        shape = tuple(thresholds.shape) if isinstance(thresholds, Tensor) else type(thresholds).__name__
-        raise ValueError(f"select_labels: thresholds must be a ({probs.shape[1]},) tensor, one per class, got {shape}")
-    if thresholds.device != probs.device:
-        raise ValueError(f"select_labels: probs are on {probs.device} but thresholds on {thresholds.device}")
-    thresholds = thresholds.float().contiguous()
+    thresholds = check_select_inputs(probs, thresholds)
     name = resolve(backend, probs.device)
     if name == "reference":
         return reference.select_labels(probs, thresholds)
     op = torch.ops.drsl_fast.select_labels_triton if name == "triton" else torch.ops.drsl_fast.select_labels
     return op(probs, thresholds)
+
+
+def check_select_inputs(probs: Tensor, thresholds: Tensor) -> Tensor:
+    """The validation of :func:`select_labels`; returns the thresholds as
+    contiguous float32."""
+    op = "select_labels"
+    check_class_maps(op, "probs", probs, 1, 255, "labels are uint8, 255 = ignore")
+    check_float_tensor(op, "thresholds", thresholds)
+    classes = probs.shape[1]
+    if thresholds.shape != (classes,):
+        raise ValueError(f"{op}: thresholds must be a ({classes},) tensor, one per class of probs, "
+                         f"got shape {tuple(thresholds.shape)}")
+    check_same_device(op, "thresholds", thresholds, "probs", probs)
+    thresholds = thresholds.float().contiguous()
+    bad = ~(thresholds > 0)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: thresholds must be > 0 in float32 (inf never selects the class), "
+                         f"got {float(thresholds[first])} for class {first}")
+    return thresholds
 
 
 # ---------------------------------------------------------------- registration
