@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data.labels import CITYSCAPES_CLASSES, DROPPED_16_TO_13, DROPPED_19_TO_16, SYNTHIA_CLASSES
+from .ops.validation import (check_bool, check_dim, check_float_tensor, check_int, check_integer_tensor,
+                             check_no_nan, check_tensor, describe)
 
 
 class ConfusionMatrix:
@@ -38,33 +40,63 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, device=None, align_corners: bool = True):
-        if num_classes < 1:
-            raise ValueError(f"ConfusionMatrix: num_classes must be >= 1, got {num_classes}")
-        self.num_classes = num_classes
-        self.align_corners = align_corners
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.num_classes = check_int("ConfusionMatrix", "num_classes", num_classes, 1)
+        self.align_corners = check_bool("ConfusionMatrix", "align_corners", align_corners)
+        self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def update(self, prediction: Tensor, label: Tensor) -> None:
         """Adds a batch. ``prediction``: scores (B, C, h, w) (logits or
-        probabilities, upsampled to the label size) or class ids (B, H, W);
-        ``label``: ground-truth train ids (B, H, W), 255 ignored."""
-        if label.dim() != 3:
-            raise ValueError(f"ConfusionMatrix.update: label must be (B, H, W), got shape {tuple(label.shape)}")
+        probabilities, floating point, upsampled to the label size) or class
+        ids (B, H, W) (an integer dtype); ``label``: ground-truth train ids
+        (B, H, W) of an integer dtype, values outside [0, C) (255) ignored.
+
+        Rejected, because no count would be right: float labels or class ids
+        (they would be truncated), class ids outside [0, C) (-1 and 255
+        included), NaN scores (they have no argmax) and scores without pixels
+        for a label with pixels. Ids and NaN are checked on the host (one
+        synchronisation per batch). Empty batches add nothing.
+        """
+        op = "ConfusionMatrix.update"
+        check_integer_tensor(op, "label", label, "ground-truth train ids")
+        check_dim(op, "label", label, (3,), "(B, H, W)")
+        check_tensor(op, "prediction", prediction)
         label = label.to(self.matrix.device)
         if prediction.dim() == 4:
-            if prediction.shape[1] != self.num_classes:
-                raise ValueError(f"ConfusionMatrix.update: scores have {prediction.shape[1]} classes, "
-                                 f"expected {self.num_classes}")
-            if prediction.shape[0] != label.shape[0]:
-                raise ValueError("ConfusionMatrix.update: scores and labels differ in batch size")
-            for scores, target in zip(prediction, label):  # one upsampled image at a time
-                self.matrix += self._counts(self.upsampled_argmax(scores[None], target.shape)[0], target)
+            self._add_scores(prediction, label)
         elif prediction.shape == label.shape:
-            self.matrix += self._counts(prediction.to(self.matrix.device), label)
+            self._add_ids(prediction, label)
         else:
-            raise ValueError(f"ConfusionMatrix.update: prediction {tuple(prediction.shape)} must be (B, C, h, w) "
-                             f"scores or class ids shaped like the label {tuple(label.shape)}")
+            raise ValueError(f"{op}: prediction must be (B, C, h, w) scores or class ids shaped like the label "
+                             f"{tuple(label.shape)}, got shape {tuple(prediction.shape)}")
+
+    def _add_scores(self, scores: Tensor, label: Tensor) -> None:
+        op = "ConfusionMatrix.update"
+        check_float_tensor(op, "prediction", scores)
+        if scores.shape[1] != self.num_classes:
+            raise ValueError(f"{op}: prediction scores have {scores.shape[1]} classes, expected {self.num_classes} "
+                             f"(num_classes)")
+        if scores.shape[0] != label.shape[0]:
+            raise ValueError(f"{op}: prediction scores have B={scores.shape[0]} images but the label has "
+                             f"B={label.shape[0]}; they must match")
+        if label.numel() == 0:
+            return
+        if scores.shape[2] * scores.shape[3] == 0:
+            raise ValueError(f"{op}: prediction scores have no pixels (shape {tuple(scores.shape)}) to upsample "
+                             f"to the label's {tuple(label.shape[1:])}")
+        check_no_nan(op, "prediction", scores, "a NaN score has no argmax")
+        for image_scores, target in zip(scores, label):  # one upsampled image at a time
+            self.matrix += self._counts(self.upsampled_argmax(image_scores[None], target.shape)[0], target)
+
+    def _add_ids(self, ids: Tensor, label: Tensor) -> None:
+        check_integer_tensor("ConfusionMatrix.update", "prediction", ids, "class ids")
+        ids = ids.to(self.matrix.device)
+        outside = (ids < 0) | (ids >= self.num_classes)
+        if bool(outside.any()):
+            values = ids[outside]
+            raise ValueError(f"ConfusionMatrix.update: prediction class ids must be in [0, {self.num_classes}), "
+                             f"got {values.numel()} outside, from {int(values.min())} to {int(values.max())}")
+        self.matrix += self._counts(ids, label)
 
     def upsampled_argmax(self, scores: Tensor, size: Tuple[int, int]) -> Tensor:
         if tuple(scores.shape[-2:]) != tuple(size):
@@ -72,14 +104,17 @@ class ConfusionMatrix:
         return scores.argmax(1).to(self.matrix.device)
 
     def _counts(self, prediction: Tensor, label: Tensor) -> Tensor:
+        """Counts of (label, prediction) pairs; ``prediction`` in [0, C)."""
         C = self.num_classes
         label, prediction = label.long().flatten(), prediction.long().flatten()
         valid = (label >= 0) & (label < C)
         # invalid pixels go to an extra bin that is dropped: no data-dependent shapes
-        index = torch.where(valid, label * C + prediction.clamp(0, C - 1), C * C)
+        index = torch.where(valid, label * C + prediction, C * C)
         return torch.bincount(index, minlength=C * C + 1)[: C * C].view(C, C)
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        if not isinstance(other, ConfusionMatrix):
+            raise TypeError(f"ConfusionMatrix.merge: other must be a ConfusionMatrix, got {describe(other)}")
         if other.num_classes != self.num_classes:
             raise ValueError("ConfusionMatrix.merge: different numbers of classes")
         self.matrix += other.matrix.to(self.matrix.device)

@@ -114,9 +114,10 @@ def test_reports_of_a_sixteen_class_model():
 
 def test_input_validation():
     confusion = ConfusionMatrix(3)
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="label must be"):
-        confusion.update(torch.zeros(1, 3, 2, 2), torch.zeros(2, 2))
+        confusion.update(torch.zeros(1, 3, 2, 2), labels[0])
     with pytest.raises(ValueError, match="scores have 4 classes"):
-        confusion.update(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2))
+        confusion.update(torch.zeros(1, 4, 2, 2), labels)
     with pytest.raises(ValueError, match="class ids shaped like the label"):
-        confusion.update(torch.zeros(1, 3, 3), torch.zeros(1, 2, 2))
+        confusion.update(torch.zeros(1, 3, 3, dtype=torch.long), labels)

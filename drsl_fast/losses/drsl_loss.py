@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from ..ops.class_sampling import sample_per_class
 from ..ops.mmdl_losses import MMDLLosses, mmdl_losses
+from ..ops.mode_distance import check_sigma
+from ..ops.validation import check_bool, check_dim, check_float_tensor, check_int, check_integer_tensor, check_real
 from .consistency import consistency_loss
 
 IGNORE_LABEL = 255
@@ -21,8 +23,15 @@ IGNORE_LABEL = 255
 
 def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_LABEL) -> Tensor:
     """Eq. 1/2: mean pixel cross-entropy over labelled pixels (0, not NaN, when
-    none is labelled). Logits (B, C, h, w) are upsampled bilinearly to the
-    labels' (B, H, W) size first."""
+    none is labelled). Logits (B, C, h, w) (floating point) are upsampled
+    bilinearly to the labels' (B, H, W) size first; labels are integer ids
+    (a float label would be truncated: TypeError)."""
+    op = "segmentation_loss"
+    check_float_tensor(op, "logits", logits)
+    check_dim(op, "logits", logits, (4,), "(B, C, h, w)")
+    check_integer_tensor(op, "labels", labels, "class ids")
+    check_dim(op, "labels", labels, (3,), "(B, H, W)")
+    ignore_index = check_int(op, "ignore_index", ignore_index, -(1 << 62))
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     per_pixel = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
@@ -70,11 +79,15 @@ class DRSLLoss(nn.Module):
         consistency: bool = True, backend: Optional[str] = None,
     ):
         super().__init__()
-        self.num_classes = num_classes
-        self.samples_per_class = samples_per_class
-        self.sigma, self.alpha, self.scale, self.beta = sigma, alpha, scale, beta
-        self.lambda1, self.lambda2, self.lambda3 = lambda1, lambda2, lambda3
-        self.consistency = consistency
+        op = "DRSLLoss"
+        self.num_classes = check_int(op, "num_classes", num_classes, 1)
+        self.samples_per_class = check_int(op, "samples_per_class", samples_per_class, 0)
+        self.sigma = check_sigma(op, sigma)
+        self.alpha, self.scale, self.beta = (check_real(op, name, value) for name, value in
+                                             (("alpha", alpha), ("scale", scale), ("beta", beta)))
+        self.lambda1, self.lambda2, self.lambda3 = (check_real(op, name, value) for name, value in
+                                                    (("lambda1", lambda1), ("lambda2", lambda2), ("lambda3", lambda3)))
+        self.consistency = check_bool(op, "consistency", consistency)
         self.backend = backend
 
     def forward(

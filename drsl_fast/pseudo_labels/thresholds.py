@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..ops.pseudo_labels import MAX_MANTISSA_BITS, confidence_histogram
+from ..ops.validation import check_class_maps, check_int, check_real, describe
 from ..reference.pseudo_labels import SMALLEST_GAP_BITS, num_confidence_bins
 
 
@@ -49,10 +50,8 @@ class ClassBalancedThresholds:
     """
 
     def __init__(self, num_classes: int, device=None, mantissa_bits: int = 8, backend: Optional[str] = None):
-        if not 1 <= num_classes <= 255:
-            raise ValueError(f"ClassBalancedThresholds: num_classes must be in [1, 255], got {num_classes}")
-        if not 0 <= mantissa_bits <= MAX_MANTISSA_BITS:
-            raise ValueError(f"ClassBalancedThresholds: mantissa_bits must be in [0, {MAX_MANTISSA_BITS}]")
+        num_classes = check_int("ClassBalancedThresholds", "num_classes", num_classes, 1, 255)
+        mantissa_bits = check_int("ClassBalancedThresholds", "mantissa_bits", mantissa_bits, 0, MAX_MANTISSA_BITS)
         self.num_classes = num_classes
         self.mantissa_bits = mantissa_bits
         self.backend = backend
@@ -65,16 +64,23 @@ class ClassBalancedThresholds:
 
     def update(self, scores: Tensor, from_logits: bool = False) -> None:
         """Adds the pixels of a batch of probabilities (or logits with
-        ``from_logits``) shaped (B, C, H, W), on the state's device."""
-        if scores.dim() != 4 or scores.shape[1] != self.num_classes:
-            raise ValueError(f"ClassBalancedThresholds.update: expected (B, {self.num_classes}, H, W) scores, "
-                             f"got shape {tuple(scores.shape)}")
+        ``from_logits``) shaped (B, C, H, W), on the state's device. Edge
+        cases as in :func:`drsl_fast.ops.confidence_histogram` (a NaN pixel
+        counts as the least confident of its first NaN class)."""
+        check_class_maps("ClassBalancedThresholds.update", "scores", scores, 1, 255, "labels are uint8")
+        if scores.shape[1] != self.num_classes:
+            raise ValueError(f"ClassBalancedThresholds.update: scores must be (B, {self.num_classes}, H, W) "
+                             f"(the state's classes), got shape {tuple(scores.shape)}")
         if scores.device != self.device:
-            raise ValueError(f"ClassBalancedThresholds.update: scores are on {scores.device}, the state on {self.device}")
+            raise ValueError(f"ClassBalancedThresholds.update: scores are on {scores.device} but the state is on "
+                             f"{self.device}; they must be on one device")
         self.counts += confidence_histogram(scores, from_logits, self.mantissa_bits, backend=self.backend)
 
     def merge(self, other: "ClassBalancedThresholds") -> "ClassBalancedThresholds":
         """Adds another state (same C and resolution) into this one."""
+        if not isinstance(other, ClassBalancedThresholds):
+            raise TypeError(f"ClassBalancedThresholds.merge: other must be a ClassBalancedThresholds, "
+                            f"got {describe(other)}")
         if (other.num_classes, other.mantissa_bits) != (self.num_classes, self.mantissa_bits):
             raise ValueError("ClassBalancedThresholds.merge: states differ in num_classes or mantissa_bits")
         self.counts += other.counts.to(self.device)
@@ -95,8 +101,7 @@ class ClassBalancedThresholds:
         synchronisation: the confidence at rank floor(n_c * portion) in
         descending order, to the resolution of the module docstring; 1 for a
         class with no pixels; +inf (nothing selected) where the rank is 0."""
-        if not 0.0 <= portion <= 1.0:
-            raise ValueError(f"ClassBalancedThresholds.thresholds: portion must be in [0, 1], got {portion}")
+        check_real("ClassBalancedThresholds.thresholds", "portion", portion, low=0.0, high=1.0)
         n = self.pixels_per_class()
         rank = torch.floor(n.double() * portion).long()
         cumulative = self.counts.cumsum(1)
