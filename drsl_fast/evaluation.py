@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data.labels import CITYSCAPES_CLASSES, DROPPED_16_TO_13, DROPPED_19_TO_16, SYNTHIA_CLASSES
-from .ops.validation import (check_bool, check_dim, check_float_tensor, check_int, check_integer_tensor,
-                             check_no_nan, check_tensor, describe)
+from .ops.validation import (check_bool, check_choice, check_dim, check_float_tensor, check_int,
+                             check_integer_tensor, check_no_nan, check_tensor, describe)
 
 
 class ConfusionMatrix:
@@ -137,10 +137,18 @@ class ConfusionMatrix:
 def per_class_iou(matrix: Tensor) -> Tensor:
     """IoU per class (float64) of a (C, C) confusion matrix (rows: ground
     truth); NaN where TP + FP + FN = 0."""
+    check_square_matrix("per_class_iou", "matrix", matrix)
     m = matrix.double()
     tp = m.diagonal()
     union = m.sum(0) + m.sum(1) - tp
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def check_square_matrix(op: str, name: str, matrix) -> None:
+    """``matrix`` must be a real (C, C) tensor."""
+    check_tensor(op, name, matrix)
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.dtype.is_complex or matrix.dtype == torch.bool:
+        raise ValueError(f"{op}: {name} must be a real (C, C) confusion matrix, got {describe(matrix)}")
 
 
 @dataclass(frozen=True)
@@ -168,21 +176,23 @@ def report(confusion, protocol: str = "19") -> Report:
     """The per-class table and mean of ``protocol`` "19", "16" or "13" (see
     the module docstring) from a :class:`ConfusionMatrix` or a (C, C) matrix
     with C = 19 (Cityscapes train ids) or 16 (SYNTHIA's 16 classes)."""
+    if not isinstance(confusion, (ConfusionMatrix, Tensor)):
+        raise TypeError(f"report: confusion must be a ConfusionMatrix or a (C, C) tensor, got {describe(confusion)}")
+    check_choice("report", "protocol", protocol, ("19", "16", "13"))
     matrix = confusion.matrix if isinstance(confusion, ConfusionMatrix) else confusion
-    C = matrix.shape[0]
+    check_square_matrix("report", "confusion", matrix)
     iou = per_class_iou(matrix).tolist()
+    C = matrix.shape[0]
     if C == 19:
         names = CITYSCAPES_CLASSES
     elif C == 16:
         names = SYNTHIA_CLASSES
     else:
-        raise ValueError(f"report: expected a 19- or 16-class confusion matrix, got {C} classes")
+        raise ValueError(f"report: confusion must be a 19- or 16-class confusion matrix, got {C} classes")
     if protocol == "19":
         if C != 19:
-            raise ValueError("report: the 19-class protocol needs a 19-class confusion matrix")
+            raise ValueError("report: the 19-class protocol needs a 19-class confusion matrix, got 16 classes")
         return Report("19", tuple(names), tuple(iou))
-    if protocol not in ("16", "13"):
-        raise ValueError(f"report: protocol must be '19', '16' or '13', got {protocol!r}")
     if C == 19:
         names, iou = drop(names, iou, DROPPED_19_TO_16)
     if protocol == "13":

@@ -92,7 +92,7 @@ def sort_based_sample_per_class(labels: Tensor, keys: Tensor, num_classes: int, 
     by (class, key) in one int64 key, count pixels per class with a scatter,
     and read the first k of each class's run. Ignored pixels sort last."""
     B = labels.shape[0]
-    flat = labels.reshape(B, -1).long()
+    flat = labels.flatten(1).long()
     ignored = (flat < 0) | (flat >= num_classes)
     cls = torch.where(ignored, torch.full_like(flat, num_classes), flat)
     _, order = torch.sort((cls << KEY_BITS) | keys, dim=1)
@@ -101,7 +101,7 @@ def sort_based_sample_per_class(labels: Tensor, keys: Tensor, num_classes: int, 
     start = (per_class.cumsum(1) - per_class)[:, :num_classes]
     count = per_class[:, :num_classes].clamp(max=k)
     slot = torch.arange(k, device=labels.device)
-    position = (start[:, :, None] + slot).clamp(max=max(flat.shape[1] - 1, 0)).reshape(B, -1)
+    position = (start[:, :, None] + slot).clamp(max=max(flat.shape[1] - 1, 0)).reshape(B, num_classes * k)
     if flat.shape[1] == 0:
         index = torch.full((B, num_classes, k), -1, dtype=torch.int64, device=labels.device)
     else:

@@ -75,7 +75,10 @@ def mode_distance(
 
 
 def mode_posterior(emb: Tensor, modes: Tensor, sigma: float = 0.5, *, backend: Optional[str] = None) -> Tensor:
-    """SPEC.md §3 class posterior ``P[c] = max_m exp(-||e - r[c, m]||^2 / (2 sigma^2))``."""
+    """SPEC.md §3 class posterior ``P[c] = max_m exp(-||e - r[c, m]||^2 / (2 sigma^2))``;
+    validation and edge cases as in :func:`mode_distance` (sigma is required)."""
+    check_emb_and_modes("mode_posterior", emb, modes)
+    sigma = check_sigma("mode_posterior", sigma)
     return mode_distance(emb, modes, sigma, backend=backend).posterior
 
 

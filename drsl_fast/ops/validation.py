@@ -15,6 +15,9 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+# torch's uint16/32/64 lack most CPU kernels: not accepted
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+INTEGER_NAMES = "uint8, int8, int16, int32 or int64"
 
 
 def describe(value) -> str:
@@ -41,16 +44,12 @@ def check_float_tensor(op: str, name: str, value) -> Tensor:
     return value
 
 
-def is_integer_dtype(dtype: torch.dtype) -> bool:
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
 def check_integer_tensor(op: str, name: str, value, what: str = "ids") -> Tensor:
-    """``value`` must be a tensor of an integer dtype (not bool, not float:
-    float ids would be truncated)."""
+    """``value`` must be a uint8, int8, int16, int32 or int64 tensor (not
+    bool, not float: float ids would be truncated)."""
     check_tensor(op, name, value)
-    if not is_integer_dtype(value.dtype):
-        raise TypeError(f"{op}: {name} must be an integer tensor ({what}), got {describe(value)}")
+    if value.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{op}: {name} must be an integer tensor ({what}; {INTEGER_NAMES}), got {describe(value)}")
     return value
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..ops.pseudo_labels import MAX_MANTISSA_BITS, confidence_histogram
-from ..ops.validation import check_class_maps, check_int, check_real, describe
+from ..ops.validation import check_bool, check_class_maps, check_int, check_integer_tensor, check_real, describe
 from ..reference.pseudo_labels import SMALLEST_GAP_BITS, num_confidence_bins
 
 
@@ -68,6 +68,7 @@ class ClassBalancedThresholds:
         cases as in :func:`drsl_fast.ops.confidence_histogram` (a NaN pixel
         counts as the least confident of its first NaN class)."""
         check_class_maps("ClassBalancedThresholds.update", "scores", scores, 1, 255, "labels are uint8")
+        from_logits = check_bool("ClassBalancedThresholds.update", "from_logits", from_logits)
         if scores.shape[1] != self.num_classes:
             raise ValueError(f"ClassBalancedThresholds.update: scores must be (B, {self.num_classes}, H, W) "
                              f"(the state's classes), got shape {tuple(scores.shape)}")
@@ -122,9 +123,17 @@ class ClassBalancedThresholds:
         return {"counts": self.counts, "mantissa_bits": self.mantissa_bits}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["mantissa_bits"] != self.mantissa_bits or state["counts"].shape != self.counts.shape:
-            raise ValueError("ClassBalancedThresholds.load_state_dict: the state has another shape or resolution")
-        self.counts.copy_(state["counts"])
+        """Loads :meth:`state_dict`'s output: int64 counts of this state's
+        shape and the same mantissa_bits."""
+        op = "ClassBalancedThresholds.load_state_dict"
+        if not isinstance(state, dict) or not {"counts", "mantissa_bits"} <= state.keys():
+            raise TypeError(f"{op}: state must be a dict with 'counts' and 'mantissa_bits', got {describe(state)}")
+        counts = check_integer_tensor(op, "state['counts']", state["counts"], "pixel counts")
+        if state["mantissa_bits"] != self.mantissa_bits or counts.shape != self.counts.shape:
+            raise ValueError(f"{op}: the state has another shape or resolution: state['counts'] "
+                             f"{tuple(counts.shape)} with mantissa_bits {state['mantissa_bits']!r}, expected "
+                             f"{tuple(self.counts.shape)} with {self.mantissa_bits}")
+        self.counts.copy_(counts)
 
 
 def round_down_to_float32(x: Tensor) -> Tensor:

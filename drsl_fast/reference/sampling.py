@@ -17,7 +17,7 @@ def sample_per_class(
     Synchronises with the host once per (image, class): it is the oracle.
     """
     B = labels.shape[0]
-    flat = labels.reshape(B, -1)
+    flat = labels.flatten(1)
     index = torch.full((B, num_classes, k), -1, dtype=torch.int64, device=labels.device)
     count = torch.zeros((B, num_classes), dtype=torch.int64, device=labels.device)
     for b in range(B):
