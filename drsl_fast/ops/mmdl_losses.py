@@ -74,7 +74,8 @@ def mmdl_losses(
     - NaN propagates: a NaN (or inf) embedding at a counted sample, or a NaN
       in a mode, gives that sample NaN losses wherever the reference's
       formula does (``min`` and ``relu`` keep NaN; with C = 1 the nearest
-      wrong class is at +inf), and NaN means with reduction='mean'.
+      wrong class is at +inf), and NaN means with reduction='mean'. (Their
+      gradients are not made identical between backends.)
     - sigma so small that ``1 / (2 sigma^2)`` overflows: posteriors are 1
       where dmin = 0 and 0 elsewhere, as in :func:`mode_distance`.
     - Empty inputs (B, S, H or W = 0) give empty per-sample losses, means 0.

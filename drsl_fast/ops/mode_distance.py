@@ -57,7 +57,9 @@ def mode_distance(
 
     - NaN propagates as in ``torch.min``: a NaN embedding makes its pixel's
       dmin and posterior NaN for every class (mstar 0); a NaN in mode m of
-      class c makes dmin[c] NaN with mstar[c] = the first such m.
+      class c makes dmin[c] NaN with mstar[c] = the first such m. (Gradients
+      are then NaN or inf at that pixel and its winning modes, but which
+      other entries they reach differs between backends.)
     - The posterior is 1 where dmin = 0, for every sigma > 0 (the limit), also
       when ``1 / (2 sigma^2)`` overflows fp32 (sigma < ~4e-20; the posterior
       is then 0 wherever dmin > 0).
