@@ -124,7 +124,8 @@ def check_samples(op: str, emb, index, label, modes) -> Tuple[Tensor, Tensor]:
     check_same_device(op, "label", label, "emb", emb)
     batch = emb.shape[0] if emb.dim() == 4 else 1
     if index.dim() != 2 or index.shape[0] != batch:
-        raise ValueError(f"{op}: index must be (B, S) with B={batch} (the images of emb), got shape {tuple(index.shape)}")
+        raise ValueError(f"{op}: index must be (B, S) with B={batch} (the images of emb), "
+                         f"got shape {tuple(index.shape)}")
     if label.shape != index.shape:
         raise ValueError(f"{op}: label must be shaped like index {tuple(index.shape)}, got {tuple(label.shape)}")
     return index.long(), label.long()
