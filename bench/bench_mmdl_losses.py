@@ -1,4 +1,4 @@
-"""Benchmark of the DRSL losses (SPEC.md §4 Eq. 4-7, 10) against what a user
+"""Benchmark of the DRSL losses (docs/method.md §4 Eq. 4-7, 10) against what a user
 would otherwise write, in the same run: one DRSL+ loss step (sampling,
 MMDL triplet + cross-entropy on source and target, cross-domain consistency),
 forward + backward.
@@ -17,8 +17,8 @@ synchronisations are counted with a TorchDispatchMode (calls of
 _local_scalar_dense / nonzero / masked_select, i.e. .item() and data-dependent
 shapes) on CPU, and with torch.cuda.set_sync_debug_mode on GPU.
 
-    python bench/bench_drsl_losses.py            # -> bench/results/drsl_losses_<device>.{json,csv,md}
-    python bench/bench_drsl_losses.py --quick    # print only
+    python bench/bench_mmdl_losses.py            # -> bench/results/mmdl_losses_<device>.{json,csv,md}
+    python bench/bench_mmdl_losses.py --quick    # print only
 """
 import argparse
 import json
@@ -170,7 +170,7 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 7 CPU, 30 GPU)")
     parser.add_argument("--budget-s", type=float, default=None, help="time budget per method (default 30 CPU, 3 GPU)")
-    parser.add_argument("--out", default=None, help="output stem (default bench/results/drsl_losses_<device>)")
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/mmdl_losses_<device>)")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
@@ -191,12 +191,12 @@ def main():
     print(f"\nDRSL+ loss step on {machine}\n\n{table}")
     if args.quick:
         return
-    stem = args.out or os.path.join(harness.RESULTS_DIR, f"drsl_losses_{device}")
+    stem = args.out or os.path.join(harness.RESULTS_DIR, f"mmdl_losses_{device}")
     body = (f"One DRSL+ loss step (sampling, Eq. 4/5 on source and target, Eq. 6), forward + backward, at "
             f"B={SIZE['B']} (1 source + 1 target), C={SIZE['C']}, M={SIZE['M']}, D={SIZE['D']}, "
             f"{SIZE['H']}x{SIZE['W']} embedding maps, k={SIZE['k']}. Times are medians; peak extra memory is "
             f"measured on a fresh process above the inputs; host syncs are counted as described in "
-            f"bench/bench_drsl_losses.py.\n\n{table}")
+            f"bench/bench_mmdl_losses.py.\n\n{table}")
     harness.write_results(stem, harness.metadata(device, size=SIZE), rows,
                           ["method", "time_ms", "min_ms", "max_ms", "peak_extra_mib", "host_syncs", "runs", "error"],
                           "DRSL losses benchmark", body)

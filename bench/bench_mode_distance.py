@@ -1,4 +1,4 @@
-"""Benchmark of the mode-distance op (SPEC.md §3) against what a user would
+"""Benchmark of the mode-distance op (docs/method.md §3) against what a user would
 otherwise write, in the same run.
 
 Methods:

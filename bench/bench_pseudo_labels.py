@@ -1,5 +1,5 @@
-"""Benchmark of the class-balanced thresholds (SPEC.md §5) and the entropy map
-(SPEC.md §7) against what a user would otherwise write, in the same run.
+"""Benchmark of the class-balanced thresholds (docs/method.md §5) and the entropy map
+(docs/method.md §7) against what a user would otherwise write, in the same run.
 
 Thresholds, over a simulated pass of N images of 19 x 512 x 1024 class
 probabilities, generated batch by batch on the fly (the same images for every

@@ -63,7 +63,7 @@ fi
 
 if has_stage ops; then
     timed mode_distance $PY bench/bench_mode_distance.py --device cuda --sizes realistic --out "$DEST/mode_distance" ${BENCH_ARGS:-}
-    timed drsl_losses $PY bench/bench_drsl_losses.py --device cuda --out "$DEST/drsl_losses" ${BENCH_ARGS:-}
+    timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-}
     timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} --out "$DEST/pseudo_labels" ${BENCH_ARGS:-}
 fi
 

@@ -218,15 +218,6 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
     return [found.get(i, dict(spec, error=reason)) for i, spec in enumerate(specs)]
 
 
-def run_demo(output_dir: str, seed: int, overrides: Sequence[str]) -> Dict:
-    """``drsl run --config demo seed=<seed> output_dir=<output_dir> *overrides``
-    (key=value) in a fresh process; returns the run's results.json."""
-    subprocess.run([sys.executable, "-m", "drsl_fast.cli", "run", "--config", "demo", f"seed={seed}",
-                    f"output_dir={output_dir}", "train.progress=false", *overrides], check=True)
-    with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def serve(measure: Callable[[Dict], Dict], specs: Sequence[Dict]) -> None:
     """The worker side of :func:`run_fresh_many`: measures each spec in turn
     and prints its result line with its ``index``. A failure (out of memory,

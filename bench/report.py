@@ -113,7 +113,7 @@ def mode_distance_section(data: Dict) -> str:
 def losses_section(data: Dict) -> str:
     body = [[r["method"], f"{r['time_ms']:.2f}", f"{r['peak_extra_mib']:.1f}", r.get("host_syncs", "")]
             for r in data["results"] if "time_ms" in r]
-    return ("**DRSL+ loss step** (`bench/bench_drsl_losses.py`), sampling + Eq. 4/5/6, forward+backward, "
+    return ("**DRSL+ loss step** (`bench/bench_mmdl_losses.py`), sampling + Eq. 4/5/6, forward+backward, "
             "256x256 maps:\n\n" + table(["method", "ms", "peak extra MiB", "host syncs"], body))
 
 
@@ -132,7 +132,7 @@ def pseudo_label_section(data: Dict) -> str:
                      f"{host:.1f}" if host is not None else ""])
     return (f"**Pseudo-label pass** (`bench/bench_pseudo_labels.py`), {data.get('images', '?')} simulated target "
             "images of 19x512x1024 probabilities, class-balanced thresholds (portion 0.5); sort_all and crst_lists "
-            "are the sort-and-cache ways of SPEC §5:\n\n"
+            "are the sort-and-cache ways of docs/method.md §5:\n\n"
             + table(["method", "s", "images/s", "peak extra MiB", "host peak extra MiB"], body)
             + "\n\nPeak memory is above a pass that only generates the images.")
 
@@ -200,8 +200,8 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
                     "steps is in the GPU training-step table):", "", verdict, ""]
         if "mode_distance" in benches:
             out += [mode_distance_section(benches["mode_distance"]), ""]
-        if "drsl_losses" in benches:
-            out += [losses_section(benches["drsl_losses"]), ""]
+        if "mmdl_losses" in benches:
+            out += [losses_section(benches["mmdl_losses"]), ""]
         if "pseudo_labels" in benches:
             out += [pseudo_label_section(benches["pseudo_labels"]), ""]
     return "\n".join(out)

@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(drsl_fast, m) {
-  // SPEC.md §3. emb (B, D, H, W) or (N, D); modes (C, M, D).
+  // docs/method.md §3. emb (B, D, H, W) or (N, D); modes (C, M, D).
   // Returns dmin and mstar shaped (B, C, H, W) or (N, C), and the class
   // posterior exp(-dmin / (2 sigma^2)) when sigma is given (else an empty tensor).
   m.def("mode_distance(Tensor emb, Tensor modes, float? sigma) -> (Tensor dmin, Tensor mstar, Tensor posterior)");
@@ -12,7 +12,7 @@ TORCH_LIBRARY(drsl_fast, m) {
       "mode_distance_backward(Tensor grad_dmin, Tensor emb, Tensor modes, Tensor mstar, "
       "bool emb_requires_grad, bool modes_requires_grad) -> (Tensor grad_emb, Tensor grad_modes)");
 
-  // SPEC.md §4 (DRSL losses). labels (B, H, W) integer, keys int64 (B, H*W)
+  // docs/method.md §4 (DRSL losses). labels (B, H, W) integer, keys int64 (B, H*W)
   // uniform in [0, 2^48). Returns index (B, C, k) int64 padded with -1, count (B, C).
   m.def("sample_per_class(Tensor labels, Tensor keys, int num_classes, int k) -> (Tensor index, Tensor count)");
   // Eq. 4 and 5 per sample; index, label int64 (B, S); returns triplet, ce (B, S).
@@ -26,13 +26,13 @@ TORCH_LIBRARY(drsl_fast, m) {
   // mstar of each sample's own class, uint8 (B, S), 255 where the sample does not count.
   m.def("label_mode(Tensor emb, Tensor index, Tensor label, Tensor modes) -> Tensor");
 
-  // SPEC.md §5. scores (B, C, H, W) probabilities or logits ->
+  // docs/method.md §5. scores (B, C, H, W) probabilities or logits ->
   // int64 counts (C, 1 + 24 * 2^mantissa_bits) per (argmax class, confidence
   // bin of kernels/confidence_bins.h). select_labels: probs (B, C, H, W),
   // thresholds (C,) -> uint8 labels (B, H, W), 255 where max_c prob/t < 1.
   m.def("confidence_histogram(Tensor scores, bool from_logits, int mantissa_bits) -> Tensor");
   m.def("select_labels(Tensor probs, Tensor thresholds) -> Tensor");
-  // SPEC.md §7. logits (B, C, H, W) -> the normalised self-information map
+  // docs/method.md §7. logits (B, C, H, W) -> the normalised self-information map
   // (B, C, H, W) (empty without with_map), the pixel entropy (B, H, W) and the
   // per-image mean of the map (B,). The backward takes the map's gradient
   // (empty = 0) and the pixel entropy's (which includes the image mean's).

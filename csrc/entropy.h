@@ -1,5 +1,5 @@
 // Host-side checks and backward inputs shared by the CPU and CUDA backends of
-// the entropy-map op (SPEC.md §7).
+// the entropy-map op (docs/method.md §7).
 #pragma once
 #include <ATen/ATen.h>
 

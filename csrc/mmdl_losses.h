@@ -1,5 +1,5 @@
-// Host-side input checks shared by the CPU and CUDA backends of the DRSL loss
-// ops (SPEC.md §4): per-class sampling, the fused MMDL losses and label_mode.
+// Host-side input checks shared by the CPU and CUDA backends of the MMDL loss
+// ops (docs/method.md §4): per-class sampling, the fused MMDL losses and label_mode.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -8,7 +8,7 @@ drsl source | adapt | evaluate   [--config ...] [key=value ...]
     one stage of the run in output_dir (adapt needs the source model;
     evaluate writes the tables, plot and panels of what is finished).
 drsl intrada  [--config ...] [--resume] [key=value ...]
-    IntraDA (SPEC §7) on the run in output_dir: the source model (trained
+    IntraDA (docs/method.md §7) on the run in output_dir: the source model (trained
     first when missing), ADVENT inter-domain adaptation, entropy ranking into
     easy/hard splits, intra-domain adaptation, evaluation beside the finished
     DRSL methods (settings: intrada.*; ``drsl run adaptation.methods=[drsl,
@@ -21,7 +21,7 @@ drsl data synth --out DIR [--seed S] [--n-source N] [--n-target-train N]
     DIR/source in the GTA5 layout, DIR/target in the Cityscapes layout.
 
 Before anything runs, the resolved config is checked in full (types, ranges,
-choices; see train/schema.py) and so are the files and directories the
+choices; see drsl_fast/train/schema.py) and so are the files and directories the
 command reads and the device; ``drsl config`` checks the config but not the
 paths. A bad config, path, device or output_dir, or an unusable model file,
 ends the command with one line ``drsl <command>: <message>`` on stderr and
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("source", "stage 1: source training with MMDL-FR (Eq. 8)"),
         ("adapt", "stages 2-3: pseudo-label rounds and DRSL / DRSL+ adaptation"),
         ("evaluate", "stage 4: evaluation tables, plot and panels (or of --weights files)"),
-        ("intrada", "IntraDA (SPEC §7): ADVENT inter-domain adaptation, entropy ranking, intra-domain adaptation"),
+        ("intrada", "IntraDA (docs/method.md §7): ADVENT inter-domain adaptation, entropy ranking, intra-domain adaptation"),
         ("config", "print the resolved config"),
     ):
         command = commands.add_parser(name, help=help_text)

@@ -1,4 +1,4 @@
-"""Semantic-segmentation evaluation of SPEC.md §9, streamed on the device.
+"""Semantic-segmentation evaluation of docs/method.md §9, streamed on the device.
 
 :class:`ConfusionMatrix` accumulates a (C, C) int64 matrix (rows: ground truth,
 columns: prediction) over pixels whose ground truth is in [0, C) (255 and any

@@ -162,7 +162,7 @@ def amp_dtype(amp: Optional[str]) -> Optional[torch.dtype]:
 
 
 def embedding_size(crop: Tuple[int, int]) -> Tuple[int, int]:
-    """Labels reduced by 2 (ceil), the embedding map's size (SPEC §2)."""
+    """Labels reduced by 2 (ceil), the embedding map's size (docs/method.md §2)."""
     return -(-crop[0] // 2), -(-crop[1] // 2)
 
 

@@ -1,4 +1,4 @@
-"""IntraDA's easy/hard split of the target images (SPEC.md §7).
+"""IntraDA's easy/hard split of the target images (docs/method.md §7).
 
 Each image's score is the mean of its entropy map over C, H, W
 (:func:`drsl_fast.ops.entropy_map`'s ``image_score``), optionally normalised
@@ -63,7 +63,7 @@ def check_rare_classes(rare_classes) -> Tuple[int, ...]:
 
 def rank_easy_hard(scores: Tensor, lam: float = 0.67, rare_counts: Optional[Tensor] = None,
                    num_rare: int = len(RARE_CLASSES)) -> EasyHardSplit:
-    """SPEC.md §7 ranking of N image scores (N,); ``rare_counts`` (N,) from
+    """docs/method.md §7 ranking of N image scores (N,); ``rare_counts`` (N,) from
     :func:`rare_classes_present` switches the rare-class normalisation on.
     Ties keep the input order (stable sort).
 

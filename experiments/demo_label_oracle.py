@@ -1,8 +1,8 @@
 """Where the demo's self-training gains or loses: round 1 of DRSL from one
 source model, trained on different target labels on the same pixels.
 
-    python bench/demo_label_oracle.py                 # -> bench/results/demo_label_oracle.{json,md}
-    python bench/demo_label_oracle.py --round-seeds 5 6 key=value ...
+    python experiments/demo_label_oracle.py                 # -> experiments/results/demo_label_oracle.{json,md}
+    python experiments/demo_label_oracle.py --round-seeds 5 6 key=value ...
 
 The source model and the round-1 pseudo-labels come from one run
 (`drsl run --config demo adaptation.rounds=1 "adaptation.methods=[drsl]"`, seed 0).
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+import demo_runs  # noqa: E402
 
 VARIANTS = ("none", "pseudo", "drop_wrong", "fix_wrong")
 IGNORE = 255
@@ -40,7 +40,7 @@ PROTOCOL = "19"
 
 def round_one(output_dir: str, seed: int, overrides) -> dict:
     """The demo's source stage and one DRSL round (results.json)."""
-    return harness.run_demo(output_dir, seed, ["adaptation.rounds=1", "adaptation.methods=[drsl]", *overrides])
+    return demo_runs.run_demo(output_dir, seed, ["adaptation.rounds=1", "adaptation.methods=[drsl]", *overrides])
 
 
 def relabel(pseudo: np.ndarray, truth: np.ndarray, variant: str) -> np.ndarray:
@@ -110,7 +110,7 @@ def main() -> int:
     parser.add_argument("--round-seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--runs-dir", default="runs/label_oracle")
-    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "demo_label_oracle"))
+    parser.add_argument("--out", default=os.path.join(demo_runs.RESULTS_DIR, "demo_label_oracle"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
@@ -152,7 +152,7 @@ def main() -> int:
         means = [statistics.mean(r["classes"][name] for r in rows if r["variant"] == v) for v in args.variants]
         class_lines.append(f"| {name} | {shares['truth'][name]:.1f} | {shares['predicted'][name]:.1f} | "
                            f"{source_classes[name]:.1f} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
-    command = " ".join(["python", "bench/demo_label_oracle.py", *sys.argv[1:]])
+    command = " ".join(["python", "experiments/demo_label_oracle.py", *sys.argv[1:]])
     text = (f"# Demo label oracle\n\nRound 1 of DRSL from one source model (seed 0, source only: "
             f"{source_miou:.1f} mIoU on the synthetic target val split), trained on different target labels; "
             f"round seeds {args.round_seeds}. `{command}`\n\n" + "\n".join(lines) + "\n\n"

@@ -1,8 +1,8 @@
 """The demo over several seeds: source-only vs DRSL vs DRSL+ mIoU on the
 synthetic target val split, mean and spread (sample standard deviation).
 
-    python bench/demo_seeds.py                 # seeds 0 1 2 -> bench/results/demo_seeds.{json,md}
-    python bench/demo_seeds.py --seeds 0 1 2 3 key=value ...
+    python experiments/demo_seeds.py                 # seeds 0 1 2 -> experiments/results/demo_seeds.{json,md}
+    python experiments/demo_seeds.py --seeds 0 1 2 3 key=value ...
 
 Each seed is a full `drsl run --config demo seed=S` (model init, sample order
 and loss sampling change; the synthetic pair stays the same), timed.
@@ -17,14 +17,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+import demo_runs  # noqa: E402
 
 
 def run_seed(seed: int, overrides, runs_dir: str) -> dict:
     out = os.path.join(runs_dir, f"demo_seed_{seed}")
     subprocess.run(["rm", "-rf", out], check=True)
     start = time.perf_counter()
-    results = harness.run_demo(out, seed, overrides)
+    results = demo_runs.run_demo(out, seed, overrides)
     seconds = time.perf_counter() - start
     row = {"seed": seed, "seconds": seconds, "source only": results["source_only"]["miou"]}
     for title, rounds in results["methods"].items():
@@ -37,7 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--out", default=os.path.join(harness.RESULTS_DIR, "demo_seeds"))
+    parser.add_argument("--out", default=os.path.join(demo_runs.RESULTS_DIR, "demo_seeds"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     rows = [run_seed(seed, args.overrides, args.runs_dir) for seed in args.seeds]
@@ -53,7 +53,7 @@ def main() -> int:
     table = "\n".join(lines)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     text = (f"# Demo over seeds\n\nmIoU (%) on the synthetic target val split after the last round; "
-            f"`python bench/demo_seeds.py {' '.join(sys.argv[1:])}` on {machine}.\n\n{table}\n\n"
+            f"`python experiments/demo_seeds.py {' '.join(sys.argv[1:])}` on {machine}.\n\n{table}\n\n"
             + "\n".join(f"- {m} minus source only, per seed: {', '.join(f'{g:+.1f}' for g in gains[m])}"
                         for m in gains) + "\n")
     print(text)

@@ -4,10 +4,10 @@ synthetic target than on held-out source images.
 
 Runs on the CPU in a few minutes:
 
-    nice -n 19 python bench/synthetic_domain_gap.py
+    nice -n 19 python experiments/synthetic_domain_gap.py
 
-Writes bench/results/synthetic_domain_gap.json and .md. The mIoU is that of
-drsl_fast.evaluation (SPEC.md §9).
+Writes experiments/results/synthetic_domain_gap.json and .md. The mIoU is that of
+drsl_fast.evaluation (docs/method.md §9).
 """
 
 import argparse
@@ -49,7 +49,7 @@ def evaluate(model: DeepLabV2, dataset) -> torch.Tensor:
 
 
 def train_source_only(model: DeepLabV2, dataset, args) -> list:
-    """SGD (momentum 0.9, wd 5e-4, poly 0.9, heads at 10 x lr: SPEC §2, §6), from scratch."""
+    """SGD (momentum 0.9, wd 5e-4, poly 0.9, heads at 10 x lr: docs/method.md §2, §6), from scratch."""
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr), momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     given = list(argv if argv is not None else sys.argv[1:])
-    command = " ".join(["nice -n 19 python bench/synthetic_domain_gap.py"] + given)
+    command = " ".join(["nice -n 19 python experiments/synthetic_domain_gap.py"] + given)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
 

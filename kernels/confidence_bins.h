@@ -1,4 +1,4 @@
-// Confidence bins of the class-balanced threshold histogram (SPEC.md §5).
+// Confidence bins of the class-balanced threshold histogram (docs/method.md §5).
 //
 // A pixel's confidence conf (its largest class probability) is binned by the
 // fp32 bit pattern of d = 1 - conf. Positive floats order like their bit

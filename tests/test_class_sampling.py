@@ -1,4 +1,4 @@
-"""sample_per_class (SPEC.md §4, §10) on every backend: exact counts, no
+"""sample_per_class (docs/method.md §4, §10) on every backend: exact counts, no
 duplicates, right classes, -1 padding, reproducibility, and statistical
 uniformity (chi-square) against the plain-loop reference."""
 import math

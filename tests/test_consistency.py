@@ -1,5 +1,5 @@
-"""Cross-domain mode consistency (SPEC.md Eq. 6): the drawn triplets obey the
-SPEC (class and mode of the positive, class of the negative), positives and
+"""Cross-domain mode consistency (docs/method.md Eq. 6): the drawn triplets obey the
+docs/method.md §4 (class and mode of the positive, class of the negative), positives and
 negatives are uniform over their candidate sets, skips are counted, and the
 loss equals an independent per-triplet computation."""
 import math

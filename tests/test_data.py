@@ -1,4 +1,4 @@
-"""Dataset loaders on fixtures in the real layouts of SPEC.md §8, label maps,
+"""Dataset loaders on fixtures in the real layouts of docs/method.md §8, label maps,
 error handling and the joint training transforms."""
 
 import os
@@ -30,10 +30,10 @@ from drsl_fast.data.labels import (
     TRAIN_19_TO_16,
 )
 
-# SPEC §8, written out independently of the implementation.
-SPEC_GTA5 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+# docs/method.md §8, written out independently of the implementation.
+DOCUMENTED_GTA5 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
              26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
-SPEC_SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12, 19: 13,
+DOCUMENTED_SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12, 19: 13,
                 12: 14, 11: 15}  # fmt: skip
 
 
@@ -79,13 +79,13 @@ def write_png16_rgba(path, channels):
 
 
 def test_label_maps_match_spec():
-    assert {k: v for k, v in GTA5_ID_TO_TRAIN_ID.items() if v != 255} == SPEC_GTA5
-    assert {k: v for k, v in SYNTHIA_ID_TO_TRAIN_ID.items() if v != 255} == SPEC_SYNTHIA
+    assert {k: v for k, v in GTA5_ID_TO_TRAIN_ID.items() if v != 255} == DOCUMENTED_GTA5
+    assert {k: v for k, v in SYNTHIA_ID_TO_TRAIN_ID.items() if v != 255} == DOCUMENTED_SYNTHIA
     # Cityscapes official ids agree with the GTA5 map on every evaluated class.
     raw = np.arange(34, dtype=np.uint8)
     mapped, unmapped, _ = CITYSCAPES_LABELS.apply(raw)
     assert unmapped == 0
-    assert {int(r): int(t) for r, t in zip(raw, mapped) if t != 255} == SPEC_GTA5
+    assert {int(r): int(t) for r, t in zip(raw, mapped) if t != 255} == DOCUMENTED_GTA5
     assert [TRAIN_19_TO_16[c] for c in (9, 14, 16)] == [255] * 3
     assert [TRAIN_19_TO_16[c] for c in (0, 8, 10, 15, 17, 18)] == [0, 8, 9, 13, 14, 15]
     assert [TRAIN_16_TO_13[c] for c in (3, 4, 5)] == [255] * 3
@@ -179,7 +179,7 @@ def test_synthia_reads_first_channel_of_16bit_labels(tmp_path):
     write_rgb(str(tmp_path / "RGB" / "0000000.png"), height, width)
     sample = SYNTHIA(str(tmp_path))[0]
     lut = np.full(23, 255)
-    for k, v in SPEC_SYNTHIA.items():
+    for k, v in DOCUMENTED_SYNTHIA.items():
         lut[k] = v
     assert torch.equal(sample["label"], torch.from_numpy(lut[raw[..., 0]]))
     assert sample["unmapped_pixels"] == 0

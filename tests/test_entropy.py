@@ -1,4 +1,4 @@
-"""The fused entropy map (SPEC.md §7) against ADVENT's separate-ops formula in
+"""The fused entropy map (docs/method.md §7) against ADVENT's separate-ops formula in
 float64, on every backend, with gradients; and IntraDA's easy/hard ranking."""
 import math
 

@@ -1,4 +1,4 @@
-"""IntraDA (SPEC.md §7) in the pipeline: the entropy ranking and split
+"""IntraDA (docs/method.md §7) in the pipeline: the entropy ranking and split
 against an independent NumPy implementation on the same predictions, one
 adversarial step on tiny models, the pipeline end to end through the CLI,
 resume after a crash, and boolean settings."""
@@ -63,7 +63,7 @@ class FixedPredictions(nn.Module):
 
 
 def independent_ranking(logits, lam, normalize):
-    """SPEC §7 from the logits (N, C, H, W) in float64 NumPy: scores, rare
+    """docs/method.md §7 from the logits (N, C, H, W) in float64 NumPy: scores, rare
     counts, stable ascending order and the easy/hard split."""
     x = logits.astype(np.float64)
     p = np.exp(x - x.max(1, keepdims=True))
@@ -171,7 +171,7 @@ def test_each_step_reaches_only_its_own_parameters():
 
 def test_losses_follow_spec_labels_and_weights():
     """L_G = seg + 0.1 seg_aux + 0.001 BCE(D(I_t), 0) + 0.0002 BCE(D_aux(I_t), 0);
-    L_D = BCE(D(I_s), 0) / 2 + BCE(D(I_t), 1) / 2 per level, with the SPEC's
+    L_D = BCE(D(I_s), 0) / 2 + BCE(D(I_t), 1) / 2 per level, with the documented
     entropy map computed here from its formula."""
     network, discriminators = tiny_models()
     source, labels, target = tiny_batch()
@@ -335,7 +335,7 @@ def test_resume_after_a_crash_mid_stage_gives_the_same_result(tmp_path, monkeypa
 
 
 def test_booleans_parse_as_booleans_and_configs_carry_spec_settings():
-    """SPEC §7: the original CLI read `--normalize False` as True; here
+    """docs/method.md §7: the original CLI read `--normalize False` as True; here
     false/False are False and anything but a boolean is refused."""
     for text in ("false", "False"):
         assert load_config("demo", [f"intrada.normalize={text}"])["intrada"]["normalize"] is False

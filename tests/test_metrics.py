@@ -1,4 +1,4 @@
-"""Evaluation (SPEC.md §9) against an independent numpy implementation of the
+"""Evaluation (docs/method.md §9) against an independent numpy implementation of the
 official Cityscapes IoU definition, on the same predictions."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Fused MMDL losses (SPEC.md Eq. 4, 5) and label_mode on every backend,
+"""Fused MMDL losses (docs/method.md Eq. 4, 5) and label_mode on every backend,
 against the reference and an independent per-sample formulation, with
 gradients (float64 gradcheck) and DRSLLoss (Eq. 7-10)."""
 import pytest

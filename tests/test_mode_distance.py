@@ -1,4 +1,4 @@
-"""The mode-distance op (SPEC.md §3) on every backend available here, against
+"""The mode-distance op (docs/method.md §3) on every backend available here, against
 the float64 reference and an independent formulation."""
 import subprocess
 import sys
@@ -45,7 +45,7 @@ def as_rows(t):
 
 def independent_distances(emb, modes):
     """All squared distances (N, C, M) in float64 via torch.cdist (no broadcasting
-    of the difference tensor): an independent formulation of SPEC §3."""
+    of the difference tensor): an independent formulation of docs/method.md §3."""
     x = emb.detach().double().cpu()
     x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
     C, M, D = modes.shape
@@ -266,7 +266,7 @@ def test_mode_gradient_is_deterministic(fast_backend):
 
 
 def test_saves_nothing_of_size_pixels_by_modes(fast_backend):
-    """SPEC §10: no (N, C, M) or (N, C, M, D) tensor is kept for backward."""
+    """docs/method.md §10: no (N, C, M) or (N, C, M, D) tensor is kept for backward."""
     backend, device = fast_backend
     B, D, H, W, C, M = 2, 8, 6, 7, 5, 3
     emb = torch.randn(B, D, H, W, device=device, requires_grad=True)

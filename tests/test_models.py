@@ -1,4 +1,4 @@
-"""DeepLab-v2 and MMDL-FR head against SPEC.md §2, and init-weight loading."""
+"""DeepLab-v2 and MMDL-FR head against docs/method.md §2, and init-weight loading."""
 
 import pickle
 import warnings
@@ -18,7 +18,7 @@ TINY = dict(depth=18, width=0.125)
 
 
 def expected_resnet101_deeplab_parameters(num_classes: int, aux: bool) -> int:
-    """Counted from the architecture of SPEC §2, independently of the code."""
+    """Counted from the architecture of docs/method.md §2, independently of the code."""
     total = 7 * 7 * 3 * 64 + 2 * 64  # stem conv + BN affine
     in_channels = 64
     for planes, blocks in zip((64, 128, 256, 512), (3, 4, 23, 3)):

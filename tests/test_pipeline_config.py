@@ -1,6 +1,6 @@
-"""The run configuration (train/config.py): built-in configs, key=value
+"""The run configuration (drsl_fast/train/config.py): built-in configs, key=value
 overrides typed as YAML, unknown keys rejected, every key checked against the
-schema (train/schema.py), the resolved config written."""
+schema (drsl_fast/train/schema.py), the resolved config written."""
 import dataclasses
 import os
 
@@ -18,7 +18,7 @@ def test_builtin_configs_load_with_spec_settings():
     gta5, synthia = load_config("gta5"), load_config("synthia")
     assert gta5["data"]["num_classes"] == 19 and synthia["data"]["num_classes"] == 16
     assert synthia["data"]["source"]["kind"] == "synthia" and synthia["evaluation"]["protocol"] == "16"
-    for config in (gta5, synthia):  # SPEC §4-§6
+    for config in (gta5, synthia):  # docs/method.md §4-§6
         assert config["model"]["depth"] == 101 and config["model"]["num_modes"] == 3
         assert config["model"]["sigma"] == 0.5 and config["loss"]["samples_per_class"] == 300
         assert (config["loss"]["lambda1"], config["loss"]["lambda2"], config["loss"]["lambda3"]) == (0.25, 0.1, 0.1)

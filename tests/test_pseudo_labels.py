@@ -1,4 +1,4 @@
-"""Class-balanced pseudo-labels (SPEC.md §5): the streaming histogram
+"""Class-balanced pseudo-labels (docs/method.md §5): the streaming histogram
 thresholds against the exact sort-based ones, within the documented bound;
 the label selection and the histogram on every backend against the reference."""
 import math

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for real GPU targets (sm_90, sm_80), no GPU needed.
 
-Each launcher of kernels/triton/*.py is called on small CPU tensors, as the ops
+Each launcher of drsl_fast/triton_kernels/*.py is called on small CPU tensors, as the ops
 call it, with a ``launch`` that compiles the kernel ahead of time for the
 argument types it was given (specialised as a real launch specialises them)
 instead of running it. The Triton interpreter, which runs the other tests
@@ -151,7 +151,7 @@ def mmdl_losses_label_mode(kernels, launch, dtype, layout):
 
 
 class Case(NamedTuple):
-    launcher: str  # module.function in kernels/triton
+    launcher: str  # module.function in drsl_fast/triton_kernels
     options: Dict[str, object]
     target: str
 

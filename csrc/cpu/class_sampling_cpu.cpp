@@ -1,4 +1,4 @@
-// C++ CPU backend of sample_per_class (SPEC.md §4, §10). Every pixel carries
+// C++ CPU backend of sample_per_class (docs/method.md §4, §10). Every pixel carries
 // an i.i.d. uniform key drawn by the caller from its torch.Generator; the k
 // pixels of a class with the smallest keys are a uniform sample without
 // replacement, and sorting them by key puts them in uniformly random order.
@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-#include "../drsl_losses.h"
+#include "../mmdl_losses.h"
 
 namespace drsl_fast {
 namespace {

@@ -1,4 +1,4 @@
-// C++ CPU backend of the ADVENT/IntraDA entropy map (SPEC.md §7); see
+// C++ CPU backend of the ADVENT/IntraDA entropy map (docs/method.md §7); see
 // kernels/cuda/entropy.cuh for the formulas. Pixels are processed in tiles of
 // kTile: the tile's logits are read once into contiguous [C][kTile] memory
 // (the accumulation type), and the softmax, the map, the pixel entropy and,

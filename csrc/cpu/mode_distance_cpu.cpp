@@ -1,4 +1,4 @@
-// C++ CPU backend of the mode-distance op (SPEC.md §3); see
+// C++ CPU backend of the mode-distance op (docs/method.md §3); see
 // kernels/cuda/mode_distance.cuh for the formulas. Pixels are processed in
 // tiles of kTile, converted once to the accumulation type; the inner loops run
 // over contiguous tile memory so the compiler vectorises them, and the hot

@@ -1,4 +1,4 @@
-// C++ CPU backend of the class-balanced pseudo-label ops (SPEC.md §5):
+// C++ CPU backend of the class-balanced pseudo-label ops (docs/method.md §5):
 // the confidence histogram (bins in kernels/confidence_bins.h) and the label
 // selection. Pixels are processed in tiles; the per-class loops run over
 // contiguous tile memory so the compiler vectorises them. Histograms are

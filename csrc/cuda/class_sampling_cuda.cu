@@ -1,4 +1,4 @@
-// CUDA backend of sample_per_class (SPEC.md §4, §10): one device sort per
+// CUDA backend of sample_per_class (docs/method.md §4, §10): one device sort per
 // image of int64 keys (class << 48 | random key), ignored pixels last; pixels
 // per class by a scatter; the first k of each class's run gathered. ATen
 // device primitives only, no host synchronisation.
@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../drsl_losses.h"
+#include "../mmdl_losses.h"
 
 namespace drsl_fast {
 namespace {

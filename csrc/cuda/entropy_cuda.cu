@@ -1,4 +1,4 @@
-// CUDA launchers of the ADVENT/IntraDA entropy map (SPEC.md §7). The kernels
+// CUDA launchers of the ADVENT/IntraDA entropy map (docs/method.md §7). The kernels
 // themselves are in kernels/cuda/entropy.cuh, free of ATen.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,4 +1,4 @@
-// CUDA launchers of the fused MMDL losses (SPEC.md §4 Eq. 4, 5); kernels in
+// CUDA launchers of the fused MMDL losses (docs/method.md §4 Eq. 4, 5); kernels in
 // kernels/cuda/mmdl_losses.cuh. The per-sample embedding gradients are added
 // into the full gradient with index_put_(accumulate) (repeated pixels add up);
 // the mode gradient is accumulated with atomics (not bitwise deterministic).
@@ -12,7 +12,7 @@
 #include <type_traits>
 
 #include "../../kernels/cuda/mmdl_losses.cuh"
-#include "../drsl_losses.h"
+#include "../mmdl_losses.h"
 #include "device_pointers.h"
 
 namespace drsl_fast {

@@ -1,4 +1,4 @@
-// CUDA launchers of the mode-distance op (SPEC.md §3). The kernels themselves
+// CUDA launchers of the mode-distance op (docs/method.md §3). The kernels themselves
 // are in kernels/cuda/mode_distance.cuh, free of ATen.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

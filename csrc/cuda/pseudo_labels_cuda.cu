@@ -1,4 +1,4 @@
-// CUDA launchers of the class-balanced pseudo-label ops (SPEC.md §5). The
+// CUDA launchers of the class-balanced pseudo-label ops (docs/method.md §5). The
 // kernels themselves are in kernels/cuda/pseudo_labels.cuh, free of ATen.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,4 +1,4 @@
-"""Datasets of SPEC.md §8 (GTA5, SYNTHIA-RAND-CITYSCAPES, Cityscapes), their
+"""Datasets of docs/method.md §8 (GTA5, SYNTHIA-RAND-CITYSCAPES, Cityscapes), their
 label maps, the joint training transforms, and the built-in synthetic pair."""
 
 from .base import DatasetLayoutError, Item, LabelSizeWarning, LabelValueWarning, SegmentationDataset

@@ -1,4 +1,4 @@
-"""Common dataset machinery for SPEC.md §8: file pairing, label mapping with
+"""Common dataset machinery for docs/method.md §8: file pairing, label mapping with
 counted out-of-map values, size-mismatch handling, clear errors."""
 
 import os
@@ -62,7 +62,7 @@ def check_items(items: Sequence[Item], what: str) -> None:
 
 
 def with_translated(items: List[Item], translated_root: Optional[str], image_root: str) -> List[Item]:
-    """Adds, beside each original, the translated image (SPEC §6 ISA, e.g.
+    """Adds, beside each original, the translated image (docs/method.md §6 ISA, e.g.
     CycleGAN outputs) found at the same relative path under ``translated_root``;
     it shares the original's label."""
     if translated_root is None:
@@ -87,14 +87,14 @@ class SegmentationDataset(Dataset):
     of out-of-map label values set to 255, each such file also warned about
     with :class:`LabelValueWarning`); with ``embedding_labels`` also
     ``embedding_label``, the label reduced by 2 (nearest) for the MMDL-FR
-    branch (SPEC §2).
+    branch (docs/method.md §2).
 
     Args:
         items: the entries (see :func:`check_items`).
         read_label: reads a label file into an integer array of raw ids.
         label_map: raw ids -> train ids.
         class_map: optional train-id subset map applied afterwards (e.g. 19 -> 16).
-        normalization: uint8 RGB -> network input (default Caffe BGR, SPEC §2).
+        normalization: uint8 RGB -> network input (default Caffe BGR, docs/method.md §2).
         transform: joint image/label transform (e.g. :class:`TrainTransform`).
         on_size_mismatch: 'resize' the label to the image (nearest, warned) or 'error'.
     """

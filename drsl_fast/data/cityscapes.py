@@ -1,4 +1,4 @@
-"""Cityscapes (SPEC.md §8): ``leftImg8bit/<split>/<city>/*_leftImg8bit.png``
+"""Cityscapes (docs/method.md §8): ``leftImg8bit/<split>/<city>/*_leftImg8bit.png``
 with ``gtFine/<split>/<city>/*_gtFine_labelIds.png``, label ids mapped to train
 ids by the official definitions; 19 classes, or the 16 / 13 SYNTHIA subsets."""
 

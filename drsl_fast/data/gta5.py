@@ -1,4 +1,4 @@
-"""GTA5 (SPEC.md §8): ``images/*.png`` with ``labels/*.png`` of the same name,
+"""GTA5 (docs/method.md §8): ``images/*.png`` with ``labels/*.png`` of the same name,
 labels in Cityscapes ids (palette PNGs). Some label maps differ in size from
 their images by a few pixels: they are resized with nearest and warned about
 (or raise with ``on_size_mismatch='error'``); known bad files (e.g. the blank

@@ -1,4 +1,4 @@
-"""Image and label file reading with errors that name the file (SPEC.md §8).
+"""Image and label file reading with errors that name the file (docs/method.md §8).
 
 RGB images and 8-bit label maps (GTA5 palette PNGs, whose palette indices are
 the ids; Cityscapes labelId PNGs) are read with Pillow. SYNTHIA's GT/LABELS are

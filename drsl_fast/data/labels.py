@@ -1,11 +1,11 @@
-"""Label maps of SPEC.md §8, as lookup tables from raw ids to train ids.
+"""Label maps of docs/method.md §8, as lookup tables from raw ids to train ids.
 
 Facts used:
 - Cityscapes ids -> train ids: the official definitions (``cityscapesscripts``
   ``labels.py``); ids 0-33 plus 255 (license plate, id -1, stored as 255 in
   8-bit labelId maps), all non-evaluated ids -> 255.
-- GTA5 labels use the Cityscapes ids, hence the same map (SPEC §8 lists it).
-- SYNTHIA-RAND-CITYSCAPES ids 0-22 -> the 16 SYNTHIA classes of SPEC §8.
+- GTA5 labels use the Cityscapes ids, hence the same map (docs/method.md §8 lists it).
+- SYNTHIA-RAND-CITYSCAPES ids 0-22 -> the 16 SYNTHIA classes of docs/method.md §8.
 - 19 -> 16 classes drops terrain, truck, train; 16 -> 13 (mIoU*) drops wall,
   fence, pole.
 """

@@ -5,7 +5,7 @@ Scenes are drawn procedurally from a seed: sky, buildings, road with lane
 marks, sidewalks, trees, poles with traffic signs, cars and persons, labelled
 with Cityscapes ids. Every class has several appearance modes (three car
 colours, brick / glass / concrete buildings, ...), which is what MMDL's modes
-model (SPEC.md §1).
+model (docs/method.md §1).
 
 - Source ("game-like"): flat, saturated colours, no noise, sharp edges, a
   horizon near mid-height. Written in the GTA5 layout (``images/``,

@@ -1,4 +1,4 @@
-"""SYNTHIA-RAND-CITYSCAPES (SPEC.md §8): ``RGB/*.png`` with ``GT/LABELS/*.png``
+"""SYNTHIA-RAND-CITYSCAPES (docs/method.md §8): ``RGB/*.png`` with ``GT/LABELS/*.png``
 of the same name; labels are 16-bit multi-channel PNGs whose first channel is
 the class id, mapped to the 16 SYNTHIA classes."""
 

@@ -1,5 +1,5 @@
 """Input normalisation and the joint image/label training transforms
-(SPEC.md §6: random scale 0.5-1.5, random crop, horizontal flip; §2: labels
+(docs/method.md §6: random scale 0.5-1.5, random crop, horizontal flip; §2: labels
 reduced by 2 for the MMDL-FR embedding branch).
 
 Images are (3, H, W) float tensors, labels (H, W) int64 with 255 = ignore.
@@ -36,7 +36,7 @@ class ImageNormalization:
         return (image * self.scale - mean) / std
 
 
-# Caffe-converted DeepLab ImageNet init (ADVENT): BGR, 0-255, mean subtracted (SPEC §2).
+# Caffe-converted DeepLab ImageNet init (ADVENT): BGR, 0-255, mean subtracted (docs/method.md §2).
 CAFFE_BGR = ImageNormalization(True, 1.0, (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0))
 # torchvision ResNet weights: RGB in [0, 1], ImageNet mean and std.
 TORCHVISION_RGB = ImageNormalization(False, 1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -58,7 +58,7 @@ def resize_label(label: Tensor, size: Tuple[int, int]) -> Tensor:
 
 def reduce_label(label: Tensor, factor: int = 2) -> Tensor:
     """Labels for the embedding branch: nearest reduction by ``factor``
-    (SPEC §2; ceil size, the stride-2 grid of the input)."""
+    (docs/method.md §2; ceil size, the stride-2 grid of the input)."""
     height, width = label.shape[-2:]
     return resize_label(label, (-(-height // factor), -(-width // factor)))
 
@@ -75,7 +75,7 @@ class TrainTransform:
     scale_range: Tuple[float, float] = (0.5, 1.5)
     flip: bool = True
     base_size: Optional[Sequence[int]] = None
-    colour_jitter: float = 0.0  # see colour_jitter(); 0 = off (the SPEC's setting)
+    colour_jitter: float = 0.0  # see colour_jitter(); 0 = off (the documented setting)
 
     def __call__(
         self, image: Tensor, label: Optional[Tensor], generator: Optional[torch.Generator] = None
@@ -112,7 +112,7 @@ def colour_jitter(image: Tensor, strength: float, generator: Optional[torch.Gene
     """A random affine colour transform of a normalised image (3, H, W):
     ``x' = (I + strength * U) x + strength * u`` with U (3, 3) and u (3,) drawn
     uniformly in [-1, 1]. It mixes channels and shifts colours, so a network
-    cannot rely on a domain's exact palette (not part of SPEC.md §6; off by
+    cannot rely on a domain's exact palette (not part of docs/method.md §6; off by
     default)."""
     mix = torch.eye(3) + strength * (2 * torch.rand(3, 3, generator=generator) - 1)
     shift = strength * (2 * torch.rand(3, generator=generator) - 1)

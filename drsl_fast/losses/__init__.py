@@ -1,4 +1,4 @@
-"""DRSL losses (SPEC.md §4): per-class sampling, the fused MMDL losses
+"""DRSL losses (docs/method.md §4): per-class sampling, the fused MMDL losses
 (Eq. 4, 5), cross-domain mode consistency (Eq. 6), in-mode variance (Eq. 7)
 and the combined objectives (Eq. 8-10)."""
 from ..ops.class_sampling import ClassSamples, sample_per_class

@@ -1,4 +1,4 @@
-"""Cross-domain mode consistency, SPEC.md §4 Eq. 6 (DRSL+).
+"""Cross-domain mode consistency, docs/method.md §4 Eq. 6 (DRSL+).
 
 Anchors are target embeddings with a valid pseudo-label c (the per-class
 samples of :func:`sample_per_class`); the anchor's mode is m = mstar[c](e_t).
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..ops.mmdl_losses import label_mode
-from ..reference.mmdl import pixel_rows
+from ..reference.mmdl_losses import pixel_rows
 from ..reference.mode_distance import accumulate_dtype
 
 
@@ -160,9 +160,9 @@ def consistency_loss(
     target_emb: Tensor, anchor_index: Tensor, anchor_label: Tensor, source_emb: Tensor, source_labels: Tensor,
     modes: Tensor, beta: float = 1.0, generator: Optional[torch.Generator] = None, *, backend: Optional[str] = None,
 ) -> ConsistencyLoss:
-    """SPEC.md Eq. 6 in one call: draws the triplets
+    """docs/method.md Eq. 6 in one call: draws the triplets
     (:func:`consistency_triplets`) and returns their mean hinge with margin
-    ``beta`` (SPEC: 1). Gradients reach both embeddings (detach
+    ``beta`` (docs/method.md §4: 1). Gradients reach both embeddings (detach
     ``source_emb`` to move only the target side); the modes only choose
     positives, so they get none."""
     triplets = consistency_triplets(

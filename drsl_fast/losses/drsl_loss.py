@@ -1,9 +1,9 @@
-"""The DRSL objectives, SPEC.md §4 Eq. 7-10, usable from any training loop.
+"""The DRSL objectives, docs/method.md §4 Eq. 7-10, usable from any training loop.
 
 Segmentation losses (Eq. 1/2) are passed in, not computed here: the training
 loop owns the segmentation output (resolution, multi-level auxiliary head with
-its 0.1 weight, SPEC §2), so :class:`DRSLLoss` takes the already-reduced
-``seg_source`` / ``seg_target``; :func:`segmentation_loss` is the SPEC's pixel
+its 0.1 weight, docs/method.md §2), so :class:`DRSLLoss` takes the already-reduced
+``seg_source`` / ``seg_target``; :func:`segmentation_loss` is the documented pixel
 cross-entropy with ignore 255 for loops that want it.
 """
 from typing import Dict, NamedTuple, Optional
@@ -41,7 +41,7 @@ def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
 
 def labels_at(labels: Tensor, emb: Tensor) -> Tensor:
     """Labels (B, H, W) reduced to the embedding map's size by nearest
-    neighbour (SPEC §2: stride 2); unchanged when the sizes already match."""
+    neighbour (docs/method.md §2: stride 2); unchanged when the sizes already match."""
     size = tuple(emb.shape[-2:])
     if tuple(labels.shape[-2:]) == size:
         return labels

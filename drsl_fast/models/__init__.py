@@ -1,4 +1,4 @@
-"""Networks of SPEC.md §2: DeepLab-v2 (ResNet, frozen BN, summed 4-branch
+"""Networks of docs/method.md §2: DeepLab-v2 (ResNet, frozen BN, summed 4-branch
 classifier) and the MMDL-FR head, plus init-weight loading; the ADVENT/IntraDA
 discriminator of §7."""
 

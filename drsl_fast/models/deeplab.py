@@ -1,4 +1,4 @@
-"""DeepLab-v2 segmentation network (SPEC.md §2)."""
+"""DeepLab-v2 segmentation network (docs/method.md §2)."""
 
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
@@ -14,7 +14,7 @@ HEAD_LR_MULTIPLIER = 10.0
 class SummedDilatedConvs(nn.Module):
     """Parallel 3x3 convs with bias at dilation = padding d, outputs summed.
 
-    This is DeepLab-v2's "ASPP" classifier (SPEC.md §2) and, with D output
+    This is DeepLab-v2's "ASPP" classifier (docs/method.md §2) and, with D output
     channels, the MMDL-FR embedding block. Weights are drawn from N(0, 0.01),
     biases start at 0.
     """
@@ -46,7 +46,7 @@ class DeepLabOutput(NamedTuple):
 
 
 class DeepLabV2(nn.Module):
-    """DeepLab-v2 (SPEC.md §2): :class:`DeepLabResNet` trunk plus the summed
+    """DeepLab-v2 (docs/method.md §2): :class:`DeepLabResNet` trunk plus the summed
     4-branch classifier on layer4 and an optional auxiliary classifier on
     layer3 (ADVENT/IntraDA multi-level output; weight ``AUX_LOSS_WEIGHT`` on
     its segmentation loss).
@@ -82,7 +82,7 @@ class DeepLabV2(nn.Module):
         return [m for m in (self.classifier, self.aux_classifier) if m is not None]
 
     def parameter_groups(self, lr: float, extra_heads: Iterable[nn.Module] = ()) -> List[Dict]:
-        """SGD parameter groups (SPEC.md §2): backbone at ``lr``; the
+        """SGD parameter groups (docs/method.md §2): backbone at ``lr``; the
         classifiers and ``extra_heads`` (e.g. the MMDL-FR head) at 10 x lr.
         Frozen parameters (BatchNorm) are left out."""
         heads = self.head_modules() + list(extra_heads)

@@ -1,4 +1,4 @@
-"""The fully-convolutional domain discriminator of ADVENT/IntraDA (SPEC.md §7).
+"""The fully-convolutional domain discriminator of ADVENT/IntraDA (docs/method.md §7).
 
 Input: a C-channel entropy map (:func:`drsl_fast.ops.entropy_map`); output: one
 logit per cell of a grid 32 times coarser than the input (five stride-2 convs).
@@ -15,7 +15,7 @@ LEAKY_SLOPE = 0.2
 
 class FCDiscriminator(nn.Module):
     """Five 4x4 convs, stride 2, padding 1, channels C -> 64 -> 128 -> 256 ->
-    512 -> 1, LeakyReLU(0.2) after the first four, no normalisation (SPEC §7).
+    512 -> 1, LeakyReLU(0.2) after the first four, no normalisation (docs/method.md §7).
     Narrower ``channels`` (see :func:`discriminator_channels`) are for tests
     and the CPU demo, as the width multiplier of the segmentation network."""
 
@@ -37,7 +37,7 @@ class FCDiscriminator(nn.Module):
 
 
 def discriminator_channels(width: float = 1.0) -> Sequence[int]:
-    """SPEC §7's hidden widths 64, 128, 256, 512 scaled by ``width`` (1.0: the SPEC's)."""
+    """docs/method.md §7's hidden widths 64, 128, 256, 512 scaled by ``width`` (1.0: the documented widths)."""
     if width <= 0:
         raise ValueError(f"discriminator width must be > 0, got {width}")
     return tuple(max(1, round(c * width)) for c in DISCRIMINATOR_CHANNELS)

@@ -1,4 +1,4 @@
-"""Frozen BatchNorm of the DeepLab-v2 backbone (SPEC.md §2: "Every BatchNorm is
+"""Frozen BatchNorm of the DeepLab-v2 backbone (docs/method.md §2: "Every BatchNorm is
 frozen: eval mode, no gradient")."""
 
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""MMDL-FR head (SPEC.md §2, §3): per-pixel embeddings and per-class mixtures
+"""MMDL-FR head (docs/method.md §2, §3): per-pixel embeddings and per-class mixtures
 of M mode centres, sharing the DeepLab-v2 base features."""
 
 from typing import Optional, Sequence, Tuple
@@ -15,21 +15,21 @@ LABEL_REDUCTION = 2
 
 
 class MMDLHead(nn.Module):
-    """Embedding block + mode centres (SPEC.md §2 "MMDL-FR head").
+    """Embedding block + mode centres (docs/method.md §2 "MMDL-FR head").
 
     Embedding block: four dilated 3x3 convs (6, 12, 18, 24) to D channels,
     summed, then bilinear upsampling x4 (stride 8 -> stride 2 of the input,
     matching labels reduced by 2, paper Table 6).
 
     Mode centres: a parameter ``R`` of shape (C*M, D) -- the weights of a fully
-    connected layer -- viewed as (C, M, D) by :attr:`modes`. The SPEC does not
+    connected layer -- viewed as (C, M, D) by :attr:`modes`. docs/method.md does not
     fix their initialisation; they are drawn from N(0, 1/D) so that centres
     have unit expected norm, on the scale of sigma = 0.5.
 
     Args:
         in_channels: base-feature channels (2048 for ResNet-101).
         num_classes: C. num_modes: M (default 3). embedding_dim: D (default 64).
-        sigma: width of the mode posterior (SPEC: 0.5).
+        sigma: width of the mode posterior (docs/method.md §3: 0.5).
         backend: mode-distance backend (None = automatic).
     """
 
@@ -66,6 +66,6 @@ class MMDLHead(nn.Module):
         return F.interpolate(emb, size=size, mode="bilinear", align_corners=True)
 
     def mode_distance(self, embeddings: Tensor) -> ModeDistance:
-        """SPEC.md §3 per-class ``dmin``, ``mstar`` and class posterior ``P``
+        """docs/method.md §3 per-class ``dmin``, ``mstar`` and class posterior ``P``
         for embeddings (B, D, H, W) or (N, D), via the fused op."""
         return mode_distance(embeddings, self.modes, self.sigma, backend=self.backend)

@@ -1,4 +1,4 @@
-"""DeepLab-v2 ResNet backbone (SPEC.md §2).
+"""DeepLab-v2 ResNet backbone (docs/method.md §2).
 
 Differences from the classification ResNet, as in DeepLab-v2 / ADVENT:
 - bottleneck blocks put the stride on the first 1x1 conv; the 3x3 conv has
@@ -84,7 +84,7 @@ class BackboneFeatures(NamedTuple):
 
 
 class DeepLabResNet(nn.Module):
-    """ResNet trunk of DeepLab-v2 (SPEC.md §2), output stride 8.
+    """ResNet trunk of DeepLab-v2 (docs/method.md §2), output stride 8.
 
     Args:
         depth: 18, 34, 50, 101 (default) or 152.

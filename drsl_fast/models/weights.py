@@ -1,4 +1,4 @@
-"""Loading user-supplied init weights into :class:`DeepLabV2` (SPEC.md §2 "Init").
+"""Loading user-supplied init weights into :class:`DeepLabV2` (docs/method.md §2 "Init").
 
 Accepted files (read with ``torch.load(weights_only=True)``: no code runs):
 - the DeepLab ImageNet init used by ADVENT

@@ -1,4 +1,4 @@
-"""Drop-in fast ops (SPEC.md §10). Each picks its backend as described in
+"""Drop-in fast ops (docs/method.md §10). Each picks its backend as described in
 :mod:`drsl_fast.backends`."""
 from .class_sampling import ClassSamples, sample_per_class
 from .entropy import EntropyMaps, entropy_map

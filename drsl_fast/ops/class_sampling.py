@@ -1,4 +1,4 @@
-"""Per-class pixel sampling for the DRSL losses (SPEC.md §4, "fused triplet
+"""Per-class pixel sampling for the DRSL losses (docs/method.md §4, "fused triplet
 sampling" of §10).
 
 For every image and every class, up to k pixels drawn uniformly without
@@ -26,7 +26,7 @@ from .. import _extension, reference
 from ..backends import resolve
 from .validation import check_dim, check_int, check_integer_tensor, describe
 
-KEY_BITS = 48  # csrc/drsl_losses.h kSampleKeyBits
+KEY_BITS = 48  # csrc/mmdl_losses.h kSampleKeyBits
 MAX_CLASSES = 1 << (62 - KEY_BITS)
 
 
@@ -48,10 +48,10 @@ def sample_per_class(
     backend: Optional[str] = None,
 ) -> ClassSamples:
     """Up to ``k`` pixels per image and class, uniformly without replacement
-    (SPEC.md §4, N = 300).
+    (docs/method.md §4, N = 300).
 
     Args:
-        labels: (B, H, W) integer labels at embedding resolution (SPEC §2:
+        labels: (B, H, W) integer labels at embedding resolution (docs/method.md §2:
             reduced by 2, nearest); 255 and values outside [0, num_classes)
             are ignored.
         num_classes: C.

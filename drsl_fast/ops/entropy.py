@@ -1,4 +1,4 @@
-"""Fused ADVENT/IntraDA entropy map (SPEC.md §7, §10).
+"""Fused ADVENT/IntraDA entropy map (docs/method.md §7, §10).
 
 Replaces ``p = softmax(x); -p * log2(p + 1e-30) / log2(C)`` then ``.sum(1)``
 and ``.mean()`` as separate passes: one pass over the logits gives the
@@ -31,7 +31,7 @@ class EntropyMaps(NamedTuple):
 
 
 def entropy_map(logits: Tensor, with_map: bool = True, *, backend: Optional[str] = None) -> EntropyMaps:
-    """SPEC.md §7: with p = softmax over C of ``logits`` (B, C, H, W),
+    """docs/method.md §7: with p = softmax over C of ``logits`` (B, C, H, W),
 
     - ``map[c] = -p_c log2(p_c + 1e-30) / log2(C)`` (skipped without ``with_map``),
     - ``pixel_entropy = sum_c map[c]``,

@@ -1,15 +1,15 @@
-"""Fused MMDL losses (SPEC.md §4 Eq. 4 and Eq. 5, §10) and the per-sample
+"""Fused MMDL losses (docs/method.md §4 Eq. 4 and Eq. 5, §10) and the per-sample
 own-class mode used by Eq. 6.
 
 For every sampled embedding e (read in place from (B, D, H, W) at its pixel
 index) with label y, one pass computes all C*M squared distances to the mode
-centres, dmin[c] and mstar[c] (SPEC §3), then
+centres, dmin[c] and mstar[c] (docs/method.md §3), then
   Eq. 4  triplet = relu(dmin[y] - min_{c != y} dmin[c] + alpha)
   Eq. 5  ce      = -log softmax_c(s * P[c])[y],  P[c] = exp(-dmin[c] / (2 sigma^2))
 Backward recomputes the distances, so the extra memory is O(samples): one
 gradient row per sample and per-chunk partial mode gradients, never anything
 of size samples x C x M x D (or samples x C kept between the passes).
-Gradients flow through the winning modes only (SPEC §3).
+Gradients flow through the winning modes only (docs/method.md §3).
 
 Operators (``torch.library``):
   drsl_fast::mmdl_losses / mmdl_losses_backward, drsl_fast::label_mode      C++ CPU and CUDA
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
-from ..reference.mmdl import pixel_rows, valid_samples
+from ..reference.mmdl_losses import pixel_rows, valid_samples
 from ..reference.mode_distance import accumulate_dtype, posterior_scale
 from .mode_distance import check_emb_and_modes, check_sigma, check_triton_dtype
 from .validation import check_choice, check_integer_tensor, check_real, check_same_device
@@ -48,7 +48,7 @@ def mmdl_losses(
     emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, sigma: float = 0.5, alpha: float = 1.0,
     scale: float = 15.0, *, reduction: str = "mean", backend: Optional[str] = None,
 ) -> MMDLLosses:
-    """SPEC.md Eq. 4 (MMDL triplet) and Eq. 5 (MMDL cross-entropy), fused.
+    """docs/method.md Eq. 4 (MMDL triplet) and Eq. 5 (MMDL cross-entropy), fused.
 
     Args:
         emb: embeddings (B, D, H, W) (any strides; read in place) or (N, D)
@@ -57,7 +57,7 @@ def mmdl_losses(
             [0, H*W) (e.g. the -1 padding of :func:`sample_per_class`) are ignored.
         label: (B, S) class of each sample; entries outside [0, C) are ignored.
         modes: mode centres (C, M, D), M <= 16.
-        sigma, alpha, scale: SPEC §3/§4 (0.5, 1.0, 15).
+        sigma, alpha, scale: docs/method.md §3/§4 (0.5, 1.0, 15).
         reduction: 'mean' (over valid samples) or 'none' (per sample).
         backend: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton'
             (fp32 computation; float64 embeddings raise TypeError there).
@@ -100,7 +100,7 @@ def mmdl_losses(
 
 
 def label_mode(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """``mstar[y](e)`` of every sample (SPEC §3: nearest mode of its own class,
+    """``mstar[y](e)`` of every sample (docs/method.md §3: nearest mode of its own class,
     ties to the lowest m) as uint8 (B, S); 255 where the sample does not count.
     Arguments, validation and edge cases as in :func:`mmdl_losses`; NaN
     distances win as in ``torch.argmin`` (a NaN embedding gives mode 0).

@@ -1,4 +1,4 @@
-"""Per-pixel mode distance and max-over-modes class posterior (SPEC.md §3, §10).
+"""Per-pixel mode distance and max-over-modes class posterior (docs/method.md §3, §10).
 
 Replaces ``((e[:, None] - R[None]) ** 2).sum(-1)`` followed by a max over modes:
 the fast backends read (B, D, H, W) embeddings in place (no permute copy), never
@@ -35,7 +35,7 @@ class ModeDistance(NamedTuple):
 def mode_distance(
     emb: Tensor, modes: Tensor, sigma: Optional[float] = None, *, backend: Optional[str] = None
 ) -> ModeDistance:
-    """SPEC.md §3: ``dmin[c] = min_m ||e - r[c, m]||^2``, ``mstar[c]`` its
+    """docs/method.md §3: ``dmin[c] = min_m ||e - r[c, m]||^2``, ``mstar[c]`` its
     argmin (ties: lowest m), and with ``sigma`` the class posterior
     ``P[c] = exp(-dmin[c] / (2 sigma^2))``, fused.
 
@@ -43,7 +43,7 @@ def mode_distance(
         emb: embeddings (B, D, H, W) (contiguous or channels-last, read in
             place) or (N, D); float16, bfloat16, float32 or float64.
         modes: mode centres R viewed as (C, M, D), M <= 16.
-        sigma: posterior width (SPEC: 0.5), a finite number > 0; None
+        sigma: posterior width (docs/method.md §3: 0.5), a finite number > 0; None
             skips the posterior.
         backend: 'auto' (default), 'reference', 'cpu', 'cuda' or 'triton'
             (fp32 computation; float64 inputs raise TypeError there);
@@ -77,7 +77,7 @@ def mode_distance(
 
 
 def mode_posterior(emb: Tensor, modes: Tensor, sigma: float = 0.5, *, backend: Optional[str] = None) -> Tensor:
-    """SPEC.md §3 class posterior ``P[c] = max_m exp(-||e - r[c, m]||^2 / (2 sigma^2))``;
+    """docs/method.md §3 class posterior ``P[c] = max_m exp(-||e - r[c, m]||^2 / (2 sigma^2))``;
     validation and edge cases as in :func:`mode_distance` (sigma is required)."""
     check_emb_and_modes("mode_posterior", emb, modes)
     sigma = check_sigma("mode_posterior", sigma)

@@ -1,4 +1,4 @@
-"""Fused ops of the class-balanced pseudo-labels (SPEC.md §5, §10).
+"""Fused ops of the class-balanced pseudo-labels (docs/method.md §5, §10).
 
 - :func:`confidence_histogram`: one pass over a batch of probabilities or
   logits (B, C, H, W) -> int64 counts (C, num_bins) of pixels per (argmax
@@ -55,7 +55,7 @@ def confidence_histogram(
 
 
 def select_labels(probs: Tensor, thresholds: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """SPEC.md §5 label selection: ``y = argmax_c prob[c] / t[c]`` (ties:
+    """docs/method.md §5 label selection: ``y = argmax_c prob[c] / t[c]`` (ties:
     lowest c); 255 where ``max_c prob[c] / t[c] < 1``.
 
     Args:

@@ -1,4 +1,4 @@
-"""Class-balanced pseudo-labels (SPEC.md §5): streaming thresholds, label
+"""Class-balanced pseudo-labels (docs/method.md §5): streaming thresholds, label
 selection and the portion schedule."""
 from ..ops.pseudo_labels import select_labels
 from .schedule import portion_for_round

@@ -1,4 +1,4 @@
-"""Portion schedule of the class-balanced pseudo-labels (SPEC.md §5)."""
+"""Portion schedule of the class-balanced pseudo-labels (docs/method.md §5)."""
 from ..ops.validation import check_int, check_real
 
 

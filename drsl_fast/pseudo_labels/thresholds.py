@@ -1,4 +1,4 @@
-"""Streaming class-balanced thresholds (SPEC.md §5) in fixed memory.
+"""Streaming class-balanced thresholds (docs/method.md §5) in fixed memory.
 
 CBST/CRST sort every pixel's confidence per class over the whole target set.
 :class:`ClassBalancedThresholds` instead keeps, on the model's device, one
@@ -98,7 +98,7 @@ class ClassBalancedThresholds:
         return self.counts.sum(1)
 
     def thresholds(self, portion: float) -> Tensor:
-        """t (C,) fp32 of SPEC.md §5, on the state's device, without a host
+        """t (C,) fp32 of docs/method.md §5, on the state's device, without a host
         synchronisation: the confidence at rank floor(n_c * portion) in
         descending order, to the resolution of the module docstring; 1 for a
         class with no pixels; +inf (nothing selected) where the rank is 0."""

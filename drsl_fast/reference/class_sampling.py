@@ -1,4 +1,4 @@
-"""Reference for the per-class sampling of SPEC.md §4: per image and per class,
+"""Reference for the per-class sampling of docs/method.md §4: per image and per class,
 up to k pixels drawn uniformly without replacement."""
 from typing import Optional, Tuple
 

@@ -1,4 +1,4 @@
-"""Reference for the ADVENT/IntraDA entropy map of SPEC.md §7, written as
+"""Reference for the ADVENT/IntraDA entropy map of docs/method.md §7, written as
 ADVENT's separate ops: softmax, log2, mul, mean."""
 import math
 from typing import Optional, Tuple
@@ -12,7 +12,7 @@ EPS = 1e-30
 
 
 def entropy_map(logits: Tensor, with_map: bool = True) -> Tuple[Optional[Tensor], Tensor, Tensor]:
-    """SPEC.md §7 for logits (B, C, H, W):
+    """docs/method.md §7 for logits (B, C, H, W):
 
     - map[c] = -p_c log2(p_c + 1e-30) / log2(C), p = softmax over C
       (the discriminator's input), or None without ``with_map``;

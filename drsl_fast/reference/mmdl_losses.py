@@ -1,4 +1,4 @@
-"""Reference for the MMDL losses of SPEC.md §4: Eq. 4 (triplet) and Eq. 5
+"""Reference for the MMDL losses of docs/method.md §4: Eq. 4 (triplet) and Eq. 5
 (cross-entropy over the scaled class posteriors), per sampled embedding."""
 from typing import Tuple
 
@@ -36,7 +36,7 @@ def mmdl_losses(
 
     emb (B, D, H, W) or (N, D) (then B = 1); index (B, S) flat pixel indices;
     label (B, S) class ids; modes (C, M, D). For every valid sample e with label y:
-      dmin[c]   = min_m ||e - r[c, m]||^2                          (SPEC §3)
+      dmin[c]   = min_m ||e - r[c, m]||^2                          (docs/method.md §3)
       triplet   = relu(dmin[y] - min_{c != y} dmin[c] + alpha)      (Eq. 4; 0 when C = 1)
       ce        = -log softmax_c(scale * exp(-dmin[c] / (2 sigma^2)))[y]   (Eq. 5)
     Invalid samples (index outside [0, P), label outside [0, C)) give 0.
@@ -64,7 +64,7 @@ def mmdl_losses(
 
 
 def label_mode(emb: torch.Tensor, index: torch.Tensor, label: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
-    """``mstar[y]`` of every sample (SPEC §3: the nearest mode of its own
+    """``mstar[y]`` of every sample (docs/method.md §3: the nearest mode of its own
     class, ties to the lowest m) as uint8 (B, S); 255 for invalid samples."""
     acc = accumulate_dtype(emb.dtype)
     C = modes.shape[0]

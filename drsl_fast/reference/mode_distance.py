@@ -1,4 +1,4 @@
-"""Reference for the per-pixel mode model of SPEC.md §3."""
+"""Reference for the per-pixel mode model of docs/method.md §3."""
 import math
 from typing import Optional, Tuple
 
@@ -6,7 +6,7 @@ import torch
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for fp16/bf16/fp32 inputs, fp64 for fp64 (SPEC.md §10)."""
+    """fp32 accumulation for fp16/bf16/fp32 inputs, fp64 for fp64 (docs/method.md §10)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -18,7 +18,7 @@ def posterior_scale(sigma: float, dtype: torch.dtype) -> float:
 
 
 def class_posterior(dmin: torch.Tensor, sigma: float) -> torch.Tensor:
-    """SPEC.md §3 ``P = exp(-dmin / (2 sigma^2))``, computed as
+    """docs/method.md §3 ``P = exp(-dmin / (2 sigma^2))``, computed as
     ``exp(dmin * posterior_scale(sigma))`` in dmin's dtype. ``P = 1`` where
     ``dmin = 0`` for every sigma > 0 (the limit), also where the scale
     overflows to -inf (there P is 0 elsewhere); NaN where dmin is NaN."""
@@ -31,7 +31,7 @@ def class_posterior(dmin: torch.Tensor, sigma: float) -> torch.Tensor:
 def mode_distance(
     emb: torch.Tensor, modes: torch.Tensor, sigma: Optional[float] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """SPEC.md §3: squared distance to the nearest mode of every class.
+    """docs/method.md §3: squared distance to the nearest mode of every class.
 
     ``d[c, m] = ||e - r[c, m]||^2``, ``dmin[c] = min_m d[c, m]``,
     ``mstar[c] = argmin_m d[c, m]`` (ties: lowest m), and, when ``sigma`` is

@@ -1,4 +1,4 @@
-"""References for the class-balanced pseudo-labels of SPEC.md §5.
+"""References for the class-balanced pseudo-labels of docs/method.md §5.
 
 Two oracles:
 - the exact, sort-based thresholds (:class:`SortedThresholds`): keeps every
@@ -53,7 +53,7 @@ def confidence_histogram(scores: Tensor, from_logits: bool, mantissa_bits: int) 
 
 
 def select_labels(probs: Tensor, thresholds: Tensor) -> Tensor:
-    """SPEC.md §5: ``y = argmax_c prob[c] / t[c]`` (ties: lowest c), 255 where
+    """docs/method.md §5: ``y = argmax_c prob[c] / t[c]`` (ties: lowest c), 255 where
     ``max_c prob[c] / t[c] < 1``, or NaN (``torch.max`` keeps a NaN ratio).
     (B, C, H, W) -> (B, H, W) uint8."""
     ratio = probs.float() / thresholds.float().to(probs.device)[None, :, None, None]
@@ -62,7 +62,7 @@ def select_labels(probs: Tensor, thresholds: Tensor) -> Tensor:
 
 
 def rank_threshold(values: Tensor, portion: float) -> float:
-    """SPEC.md §5 for one class: the value at rank floor(n * portion) of the
+    """docs/method.md §5 for one class: the value at rank floor(n * portion) of the
     descending order (1-based); 1 when the class has no pixels, +inf (nothing
     selected) when the rank is 0."""
     n = values.numel()

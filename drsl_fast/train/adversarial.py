@@ -1,4 +1,4 @@
-"""One ADVENT / IntraDA training step (SPEC.md §7): adversarial alignment of
+"""One ADVENT / IntraDA training step (docs/method.md §7): adversarial alignment of
 entropy maps with the fully-convolutional discriminator, per output level.
 
 Generator step (discriminators frozen, ``requires_grad`` off):
@@ -11,7 +11,7 @@ Discriminator step (inputs detached, discriminators trainable):
 
     L_D = BCE(D(I_s), 0) / 2 + BCE(D(I_t), 1) / 2     per level
 
-where ``I = entropy_map(upsampled logits).map`` (the fused op, SPEC §7, §10).
+where ``I = entropy_map(upsampled logits).map`` (the fused op, docs/method.md §7, §10).
 The intra-domain stage uses the same step with easy images (and their
 pseudo-labels) as the source and hard images as the target.
 
@@ -45,7 +45,7 @@ LEVELS = ("main", "aux")
 
 @dataclass(frozen=True)
 class AdversarialWeights:
-    """SPEC §7 / §2: adversarial weights per level and the aux segmentation weight."""
+    """docs/method.md §7 / §2: adversarial weights per level and the aux segmentation weight."""
 
     adv_main: float = 0.001
     adv_aux: float = 0.0002
@@ -71,7 +71,7 @@ class Discriminators(nn.Module):
 
 def discriminator_optimizer(discriminators: nn.Module, lr: float = 1e-4,
                             betas: Tuple[float, float] = (0.9, 0.99)) -> torch.optim.Adam:
-    """SPEC §7: Adam, lr 1e-4, betas (0.9, 0.99) (the poly schedule is the caller's)."""
+    """docs/method.md §7: Adam, lr 1e-4, betas (0.9, 0.99) (the poly schedule is the caller's)."""
     return torch.optim.Adam(discriminators.parameters(), lr=lr, betas=tuple(betas))
 
 
@@ -89,7 +89,7 @@ def level_logits(out) -> Dict[str, Tensor]:
 
 
 def entropy_maps(logits: Tensor, size: Sequence[int]) -> Tensor:
-    """C-channel entropy map (SPEC §7) of ``logits`` upsampled to ``size``; fp32."""
+    """C-channel entropy map (docs/method.md §7) of ``logits`` upsampled to ``size``; fp32."""
     upsampled = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
     return entropy_map(upsampled).map
 

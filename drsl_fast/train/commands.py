@@ -11,7 +11,9 @@ from .checkpoint import CheckpointError, load_weights
 from .evaluate import evaluate
 from .log import RunLog
 from .network import seeded_network
-from .pipeline import INTRADA, RunDirectoryError, claim_output_dir, finished, run
+from .intrada import METHOD as INTRADA
+from .loop import finished
+from .pipeline import RunDirectoryError, claim_output_dir, run
 from .runtime import start, stop
 from .schema import ConfigError, check_paths, shown
 
@@ -22,7 +24,7 @@ EXPECTED_ERRORS = (ConfigError, RunDirectoryError, CheckpointError, DatasetLayou
 
 
 def with_intrada(config: Dict) -> Dict:
-    """``drsl intrada``: the IntraDA stages (SPEC §7) in output_dir, reported
+    """``drsl intrada``: the IntraDA stages (docs/method.md §7) in output_dir, reported
     beside the DRSL methods of the run that are already finished there."""
     rounds = 1 if config["dry_run"] else config["adaptation"]["rounds"]
     done = [m for m in config["adaptation"]["methods"]

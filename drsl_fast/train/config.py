@@ -2,7 +2,7 @@
 resolved config every run writes.
 
 A config is a nested dict. ``defaults.yaml`` holds every key with the
-settings of SPEC.md §4-§6; a named config (``gta5``, ``synthia``, ``demo``) or
+settings of docs/method.md §4-§6; a named config (``gta5``, ``synthia``, ``demo``) or
 a YAML file changes some of them, and ``a.b=value`` overrides change single
 keys (the value is read as YAML: ``true``, ``0.5``, ``[512, 1024]``, ``null``).
 Unknown keys are errors, so a typo never runs silently with a default, and

@@ -1,4 +1,4 @@
-"""Datasets of a run (SPEC.md §6, §8) and the sample order of training.
+"""Datasets of a run (docs/method.md §6, §8) and the sample order of training.
 
 Every random choice of a training step (which image, its scale, crop and flip)
 is a function of (seed, stage, iteration, rank), not of a running generator,
@@ -35,7 +35,7 @@ NORMALIZATIONS = {"caffe_bgr": CAFFE_BGR, "torchvision_rgb": TORCHVISION_RGB}
 
 
 def normalization(config: Dict):
-    """data.normalization: 'caffe_bgr' for the DeepLab ImageNet init (SPEC §2),
+    """data.normalization: 'caffe_bgr' for the DeepLab ImageNet init (docs/method.md §2),
     'torchvision_rgb' for torchvision weights or training from scratch."""
     name = config["data"]["normalization"]
     if name not in NORMALIZATIONS:
@@ -135,7 +135,7 @@ class StepSampler(Sampler):
 class AugmentedSamples(Dataset):
     """``dataset[index]`` under :class:`TrainTransform` driven by the seed the
     :class:`StepSampler` gives, plus the label reduced by 2 for the MMDL-FR
-    branch (SPEC §2)."""
+    branch (docs/method.md §2)."""
 
     def __init__(self, dataset: SegmentationDataset, transform: TrainTransform):
         self.dataset, self.transform = dataset, transform
@@ -152,7 +152,7 @@ class AugmentedSamples(Dataset):
 
 class ResizedImages(Dataset):
     """Whole images scaled to ``size`` (H, W) for inference, with the original
-    size and, where present, the label at full resolution (SPEC §9)."""
+    size and, where present, the label at full resolution (docs/method.md §9)."""
 
     def __init__(self, dataset: SegmentationDataset, size: Optional[Sequence[int]], indices: Optional[List[int]] = None):
         self.dataset, self.size = dataset, tuple(size) if size else None

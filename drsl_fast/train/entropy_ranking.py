@@ -1,4 +1,4 @@
-"""IntraDA stage 2 (SPEC.md §7): entropy ranking of the target training images
+"""IntraDA stage 2 (docs/method.md §7): entropy ranking of the target training images
 and the easy split's pseudo-labels.
 
 One pass of the inter-domain model over the target training set (sharded over
@@ -16,7 +16,7 @@ are the easy split. Outputs in the ranking directory:
 - ``ranking.json``: the summary (counts, lambda, normalisation, and the
   pseudo-label accuracy where the target training images have ground truth).
 
-Rare classes are SPEC §7's Cityscapes train ids; for the 16-class SYNTHIA
+Rare classes are docs/method.md §7's Cityscapes train ids; for the 16-class SYNTHIA
 protocol they are mapped to the 16-class ids (terrain, truck and train are
 not among the 16), and the normalisation divides by their count (8).
 """
@@ -47,7 +47,7 @@ EASY_SPLIT, HARD_SPLIT, SCORES = "easy_split.txt", "hard_split.txt", "scores.jso
 
 
 def rare_classes(num_classes: int) -> Tuple[int, ...]:
-    """SPEC §7's rare classes in the ids of a 19- or 16-class run."""
+    """docs/method.md §7's rare classes in the ids of a 19- or 16-class run."""
     if num_classes == 19:
         return RARE_CLASSES
     mapped = tuple(TRAIN_19_TO_16[c] for c in RARE_CLASSES if TRAIN_19_TO_16[c] != 255)

@@ -1,6 +1,7 @@
-"""Stage 4: evaluation on the target val split (SPEC.md §9): per-class IoU
+"""Stage 4: evaluation on the target val split (docs/method.md §9): per-class IoU
 table in the paper's column order, mIoU (and mIoU* for SYNTHIA's 13 classes),
 colour-coded predictions and side-by-side panels."""
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -10,6 +11,7 @@ import torch
 from drsl_fast.data.io import read_rgb
 from drsl_fast.evaluation import ConfusionMatrix, Report, report
 
+from .checkpoint import atomic_write_json
 from .data import DRY_RUN_IMAGES, ResizedImages, target_dataset
 from .inference import batches, class_probabilities
 from .log import RunLog
@@ -83,3 +85,19 @@ def write_pictures(runtime: Runtime, config: Dict, networks: Dict[str, DRSLNetwo
             save_colour_label(os.path.join(folder, item.name.replace("/", "__")), pred, num_classes)
         rows.append({"name": item.name, "image": read_rgb(item.image), "label": label, "predictions": preds})
     return save_panels(os.path.join(directory, "panels"), rows, num_classes)
+
+
+def evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, directory: str, title: str,
+              log: RunLog) -> Dict:
+    """The evaluation of a finished stage, cached in ``directory/evaluation.json``."""
+    path = os.path.join(directory, "evaluation.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    reports = evaluate(runtime, config, network, log, title)
+    result = {protocol: {"miou": 100 * r.miou, "classes": dict(zip(r.names, [100 * v for v in r.iou])),
+                         "markdown": r.markdown()} for protocol, r in reports.items()}
+    if runtime.is_main:
+        atomic_write_json(result, path)
+    runtime.barrier()
+    return result

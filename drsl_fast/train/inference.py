@@ -1,6 +1,6 @@
 """Whole-image prediction shared by the pseudo-label pass and evaluation:
 logits upsampled bilinearly to the label resolution before softmax/argmax
-(SPEC.md §9), and the target images sharded over DDP ranks."""
+(docs/method.md §9), and the target images sharded over DDP ranks."""
 from typing import Dict, Iterator, Optional, Sequence
 
 import torch

@@ -1,4 +1,4 @@
-"""The IntraDA pipeline (SPEC.md §7), on the models, data, ops and command
+"""The IntraDA pipeline (docs/method.md §7), on the models, data, ops and command
 line of the DRSL pipeline:
 
 1. inter-domain adaptation (ADVENT) from the run's source model:
@@ -43,9 +43,10 @@ from .checkpoint import (CheckpointError, atomic_write_json, check_digest, confi
 from .data import (AugmentedSamples, has_labels, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
-from .evaluate import evaluate, main_protocol
+from .evaluate import evaluate, evaluated, main_protocol
 from .log import RunLog
-from .loop import CHECKPOINT, WEIGHTS, RunningMeans, checkpoint_if_due, finish_stage, step_batches, to_device
+from .loop import (CHECKPOINT, WEIGHTS, RunningMeans, checkpoint_if_due, finish_stage, finished, step_batches,
+                   to_device)
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
 
@@ -214,10 +215,6 @@ def snapshot_path(directory: str, iteration: int) -> str:
     return os.path.join(directory, SNAPSHOTS, f"model_{iteration:07d}.pt")
 
 
-def finished(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, WEIGHTS))
-
-
 def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations: int, title: str,
                       log: RunLog) -> Dict:
     """The snapshot of a finished stage that ``intrada.select_snapshot`` picks,
@@ -327,8 +324,6 @@ def adapted_and_evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, 
     unless finished (``datasets()`` gives its source-side and target-side
     samples), loads the selected snapshot into ``network`` and evaluates it;
     returns (evaluation, selection)."""
-    from .pipeline import evaluated  # the evaluation cache of the DRSL pipeline
-
     iterations = stage_iterations(config, f"{stage}_iterations")
     if not finished(directory):
         source, target = datasets()

@@ -1,4 +1,4 @@
-"""One training stage (SPEC.md §4, §6): source training (Eq. 8) or one
+"""One training stage (docs/method.md §4, §6): source training (Eq. 8) or one
 adaptation round (Eq. 9 / Eq. 10), resumable at any checkpoint.
 
 SGD with momentum 0.9 and weight decay 5e-4, backbone at lr and heads at
@@ -28,6 +28,11 @@ from .runtime import Runtime, nvtx_range
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
+
+
+def finished(directory: str) -> bool:
+    """A stage is finished once its weights file is there (written last, atomically)."""
+    return os.path.isfile(os.path.join(directory, WEIGHTS))
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The network a DRSL run trains: DeepLab-v2 plus the MMDL-FR head on its
-base features (SPEC.md §2), as one module so DDP sees every parameter."""
+base features (docs/method.md §2), as one module so DDP sees every parameter."""
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -32,7 +32,7 @@ class DRSLNetwork(nn.Module):
         return NetworkOutput(out.logits, out.aux_logits, embeddings)
 
     def parameter_groups(self, lr: float) -> List[Dict]:
-        """Backbone at lr, classifiers and the MMDL-FR head at 10 x lr (SPEC §2)."""
+        """Backbone at lr, classifiers and the MMDL-FR head at 10 x lr (docs/method.md §2)."""
         return self.segmenter.parameter_groups(lr, [self.head] if self.head is not None else [])
 
 

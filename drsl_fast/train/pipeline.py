@@ -1,4 +1,4 @@
-"""The stages of a DRSL run, in order (SPEC.md §4-§6, §9):
+"""The stages of a DRSL run, in order (docs/method.md §4-§6, §9):
 
 1. source training with MMDL-FR (Eq. 8)                 -> source/model.pt
 2. per round: class-balanced pseudo-labels (§5)          -> <method>/round_k/pseudo_labels/
@@ -12,24 +12,25 @@ the run stopped and ends with the numbers of an uninterrupted run.
 import json
 import math
 import os
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, List, Optional
 
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 
 from .checkpoint import atomic_write_json, comparable, config_digest, load_weights, remove_stale_temporaries
 from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
-from .evaluate import evaluate, main_protocol, write_pictures
+from . import intrada
+from .evaluate import evaluated, main_protocol, write_pictures
 from .log import RunLog
-from .loop import WEIGHTS, Stage, train_stage
+from .loop import WEIGHTS, Stage, finished, train_stage
 from .network import DRSLNetwork, seeded_network
 from .pseudo_labels import DIRECTORY as PSEUDO_LABEL_DIR
 from .pseudo_labels import make_pseudo_labels
 from .runtime import Runtime, nvtx_range
 
-METHODS = {"drsl": ("DRSL", False), "drsl_plus": ("DRSL+", True)}
 RESOLVED_CONFIG = "config.yaml"
-INTRADA = "intrada"  # SPEC §7, run by train/intrada.py
 
 
 class RunDirectoryError(RuntimeError):
@@ -76,10 +77,6 @@ def claim_output_dir(config: Dict, resume: bool, runtime: Runtime) -> None:
         save_config(config, path)
 
 
-def finished(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, WEIGHTS))
-
-
 def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
     """Stage 1 (Eq. 8); returns the trained network."""
     network = seeded_network(config, log.info)
@@ -94,25 +91,10 @@ def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
     return network
 
 
-def evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, directory: str, title: str,
-              log: RunLog) -> Dict:
-    """The evaluation of a finished stage, cached in ``directory/evaluation.json``."""
-    path = os.path.join(directory, "evaluation.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    reports = evaluate(runtime, config, network, log, title)
-    result = {protocol: {"miou": 100 * r.miou, "classes": dict(zip(r.names, [100 * v for v in r.iou])),
-                         "markdown": r.markdown()} for protocol, r in reports.items()}
-    if runtime.is_main:
-        atomic_write_json(result, path)
-    runtime.barrier()
-    return result
-
-
-def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) -> List[Dict]:
-    """Stages 2-3 for one method, every round evaluated; returns one summary per round."""
-    title, consistency = METHODS[method]
+def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) -> List[Dict]:
+    """Stages 2-3 of DRSL (``method`` 'drsl', Eq. 9) or DRSL+ ('drsl_plus',
+    Eq. 10), every round evaluated; returns one summary per round."""
+    title, consistency = METHODS[method].title, method == "drsl_plus"
     network = seeded_network(config, log.info)
     load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu",
                  digest=config_digest(config))
@@ -150,10 +132,34 @@ def adaptation_rounds(runtime: Runtime, config: Dict, method: str, log: RunLog) 
     return summaries
 
 
-def final_network(config: Dict, directory: str, log: RunLog) -> DRSLNetwork:
+def last_round(runtime: Runtime, config: Dict, log: RunLog, method: str) -> Optional[DRSLNetwork]:
+    """The network of the last round of ``method`` when it is finished, else None."""
+    rounds = 1 if config["dry_run"] else config["adaptation"]["rounds"]
+    directory = os.path.join(config["output_dir"], method, f"round_{rounds}")
+    if not finished(directory):
+        return None
     network = seeded_network(config, log.info)
     load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
     return network
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adaptation method of ``adaptation.methods``: ``adapt`` trains and
+    evaluates its stages and returns the rows of the results table; ``final``
+    gives the network of a finished run (for the panels), else None."""
+
+    title: str
+    adapt: Callable[[Runtime, Dict, RunLog], List[Dict]]
+    final: Callable[[Runtime, Dict, RunLog], Optional[DRSLNetwork]]
+
+
+METHODS = {
+    "drsl": Method("DRSL", partial(adaptation_rounds, method="drsl"), partial(last_round, method="drsl")),
+    "drsl_plus": Method("DRSL+", partial(adaptation_rounds, method="drsl_plus"),
+                        partial(last_round, method="drsl_plus")),
+    intrada.METHOD: Method(intrada.TITLE, intrada.intrada_stages, intrada.final_network),
+}
 
 
 def round_label(row: Dict) -> str:
@@ -193,23 +199,13 @@ def run(runtime: Runtime, config: Dict, log: RunLog, stages=("source", "adapt", 
     results = {"source_only": {"miou": source_eval[main_protocol(config)]["miou"], "evaluation": source_eval},
                "methods": {}}
     finals = {"source only": source}
-    for method in config["adaptation"]["methods"]:
-        if method == INTRADA:
-            from . import intrada
-
-            if "adapt" in stages:
-                results["methods"][intrada.TITLE] = intrada.intrada_stages(runtime, config, log)
-            network = intrada.final_network(runtime, config, log)
-            if network is not None:
-                finals[intrada.TITLE] = network
-            continue
-        title = METHODS[method][0]
+    for name in config["adaptation"]["methods"]:
+        method = METHODS[name]
         if "adapt" in stages:
-            results["methods"][title] = adaptation_rounds(runtime, config, method, log)
-        rounds = 1 if config["dry_run"] else config["adaptation"]["rounds"]
-        last = os.path.join(out, method, f"round_{rounds}")
-        if finished(last):
-            finals[title] = final_network(config, last, log)
+            results["methods"][method.title] = method.adapt(runtime, config, log)
+        network = method.final(runtime, config, log)
+        if network is not None:
+            finals[method.title] = network
     if "evaluate" in stages and runtime.is_main:
         write_summary(runtime, config, results, finals, log)
     runtime.barrier()

@@ -1,5 +1,5 @@
 """Stage 2: class-balanced pseudo-labels for every target training image
-(SPEC.md §5) with the streaming per-class histograms of
+(docs/method.md §5) with the streaming per-class histograms of
 :class:`~drsl_fast.pseudo_labels.ClassBalancedThresholds`.
 
 Two passes over the target set: the first accumulates the histograms (summed

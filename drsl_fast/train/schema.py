@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 
 from drsl_fast.data.synthetic import DomainStyle
 
-INTRADA = "intrada"  # the method name of SPEC §7 in adaptation.methods
+INTRADA = "intrada"  # the method name of docs/method.md §7 in adaptation.methods
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""Triton kernels of the ADVENT/IntraDA entropy map (SPEC.md §7), and their
+"""Triton kernels of the ADVENT/IntraDA entropy map (docs/method.md §7), and their
 launchers.
 
 Imported as ``drsl_fast.triton_kernels.entropy``. A program owns BLOCK_P

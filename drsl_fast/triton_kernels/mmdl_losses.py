@@ -1,4 +1,4 @@
-"""Triton kernels of the fused MMDL losses (SPEC.md §4 Eq. 4 and Eq. 5) and of
+"""Triton kernels of the fused MMDL losses (docs/method.md §4 Eq. 4 and Eq. 5) and of
 label_mode, and their launchers.
 
 Imported as ``drsl_fast.triton_kernels.mmdl_losses``. Samples are the
@@ -8,7 +8,7 @@ the (b, channel, pixel) strides. Samples whose index is outside [0, P) or
 whose label is outside [0, C) count for nothing. Computation is fp32.
 
 For a sample e with label y, classes are streamed (nothing per class is kept):
-  dmin[c] = min_m ||e - r[c, m]||^2, mstar[c] its argmin (ties: lowest m)  (SPEC §3)
+  dmin[c] = min_m ||e - r[c, m]||^2, mstar[c] its argmin (ties: lowest m)  (docs/method.md §3)
   Eq. 4   triplet = relu(dmin[y] - min_{c != y} dmin[c] + alpha)   (0 when C = 1)
   Eq. 5   z[c] = s exp(-dmin[c] / (2 sigma^2)),  ce = logsumexp_c(z) - z[y]
 Backward recomputes the distances; with
@@ -54,7 +54,7 @@ def _load_samples(
 
 @triton.jit
 def _class_dmin(e, modes_ptr, c, M, D, channels, channel_ok):
-    """dmin[c] and mstar[c] (SPEC §3) of every row of e; ties keep the lowest m."""
+    """dmin[c] and mstar[c] (docs/method.md §3) of every row of e; ties keep the lowest m."""
     r = tl.load(modes_ptr + c * M * D + channels, mask=channel_ok, other=0.0)
     diff = e - r[None, :]
     best = tl.sum(diff * diff, axis=1)
@@ -200,7 +200,7 @@ def _label_mode_kernel(
     emb_sb, emb_sd, emb_sp,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """mstar[y] (SPEC §3, ties: lowest m) of every sample; 255 where it does not count."""
+    """mstar[y] (docs/method.md §3, ties: lowest m) of every sample; 255 where it does not count."""
     channels = tl.arange(0, BLOCK_D)
     channel_ok = channels < D
     samples, in_range, counts, y, e = _load_samples(

@@ -1,4 +1,4 @@
-"""Triton kernels of the mode-distance op (SPEC.md §3), and their launchers.
+"""Triton kernels of the mode-distance op (docs/method.md §3), and their launchers.
 
 Imported as ``drsl_fast.triton_kernels.mode_distance``. Every kernel loads its
 inputs in their storage dtype and computes in fp32. Embeddings are addressed

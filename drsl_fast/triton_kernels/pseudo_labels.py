@@ -1,4 +1,4 @@
-"""Triton kernels of the class-balanced pseudo-label ops (SPEC.md §5), and
+"""Triton kernels of the class-balanced pseudo-label ops (docs/method.md §5), and
 their launchers.
 
 Imported as ``drsl_fast.triton_kernels.pseudo_labels``. Scores are addressed

@@ -1,4 +1,4 @@
-// Device kernels of the ADVENT/IntraDA entropy map (SPEC.md §7). No ATen: the
+// Device kernels of the ADVENT/IntraDA entropy map (docs/method.md §7). No ATen: the
 // host launchers live in csrc/cuda/entropy_cuda.cu, and
 // kernels/cuda/pascal_sm61.cu compiles these kernels alone for sm_61.
 //

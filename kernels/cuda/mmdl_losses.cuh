@@ -1,4 +1,4 @@
-// Device kernels of the fused MMDL losses (SPEC.md §4 Eq. 4, 5) and of
+// Device kernels of the fused MMDL losses (docs/method.md §4 Eq. 4, 5) and of
 // label_mode. No ATen: the host launchers live in csrc/cuda/, and
 // kernels/cuda/pascal_sm61.cu compiles these kernels alone for sm_61.
 //

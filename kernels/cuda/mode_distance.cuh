@@ -1,4 +1,4 @@
-// Device kernels of the mode-distance op (SPEC.md §3). No ATen: the host
+// Device kernels of the mode-distance op (docs/method.md §3). No ATen: the host
 // launchers live in csrc/cuda/mode_distance_cuda.cu, and
 // kernels/cuda/pascal_sm61.cu compiles these kernels alone for sm_61.
 //

@@ -26,7 +26,7 @@ DRSL_INSTANTIATE_MODE_DISTANCE(double, double)
 DRSL_INSTANTIATE_MODE_DISTANCE(__half, float)
 DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
 
-// DRSL losses (SPEC.md §4)
+// DRSL losses (docs/method.md §4)
 #define DRSL_INSTANTIATE_MMDL_LOSSES(scalar_t, acc_t)                                                  \
   template __global__ void mmdl_losses_forward_kernel<scalar_t, acc_t>(                                \
       const scalar_t*, PixelLayout, const int64_t*, const int64_t*, const acc_t*, int64_t, int64_t,    \
@@ -43,7 +43,7 @@ DRSL_INSTANTIATE_MMDL_LOSSES(double, double)
 DRSL_INSTANTIATE_MMDL_LOSSES(__half, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(__nv_bfloat16, float)
 
-// Pseudo-labels (SPEC.md §5) and entropy map (SPEC.md §7)
+// Pseudo-labels (docs/method.md §5) and entropy map (docs/method.md §7)
 #define DRSL_INSTANTIATE_PSEUDO_LABELS_AND_ENTROPY(scalar_t, acc_t)                                                      \
   template __global__ void confidence_histogram_kernel<scalar_t>(const scalar_t*, PixelLayout, int,  \
                                                                  int64_t, bool, int,                 \

@@ -1,4 +1,4 @@
-// Device kernels of the class-balanced pseudo-label ops (SPEC.md §5). No ATen:
+// Device kernels of the class-balanced pseudo-label ops (docs/method.md §5). No ATen:
 // the host launchers live in csrc/cuda/pseudo_labels_cuda.cu, and
 // kernels/cuda/pascal_sm61.cu compiles these kernels alone for sm_61.
 //
