@@ -13,7 +13,7 @@ Each adversarial stage is :func:`train_adversarial_stage`: SGD (momentum,
 weight decay, heads at 10 x lr) with poly decay for the network, Adam
 (lr 1e-4, betas (0.9, 0.99)) with the same poly decay for one discriminator
 per output level, AMP, DDP, checkpoints and per-iteration sample seeds
-exactly as the DRSL stages (:mod:`train.loop`), so a resumed run ends where
+exactly as the DRSL stages (one skeleton, :func:`.loop.run_stage`), so a resumed run ends where
 an uninterrupted one does.
 
 The snapshot a stage hands on is an explicit choice, ``intrada.select_snapshot``:
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from drsl_fast.data.base import Item, SegmentationDataset
@@ -38,15 +37,14 @@ from drsl_fast.data.labels import LabelMap
 from drsl_fast.models import DeepLabV2, load_init_weights
 
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
-from .checkpoint import (CheckpointError, atomic_write_json, check_digest, config_digest, load_training_state,
-                         load_weights, read_file, save_weights)
+from .checkpoint import (CheckpointError, atomic_write_json, check_digest, config_digest, load_weights, read_file,
+                         save_weights)
 from .data import (AugmentedSamples, has_labels, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
 from .evaluate import evaluate, evaluated, main_protocol
 from .log import RunLog
-from .loop import (CHECKPOINT, WEIGHTS, RunningMeans, checkpoint_if_due, finish_stage, finished, step_batches,
-                   to_device)
+from .loop import WEIGHTS, StageRun, data_parallel, finished, run_stage
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
 
@@ -77,20 +75,6 @@ class AdversarialStage:
     iterations: int
     source: Dataset            # labelled: source images, or easy images with pseudo-labels
     target: Dataset            # unlabelled: target images, or hard images
-
-
-class Joint:
-    """Several modules or optimisers saved and restored as one (for the checkpoint functions)."""
-
-    def __init__(self, **parts):
-        self.parts = parts
-
-    def state_dict(self) -> Dict:
-        return {name: part.state_dict() for name, part in self.parts.items()}
-
-    def load_state_dict(self, state: Dict) -> None:
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
 
 
 def intrada_network(config: Dict, log=print, init_weights: bool = False) -> DRSLNetwork:
@@ -148,67 +132,37 @@ def poly_factor(config: Dict, iteration: int, iterations: int) -> float:
 
 def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: AdversarialStage,
                             log: RunLog) -> None:
-    """Runs (or resumes) ``stage``; writes ``<directory>/model.pt`` and, when
-    a best snapshot is to be selected, ``snapshots/model_<iteration>.pt``."""
+    """Runs (or resumes) ``stage`` with :func:`~.loop.run_stage`; writes
+    ``<directory>/model.pt`` and ``discriminators.pt`` and, when a best
+    snapshot is to be selected, ``snapshots/model_<iteration>.pt``."""
     settings, device = config["intrada"], runtime.device
-    checkpoint_path = os.path.join(stage.directory, CHECKPOINT)
     discriminators = discriminators_for(config, network)
     network.to(device).train()
     discriminators.to(device).train()
-    model, discriminator_model = network, discriminators
-    if runtime.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(network, device_ids=ids)
-        discriminator_model = DistributedDataParallel(discriminators, device_ids=ids)
+    model, discriminator_model = data_parallel(runtime, network), data_parallel(runtime, discriminators)
     optimizer = torch.optim.SGD(network.parameter_groups(settings["lr"]), lr=settings["lr"],
                                 momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
     d_optimizer = discriminator_optimizer(discriminators, settings["discriminator_lr"],
                                           settings["discriminator_betas"])
-    base_lrs = [group["lr"] for group in optimizer.param_groups] + [settings["discriminator_lr"]]
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
-    modules = Joint(network=network, discriminators=discriminators)
-    optimizers = Joint(network=optimizer, discriminators=d_optimizer)
-    position = load_training_state(checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler,
-                                   digest=config_digest(config), stage=stage.name, iterations=stage.iterations,
-                                   map_location=device)
-    start = 0 if position is None else position["iteration"]
-    if position is not None:
-        log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
-
-    batch_size = settings["batch_size"]
-    source_batches = step_batches(stage.source, stage.name, "source", start, stage.iterations, batch_size, runtime,
-                                  config)
-    target_batches = step_batches(stage.target, stage.name, "target", start, stage.iterations, batch_size, runtime,
-                                  config)
     weights = AdversarialWeights(settings["adv_main"], settings["adv_aux"], settings["seg_aux"])
     snapshot_every = settings["snapshot_every"] if settings["select_snapshot"] != "last" else 0
-    groups = optimizer.param_groups + d_optimizer.param_groups
-    bar = log.bar(stage.iterations, start, stage.name)
-    running = RunningMeans(config["train"]["log_every"], stage.iterations)
-    for iteration in range(start, stage.iterations):
-        with nvtx_range(f"{stage.name}/step"):
-            factor = poly_factor(config, iteration, stage.iterations)
-            for group, base in zip(groups, base_lrs):
-                group["lr"] = base * factor
-            source = to_device(next(source_batches), device)
-            target = to_device(next(target_batches), device)
-            losses = adversarial_step(model, discriminators, optimizer, d_optimizer, source["image"],
-                                      source["label"], target["image"], weights, autocast=runtime.autocast,
-                                      scaler=scaler, discriminator_model=discriminator_model)
-        running.add(losses.terms, losses.generator)
-        done = iteration + 1
-        running.log(done, log, stage.name, bar, lr=optimizer.param_groups[0]["lr"],
-                    lr_discriminator=d_optimizer.param_groups[0]["lr"])
-        bar.update(1)
+
+    def step(iteration: int, source: Dict, target: Dict):
+        losses = adversarial_step(model, discriminators, optimizer, d_optimizer, source["image"], source["label"],
+                                  target["image"], weights, autocast=runtime.autocast, scaler=scaler,
+                                  discriminator_model=discriminator_model)
+        return losses.generator, losses.terms
+
+    def snapshot(done: int) -> None:
         if runtime.is_main and snapshot_every and done % snapshot_every == 0 and done < stage.iterations:
             save_weights(network, snapshot_path(stage.directory, done),
                          {"stage": stage.name, "iteration": done, "digest": config_digest(config)})
-        checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=modules,
-                          optimizer=optimizers, scaler=scaler)
-    bar.close()
-    finish_stage(runtime, config, stage.name, stage.iterations, checkpoint_path,
-                 {os.path.join(stage.directory, WEIGHTS): network,
-                  os.path.join(stage.directory, "discriminators.pt"): discriminators})
+
+    run_stage(runtime, config, StageRun(
+        stage.name, stage.directory, stage.iterations, settings["batch_size"], stage.source, stage.target,
+        {WEIGHTS: network, "discriminators.pt": discriminators}, {"network": optimizer, "discriminator": d_optimizer},
+        lambda iteration: poly_factor(config, iteration, stage.iterations), step, snapshot), scaler, log)
 
 
 def snapshot_path(directory: str, iteration: int) -> str:

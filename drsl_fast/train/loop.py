@@ -10,12 +10,12 @@ passes, at one launch sequence).
 """
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from drsl_fast.losses import DRSLLoss, segmentation_loss
 from drsl_fast.models.deeplab import AUX_LOSS_WEIGHT
@@ -156,55 +156,121 @@ def finish_stage(runtime: Runtime, config: Dict, stage_name: str, iterations: in
     runtime.barrier()
 
 
-def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Stage, log: RunLog) -> None:
-    """Runs ``stage`` to completion (or resumes it from its checkpoint) and
-    writes its final weights to ``<directory>/model.pt``."""
+@dataclass
+class StageRun:
+    """One training stage for :func:`run_stage`, the skeleton every stage
+    shares (DRSL's source training and rounds, IntraDA's adversarial stages).
+
+    ``source`` and ``target`` are the sample streams (``target`` None for one);
+    ``outputs`` maps file names in ``directory`` to the modules the checkpoint
+    holds and the finished stage writes; every lr of ``optimizers`` (name ->
+    optimiser; its lr is logged as ``lr`` for 'network', ``lr_<name>``
+    otherwise) is its initial value times ``lr_factor(iteration)``; ``step``
+    runs one iteration on device batches (forward, backward, optimiser steps)
+    and returns the total and the terms to log; ``after_step(done)`` runs after
+    each iteration (snapshots)."""
+
+    name: str
+    directory: str
+    iterations: int
+    batch_size: int
+    source: Dataset
+    target: Optional[Dataset]
+    outputs: Dict[str, nn.Module]
+    optimizers: Dict[str, torch.optim.Optimizer]
+    lr_factor: Callable[[int], float]
+    step: Callable[[int, Dict, Optional[Dict]], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+    after_step: Callable[[int], None] = lambda done: None
+
+
+class Joint:
+    """Several modules or optimisers saved and restored as one (for the checkpoint functions)."""
+
+    def __init__(self, parts: Dict):
+        self.parts = parts
+
+    def state_dict(self) -> Dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def run_stage(runtime: Runtime, config: Dict, stage: StageRun, scaler, log: RunLog) -> None:
+    """Runs ``stage`` to completion, or resumes it from its checkpoint, with
+    the checkpoints of ``train.checkpoint_every`` and the loss means of
+    ``train.log_every``; writes its ``outputs`` at the end."""
     checkpoint_path = os.path.join(stage.directory, CHECKPOINT)
-    device, seed = runtime.device, config["seed"]
-    network.to(device).train()
-    model = network
-    if runtime.distributed:
-        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(network.parameter_groups(stage.lr), lr=stage.lr,
-                                momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
-    position = load_training_state(checkpoint_path, model=network, optimizer=optimizer, scaler=scaler,
+    modules, optimizers = Joint(stage.outputs), Joint(stage.optimizers)
+    base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in stage.optimizers.values()]
+    position = load_training_state(checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler,
                                    digest=config_digest(config), stage=stage.name, iterations=stage.iterations,
-                                   map_location=device)
+                                   map_location=runtime.device)
     start = 0 if position is None else position["iteration"]
     if position is not None:
         log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
-
-    batch_size = config["source"]["batch_size"] if stage.target is None else config["adaptation"]["batch_size"]
-    source_batches = step_batches(stage.source, stage.name, "source", start, stage.iterations, batch_size, runtime,
-                                  config)
-    target_batches = (step_batches(stage.target, stage.name, "target", start, stage.iterations, batch_size, runtime,
-                                   config) if stage.target is not None else None)
-    loss_fn = drsl_loss(config, stage.consistency)
+    streams = [step_batches(dataset, stage.name, stream, start, stage.iterations, stage.batch_size, runtime, config)
+               if dataset is not None else None
+               for stream, dataset in (("source", stage.source), ("target", stage.target))]
     bar = log.bar(stage.iterations, start, stage.name)
     running = RunningMeans(config["train"]["log_every"], stage.iterations)
     for iteration in range(start, stage.iterations):
         with nvtx_range(f"{stage.name}/step"):
-            scale = (1 - iteration / stage.iterations) ** config["optim"]["poly_power"] if stage.poly else 1.0
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * scale
-            source = to_device(next(source_batches), device)
-            target = to_device(next(target_batches), device) if target_batches is not None else None
-            generator = torch.Generator(device).manual_seed(stream_seed(seed, stage.name, "losses", iteration,
-                                                                        runtime.rank))
-            with runtime.autocast():
-                total, terms = step_loss(model, network, loss_fn, source, target, generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            factor = stage.lr_factor(iteration)
+            for optimizer, bases in zip(stage.optimizers.values(), base_lrs):
+                for group, base in zip(optimizer.param_groups, bases):
+                    group["lr"] = base * factor
+            source, target = (to_device(next(batches), runtime.device) if batches is not None else None
+                              for batches in streams)
+            total, terms = stage.step(iteration, source, target)
         running.add(terms, total)
         done = iteration + 1
-        running.log(done, log, stage.name, bar, lr=optimizer.param_groups[0]["lr"])
+        running.log(done, log, stage.name, bar, **{"lr" if name == "network" else f"lr_{name}":
+                                                   optimizer.param_groups[0]["lr"]
+                                                   for name, optimizer in stage.optimizers.items()})
         bar.update(1)
-        checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=network,
-                          optimizer=optimizer, scaler=scaler)
+        stage.after_step(done)
+        checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=modules,
+                          optimizer=optimizers, scaler=scaler)
     bar.close()
     finish_stage(runtime, config, stage.name, stage.iterations, checkpoint_path,
-                 {os.path.join(stage.directory, WEIGHTS): network})
+                 {os.path.join(stage.directory, name): module for name, module in stage.outputs.items()})
+
+
+def data_parallel(runtime: Runtime, module: nn.Module) -> nn.Module:
+    """``module`` wrapped for DDP under torchrun, else itself."""
+    if not runtime.distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Stage, log: RunLog) -> None:
+    """Runs ``stage`` (Eq. 8, or Eq. 9 / 10 with a target stream) with
+    :func:`run_stage` and writes its final weights to ``<directory>/model.pt``."""
+    device = runtime.device
+    network.to(device).train()
+    model = data_parallel(runtime, network)
+    optimizer = torch.optim.SGD(network.parameter_groups(stage.lr), lr=stage.lr,
+                                momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
+    loss_fn = drsl_loss(config, stage.consistency)
+
+    def step(iteration: int, source: Dict, target: Optional[Dict]):
+        generator = torch.Generator(device).manual_seed(stream_seed(config["seed"], stage.name, "losses", iteration,
+                                                                    runtime.rank))
+        with runtime.autocast():
+            total, terms = step_loss(model, network, loss_fn, source, target, generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return total, terms
+
+    def lr_factor(iteration: int) -> float:
+        return (1 - iteration / stage.iterations) ** config["optim"]["poly_power"] if stage.poly else 1.0
+
+    batch_size = config["source"]["batch_size"] if stage.target is None else config["adaptation"]["batch_size"]
+    run_stage(runtime, config, StageRun(stage.name, stage.directory, stage.iterations, batch_size, stage.source,
+                                        stage.target, {WEIGHTS: network}, {"network": optimizer}, lr_factor, step),
+              scaler, log)
