@@ -14,7 +14,7 @@
 //
 // The upper d edge of bin b (exclusive) is float_from_bits(B0 + b 2^(23-k)).
 // Plain header, no ATen or CUDA dependency: shared by the C++ CPU kernels and
-// the CUDA kernels (kernels/triton/pseudo_labels.py mirrors it).
+// the CUDA kernels (drsl_fast/triton_kernels/pseudo_labels.py mirrors it).
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -1,5 +1,5 @@
 // Edge-case rules shared by the C++ CPU and CUDA kernels, so that they give
-// the reference's (PyTorch's) answers; kernels/triton/*.py apply the same ones.
+// the reference's (PyTorch's) answers; drsl_fast/triton_kernels/rules.py applies the same ones.
 //
 // - A running minimum or maximum propagates NaN and keeps the first NaN, as
 //   torch.min / argmin / max / argmax do: a candidate replaces the best so far
