@@ -2,6 +2,7 @@
 :mod:`drsl_fast.backends`."""
 from .class_sampling import ClassSamples, sample_per_class
 from .entropy import EntropyMaps, entropy_map
+from .fda import fourier_domain_adaptation
 from .mmdl_losses import MMDLLosses, label_mode, mmdl_losses
 from .mode_distance import ModeDistance, mode_distance, mode_posterior
 from .pseudo_labels import confidence_histogram, select_labels
@@ -13,6 +14,7 @@ __all__ = [
     "ModeDistance",
     "confidence_histogram",
     "entropy_map",
+    "fourier_domain_adaptation",
     "label_mode",
     "mmdl_losses",
     "mode_distance",
