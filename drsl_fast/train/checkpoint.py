@@ -43,6 +43,8 @@ def comparable(config: Dict) -> Dict:
             reduced.get(section, {}).pop(leaf, None)
         else:
             reduced.pop(section, None)
+    if not reduced.get("isa", {}).get("probability"):
+        reduced.pop("isa", None)  # ISA off changes nothing: runs from before it keep their digest
     return reduced
 
 

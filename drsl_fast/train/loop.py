@@ -21,7 +21,8 @@ from drsl_fast.losses import DRSLLoss, segmentation_loss
 from drsl_fast.models.deeplab import AUX_LOSS_WEIGHT
 
 from .checkpoint import config_digest, load_training_state, save_training_state, save_weights
-from .data import AugmentedSamples, StepSampler, stream_seed
+from .data import AugmentedSamples, StepSampler, normalization, stream_seed
+from .isa import translate_batch
 from .log import RunLog
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
@@ -42,7 +43,7 @@ class Stage:
     iterations: int
     lr: float
     poly: bool
-    source: AugmentedSamples
+    source: Dataset                              # AugmentedSamples, or isa.TranslatableSamples
     target: Optional[AugmentedSamples] = None   # None: source training (Eq. 8)
     consistency: bool = False                    # Eq. 10 (DRSL+)
 
@@ -257,6 +258,8 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
     loss_fn = drsl_loss(config, stage.consistency)
 
     def step(iteration: int, source: Dict, target: Optional[Dict]):
+        if "isa" in source:  # docs/method.md §6: ISA by FDA
+            source = translate_batch(source, config["isa"]["fda_beta"], normalization(config))
         generator = torch.Generator(device).manual_seed(stream_seed(config["seed"], stage.name, "losses", iteration,
                                                                     runtime.rank))
         with runtime.autocast():

@@ -21,7 +21,7 @@ from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 from .checkpoint import atomic_write_json, comparable, config_digest, load_weights, remove_stale_temporaries
 from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
-from . import intrada
+from . import intrada, isa
 from .evaluate import evaluated, main_protocol, write_pictures
 from .log import RunLog
 from .loop import WEIGHTS, Stage, finished, train_stage
@@ -84,7 +84,8 @@ def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
     if not finished(directory):
         stage = Stage("source", directory, 1 if config["dry_run"] else config["source"]["iterations"],
                       config["source"]["lr"], poly=True,
-                      source=AugmentedSamples(source_dataset(config), train_transform(config, "source")))
+                      source=isa.samples(config, "source",
+                                         AugmentedSamples(source_dataset(config), train_transform(config, "source"))))
         with nvtx_range("source"):
             train_stage(runtime, config, network, stage, log)
     load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
@@ -98,7 +99,8 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) 
     network = seeded_network(config, log.info)
     load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu",
                  digest=config_digest(config))
-    source = AugmentedSamples(source_dataset(config), train_transform(config, "source"))
+    source = isa.samples(config, "adaptation",
+                         AugmentedSamples(source_dataset(config), train_transform(config, "source")))
     target_images = len(target_dataset(config, "train", with_labels=False))
     settings = config["adaptation"]
     rounds = 1 if config["dry_run"] else settings["rounds"]

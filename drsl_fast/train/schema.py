@@ -144,6 +144,11 @@ SCHEMA: Dict[str, Rule] = {
     "data.workers": integer(0),
     "data.eval_batch_size": integer(1),
 
+    "isa": SECTION,
+    "isa.probability": probability(),
+    "isa.fda_beta": number(0, 0.5),
+    "isa.stages": choice("source", "adaptation", "both"),
+
     "model": SECTION,
     "model.depth": choice(18, 34, 50, 101, 152),
     "model.width": positive(),

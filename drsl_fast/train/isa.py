@@ -1,0 +1,119 @@
+"""Built-in input-space adaptation (docs/method.md §6, ISA by FDA): source
+training images translated on the fly, or once to disk (``drsl data translate``).
+
+On the fly, each source sample of a stage in ``isa.stages`` draws, from its
+augmentation seed (so from the run's seed, the stage, the iteration, the rank
+and its place in the batch), whether it is translated (``isa.probability``)
+and with which target training image; the loader brings that image resized to
+the crop, and :func:`translate_batch` runs FDA on the model's device. With
+``isa.probability = 0`` nothing is wrapped and nothing is drawn.
+"""
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from drsl_fast.data import ImageNormalization
+from drsl_fast.data.io import read_rgb
+from drsl_fast.data.transforms import resize_pair
+from drsl_fast.ops.fda import fourier_domain_adaptation
+
+from .checkpoint import atomic_write
+from .data import AugmentedSamples, source_dataset, stream_seed, target_dataset
+
+
+def active(config: Dict, stage: str) -> bool:
+    """Whether ISA translates the source images of ``stage`` ('source' or 'adaptation')."""
+    isa = config["isa"]
+    return isa["probability"] > 0 and isa["stages"] in (stage, "both")
+
+
+def draw(seed: int, probability: float, targets: int) -> Optional[int]:
+    """The target image a sample with augmentation ``seed`` is translated
+    with, or None when it is not translated (its own stream: the
+    augmentation's draws are not touched)."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, "isa"))
+    translated = float(torch.rand((), generator=generator)) < probability
+    index = int(torch.randint(targets, (), generator=generator))
+    return index if translated else None
+
+
+class TranslatableSamples(Dataset):
+    """:class:`AugmentedSamples` plus, per sample, ``isa`` (whether to
+    translate it) and ``isa_target`` (the drawn target image resized to the
+    sample's image; zeros when not drawn)."""
+
+    def __init__(self, samples: AugmentedSamples, targets: Dataset, probability: float):
+        self.samples, self.targets, self.probability = samples, targets, probability
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        sample = self.samples[key]
+        image = sample["image"]
+        index = draw(key[1], self.probability, len(self.targets))
+        target = (torch.zeros_like(image) if index is None
+                  else resize_pair(self.targets[index]["image"], None, tuple(image.shape[-2:]))[0])
+        return {**sample, "isa": torch.tensor(index is not None), "isa_target": target}
+
+
+def samples(config: Dict, stage: str, source: AugmentedSamples) -> Dataset:
+    """``source`` for a stage: wrapped for ISA when :func:`active`, else itself."""
+    if not active(config, stage):
+        return source
+    return TranslatableSamples(source, target_dataset(config, "train", with_labels=False),
+                               config["isa"]["probability"])
+
+
+def translate_batch(batch: Dict, beta: float, normalization: ImageNormalization) -> Dict:
+    """The batch with each image flagged ``isa`` replaced by its FDA with
+    ``isa_target``, on their device. FDA runs on ``x * std + mean`` (the
+    image times the normalisation's scale, which FDA commutes with), not on
+    the mean-subtracted tensors (docs/method.md §6)."""
+    image = batch["image"]
+    mean = torch.tensor(normalization.mean, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    translated = fourier_domain_adaptation(image * std + mean, batch["isa_target"] * std + mean, beta)
+    translated = ((translated - mean) / std).to(image.dtype)
+    return {**batch, "image": torch.where(batch["isa"].view(-1, 1, 1, 1), translated, image)}
+
+
+def pairing_index(seed: int, name: str, targets: int) -> int:
+    """The target image that ``drsl data translate`` pairs with source image ``name``."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, "translate", name))
+    return int(torch.randint(targets, (), generator=generator))
+
+
+def rgb_tensor(path: str) -> Tensor:
+    """(1, 3, H, W) float32 RGB in 0-255."""
+    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1)[None].float()
+
+
+def translate_to_disk(config: Dict, out: str) -> int:
+    """Writes every source training image (without data.source.translated_root)
+    translated with FDA (beta = isa.fda_beta) towards its paired target
+    training image, to ``out`` under the same relative name and format
+    (uint8, clipped to [0, 255]); returns how many."""
+    source_config = dict(config, data=dict(config["data"], source=dict(config["data"]["source"], translated_root=None)))
+    items = source_dataset(source_config).items
+    targets = target_dataset(config, "train", with_labels=False).items
+    start = time.perf_counter()
+    for count, item in enumerate(items, 1):
+        target = targets[pairing_index(config["seed"], item.name, len(targets))]
+        image = fourier_domain_adaptation(rgb_tensor(item.image), rgb_tensor(target.image), config["isa"]["fda_beta"])
+        pixels = image[0].permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy()
+        path = os.path.join(out, item.name)
+        jpeg = os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
+        with atomic_write(path) as temporary:
+            Image.fromarray(np.ascontiguousarray(pixels)).save(temporary, **(
+                {"format": "JPEG", "quality": 95} if jpeg else {"format": "PNG"}))
+        print(f"\rdrsl data translate: {count}/{len(items)} images, {time.perf_counter() - start:.1f} s",
+              end="\n" if count == len(items) else "", file=sys.stderr, flush=True)
+    return len(items)

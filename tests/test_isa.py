@@ -1,0 +1,95 @@
+"""Built-in ISA by FDA in training and on disk (docs/method.md §6): the
+translation of normalised batches, the draws, ``drsl data translate``, and
+the pipeline with ISA on and off."""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from drsl_fast import cli
+from drsl_fast.data import CAFFE_BGR, TORCHVISION_RGB, GTA5, SyntheticPairConfig, make_synthetic_pair
+from drsl_fast.ops.fda import fourier_domain_adaptation
+from drsl_fast.train import isa
+from drsl_fast.train.checkpoint import config_digest
+from drsl_fast.train.config import load_config
+from drsl_fast.train.data import target_dataset
+
+from test_pipeline_run import tiny, weights
+
+
+def rgb(seed, low, high, size=(24, 20)):
+    return np.random.default_rng(seed).uniform(low, high, (*size, 3))
+
+
+def test_translate_batch_runs_fda_on_the_unnormalised_images():
+    """A dark source and a bright target: FDA of the 0-255 images, normalised,
+    for the flagged image; the other is untouched. FDA of the mean-subtracted
+    tensors would differ (the sign of the DC term, docs/method.md §6)."""
+    source, target = rgb(0, 0, 60), rgb(1, 180, 255, (30, 40))
+    for normalization in (CAFFE_BGR, TORCHVISION_RGB):
+        images = torch.stack([normalization(source), normalization(rgb(2, 0, 255))])
+        targets = torch.stack([normalization(target), normalization(target)])
+        targets = torch.nn.functional.interpolate(targets, size=(24, 20), mode="bilinear", align_corners=False)
+        batch = {"image": images, "isa_target": targets, "isa": torch.tensor([True, False])}
+        out = isa.translate_batch(batch, 0.1, normalization)["image"]
+        raw = fourier_domain_adaptation(torch.from_numpy(source).permute(2, 0, 1)[None],
+                                        torch.from_numpy(target).permute(2, 0, 1)[None].double(), 0.1)
+        expected = normalization(raw[0].permute(1, 2, 0).numpy())
+        assert torch.allclose(out[0], expected, atol=1e-4 * (255 if normalization is CAFFE_BGR else 1))
+        assert torch.equal(out[1], images[1])
+        naive = fourier_domain_adaptation(images[:1], targets[:1], 0.1)[0]
+        assert not torch.allclose(naive, expected, atol=1.0 if normalization is CAFFE_BGR else 0.1)
+
+
+def test_draws_come_from_the_sample_seed_and_nothing_when_off(tmp_path):
+    assert [isa.draw(seed, 0.0, 5) for seed in range(50)] == [None] * 50
+    drawn = [isa.draw(seed, 1.0, 5) for seed in range(50)]
+    assert drawn == [isa.draw(seed, 1.0, 5) for seed in range(50)] and set(drawn) == set(range(5))
+    share = np.mean([isa.draw(seed, 0.3, 5) is not None for seed in range(2000)])
+    assert 0.25 < share < 0.35
+    config = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run")))
+    assert not isa.active(config, "source") and not isa.active(config, "adaptation")
+    samples = object()
+    assert isa.samples(config, "source", samples) is samples
+    on = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run"), **{"isa.probability": 0.5}))
+    assert isa.active(on, "adaptation") and not isa.active(on, "source")
+    # ISA off keeps the settings digest of runs from before it (their model files load)
+    assert config_digest(config) == config_digest({k: v for k, v in config.items() if k != "isa"})
+
+
+def test_data_translate_writes_the_op_output(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "translated"
+    make_synthetic_pair(str(data), SyntheticPairConfig(seed=1, n_source=4, n_target_train=3, n_target_val=1,
+                                                       source_size=(48, 30), target_size=(64, 32)))
+    settings = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}",
+                "data.synthetic=null", "isa.fda_beta=0.1", "seed=7"]
+    assert cli.main(["data", "translate", "--out", str(out), *settings]) == 0
+    assert "4/4 images" in capsys.readouterr().err
+    config = load_config("demo", settings)
+    targets = target_dataset(config, "train", with_labels=False).items
+    sources = GTA5(str(data / "source")).items
+    for item in sources:
+        target = targets[isa.pairing_index(7, item.name, len(targets))]
+        expected = fourier_domain_adaptation(isa.rgb_tensor(item.image), isa.rgb_tensor(target.image), 0.1)
+        expected = expected[0].permute(1, 2, 0).clamp(0, 255).numpy()
+        written = np.asarray(Image.open(out / item.name))
+        assert written.dtype == np.uint8 and written.shape == expected.shape
+        assert np.abs(written - expected).max() <= 0.5 + 1e-3
+    assert len(GTA5(str(data / "source"), translated_root=str(out))) == 2 * len(sources)
+    assert cli.main(["data", "translate", "--out", str(out), "data.source.root=" + str(tmp_path / "none")]) == 2
+
+
+def test_pipeline_with_isa_on_and_off(tmp_path):
+    one_round = {"adaptation.rounds": 1, "adaptation.methods": "[drsl]"}
+    runs = {"default": {}, "off": {"isa.probability": 0, "isa.stages": "both", "isa.fda_beta": 0.3},
+            "on": {"isa.probability": 1, "isa.stages": "both", "isa.fda_beta": 0.05}}
+    models = {}
+    for name, changes in runs.items():
+        out = str(tmp_path / name)
+        assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), out, **one_round, **changes)]) == 0
+        models[name] = [weights(os.path.join(out, stage, "model.pt")) for stage in ("source", "drsl/round_1")]
+    for default, off, on in zip(models["default"], models["off"], models["on"]):
+        assert default.keys() == off.keys() == on.keys()
+        assert all(torch.equal(default[k], off[k]) for k in default)
+        assert any(not torch.equal(default[k], on[k]) for k in default)
