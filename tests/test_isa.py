@@ -65,7 +65,8 @@ def test_data_translate_writes_the_op_output(tmp_path, capsys):
     settings = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}",
                 "data.synthetic=null", "isa.fda_beta=0.1", "seed=7"]
     assert cli.main(["data", "translate", "--out", str(out), *settings]) == 0
-    assert "4/4 images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "drsl data translate: 4/4" in err and "\r" not in err
     config = load_config("demo", settings)
     targets = target_dataset(config, "train", with_labels=False).items
     sources = GTA5(str(data / "source")).items

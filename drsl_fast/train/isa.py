@@ -9,8 +9,6 @@ the crop, and :func:`translate_batch` runs FDA on the model's device. With
 ``isa.probability = 0`` nothing is wrapped and nothing is drawn.
 """
 import os
-import sys
-import time
 from typing import Dict, Optional
 
 import numpy as np
@@ -26,6 +24,7 @@ from drsl_fast.ops.fda import fourier_domain_adaptation
 
 from .checkpoint import atomic_write
 from .data import AugmentedSamples, source_dataset, stream_seed, target_dataset
+from .log import progress, to_stderr
 
 
 def active(config: Dict, stage: str) -> bool:
@@ -104,8 +103,8 @@ def translate_to_disk(config: Dict, out: str) -> int:
     source_config = dict(config, data=dict(config["data"], source=dict(config["data"]["source"], translated_root=None)))
     items = source_dataset(source_config).items
     targets = target_dataset(config, "train", with_labels=False).items
-    start = time.perf_counter()
-    for count, item in enumerate(items, 1):
+    bar = progress(len(items), "drsl data translate", to_stderr)
+    for item in items:
         target = targets[pairing_index(config["seed"], item.name, len(targets))]
         image = fourier_domain_adaptation(rgb_tensor(item.image), rgb_tensor(target.image), config["isa"]["fda_beta"])
         pixels = image[0].permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy()
@@ -114,6 +113,6 @@ def translate_to_disk(config: Dict, out: str) -> int:
         with atomic_write(path) as temporary:
             Image.fromarray(np.ascontiguousarray(pixels)).save(temporary, **(
                 {"format": "JPEG", "quality": 95} if jpeg else {"format": "PNG"}))
-        print(f"\rdrsl data translate: {count}/{len(items)} images, {time.perf_counter() - start:.1f} s",
-              end="\n" if count == len(items) else "", file=sys.stderr, flush=True)
+        bar.update(1)
+    bar.close()
     return len(items)

@@ -43,11 +43,8 @@ class RunLog:
             self.writer.add_image(tag, rgb, step, dataformats="HWC")
 
     def bar(self, total: int, initial: int, description: str):
-        """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line
-        every quarter of the way and at the end."""
-        if self.progress_bars and sys.stderr.isatty():
-            return tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True, leave=False)
-        return PlainProgress(total, initial, description, self.info if self.progress_bars else None)
+        """:func:`progress` through this log (silent when progress is off)."""
+        return progress(total, description, self.info if self.progress_bars else None, initial)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -82,6 +79,19 @@ class PlainProgress:
 
     def close(self) -> None:
         self.say(self.line())
+
+
+def progress(total: int, description: str, write=None, initial: int = 0):
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line every
+    quarter of the way and at the end, through ``write`` (default: stderr;
+    None after a log's choice means silent)."""
+    if write is not None and sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True, leave=False)
+    return PlainProgress(total, initial, description, write)
+
+
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def quiet_log() -> RunLog:

@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, Optional
 
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 
+from . import intrada, isa
 from .checkpoint import atomic_write_json, comparable, config_digest, load_weights, remove_stale_temporaries
 from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
-from . import intrada, isa
 from .evaluate import evaluated, main_protocol, write_pictures
 from .log import RunLog
 from .loop import WEIGHTS, Stage, finished, train_stage
