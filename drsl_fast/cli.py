@@ -13,7 +13,7 @@ drsl intrada  [--config ...] [--resume] [key=value ...]
     easy/hard splits, intra-domain adaptation, evaluation beside the finished
     DRSL methods (settings: intrada.*; ``drsl run adaptation.methods=[drsl,
     drsl_plus,intrada]`` runs it beside DRSL in one go).
-drsl evaluate --weights FILE [...]   evaluates a model file on target val.
+drsl evaluate --weights FILE [...] [key=value ...]   evaluates model files on target val.
 drsl config   [--config ...] [key=value ...]   prints the resolved config.
 drsl data synth --out DIR [--seed S] [--n-source N] [--n-target-train N]
                 [--n-target-val N] [--source-size WxH] [--target-size WxH]
@@ -36,11 +36,14 @@ corrected command.
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import List, Optional, Tuple
 
 from .data.synthetic import SyntheticPairConfig, make_synthetic_pair
+
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 
 
 def image_size(text: str) -> Tuple[int, int]:
@@ -111,11 +114,22 @@ def failed(command: str, error: Exception) -> int:
     return 2
 
 
+def split_weights(args: argparse.Namespace) -> None:
+    """``--weights a.pt b.pt seed=1``: argparse gives ``seed=1`` to --weights;
+    an entry of the form key=value that is not a file is an override."""
+    weights = getattr(args, "weights", None) or []
+    overrides = [w for w in weights if OVERRIDE.match(w) and not os.path.isfile(w)]
+    if overrides:
+        args.weights = [w for w in weights if w not in overrides]
+        args.overrides = list(args.overrides) + overrides
+
+
 def run_pipeline_command(args: argparse.Namespace) -> int:
     import yaml
 
     from .train.config import ConfigError, load_config
 
+    split_weights(args)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -145,6 +145,9 @@ def test_synthetic_roots_may_be_missing_when_the_run_writes_them(tmp_path, capsy
     assert "data.source.root: expected an existing directory" in one_error_line(capsys)
     assert cli.main(["evaluate", *tiny(out, data), "--weights", str(tmp_path / "model.pt")]) == 2
     assert f'--weights: expected an existing file, got "{tmp_path / "model.pt"}"' in one_error_line(capsys, "evaluate")
+    # key=value after --weights files is an override, not a file name
+    assert cli.main(["evaluate", *tiny(out, data), "--weights", str(tmp_path / "model.pt"), "model.depht=3"]) == 2
+    assert "unknown key 'model.depht'" in one_error_line(capsys, "evaluate")
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys, pair):
