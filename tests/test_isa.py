@@ -82,14 +82,15 @@ def test_data_translate_writes_the_op_output(tmp_path, capsys):
 
 
 def test_pipeline_with_isa_on_and_off(tmp_path):
-    one_round = {"adaptation.rounds": 1, "adaptation.methods": "[drsl]"}
+    one_round = {"adaptation.rounds": 1, "adaptation.methods": "[drsl, intrada]", "intrada.inter_iterations": 2,
+                 "intrada.intra_iterations": 2, "intrada.batch_size": 2, "intrada.discriminator_width": 0.125}
     runs = {"default": {}, "off": {"isa.probability": 0, "isa.stages": "both", "isa.fda_beta": 0.3},
             "on": {"isa.probability": 1, "isa.stages": "both", "isa.fda_beta": 0.05}}
     models = {}
     for name, changes in runs.items():
         out = str(tmp_path / name)
         assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), out, **one_round, **changes)]) == 0
-        models[name] = [weights(os.path.join(out, stage, "model.pt")) for stage in ("source", "drsl/round_1")]
+        models[name] = [weights(os.path.join(out, stage, "model.pt")) for stage in ("source", "drsl/round_1", "intrada/inter")]
     for default, off, on in zip(models["default"], models["off"], models["on"]):
         assert default.keys() == off.keys() == on.keys()
         assert all(torch.equal(default[k], off[k]) for k in default)

@@ -36,10 +36,11 @@ from drsl_fast.data.io import read_label_ids
 from drsl_fast.data.labels import LabelMap
 from drsl_fast.models import DeepLabV2, load_init_weights
 
+from . import isa
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
 from .checkpoint import (CheckpointError, atomic_write_json, check_digest, config_digest, load_weights, read_file,
                          save_weights)
-from .data import (AugmentedSamples, has_labels, pseudo_label_path, source_dataset, stream_seed,
+from .data import (AugmentedSamples, has_labels, normalization, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
 from .evaluate import evaluate, evaluated, main_protocol
@@ -149,6 +150,8 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
     snapshot_every = settings["snapshot_every"] if settings["select_snapshot"] != "last" else 0
 
     def step(iteration: int, source: Dict, target: Dict):
+        if "isa" in source:  # docs/method.md §6: ISA by FDA, on the inter-domain stage's source images
+            source = isa.translate_batch(source, config["isa"]["fda_beta"], normalization(config))
         losses = adversarial_step(model, discriminators, optimizer, d_optimizer, source["image"], source["label"],
                                   target["image"], weights, autocast=runtime.autocast, scaler=scaler,
                                   discriminator_model=discriminator_model)
@@ -253,7 +256,8 @@ def intrada_stages(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
     load_segmenter(network, os.path.join(config["output_dir"], "source", WEIGHTS), config_digest(config))
     inter_eval, inter_selection = adapted_and_evaluated(
         runtime, config, network, "inter", inter_dir, "IntraDA inter-domain (ADVENT)", log,
-        lambda: (AugmentedSamples(source_dataset(config), train_transform(config, "source")),
+        lambda: (isa.samples(config, "adaptation",
+                             AugmentedSamples(source_dataset(config), train_transform(config, "source"))),
                  AugmentedImages(target_dataset(config, "train", with_labels=False),
                                  train_transform(config, "target"))))
 
