@@ -173,3 +173,21 @@ def test_real_dataset_configs_dry_run_on_fixtures(tmp_path, config):
     assert [len(r) for r in results["methods"].values()] == [1, 1]
     protocols = {"gta5": {"19"}, "synthia": {"16", "13"}}[config]
     assert set(results["source_only"]["evaluation"]) == protocols
+
+
+def test_ablation_rounds_drop_the_pseudo_labels_or_the_mmdl_terms(tmp_path):
+    """no_pseudo_labels trains on the source stream alone (no pass, no labels);
+    self_training keeps the pseudo-labels and only the segmentation terms."""
+    out = str(tmp_path / "run")
+    settings = {"adaptation.rounds": 1, "adaptation.methods": "[no_pseudo_labels, self_training]"}
+    assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), out, **settings)]) == 0
+    results = json.load(open(os.path.join(out, "results.json")))
+    control, plain = (results["methods"][t][0] for t in ("no pseudo-labels (control)", "self-training (no MMDL-FR)"))
+    assert control["pseudo_label_accuracy"] is None and control["pseudo_label_coverage"] == 0
+    assert not os.path.exists(os.path.join(out, "no_pseudo_labels", "round_1", "pseudo_labels"))
+    assert plain["pseudo_label_coverage"] > 0
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    terms = {tag: set(row) - {"tag", "step", "time", "lr"} for row in logged for tag in [row["tag"]]}
+    assert terms["self_training/round_1"] == {"seg_source", "seg_target", "loss"}
+    assert terms["no_pseudo_labels/round_1"] >= {"seg_source", "loss"} and "seg_target" not in \
+        terms["no_pseudo_labels/round_1"] and len(terms["no_pseudo_labels/round_1"]) > 2

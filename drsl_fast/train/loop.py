@@ -46,6 +46,7 @@ class Stage:
     source: Dataset                              # AugmentedSamples, or isa.TranslatableSamples
     target: Optional[AugmentedSamples] = None   # None: source training (Eq. 8)
     consistency: bool = False                    # Eq. 10 (DRSL+)
+    mmdl: bool = True                            # False: segmentation terms only (plain self-training)
 
 
 def drsl_loss(config: Dict, consistency: bool) -> DRSLLoss:
@@ -65,12 +66,12 @@ def segmentation_terms(out, labels, start: int, stop: int):
 
 
 def step_loss(model, network: DRSLNetwork, loss_fn: DRSLLoss, source: Dict, target: Optional[Dict],
-              generator: torch.Generator):
+              generator: torch.Generator, mmdl: bool = True):
     """Eq. 8 without a target batch, else Eq. 9 / 10; without the MMDL-FR head
-    only the segmentation terms (plain self-training)."""
+    or with ``mmdl`` False only the segmentation terms (plain self-training)."""
     n = source["image"].shape[0]
     images = source["image"] if target is None else torch.cat([source["image"], target["image"]])
-    embedding_size = source["embedding_label"].shape[-2:] if network.head is not None else None
+    embedding_size = source["embedding_label"].shape[-2:] if network.head is not None and mmdl else None
     out = model(images, embedding_size)
     seg_source = segmentation_terms(out, source["label"], 0, n)
     seg_target = segmentation_terms(out, target["label"], n, None) if target is not None else None
@@ -251,6 +252,8 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
     :func:`run_stage` and writes its final weights to ``<directory>/model.pt``."""
     device = runtime.device
     network.to(device).train()
+    if network.head is not None:  # without MMDL-FR the head is not evaluated: frozen, so DDP skips it
+        network.head.requires_grad_(stage.mmdl)
     model = data_parallel(runtime, network)
     optimizer = torch.optim.SGD(network.parameter_groups(stage.lr), lr=stage.lr,
                                 momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
@@ -263,7 +266,7 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
         generator = torch.Generator(device).manual_seed(stream_seed(config["seed"], stage.name, "losses", iteration,
                                                                     runtime.rank))
         with runtime.autocast():
-            total, terms = step_loss(model, network, loss_fn, source, target, generator)
+            total, terms = step_loss(model, network, loss_fn, source, target, generator, stage.mmdl)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)

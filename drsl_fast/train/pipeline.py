@@ -92,10 +92,27 @@ def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
     return network
 
 
+@dataclass(frozen=True)
+class Rounds:
+    """What a round of self-training trains on: DRSL (Eq. 9) uses the target
+    pseudo-labels and the MMDL-FR terms, DRSL+ (Eq. 10) adds the consistency
+    term; the ablations drop the MMDL-FR terms (plain self-training, Eq. 3)
+    or the pseudo-labels (the source images alone, with ISA where it is on:
+    the control that tells what the pseudo-labels add)."""
+
+    pseudo_labels: bool = True
+    mmdl: bool = True
+    consistency: bool = False
+
+
+ROUNDS = {"drsl": Rounds(), "drsl_plus": Rounds(consistency=True), "self_training": Rounds(mmdl=False),
+          "no_pseudo_labels": Rounds(pseudo_labels=False)}
+
+
 def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) -> List[Dict]:
-    """Stages 2-3 of DRSL (``method`` 'drsl', Eq. 9) or DRSL+ ('drsl_plus',
-    Eq. 10), every round evaluated; returns one summary per round."""
-    title, consistency = METHODS[method].title, method == "drsl_plus"
+    """Stages 2-3 of ``method`` (:data:`ROUNDS`: DRSL, DRSL+ or an ablation),
+    every round evaluated; returns one summary per round."""
+    title, variant = METHODS[method].title, ROUNDS[method]
     network = seeded_network(config, log.info)
     load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu",
                  digest=config_digest(config))
@@ -108,17 +125,20 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) 
     for round_index in range(rounds):
         directory = os.path.join(config["output_dir"], method, f"round_{round_index + 1}")
         name = f"{method}/round_{round_index + 1}"
+        pseudo = {"portion": 0.0, "accuracy": None, "coverage": 0.0}
         if not finished(directory):
-            with nvtx_range(f"{name}/pseudo_labels"):
-                pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log)
+            target = None
+            if variant.pseudo_labels:
+                with nvtx_range(f"{name}/pseudo_labels"):
+                    pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log)
+                target = AugmentedSamples(pseudo_labelled_target(config, os.path.join(directory, PSEUDO_LABEL_DIR)),
+                                          train_transform(config, "target"))
             steps = math.ceil(settings["epochs_per_round"] * target_images / (settings["batch_size"] * runtime.world))
-            target = AugmentedSamples(pseudo_labelled_target(config, os.path.join(directory, PSEUDO_LABEL_DIR)),
-                                      train_transform(config, "target"))
             stage = Stage(name, directory, 1 if config["dry_run"] else steps, settings["lr"], settings["poly"],
-                          source, target, consistency)
+                          source, target, variant.consistency, variant.mmdl)
             with nvtx_range(name):
                 train_stage(runtime, config, network, stage, log)
-        else:
+        elif variant.pseudo_labels:
             pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log, need_files=False)
         load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
         result = evaluated(runtime, config, network, directory, f"{title} round {round_index + 1}", log)
@@ -156,10 +176,15 @@ class Method:
     final: Callable[[Runtime, Dict, RunLog], Optional[DRSLNetwork]]
 
 
+def rounds_method(title: str, name: str) -> Method:
+    return Method(title, partial(adaptation_rounds, method=name), partial(last_round, method=name))
+
+
 METHODS = {
-    "drsl": Method("DRSL", partial(adaptation_rounds, method="drsl"), partial(last_round, method="drsl")),
-    "drsl_plus": Method("DRSL+", partial(adaptation_rounds, method="drsl_plus"),
-                        partial(last_round, method="drsl_plus")),
+    "drsl": rounds_method("DRSL", "drsl"),
+    "drsl_plus": rounds_method("DRSL+", "drsl_plus"),
+    "self_training": rounds_method("self-training (no MMDL-FR)", "self_training"),
+    "no_pseudo_labels": rounds_method("no pseudo-labels (control)", "no_pseudo_labels"),
     intrada.METHOD: Method(intrada.TITLE, intrada.intrada_stages, intrada.final_network),
 }
 

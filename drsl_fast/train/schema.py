@@ -186,7 +186,7 @@ SCHEMA: Dict[str, Rule] = {
     "pseudo_labels.batch_size": integer(1),
 
     "adaptation": SECTION,
-    "adaptation.methods": unique_list(choice("drsl", "drsl_plus", INTRADA)),
+    "adaptation.methods": unique_list(choice("drsl", "drsl_plus", "self_training", "no_pseudo_labels", INTRADA)),
     "adaptation.rounds": integer(1),
     "adaptation.epochs_per_round": positive(),
     "adaptation.batch_size": integer(1),
