@@ -18,7 +18,6 @@ from torch import nn
 from drsl_fast import cli
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 from drsl_fast.models import DeepLabOutput, DeepLabV2
-from drsl_fast.train import intrada as intrada_module
 from drsl_fast.train import loop as loop_module
 from drsl_fast.train.adversarial import (AdversarialWeights, Discriminators, adversarial_step,
                                          discriminator_loss, discriminator_optimizer, entropy_maps,
