@@ -13,7 +13,7 @@ from .log import RunLog
 from .network import seeded_network
 from .intrada import METHOD as INTRADA
 from .loop import finished
-from .pipeline import RunDirectoryError, claim_output_dir, run
+from .pipeline import RunDirectoryError, claim_output_dir, last_round_directory, run
 from .runtime import start, stop
 from .schema import ConfigError, check_paths, shown
 
@@ -26,9 +26,7 @@ EXPECTED_ERRORS = (ConfigError, RunDirectoryError, CheckpointError, DatasetLayou
 def with_intrada(config: Dict) -> Dict:
     """``drsl intrada``: the IntraDA stages (docs/method.md §7) in output_dir, reported
     beside the DRSL methods of the run that are already finished there."""
-    rounds = 1 if config["dry_run"] else config["adaptation"]["rounds"]
-    done = [m for m in config["adaptation"]["methods"]
-            if m != INTRADA and finished(os.path.join(config["output_dir"], m, f"round_{rounds}"))]
+    done = [m for m in config["adaptation"]["methods"] if m != INTRADA and finished(last_round_directory(config, m))]
     return dict(config, adaptation=dict(config["adaptation"], methods=done + [INTRADA]))
 
 

@@ -40,7 +40,7 @@ from . import isa
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
 from .checkpoint import (CheckpointError, atomic_write_json, check_digest, config_digest, load_weights, read_file,
                          save_weights)
-from .data import (AugmentedSamples, has_labels, normalization, pseudo_label_path, source_dataset, stream_seed,
+from .data import (AugmentedSamples, has_labels, pseudo_label_path, source_dataset, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
 from .evaluate import evaluate, evaluated, main_protocol
@@ -150,8 +150,6 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
     snapshot_every = settings["snapshot_every"] if settings["select_snapshot"] != "last" else 0
 
     def step(iteration: int, source: Dict, target: Dict):
-        if "isa" in source:  # docs/method.md §6: ISA by FDA, on the inter-domain stage's source images
-            source = isa.translate_batch(source, config["isa"]["fda_beta"], normalization(config))
         losses = adversarial_step(model, discriminators, optimizer, d_optimizer, source["image"], source["label"],
                                   target["image"], weights, autocast=runtime.autocast, scaler=scaler,
                                   discriminator_model=discriminator_model)

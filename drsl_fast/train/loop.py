@@ -45,6 +45,7 @@ class Stage:
     poly: bool
     source: Dataset                              # AugmentedSamples, or isa.TranslatableSamples
     target: Optional[AugmentedSamples] = None   # None: source training (Eq. 8)
+    batch_size: int = 1                          # source (and target) images per step
     consistency: bool = False                    # Eq. 10 (DRSL+)
     mmdl: bool = True                            # False: segmentation terms only (plain self-training)
 
@@ -168,9 +169,9 @@ class StageRun:
     holds and the finished stage writes; every lr of ``optimizers`` (name ->
     optimiser; its lr is logged as ``lr`` for 'network', ``lr_<name>``
     otherwise) is its initial value times ``lr_factor(iteration)``; ``step``
-    runs one iteration on device batches (forward, backward, optimiser steps)
-    and returns the total and the terms to log; ``after_step(done)`` runs after
-    each iteration (snapshots)."""
+    runs one iteration on device batches (forward, backward, optimiser steps;
+    source images flagged for ISA already translated) and returns the total and
+    the terms to log; ``after_step(done)`` runs after each iteration (snapshots)."""
 
     name: str
     directory: str
@@ -212,6 +213,7 @@ def run_stage(runtime: Runtime, config: Dict, stage: StageRun, scaler, log: RunL
     start = 0 if position is None else position["iteration"]
     if position is not None:
         log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
+    beta, images = config["isa"]["fda_beta"], normalization(config)
     streams = [step_batches(dataset, stage.name, stream, start, stage.iterations, stage.batch_size, runtime, config)
                if dataset is not None else None
                for stream, dataset in (("source", stage.source), ("target", stage.target))]
@@ -225,6 +227,8 @@ def run_stage(runtime: Runtime, config: Dict, stage: StageRun, scaler, log: RunL
                     group["lr"] = base * factor
             source, target = (to_device(next(batches), runtime.device) if batches is not None else None
                               for batches in streams)
+            if "isa" in source:  # docs/method.md §6: ISA by FDA on the flagged source images
+                source = translate_batch(source, beta, images)
             total, terms = stage.step(iteration, source, target)
         running.add(terms, total)
         done = iteration + 1
@@ -261,8 +265,6 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
     loss_fn = drsl_loss(config, stage.consistency)
 
     def step(iteration: int, source: Dict, target: Optional[Dict]):
-        if "isa" in source:  # docs/method.md §6: ISA by FDA
-            source = translate_batch(source, config["isa"]["fda_beta"], normalization(config))
         generator = torch.Generator(device).manual_seed(stream_seed(config["seed"], stage.name, "losses", iteration,
                                                                     runtime.rank))
         with runtime.autocast():
@@ -276,7 +278,6 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
     def lr_factor(iteration: int) -> float:
         return (1 - iteration / stage.iterations) ** config["optim"]["poly_power"] if stage.poly else 1.0
 
-    batch_size = config["source"]["batch_size"] if stage.target is None else config["adaptation"]["batch_size"]
-    run_stage(runtime, config, StageRun(stage.name, stage.directory, stage.iterations, batch_size, stage.source,
+    run_stage(runtime, config, StageRun(stage.name, stage.directory, stage.iterations, stage.batch_size, stage.source,
                                         stage.target, {WEIGHTS: network}, {"network": optimizer}, lr_factor, step),
               scaler, log)

@@ -83,7 +83,7 @@ def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
     directory = os.path.join(config["output_dir"], "source")
     if not finished(directory):
         stage = Stage("source", directory, 1 if config["dry_run"] else config["source"]["iterations"],
-                      config["source"]["lr"], poly=True,
+                      config["source"]["lr"], poly=True, batch_size=config["source"]["batch_size"],
                       source=isa.samples(config, "source",
                                          AugmentedSamples(source_dataset(config), train_transform(config, "source"))))
         with nvtx_range("source"):
@@ -105,14 +105,18 @@ class Rounds:
     consistency: bool = False
 
 
-ROUNDS = {"drsl": Rounds(), "drsl_plus": Rounds(consistency=True), "self_training": Rounds(mmdl=False),
-          "no_pseudo_labels": Rounds(pseudo_labels=False)}
+def round_count(config: Dict) -> int:
+    return 1 if config["dry_run"] else config["adaptation"]["rounds"]
 
 
-def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) -> List[Dict]:
-    """Stages 2-3 of ``method`` (:data:`ROUNDS`: DRSL, DRSL+ or an ablation),
-    every round evaluated; returns one summary per round."""
-    title, variant = METHODS[method].title, ROUNDS[method]
+def last_round_directory(config: Dict, method: str) -> str:
+    return os.path.join(config["output_dir"], method, f"round_{round_count(config)}")
+
+
+def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str, title: str,
+                      variant: Rounds) -> List[Dict]:
+    """Stages 2-3 of ``method`` (DRSL, DRSL+ or an ablation, as ``variant``
+    says), every round evaluated; returns one summary per round."""
     network = seeded_network(config, log.info)
     load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu",
                  digest=config_digest(config))
@@ -120,9 +124,8 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) 
                          AugmentedSamples(source_dataset(config), train_transform(config, "source")))
     target_images = len(target_dataset(config, "train", with_labels=False))
     settings = config["adaptation"]
-    rounds = 1 if config["dry_run"] else settings["rounds"]
     summaries = []
-    for round_index in range(rounds):
+    for round_index in range(round_count(config)):
         directory = os.path.join(config["output_dir"], method, f"round_{round_index + 1}")
         name = f"{method}/round_{round_index + 1}"
         pseudo = {"portion": 0.0, "accuracy": None, "coverage": 0.0}
@@ -135,7 +138,8 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) 
                                           train_transform(config, "target"))
             steps = math.ceil(settings["epochs_per_round"] * target_images / (settings["batch_size"] * runtime.world))
             stage = Stage(name, directory, 1 if config["dry_run"] else steps, settings["lr"], settings["poly"],
-                          source, target, variant.consistency, variant.mmdl)
+                          source, target, batch_size=settings["batch_size"], consistency=variant.consistency,
+                          mmdl=variant.mmdl)
             with nvtx_range(name):
                 train_stage(runtime, config, network, stage, log)
         elif variant.pseudo_labels:
@@ -156,8 +160,7 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str) 
 
 def last_round(runtime: Runtime, config: Dict, log: RunLog, method: str) -> Optional[DRSLNetwork]:
     """The network of the last round of ``method`` when it is finished, else None."""
-    rounds = 1 if config["dry_run"] else config["adaptation"]["rounds"]
-    directory = os.path.join(config["output_dir"], method, f"round_{rounds}")
+    directory = last_round_directory(config, method)
     if not finished(directory):
         return None
     network = seeded_network(config, log.info)
@@ -176,15 +179,16 @@ class Method:
     final: Callable[[Runtime, Dict, RunLog], Optional[DRSLNetwork]]
 
 
-def rounds_method(title: str, name: str) -> Method:
-    return Method(title, partial(adaptation_rounds, method=name), partial(last_round, method=name))
+def rounds_method(title: str, name: str, variant: Rounds) -> Method:
+    return Method(title, partial(adaptation_rounds, method=name, title=title, variant=variant),
+                  partial(last_round, method=name))
 
 
 METHODS = {
-    "drsl": rounds_method("DRSL", "drsl"),
-    "drsl_plus": rounds_method("DRSL+", "drsl_plus"),
-    "self_training": rounds_method("self-training (no MMDL-FR)", "self_training"),
-    "no_pseudo_labels": rounds_method("no pseudo-labels (control)", "no_pseudo_labels"),
+    "drsl": rounds_method("DRSL", "drsl", Rounds()),
+    "drsl_plus": rounds_method("DRSL+", "drsl_plus", Rounds(consistency=True)),
+    "self_training": rounds_method("self-training (no MMDL-FR)", "self_training", Rounds(mmdl=False)),
+    "no_pseudo_labels": rounds_method("no pseudo-labels (control)", "no_pseudo_labels", Rounds(pseudo_labels=False)),
     intrada.METHOD: Method(intrada.TITLE, intrada.intrada_stages, intrada.final_network),
 }
 
