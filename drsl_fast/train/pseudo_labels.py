@@ -48,19 +48,21 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
     same labels again)."""
     summary_path = os.path.join(round_dir, SUMMARY)
     out_dir = os.path.join(round_dir, DIRECTORY)
-    num_classes = config["data"]["num_classes"]
-    with_labels = has_labels(config["data"]["target"]["root"], config["data"]["target"]["train_split"])
-    dataset = target_dataset(config, "train", with_labels=with_labels)
-    limit = DRY_RUN_IMAGES if config["dry_run"] else None
     if os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as handle:
             summary = json.load(handle)
-        expected = [pseudo_label_path(out_dir, item.name) for item in dataset.items[:summary["images"]]]
-        missing = missing_files(expected) if need_files else 0
+        if not need_files:
+            return summary
+        labelled = target_dataset(config, "train", with_labels=False).items[:summary["images"]]
+        missing = missing_files([pseudo_label_path(out_dir, item.name) for item in labelled])
         if not missing:
             return summary
         log.info(f"{os.path.relpath(round_dir, config['output_dir'])}: {missing} pseudo-label files are missing; "
                  f"writing them again")
+    num_classes = config["data"]["num_classes"]
+    with_labels = has_labels(config["data"]["target"]["root"], config["data"]["target"]["train_split"])
+    dataset = target_dataset(config, "train", with_labels=with_labels)
+    limit = DRY_RUN_IMAGES if config["dry_run"] else None
     os.makedirs(out_dir, exist_ok=True)
     size = config["data"]["target_size"]
     network.to(runtime.device).eval()
