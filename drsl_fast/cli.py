@@ -64,6 +64,14 @@ def non_negative(text: str) -> int:
     return value
 
 
+def add_config_arguments(command: argparse.ArgumentParser, example: str) -> None:
+    """--config, key=value overrides and --debug, the arguments of every command that reads a config."""
+    command.add_argument("--config", default="demo", help="built-in config name or YAML file (default: demo)")
+    command.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    command.add_argument("--debug", action="store_true", default=os.environ.get("DRSL_DEBUG") == "1",
+                         help="show the traceback of an error (default: DRSL_DEBUG=1 in the environment)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drsl", description="DRSL domain adaptation for semantic segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,12 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--source-size", type=image_size, default=defaults.source_size, metavar="WxH")
     synth.add_argument("--target-size", type=image_size, default=defaults.target_size, metavar="WxH")
     synth.set_defaults(handler=run_data_synth)
-    translate = data.add_parser("translate", help="write FDA-translated source training images (ISA, docs/method.md §6)")
-    translate.add_argument("--config", default="demo", help="built-in config name or YAML file (default: demo)")
+    translate = data.add_parser("translate",
+                                help="write FDA-translated source training images (ISA, docs/method.md §6)")
     translate.add_argument("--out", required=True, help="output directory (then data.source.translated_root=DIR)")
-    translate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. isa.fda_beta=0.05")
-    translate.add_argument("--debug", action="store_true", default=os.environ.get("DRSL_DEBUG") == "1",
-                           help="show the traceback of an error (default: DRSL_DEBUG=1 in the environment)")
+    add_config_arguments(translate, "isa.fda_beta=0.05")
     translate.set_defaults(handler=run_data_translate)
 
     for name, help_text in (
@@ -91,14 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("source", "stage 1: source training with MMDL-FR (Eq. 8)"),
         ("adapt", "stages 2-3: pseudo-label rounds and DRSL / DRSL+ adaptation"),
         ("evaluate", "stage 4: evaluation tables, plot and panels (or of --weights files)"),
-        ("intrada", "IntraDA (docs/method.md §7): ADVENT inter-domain adaptation, entropy ranking, intra-domain adaptation"),
+        ("intrada", "IntraDA (docs/method.md §7): ADVENT inter-domain adaptation, entropy ranking, "
+                    "intra-domain adaptation"),
         ("config", "print the resolved config"),
     ):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--config", default="demo", help="built-in config name or YAML file (default: demo)")
-        command.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
-        command.add_argument("--debug", action="store_true", default=os.environ.get("DRSL_DEBUG") == "1",
-                             help="show the traceback of an error (default: DRSL_DEBUG=1 in the environment)")
+        add_config_arguments(command, "seed=1")
         if name in ("run", "intrada"):
             command.add_argument("--resume", action="store_true", help="continue the run in output_dir")
         if name == "evaluate":
@@ -173,16 +177,15 @@ def run_data_synth(args: argparse.Namespace) -> int:
 
 
 def run_data_translate(args: argparse.Namespace) -> int:
-    from .data.base import DatasetLayoutError
-    from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError, load_config
+    from .train.commands import EXPECTED_ERRORS
+    from .train.config import load_config
     from .train.isa import translate_to_disk
 
     start = time.perf_counter()
     try:
         config = load_config(args.config, args.overrides)
         count = translate_to_disk(config, args.out)
-    except (ConfigError, DatasetLayoutError, CheckpointError) as exc:
+    except EXPECTED_ERRORS as exc:
         if args.debug:
             raise
         return failed("data translate", exc)

@@ -83,8 +83,8 @@ class PlainProgress:
 
 def progress(total: int, description: str, write=None, initial: int = 0):
     """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line every
-    quarter of the way and at the end, through ``write`` (default: stderr;
-    None after a log's choice means silent)."""
+    quarter of the way and at the end, through ``write`` (e.g. :func:`to_stderr`).
+    ``write`` None is silent everywhere."""
     if write is not None and sys.stderr.isatty():
         return tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True, leave=False)
     return PlainProgress(total, initial, description, write)
