@@ -5,7 +5,7 @@ source model, trained on different target labels on the same pixels.
     python experiments/demo_label_oracle.py --round-seeds 5 6 key=value ...
 
 The source model and the round-1 pseudo-labels come from one run
-(`drsl run --config demo adaptation.rounds=1 "adaptation.methods=[drsl]"`, seed 0).
+(`drsl run --config demo adaptation.rounds=1 "adaptation.methods=[drsl]" isa.probability=0`, seed 0).
 Then, for each variant and each round seed (sample order and loss sampling of
 the round; the source model stays the same), the round is run again on:
 
@@ -40,7 +40,7 @@ PROTOCOL = "19"
 
 def round_one(output_dir: str, seed: int, overrides) -> dict:
     """The demo's source stage and one DRSL round (results.json)."""
-    return demo_runs.run_demo(output_dir, seed, ["adaptation.rounds=1", "adaptation.methods=[drsl]", *overrides])
+    return demo_runs.run_demo(output_dir, seed, ["adaptation.rounds=1", "adaptation.methods=[drsl]", "isa.probability=0", *overrides])
 
 
 def relabel(pseudo: np.ndarray, truth: np.ndarray, variant: str) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Built-in ISA by FDA in training and on disk (docs/method.md §6): the
 translation of normalised batches, the draws, ``drsl data translate``, and
 the pipeline with ISA on and off."""
+import json
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ from drsl_fast.ops.fda import fourier_domain_adaptation
 from drsl_fast.train import isa
 from drsl_fast.train.checkpoint import config_digest
 from drsl_fast.train.config import load_config
-from drsl_fast.train.data import target_dataset
+from drsl_fast.train.data import AugmentedSamples, target_dataset
 
 from test_pipeline_run import tiny, weights
 
@@ -50,12 +51,31 @@ def test_draws_come_from_the_sample_seed_and_nothing_when_off(tmp_path):
     assert 0.25 < share < 0.35
     config = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run")))
     assert not isa.active(config, "source") and not isa.active(config, "adaptation")
-    samples = object()
-    assert isa.samples(config, "source", samples) is samples
     on = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run"), **{"isa.probability": 0.5}))
     assert isa.active(on, "adaptation") and not isa.active(on, "source")
     # ISA off keeps the settings digest of runs from before it (their model files load)
     assert config_digest(config) == config_digest({k: v for k, v in config.items() if k != "isa"})
+
+
+def test_stage_samples_follow_isa_stages_and_a_translated_directory_replaces_fda(tmp_path):
+    """FDA wraps the samples of the stages in isa.stages; a directory of
+    translated images stands beside the originals in those stages instead,
+    and FDA is then off."""
+    data, translated = tmp_path / "data", tmp_path / "translated"
+    make_synthetic_pair(str(data), SyntheticPairConfig(seed=1, n_source=4, n_target_train=3, n_target_val=1,
+                                                       source_size=(48, 30), target_size=(64, 32)))
+    base = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}", "data.synthetic=null"]
+    assert cli.main(["data", "translate", "--out", str(translated), *base]) == 0
+    off, fda, directory = (load_config("demo", base + changes) for changes in (
+        ["isa.probability=0", "adaptation.methods=[drsl]"],
+        ["isa.probability=0.5"], ["isa.probability=0.5", f"data.source.translated_root={translated}"]))
+    for stage in ("source", "adaptation"):
+        assert type(isa.samples(off, stage)) is AugmentedSamples and len(isa.samples(off, stage)) == 4
+    assert type(isa.samples(fda, "source")) is AugmentedSamples
+    assert isinstance(isa.samples(fda, "adaptation"), isa.TranslatableSamples)
+    assert not isa.active(directory, "adaptation")
+    assert type(isa.samples(directory, "adaptation")) is AugmentedSamples
+    assert [len(isa.samples(directory, stage)) for stage in ("source", "adaptation")] == [4, 8]
 
 
 def test_data_translate_writes_the_op_output(tmp_path, capsys):
@@ -95,3 +115,25 @@ def test_pipeline_with_isa_on_and_off(tmp_path):
         assert default.keys() == off.keys() == on.keys()
         assert all(torch.equal(default[k], off[k]) for k in default)
         assert any(not torch.equal(default[k], on[k]) for k in default)
+
+
+def test_source_isa_row_is_source_training_with_isa_and_needs_isa(tmp_path):
+    """The ablation's 'source + ISA' row trains the source stage again, with
+    ISA, beside an untouched source-only model; without ISA it is refused."""
+    out = str(tmp_path / "run")
+    settings = {"adaptation.rounds": 1, "adaptation.methods": "[source_isa, drsl]", "isa.probability": 1,
+                "isa.fda_beta": 0.05}
+    assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), out, **settings)]) == 0
+    results = json.load(open(os.path.join(out, "results.json")))
+    row, = results["methods"]["source + ISA"]
+    assert row["round"] is None and row["pseudo_label_accuracy"] is None
+    assert "| source + ISA | - |" in open(os.path.join(out, "results.md")).read()
+    plain = str(tmp_path / "plain")
+    assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), plain, **dict(settings, **{
+        "adaptation.methods": "[drsl]"}))]) == 0
+    source, with_isa, reference = (weights(os.path.join(d, "model.pt")) for d in (
+        os.path.join(out, "source"), os.path.join(out, "source_isa"), os.path.join(plain, "source")))
+    assert all(torch.equal(source[k], reference[k]) for k in source)
+    assert any(not torch.equal(source[k], with_isa[k]) for k in source)
+    refused = tiny(str(tmp_path), str(tmp_path / "refused"), **dict(settings, **{"isa.probability": 0}))
+    assert cli.main(["run", "--config", "demo", *refused]) == 2

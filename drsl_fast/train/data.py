@@ -43,10 +43,12 @@ def normalization(config: Dict):
     return NORMALIZATIONS[name]
 
 
-def source_dataset(config: Dict) -> SegmentationDataset:
+def source_dataset(config: Dict, translated: bool = False) -> SegmentationDataset:
+    """The source training set; with ``translated``, plus the images of
+    data.source.translated_root beside the originals (docs/method.md §6)."""
     data = config["data"]
     source = data["source"]
-    options = dict(list_file=source["list_file"], translated_root=source["translated_root"],
+    options = dict(list_file=source["list_file"], translated_root=source["translated_root"] if translated else None,
                    normalization=normalization(config))
     if source["kind"] == "gta5":
         if data["num_classes"] != 19:

@@ -40,7 +40,7 @@ from . import isa
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
 from .checkpoint import (CheckpointError, atomic_write_json, check_digest, config_digest, load_weights, read_file,
                          save_weights)
-from .data import (AugmentedSamples, has_labels, pseudo_label_path, source_dataset, stream_seed,
+from .data import (AugmentedSamples, has_labels, pseudo_label_path, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
 from .evaluate import evaluate, evaluated, main_protocol
@@ -254,8 +254,7 @@ def intrada_stages(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
     load_segmenter(network, os.path.join(config["output_dir"], "source", WEIGHTS), config_digest(config))
     inter_eval, inter_selection = adapted_and_evaluated(
         runtime, config, network, "inter", inter_dir, "IntraDA inter-domain (ADVENT)", log,
-        lambda: (isa.samples(config, "adaptation",
-                             AugmentedSamples(source_dataset(config), train_transform(config, "source"))),
+        lambda: (isa.samples(config, "adaptation"),
                  AugmentedImages(target_dataset(config, "train", with_labels=False),
                                  train_transform(config, "target"))))
 

@@ -1,5 +1,8 @@
-"""Built-in input-space adaptation (docs/method.md §6, ISA by FDA): source
-training images translated on the fly, or once to disk (``drsl data translate``).
+"""Input-space adaptation (docs/method.md §6): source training images seen
+in the target's look, in the stages of ``isa.stages``. Either translated
+images on disk stand beside the originals (``data.source.translated_root``,
+e.g. CycleGAN outputs or ``drsl data translate``), or, without them, the
+built-in FDA translates images on the fly when ``isa.probability`` > 0.
 
 On the fly, each source sample of a stage in ``isa.stages`` draws, from its
 augmentation seed (so from the run's seed, the stage, the iteration, the rank
@@ -23,14 +26,20 @@ from drsl_fast.data.transforms import resize_pair
 from drsl_fast.ops.fda import fourier_domain_adaptation
 
 from .checkpoint import atomic_write
-from .data import AugmentedSamples, source_dataset, stream_seed, target_dataset
+from .data import AugmentedSamples, source_dataset, stream_seed, target_dataset, train_transform
 from .log import progress, to_stderr
 
 
+def in_stage(config: Dict, stage: str) -> bool:
+    """Whether ``stage`` ('source' or 'adaptation') is one of ``isa.stages``."""
+    return config["isa"]["stages"] in (stage, "both")
+
+
 def active(config: Dict, stage: str) -> bool:
-    """Whether ISA translates the source images of ``stage`` ('source' or 'adaptation')."""
-    isa = config["isa"]
-    return isa["probability"] > 0 and isa["stages"] in (stage, "both")
+    """Whether FDA translates the source images of ``stage`` on the fly: a
+    directory of translated images, where given, takes its place."""
+    return (config["isa"]["probability"] > 0 and in_stage(config, stage)
+            and config["data"]["source"]["translated_root"] is None)
 
 
 def draw(seed: int, probability: float, targets: int) -> Optional[int]:
@@ -63,8 +72,11 @@ class TranslatableSamples(Dataset):
         return {**sample, "isa": torch.tensor(index is not None), "isa_target": target}
 
 
-def samples(config: Dict, stage: str, source: AugmentedSamples) -> Dataset:
-    """``source`` for a stage: wrapped for ISA when :func:`active`, else itself."""
+def samples(config: Dict, stage: str) -> Dataset:
+    """The augmented source samples of ``stage``: with the translated images
+    beside the originals, or wrapped for FDA when :func:`active`."""
+    source = AugmentedSamples(source_dataset(config, translated=in_stage(config, stage)),
+                              train_transform(config, "source"))
     if not active(config, stage):
         return source
     return TranslatableSamples(source, target_dataset(config, "train", with_labels=False),
@@ -100,8 +112,7 @@ def translate_to_disk(config: Dict, out: str) -> int:
     translated with FDA (beta = isa.fda_beta) towards its paired target
     training image, to ``out`` under the same relative name and format
     (uint8, clipped to [0, 255]); returns how many."""
-    source_config = dict(config, data=dict(config["data"], source=dict(config["data"]["source"], translated_root=None)))
-    items = source_dataset(source_config).items
+    items = source_dataset(config).items
     targets = target_dataset(config, "train", with_labels=False).items
     bar = progress(len(items), "drsl data translate", to_stderr)
     for item in items:

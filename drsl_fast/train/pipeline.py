@@ -21,7 +21,7 @@ from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 from . import intrada, isa
 from .checkpoint import atomic_write_json, comparable, config_digest, load_weights, remove_stale_temporaries
 from .config import read_yaml, save_config
-from .data import AugmentedSamples, pseudo_labelled_target, source_dataset, target_dataset, train_transform
+from .data import AugmentedSamples, pseudo_labelled_target, target_dataset, train_transform
 from .evaluate import evaluated, main_protocol, write_pictures
 from .log import RunLog
 from .loop import WEIGHTS, Stage, finished, train_stage
@@ -77,19 +77,43 @@ def claim_output_dir(config: Dict, resume: bool, runtime: Runtime) -> None:
         save_config(config, path)
 
 
-def source_stage(runtime: Runtime, config: Dict, log: RunLog) -> DRSLNetwork:
-    """Stage 1 (Eq. 8); returns the trained network."""
+def source_stage(runtime: Runtime, config: Dict, log: RunLog, directory_name: str = "source") -> DRSLNetwork:
+    """Stage 1 (Eq. 8) in ``output_dir/directory_name``; returns the trained network."""
     network = seeded_network(config, log.info)
-    directory = os.path.join(config["output_dir"], "source")
+    directory = os.path.join(config["output_dir"], directory_name)
     if not finished(directory):
         stage = Stage("source", directory, 1 if config["dry_run"] else config["source"]["iterations"],
                       config["source"]["lr"], poly=True, batch_size=config["source"]["batch_size"],
-                      source=isa.samples(config, "source",
-                                         AugmentedSamples(source_dataset(config), train_transform(config, "source"))))
-        with nvtx_range("source"):
+                      source=isa.samples(config, "source"))
+        with nvtx_range(directory_name):
             train_stage(runtime, config, network, stage, log)
     load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
     return network
+
+
+SOURCE_ISA = "source_isa"
+
+
+def source_isa_config(config: Dict) -> Dict:
+    """The config of the ablation's 'source + ISA' row: ISA in source training only."""
+    return dict(config, isa=dict(config["isa"], stages="source"))
+
+
+def source_isa_rows(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
+    """The 'source + ISA' row: source training (Eq. 8) with ISA, in
+    ``source_isa/``. The stage keeps the name 'source', which seeds the
+    initialisation, sample order, augmentation and loss samples, so the row
+    differs from source only by ISA alone."""
+    changed = source_isa_config(config)
+    log.info(f"source + ISA: the source stage with ISA, in {SOURCE_ISA}/")
+    network = source_stage(runtime, changed, log, SOURCE_ISA)
+    result = evaluated(runtime, changed, network, os.path.join(config["output_dir"], SOURCE_ISA), "source + ISA", log)
+    return [{"round": None, "miou": result[main_protocol(config)]["miou"], "portion": 0.0,
+             "pseudo_label_accuracy": None, "pseudo_label_coverage": 0.0, "evaluation": result}]
+
+
+def source_isa_final(runtime: Runtime, config: Dict, log: RunLog) -> Optional[DRSLNetwork]:
+    return finished_network(source_isa_config(config), log, os.path.join(config["output_dir"], SOURCE_ISA))
 
 
 @dataclass(frozen=True)
@@ -120,8 +144,7 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str, 
     network = seeded_network(config, log.info)
     load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu",
                  digest=config_digest(config))
-    source = isa.samples(config, "adaptation",
-                         AugmentedSamples(source_dataset(config), train_transform(config, "source")))
+    source = isa.samples(config, "adaptation")
     target_images = len(target_dataset(config, "train", with_labels=False))
     settings = config["adaptation"]
     summaries = []
@@ -158,14 +181,18 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str, 
     return summaries
 
 
-def last_round(runtime: Runtime, config: Dict, log: RunLog, method: str) -> Optional[DRSLNetwork]:
-    """The network of the last round of ``method`` when it is finished, else None."""
-    directory = last_round_directory(config, method)
+def finished_network(config: Dict, log: RunLog, directory: str) -> Optional[DRSLNetwork]:
+    """The network a finished stage in ``directory`` wrote (trained under ``config``), else None."""
     if not finished(directory):
         return None
     network = seeded_network(config, log.info)
     load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
     return network
+
+
+def last_round(runtime: Runtime, config: Dict, log: RunLog, method: str) -> Optional[DRSLNetwork]:
+    """The network of the last round of ``method`` when it is finished, else None."""
+    return finished_network(config, log, last_round_directory(config, method))
 
 
 @dataclass(frozen=True)
@@ -185,6 +212,7 @@ def rounds_method(title: str, name: str, variant: Rounds) -> Method:
 
 
 METHODS = {
+    SOURCE_ISA: Method("source + ISA", source_isa_rows, source_isa_final),
     "drsl": rounds_method("DRSL", "drsl", Rounds()),
     "drsl_plus": rounds_method("DRSL+", "drsl_plus", Rounds(consistency=True)),
     "self_training": rounds_method("self-training (no MMDL-FR)", "self_training", Rounds(mmdl=False)),
@@ -194,10 +222,10 @@ METHODS = {
 
 
 def round_label(row: Dict) -> str:
-    """The round number, or for IntraDA the stage and the snapshot choice
+    """The round number ('-' for a row without rounds), or for IntraDA the stage and the snapshot choice
     (``1 inter, last`` / ``2 intra, best on val @ 400``)."""
     if "stage" not in row:
-        return str(row["round"])
+        return "-" if row["round"] is None else str(row["round"])
     choice = "last" if row["selected_on"] is None else f"best on {row['selected_on']} @ {row['snapshot']}"
     return f"{row['round']} {row['stage']}, {choice}"
 

@@ -186,7 +186,8 @@ SCHEMA: Dict[str, Rule] = {
     "pseudo_labels.batch_size": integer(1),
 
     "adaptation": SECTION,
-    "adaptation.methods": unique_list(choice("drsl", "drsl_plus", "self_training", "no_pseudo_labels", INTRADA)),
+    "adaptation.methods": unique_list(choice("source_isa", "no_pseudo_labels", "self_training", "drsl", "drsl_plus",
+                                             INTRADA)),
     "adaptation.rounds": integer(1),
     "adaptation.epochs_per_round": positive(),
     "adaptation.batch_size": integer(1),
@@ -273,6 +274,10 @@ def check_together(config: Dict[str, Any]) -> None:
                        labels["portion_start"])
     if data["synthetic"] and not data["synthetic_root"]:
         raise mismatch("data.synthetic_root", "a path when data.synthetic is set", data["synthetic_root"])
+    if ("source_isa" in config["adaptation"]["methods"] and config["isa"]["probability"] == 0
+            and data["source"]["translated_root"] is None):
+        raise mismatch("adaptation.methods", "no source_isa without ISA (isa.probability > 0 or "
+                       "data.source.translated_root)", config["adaptation"]["methods"])
 
 
 def validate(config: Dict[str, Any]) -> None:

@@ -60,7 +60,8 @@ def panel(columns: Sequence[Tuple[str, np.ndarray]]) -> Image.Image:
 
 def plot_rounds(results: Dict, path: str) -> Optional[str]:
     """mIoU on target val and pseudo-label accuracy per round, one line per
-    method, with the source-only mIoU as a dashed line. Needs matplotlib;
+    method, with the source-only mIoU as a dashed line (a row without
+    rounds, such as source + ISA, as a dotted one). Needs matplotlib;
     returns None (nothing written) without it."""
     try:
         import matplotlib
@@ -72,6 +73,9 @@ def plot_rounds(results: Dict, path: str) -> Optional[str]:
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     source = results.get("source_only", {}).get("miou")
     for method, rounds in results.get("methods", {}).items():
+        if rounds and rounds[0]["round"] is None:  # a row without rounds (source + ISA)
+            left.axhline(rounds[0]["miou"], linestyle=":", color="black", label=method)
+            continue
         xs = [r["round"] for r in rounds]
         left.plot([0] + xs, [source] + [r["miou"] for r in rounds], marker="o", label=method)
         accuracy = [(r["round"], r["pseudo_label_accuracy"]) for r in rounds if r.get("pseudo_label_accuracy") is not None]
