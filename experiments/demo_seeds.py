@@ -1,12 +1,10 @@
-"""The demo over several seeds: source-only vs DRSL vs DRSL+ mIoU on the
-synthetic target val split, mean and spread (sample standard deviation), and
-each method's gain per seed over source only (and over the no-pseudo-label
-control when it runs).
+"""The demo over several seeds: the mIoU of every row of the demo's ablation
+on the synthetic target val split, mean and spread (sample standard
+deviation), each row's gain per seed over source only (and over the
+no-pseudo-label control when it runs), and the pseudo-label accuracy per round.
 
-    python experiments/demo_seeds.py                 # seeds 0 1 2 -> experiments/results/demo_seeds.{json,md}
-    python experiments/demo_seeds.py --seeds 0 1 2 3 key=value ...
-    python experiments/demo_seeds.py --seeds 0 1 2 3 4 --out experiments/results/demo_ablation \
-        isa.probability=0.5 "adaptation.methods=[no_pseudo_labels, self_training, drsl, drsl_plus]"
+    python experiments/demo_seeds.py --seeds 0 1 2 3 4 --out experiments/results/demo_ablation
+    python experiments/demo_seeds.py --seeds 0 1 2 key=value ...   # the demo with changes
 
 Each seed is a full `drsl run --config demo seed=S` (model init, sample order
 and loss sampling change; the synthetic pair stays the same), timed.
@@ -39,6 +37,45 @@ def run_seed(seed: int, overrides, runs_dir: str) -> dict:
     return row
 
 
+def label_accuracy_lines(rows) -> list:
+    """Mean pseudo-label accuracy per round of each method that makes pseudo-labels."""
+    lines = []
+    for key in rows[0]:
+        if key.endswith(" pseudo-label accuracy") and rows[0][key][0] is not None:
+            means = [statistics.mean(r[key][k] for r in rows) for k in range(len(rows[0][key]))]
+            lines.append(f"- {key}, per round (mean over seeds): " + ", ".join(f"{m:.1f} %" for m in means))
+    return lines
+
+
+def plot(rows, methods, gains, path: str) -> None:
+    """Left: each row's mIoU per seed (dots) and mean (bar); right: the
+    per-seed gains over source only and over the control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, m in enumerate(methods):
+        values = [r[m] for r in rows]
+        left.bar(i, statistics.mean(values), color="lightsteelblue")
+        left.plot([i] * len(values), values, "o", color="black", markersize=3)
+    left.set_xticks(range(len(methods)), methods, rotation=25, ha="right", fontsize=8)
+    left.set(ylabel="mIoU on target val (%)", title=f"{len(rows)} seeds")
+    names = list(gains)
+    for i, name in enumerate(names):
+        right.plot([i] * len(gains[name]), gains[name], "o", color="black", markersize=3)
+        right.plot(i, statistics.mean(gains[name]), "_", color="red", markersize=14)
+    right.axhline(0, color="grey", linewidth=0.8)
+    right.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    right.set(ylabel="mIoU difference (points)", title="per seed (dots) and mean (red)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -64,13 +101,15 @@ def main() -> int:
     text = (f"# Demo over seeds\n\nmIoU (%) on the synthetic target val split after the last round; "
             f"`python experiments/demo_seeds.py {' '.join(sys.argv[1:])}` on {machine}.\n\n{table}\n\n"
             + "\n".join(f"- {m}, per seed: {', '.join(f'{g:+.1f}' for g in gains[m])} "
-                        f"(mean {statistics.mean(gains[m]):+.1f})" for m in gains) + "\n")
+                        f"(mean {statistics.mean(gains[m]):+.1f})" for m in gains) + "\n"
+            + "\n".join(label_accuracy_lines(rows)) + "\n")
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w", encoding="utf-8") as handle:
         json.dump({"rows": rows, "summary": summary, "gains": gains, "machine": machine}, handle, indent=1)
     with open(args.out + ".md", "w", encoding="utf-8") as handle:
         handle.write(text)
+    plot(rows, methods, gains, args.out + ".png")
     return 0
 
 

@@ -14,7 +14,8 @@ from drsl_fast.ops.fda import fourier_domain_adaptation
 from drsl_fast.train import isa
 from drsl_fast.train.checkpoint import config_digest
 from drsl_fast.train.config import load_config
-from drsl_fast.train.data import AugmentedSamples, target_dataset
+from drsl_fast.train.data import AugmentedSamples, source_dataset, target_dataset
+from drsl_fast.train.data import normalization as config_normalization
 
 from test_pipeline_run import tiny, weights
 
@@ -137,3 +138,35 @@ def test_source_isa_row_is_source_training_with_isa_and_needs_isa(tmp_path):
     assert any(not torch.equal(source[k], with_isa[k]) for k in source)
     refused = tiny(str(tmp_path), str(tmp_path / "refused"), **dict(settings, **{"isa.probability": 0}))
     assert cli.main(["run", "--config", "demo", *refused]) == 2
+
+
+def test_pseudo_label_pass_sees_the_target_in_the_source_look(tmp_path):
+    """pseudo_labels.isa: each target image translated by FDA towards the
+    source image drawn from its name and the seed, the same at every call;
+    the label is untouched. Off, the pass reads the target set as it is."""
+    data = tmp_path / "data"
+    make_synthetic_pair(str(data), SyntheticPairConfig(seed=2, n_source=5, n_target_train=3, n_target_val=1,
+                                                       source_size=(48, 30), target_size=(64, 32)))
+    base = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}", "data.synthetic=null",
+            "isa.fda_beta=0.1", "seed=5"]
+    config = load_config("demo", base + ["pseudo_labels.isa=true"])
+    targets = target_dataset(config, "train", with_labels=True)
+    assert isa.pseudo_label_images(load_config("demo", base), targets) is targets
+    looked = isa.pseudo_label_images(config, targets)
+    sources = source_dataset(config)
+    norm = config_normalization(config)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (norm.mean, norm.std))
+    for index in range(len(targets)):
+        sample, plain = looked[index], targets[index]
+        pick = isa.pairing_index(5, plain["name"], len(sources), "source look")
+        source = torch.nn.functional.interpolate(sources[pick]["image"][None].double(), size=plain["image"].shape[-2:],
+                                                 mode="bilinear", align_corners=False)[0]
+        expected = fourier_domain_adaptation((plain["image"].double() * std + mean)[None], (source * std + mean)[None],
+                                             0.1)[0]
+        assert torch.allclose(sample["image"].double() * std + mean, expected, atol=1e-3)
+        assert not torch.allclose(sample["image"], plain["image"], atol=1e-2)
+        assert torch.equal(sample["label"], plain["label"]) and torch.equal(looked[index]["image"], sample["image"])
+    out = str(tmp_path / "run")
+    assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), out, **{
+        "adaptation.rounds": 1, "adaptation.methods": "[drsl]", "pseudo_labels.isa": True})]) == 0
+    assert os.path.isfile(os.path.join(out, "drsl", "round_1", "pseudo_labels.json"))

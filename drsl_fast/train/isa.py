@@ -26,7 +26,7 @@ from drsl_fast.data.transforms import resize_pair
 from drsl_fast.ops.fda import fourier_domain_adaptation
 
 from .checkpoint import atomic_write
-from .data import AugmentedSamples, source_dataset, stream_seed, target_dataset, train_transform
+from .data import AugmentedSamples, normalization, source_dataset, stream_seed, target_dataset, train_transform
 from .log import progress, to_stderr
 
 
@@ -83,23 +83,60 @@ def samples(config: Dict, stage: str) -> Dataset:
                                config["isa"]["probability"])
 
 
+def fda_normalised(images: Tensor, targets: Tensor, beta: float, normalization: ImageNormalization) -> Tensor:
+    """FDA of normalised (N, 3, H, W) ``images`` towards normalised
+    ``targets``, run on ``x * std + mean`` (the image times the
+    normalisation's scale, which FDA commutes with), not on the
+    mean-subtracted tensors (docs/method.md §6)."""
+    mean = torch.tensor(normalization.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    translated = fourier_domain_adaptation(images * std + mean, targets * std + mean, beta)
+    return ((translated - mean) / std).to(images.dtype)
+
+
 def translate_batch(batch: Dict, beta: float, normalization: ImageNormalization) -> Dict:
     """The batch with each image flagged ``isa`` replaced by its FDA with
-    ``isa_target``, on their device. FDA runs on ``x * std + mean`` (the
-    image times the normalisation's scale, which FDA commutes with), not on
-    the mean-subtracted tensors (docs/method.md §6)."""
+    ``isa_target``, on their device."""
     image = batch["image"]
-    mean = torch.tensor(normalization.mean, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(normalization.std, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    translated = fourier_domain_adaptation(image * std + mean, batch["isa_target"] * std + mean, beta)
-    translated = ((translated - mean) / std).to(image.dtype)
+    translated = fda_normalised(image, batch["isa_target"], beta, normalization)
     return {**batch, "image": torch.where(batch["isa"].view(-1, 1, 1, 1), translated, image)}
 
 
-def pairing_index(seed: int, name: str, targets: int) -> int:
-    """The target image that ``drsl data translate`` pairs with source image ``name``."""
-    generator = torch.Generator().manual_seed(stream_seed(seed, "translate", name))
-    return int(torch.randint(targets, (), generator=generator))
+class SourceLook(Dataset):
+    """Target images in the source's look for the pseudo-label pass
+    (``pseudo_labels.isa``, docs/method.md §6): each image translated by FDA
+    (beta = isa.fda_beta) towards a source training image drawn from the
+    image's name and the run's seed, so both passes of a round and every
+    rank see the same image; labels untouched."""
+
+    def __init__(self, config: Dict, targets: Dataset):
+        self.targets, self.sources = targets, source_dataset(config)
+        self.items = targets.items
+        self.seed, self.beta, self.normalization = config["seed"], config["isa"]["fda_beta"], normalization(config)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Dict:
+        sample = self.targets[index]
+        image = sample["image"]
+        source = self.sources[pairing_index(self.seed, sample["name"], len(self.sources), "source look")]["image"]
+        source = resize_pair(source, None, tuple(image.shape[-2:]))[0]
+        return {**sample, "image": fda_normalised(image[None], source[None], self.beta, self.normalization)[0]}
+
+
+def pseudo_label_images(config: Dict, targets: Dataset) -> Dataset:
+    """The target images the pseudo-label pass predicts on: in the source's
+    look with ``pseudo_labels.isa``, else as they are."""
+    return SourceLook(config, targets) if config["pseudo_labels"]["isa"] else targets
+
+
+def pairing_index(seed: int, name: str, count: int, stream: str = "translate") -> int:
+    """The image (of ``count``) paired with image ``name``: the target image
+    that ``drsl data translate`` translates source image ``name`` towards, or
+    (``stream`` 'source look') the source image of :class:`SourceLook`."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, stream, name))
+    return int(torch.randint(count, (), generator=generator))
 
 
 def rgb_tensor(path: str) -> Tensor:

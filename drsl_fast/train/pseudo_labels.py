@@ -18,6 +18,7 @@ import torch
 from drsl_fast.data import CITYSCAPES_CLASSES, SYNTHIA_CLASSES
 from drsl_fast.pseudo_labels import ClassBalancedThresholds, portion_for_round, select_labels
 
+from . import isa
 from .checkpoint import atomic_write_json
 from .data import DRY_RUN_IMAGES, has_labels, missing_files, pseudo_label_path, target_dataset, write_label_png
 from .inference import batches, class_probabilities
@@ -61,7 +62,7 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
                  f"writing them again")
     num_classes = config["data"]["num_classes"]
     with_labels = has_labels(config["data"]["target"]["root"], config["data"]["target"]["train_split"])
-    dataset = target_dataset(config, "train", with_labels=with_labels)
+    dataset = isa.pseudo_label_images(config, target_dataset(config, "train", with_labels=with_labels))
     limit = DRY_RUN_IMAGES if config["dry_run"] else None
     os.makedirs(out_dir, exist_ok=True)
     size = config["data"]["target_size"]

@@ -184,6 +184,7 @@ SCHEMA: Dict[str, Rule] = {
     "pseudo_labels.portion_max": number(0, 1, low_open=True),
     "pseudo_labels.mantissa_bits": integer(0, 16),
     "pseudo_labels.batch_size": integer(1),
+    "pseudo_labels.isa": BOOLEAN,
 
     "adaptation": SECTION,
     "adaptation.methods": unique_list(choice("source_isa", "no_pseudo_labels", "self_training", "drsl", "drsl_plus",
