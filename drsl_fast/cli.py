@@ -15,6 +15,12 @@ drsl intrada  [--config ...] [--resume] [key=value ...]
     drsl_plus,intrada]`` runs it beside DRSL in one go).
 drsl evaluate --weights FILE [...] [key=value ...]   evaluates model files on target val.
 drsl config   [--config ...] [key=value ...]   prints the resolved config.
+drsl predict  --weights FILE --out DIR [--config ...] INPUT... [key=value ...]
+    a model file on one's own images (files, folders, globs; any size):
+    uint8 train-id PNGs, Cityscapes colours, overlays with a legend and,
+    with predict.map, confidence or entropy maps (settings predict.*,
+    inference.*; the model's settings come from the file where it has them).
+    Exit code 1 when some images could not be read (each named on stderr).
 drsl data synth --out DIR [--seed S] [--n-source N] [--n-target-train N]
                 [--n-target-val N] [--source-size WxH] [--target-size WxH]
     writes the built-in synthetic domain pair (drsl_fast.data.synthetic):
@@ -64,10 +70,11 @@ def non_negative(text: str) -> int:
     return value
 
 
-def add_config_arguments(command: argparse.ArgumentParser, example: str) -> None:
+def add_config_arguments(command: argparse.ArgumentParser, example: str, metavar: str = "key=value",
+                         what: str = "config overrides") -> None:
     """--config, key=value overrides and --debug, the arguments of every command that reads a config."""
     command.add_argument("--config", default="demo", help="built-in config name or YAML file (default: demo)")
-    command.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    command.add_argument("overrides", nargs="*", metavar=metavar, help=f"{what}, e.g. {example}")
     command.add_argument("--debug", action="store_true", default=os.environ.get("DRSL_DEBUG") == "1",
                          help="show the traceback of an error (default: DRSL_DEBUG=1 in the environment)")
 
@@ -91,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--out", required=True, help="output directory (then data.source.translated_root=DIR)")
     add_config_arguments(translate, "isa.fda_beta=0.05")
     translate.set_defaults(handler=run_data_translate)
+
+    predict = commands.add_parser("predict", help="a model file on one's own images: label, colour and overlay PNGs")
+    predict.add_argument("--weights", required=True, help="the model file (model.pt)")
+    predict.add_argument("--out", required=True, help="output directory")
+    add_config_arguments(predict, "photos/ 'shots/*.jpg' predict.tta=true", "INPUT | key=value",
+                         "image files, folders (searched recursively) and glob patterns; config overrides")
+    predict.set_defaults(handler=run_predict)
 
     for name, help_text in (
         ("run", "all stages: source training, pseudo-label rounds, adaptation, evaluation"),
@@ -152,6 +166,23 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         if args.debug:
             raise
         return failed(args.stage, exc)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``drsl predict``: the positional arguments are images, folders and globs,
+    and key=value overrides (an existing file of that form is an image)."""
+    from .train.commands import EXPECTED_ERRORS
+    from .train.config import load_config
+    from .train.predict import predict
+
+    overrides = [a for a in args.overrides if OVERRIDE.match(a) and not os.path.exists(a)]
+    inputs = [a for a in args.overrides if a not in overrides]
+    try:
+        return predict(load_config(args.config, overrides), args.weights, inputs, args.out)
+    except EXPECTED_ERRORS as exc:
+        if args.debug:
+            raise
+        return failed("predict", exc)
 
 
 def run_data_synth(args: argparse.Namespace) -> int:

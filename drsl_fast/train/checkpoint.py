@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 # config keys that may differ between a run and its resumption (they change
-# neither the numbers nor the files a stage writes)
-RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods")
+# neither the numbers nor the files a stage writes; evaluation.tta adds a report)
+RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods", "evaluation.tta", "predict")
 TEMPORARY = re.compile(r".+\.(\d+)\.tmp$")
 
 
@@ -45,6 +45,12 @@ def comparable(config: Dict) -> Dict:
             reduced.pop(section, None)
     if not reduced.get("isa", {}).get("probability"):
         reduced.pop("isa", None)  # ISA off changes nothing: runs from before it keep their digest
+    # likewise TTA pseudo-labels off, and inference.* while no pseudo-label depends on it
+    # (only evaluation.tta reads it: no TTA pseudo-labels, no sliding windows)
+    if not reduced.get("pseudo_labels", {}).get("tta"):
+        reduced.get("pseudo_labels", {}).pop("tta", None)
+        if not reduced.get("inference", {}).get("window"):
+            reduced.pop("inference", None)
     return reduced
 
 

@@ -8,7 +8,8 @@ import torch
 from drsl_fast.data.base import DatasetLayoutError
 
 from .checkpoint import CheckpointError, load_weights
-from .evaluate import evaluate
+from .evaluate import evaluate, main_protocol
+from .inference import views
 from .log import RunLog
 from .network import seeded_network
 from .intrada import METHOD as INTRADA
@@ -70,9 +71,19 @@ def execute(command: str, config: Dict, resume: bool = False, weights: Optional[
 
 
 def evaluate_files(runtime, config: Dict, paths: List[str], log: RunLog) -> int:
+    """The reports of each model file; with ``evaluation.tta`` also those with
+    TTA, and a line with both mIoUs."""
     for path in paths:
         network = seeded_network(config, log.info)
         load_weights(network, path, map_location="cpu")
-        for protocol, report in evaluate(runtime, config, network, log, os.path.basename(path)).items():
+        reports = evaluate(runtime, config, network, log, os.path.basename(path))
+        for protocol, report in reports.items():
             log.info(f"{path} ({protocol} classes):\n{report.markdown()}")
+        if config["evaluation"]["tta"]:
+            with_tta = evaluate(runtime, config, network, log, os.path.basename(path), tta=True)
+            for protocol, report in with_tta.items():
+                log.info(f"{path} ({protocol} classes, TTA {views(config, True)}):\n{report.markdown()}")
+            protocol = main_protocol(config)
+            log.info(f"{path}: mIoU {100 * reports[protocol].miou:.1f} single-scale, "
+                     f"{100 * with_tta[protocol].miou:.1f} with TTA")
     return 0

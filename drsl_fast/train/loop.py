@@ -24,7 +24,7 @@ from .checkpoint import config_digest, load_training_state, save_training_state,
 from .data import AugmentedSamples, StepSampler, normalization, stream_seed
 from .isa import translate_batch
 from .log import RunLog
-from .network import DRSLNetwork
+from .network import DRSLNetwork, network_settings
 from .runtime import Runtime, nvtx_range
 
 CHECKPOINT = "checkpoint.pt"
@@ -151,7 +151,8 @@ def finish_stage(runtime: Runtime, config: Dict, stage_name: str, iterations: in
     """Writes the stage's final weights (``outputs``: path -> module), the
     mark that it is complete, and drops its resumable checkpoint."""
     if runtime.is_main:
-        meta = {"stage": stage_name, "iterations": iterations, "digest": config_digest(config)}
+        meta = {"stage": stage_name, "iterations": iterations, "digest": config_digest(config),
+                "settings": network_settings(config)}
         for path, module in outputs.items():
             save_weights(module, path, meta)
         if os.path.exists(checkpoint_path):

@@ -36,6 +36,15 @@ class DRSLNetwork(nn.Module):
         return self.segmenter.parameter_groups(lr, [self.head] if self.head is not None else [])
 
 
+# the settings that build a run's network and feed it images, saved beside its weights
+NETWORK_SETTINGS = {"data": ("num_classes", "normalization", "target_size"),
+                    "model": ("depth", "width", "mmdl", "num_modes", "embedding_dim", "sigma")}
+
+
+def network_settings(config: Dict) -> Dict:
+    """The keys of :data:`NETWORK_SETTINGS` of ``config``, as a partial config."""
+    return {section: {key: config[section][key] for key in keys} for section, keys in NETWORK_SETTINGS.items()}
+
 
 def build_network(config: Dict, log=print) -> DRSLNetwork:
     model, data = config["model"], config["data"]

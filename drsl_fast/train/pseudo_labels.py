@@ -5,8 +5,11 @@
 Two passes over the target set: the first accumulates the histograms (summed
 over DDP ranks, so every rank gets the same thresholds), the second selects
 labels and writes them as uint8 PNGs. No probability map is kept in memory or
-on disk beyond the image at hand. Where the target training images have
-ground truth, the round's pseudo-label accuracy and coverage are measured.
+on disk beyond the image at hand. With ``pseudo_labels.tta`` both passes use
+the probabilities averaged over the test-time augmentation views
+(docs/method.md §9), which the histograms and thresholds take unchanged.
+Where the target training images have ground truth, the round's pseudo-label
+accuracy and coverage are measured.
 """
 import json
 import math
@@ -21,7 +24,7 @@ from drsl_fast.pseudo_labels import ClassBalancedThresholds, portion_for_round, 
 from . import isa
 from .checkpoint import atomic_write_json
 from .data import DRY_RUN_IMAGES, has_labels, missing_files, pseudo_label_path, target_dataset, write_label_png
-from .inference import batches, class_probabilities
+from .inference import batches, class_probabilities, views
 from .log import RunLog
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
@@ -70,11 +73,13 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
     state = ClassBalancedThresholds(num_classes, runtime.device, config["pseudo_labels"]["mantissa_bits"])
     portion = round_portion(config, round_index)
     name = os.path.relpath(round_dir, config["output_dir"])
+    tta = config["pseudo_labels"]["tta"]
 
     with nvtx_range(f"{name}/pseudo_labels/histograms"):
         bar = log.bar(len(dataset) if limit is None else limit, 0, f"{name} confidences")
         for batch in batches(dataset, size, runtime, config, limit):
-            probs = class_probabilities(network, batch["image"].to(runtime.device), batch["size"][0], runtime)
+            images = batch["image"].to(runtime.device)
+            probs = class_probabilities(network, images, batch["size"][0], runtime, config, tta)
             state.update(probs)
             bar.update(runtime.world * len(batch["name"]))
         bar.close()
@@ -87,7 +92,8 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
     with nvtx_range(f"{name}/pseudo_labels/select"):
         bar = log.bar(len(dataset) if limit is None else limit, 0, f"{name} pseudo-labels")
         for batch in batches(dataset, size, runtime, config, limit):
-            probs = class_probabilities(network, batch["image"].to(runtime.device), batch["size"][0], runtime)
+            images = batch["image"].to(runtime.device)
+            probs = class_probabilities(network, images, batch["size"][0], runtime, config, tta)
             labels = select_labels(probs, thresholds)
             selected = labels != 255
             counts[0] += selected.sum()
@@ -113,6 +119,8 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
         "coverage": selected / max(pixels, 1),
         "accuracy": correct / known if with_labels and known else None,
     }
+    if tta:
+        summary["tta"] = views(config, tta)
     if runtime.is_main:
         atomic_write_json(summary, summary_path)
     runtime.barrier()

@@ -185,6 +185,7 @@ SCHEMA: Dict[str, Rule] = {
     "pseudo_labels.mantissa_bits": integer(0, 16),
     "pseudo_labels.batch_size": integer(1),
     "pseudo_labels.isa": BOOLEAN,
+    "pseudo_labels.tta": BOOLEAN,
 
     "adaptation": SECTION,
     "adaptation.methods": unique_list(choice("source_isa", "no_pseudo_labels", "self_training", "drsl", "drsl_plus",
@@ -199,6 +200,19 @@ SCHEMA: Dict[str, Rule] = {
     "evaluation.protocol": choice("19", "16", "13"),
     "evaluation.panels": integer(0),
     "evaluation.max_images": optional(integer(1)),
+    "evaluation.tta": BOOLEAN,
+
+    "inference": SECTION,
+    "inference.scales": unique_list(positive()),
+    "inference.flip": BOOLEAN,
+    "inference.window": optional(pair(integer(1), "H, W")),
+    "inference.overlap": Rule("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
+
+    "predict": SECTION,
+    "predict.tta": BOOLEAN,
+    "predict.resize": BOOLEAN,
+    "predict.map": choice("none", "confidence", "entropy"),
+    "predict.overlay_alpha": probability(),
 
     "train": SECTION,
     "train.amp": choice("auto", "off", "fp16", "bf16"),
