@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Compiles the ATen-free CUDA kernels (kernels/cuda/pascal_sm61.cu) for sm_61,
-# the GTX 1080 Ti, with Debian's CUDA 11.8 toolkit (CUDA 13 cannot target
-# Pascal). Installs the toolkit from the contrib/non-free components of the
-# machine's Debian source when it is missing.
+# Compiles the ATen-free CUDA kernels (the first half of every
+# csrc/cuda/<op>.cu, gathered by kernels/cuda/pascal_sm61.cu) for sm_61, the
+# GTX 1080 Ti, with Debian's CUDA 11.8 toolkit (CUDA 13 cannot target Pascal).
+# Installs the toolkit from the contrib/non-free components of the machine's
+# Debian source when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

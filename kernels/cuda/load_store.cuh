@@ -1,15 +1,14 @@
-// Conversions between storage types (float, double, half, bfloat16) and the
-// accumulation type, for device code. No ATen: this header must compile alone.
+// Device helpers of every kernel: conversions between storage types (float,
+// double, half, bfloat16) and the accumulation type (fp32; fp64 for fp64
+// storage), and the pixel of a thread. No ATen: this header must compile alone.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#include <cstdint>
+
 namespace drsl_fast {
 namespace cuda {
-
-// fp32 accumulation for fp32/fp16/bf16 storage; fp64 for fp64 storage.
-template <typename T> struct AccumulateType { using type = float; };
-template <> struct AccumulateType<double> { using type = double; };
 
 template <typename acc_t> __device__ __forceinline__ acc_t load_as(float v) { return static_cast<acc_t>(v); }
 template <typename acc_t> __device__ __forceinline__ acc_t load_as(double v) { return static_cast<acc_t>(v); }
@@ -24,6 +23,12 @@ template <typename T> __device__ __forceinline__ T store_as(double v) { return s
 
 __device__ __forceinline__ float exp_of(float v) { return expf(v); }
 __device__ __forceinline__ double exp_of(double v) { return exp(v); }
+
+// The index of this thread along x over all blocks: its pixel or its sample
+// where one thread handles one.
+__device__ __forceinline__ int64_t thread_index() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
 
 }  // namespace cuda
 }  // namespace drsl_fast

@@ -1,11 +1,14 @@
 // Compiles the device kernels alone (no ATen, no torch headers) so that a
-// CUDA 11.x toolkit can check them for sm_61 (GTX 1080 Ti): .ci/run builds
-// this translation unit with `nvcc -arch=sm_61`. Every kernel is instantiated
-// for every storage type the launchers use.
-#include "mode_distance.cuh"
-#include "mmdl_losses.cuh"
-#include "entropy.cuh"
-#include "pseudo_labels.cuh"
+// CUDA 11.x toolkit can check them for sm_61 (GTX 1080 Ti): .ci/check_sm61.sh
+// builds this translation unit with `nvcc -arch=sm_61`. It takes the first
+// half of every csrc/cuda/<op>.cu, the kernels; DRSL_FAST_KERNELS_ONLY leaves
+// out the second, the ATen launchers. Every kernel is instantiated for every
+// storage type the launchers use.
+#define DRSL_FAST_KERNELS_ONLY
+#include "../../csrc/cuda/entropy.cu"
+#include "../../csrc/cuda/mmdl_losses.cu"
+#include "../../csrc/cuda/mode_distance.cu"
+#include "../../csrc/cuda/pseudo_labels.cu"
 
 namespace drsl_fast {
 namespace cuda {
@@ -29,14 +32,10 @@ DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
 // DRSL losses (docs/method.md §4)
 #define DRSL_INSTANTIATE_MMDL_LOSSES(scalar_t, acc_t)                                                  \
   template __global__ void mmdl_losses_forward_kernel<scalar_t, acc_t>(                                \
-      const scalar_t*, PixelLayout, const int64_t*, const int64_t*, const acc_t*, int64_t, int64_t,    \
-      int64_t, int, int, int, acc_t, acc_t, acc_t, acc_t*, acc_t*);                                    \
+      SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*);                                \
   template __global__ void mmdl_losses_backward_kernel<scalar_t, acc_t>(                               \
-      const acc_t*, const acc_t*, const scalar_t*, PixelLayout, const int64_t*, const int64_t*,        \
-      const acc_t*, int64_t, int64_t, int64_t, int, int, int, acc_t, acc_t, acc_t, acc_t*, acc_t*);    \
-  template __global__ void label_mode_kernel<scalar_t, acc_t>(                                         \
-      const scalar_t*, PixelLayout, const int64_t*, const int64_t*, const acc_t*, int64_t, int64_t,    \
-      int64_t, int, int, int, uint8_t*);
+      const acc_t*, const acc_t*, SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*);    \
+  template __global__ void label_mode_kernel<scalar_t, acc_t>(SampleBatch<scalar_t, acc_t>, uint8_t*);
 
 DRSL_INSTANTIATE_MMDL_LOSSES(float, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(double, double)

@@ -1,5 +1,5 @@
 // C++ CPU backend of the mode-distance op (docs/method.md §3); see
-// kernels/cuda/mode_distance.cuh for the formulas. Pixels are processed in
+// the top of csrc/cuda/mode_distance.cu for the formulas. Pixels are processed in
 // tiles of kTile, converted once to the accumulation type; the inner loops run
 // over contiguous tile memory so the compiler vectorises them, and the hot
 // loops are also built for AVX2+FMA, picked at run time.
@@ -17,7 +17,7 @@
 
 #include "chunk_sum.h"
 #include "multiversion.h"
-#include "../mode_distance.h"
+#include "../host.h"
 #include "../../kernels/nan_rules.h"
 
 namespace drsl_fast {
@@ -74,13 +74,6 @@ DRSL_ALWAYS_INLINE void squared_distances_impl(const acc_t* __restrict__ tile, c
   }
 }
 
-DRSL_MULTIVERSIONED(void squared_distances(const float* tile, const float* r, int64_t D, float* out) {
-  squared_distances_impl(tile, r, D, out);
-})
-DRSL_MULTIVERSIONED(void squared_distances(const double* tile, const double* r, int64_t D, double* out) {
-  squared_distances_impl(tile, r, D, out);
-})
-
 // Backward over one tile of n pixels ([n][D] in `tile`): adds
 // g (e - r[c, mstar]) to grad_tile ([n][D], optional) and g (r[c, mstar] - e)
 // to the chunk's partial mode gradient (C, M, D) (optional).
@@ -115,20 +108,21 @@ DRSL_ALWAYS_INLINE void backward_tile_impl(const acc_t* __restrict__ tile, int64
   }
 }
 
-DRSL_MULTIVERSIONED(void backward_tile(const float* tile, int64_t n, int64_t D, int64_t C, int64_t M,
-                                       const float* grad_dmin, const uint8_t* mstar, int64_t out_offset,
-                                       int64_t class_stride, int64_t pixel_stride, const float* modes,
-                                       float* grad_tile, float* partial) {
-  backward_tile_impl(tile, n, D, C, M, grad_dmin, mstar, out_offset, class_stride, pixel_stride, modes, grad_tile,
-                     partial);
-})
-DRSL_MULTIVERSIONED(void backward_tile(const double* tile, int64_t n, int64_t D, int64_t C, int64_t M,
-                                       const double* grad_dmin, const uint8_t* mstar, int64_t out_offset,
-                                       int64_t class_stride, int64_t pixel_stride, const double* modes,
-                                       double* grad_tile, double* partial) {
-  backward_tile_impl(tile, n, D, C, M, grad_dmin, mstar, out_offset, class_stride, pixel_stride, modes, grad_tile,
-                     partial);
-})
+// The float and double instances of the hot loops above.
+#define DRSL_HOT_LOOPS(acc_t)                                                                                      \
+  DRSL_MULTIVERSIONED(void squared_distances(const acc_t* tile, const acc_t* r, int64_t D, acc_t* out) {          \
+    squared_distances_impl(tile, r, D, out);                                                                       \
+  })                                                                                                               \
+  DRSL_MULTIVERSIONED(void backward_tile(const acc_t* tile, int64_t n, int64_t D, int64_t C, int64_t M,            \
+                                         const acc_t* grad_dmin, const uint8_t* mstar, int64_t out_offset,         \
+                                         int64_t class_stride, int64_t pixel_stride, const acc_t* modes,           \
+                                         acc_t* grad_tile, acc_t* partial) {                                       \
+    backward_tile_impl(tile, n, D, C, M, grad_dmin, mstar, out_offset, class_stride, pixel_stride, modes,          \
+                       grad_tile, partial);                                                                        \
+  })
+DRSL_HOT_LOOPS(float)
+DRSL_HOT_LOOPS(double)
+#undef DRSL_HOT_LOOPS
 
 // Pixels [p0, p0 + n) of image b as a [D][kTile] tile, zero padded.
 template <typename scalar_t, typename acc_t>
@@ -217,23 +211,23 @@ void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layo
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cpu(const at::Tensor& emb, const at::Tensor& modes_in,
                                                                  std::optional<double> sigma) {
-  check_sigma(sigma);
   const ModeDistanceProblem p = mode_distance_problem(emb, modes_in);
-  const auto shape = per_class_shape(emb, p.C);
-  at::Tensor dmin = at::empty(shape, emb.options().dtype(p.acc_dtype));
-  at::Tensor mstar = at::empty(shape, emb.options().dtype(at::kByte));
-  at::Tensor posterior = at::empty(sigma ? shape : std::vector<int64_t>{0}, dmin.options());
-  if (dmin.numel() == 0) return {dmin, mstar, posterior};
+  const ModeDistanceOutputs out = mode_distance_outputs(emb, p, sigma);
+  if (out.dmin.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = sigma ? posterior_scale<acc_t>(*sigma) : acc_t(0);
     forward<scalar_t, acc_t>(p.bdp.const_data_ptr<scalar_t>(), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C,
-                             p.M, p.D, p.B, p.P, dmin.mutable_data_ptr<acc_t>(), mstar.mutable_data_ptr<uint8_t>(),
-                             sigma ? posterior.mutable_data_ptr<acc_t>() : nullptr, scale, per_class_layout(emb, p.C));
+                             p.M, p.D, p.B, p.P, out.dmin.mutable_data_ptr<acc_t>(),
+                             out.mstar.mutable_data_ptr<uint8_t>(),
+                             sigma ? out.posterior.mutable_data_ptr<acc_t>() : nullptr, scale,
+                             per_class_layout(emb, p.C));
   });
-  return {dmin, mstar, posterior};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cpu(const at::Tensor& grad_dmin_in, const at::Tensor& emb,
@@ -265,8 +259,6 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cpu(const at::Tensor& 
                                               : at::empty({0}, modes_in.options());
   return {grad_emb, grad_modes};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(drsl_fast, CPU, m) {
   m.impl("mode_distance", &mode_distance_cpu);

@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-#include "../mmdl_losses.h"
+#include "../host.h"
 
 namespace drsl_fast {
 namespace {
@@ -69,6 +69,8 @@ void select_smallest_keys(const int64_t* bucket, const int64_t* class_start, con
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> sample_per_class_cpu(const at::Tensor& labels_in, const at::Tensor& keys_in,
                                                         int64_t num_classes, int64_t k) {
   check_sampling_inputs(labels_in, keys_in, num_classes, k);
@@ -91,8 +93,6 @@ std::tuple<at::Tensor, at::Tensor> sample_per_class_cpu(const at::Tensor& labels
                        index.mutable_data_ptr<int64_t>(), count.mutable_data_ptr<int64_t>());
   return {index, count};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(drsl_fast, CPU, m) { m.impl("sample_per_class", &sample_per_class_cpu); }
 

@@ -12,20 +12,14 @@
 #include <cmath>
 #include <vector>
 
-#include "../../kernels/confidence_bins.h"
 #include "../../kernels/nan_rules.h"
-#include "../pixel_view.h"
+#include "../host.h"
 #include "multiversion.h"
 
 namespace drsl_fast {
 namespace {
 
 constexpr int64_t kTile = 256;
-
-void check_scores(const at::Tensor& scores, const char* op) {
-  TORCH_CHECK(scores.dim() == 4, op, ": expected (B, C, H, W) scores, got ", scores.sizes());
-  TORCH_CHECK(scores.size(1) >= 1 && scores.size(1) <= 255, op, ": need 1 <= C <= 255, got C=", scores.size(1));
-}
 
 // best[j], cls[j] = row[j], c where row[j] replaces best[j] as a maximum
 // (ties keep the lowest class; the first NaN wins, as in torch.max).
@@ -69,10 +63,10 @@ void tile_argmax(const scalar_t* x, PixelLayout L, int64_t b, int64_t C, int64_t
   for (int64_t j = 0; j < n; ++j) best[j] = 1.0f / sum[j];
 }
 
+}  // namespace
+
 at::Tensor confidence_histogram_cpu(const at::Tensor& scores, bool from_logits, int64_t mantissa_bits) {
-  check_scores(scores, "confidence_histogram");
-  TORCH_CHECK(mantissa_bits >= 0 && mantissa_bits <= kMaxMantissaBits,
-              "confidence_histogram: mantissa_bits must be in [0, ", kMaxMantissaBits, "]");
+  check_histogram_inputs(scores, mantissa_bits);
   const int bits = static_cast<int>(mantissa_bits);
   const int64_t C = scores.size(1), nbins = confidence_num_bins(bits);
   const at::Tensor bcp = as_bdp(scores);
@@ -105,14 +99,10 @@ at::Tensor confidence_histogram_cpu(const at::Tensor& scores, bool from_logits, 
 }
 
 at::Tensor select_labels_cpu(const at::Tensor& probs, const at::Tensor& thresholds_in) {
-  check_scores(probs, "select_labels");
-  const int64_t C = probs.size(1);
-  TORCH_CHECK(thresholds_in.dim() == 1 && thresholds_in.size(0) == C, "select_labels: thresholds must be (", C,
-              ",), got ", thresholds_in.sizes());
-  const at::Tensor thresholds = thresholds_in.to(at::kFloat).contiguous();
+  const at::Tensor thresholds = checked_thresholds(probs, thresholds_in);
   const at::Tensor bcp = as_bdp(probs);
-  const int64_t B = bcp.size(0), P = bcp.size(2);
-  at::Tensor labels = at::empty({B, probs.size(2), probs.size(3)}, probs.options().dtype(at::kByte));
+  const int64_t B = bcp.size(0), C = bcp.size(1), P = bcp.size(2);
+  at::Tensor labels = empty_labels(probs);
   const int64_t tiles_per_image = (P + kTile - 1) / kTile;
   if (labels.numel() == 0) return labels;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "select_labels_cpu", [&] {
@@ -145,8 +135,6 @@ at::Tensor select_labels_cpu(const at::Tensor& probs, const at::Tensor& threshol
   });
   return labels;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(drsl_fast, CPU, m) {
   m.impl("confidence_histogram", &confidence_histogram_cpu);

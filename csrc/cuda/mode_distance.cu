@@ -1,6 +1,6 @@
-// Device kernels of the mode-distance op (docs/method.md §3). No ATen: the host
-// launchers live in csrc/cuda/mode_distance_cuda.cu, and
-// kernels/cuda/pascal_sm61.cu compiles these kernels alone for sm_61.
+// CUDA backend of the mode-distance op (docs/method.md §3): first the device
+// kernels, free of ATen, then their launchers. kernels/cuda/pascal_sm61.cu
+// compiles the kernels alone for sm_61 (it defines DRSL_FAST_KERNELS_ONLY).
 //
 // For embedding e and mode centres r[c, m]:
 //   d[c, m]  = ||e - r[c, m]||^2
@@ -9,11 +9,11 @@
 // Backward flows only through the winning mode:
 //   dL/de        = 2 sum_c g[c] (e - r[c, mstar[c]])
 //   dL/dr[c, m]  = 2 sum_{pixels with mstar[c] == m} g[c] (r[c, m] - e)
-#pragma once
 #include <cstdint>
-#include "../nan_rules.h"
-#include "../pixel_layout.h"
-#include "load_store.cuh"
+
+#include "../../kernels/cuda/load_store.cuh"
+#include "../../kernels/nan_rules.h"
+#include "../../kernels/pixel_layout.h"
 
 namespace drsl_fast {
 namespace cuda {
@@ -42,8 +42,7 @@ __global__ void mode_distance_forward_kernel(
     __syncthreads();
     centres = staged;
   }
-  const int64_t b = blockIdx.y;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.y, p = thread_index();
   if (p >= P) return;
   const scalar_t* e = emb + emb_layout.offset(b, 0, p);
 
@@ -85,8 +84,7 @@ __global__ void mode_distance_grad_emb_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
     scalar_t* __restrict__ grad_emb, PixelLayout grad_layout) {
-  const int64_t b = blockIdx.y;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.y, p = thread_index();
   if (p >= P) return;
   const scalar_t* e = emb + emb_layout.offset(b, 0, p);
   scalar_t* ge = grad_emb + grad_layout.offset(b, 0, p);
@@ -143,3 +141,86 @@ __global__ void mode_distance_grad_modes_kernel(
 
 }  // namespace cuda
 }  // namespace drsl_fast
+
+#ifndef DRSL_FAST_KERNELS_ONLY
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "../host.h"
+#include "launch.h"
+
+namespace drsl_fast {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tensor& emb, const at::Tensor& modes,
+                                                                  std::optional<double> sigma) {
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const ModeDistanceProblem p = mode_distance_problem(emb, modes);
+  const ModeDistanceOutputs out = mode_distance_outputs(emb, p, sigma);
+  if (out.dmin.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t modes_bytes = static_cast<size_t>(p.C * p.M * p.D) * sizeof(acc_t);
+    const bool in_shared = modes_bytes <= cuda::kModesSharedBytes;
+    launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, acc_t>,
+           pixel_grid("mode_distance", p.P, p.B, cuda::kForwardThreads), cuda::kForwardThreads,
+           in_shared ? modes_bytes : 0, cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(),
+           p.C, p.M, p.D, p.P, in_shared, out.dmin.mutable_data_ptr<acc_t>(), out.mstar.mutable_data_ptr<uint8_t>(),
+           sigma ? out.posterior.mutable_data_ptr<acc_t>() : nullptr, sigma ? posterior_scale<acc_t>(*sigma) : acc_t(0),
+           per_class_layout(emb, p.C));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor& grad_dmin_in, const at::Tensor& emb,
+                                                              const at::Tensor& modes_in, const at::Tensor& mstar_in,
+                                                              bool emb_requires_grad, bool modes_requires_grad) {
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const ModeDistanceProblem p = mode_distance_problem(emb, modes_in);
+  at::Tensor grad_dmin, mstar;
+  std::tie(grad_dmin, mstar) = backward_inputs(grad_dmin_in, mstar_in, emb, p);
+  TORCH_CHECK(p.D <= 1024, "mode_distance_backward (cuda): D must be <= 1024, got ", p.D);
+  const PixelLayout out_layout = per_class_layout(emb, p.C);
+
+  at::Tensor grad_emb = emb_requires_grad ? empty_like_pixel_viewable(emb) : at::empty({0}, emb.options());
+  at::Tensor grad_modes = at::empty({0}, modes_in.options());
+  if (p.P == 0 || p.B == 0) {
+    if (modes_requires_grad) grad_modes = at::zeros_like(modes_in);
+    if (emb_requires_grad) grad_emb.zero_();
+    return {grad_emb, grad_modes};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (emb_requires_grad) {
+      at::Tensor grad_bdp = as_bdp(grad_emb);
+      launch(cuda::mode_distance_grad_emb_kernel<cuda_type<scalar_t>, acc_t>,
+             pixel_grid("mode_distance_backward", p.P, p.B, cuda::kGradEmbThreads), cuda::kGradEmbThreads, 0,
+             grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout,
+             cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P,
+             mutable_cuda_ptr<scalar_t>(grad_bdp), layout_of(grad_bdp));
+    }
+    if (modes_requires_grad) {
+      const int64_t chunks = blocks_for(p.P, cuda::kModeGradChunk);
+      TORCH_CHECK(p.B <= 65535 && p.C <= 65535, "mode_distance_backward (cuda): B and C must be <= 65535");
+      at::Tensor partial = at::empty({p.B * chunks, p.C, p.M, p.D}, p.modes.options());
+      launch(cuda::mode_distance_grad_modes_kernel<cuda_type<scalar_t>, acc_t>, dim3(chunks, p.C, p.B),
+             static_cast<int>((p.D + 31) / 32 * 32), 0, grad_dmin.const_data_ptr<acc_t>(),
+             mstar.const_data_ptr<uint8_t>(), out_layout, cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp),
+             p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P, partial.mutable_data_ptr<acc_t>());
+      // ATen's reduction over the first axis has a fixed order: deterministic.
+      grad_modes = partial.sum(0).to(modes_in.scalar_type());
+    }
+  });
+  return {grad_emb, grad_modes};
+}
+
+TORCH_LIBRARY_IMPL(drsl_fast, CUDA, m) {
+  m.impl("mode_distance", &mode_distance_cuda);
+  m.impl("mode_distance_backward", &mode_distance_backward_cuda);
+}
+
+}  // namespace drsl_fast
+#endif  // DRSL_FAST_KERNELS_ONLY

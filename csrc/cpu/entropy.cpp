@@ -1,5 +1,5 @@
 // C++ CPU backend of the ADVENT/IntraDA entropy map (docs/method.md §7); see
-// kernels/cuda/entropy.cuh for the formulas. Pixels are processed in tiles of
+// the top of csrc/cuda/entropy.cu for the formulas. Pixels are processed in tiles of
 // kTile: the tile's logits are read once into contiguous [C][kTile] memory
 // (the accumulation type), and the softmax, the map, the pixel entropy and,
 // in backward, the gradient are computed from it.
@@ -13,8 +13,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../entropy.h"
-#include "../pixel_view.h"
+#include "../host.h"
 
 namespace drsl_fast {
 namespace {
@@ -49,14 +48,14 @@ void load_tile(const scalar_t* x, PixelLayout L, int64_t b, int64_t C, int64_t p
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_map_cpu(const at::Tensor& logits, bool with_map) {
   check_logits(logits);
   const at::Tensor bcp = as_bdp(logits);
   const int64_t B = bcp.size(0), C = bcp.size(1), P = bcp.size(2);
-  const auto acc_dtype = accumulate_dtype(logits);
-  const auto options = logits.options().dtype(acc_dtype);
-  at::Tensor map = with_map ? at::empty(logits.sizes(), options) : at::empty({0}, options);
-  at::Tensor pixel = at::empty({B, logits.size(2), logits.size(3)}, options);
+  at::Tensor map, pixel;
+  std::tie(map, pixel) = entropy_outputs(logits, with_map);
   if (pixel.numel() > 0) {
     const int64_t tiles_per_image = (P + kTile - 1) / kTile;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "entropy_map_cpu", [&] {
@@ -88,10 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_map_cpu(const at::Tensor&
       });
     });
   }
-  // mean over C, H, W of the map = mean over H, W of the pixel entropy / C
-  at::Tensor score = pixel.numel() > 0 ? pixel.flatten(1).mean(1) / static_cast<double>(C)
-                                       : at::full({B}, NAN, options);
-  return {map, pixel, score};
+  return {map, pixel, image_scores(pixel, C)};
 }
 
 at::Tensor entropy_map_backward_cpu(const at::Tensor& logits, const at::Tensor& grad_map_in,
@@ -144,8 +140,6 @@ at::Tensor entropy_map_backward_cpu(const at::Tensor& logits, const at::Tensor& 
   });
   return grad_logits;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(drsl_fast, CPU, m) {
   m.impl("entropy_map", &entropy_map_cpu);

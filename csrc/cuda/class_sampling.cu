@@ -6,11 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../mmdl_losses.h"
+#include "../host.h"
 
 namespace drsl_fast {
-namespace {
-
 std::tuple<at::Tensor, at::Tensor> sample_per_class_cuda(const at::Tensor& labels, const at::Tensor& keys,
                                                          int64_t num_classes, int64_t k) {
   check_sampling_inputs(labels, keys, num_classes, k);
@@ -31,8 +29,6 @@ std::tuple<at::Tensor, at::Tensor> sample_per_class_cuda(const at::Tensor& label
   const at::Tensor index = order.gather(1, position).view({B, C, k});
   return {at::where(slot < count.unsqueeze(2), index, at::full_like(index, -1)), count};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(drsl_fast, CUDA, m) { m.impl("sample_per_class", &sample_per_class_cuda); }
 

@@ -1,0 +1,294 @@
+// CUDA backend of the fused MMDL losses (docs/method.md §4 Eq. 4, 5) and of
+// label_mode: first the device kernels, free of ATen, then their launchers.
+// kernels/cuda/pascal_sm61.cu compiles the kernels alone for sm_61 (it defines
+// DRSL_FAST_KERNELS_ONLY). The launchers add the per-sample embedding gradients
+// into the full gradient with index_put_(accumulate) (repeated pixels add up);
+// the mode gradient is accumulated with atomics (not bitwise deterministic).
+//
+// For a sample e with label y (one thread per sample, classes streamed, so no
+// per-class array is held):
+//   dmin[c] = min_m ||e - r[c, m]||^2, mstar[c] its argmin (ties: lowest m)
+//   Eq. 4   triplet = relu(dmin[y] - min_{c != y} dmin[c] + alpha)
+//   Eq. 5   z[c] = s exp(-dmin[c] / (2 sigma^2)),  ce = logsumexp(z) - z[y]
+// Backward, with g_c = dL/ddmin[c]
+//   = -g_ce (softmax(z)[c] - [c == y]) z[c] / (2 sigma^2) + g_tri [hinge > 0] ([c == y] - [c == negative]):
+//   dL/de = 2 sum_c g_c (e - r[c, mstar[c]]),  dL/dr[c, mstar[c]] += 2 g_c (r - e).
+#include <cmath>
+#include <cstdint>
+
+#include "../../kernels/cuda/load_store.cuh"
+#include "../../kernels/nan_rules.h"
+#include "../../kernels/pixel_layout.h"
+
+namespace drsl_fast {
+namespace cuda {
+
+constexpr int kSampleThreads = 128;
+
+template <typename acc_t> __device__ __forceinline__ acc_t log_of(acc_t v);
+template <> __device__ __forceinline__ float log_of<float>(float v) { return logf(v); }
+template <> __device__ __forceinline__ double log_of<double>(double v) { return log(v); }
+
+// dmin and mstar of class c for the sample at `e` (channel stride `step`).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t class_dmin(const scalar_t* e, int64_t step, const acc_t* modes, int c, int M, int D,
+                                            int* winner) {
+  acc_t best = acc_t(0);
+  for (int m = 0; m < M; ++m) {
+    const acc_t* r = modes + (static_cast<int64_t>(c) * M + m) * D;
+    acc_t dist = acc_t(0);
+    for (int d = 0; d < D; ++d) {
+      const acc_t t = load_as<acc_t>(e[d * step]) - r[d];
+      dist += t * t;
+    }
+    if (m == 0 || replaces_min(dist, best)) {  // ties keep the lowest mode; NaN wins
+      best = dist;
+      *winner = m;
+    }
+  }
+  return best;
+}
+
+// Per-sample summary of the first pass over the classes.
+template <typename acc_t>
+struct SampleSummary {
+  acc_t positive, nearest_wrong, log_sum_exp;
+  int negative;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ SampleSummary<acc_t> summarise(const scalar_t* e, int64_t step, const acc_t* modes, int C, int M, int D,
+                                          int y, acc_t inv_two_var, acc_t scale) {
+  // nearest_wrong stays +inf when C = 1; NaN propagates (kernels/nan_rules.h)
+  SampleSummary<acc_t> s{acc_t(0), acc_t(INFINITY), acc_t(0), -1};
+  acc_t z_max = acc_t(0), total = acc_t(0);
+  for (int c = 0; c < C; ++c) {
+    int winner = 0;
+    const acc_t dmin = class_dmin(e, step, modes, c, M, D, &winner);
+    if (c == y) s.positive = dmin;
+    else if (replaces_min(dmin, s.nearest_wrong)) {
+      s.nearest_wrong = dmin;
+      s.negative = c;
+    }
+    const acc_t z = scale * exp_of(posterior_exponent(dmin, -inv_two_var));
+    if (c == 0 || z > z_max) {  // online log-sum-exp
+      total = (c == 0 ? acc_t(0) : total * exp_of(z_max - z)) + acc_t(1);
+      z_max = z;
+    } else {
+      total += exp_of(z - z_max);
+    }
+  }
+  s.log_sum_exp = z_max + log_of(total);
+  return s;
+}
+
+// 1 / (2 sigma^2), alpha and the scale s of Eq. 4 and 5.
+template <typename acc_t>
+struct LossParams {
+  acc_t inv_two_var, alpha, scale;
+};
+
+// The samples of one call: flat (B, S) pixel indices and labels into the
+// embeddings (addressed through L), and the mode centres (C, M, D).
+template <typename scalar_t, typename acc_t>
+struct SampleBatch {
+  const scalar_t* emb;
+  PixelLayout L;
+  const int64_t* index;
+  const int64_t* label;
+  const acc_t* modes;
+  int64_t B, S, P;
+  int C, M, D;
+
+  // The embedding of sample o, or nullptr when the sample does not count (its
+  // pixel outside [0, P) or its label outside [0, C)).
+  __device__ const scalar_t* embedding(int64_t o) const {
+    const int64_t p = index[o], y = label[o];
+    return p >= 0 && p < P && y >= 0 && y < C ? emb + L.offset(o / S, 0, p) : nullptr;
+  }
+
+  // The first pass over the classes for sample o at e.
+  __device__ SampleSummary<acc_t> summarise(const scalar_t* e, int64_t o, const LossParams<acc_t>& params) const {
+    return cuda::summarise(e, L.channel, modes, C, M, D, static_cast<int>(label[o]), params.inv_two_var,
+                           params.scale);
+  }
+};
+
+// grid = ceil(B * S / kSampleThreads).
+template <typename scalar_t, typename acc_t>
+__global__ void mmdl_losses_forward_kernel(SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params,
+                                           acc_t* __restrict__ triplet, acc_t* __restrict__ ce) {
+  const int64_t o = thread_index();
+  if (o >= batch.B * batch.S) return;
+  const scalar_t* e = batch.embedding(o);
+  if (e == nullptr) {
+    triplet[o] = acc_t(0);
+    ce[o] = acc_t(0);
+    return;
+  }
+  const auto s = batch.summarise(e, o, params);
+  triplet[o] = relu_keep_nan(s.positive - s.nearest_wrong + params.alpha);
+  ce[o] = s.log_sum_exp - params.scale * exp_of(posterior_exponent(s.positive, -params.inv_two_var));
+}
+
+// Writes dL/de of each sample to sample_grad (B*S, D) (optional) and adds
+// dL/dR into grad_modes (C, M, D) atomically (optional).
+template <typename scalar_t, typename acc_t>
+__global__ void mmdl_losses_backward_kernel(const acc_t* __restrict__ grad_triplet, const acc_t* __restrict__ grad_ce,
+                                            SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params,
+                                            acc_t* __restrict__ sample_grad, acc_t* __restrict__ grad_modes) {
+  const int64_t o = thread_index();
+  const int C = batch.C, M = batch.M, D = batch.D;
+  if (o >= batch.B * batch.S) return;
+  acc_t* ge = sample_grad == nullptr ? nullptr : sample_grad + o * D;
+  if (ge != nullptr)
+    for (int d = 0; d < D; ++d) ge[d] = acc_t(0);
+  const scalar_t* e = batch.embedding(o);
+  if (e == nullptr) return;
+  const int64_t y = batch.label[o], step = batch.L.channel;
+  const acc_t inv_two_var = params.inv_two_var, scale = params.scale;
+  const auto s = batch.summarise(e, o, params);
+  const bool active = s.negative >= 0 && s.positive - s.nearest_wrong + params.alpha > acc_t(0);
+  const acc_t g_ce = grad_ce[o], g_tri = grad_triplet[o];
+  for (int c = 0; c < C; ++c) {
+    int winner = 0;
+    const acc_t dmin = class_dmin(e, step, batch.modes, c, M, D, &winner);
+    const acc_t z = scale * exp_of(posterior_exponent(dmin, -inv_two_var));
+    acc_t g = -g_ce * (exp_of(z - s.log_sum_exp) - acc_t(c == y)) * z * inv_two_var;
+    if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));
+    if (g == acc_t(0)) continue;
+    const int64_t centre = static_cast<int64_t>(c) * M + winner;
+    const acc_t* r = batch.modes + centre * D;
+    for (int d = 0; d < D; ++d) {
+      const acc_t grad = acc_t(2) * g * (load_as<acc_t>(e[d * step]) - r[d]);
+      if (ge != nullptr) ge[d] += grad;
+      if (grad_modes != nullptr) atomicAdd(grad_modes + centre * D + d, -grad);
+    }
+  }
+}
+
+// mstar of each sample's own class (uint8, 255 for samples that do not count).
+template <typename scalar_t, typename acc_t>
+__global__ void label_mode_kernel(SampleBatch<scalar_t, acc_t> batch, uint8_t* __restrict__ mode) {
+  const int64_t o = thread_index();
+  if (o >= batch.B * batch.S) return;
+  const scalar_t* e = batch.embedding(o);
+  int winner = 255;
+  if (e != nullptr)
+    class_dmin(e, batch.L.channel, batch.modes, static_cast<int>(batch.label[o]), batch.M, batch.D, &winner);
+  mode[o] = static_cast<uint8_t>(winner);
+}
+
+}  // namespace cuda
+}  // namespace drsl_fast
+
+#ifndef DRSL_FAST_KERNELS_ONLY
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../host.h"
+#include "launch.h"
+
+namespace drsl_fast {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+cuda::SampleBatch<cuda_type<scalar_t>, acc_t> sample_batch(const SampleProblem& p) {
+  return {cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.index.const_data_ptr<int64_t>(),
+          p.label.const_data_ptr<int64_t>(), p.modes.const_data_ptr<acc_t>(), p.B, p.S, p.P,
+          static_cast<int>(p.C), static_cast<int>(p.M), static_cast<int>(p.D)};
+}
+
+template <typename acc_t>
+cuda::LossParams<acc_t> loss_params(double sigma, double alpha, double scale) {
+  return {-posterior_scale<acc_t>(sigma), acc_t(alpha), acc_t(scale)};
+}
+
+// One thread per sample.
+unsigned sample_blocks(const SampleProblem& p) { return blocks_for(p.B * p.S, cuda::kSampleThreads); }
+
+// Adds the (B * S, D) per-sample gradient rows into an embedding gradient;
+// samples that do not count have zero rows and go to pixel 0.
+at::Tensor scatter_rows(const SampleProblem& p, const at::Tensor& rows, const at::Tensor& emb) {
+  at::Tensor grad_acc = at::zeros({p.bdp.size(0), p.D, p.P}, p.modes.options());
+  if (p.B * p.S > 0) {
+    const at::Tensor counts = (p.index >= 0) & (p.index < p.P) & (p.label >= 0) & (p.label < p.C);
+    const at::Tensor pixel = at::where(counts, p.index, at::zeros_like(p.index)).reshape({-1});
+    const at::Tensor image = at::arange(p.B, p.index.options()).repeat_interleave(p.S);
+    const c10::List<std::optional<at::Tensor>> where_to{image, std::nullopt, pixel};  // [image, :, pixel]
+    grad_acc.index_put_(where_to, rows, /*accumulate=*/true);
+  }
+  at::Tensor grad_emb = empty_like_pixel_viewable(emb);
+  as_bdp(grad_emb).copy_(grad_acc);
+  return grad_emb;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor& emb, const at::Tensor& index,
+                                                    const at::Tensor& label, const at::Tensor& modes, double sigma,
+                                                    double alpha, double scale) {
+  check_loss_params(sigma, alpha, scale);
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const SampleProblem p = sample_problem("mmdl_losses", emb, index, label, modes);
+  at::Tensor triplet = p.per_sample(emb), ce = p.per_sample(emb);
+  if (triplet.numel() == 0) return {triplet, ce};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch(cuda::mmdl_losses_forward_kernel<cuda_type<scalar_t>, acc_t>, sample_blocks(p), cuda::kSampleThreads, 0,
+           sample_batch<scalar_t, acc_t>(p), loss_params<acc_t>(sigma, alpha, scale),
+           triplet.mutable_data_ptr<acc_t>(), ce.mutable_data_ptr<acc_t>());
+  });
+  return {triplet, ce};
+}
+
+std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
+    const at::Tensor& grad_triplet_in, const at::Tensor& grad_ce_in, const at::Tensor& emb, const at::Tensor& index,
+    const at::Tensor& label, const at::Tensor& modes_in, double sigma, double alpha, double scale,
+    bool emb_requires_grad, bool modes_requires_grad) {
+  check_loss_params(sigma, alpha, scale);
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const SampleProblem p = sample_problem("mmdl_losses_backward", emb, index, label, modes_in);
+  const at::Tensor grad_triplet = grad_triplet_in.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
+  const at::Tensor grad_ce = grad_ce_in.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
+  at::Tensor sample_grad = at::empty({emb_requires_grad ? p.B * p.S : 0, p.D}, p.modes.options());
+  at::Tensor grad_modes = at::zeros(modes_requires_grad ? p.modes.sizes() : at::IntArrayRef{0}, p.modes.options());
+  if ((emb_requires_grad || modes_requires_grad) && p.B * p.S > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch(cuda::mmdl_losses_backward_kernel<cuda_type<scalar_t>, acc_t>, sample_blocks(p), cuda::kSampleThreads,
+             0, grad_triplet.const_data_ptr<acc_t>(), grad_ce.const_data_ptr<acc_t>(), sample_batch<scalar_t, acc_t>(p),
+             loss_params<acc_t>(sigma, alpha, scale),
+             emb_requires_grad ? sample_grad.mutable_data_ptr<acc_t>() : nullptr,
+             modes_requires_grad ? grad_modes.mutable_data_ptr<acc_t>() : nullptr);
+    });
+  }
+  return {emb_requires_grad ? scatter_rows(p, sample_grad, emb) : at::empty({0}, emb.options()),
+          modes_requires_grad ? grad_modes.to(modes_in.scalar_type()) : at::empty({0}, modes_in.options())};
+}
+
+at::Tensor label_mode_cuda(const at::Tensor& emb, const at::Tensor& index, const at::Tensor& label,
+                           const at::Tensor& modes) {
+  const c10::cuda::CUDAGuard guard(emb.device());
+  const SampleProblem p = sample_problem("label_mode", emb, index, label, modes);
+  at::Tensor mode = at::empty({p.B, p.S}, p.index.options().dtype(at::kByte));
+  if (mode.numel() == 0) return mode;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "label_mode_cuda", [&] {
+    launch(cuda::label_mode_kernel<cuda_type<scalar_t>, at::opmath_type<scalar_t>>, sample_blocks(p),
+           cuda::kSampleThreads, 0, sample_batch<scalar_t, at::opmath_type<scalar_t>>(p),
+           mode.mutable_data_ptr<uint8_t>());
+  });
+  return mode;
+}
+
+TORCH_LIBRARY_IMPL(drsl_fast, CUDA, m) {
+  m.impl("mmdl_losses", &mmdl_losses_cuda);
+  m.impl("mmdl_losses_backward", &mmdl_losses_backward_cuda);
+  m.impl("label_mode", &label_mode_cuda);
+}
+
+}  // namespace drsl_fast
+#endif  // DRSL_FAST_KERNELS_ONLY

@@ -1,0 +1,267 @@
+// Host-side code shared by the CPU (csrc/cpu/) and CUDA (csrc/cuda/) backends
+// of every op: per-pixel tensors viewed as (batch, channel, pixel) with the
+// strides of kernels/pixel_layout.h, the input checks (a second line of
+// defence behind drsl_fast/ops/, for C++ callers), the validated inputs, and
+// the outputs both backends allocate alike. Grouped by op.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "../kernels/confidence_bins.h"
+#include "../kernels/pixel_layout.h"
+
+namespace drsl_fast {
+
+// ------------------------------------------------------------ per-pixel views
+
+// Views a per-pixel tensor, (B, D, H, W) or (N, D), as (B, D, P) without
+// copying where the strides allow it (contiguous and channels-last inputs,
+// any (N, D) matrix).
+inline at::Tensor as_bdp(const at::Tensor& emb) {
+  if (emb.dim() == 2) return emb.t().unsqueeze(0);
+  return emb.reshape({emb.size(0), emb.size(1), emb.size(2) * emb.size(3)});
+}
+
+// A new tensor shaped like emb whose as_bdp() is always a view: same strides
+// for (N, D), contiguous or channels-last for (B, D, H, W).
+inline at::Tensor empty_like_pixel_viewable(const at::Tensor& emb) {
+  if (emb.dim() == 2) return at::empty_like(emb);
+  return at::empty(emb.sizes(), emb.options().memory_format(emb.suggest_memory_format()));
+}
+
+inline PixelLayout layout_of(const at::Tensor& bdp) {
+  return PixelLayout{bdp.stride(0), bdp.stride(1), bdp.stride(2)};
+}
+
+inline at::ScalarType accumulate_dtype(const at::Tensor& emb) {
+  return emb.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ------------------------------------------------------------ mode_distance
+
+// Shape of the per-class outputs (dmin, mstar, posterior): (B, C, H, W) or (N, C).
+inline std::vector<int64_t> per_class_shape(const at::Tensor& emb, int64_t C) {
+  if (emb.dim() == 2) return {emb.size(0), C};
+  return {emb.size(0), C, emb.size(2), emb.size(3)};
+}
+
+// Layout of a contiguous per-class tensor, addressed as (b, c, pixel).
+inline PixelLayout per_class_layout(const at::Tensor& emb, int64_t C) {
+  if (emb.dim() == 2) return PixelLayout{0, 1, C};
+  const int64_t P = emb.size(2) * emb.size(3);
+  return PixelLayout{C * P, P, 1};
+}
+
+inline void check_mode_distance_inputs(const at::Tensor& emb, const at::Tensor& modes) {
+  TORCH_CHECK(emb.dim() == 2 || emb.dim() == 4, "mode_distance: emb must be (B, D, H, W) or (N, D), got ",
+              emb.sizes());
+  TORCH_CHECK(modes.dim() == 3, "mode_distance: modes must be (C, M, D), got ", modes.sizes());
+  TORCH_CHECK(emb.size(1) == modes.size(2), "mode_distance: emb has D=", emb.size(1), " channels but modes have D=",
+              modes.size(2));
+  TORCH_CHECK(modes.size(1) >= 1 && modes.size(1) <= kMaxModes, "mode_distance: M must be in [1, ", kMaxModes,
+              "], got ", modes.size(1));
+  TORCH_CHECK(modes.size(0) >= 1, "mode_distance: modes need at least one class");
+  TORCH_CHECK(emb.device() == modes.device(), "mode_distance: emb is on ", emb.device(), " but modes on ",
+              modes.device());
+}
+
+inline void check_sigma(std::optional<double> sigma) {
+  TORCH_CHECK(!sigma.has_value() || (std::isfinite(*sigma) && *sigma > 0),
+              "mode_distance: sigma must be a finite number > 0, got ", sigma.value_or(0.0));
+}
+
+// -1 / (2 sigma^2) in the accumulation type, -inf where it overflows (tiny
+// sigma); as posterior_scale of drsl_fast/reference/mode_distance.py.
+template <typename acc_t>
+inline acc_t posterior_scale(double sigma) {
+  const double scale = -0.5 / sigma / sigma;
+  constexpr acc_t largest = std::numeric_limits<acc_t>::max();
+  return -scale > static_cast<double>(largest) ? -std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(scale);
+}
+
+// One validated mode-distance call: emb viewed as (B, D, P), the modes in the
+// accumulation dtype, and the sizes.
+struct ModeDistanceProblem {
+  at::Tensor bdp;
+  at::Tensor modes;
+  at::ScalarType acc_dtype;
+  int64_t B, P, C, M, D;
+};
+
+inline ModeDistanceProblem mode_distance_problem(const at::Tensor& emb, const at::Tensor& modes) {
+  check_mode_distance_inputs(emb, modes);
+  const at::Tensor bdp = as_bdp(emb);
+  const auto acc_dtype = accumulate_dtype(emb);
+  const at::Tensor centres = modes.to(acc_dtype).contiguous();
+  return {bdp, centres, acc_dtype, bdp.size(0), bdp.size(2), centres.size(0), centres.size(1), centres.size(2)};
+}
+
+// The forward's outputs; the posterior is empty without sigma.
+struct ModeDistanceOutputs {
+  at::Tensor dmin, mstar, posterior;
+
+  operator std::tuple<at::Tensor, at::Tensor, at::Tensor>() const { return {dmin, mstar, posterior}; }
+};
+
+// Checks sigma and allocates the forward's outputs.
+inline ModeDistanceOutputs mode_distance_outputs(const at::Tensor& emb, const ModeDistanceProblem& p,
+                                                 std::optional<double> sigma) {
+  check_sigma(sigma);
+  const std::vector<int64_t> shape = per_class_shape(emb, p.C);
+  at::Tensor dmin = at::empty(shape, emb.options().dtype(p.acc_dtype));
+  at::Tensor posterior = at::empty(sigma ? shape : std::vector<int64_t>{0}, dmin.options());
+  return {dmin, at::empty(shape, emb.options().dtype(at::kByte)), posterior};
+}
+
+// The upstream gradient (accumulation dtype) and mstar, both contiguous and
+// shaped like the per-class outputs.
+inline std::pair<at::Tensor, at::Tensor> backward_inputs(const at::Tensor& grad_dmin, const at::Tensor& mstar,
+                                                         const at::Tensor& emb, const ModeDistanceProblem& p) {
+  const std::vector<int64_t> shape = per_class_shape(emb, p.C);
+  TORCH_CHECK(grad_dmin.sizes() == at::IntArrayRef(shape) && mstar.sizes() == at::IntArrayRef(shape),
+              "mode_distance_backward: grad and mstar must be shaped ", at::IntArrayRef(shape));
+  return {grad_dmin.to(p.acc_dtype).contiguous(), mstar.contiguous()};
+}
+
+// ------------------------------------------------------------ class_sampling
+
+// Sort keys of sample_per_class are uniform in [0, 2^kSampleKeyBits); the
+// CUDA backend puts the class above them in one int64 sort key.
+constexpr int kSampleKeyBits = 48;
+
+inline void check_sampling_inputs(const at::Tensor& labels, const at::Tensor& keys, int64_t num_classes, int64_t k) {
+  TORCH_CHECK(labels.dim() == 3, "sample_per_class: labels must be (B, H, W), got ", labels.sizes());
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "sample_per_class: labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.dim() == 2 && keys.size(0) == labels.size(0) &&
+                  keys.size(1) == labels.size(1) * labels.size(2),
+              "sample_per_class: keys must be int64 (B, H*W)");
+  TORCH_CHECK(keys.device() == labels.device(), "sample_per_class: keys and labels must be on one device");
+  TORCH_CHECK(num_classes >= 1 && num_classes < (int64_t(1) << (62 - kSampleKeyBits)),
+              "sample_per_class: num_classes must be in [1, 16384), got ", num_classes);
+  TORCH_CHECK(k >= 0, "sample_per_class: k must be >= 0, got ", k);
+}
+
+// ------------------------------------------------------------ mmdl_losses, label_mode
+
+// emb (B, D, H, W) or (N, D) (one image); index and label int64 (B, S); modes (C, M, D).
+inline void check_sample_inputs(const char* op, const at::Tensor& emb, const at::Tensor& index,
+                                const at::Tensor& label, const at::Tensor& modes) {
+  check_mode_distance_inputs(emb, modes);
+  const int64_t B = emb.dim() == 4 ? emb.size(0) : 1;
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == B, op, ": index must be (B, S) with B=", B, ", got ",
+              index.sizes());
+  TORCH_CHECK(label.sizes() == index.sizes(), op, ": label must be shaped like index ", index.sizes(), ", got ",
+              label.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong && label.scalar_type() == at::kLong, op,
+              ": index and label must be int64");
+  TORCH_CHECK(index.device() == emb.device() && label.device() == emb.device(), op,
+              ": index and label must be on the embeddings' device ", emb.device());
+}
+
+inline void check_loss_params(double sigma, double alpha, double scale) {
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "mmdl_losses: sigma must be finite and > 0, got ", sigma);
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(scale), "mmdl_losses: alpha and scale must be finite");
+}
+
+// One validated call of a per-sample op: emb viewed as (B, D, P), the modes in
+// the accumulation dtype, contiguous index and label, and the sizes.
+struct SampleProblem {
+  at::Tensor bdp, modes, index, label;
+  at::ScalarType acc_dtype;
+  int64_t B, S, P, C, M, D;
+
+  // A (B, S) tensor per sample in the accumulation dtype: losses, their gradients.
+  at::Tensor per_sample(const at::Tensor& like) const {
+    return at::empty({B, S}, like.options().dtype(acc_dtype));
+  }
+};
+
+inline SampleProblem sample_problem(const char* op, const at::Tensor& emb, const at::Tensor& index,
+                                    const at::Tensor& label, const at::Tensor& modes) {
+  check_sample_inputs(op, emb, index, label, modes);
+  const at::Tensor bdp = as_bdp(emb);
+  const auto acc_dtype = accumulate_dtype(emb);
+  const at::Tensor centres = modes.to(acc_dtype).contiguous();
+  const at::Tensor samples = index.contiguous();
+  return {bdp, centres, samples, label.contiguous(), acc_dtype, samples.size(0), samples.size(1), bdp.size(2),
+          centres.size(0), centres.size(1), centres.size(2)};
+}
+
+// ------------------------------------------------------------ pseudo_labels
+
+inline void check_scores(const at::Tensor& scores, const char* op) {
+  TORCH_CHECK(scores.dim() == 4, op, ": expected (B, C, H, W) scores, got ", scores.sizes());
+  TORCH_CHECK(scores.size(1) >= 1 && scores.size(1) <= 255, op, ": need 1 <= C <= 255, got C=", scores.size(1));
+}
+
+inline void check_histogram_inputs(const at::Tensor& scores, int64_t mantissa_bits) {
+  check_scores(scores, "confidence_histogram");
+  TORCH_CHECK(mantissa_bits >= 0 && mantissa_bits <= kMaxMantissaBits,
+              "confidence_histogram: mantissa_bits must be in [0, ", kMaxMantissaBits, "]");
+}
+
+// The thresholds as contiguous fp32 (C,).
+inline at::Tensor checked_thresholds(const at::Tensor& probs, const at::Tensor& thresholds) {
+  check_scores(probs, "select_labels");
+  const int64_t C = probs.size(1);
+  TORCH_CHECK(thresholds.dim() == 1 && thresholds.size(0) == C, "select_labels: thresholds must be (", C,
+              ",), got ", thresholds.sizes());
+  return thresholds.to(at::kFloat).contiguous();
+}
+
+// The uint8 (B, H, W) labels of select_labels.
+inline at::Tensor empty_labels(const at::Tensor& probs) {
+  return at::empty({probs.size(0), probs.size(2), probs.size(3)}, probs.options().dtype(at::kByte));
+}
+
+// ------------------------------------------------------------ entropy
+
+inline void check_logits(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 4, "entropy_map: expected (B, C, H, W) logits, got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) >= 2, "entropy_map: needs C >= 2 classes (it divides by log2 C), got ", logits.size(1));
+}
+
+// The forward's map (B, C, H, W) (empty without with_map) and pixel entropy
+// (B, H, W), in the accumulation dtype.
+inline std::pair<at::Tensor, at::Tensor> entropy_outputs(const at::Tensor& logits, bool with_map) {
+  const auto options = logits.options().dtype(accumulate_dtype(logits));
+  at::Tensor map = with_map ? at::empty(logits.sizes(), options) : at::empty({0}, options);
+  return {map, at::empty({logits.size(0), logits.size(2), logits.size(3)}, options)};
+}
+
+// The image score from the pixel entropy (B, H, W): the mean over C, H, W of
+// the map is the mean over H, W of the pixel entropy / C; NaN without pixels.
+inline at::Tensor image_scores(const at::Tensor& pixel, int64_t C) {
+  if (pixel.numel() == 0) return at::full({pixel.size(0)}, NAN, pixel.options());
+  return pixel.flatten(1).mean(1) / static_cast<double>(C);
+}
+
+// The backward's validated inputs: logits as (B, C, P), the map gradient
+// (empty when the map got none) and the pixel-entropy gradient in the
+// accumulation dtype, contiguous.
+struct EntropyBackwardInputs {
+  at::Tensor bcp, grad_map, grad_pixel;
+  bool with_map_grad;
+  int64_t B, C, P;
+};
+
+inline EntropyBackwardInputs entropy_backward_inputs(const at::Tensor& logits, const at::Tensor& grad_map,
+                                                     const at::Tensor& grad_pixel) {
+  check_logits(logits);
+  const at::Tensor bcp = as_bdp(logits);
+  const int64_t B = bcp.size(0), C = bcp.size(1), P = bcp.size(2);
+  const auto acc_dtype = accumulate_dtype(logits);
+  const bool with_map_grad = grad_map.numel() > 0;
+  TORCH_CHECK(!with_map_grad || grad_map.sizes() == logits.sizes(), "entropy_map_backward: grad_map must be ",
+              logits.sizes(), " or empty, got ", grad_map.sizes());
+  TORCH_CHECK(grad_pixel.numel() == B * P, "entropy_map_backward: grad_pixel must be (B, H, W)");
+  return {bcp, with_map_grad ? grad_map.to(acc_dtype).contiguous() : grad_map,
+          grad_pixel.to(acc_dtype).contiguous(), with_map_grad, B, C, P};
+}
+
+}  // namespace drsl_fast
