@@ -26,7 +26,7 @@ from .. import _extension, reference
 from ..backends import resolve
 from .validation import check_dim, check_int, check_integer_tensor, describe
 
-KEY_BITS = 48  # csrc/mmdl_losses.h kSampleKeyBits
+KEY_BITS = 48  # csrc/host.h kSampleKeyBits
 MAX_CLASSES = 1 << (62 - KEY_BITS)
 
 

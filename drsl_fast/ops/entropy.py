@@ -19,6 +19,7 @@ from .. import _extension, reference
 from ..backends import resolve, triton_import_error
 from ..reference.mode_distance import accumulate_dtype
 from .mode_distance import check_triton_dtype
+from .registration import register_differentiable
 from .validation import check_bool, check_class_maps
 
 
@@ -97,9 +98,7 @@ def _register_autograd(op_name: str, backward_op) -> None:
 
 
 if _extension.has_cpu_kernels():
-    torch.library.register_fake("drsl_fast::entropy_map")(_fake_forward)
-    torch.library.register_fake("drsl_fast::entropy_map_backward")(_fake_backward)
-    _register_autograd("drsl_fast::entropy_map", torch.ops.drsl_fast.entropy_map_backward)
+    register_differentiable("entropy_map", _fake_forward, _fake_backward, _register_autograd)
 
 
 if triton_import_error() is None:
@@ -127,6 +126,4 @@ if triton_import_error() is None:
             )
         return grad_logits
 
-    _entropy_map_triton.register_fake(_fake_forward)
-    _entropy_map_backward_triton.register_fake(_fake_backward)
-    _register_autograd("drsl_fast::entropy_map_triton", torch.ops.drsl_fast.entropy_map_backward_triton)
+    register_differentiable("entropy_map", _fake_forward, _fake_backward, _register_autograd, "_triton")

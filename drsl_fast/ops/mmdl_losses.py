@@ -29,6 +29,7 @@ from ..backends import resolve, triton_import_error
 from ..reference.mmdl_losses import pixel_rows, valid_samples
 from ..reference.mode_distance import accumulate_dtype, posterior_scale
 from .mode_distance import check_emb_and_modes, check_sigma, check_triton_dtype
+from .registration import register_differentiable
 from .validation import check_choice, check_integer_tensor, check_real, check_same_device
 
 REDUCTIONS = ("mean", "none")
@@ -183,10 +184,8 @@ def _register_autograd(op_name: str, backward_op) -> None:
 
 
 if _extension.has_cpu_kernels():
-    torch.library.register_fake("drsl_fast::mmdl_losses")(_fake_forward)
-    torch.library.register_fake("drsl_fast::mmdl_losses_backward")(_fake_backward)
+    register_differentiable("mmdl_losses", _fake_forward, _fake_backward, _register_autograd)
     torch.library.register_fake("drsl_fast::label_mode")(_fake_label_mode)
-    _register_autograd("drsl_fast::mmdl_losses", torch.ops.drsl_fast.mmdl_losses_backward)
 
 
 if triton_import_error() is None:
@@ -248,7 +247,5 @@ if triton_import_error() is None:
 
     # Explicit fake kernels: triton_op derives them by tracing, which the
     # Triton interpreter (CPU tensors) does not support.
-    _mmdl_losses_triton.register_fake(_fake_forward)
-    _mmdl_losses_backward_triton.register_fake(_fake_backward)
+    register_differentiable("mmdl_losses", _fake_forward, _fake_backward, _register_autograd, "_triton")
     _label_mode_triton.register_fake(_fake_label_mode)
-    _register_autograd("drsl_fast::mmdl_losses_triton", torch.ops.drsl_fast.mmdl_losses_backward_triton)

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
 from ..reference.mode_distance import accumulate_dtype, posterior_scale
+from .registration import register_differentiable
 from .validation import check_dim, check_float_tensor, check_real, check_same_device
 
 MAX_MODES = 16
@@ -126,7 +127,7 @@ def _per_class_shape(emb: Tensor, C: int) -> Tuple[int, ...]:
 
 
 def _empty_like_pixel_viewable(emb: Tensor) -> Tensor:
-    """Like emb, contiguous or channels-last (mirrors csrc/mode_distance.h)."""
+    """Like emb, contiguous or channels-last (mirrors csrc/host.h)."""
     if emb.dim() == 2:
         return torch.empty_like(emb)
     channels_last = emb.is_contiguous(memory_format=torch.channels_last) and not emb.is_contiguous()
@@ -179,9 +180,7 @@ def _register_autograd(op_name: str, backward_op) -> None:
 
 
 if _extension.has_cpu_kernels():
-    torch.library.register_fake("drsl_fast::mode_distance")(_fake_forward)
-    torch.library.register_fake("drsl_fast::mode_distance_backward")(_fake_backward)
-    _register_autograd("drsl_fast::mode_distance", torch.ops.drsl_fast.mode_distance_backward)
+    register_differentiable("mode_distance", _fake_forward, _fake_backward, _register_autograd)
 
 
 if triton_import_error() is None:
@@ -223,6 +222,4 @@ if triton_import_error() is None:
 
     # Explicit fake kernels: triton_op derives them by tracing, which the
     # Triton interpreter (CPU tensors) does not support.
-    _mode_distance_triton.register_fake(_fake_forward)
-    _mode_distance_backward_triton.register_fake(_fake_backward)
-    _register_autograd("drsl_fast::mode_distance_triton", torch.ops.drsl_fast.mode_distance_backward_triton)
+    register_differentiable("mode_distance", _fake_forward, _fake_backward, _register_autograd, "_triton")

@@ -33,12 +33,14 @@ BLOCK_SAMPLES = 32
 
 @triton.jit
 def _load_samples(
-    emb_ptr, index_ptr, label_ptr, total, S, P, C,
-    emb_sb, emb_sd, emb_sp, channels, channel_ok,
-    BLOCK_S: tl.constexpr,
+    emb_ptr, index_ptr, label_ptr, total, S, P, C, D, emb_sb, emb_sd, emb_sp,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """This program's samples: flat ids, in-range mask, counting mask, labels
-    and the fp32 embedding rows (BLOCK_S, BLOCK_D) (0 where nothing counts)."""
+    and the fp32 embedding rows (BLOCK_S, BLOCK_D) (0 where nothing counts);
+    then the channels and their mask."""
+    channels = tl.arange(0, BLOCK_D)
+    channel_ok = channels < D
     samples = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = samples < total
     pixel = tl.load(index_ptr + samples, mask=in_range, other=-1).to(tl.int64)
@@ -49,7 +51,7 @@ def _load_samples(
         emb_ptr + image[:, None] * emb_sb + pixel[:, None] * emb_sp + channels[None, :] * emb_sd,
         mask=counts[:, None] & channel_ok[None, :], other=0.0,
     ).to(tl.float32)
-    return samples, in_range, counts, y, e
+    return samples, in_range, counts, y, e, channels, channel_ok
 
 
 @triton.jit
@@ -96,15 +98,12 @@ def _summarise(e, y, modes_ptr, C, M, D, channels, channel_ok, inv_two_var, scal
 @triton.jit
 def _forward_kernel(
     emb_ptr, index_ptr, label_ptr, modes_ptr, triplet_ptr, ce_ptr,
-    total, S, P, C, M, D,
-    emb_sb, emb_sd, emb_sp,
+    total, S, P, C, M, D, emb_sb, emb_sd, emb_sp,
     inv_two_var, alpha, scale,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    channels = tl.arange(0, BLOCK_D)
-    channel_ok = channels < D
-    samples, in_range, counts, y, e = _load_samples(
-        emb_ptr, index_ptr, label_ptr, total, S, P, C, emb_sb, emb_sd, emb_sp, channels, channel_ok, BLOCK_S,
+    samples, in_range, counts, y, e, channels, channel_ok = _load_samples(
+        emb_ptr, index_ptr, label_ptr, total, S, P, C, D, emb_sb, emb_sd, emb_sp, BLOCK_S, BLOCK_D,
     )
     positive, nearest_wrong, negative, log_sum_exp = _summarise(
         e, y, modes_ptr, C, M, D, channels, channel_ok, inv_two_var, scale, BLOCK_S,
@@ -118,17 +117,14 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     grad_triplet_ptr, grad_ce_ptr, emb_ptr, index_ptr, label_ptr, modes_ptr, rows_ptr, partial_ptr,
-    total, S, P, C, M, D,
-    emb_sb, emb_sd, emb_sp,
+    total, S, P, C, M, D, emb_sb, emb_sd, emb_sp,
     inv_two_var, alpha, scale,
     EMB_GRAD: tl.constexpr, MODES_GRAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """rows[sample] = dL/de (BLOCK_S rows per program); partial[program, c, m]
     = this block's dL/dr[c, m]."""
-    channels = tl.arange(0, BLOCK_D)
-    channel_ok = channels < D
-    samples, in_range, counts, y, e = _load_samples(
-        emb_ptr, index_ptr, label_ptr, total, S, P, C, emb_sb, emb_sd, emb_sp, channels, channel_ok, BLOCK_S,
+    samples, in_range, counts, y, e, channels, channel_ok = _load_samples(
+        emb_ptr, index_ptr, label_ptr, total, S, P, C, D, emb_sb, emb_sd, emb_sp, BLOCK_S, BLOCK_D,
     )
     positive, nearest_wrong, negative, log_sum_exp = _summarise(
         e, y, modes_ptr, C, M, D, channels, channel_ok, inv_two_var, scale, BLOCK_S,
@@ -196,15 +192,12 @@ def _scatter_rows_kernel(
 @triton.jit
 def _label_mode_kernel(
     emb_ptr, index_ptr, label_ptr, modes_ptr, mode_ptr,
-    total, S, P, C, M, D,
-    emb_sb, emb_sd, emb_sp,
+    total, S, P, C, M, D, emb_sb, emb_sd, emb_sp,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """mstar[y] (docs/method.md §3, ties: lowest m) of every sample; 255 where it does not count."""
-    channels = tl.arange(0, BLOCK_D)
-    channel_ok = channels < D
-    samples, in_range, counts, y, e = _load_samples(
-        emb_ptr, index_ptr, label_ptr, total, S, P, C, emb_sb, emb_sd, emb_sp, channels, channel_ok, BLOCK_S,
+    samples, in_range, counts, y, e, channels, channel_ok = _load_samples(
+        emb_ptr, index_ptr, label_ptr, total, S, P, C, D, emb_sb, emb_sd, emb_sp, BLOCK_S, BLOCK_D,
     )
     own_class = tl.where(counts, y, 0)
     best = tl.zeros([BLOCK_S], dtype=tl.float32)

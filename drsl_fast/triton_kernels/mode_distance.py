@@ -5,7 +5,6 @@ inputs in their storage dtype and computes in fp32. Embeddings are addressed
 as (b, channel, pixel) with explicit strides, so (B, D, H, W), channels-last
 and (N, D) inputs are all read in place.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -19,23 +18,29 @@ MODE_GRAD_CHUNK = 1024
 
 
 @triton.jit
-def _forward_kernel(
-    emb_ptr, modes_ptr, dmin_ptr, mstar_ptr, posterior_ptr,
-    P, C, M, D,
-    emb_sb, emb_sd, emb_sp,
-    out_sb, out_sc, out_sp,
-    posterior_scale,
-    WITH_POSTERIOR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _load_pixel_tile(emb_ptr, P, D, emb_sb, emb_sd, emb_sp, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's image, pixels and channels, and its fp32 embedding tile
+    (BLOCK_D, BLOCK_P), 0 outside (D, P): padded channels are 0 in e and r."""
     b = tl.program_id(1).to(tl.int64)
     pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     channels = tl.arange(0, BLOCK_D)
+    tile_ok = (channels < D)[:, None] & (pixels < P)[None, :]
+    e = tl.load(
+        emb_ptr + b * emb_sb + channels[:, None] * emb_sd + pixels[None, :] * emb_sp, mask=tile_ok, other=0.0
+    ).to(tl.float32)
+    return b, pixels, channels, tile_ok, e
+
+
+@triton.jit
+def _forward_kernel(
+    emb_ptr, modes_ptr, dmin_ptr, mstar_ptr, posterior_ptr,
+    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
+    posterior_scale,
+    WITH_POSTERIOR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b, pixels, channels, _, e = _load_pixel_tile(emb_ptr, P, D, emb_sb, emb_sd, emb_sp, BLOCK_P, BLOCK_D)
     pixel_ok = pixels < P
     channel_ok = channels < D
-    e = tl.load(
-        emb_ptr + b * emb_sb + channels[:, None] * emb_sd + pixels[None, :] * emb_sp,
-        mask=channel_ok[:, None] & pixel_ok[None, :], other=0.0,
-    ).to(tl.float32)  # (BLOCK_D, BLOCK_P); padded channels are 0 in e and r
     for c in range(0, C):
         r = tl.load(modes_ptr + c * M * D + channels, mask=channel_ok, other=0.0)
         diff = e - r[:, None]
@@ -58,20 +63,12 @@ def _forward_kernel(
 @triton.jit
 def _grad_emb_kernel(
     grad_ptr, mstar_ptr, emb_ptr, modes_ptr, grad_emb_ptr,
-    P, C, M, D,
-    emb_sb, emb_sd, emb_sp,
-    out_sb, out_sc, out_sp,
+    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
     gemb_sb, gemb_sd, gemb_sp,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    channels = tl.arange(0, BLOCK_D)
+    b, pixels, channels, tile_ok, e = _load_pixel_tile(emb_ptr, P, D, emb_sb, emb_sd, emb_sp, BLOCK_P, BLOCK_D)
     pixel_ok = pixels < P
-    tile_ok = (channels < D)[:, None] & pixel_ok[None, :]
-    e = tl.load(
-        emb_ptr + b * emb_sb + channels[:, None] * emb_sd + pixels[None, :] * emb_sp, mask=tile_ok, other=0.0
-    ).to(tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_P], dtype=tl.float32)
     for c in range(0, C):
         out = b * out_sb + c * out_sc + pixels * out_sp
@@ -88,9 +85,7 @@ def _grad_emb_kernel(
 @triton.jit
 def _grad_modes_kernel(
     grad_ptr, mstar_ptr, emb_ptr, modes_ptr, partial_ptr,
-    P, C, M, D,
-    emb_sb, emb_sd, emb_sp,
-    out_sb, out_sc, out_sp,
+    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """partial[b * chunks + chunk, c] = 2 * sum over the chunk's pixels with
@@ -123,52 +118,41 @@ def _grad_modes_kernel(
     tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + centre, result, mask=block_ok)
 
 
-def _per_class_layout(emb: torch.Tensor, C: int):
-    if emb.dim() == 2:
-        return 0, 1, C
-    P = emb.shape[2] * emb.shape[3]
-    return C * P, P, 1
+def _shape_arguments(emb, modes):
+    """emb viewed as (B, D, P), B, and the arguments every kernel takes after
+    its pointers: P, C, M, D, the embedding's and the per-class outputs' strides."""
+    bdp = pixel_view(emb)
+    B, D, P = bdp.shape
+    C, M, _ = modes.shape
+    out_strides = (0, 1, C) if emb.dim() == 2 else (C * P, P, 1)
+    return bdp, B, (P, C, M, D, *bdp.stride(), *out_strides)
 
 
 def forward(emb, modes, dmin, mstar, posterior, posterior_scale, launch=lambda kernel: kernel):
     """Fills dmin, mstar and (if not None) posterior. ``modes`` is fp32, contiguous."""
-    bdp = pixel_view(emb)
-    B, D, P = bdp.shape
-    C, M, _ = modes.shape
-    grid = (triton.cdiv(P, BLOCK_PIXELS), B)
-    launch(_forward_kernel)[grid](
-        bdp, modes, dmin, mstar, dmin if posterior is None else posterior,
-        P, C, M, D,
-        *bdp.stride(), *_per_class_layout(emb, C),
-        posterior_scale,
-        WITH_POSTERIOR=posterior is not None, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
+    bdp, B, shape = _shape_arguments(emb, modes)
+    launch(_forward_kernel)[(triton.cdiv(shape[0], BLOCK_PIXELS), B)](
+        bdp, modes, dmin, mstar, dmin if posterior is None else posterior, *shape, posterior_scale,
+        WITH_POSTERIOR=posterior is not None, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(shape[3]),
     )
 
 
 def grad_emb(grad_dmin, mstar, emb, modes, out, launch=lambda kernel: kernel):
     """Fills ``out`` (shaped like emb) with dL/de."""
-    bdp, out_bdp = pixel_view(emb), pixel_view(out)
-    B, D, P = bdp.shape
-    C, M, _ = modes.shape
-    grid = (triton.cdiv(P, BLOCK_PIXELS), B)
-    launch(_grad_emb_kernel)[grid](
-        grad_dmin, mstar, bdp, modes, out_bdp,
-        P, C, M, D,
-        *bdp.stride(), *_per_class_layout(emb, C), *out_bdp.stride(),
-        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
+    bdp, B, shape = _shape_arguments(emb, modes)
+    out_bdp = pixel_view(out)
+    launch(_grad_emb_kernel)[(triton.cdiv(shape[0], BLOCK_PIXELS), B)](
+        grad_dmin, mstar, bdp, modes, out_bdp, *shape, *out_bdp.stride(),
+        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(shape[3]),
     )
 
 
 def grad_modes_partials(grad_dmin, mstar, emb, modes, partial, launch=lambda kernel: kernel):
     """Fills ``partial`` (B * chunks, C, M, D) with per-chunk mode gradients."""
-    bdp = pixel_view(emb)
-    B, D, P = bdp.shape
-    C, M, _ = modes.shape
-    grid = (triton.cdiv(P, MODE_GRAD_CHUNK), C, B)
-    launch(_grad_modes_kernel)[grid](
-        grad_dmin, mstar, bdp, modes, partial,
-        P, C, M, D,
-        *bdp.stride(), *_per_class_layout(emb, C),
+    bdp, B, shape = _shape_arguments(emb, modes)
+    P, C, M, D = shape[:4]
+    launch(_grad_modes_kernel)[(mode_grad_chunks(P), C, B)](
+        grad_dmin, mstar, bdp, modes, partial, *shape,
         CHUNK=MODE_GRAD_CHUNK, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
         BLOCK_M=max(16, triton.next_power_of_2(M)),
     )
