@@ -167,10 +167,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="print only, write nothing")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 7 CPU, 30 GPU)")
-    parser.add_argument("--budget-s", type=float, default=None, help="time budget per method (default 30 CPU, 3 GPU)")
-    parser.add_argument("--out", default=None, help="output stem (default bench/results/mmdl_losses_<device>)")
+    harness.add_run_arguments(parser, "mmdl_losses", "timed runs (default 7 CPU, 30 GPU)",
+                              "time budget per method (default 30 CPU, 3 GPU)")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
@@ -191,7 +189,7 @@ def main():
     print(f"\nDRSL+ loss step on {machine}\n\n{table}")
     if args.quick:
         return
-    stem = args.out or os.path.join(harness.RESULTS_DIR, f"mmdl_losses_{device}")
+    stem = harness.results_stem(args.out, "mmdl_losses", device)
     body = (f"One DRSL+ loss step (sampling, Eq. 4/5 on source and target, Eq. 6), forward + backward, at "
             f"B={SIZE['B']} (1 source + 1 target), C={SIZE['C']}, M={SIZE['M']}, D={SIZE['D']}, "
             f"{SIZE['H']}x{SIZE['W']} embedding maps, k={SIZE['k']}. Times are medians; peak extra memory is "

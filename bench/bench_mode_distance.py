@@ -147,13 +147,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="realistic size only; print, write nothing")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--sizes", choices=("sweep", "realistic"), default="sweep",
                         help="sweep: all sizes; realistic: the 512x512 and 512x1024 crops' maps only")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 7 CPU, 100 GPU)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="time budget per measurement (default 20 CPU, 1 GPU)")
-    parser.add_argument("--out", default=None, help="output stem (default bench/results/mode_distance_<device>)")
+    harness.add_run_arguments(parser, "mode_distance", "timed runs (default 7 CPU, 100 GPU)",
+                              "time budget per measurement (default 20 CPU, 1 GPU)")
     args = parser.parse_args()
     if args.worker:
         return harness.serve(measure, json.loads(args.worker))
@@ -186,7 +183,7 @@ def main():
     print(f"\nmode_distance on {machine}\n\n{table}")
     if args.quick:
         return
-    stem = args.out or os.path.join(harness.RESULTS_DIR, f"mode_distance_{device}")
+    stem = harness.results_stem(args.out, "mode_distance", device)
     fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "peak_extra_mib",
               "dmin_mib", "roofline_mib", "bandwidth_gbs", "runs", "error"]
     body = (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}); "

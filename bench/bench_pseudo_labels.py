@@ -233,11 +233,9 @@ def markdown(threshold_rows, entropy_rows, images):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--images", type=int, default=None, help="images in the pass (default 500 on GPU, 12 on CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="entropy timed runs (default 5 CPU, 100 GPU)")
-    parser.add_argument("--budget-s", type=float, default=None, help="entropy time budget (default 30 CPU, 1 GPU)")
-    parser.add_argument("--out", default=None, help="output stem (default bench/results/pseudo_labels_<device>)")
+    harness.add_run_arguments(parser, "pseudo_labels", "entropy timed runs (default 5 CPU, 100 GPU)",
+                              "entropy time budget (default 30 CPU, 1 GPU)")
     args = parser.parse_args()
     if args.worker:
         kind, spec = args.worker
@@ -268,7 +266,7 @@ def main():
     machine = harness.device_name(device)
     table = markdown(threshold_rows, entropy_rows, images)
     print(f"\n{machine}\n\n{table}")
-    stem = args.out or os.path.join(harness.RESULTS_DIR, f"pseudo_labels_{device}")
+    stem = harness.results_stem(args.out, "pseudo_labels", device)
     fields = ["part", "method", "pass", "images", "time_s", "images_per_s", "time_ms", "peak_mib", "host_peak_mib",
               "peak_extra_mib", "bandwidth_gbs", "max_rel_threshold_error", "disagreement", "error"]
     rows = [dict(r, part="thresholds") for r in threshold_rows] + [dict(r, part="entropy") for r in entropy_rows]

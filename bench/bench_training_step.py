@@ -215,17 +215,15 @@ def fast_vs_reference(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quick", action="store_true",
                         help="ResNet-18 x0.25 at 64x64, four variants, 2 timed steps; print only")
     parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default: 101 on GPU, 50 on CPU)")
     parser.add_argument("--width", type=float, default=None)
     parser.add_argument("--crops", nargs="+", default=None, metavar="HxW",
                         help="crops (default: 512x512 512x1024 on GPU, 128x128 on CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
-    parser.add_argument("--budget-s", type=float, default=None, help="time budget per variant (default 4 GPU, 60 CPU)")
     parser.add_argument("--no-prediction", action="store_true", help="skip the memory model")
-    parser.add_argument("--out", default=None, help="output stem (default bench/results/training_step_<device>)")
+    harness.add_run_arguments(parser, "training_step", "timed steps (default 10 GPU, 3 CPU)",
+                              "time budget per variant (default 4 GPU, 60 CPU)")
     args = parser.parse_args()
     if args.worker:
         return harness.serve(measure, json.loads(args.worker))
@@ -286,7 +284,7 @@ def main():
     print(f"\nDRSL+ training step on {machine}: {scale}\n\n{table}\n\n{verdict}")
     if args.quick:
         return
-    stem = args.out or os.path.join(harness.RESULTS_DIR, f"training_step_{device}")
+    stem = harness.results_stem(args.out, "training_step", device)
     meta = harness.metadata(device, scale=scale, depth=sizes["depth"], width=sizes["width"],
                             crops=sizes["crops"], amp=amp,
                             peak_measure="max_memory_allocated" if gpu else "RSS high-water above the pre-model RSS")

@@ -256,6 +256,20 @@ def emit(result: Dict) -> None:
     print(json.dumps(result), flush=True)
 
 
+def add_run_arguments(parser, name: str, repeats: str, budget: str) -> None:
+    """--device, --repeats, --budget-s and --out, which every op benchmark
+    takes; ``repeats`` and ``budget`` are their help texts."""
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=None, help=repeats)
+    parser.add_argument("--budget-s", type=float, default=None, help=budget)
+    parser.add_argument("--out", default=None, help=f"output stem (default bench/results/{name}_<device>)")
+
+
+def results_stem(out: Optional[str], name: str, device) -> str:
+    """Where a benchmark writes: ``out`` if given, else bench/results/<name>_<device>."""
+    return out or os.path.join(RESULTS_DIR, f"{name}_{device}")
+
+
 def command_line() -> str:
     return " ".join(["python"] + sys.argv)
 

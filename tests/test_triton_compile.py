@@ -175,6 +175,13 @@ CALLS = {
     "mmdl_losses.label_mode": mmdl_losses_label_mode,
 }
 
+# The embedding launchers take no boolean switch: each dtype once, over the three layouts.
+EMBEDDING_VARIANTS = [
+    dict(dtype="fp32", layout="contiguous"),
+    dict(dtype="fp16", layout="channels_last"),
+    dict(dtype="bf16", layout="rows"),
+]
+
 # Per launcher, each input dtype the op passes and each value of every boolean
 # switch once, spread over the layouts (a stride of 1 is specialised into the
 # kernel, so layouts compile differently).
@@ -206,36 +213,16 @@ VARIANTS = {
         dict(dtype="fp16", layout="channels_last", with_posterior=False),
         dict(dtype="bf16", layout="rows", with_posterior=True),
     ],
-    "mode_distance.grad_emb": [
-        dict(dtype="fp32", layout="contiguous"),
-        dict(dtype="fp16", layout="channels_last"),
-        dict(dtype="bf16", layout="rows"),
-    ],
-    "mode_distance.grad_modes_partials": [
-        dict(dtype="fp32", layout="contiguous"),
-        dict(dtype="fp16", layout="channels_last"),
-        dict(dtype="bf16", layout="rows"),
-    ],
-    "mmdl_losses.forward": [
-        dict(dtype="fp32", layout="contiguous"),
-        dict(dtype="fp16", layout="channels_last"),
-        dict(dtype="bf16", layout="rows"),
-    ],
+    "mode_distance.grad_emb": EMBEDDING_VARIANTS,
+    "mode_distance.grad_modes_partials": EMBEDDING_VARIANTS,
+    "mmdl_losses.forward": EMBEDDING_VARIANTS,
     "mmdl_losses.backward": [
         dict(dtype="fp32", layout="contiguous", emb_grad=True, modes_grad=True),
         dict(dtype="fp16", layout="channels_last", emb_grad=True, modes_grad=False),
         dict(dtype="bf16", layout="rows", emb_grad=False, modes_grad=True),
     ],
-    "mmdl_losses.scatter_rows": [
-        dict(dtype="fp32", layout="contiguous"),
-        dict(dtype="fp16", layout="channels_last"),
-        dict(dtype="bf16", layout="rows"),
-    ],
-    "mmdl_losses.label_mode": [
-        dict(dtype="fp32", layout="contiguous"),
-        dict(dtype="fp16", layout="channels_last"),
-        dict(dtype="bf16", layout="rows"),
-    ],
+    "mmdl_losses.scatter_rows": EMBEDDING_VARIANTS,
+    "mmdl_losses.label_mode": EMBEDDING_VARIANTS,
 }
 
 
