@@ -28,7 +28,8 @@ def tiny(out, data, **changes):
         "data.source_size": "[36, 64]", "data.target_size": "[32, 64]", "data.crop": "[32, 32]",
         "data.workers": 0, "data.eval_batch_size": 2, "model.depth": 18, "model.width": 0.125,
         "model.embedding_dim": 8, "loss.samples_per_class": 20, "source.batch_size": 2, "adaptation.batch_size": 2,
-        "adaptation.methods": "[drsl]", "isa.probability": 0, "evaluation.panels": 0, "train.threads": 1, "train.tensorboard": "false",
+        "adaptation.methods": "[drsl]", "isa.probability": 0, "pseudo_labels.isa": "false",
+        "evaluation.panels": 0, "train.threads": 1, "train.tensorboard": "false",
         "train.progress": "false",
     }
     settings.update(changes)

@@ -56,6 +56,14 @@ def test_draws_come_from_the_sample_seed_and_nothing_when_off(tmp_path):
     assert isa.active(on, "adaptation") and not isa.active(on, "source")
     # ISA off keeps the settings digest of runs from before it (their model files load)
     assert config_digest(config) == config_digest({k: v for k, v in config.items() if k != "isa"})
+    labels = dict(config["pseudo_labels"])
+    assert labels.pop("isa") is False
+    assert config_digest(config) == config_digest(dict(config, pseudo_labels=labels))
+    # where ISA is used, its settings are: on the pass, or with a translated directory (isa.stages)
+    for used in (["pseudo_labels.isa=true"], ["data.source.translated_root=elsewhere"]):
+        changed = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run"), **{"isa.stages": "both"}) + used)
+        again = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run")) + used)
+        assert config_digest(changed) != config_digest(again) != config_digest(config)
 
 
 def test_stage_samples_follow_isa_stages_and_a_translated_directory_replaces_fda(tmp_path):
@@ -151,7 +159,7 @@ def test_pseudo_label_pass_sees_the_target_in_the_source_look(tmp_path):
             "isa.fda_beta=0.1", "seed=5"]
     config = load_config("demo", base + ["pseudo_labels.isa=true"])
     targets = target_dataset(config, "train", with_labels=True)
-    assert isa.pseudo_label_images(load_config("demo", base), targets) is targets
+    assert isa.pseudo_label_images(load_config("demo", base + ["pseudo_labels.isa=false"]), targets) is targets
     looked = isa.pseudo_label_images(config, targets)
     sources = source_dataset(config)
     norm = config_normalization(config)

@@ -34,7 +34,8 @@ def tiny(tmp, out, **changes):
         "source.iterations": 4, "source.batch_size": 2, "source.lr": 0.01,
         "adaptation.rounds": 2, "adaptation.epochs_per_round": 1, "adaptation.batch_size": 2,
         "adaptation.lr": 0.002, "adaptation.methods": "[drsl, drsl_plus]", "isa.probability": 0,
-        "evaluation.panels": 2, "train.checkpoint_every": 2, "train.log_every": 1, "train.threads": 1, "train.tensorboard": False,
+        "pseudo_labels.isa": False, "evaluation.panels": 2,
+        "train.checkpoint_every": 2, "train.log_every": 1, "train.threads": 1, "train.tensorboard": False,
         "train.progress": False,
     }
     settings.update(changes)

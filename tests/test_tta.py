@@ -241,7 +241,8 @@ def tiny_config(pair, out, *changes):
         f"output_dir={out}", "device=cpu", "data.synthetic=null", f"data.source.root={pair}/source",
         f"data.target.root={pair}/target", "data.target_size=[24, 48]", "data.workers=0", "data.eval_batch_size=2",
         "model.depth=18", "model.width=0.125", "model.embedding_dim=8", "train.progress=false",
-        "train.tensorboard=false", "train.threads=1", "isa.probability=0", "adaptation.methods=[drsl]",
+        "train.tensorboard=false", "train.threads=1", "isa.probability=0", "pseudo_labels.isa=false",
+        "adaptation.methods=[drsl]",
         "inference.scales=[0.75, 1.0, 1.5]", *changes])
 
 

@@ -43,14 +43,18 @@ def comparable(config: Dict) -> Dict:
             reduced.get(section, {}).pop(leaf, None)
         else:
             reduced.pop(section, None)
-    if not reduced.get("isa", {}).get("probability"):
-        reduced.pop("isa", None)  # ISA off changes nothing: runs from before it keep their digest
-    # likewise TTA pseudo-labels off, and inference.* while no pseudo-label depends on it
-    # (only evaluation.tta reads it: no TTA pseudo-labels, no sliding windows)
-    if not reduced.get("pseudo_labels", {}).get("tta"):
-        reduced.get("pseudo_labels", {}).pop("tta", None)
-        if not reduced.get("inference", {}).get("window"):
-            reduced.pop("inference", None)
+    # settings added after runs were made leave those runs' digest alone while
+    # off: ISA unused, TTA and source-look pseudo-labels off, and inference.*
+    # while no pseudo-label depends on it (only evaluation.tta reads it then)
+    labels = reduced.get("pseudo_labels", {})
+    for key in ("tta", "isa"):
+        if not labels.get(key):
+            labels.pop(key, None)
+    if not (reduced.get("isa", {}).get("probability") or labels.get("isa")
+            or reduced.get("data", {}).get("source", {}).get("translated_root")):
+        reduced.pop("isa", None)
+    if not labels.get("tta") and not reduced.get("inference", {}).get("window"):
+        reduced.pop("inference", None)
     return reduced
 
 
