@@ -10,6 +10,7 @@ from PIL import Image
 
 from drsl_fast import cli
 from drsl_fast.data import CAFFE_BGR, TORCHVISION_RGB, GTA5, SyntheticPairConfig, make_synthetic_pair
+from drsl_fast.data.transforms import resize_pair
 from drsl_fast.ops.fda import fourier_domain_adaptation
 from drsl_fast.train import isa
 from drsl_fast.train.checkpoint import config_digest
@@ -108,6 +109,31 @@ def test_data_translate_writes_the_op_output(tmp_path, capsys):
         assert np.abs(written - expected).max() <= 0.5 + 1e-3
     assert len(GTA5(str(data / "source"), translated_root=str(out))) == 2 * len(sources)
     assert cli.main(["data", "translate", "--out", str(out), "data.source.root=" + str(tmp_path / "none")]) == 2
+
+
+def test_on_the_fly_and_on_disk_translations_agree(tmp_path):
+    """A source image and its paired target image: the training path
+    (normalised tensors, the target resized by the loader, translate_batch)
+    gives the image ``drsl data translate`` writes, up to its uint8 rounding."""
+    data, out = tmp_path / "data", tmp_path / "translated"
+    make_synthetic_pair(str(data), SyntheticPairConfig(seed=4, n_source=3, n_target_train=3, n_target_val=1,
+                                                       source_size=(40, 24), target_size=(64, 32)))
+    settings = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}",
+                "data.synthetic=null", "isa.fda_beta=0.1", "seed=3"]
+    assert cli.main(["data", "translate", "--out", str(out), *settings]) == 0
+    targets = target_dataset(load_config("demo", settings), "train", with_labels=False).items
+    for normalization in (TORCHVISION_RGB, CAFFE_BGR):
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (normalization.mean, normalization.std))
+        for item in GTA5(str(data / "source")).items:
+            target = targets[isa.pairing_index(3, item.name, len(targets))]
+            image = normalization(np.asarray(Image.open(item.image).convert("RGB")))
+            paired = normalization(np.asarray(Image.open(target.image).convert("RGB")))
+            paired = resize_pair(paired, None, tuple(image.shape[-2:]))[0]
+            batch = {"image": image[None], "isa_target": paired[None], "isa": torch.tensor([True])}
+            rgb = (isa.translate_batch(batch, 0.1, normalization)["image"][0] * std + mean) / normalization.scale
+            rgb = (rgb.flip(0) if normalization.bgr else rgb).permute(1, 2, 0).clamp(0, 255).numpy()
+            written = np.asarray(Image.open(out / item.name)).astype(np.float32)
+            assert np.abs(written - rgb).max() <= 0.5 + 1e-2
 
 
 def test_pipeline_with_isa_on_and_off(tmp_path):
