@@ -25,6 +25,15 @@ def rgb(seed, low, high, size=(24, 20)):
     return np.random.default_rng(seed).uniform(low, high, (*size, 3))
 
 
+def pair_on_disk(data, seed, n_source, source_size, *settings):
+    """A small synthetic pair written to ``data``; returns the overrides of
+    the demo config that read it (the run writes no pair of its own)."""
+    make_synthetic_pair(str(data), SyntheticPairConfig(seed=seed, n_source=n_source, n_target_train=3, n_target_val=1,
+                                                       source_size=source_size, target_size=(64, 32)))
+    return [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}", "data.synthetic=null",
+            *settings]
+
+
 def test_translate_batch_runs_fda_on_the_unnormalised_images():
     """A dark source and a bright target: FDA of the 0-255 images, normalised,
     for the flagged image; the other is untouched. FDA of the mean-subtracted
@@ -72,9 +81,7 @@ def test_stage_samples_follow_isa_stages_and_a_translated_directory_replaces_fda
     translated images stands beside the originals in those stages instead,
     and FDA is then off."""
     data, translated = tmp_path / "data", tmp_path / "translated"
-    make_synthetic_pair(str(data), SyntheticPairConfig(seed=1, n_source=4, n_target_train=3, n_target_val=1,
-                                                       source_size=(48, 30), target_size=(64, 32)))
-    base = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}", "data.synthetic=null"]
+    base = pair_on_disk(data, 1, 4, (48, 30))
     assert cli.main(["data", "translate", "--out", str(translated), *base]) == 0
     off, fda, directory = (load_config("demo", base + changes) for changes in (
         ["isa.probability=0", "adaptation.methods=[drsl]"],
@@ -90,10 +97,7 @@ def test_stage_samples_follow_isa_stages_and_a_translated_directory_replaces_fda
 
 def test_data_translate_writes_the_op_output(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "translated"
-    make_synthetic_pair(str(data), SyntheticPairConfig(seed=1, n_source=4, n_target_train=3, n_target_val=1,
-                                                       source_size=(48, 30), target_size=(64, 32)))
-    settings = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}",
-                "data.synthetic=null", "isa.fda_beta=0.1", "seed=7"]
+    settings = pair_on_disk(data, 1, 4, (48, 30), "isa.fda_beta=0.1", "seed=7")
     assert cli.main(["data", "translate", "--out", str(out), *settings]) == 0
     err = capsys.readouterr().err
     assert "drsl data translate: 4/4" in err and "\r" not in err
@@ -116,10 +120,7 @@ def test_on_the_fly_and_on_disk_translations_agree(tmp_path):
     (normalised tensors, the target resized by the loader, translate_batch)
     gives the image ``drsl data translate`` writes, up to its uint8 rounding."""
     data, out = tmp_path / "data", tmp_path / "translated"
-    make_synthetic_pair(str(data), SyntheticPairConfig(seed=4, n_source=3, n_target_train=3, n_target_val=1,
-                                                       source_size=(40, 24), target_size=(64, 32)))
-    settings = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}",
-                "data.synthetic=null", "isa.fda_beta=0.1", "seed=3"]
+    settings = pair_on_disk(data, 4, 3, (40, 24), "isa.fda_beta=0.1", "seed=3")
     assert cli.main(["data", "translate", "--out", str(out), *settings]) == 0
     targets = target_dataset(load_config("demo", settings), "train", with_labels=False).items
     for normalization in (TORCHVISION_RGB, CAFFE_BGR):
@@ -145,7 +146,8 @@ def test_pipeline_with_isa_on_and_off(tmp_path):
     for name, changes in runs.items():
         out = str(tmp_path / name)
         assert cli.main(["run", "--config", "demo", *tiny(str(tmp_path), out, **one_round, **changes)]) == 0
-        models[name] = [weights(os.path.join(out, stage, "model.pt")) for stage in ("source", "drsl/round_1", "intrada/inter")]
+        models[name] = [weights(os.path.join(out, stage, "model.pt"))
+                        for stage in ("source", "drsl/round_1", "intrada/inter")]
     for default, off, on in zip(models["default"], models["off"], models["on"]):
         assert default.keys() == off.keys() == on.keys()
         assert all(torch.equal(default[k], off[k]) for k in default)
@@ -179,10 +181,7 @@ def test_pseudo_label_pass_sees_the_target_in_the_source_look(tmp_path):
     source image drawn from its name and the seed, the same at every call;
     the label is untouched. Off, the pass reads the target set as it is."""
     data = tmp_path / "data"
-    make_synthetic_pair(str(data), SyntheticPairConfig(seed=2, n_source=5, n_target_train=3, n_target_val=1,
-                                                       source_size=(48, 30), target_size=(64, 32)))
-    base = [f"data.source.root={data / 'source'}", f"data.target.root={data / 'target'}", "data.synthetic=null",
-            "isa.fda_beta=0.1", "seed=5"]
+    base = pair_on_disk(data, 2, 5, (48, 30), "isa.fda_beta=0.1", "seed=5")
     config = load_config("demo", base + ["pseudo_labels.isa=true"])
     targets = target_dataset(config, "train", with_labels=True)
     assert isa.pseudo_label_images(load_config("demo", base + ["pseudo_labels.isa=false"]), targets) is targets
