@@ -20,6 +20,7 @@ from drsl_fast.train.data import normalization
 from drsl_fast.train.isa import translate_batch
 from drsl_fast.train.loop import drsl_loss, step_loss
 from drsl_fast.train.network import build_network
+from drsl_fast.train.settings import Settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -47,11 +48,11 @@ def main() -> None:
                         help="torch CPU thread counts to measure (default: torch's)")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/fda_<device>)")
     args = parser.parse_args()
-    config = load_config(args.config, [])
+    settings = Settings.of(load_config(args.config, []))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    batch, (height, width) = config["adaptation"]["batch_size"], config["data"]["crop"]
-    classes = config["data"]["num_classes"]
+    batch, (height, width) = settings.adaptation.batch_size, settings.data.crop
+    classes = settings.data.num_classes
 
     def images() -> dict:
         labels = torch.randint(0, classes, (batch, height, width), device=device)
@@ -60,9 +61,9 @@ def main() -> None:
 
     source, target = images(), images()
     source.update(isa_target=torch.randn_like(source["image"]), isa=torch.ones(batch, dtype=torch.bool, device=device))
-    network = build_network(config, log=lambda *_: None).to(device).train()
+    network = build_network(settings.model, classes, log=lambda *_: None).to(device).train()
     optimizer = torch.optim.SGD(network.parameter_groups(5e-5), lr=5e-5, momentum=0.9)
-    loss_fn = drsl_loss(config, consistency=True)
+    loss_fn = drsl_loss(settings.loss, classes, settings.model.sigma, consistency=True)
 
     def step() -> None:
         total, _ = step_loss(network, network, loss_fn, source, target, torch.Generator(device).manual_seed(0))
@@ -70,7 +71,7 @@ def main() -> None:
         total.backward()
         optimizer.step()
 
-    beta, norm = config["isa"]["fda_beta"], normalization(config)
+    beta, norm = settings.isa.fda_beta, normalization(settings.data)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)

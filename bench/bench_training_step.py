@@ -88,6 +88,7 @@ def measure(spec):
     from drsl_fast.memory_model import amp_dtype, simulated_batch
     from drsl_fast.train.loop import drsl_loss, step_loss
     from drsl_fast.train.network import build_network
+    from drsl_fast.train.settings import Settings
 
     device = torch.device(spec["device"])
     setting = setting_of(spec)
@@ -99,10 +100,11 @@ def measure(spec):
     baseline = harness.current_rss_bytes()
     # on a GPU: what earlier variants of this process left allocated (should be ~0), counted in the peak
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    network = build_network(config, log=lambda *_: None).to(device).train()
+    settings = Settings.of(config)
+    network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).to(device).train()
     optimizer = torch.optim.SGD(network.parameter_groups(5e-5), lr=5e-5, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = drsl_loss(config, consistency=True)
+    loss_fn = drsl_loss(settings.loss, settings.data.num_classes, settings.model.sigma, consistency=True)
     source, target = simulated_batch(setting, device)
     iteration = [0]
 
@@ -141,14 +143,16 @@ def warm_up_step(setting, device, dtype) -> None:
     from drsl_fast.memory_model import simulated_batch
     from drsl_fast.train.loop import drsl_loss, step_loss
     from drsl_fast.train.network import build_network
+    from drsl_fast.train.settings import Settings
 
     tiny = replace(setting, depth=18, width=0.125, crop=(32, 32))
-    config = tiny.config()
-    network = build_network(config, log=lambda *_: None).to(device).train()
+    settings = Settings.of(tiny.config())
+    network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).to(device).train()
     source, target = simulated_batch(tiny, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
-        total, _ = step_loss(network, network, drsl_loss(config, consistency=True), source, target,
+        loss_fn = drsl_loss(settings.loss, settings.data.num_classes, settings.model.sigma, consistency=True)
+        total, _ = step_loss(network, network, loss_fn, source, target,
                              torch.Generator(device).manual_seed(0))
     total.backward()
     del network, source, target, total

@@ -211,16 +211,18 @@ def run_data_translate(args: argparse.Namespace) -> int:
     from .train.commands import EXPECTED_ERRORS
     from .train.config import load_config
     from .train.isa import translate_to_disk
+    from .train.settings import Settings
 
     start = time.perf_counter()
     try:
         config = load_config(args.config, args.overrides)
-        count = translate_to_disk(config, args.out)
+        settings = Settings.of(config)
+        count = translate_to_disk(settings.data, settings.seed, settings.isa.fda_beta, args.out)
     except EXPECTED_ERRORS as exc:
         if args.debug:
             raise
         return failed("data translate", exc)
-    print(f"{count} source images translated by FDA (beta {config['isa']['fda_beta']}, seed {config['seed']}) "
+    print(f"{count} source images translated by FDA (beta {settings.isa.fda_beta}, seed {settings.seed}) "
           f"in {time.perf_counter() - start:.1f} s to {args.out}; use data.source.translated_root={args.out}")
     return 0
 

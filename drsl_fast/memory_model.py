@@ -198,13 +198,14 @@ def _network_memory(setting: StepSetting) -> NetworkMemory:
 
     from .train.loop import step_loss
     from .train.network import build_network
+    from .train.settings import Settings
 
-    config = setting.config()
+    settings = Settings.of(setting.config())
     dtype = amp_dtype(setting.amp)
     counter = LiveBytes()
     stand_in = LossStandIn(counter)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        network = build_network(config, log=lambda *_: None)
+        network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None)
         network.train()
         optimizer = torch.optim.SGD(network.parameter_groups(1e-4), lr=1e-4, momentum=0.9, weight_decay=5e-4,
                                     foreach=False)

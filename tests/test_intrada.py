@@ -27,6 +27,7 @@ from drsl_fast.train.entropy_ranking import rank_target
 from drsl_fast.train.log import quiet_log
 from drsl_fast.train.network import DRSLNetwork
 from drsl_fast.train.runtime import Runtime
+from drsl_fast.train.settings import Settings
 from test_pipeline_run import TINY_PAIR, tiny
 
 RARE = (3, 4, 5, 6, 7, 9, 12, 14, 15, 16, 17)
@@ -90,11 +91,12 @@ def test_ranking_and_split_match_an_independent_implementation(tmp_path, normali
         "intrada.normalize": normalize}))
     network = DRSLNetwork(FixedPredictions(), None)
     directory = str(tmp_path / "ranking")
-    summary = rank_target(Runtime(torch.device("cpu")), config, network, directory, quiet_log())
+    settings = Settings.of(config)
+    summary = rank_target(Runtime(torch.device("cpu")), settings, network, directory, quiet_log())
 
     from drsl_fast.train.data import target_dataset
 
-    dataset = target_dataset(config, "train", with_labels=False)
+    dataset = target_dataset(settings.data, "train", with_labels=False)
     names = [item.name for item in dataset.items]
     logits = []
     for index in range(len(dataset)):

@@ -17,6 +17,7 @@ from drsl_fast.train.checkpoint import config_digest
 from drsl_fast.train.config import load_config
 from drsl_fast.train.data import AugmentedSamples, source_dataset, target_dataset
 from drsl_fast.train.data import normalization as config_normalization
+from drsl_fast.train.settings import Settings
 
 from test_pipeline_run import tiny, weights
 
@@ -61,9 +62,10 @@ def test_draws_come_from_the_sample_seed_and_nothing_when_off(tmp_path):
     share = np.mean([isa.draw(seed, 0.3, 5) is not None for seed in range(2000)])
     assert 0.25 < share < 0.35
     config = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run")))
-    assert not isa.active(config, "source") and not isa.active(config, "adaptation")
-    on = load_config("demo", tiny(str(tmp_path), str(tmp_path / "run"), **{"isa.probability": 0.5}))
-    assert isa.active(on, "adaptation") and not isa.active(on, "source")
+    off = Settings.of(config)
+    assert not isa.active(off.isa, off.data.source, "source") and not isa.active(off.isa, off.data.source, "adaptation")
+    on = Settings.of(load_config("demo", tiny(str(tmp_path), str(tmp_path / "run"), **{"isa.probability": 0.5})))
+    assert isa.active(on.isa, on.data.source, "adaptation") and not isa.active(on.isa, on.data.source, "source")
     # ISA off keeps the settings digest of runs from before it (their model files load)
     assert config_digest(config) == config_digest({k: v for k, v in config.items() if k != "isa"})
     labels = dict(config["pseudo_labels"])
@@ -83,16 +85,17 @@ def test_stage_samples_follow_isa_stages_and_a_translated_directory_replaces_fda
     data, translated = tmp_path / "data", tmp_path / "translated"
     base = pair_on_disk(data, 1, 4, (48, 30))
     assert cli.main(["data", "translate", "--out", str(translated), *base]) == 0
-    off, fda, directory = (load_config("demo", base + changes) for changes in (
+    off, fda, directory = (Settings.of(load_config("demo", base + changes)) for changes in (
         ["isa.probability=0", "adaptation.methods=[drsl]"],
         ["isa.probability=0.5"], ["isa.probability=0.5", f"data.source.translated_root={translated}"]))
     for stage in ("source", "adaptation"):
-        assert type(isa.samples(off, stage)) is AugmentedSamples and len(isa.samples(off, stage)) == 4
-    assert type(isa.samples(fda, "source")) is AugmentedSamples
-    assert isinstance(isa.samples(fda, "adaptation"), isa.TranslatableSamples)
-    assert not isa.active(directory, "adaptation")
-    assert type(isa.samples(directory, "adaptation")) is AugmentedSamples
-    assert [len(isa.samples(directory, stage)) for stage in ("source", "adaptation")] == [4, 8]
+        samples = isa.samples(off.data, off.isa, stage)
+        assert type(samples) is AugmentedSamples and len(samples) == 4
+    assert type(isa.samples(fda.data, fda.isa, "source")) is AugmentedSamples
+    assert isinstance(isa.samples(fda.data, fda.isa, "adaptation"), isa.TranslatableSamples)
+    assert not isa.active(directory.isa, directory.data.source, "adaptation")
+    assert type(isa.samples(directory.data, directory.isa, "adaptation")) is AugmentedSamples
+    assert [len(isa.samples(directory.data, directory.isa, stage)) for stage in ("source", "adaptation")] == [4, 8]
 
 
 def test_data_translate_writes_the_op_output(tmp_path, capsys):
@@ -102,7 +105,7 @@ def test_data_translate_writes_the_op_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "drsl data translate: 4/4" in err and "\r" not in err
     config = load_config("demo", settings)
-    targets = target_dataset(config, "train", with_labels=False).items
+    targets = target_dataset(Settings.of(config).data, "train", with_labels=False).items
     sources = GTA5(str(data / "source")).items
     for item in sources:
         target = targets[isa.pairing_index(7, item.name, len(targets))]
@@ -122,7 +125,7 @@ def test_on_the_fly_and_on_disk_translations_agree(tmp_path):
     data, out = tmp_path / "data", tmp_path / "translated"
     settings = pair_on_disk(data, 4, 3, (40, 24), "isa.fda_beta=0.1", "seed=3")
     assert cli.main(["data", "translate", "--out", str(out), *settings]) == 0
-    targets = target_dataset(load_config("demo", settings), "train", with_labels=False).items
+    targets = target_dataset(Settings.of(load_config("demo", settings)).data, "train", with_labels=False).items
     for normalization in (TORCHVISION_RGB, CAFFE_BGR):
         mean, std = (torch.tensor(v).view(3, 1, 1) for v in (normalization.mean, normalization.std))
         for item in GTA5(str(data / "source")).items:
@@ -182,12 +185,13 @@ def test_pseudo_label_pass_sees_the_target_in_the_source_look(tmp_path):
     the label is untouched. Off, the pass reads the target set as it is."""
     data = tmp_path / "data"
     base = pair_on_disk(data, 2, 5, (48, 30), "isa.fda_beta=0.1", "seed=5")
-    config = load_config("demo", base + ["pseudo_labels.isa=true"])
-    targets = target_dataset(config, "train", with_labels=True)
-    assert isa.pseudo_label_images(load_config("demo", base + ["pseudo_labels.isa=false"]), targets) is targets
-    looked = isa.pseudo_label_images(config, targets)
-    sources = source_dataset(config)
-    norm = config_normalization(config)
+    settings = Settings.of(load_config("demo", base + ["pseudo_labels.isa=true"]))
+    targets = target_dataset(settings.data, "train", with_labels=True)
+    plain_pass = Settings.of(load_config("demo", base + ["pseudo_labels.isa=false"]))
+    assert isa.pseudo_label_images(plain_pass, targets) is targets
+    looked = isa.pseudo_label_images(settings, targets)
+    sources = source_dataset(settings.data)
+    norm = config_normalization(settings.data)
     mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (norm.mean, norm.std))
     for index in range(len(targets)):
         sample, plain = looked[index], targets[index]

@@ -78,9 +78,11 @@ def test_orderings():
 def test_static_memory_is_parameters_gradients_and_momentum():
     from drsl_fast.memory_model import network_memory
     from drsl_fast.train.network import build_network
+    from drsl_fast.train.settings import Settings
 
     setting = replace(TINY, mmdl=False)
-    network = build_network(setting.config(), log=lambda *_: None)
+    settings = Settings.of(setting.config())
+    network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None)
     trainable = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in network.parameters() if not p.requires_grad)
     buffers = sum(b.numel() * b.element_size() for b in network.buffers())

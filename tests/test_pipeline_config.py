@@ -12,6 +12,7 @@ from drsl_fast.data import SyntheticPairConfig
 from drsl_fast.train import isa
 from drsl_fast.train.config import CONFIG_DIR, ConfigError, builtin_configs, load_config, parse_override, save_config
 from drsl_fast.train.schema import SCHEMA, check_paths
+from drsl_fast.train.settings import Settings
 
 
 def test_builtin_configs_load_with_spec_settings():
@@ -28,10 +29,11 @@ def test_builtin_configs_load_with_spec_settings():
         assert config["pseudo_labels"]["portion_start"] == 0.2 and config["pseudo_labels"]["portion_max"] == 0.5
         assert config["adaptation"]["rounds"] == 4 and config["adaptation"]["epochs_per_round"] == 2
         # ISA in adaptation, by FDA unless a directory of translated images is given (docs/method.md §6)
-        assert isa.active(config, "adaptation") and not isa.active(config, "source")
-        with_directory = dict(config, data=dict(config["data"], source=dict(config["data"]["source"],
-                                                                            translated_root="cyclegan")))
-        assert isa.in_stage(with_directory, "adaptation") and not isa.active(with_directory, "adaptation")
+        settings = Settings.of(config)
+        assert isa.active(settings.isa, settings.data.source, "adaptation")
+        assert not isa.active(settings.isa, settings.data.source, "source")
+        with_directory = dataclasses.replace(settings.data.source, translated_root="cyclegan")
+        assert isa.in_stage(settings.isa, "adaptation") and not isa.active(settings.isa, with_directory, "adaptation")
 
 
 def test_overrides_are_typed_as_yaml():

@@ -22,6 +22,7 @@ from drsl_fast.sliding_window import sliding_window_logits
 from drsl_fast.train.checkpoint import config_digest, save_weights
 from drsl_fast.train.config import load_config, save_config
 from drsl_fast.train.network import network_settings, seeded_network
+from drsl_fast.train.settings import Settings
 from drsl_fast.train.visualize import palette
 from drsl_fast.tta import tta_probabilities
 
@@ -35,7 +36,7 @@ def model(tmp_path_factory):
     """A seeded tiny network and its weights file, with the settings saved in it."""
     root = tmp_path_factory.mktemp("model")
     config = load_config("demo", TINY)
-    network = seeded_network(config, lambda line: None)
+    network = seeded_network(Settings.of(config), lambda line: None)
     path = str(root / "model.pt")
     save_weights(network, path, {"stage": "source", "digest": config_digest(config),
                                  "settings": network_settings(config)})

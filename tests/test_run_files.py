@@ -204,22 +204,24 @@ def test_missing_pseudo_labels_are_written_again(tmp_path):
     from drsl_fast.train.pseudo_labels import make_pseudo_labels
     from drsl_fast.train.network import seeded_network
     from drsl_fast.train.runtime import Runtime
+    from drsl_fast.train.settings import Settings
 
     out = str(tmp_path / "run")
     assert cli.main(["source", "--config", "demo", *tiny(str(tmp_path), out)]) == 0
     config = load_config("demo", tiny(str(tmp_path), out))
-    network = seeded_network(config, print)
+    settings = Settings.of(config)
+    network = seeded_network(settings, print)
     runtime = Runtime(torch.device("cpu"))
     round_dir = os.path.join(out, "drsl", "round_1")
-    first = make_pseudo_labels(runtime, config, network, round_dir, 0, quiet_log())
+    first = make_pseudo_labels(runtime, settings, network, round_dir, 0, quiet_log())
     labels = os.path.join(round_dir, "pseudo_labels")
     names = sorted(os.listdir(labels))
     assert len(names) == TINY_PAIR["n_target_train"]
     original = open(os.path.join(labels, names[1]), "rb").read()
     os.remove(os.path.join(labels, names[1]))
-    assert make_pseudo_labels(runtime, config, network, round_dir, 0, quiet_log(), need_files=False) == first
+    assert make_pseudo_labels(runtime, settings, network, round_dir, 0, quiet_log(), need_files=False) == first
     assert not os.path.exists(os.path.join(labels, names[1]))
-    assert make_pseudo_labels(runtime, config, network, round_dir, 0, quiet_log()) == first
+    assert make_pseudo_labels(runtime, settings, network, round_dir, 0, quiet_log()) == first
     assert open(os.path.join(labels, names[1]), "rb").read() == original
     assert sorted(os.listdir(labels)) == names
 

@@ -26,6 +26,7 @@ from drsl_fast.train.log import quiet_log
 from drsl_fast.train.network import seeded_network
 from drsl_fast.train.pseudo_labels import make_pseudo_labels
 from drsl_fast.train.runtime import Runtime
+from drsl_fast.train.settings import Settings
 from drsl_fast.tta import tta_probabilities
 
 CPU = Runtime(torch.device("cpu"))
@@ -259,10 +260,11 @@ def test_tta_pseudo_labels_feed_the_streaming_thresholds(pair, tmp_path):
     probabilities; the same labels as thresholds and selection on the float64
     reference's probabilities, up to pixels within float rounding of a threshold."""
     config = tiny_config(pair, str(tmp_path), "pseudo_labels.tta=true")
-    network = seeded_network(config, lambda line: None)
-    summary = make_pseudo_labels(CPU, config, network, str(tmp_path / "round"), 0, quiet_log())
+    settings = Settings.of(config)
+    network = seeded_network(settings, lambda line: None)
+    summary = make_pseudo_labels(CPU, settings, network, str(tmp_path / "round"), 0, quiet_log())
     assert summary["tta"] == {"scales": [0.75, 1.0, 1.5], "flip": True}
-    dataset = target_dataset(config, "train", with_labels=False)
+    dataset = target_dataset(settings.data, "train", with_labels=False)
     probs = []
     for index in range(len(dataset)):
         image = dataset[index]["image"]
@@ -280,15 +282,15 @@ def test_tta_pseudo_labels_feed_the_streaming_thresholds(pair, tmp_path):
         mismatched += int((got != expected).sum())
         total += got.size
     assert mismatched <= 1e-3 * total, mismatched
-    plain = make_pseudo_labels(CPU, tiny_config(pair, str(tmp_path)), network, str(tmp_path / "plain"), 0,
-                               quiet_log())
+    plain = make_pseudo_labels(CPU, Settings.of(tiny_config(pair, str(tmp_path))), network, str(tmp_path / "plain"),
+                               0, quiet_log())
     assert "tta" not in plain and plain["thresholds"] != summary["thresholds"]
 
 
 def test_evaluation_reports_tta_beside_single_scale(pair, tmp_path, capsys):
-    config = tiny_config(pair, str(tmp_path), "evaluation.tta=true")
-    network = seeded_network(config, lambda line: None)
-    single = evaluated(CPU, config, network, str(tmp_path), "tiny", quiet_log())
+    settings = Settings.of(tiny_config(pair, str(tmp_path), "evaluation.tta=true"))
+    network = seeded_network(settings, lambda line: None)
+    single = evaluated(CPU, settings, network, str(tmp_path), "tiny", quiet_log())
     with open(tmp_path / TTA_EVALUATION) as handle:
         with_tta = json.load(handle)
     assert with_tta["views"] == {"scales": [0.75, 1.0, 1.5], "flip": True}

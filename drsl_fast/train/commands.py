@@ -17,6 +17,7 @@ from .loop import finished
 from .pipeline import RunDirectoryError, claim_output_dir, last_round_directory, run
 from .runtime import start, stop
 from .schema import ConfigError, check_paths, shown
+from .settings import Settings
 
 STAGES = {"run": ("source", "adapt", "evaluate"), "source": ("source",), "adapt": ("source", "adapt"),
           "evaluate": ("source", "adapt", "evaluate"), "intrada": ("source", "adapt", "evaluate")}
@@ -27,7 +28,8 @@ EXPECTED_ERRORS = (ConfigError, RunDirectoryError, CheckpointError, DatasetLayou
 def with_intrada(config: Dict) -> Dict:
     """``drsl intrada``: the IntraDA stages (docs/method.md §7) in output_dir, reported
     beside the DRSL methods of the run that are already finished there."""
-    done = [m for m in config["adaptation"]["methods"] if m != INTRADA and finished(last_round_directory(config, m))]
+    settings = Settings.of(config)
+    done = [m for m in settings.adaptation.methods if m != INTRADA and finished(last_round_directory(settings, m))]
     return dict(config, adaptation=dict(config["adaptation"], methods=done + [INTRADA]))
 
 
@@ -46,23 +48,25 @@ def execute(command: str, config: Dict, resume: bool = False, weights: Optional[
         config = with_intrada(config)
     check_paths(config, training=not weights)
     check_files(weights or [])
-    if command in ("adapt", "evaluate") and not weights and not finished(os.path.join(config["output_dir"], "source")):
-        raise RunDirectoryError(f"no finished source model in {config['output_dir']}/source; "
+    settings = Settings.of(config)
+    out = settings.output_dir
+    if command in ("adapt", "evaluate") and not weights and not finished(os.path.join(out, "source")):
+        raise RunDirectoryError(f"no finished source model in {out}/source; "
                                 f"run `drsl source` (or `drsl run`) with the same config first")
-    runtime = start(config)
-    torch.manual_seed(config["seed"])
-    log = RunLog(config["output_dir"], enabled=runtime.is_main, tensorboard=config["train"]["tensorboard"],
-                 progress=config["train"]["progress"])
+    runtime = start(settings.device, settings.train)
+    torch.manual_seed(settings.seed)
+    log = RunLog(out, enabled=runtime.is_main, tensorboard=settings.train.tensorboard,
+                 progress=settings.train.progress)
     began = time.perf_counter()
     try:
         if weights:
-            return evaluate_files(runtime, config, weights, log)
+            return evaluate_files(runtime, settings, weights, log)
         # stage commands work on the run in output_dir; `run` starts one unless --resume
         claim_output_dir(config, resume or command != "run", runtime)
         amp = str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32"
-        log.info(f"drsl {command}: config {config['config_name']}, seed {config['seed']}, {runtime.device} "
-                 f"x{runtime.world}, {amp}, output {config['output_dir']}")
-        run(runtime, config, log, STAGES[command])
+        log.info(f"drsl {command}: config {settings.config_name}, seed {settings.seed}, {runtime.device} "
+                 f"x{runtime.world}, {amp}, output {out}")
+        run(runtime, settings, log, STAGES[command])
         log.info(f"drsl {command}: done in {time.perf_counter() - began:.0f} s")
         return 0
     finally:
@@ -70,20 +74,20 @@ def execute(command: str, config: Dict, resume: bool = False, weights: Optional[
         stop(runtime)
 
 
-def evaluate_files(runtime, config: Dict, paths: List[str], log: RunLog) -> int:
+def evaluate_files(runtime, settings: Settings, paths: List[str], log: RunLog) -> int:
     """The reports of each model file; with ``evaluation.tta`` also those with
     TTA, and a line with both mIoUs."""
     for path in paths:
-        network = seeded_network(config, log.info)
+        network = seeded_network(settings, log.info)
         load_weights(network, path, map_location="cpu")
-        reports = evaluate(runtime, config, network, log, os.path.basename(path))
+        reports = evaluate(runtime, settings, network, log, os.path.basename(path))
         for protocol, report in reports.items():
             log.info(f"{path} ({protocol} classes):\n{report.markdown()}")
-        if config["evaluation"]["tta"]:
-            with_tta = evaluate(runtime, config, network, log, os.path.basename(path), tta=True)
+        if settings.evaluation.tta:
+            with_tta = evaluate(runtime, settings, network, log, os.path.basename(path), tta=True)
             for protocol, report in with_tta.items():
-                log.info(f"{path} ({protocol} classes, TTA {views(config, True)}):\n{report.markdown()}")
-            protocol = main_protocol(config)
+                log.info(f"{path} ({protocol} classes, TTA {views(settings.inference, True)}):\n{report.markdown()}")
+            protocol = main_protocol(settings.data)
             log.info(f"{path}: mIoU {100 * reports[protocol].miou:.1f} single-scale, "
                      f"{100 * with_tta[protocol].miou:.1f} with TTA")
     return 0

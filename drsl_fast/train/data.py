@@ -21,6 +21,7 @@ from drsl_fast.data.labels import LabelMap
 from drsl_fast.data.transforms import reduce_label, resize_pair
 
 from .checkpoint import atomic_write
+from .settings import Data
 
 PSEUDO_LABEL_SUFFIX = ".png"
 DRY_RUN_IMAGES = 2  # images per pass in a dry run
@@ -34,39 +35,37 @@ def stream_seed(*parts) -> int:
 NORMALIZATIONS = {"caffe_bgr": CAFFE_BGR, "torchvision_rgb": TORCHVISION_RGB}
 
 
-def normalization(config: Dict):
+def normalization(data: Data):
     """data.normalization: 'caffe_bgr' for the DeepLab ImageNet init (docs/method.md §2),
     'torchvision_rgb' for torchvision weights or training from scratch."""
-    name = config["data"]["normalization"]
+    name = data.normalization
     if name not in NORMALIZATIONS:
         raise ValueError(f"data.normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}")
     return NORMALIZATIONS[name]
 
 
-def source_dataset(config: Dict, translated: bool = False) -> SegmentationDataset:
+def source_dataset(data: Data, translated: bool = False) -> SegmentationDataset:
     """The source training set; with ``translated``, plus the images of
     data.source.translated_root beside the originals (docs/method.md §6)."""
-    data = config["data"]
-    source = data["source"]
-    options = dict(list_file=source["list_file"], translated_root=source["translated_root"] if translated else None,
-                   normalization=normalization(config))
-    if source["kind"] == "gta5":
-        if data["num_classes"] != 19:
-            raise ValueError(f"GTA5 has 19 classes; data.num_classes is {data['num_classes']}")
-        return GTA5(source["root"], **options)
-    if source["kind"] == "synthia":
-        if data["num_classes"] != 16:
-            raise ValueError(f"SYNTHIA -> Cityscapes uses 16 classes; data.num_classes is {data['num_classes']}")
-        return SYNTHIA(source["root"], **options)
-    raise ValueError(f"data.source.kind must be 'gta5' or 'synthia', got {source['kind']!r}")
+    source = data.source
+    options = dict(list_file=source.list_file, translated_root=source.translated_root if translated else None,
+                   normalization=normalization(data))
+    if source.kind == "gta5":
+        if data.num_classes != 19:
+            raise ValueError(f"GTA5 has 19 classes; data.num_classes is {data.num_classes}")
+        return GTA5(source.root, **options)
+    if source.kind == "synthia":
+        if data.num_classes != 16:
+            raise ValueError(f"SYNTHIA -> Cityscapes uses 16 classes; data.num_classes is {data.num_classes}")
+        return SYNTHIA(source.root, **options)
+    raise ValueError(f"data.source.kind must be 'gta5' or 'synthia', got {source.kind!r}")
 
 
-def target_dataset(config: Dict, split: str, with_labels: bool) -> Cityscapes:
+def target_dataset(data: Data, split: str, with_labels: bool) -> Cityscapes:
     """Target images of ``split`` ('train' or 'val' key of data.target), with
     ground truth when asked and present (pseudo-label accuracy, evaluation)."""
-    target = config["data"]["target"]
-    return Cityscapes(target["root"], target[f"{split}_split"], with_labels=with_labels,
-                      num_classes=config["data"]["num_classes"], normalization=normalization(config))
+    return Cityscapes(data.target.root, data.target.split(split), with_labels=with_labels,
+                      num_classes=data.num_classes, normalization=normalization(data))
 
 
 def has_labels(root: str, split: str) -> bool:
@@ -78,14 +77,14 @@ def pseudo_label_path(directory: str, name: str) -> str:
     return os.path.join(directory, os.path.splitext(name.replace("/", "__"))[0] + PSEUDO_LABEL_SUFFIX)
 
 
-def pseudo_labelled_target(config: Dict, directory: str) -> SegmentationDataset:
+def pseudo_labelled_target(data: Data, directory: str, dry_run: bool) -> SegmentationDataset:
     """Target training images paired with the uint8 pseudo-label PNGs of a
     round (the first two images in a dry run, which labels only those)."""
-    images = target_dataset(config, "train", with_labels=False)
+    images = target_dataset(data, "train", with_labels=False)
     items = [Item(item.name, item.image, pseudo_label_path(directory, item.name)) for item in images.items]
-    if config["dry_run"]:
+    if dry_run:
         items = items[:DRY_RUN_IMAGES]
-    identity = LabelMap("pseudo-label", {**{c: c for c in range(config["data"]["num_classes"])}, 255: 255})
+    identity = LabelMap("pseudo-label", {**{c: c for c in range(data.num_classes)}, 255: 255})
     return SegmentationDataset(items, read_label_ids, identity, normalization=images.normalization)
 
 
@@ -176,7 +175,7 @@ class ResizedImages(Dataset):
         return out
 
 
-def train_transform(config: Dict, domain: str) -> TrainTransform:
-    data = config["data"]
-    return TrainTransform(tuple(data["crop"]), tuple(data["scale_range"]), data["flip"],
-                          base_size=tuple(data[f"{domain}_size"]), colour_jitter=data["colour_jitter"])
+def train_transform(data: Data, domain: str) -> TrainTransform:
+    """The augmentation of training images of ``domain`` ('source' or 'target'), docs/method.md §6."""
+    return TrainTransform(tuple(data.crop), tuple(data.scale_range), data.flip,
+                          base_size=tuple(data.size(domain)), colour_jitter=data.colour_jitter)

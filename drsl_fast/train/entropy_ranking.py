@@ -38,6 +38,7 @@ from .inference import batches
 from .log import RunLog
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
+from .settings import Settings
 from .visualize import save_colour_label
 
 SUMMARY = "ranking.json"
@@ -67,12 +68,13 @@ def read_split(path: str) -> List[str]:
         return [line.strip() for line in handle if line.strip()]
 
 
-def rank_target(runtime: Runtime, config: Dict, network: DRSLNetwork, directory: str, log: RunLog) -> Dict:
+def rank_target(runtime: Runtime, settings: Settings, network: DRSLNetwork, directory: str, log: RunLog) -> Dict:
     """Writes the split files, scores and easy pseudo-labels into
     ``directory``; returns the summary. A finished ranking (summary present)
     is not redone."""
     summary_path = os.path.join(directory, SUMMARY)
-    settings, num_classes = config["intrada"], config["data"]["num_classes"]
+    intrada, data = settings.intrada, settings.data
+    num_classes = data.num_classes
     label_dir, colour_dir = os.path.join(directory, PSEUDO_LABELS), os.path.join(directory, COLOUR_PSEUDO_LABELS)
     if os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as handle:
@@ -85,10 +87,9 @@ def rank_target(runtime: Runtime, config: Dict, network: DRSLNetwork, directory:
         log.info(f"intrada ranking: {missing} of its files are missing; ranking again")
     os.makedirs(label_dir, exist_ok=True)
     os.makedirs(colour_dir, exist_ok=True)
-    target = config["data"]["target"]
-    with_labels = has_labels(target["root"], target["train_split"])
-    dataset = target_dataset(config, "train", with_labels=with_labels)
-    limit = DRY_RUN_IMAGES if config["dry_run"] else None
+    with_labels = has_labels(data.target.root, data.target.train_split)
+    dataset = target_dataset(data, "train", with_labels=with_labels)
+    limit = DRY_RUN_IMAGES if settings.dry_run else None
     count = len(dataset) if limit is None else min(limit, len(dataset))
     rare_ids = rare_classes(num_classes)
     device = runtime.device
@@ -99,7 +100,7 @@ def rank_target(runtime: Runtime, config: Dict, network: DRSLNetwork, directory:
     network.to(device).eval()
     with nvtx_range("intrada/ranking"):
         bar = log.bar(count, 0, "intrada ranking")
-        for batch in batches(dataset, config["data"]["target_size"], runtime, config, limit):
+        for batch in batches(dataset, data.target_size, runtime, data, limit):
             logits = upsampled_logits(network, batch["image"].to(device), batch["size"][0], runtime)
             index = batch["index"].to(device)
             scores[index] = entropy_map(logits, with_map=False).image_score.double()
@@ -116,13 +117,13 @@ def rank_target(runtime: Runtime, config: Dict, network: DRSLNetwork, directory:
         bar.close()
     for tensor in (scores, rare, agreement):  # each rank filled its own images, zeros elsewhere
         runtime.all_reduce_sum(tensor)
-    split = rank_easy_hard(scores, settings["lambda"], rare if settings["normalize"] else None, len(rare_ids))
+    split = rank_easy_hard(scores, intrada.lambda_, rare if intrada.normalize else None, len(rare_ids))
     easy, hard = split.easy.tolist(), split.hard.tolist()
     names = [item.name for item in dataset.items[:count]]
     correct, known = agreement[easy].sum(0).tolist() if easy else (0, 0)
     summary = {
-        "images": count, "easy": len(easy), "hard": len(hard), "lambda": settings["lambda"],
-        "normalize": bool(settings["normalize"]), "rare_classes": list(rare_ids),
+        "images": count, "easy": len(easy), "hard": len(hard), "lambda": intrada.lambda_,
+        "normalize": bool(intrada.normalize), "rare_classes": list(rare_ids),
         "pseudo_label_accuracy": correct / known if with_labels and known else None,
         "mean_score_easy": float(split.scores[easy].mean()) if easy else None,
         "mean_score_hard": float(split.scores[hard].mean()) if hard else None,
@@ -132,7 +133,7 @@ def rank_target(runtime: Runtime, config: Dict, network: DRSLNetwork, directory:
         atomic_write_json(summary, summary_path)
     runtime.barrier()
     accuracy = summary["pseudo_label_accuracy"]
-    log.info(f"intrada ranking: {len(easy)} easy / {len(hard)} hard images (lambda {settings['lambda']}, "
+    log.info(f"intrada ranking: {len(easy)} easy / {len(hard)} hard images (lambda {intrada.lambda_}, "
              f"normalise {summary['normalize']})"
              + (f", easy pseudo-label accuracy {100 * accuracy:.1f} %" if accuracy is not None else ""))
     return summary

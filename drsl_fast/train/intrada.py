@@ -38,16 +38,16 @@ from drsl_fast.models import DeepLabV2, load_init_weights
 
 from . import isa
 from .adversarial import AdversarialWeights, Discriminators, adversarial_step, discriminator_optimizer
-from .checkpoint import (CheckpointError, atomic_write_json, check_digest, config_digest, load_weights, read_file,
-                         save_weights)
+from .checkpoint import CheckpointError, atomic_write_json, check_digest, load_weights, read_file, save_weights
 from .data import (AugmentedSamples, has_labels, pseudo_label_path, stream_seed,
                    target_dataset, train_transform)
 from .entropy_ranking import EASY_SPLIT, HARD_SPLIT, PSEUDO_LABELS, rank_target, read_split
 from .evaluate import evaluate, evaluated, main_protocol
 from .log import RunLog
-from .loop import WEIGHTS, StageRun, data_parallel, finished, run_stage
+from .loop import WEIGHTS, StageRun, data_parallel, finished, run_stage, sgd
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
+from .settings import Data, IntraDA, Settings
 
 METHOD, TITLE = "intrada", "IntraDA"
 SNAPSHOTS, SELECTION = "snapshots", "selection.json"
@@ -78,20 +78,20 @@ class AdversarialStage:
     target: Dataset            # unlabelled: target images, or hard images
 
 
-def intrada_network(config: Dict, log=print, init_weights: bool = False) -> DRSLNetwork:
+def intrada_network(settings: Settings, log=print, init_weights: bool = False) -> DRSLNetwork:
     """DeepLab-v2 with the auxiliary classifier of ``intrada.aux_classifier``
     (no MMDL-FR head), weights drawn from the run's seed."""
     state = torch.get_rng_state()
-    torch.manual_seed(stream_seed(config["seed"], METHOD, "network"))
+    model = settings.model
+    torch.manual_seed(stream_seed(settings.seed, METHOD, "network"))
     try:
-        segmenter = DeepLabV2(config["data"]["num_classes"], depth=config["model"]["depth"],
-                              width=config["model"]["width"], aux_classifier=config["intrada"]["aux_classifier"],
-                              checkpointing=config["model"]["checkpointing"])
+        segmenter = DeepLabV2(settings.data.num_classes, depth=model.depth, width=model.width,
+                              aux_classifier=settings.intrada.aux_classifier, checkpointing=model.checkpointing)
     finally:
         torch.set_rng_state(state)
-    if init_weights and config["model"]["init_weights"]:
-        report = load_init_weights(segmenter, config["model"]["init_weights"])
-        log(f"init weights {config['model']['init_weights']}: {report.summary()}")
+    if init_weights and model.init_weights:
+        report = load_init_weights(segmenter, model.init_weights)
+        log(f"init weights {model.init_weights}: {report.summary()}")
     return DRSLNetwork(segmenter, None)
 
 
@@ -113,41 +113,47 @@ def load_segmenter(network: DRSLNetwork, path: str, digest: str) -> None:
                               f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
 
 
-def discriminators_for(config: Dict, network: DRSLNetwork) -> Discriminators:
+def discriminators_for(seed: int, num_classes: int, width: float, network: DRSLNetwork) -> Discriminators:
+    """One discriminator (docs/method.md §7, widths times ``width``) per output
+    level of ``network``, weights drawn from the run's ``seed``."""
     levels = ("main", "aux") if network.segmenter.aux_classifier is not None else ("main",)
     state = torch.get_rng_state()
-    torch.manual_seed(stream_seed(config["seed"], METHOD, "discriminators"))
+    torch.manual_seed(stream_seed(seed, METHOD, "discriminators"))
     try:
-        return Discriminators(config["data"]["num_classes"], levels, config["intrada"]["discriminator_width"])
+        return Discriminators(num_classes, levels, width)
     finally:
         torch.set_rng_state(state)
 
 
-def poly_factor(config: Dict, iteration: int, iterations: int) -> float:
-    settings = config["intrada"]
-    if not settings["poly"]:
+def poly_factor(settings: IntraDA, power: float, iteration: int, iterations: int) -> float:
+    """The lr factor of both optimisers (docs/method.md §7): poly decay over
+    ``intrada.poly_iterations`` (else the stage's ``iterations``), or 1."""
+    if not settings.poly:
         return 1.0
-    total = settings["poly_iterations"] or iterations
-    return max(0.0, 1 - iteration / total) ** config["optim"]["poly_power"]
+    total = settings.poly_iterations or iterations
+    return max(0.0, 1 - iteration / total) ** power
 
 
-def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: AdversarialStage,
+def adversarial_weights(settings: IntraDA) -> AdversarialWeights:
+    """The adversarial and aux segmentation weights of docs/method.md §7."""
+    return AdversarialWeights(settings.adv_main, settings.adv_aux, settings.seg_aux)
+
+
+def train_adversarial_stage(runtime: Runtime, settings: Settings, network: DRSLNetwork, stage: AdversarialStage,
                             log: RunLog) -> None:
     """Runs (or resumes) ``stage`` with :func:`~.loop.run_stage`; writes
     ``<directory>/model.pt`` and ``discriminators.pt`` and, when a best
     snapshot is to be selected, ``snapshots/model_<iteration>.pt``."""
-    settings, device = config["intrada"], runtime.device
-    discriminators = discriminators_for(config, network)
+    intrada, device = settings.intrada, runtime.device
+    discriminators = discriminators_for(settings.seed, settings.data.num_classes, intrada.discriminator_width, network)
     network.to(device).train()
     discriminators.to(device).train()
     model, discriminator_model = data_parallel(runtime, network), data_parallel(runtime, discriminators)
-    optimizer = torch.optim.SGD(network.parameter_groups(settings["lr"]), lr=settings["lr"],
-                                momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
-    d_optimizer = discriminator_optimizer(discriminators, settings["discriminator_lr"],
-                                          settings["discriminator_betas"])
+    optimizer = sgd(network, intrada.lr, settings.optim)
+    d_optimizer = discriminator_optimizer(discriminators, intrada.discriminator_lr, intrada.discriminator_betas)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
-    weights = AdversarialWeights(settings["adv_main"], settings["adv_aux"], settings["seg_aux"])
-    snapshot_every = settings["snapshot_every"] if settings["select_snapshot"] != "last" else 0
+    weights = adversarial_weights(intrada)
+    snapshot_every = intrada.snapshot_every if intrada.select_snapshot != "last" else 0
 
     def step(iteration: int, source: Dict, target: Dict):
         losses = adversarial_step(model, discriminators, optimizer, d_optimizer, source["image"], source["label"],
@@ -158,24 +164,25 @@ def train_adversarial_stage(runtime: Runtime, config: Dict, network: DRSLNetwork
     def snapshot(done: int) -> None:
         if runtime.is_main and snapshot_every and done % snapshot_every == 0 and done < stage.iterations:
             save_weights(network, snapshot_path(stage.directory, done),
-                         {"stage": stage.name, "iteration": done, "digest": config_digest(config)})
+                         {"stage": stage.name, "iteration": done, "digest": settings.digest})
 
-    run_stage(runtime, config, StageRun(
-        stage.name, stage.directory, stage.iterations, settings["batch_size"], stage.source, stage.target,
+    run_stage(runtime, settings, StageRun(
+        stage.name, stage.directory, stage.iterations, intrada.batch_size, stage.source, stage.target,
         {WEIGHTS: network, "discriminators.pt": discriminators}, {"network": optimizer, "discriminator": d_optimizer},
-        lambda iteration: poly_factor(config, iteration, stage.iterations), step, snapshot), scaler, log)
+        lambda iteration: poly_factor(intrada, settings.optim.poly_power, iteration, stage.iterations), step, snapshot),
+        scaler, log)
 
 
 def snapshot_path(directory: str, iteration: int) -> str:
     return os.path.join(directory, SNAPSHOTS, f"model_{iteration:07d}.pt")
 
 
-def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations: int, title: str,
+def selected_snapshot(runtime: Runtime, settings: Settings, directory: str, iterations: int, title: str,
                       log: RunLog) -> Dict:
     """The snapshot of a finished stage that ``intrada.select_snapshot`` picks,
     {'path', 'iteration', 'selected_on' (None, 'val' or 'train'), 'miou_by_iteration'},
     cached in ``directory/selection.json``."""
-    mode = config["intrada"]["select_snapshot"]
+    mode = settings.intrada.select_snapshot
     if mode == "last":
         return {"path": os.path.join(directory, WEIGHTS), "iteration": iterations, "selected_on": None,
                 "miou_by_iteration": None}
@@ -184,8 +191,8 @@ def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     split = mode[len("best_on_"):]
-    target = config["data"]["target"]
-    if split == "train" and not has_labels(target["root"], target["train_split"]):
+    target = settings.data.target
+    if split == "train" and not has_labels(target.root, target.train_split):
         raise ValueError("intrada.select_snapshot=best_on_train needs ground truth of the target training images")
     candidates = {}
     snapshots = os.path.join(directory, SNAPSHOTS)
@@ -193,11 +200,11 @@ def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations
         candidates[int(name[len("model_"):-len(".pt")])] = os.path.join(snapshots, name)
     candidates[iterations] = os.path.join(directory, WEIGHTS)
     scores = {}
-    network = intrada_network(config, log.info)
+    network = intrada_network(settings, log.info)
     for iteration, file in sorted(candidates.items()):
-        load_weights(network, file, map_location="cpu", digest=config_digest(config))
-        reports = evaluate(runtime, config, network, log, f"{title} @ {iteration} on {split}", split=split)
-        scores[iteration] = 100 * reports[main_protocol(config)].miou
+        load_weights(network, file, map_location="cpu", digest=settings.digest)
+        reports = evaluate(runtime, settings, network, log, f"{title} @ {iteration} on {split}", split=split)
+        scores[iteration] = 100 * reports[main_protocol(settings.data)].miou
     best = max(scores, key=lambda it: (scores[it], -it))  # the earliest of equal scores
     selection = {"path": candidates[best], "iteration": best, "selected_on": split,
                  "miou_by_iteration": {str(k): v for k, v in scores.items()}}
@@ -208,35 +215,38 @@ def selected_snapshot(runtime: Runtime, config: Dict, directory: str, iterations
     return selection
 
 
-def stage_iterations(config: Dict, key: str) -> int:
-    return 1 if config["dry_run"] else config["intrada"][key]
+def stage_iterations(settings: Settings, stage: str) -> int:
+    """The iterations of stage 'inter' or 'intra' (intrada.<stage>_iterations; 1 in a dry run)."""
+    if settings.dry_run:
+        return 1
+    return settings.intrada.inter_iterations if stage == "inter" else settings.intrada.intra_iterations
 
 
-def easy_dataset(config: Dict, ranking_dir: str) -> SegmentationDataset:
+def easy_dataset(data: Data, ranking_dir: str) -> SegmentationDataset:
     """The easy split's images with their pseudo-labels (uint8 PNGs)."""
-    images = target_dataset(config, "train", with_labels=False)
+    images = target_dataset(data, "train", with_labels=False)
     by_name = {item.name: item for item in images.items}
     label_dir = os.path.join(ranking_dir, PSEUDO_LABELS)
     items = [Item(name, by_name[name].image, pseudo_label_path(label_dir, name))
              for name in read_split(os.path.join(ranking_dir, EASY_SPLIT))]
-    identity = LabelMap("pseudo-label", {**{c: c for c in range(config["data"]["num_classes"])}, 255: 255})
+    identity = LabelMap("pseudo-label", {**{c: c for c in range(data.num_classes)}, 255: 255})
     return SegmentationDataset(items, read_label_ids, identity, normalization=images.normalization)
 
 
-def hard_dataset(config: Dict, ranking_dir: str) -> SegmentationDataset:
+def hard_dataset(data: Data, ranking_dir: str) -> SegmentationDataset:
     """The hard split's images (unlabelled)."""
-    images = target_dataset(config, "train", with_labels=False)
+    images = target_dataset(data, "train", with_labels=False)
     by_name = {item.name: item for item in images.items}
     images.items = [by_name[name] for name in read_split(os.path.join(ranking_dir, HARD_SPLIT))]
     return images
 
 
-def stage_summary(round_number: int, stage: str, evaluation: Dict, selection: Dict, config: Dict,
+def stage_summary(round_number: int, stage: str, evaluation: Dict, selection: Dict, data: Data,
                   ranking: Optional[Dict] = None) -> Dict:
     """One row of the run's results (the shape of a DRSL round, plus the stage and the snapshot choice)."""
     accuracy = ranking["pseudo_label_accuracy"] if ranking else None
     return {
-        "round": round_number, "stage": stage, "miou": evaluation[main_protocol(config)]["miou"],
+        "round": round_number, "stage": stage, "miou": evaluation[main_protocol(data)]["miou"],
         "pseudo_label_accuracy": 100 * accuracy if accuracy is not None else None,
         "pseudo_label_coverage": 100 * ranking["easy"] / max(ranking["images"], 1) if ranking else None,
         "snapshot": selection["iteration"], "selected_on": selection["selected_on"],
@@ -244,61 +254,60 @@ def stage_summary(round_number: int, stage: str, evaluation: Dict, selection: Di
     }
 
 
-def intrada_stages(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
+def intrada_stages(runtime: Runtime, settings: Settings, log: RunLog) -> List[Dict]:
     """Stages 1-3 of IntraDA, each evaluated on target val; returns the
     results rows of the inter-domain (round 1) and intra-domain (round 2) models."""
-    out = os.path.join(config["output_dir"], METHOD)
+    out, data = os.path.join(settings.output_dir, METHOD), settings.data
     inter_dir, ranking_dir, intra_dir = (os.path.join(out, name) for name in ("inter", "ranking", "intra"))
 
-    network = intrada_network(config, log.info)
-    load_segmenter(network, os.path.join(config["output_dir"], "source", WEIGHTS), config_digest(config))
+    network = intrada_network(settings, log.info)
+    load_segmenter(network, os.path.join(settings.output_dir, "source", WEIGHTS), settings.digest)
     inter_eval, inter_selection = adapted_and_evaluated(
-        runtime, config, network, "inter", inter_dir, "IntraDA inter-domain (ADVENT)", log,
-        lambda: (isa.samples(config, "adaptation"),
-                 AugmentedImages(target_dataset(config, "train", with_labels=False),
-                                 train_transform(config, "target"))))
+        runtime, settings, network, "inter", inter_dir, "IntraDA inter-domain (ADVENT)", log,
+        lambda: (isa.samples(data, settings.isa, "adaptation"),
+                 AugmentedImages(target_dataset(data, "train", with_labels=False), train_transform(data, "target"))))
 
     with nvtx_range("intrada/ranking"):
-        ranking = rank_target(runtime, config, network, ranking_dir, log)
+        ranking = rank_target(runtime, settings, network, ranking_dir, log)
 
-    if config["intrada"]["intra_start"] == "init":
-        network = intrada_network(config, log.info, init_weights=True)
+    if settings.intrada.intra_start == "init":
+        network = intrada_network(settings, log.info, init_weights=True)
     intra_eval, intra_selection = adapted_and_evaluated(
-        runtime, config, network, "intra", intra_dir, "IntraDA", log,
-        lambda: (AugmentedSamples(easy_dataset(config, ranking_dir), train_transform(config, "target")),
-                 AugmentedImages(hard_dataset(config, ranking_dir), train_transform(config, "target"))))
+        runtime, settings, network, "intra", intra_dir, "IntraDA", log,
+        lambda: (AugmentedSamples(easy_dataset(data, ranking_dir), train_transform(data, "target")),
+                 AugmentedImages(hard_dataset(data, ranking_dir), train_transform(data, "target"))))
     for number, evaluation in ((1, inter_eval), (2, intra_eval)):
-        log.scalars(f"{METHOD}/evaluation", {"miou": evaluation[main_protocol(config)]["miou"]}, number)
-    return [stage_summary(1, "inter", inter_eval, inter_selection, config),
-            stage_summary(2, "intra", intra_eval, intra_selection, config, ranking)]
+        log.scalars(f"{METHOD}/evaluation", {"miou": evaluation[main_protocol(data)]["miou"]}, number)
+    return [stage_summary(1, "inter", inter_eval, inter_selection, data),
+            stage_summary(2, "intra", intra_eval, intra_selection, data, ranking)]
 
 
-def adapted_and_evaluated(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: str, directory: str,
+def adapted_and_evaluated(runtime: Runtime, settings: Settings, network: DRSLNetwork, stage: str, directory: str,
                           title: str, log: RunLog, datasets) -> Tuple[Dict, Dict]:
     """Stage 1 or 3 of IntraDA (``stage``: 'inter' or 'intra'): trains it
     unless finished (``datasets()`` gives its source-side and target-side
     samples), loads the selected snapshot into ``network`` and evaluates it;
     returns (evaluation, selection)."""
-    iterations = stage_iterations(config, f"{stage}_iterations")
+    iterations = stage_iterations(settings, stage)
     if not finished(directory):
         source, target = datasets()
         with nvtx_range(f"{METHOD}/{stage}"):
-            train_adversarial_stage(runtime, config, network,
+            train_adversarial_stage(runtime, settings, network,
                                     AdversarialStage(f"{METHOD}/{stage}", directory, iterations, source, target), log)
-    selection = selected_snapshot(runtime, config, directory, iterations, f"IntraDA {stage}-domain", log)
-    load_weights(network, selection["path"], map_location="cpu", digest=config_digest(config))
-    evaluation = evaluated(runtime, config, network, directory, title, log)
-    log.info(f"{title}: mIoU {evaluation[main_protocol(config)]['miou']:.1f}")
+    selection = selected_snapshot(runtime, settings, directory, iterations, f"IntraDA {stage}-domain", log)
+    load_weights(network, selection["path"], map_location="cpu", digest=settings.digest)
+    evaluation = evaluated(runtime, settings, network, directory, title, log)
+    log.info(f"{title}: mIoU {evaluation[main_protocol(settings.data)]['miou']:.1f}")
     return evaluation, selection
 
 
-def final_network(runtime: Runtime, config: Dict, log: RunLog) -> Optional[DRSLNetwork]:
+def final_network(runtime: Runtime, settings: Settings, log: RunLog) -> Optional[DRSLNetwork]:
     """The selected intra-domain model of a finished IntraDA run (for the panels), else None."""
-    directory = os.path.join(config["output_dir"], METHOD, "intra")
+    directory = os.path.join(settings.output_dir, METHOD, "intra")
     if not finished(directory):
         return None
-    selection = selected_snapshot(runtime, config, directory, stage_iterations(config, "intra_iterations"),
+    selection = selected_snapshot(runtime, settings, directory, stage_iterations(settings, "intra"),
                                   "IntraDA intra-domain", log)
-    network = intrada_network(config, log.info)
-    load_weights(network, selection["path"], map_location="cpu", digest=config_digest(config))
+    network = intrada_network(settings, log.info)
+    load_weights(network, selection["path"], map_location="cpu", digest=settings.digest)
     return network

@@ -28,18 +28,18 @@ from drsl_fast.ops.fda import fourier_domain_adaptation
 from .checkpoint import atomic_write
 from .data import AugmentedSamples, normalization, source_dataset, stream_seed, target_dataset, train_transform
 from .log import progress, to_stderr
+from .settings import ISA, Data, Settings, SourceData
 
 
-def in_stage(config: Dict, stage: str) -> bool:
+def in_stage(settings: ISA, stage: str) -> bool:
     """Whether ``stage`` ('source' or 'adaptation') is one of ``isa.stages``."""
-    return config["isa"]["stages"] in (stage, "both")
+    return settings.stages in (stage, "both")
 
 
-def active(config: Dict, stage: str) -> bool:
+def active(settings: ISA, source: SourceData, stage: str) -> bool:
     """Whether FDA translates the source images of ``stage`` on the fly: a
-    directory of translated images, where given, takes its place."""
-    return (config["isa"]["probability"] > 0 and in_stage(config, stage)
-            and config["data"]["source"]["translated_root"] is None)
+    directory of translated images (data.source.translated_root), where given, takes its place."""
+    return settings.probability > 0 and in_stage(settings, stage) and source.translated_root is None
 
 
 def draw(seed: int, probability: float, targets: int) -> Optional[int]:
@@ -72,15 +72,14 @@ class TranslatableSamples(Dataset):
         return {**sample, "isa": torch.tensor(index is not None), "isa_target": target}
 
 
-def samples(config: Dict, stage: str) -> Dataset:
+def samples(data: Data, settings: ISA, stage: str) -> Dataset:
     """The augmented source samples of ``stage``: with the translated images
     beside the originals, or wrapped for FDA when :func:`active`."""
-    source = AugmentedSamples(source_dataset(config, translated=in_stage(config, stage)),
-                              train_transform(config, "source"))
-    if not active(config, stage):
+    source = AugmentedSamples(source_dataset(data, translated=in_stage(settings, stage)),
+                              train_transform(data, "source"))
+    if not active(settings, data.source, stage):
         return source
-    return TranslatableSamples(source, target_dataset(config, "train", with_labels=False),
-                               config["isa"]["probability"])
+    return TranslatableSamples(source, target_dataset(data, "train", with_labels=False), settings.probability)
 
 
 def fda_normalised(images: Tensor, targets: Tensor, beta: float, normalization: ImageNormalization) -> Tensor:
@@ -109,10 +108,10 @@ class SourceLook(Dataset):
     image's name and the run's seed, so both passes of a round and every
     rank see the same image; labels untouched."""
 
-    def __init__(self, config: Dict, targets: Dataset):
-        self.targets, self.sources = targets, source_dataset(config)
+    def __init__(self, data: Data, seed: int, beta: float, targets: Dataset):
+        self.targets, self.sources = targets, source_dataset(data)
         self.items = targets.items
-        self.seed, self.beta, self.normalization = config["seed"], config["isa"]["fda_beta"], normalization(config)
+        self.seed, self.beta, self.normalization = seed, beta, normalization(data)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -125,10 +124,12 @@ class SourceLook(Dataset):
         return {**sample, "image": fda_normalised(image[None], source[None], self.beta, self.normalization)[0]}
 
 
-def pseudo_label_images(config: Dict, targets: Dataset) -> Dataset:
+def pseudo_label_images(settings: Settings, targets: Dataset) -> Dataset:
     """The target images the pseudo-label pass predicts on: in the source's
     look with ``pseudo_labels.isa``, else as they are."""
-    return SourceLook(config, targets) if config["pseudo_labels"]["isa"] else targets
+    if not settings.pseudo_labels.isa:
+        return targets
+    return SourceLook(settings.data, settings.seed, settings.isa.fda_beta, targets)
 
 
 def pairing_index(seed: int, name: str, count: int, stream: str = "translate") -> int:
@@ -144,17 +145,17 @@ def rgb_tensor(path: str) -> Tensor:
     return torch.from_numpy(read_rgb(path)).permute(2, 0, 1)[None].float()
 
 
-def translate_to_disk(config: Dict, out: str) -> int:
+def translate_to_disk(data: Data, seed: int, beta: float, out: str) -> int:
     """Writes every source training image (without data.source.translated_root)
     translated with FDA (beta = isa.fda_beta) towards its paired target
     training image, to ``out`` under the same relative name and format
     (uint8, clipped to [0, 255]); returns how many."""
-    items = source_dataset(config).items
-    targets = target_dataset(config, "train", with_labels=False).items
+    items = source_dataset(data).items
+    targets = target_dataset(data, "train", with_labels=False).items
     bar = progress(len(items), "drsl data translate", to_stderr)
     for item in items:
-        target = targets[pairing_index(config["seed"], item.name, len(targets))]
-        image = fourier_domain_adaptation(rgb_tensor(item.image), rgb_tensor(target.image), config["isa"]["fda_beta"])
+        target = targets[pairing_index(seed, item.name, len(targets))]
+        image = fourier_domain_adaptation(rgb_tensor(item.image), rgb_tensor(target.image), beta)
         pixels = image[0].permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy()
         path = os.path.join(out, item.name)
         jpeg = os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")

@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from drsl_fast.losses import DRSLLoss, segmentation_loss
 from drsl_fast.models.deeplab import AUX_LOSS_WEIGHT
 
-from .checkpoint import config_digest, load_training_state, save_training_state, save_weights
+from .checkpoint import load_training_state, save_training_state, save_weights
 from .data import AugmentedSamples, StepSampler, normalization, stream_seed
 from .isa import translate_batch
 from .log import RunLog
 from .network import DRSLNetwork, network_settings
 from .runtime import Runtime, nvtx_range
+from .settings import Loss, Optim, Settings
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
@@ -50,13 +51,25 @@ class Stage:
     mmdl: bool = True                            # False: segmentation terms only (plain self-training)
 
 
-def drsl_loss(config: Dict, consistency: bool) -> DRSLLoss:
-    loss = config["loss"]
+def drsl_loss(loss: Loss, num_classes: int, sigma: float, consistency: bool) -> DRSLLoss:
+    """The loss of Eq. 8-10 (docs/method.md §4) with the weights of ``loss``;
+    ``sigma`` is model.sigma, ``consistency`` adds Eq. 6 (DRSL+)."""
     return DRSLLoss(
-        config["data"]["num_classes"], samples_per_class=loss["samples_per_class"], sigma=config["model"]["sigma"],
-        alpha=loss["alpha"], scale=loss["scale"], beta=loss["beta"], lambda1=loss["lambda1"],
-        lambda2=loss["lambda2"], lambda3=loss["lambda3"], consistency=consistency,
+        num_classes, samples_per_class=loss.samples_per_class, sigma=sigma, alpha=loss.alpha, scale=loss.scale,
+        beta=loss.beta, lambda1=loss.lambda1, lambda2=loss.lambda2, lambda3=loss.lambda3, consistency=consistency,
     )
+
+
+def sgd(network: DRSLNetwork, lr: float, optim: Optim) -> torch.optim.SGD:
+    """SGD with the momentum and weight decay of ``optim``, backbone at ``lr``
+    and heads at 10 x ``lr`` (docs/method.md §6)."""
+    return torch.optim.SGD(network.parameter_groups(lr), lr=lr, momentum=optim.momentum,
+                           weight_decay=optim.weight_decay)
+
+
+def poly_factor(iteration: int, iterations: int, power: float) -> float:
+    """The poly decay ``(1 - iteration / iterations) ** power`` of the lr (docs/method.md §6)."""
+    return (1 - iteration / iterations) ** power
 
 
 def segmentation_terms(out, labels, start: int, stop: int):
@@ -100,12 +113,13 @@ def to_device(batch: Dict, device) -> Dict:
 
 
 def step_batches(dataset: AugmentedSamples, stage_name: str, stream: str, start: int, stop: int, batch_size: int,
-                 runtime: Runtime, config: Dict):
+                 runtime: Runtime, seed: int, workers: int):
     """Batches of iterations ``start`` .. ``stop``-1 of one stream of a stage
-    (the :class:`StepSampler` order, so a resumed stage sees the same samples)."""
-    sampler = StepSampler(len(dataset), batch_size, start, stop, config["seed"], f"{stage_name}/{stream}",
+    (the :class:`StepSampler` order of the run's ``seed``, so a resumed stage
+    sees the same samples), loaded by ``workers`` workers."""
+    sampler = StepSampler(len(dataset), batch_size, start, stop, seed, f"{stage_name}/{stream}",
                           runtime.rank, runtime.world)
-    return iter(loader(dataset, sampler, batch_size, config["data"]["workers"], runtime.device))
+    return iter(loader(dataset, sampler, batch_size, workers, runtime.device))
 
 
 class RunningMeans:
@@ -134,25 +148,26 @@ class RunningMeans:
         bar.set_postfix(loss=f"{means['loss']:.3f}")
 
 
-def checkpoint_if_due(runtime: Runtime, config: Dict, done: int, stage_name: str, iterations: int,
+def checkpoint_if_due(runtime: Runtime, every: int, digest: str, done: int, stage_name: str, iterations: int,
                       path: str, **state) -> None:
-    """Every ``train.checkpoint_every`` iterations (not at the end, where the
-    stage's weights are written): :func:`save_training_state` on rank 0."""
-    if done % max(1, config["train"]["checkpoint_every"]) or done >= iterations:
+    """Every ``every`` (train.checkpoint_every) iterations (not at the end,
+    where the stage's weights are written): :func:`save_training_state` on
+    rank 0, marked with the run's config ``digest``."""
+    if done % max(1, every) or done >= iterations:
         return
     if runtime.is_main:
         save_training_state(path, **state, position={"stage": stage_name, "iteration": done,
-                                                     "iterations": iterations}, digest=config_digest(config))
+                                                     "iterations": iterations}, digest=digest)
     runtime.barrier()
 
 
-def finish_stage(runtime: Runtime, config: Dict, stage_name: str, iterations: int, checkpoint_path: str,
+def finish_stage(runtime: Runtime, settings: Settings, stage_name: str, iterations: int, checkpoint_path: str,
                  outputs: Dict[str, nn.Module]) -> None:
     """Writes the stage's final weights (``outputs``: path -> module), the
     mark that it is complete, and drops its resumable checkpoint."""
     if runtime.is_main:
-        meta = {"stage": stage_name, "iterations": iterations, "digest": config_digest(config),
-                "settings": network_settings(config)}
+        meta = {"stage": stage_name, "iterations": iterations, "digest": settings.digest,
+                "settings": network_settings(settings.config)}
         for path, module in outputs.items():
             save_weights(module, path, meta)
         if os.path.exists(checkpoint_path):
@@ -201,25 +216,27 @@ class Joint:
             part.load_state_dict(state[name])
 
 
-def run_stage(runtime: Runtime, config: Dict, stage: StageRun, scaler, log: RunLog) -> None:
+def run_stage(runtime: Runtime, settings: Settings, stage: StageRun, scaler, log: RunLog) -> None:
     """Runs ``stage`` to completion, or resumes it from its checkpoint, with
     the checkpoints of ``train.checkpoint_every`` and the loss means of
     ``train.log_every``; writes its ``outputs`` at the end."""
     checkpoint_path = os.path.join(stage.directory, CHECKPOINT)
     modules, optimizers = Joint(stage.outputs), Joint(stage.optimizers)
     base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in stage.optimizers.values()]
+    digest = settings.digest
     position = load_training_state(checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler,
-                                   digest=config_digest(config), stage=stage.name, iterations=stage.iterations,
+                                   digest=digest, stage=stage.name, iterations=stage.iterations,
                                    map_location=runtime.device)
     start = 0 if position is None else position["iteration"]
     if position is not None:
         log.info(f"{stage.name}: resumed at iteration {start}/{stage.iterations}")
-    beta, images = config["isa"]["fda_beta"], normalization(config)
-    streams = [step_batches(dataset, stage.name, stream, start, stage.iterations, stage.batch_size, runtime, config)
+    beta, images = settings.isa.fda_beta, normalization(settings.data)
+    streams = [step_batches(dataset, stage.name, stream, start, stage.iterations, stage.batch_size, runtime,
+                            settings.seed, settings.data.workers)
                if dataset is not None else None
                for stream, dataset in (("source", stage.source), ("target", stage.target))]
     bar = log.bar(stage.iterations, start, stage.name)
-    running = RunningMeans(config["train"]["log_every"], stage.iterations)
+    running = RunningMeans(settings.train.log_every, stage.iterations)
     for iteration in range(start, stage.iterations):
         with nvtx_range(f"{stage.name}/step"):
             factor = stage.lr_factor(iteration)
@@ -238,10 +255,10 @@ def run_stage(runtime: Runtime, config: Dict, stage: StageRun, scaler, log: RunL
                                                    for name, optimizer in stage.optimizers.items()})
         bar.update(1)
         stage.after_step(done)
-        checkpoint_if_due(runtime, config, done, stage.name, stage.iterations, checkpoint_path, model=modules,
-                          optimizer=optimizers, scaler=scaler)
+        checkpoint_if_due(runtime, settings.train.checkpoint_every, digest, done, stage.name, stage.iterations,
+                          checkpoint_path, model=modules, optimizer=optimizers, scaler=scaler)
     bar.close()
-    finish_stage(runtime, config, stage.name, stage.iterations, checkpoint_path,
+    finish_stage(runtime, settings, stage.name, stage.iterations, checkpoint_path,
                  {os.path.join(stage.directory, name): module for name, module in stage.outputs.items()})
 
 
@@ -252,7 +269,7 @@ def data_parallel(runtime: Runtime, module: nn.Module) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
 
 
-def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Stage, log: RunLog) -> None:
+def train_stage(runtime: Runtime, settings: Settings, network: DRSLNetwork, stage: Stage, log: RunLog) -> None:
     """Runs ``stage`` (Eq. 8, or Eq. 9 / 10 with a target stream) with
     :func:`run_stage` and writes its final weights to ``<directory>/model.pt``."""
     device = runtime.device
@@ -260,13 +277,12 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
     if network.head is not None:  # without MMDL-FR the head is not evaluated: frozen, so DDP skips it
         network.head.requires_grad_(stage.mmdl)
     model = data_parallel(runtime, network)
-    optimizer = torch.optim.SGD(network.parameter_groups(stage.lr), lr=stage.lr,
-                                momentum=config["optim"]["momentum"], weight_decay=config["optim"]["weight_decay"])
+    optimizer = sgd(network, stage.lr, settings.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.needs_scaler)
-    loss_fn = drsl_loss(config, stage.consistency)
+    loss_fn = drsl_loss(settings.loss, settings.data.num_classes, settings.model.sigma, stage.consistency)
 
     def step(iteration: int, source: Dict, target: Optional[Dict]):
-        generator = torch.Generator(device).manual_seed(stream_seed(config["seed"], stage.name, "losses", iteration,
+        generator = torch.Generator(device).manual_seed(stream_seed(settings.seed, stage.name, "losses", iteration,
                                                                     runtime.rank))
         with runtime.autocast():
             total, terms = step_loss(model, network, loss_fn, source, target, generator, stage.mmdl)
@@ -277,8 +293,8 @@ def train_stage(runtime: Runtime, config: Dict, network: DRSLNetwork, stage: Sta
         return total, terms
 
     def lr_factor(iteration: int) -> float:
-        return (1 - iteration / stage.iterations) ** config["optim"]["poly_power"] if stage.poly else 1.0
+        return poly_factor(iteration, stage.iterations, settings.optim.poly_power) if stage.poly else 1.0
 
-    run_stage(runtime, config, StageRun(stage.name, stage.directory, stage.iterations, stage.batch_size, stage.source,
+    run_stage(runtime, settings, StageRun(stage.name, stage.directory, stage.iterations, stage.batch_size, stage.source,
                                         stage.target, {WEIGHTS: network}, {"network": optimizer}, lr_factor, step),
               scaler, log)

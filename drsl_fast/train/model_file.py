@@ -10,6 +10,7 @@ from .checkpoint import config_digest, load_state, read_file
 from .config import merge, read_yaml
 from .network import DRSLNetwork, build_network, network_settings
 from .schema import check_keys
+from .settings import Settings
 
 RUN_CONFIG = "config.yaml"
 LEVELS_UP = 3  # <run>/<method>/round_k/model.pt
@@ -43,6 +44,7 @@ def load_model_file(config: Dict, path: str, map_location="cpu") -> Tuple[DRSLNe
     config = merge(config, settings, path)
     config["model"]["init_weights"] = None  # the file holds every weight
     check_keys(config)  # types and ranges; the data source of training need not agree with the class set
-    network = build_network(config, log=lambda line: None)
+    settings = Settings.of(config)
+    network = build_network(settings.model, settings.data.num_classes, log=lambda line: None)
     load_state(network, state["model"], path)
     return network, config, origin

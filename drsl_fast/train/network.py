@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from drsl_fast.models import DeepLabV2, MMDLHead, load_init_weights
 
+from .settings import Model, Settings
+
 
 class NetworkOutput(NamedTuple):
     logits: Tensor                 # (B, C, h, w), stride 8
@@ -46,25 +48,23 @@ def network_settings(config: Dict) -> Dict:
     return {section: {key: config[section][key] for key in keys} for section, keys in NETWORK_SETTINGS.items()}
 
 
-def build_network(config: Dict, log=print) -> DRSLNetwork:
-    model, data = config["model"], config["data"]
-    segmenter = DeepLabV2(data["num_classes"], depth=model["depth"], width=model["width"],
-                          checkpointing=model["checkpointing"])
-    if model["init_weights"]:
-        report = load_init_weights(segmenter, model["init_weights"])
-        log(f"init weights {model['init_weights']}: {report.summary()}")
+def build_network(model: Model, num_classes: int, log=print) -> DRSLNetwork:
+    """DeepLab-v2 and, with model.mmdl, the MMDL-FR head (docs/method.md §2)."""
+    segmenter = DeepLabV2(num_classes, depth=model.depth, width=model.width, checkpointing=model.checkpointing)
+    if model.init_weights:
+        report = load_init_weights(segmenter, model.init_weights)
+        log(f"init weights {model.init_weights}: {report.summary()}")
     head = None
-    if model["mmdl"]:
-        head = MMDLHead(segmenter.feature_channels, data["num_classes"], model["num_modes"],
-                        model["embedding_dim"], model["sigma"])
+    if model.mmdl:
+        head = MMDLHead(segmenter.feature_channels, num_classes, model.num_modes, model.embedding_dim, model.sigma)
     return DRSLNetwork(segmenter, head)
 
 
-def seeded_network(config: Dict, log=print) -> DRSLNetwork:
+def seeded_network(settings: Settings, log=print) -> DRSLNetwork:
     """The network with weights drawn from the run's seed (same on every rank)."""
     state = torch.get_rng_state()
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(settings.seed)
     try:
-        return build_network(config, log)
+        return build_network(settings.model, settings.data.num_classes, log)
     finally:
         torch.set_rng_state(state)

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 from drsl_fast.data import SyntheticPairConfig, make_synthetic_pair
 
 from . import intrada, isa
-from .checkpoint import atomic_write_json, comparable, config_digest, load_weights, remove_stale_temporaries
+from .checkpoint import atomic_write_json, comparable, load_weights, remove_stale_temporaries
 from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, target_dataset, train_transform
 from .evaluate import evaluated, main_protocol, write_pictures
@@ -29,6 +29,7 @@ from .network import DRSLNetwork, seeded_network
 from .pseudo_labels import DIRECTORY as PSEUDO_LABEL_DIR
 from .pseudo_labels import make_pseudo_labels
 from .runtime import Runtime, nvtx_range
+from .settings import Data, Settings
 
 RESOLVED_CONFIG = "config.yaml"
 
@@ -37,10 +38,10 @@ class RunDirectoryError(RuntimeError):
     """The output directory holds another run (or none to resume)."""
 
 
-def prepare_synthetic_data(config: Dict, runtime: Runtime, log: RunLog) -> None:
-    """Writes the built-in synthetic pair when the config asks for it and it
-    is not already there with the same settings."""
-    settings, root = config["data"]["synthetic"], config["data"]["synthetic_root"]
+def prepare_synthetic_data(data: Data, runtime: Runtime, log: RunLog) -> None:
+    """Writes the built-in synthetic pair when the config asks for it
+    (data.synthetic) and it is not already there with the same settings."""
+    settings, root = data.synthetic, data.synthetic_root
     if not settings:
         return
     pair = SyntheticPairConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
@@ -77,43 +78,45 @@ def claim_output_dir(config: Dict, resume: bool, runtime: Runtime) -> None:
         save_config(config, path)
 
 
-def source_stage(runtime: Runtime, config: Dict, log: RunLog, directory_name: str = "source") -> DRSLNetwork:
+def source_stage(runtime: Runtime, settings: Settings, log: RunLog, directory_name: str = "source") -> DRSLNetwork:
     """Stage 1 (Eq. 8) in ``output_dir/directory_name``; returns the trained network."""
-    network = seeded_network(config, log.info)
-    directory = os.path.join(config["output_dir"], directory_name)
+    network = seeded_network(settings, log.info)
+    directory = os.path.join(settings.output_dir, directory_name)
     if not finished(directory):
-        stage = Stage("source", directory, 1 if config["dry_run"] else config["source"]["iterations"],
-                      config["source"]["lr"], poly=True, batch_size=config["source"]["batch_size"],
-                      source=isa.samples(config, "source"))
+        source = settings.source
+        stage = Stage("source", directory, 1 if settings.dry_run else source.iterations, source.lr, poly=True,
+                      batch_size=source.batch_size, source=isa.samples(settings.data, settings.isa, "source"))
         with nvtx_range(directory_name):
-            train_stage(runtime, config, network, stage, log)
-    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
+            train_stage(runtime, settings, network, stage, log)
+    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=settings.digest)
     return network
 
 
 SOURCE_ISA = "source_isa"
 
 
-def source_isa_config(config: Dict) -> Dict:
-    """The config of the ablation's 'source + ISA' row: ISA in source training only."""
-    return dict(config, isa=dict(config["isa"], stages="source"))
+def source_isa_settings(settings: Settings) -> Settings:
+    """The settings of the ablation's 'source + ISA' row: ISA in source
+    training only (a changed config, so its own digest)."""
+    config = settings.config
+    return Settings.of(dict(config, isa=dict(config["isa"], stages="source")))
 
 
-def source_isa_rows(runtime: Runtime, config: Dict, log: RunLog) -> List[Dict]:
+def source_isa_rows(runtime: Runtime, settings: Settings, log: RunLog) -> List[Dict]:
     """The 'source + ISA' row: source training (Eq. 8) with ISA, in
     ``source_isa/``. The stage keeps the name 'source', which seeds the
     initialisation, sample order, augmentation and loss samples, so the row
     differs from source only by ISA alone."""
-    changed = source_isa_config(config)
+    changed = source_isa_settings(settings)
     log.info(f"source + ISA: the source stage with ISA, in {SOURCE_ISA}/")
     network = source_stage(runtime, changed, log, SOURCE_ISA)
-    result = evaluated(runtime, changed, network, os.path.join(config["output_dir"], SOURCE_ISA), "source + ISA", log)
-    return [{"round": None, "miou": result[main_protocol(config)]["miou"], "portion": 0.0,
+    result = evaluated(runtime, changed, network, os.path.join(settings.output_dir, SOURCE_ISA), "source + ISA", log)
+    return [{"round": None, "miou": result[main_protocol(settings.data)]["miou"], "portion": 0.0,
              "pseudo_label_accuracy": None, "pseudo_label_coverage": 0.0, "evaluation": result}]
 
 
-def source_isa_final(runtime: Runtime, config: Dict, log: RunLog) -> Optional[DRSLNetwork]:
-    return finished_network(source_isa_config(config), log, os.path.join(config["output_dir"], SOURCE_ISA))
+def source_isa_final(runtime: Runtime, settings: Settings, log: RunLog) -> Optional[DRSLNetwork]:
+    return finished_network(source_isa_settings(settings), log, os.path.join(settings.output_dir, SOURCE_ISA))
 
 
 @dataclass(frozen=True)
@@ -129,47 +132,47 @@ class Rounds:
     consistency: bool = False
 
 
-def round_count(config: Dict) -> int:
-    return 1 if config["dry_run"] else config["adaptation"]["rounds"]
+def round_count(settings: Settings) -> int:
+    return 1 if settings.dry_run else settings.adaptation.rounds
 
 
-def last_round_directory(config: Dict, method: str) -> str:
-    return os.path.join(config["output_dir"], method, f"round_{round_count(config)}")
+def last_round_directory(settings: Settings, method: str) -> str:
+    return os.path.join(settings.output_dir, method, f"round_{round_count(settings)}")
 
 
-def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str, title: str,
+def adaptation_rounds(runtime: Runtime, settings: Settings, log: RunLog, method: str, title: str,
                       variant: Rounds) -> List[Dict]:
     """Stages 2-3 of ``method`` (DRSL, DRSL+ or an ablation, as ``variant``
     says), every round evaluated; returns one summary per round."""
-    network = seeded_network(config, log.info)
-    load_weights(network, os.path.join(config["output_dir"], "source", WEIGHTS), map_location="cpu",
-                 digest=config_digest(config))
-    source = isa.samples(config, "adaptation")
-    target_images = len(target_dataset(config, "train", with_labels=False))
-    settings = config["adaptation"]
+    network = seeded_network(settings, log.info)
+    load_weights(network, os.path.join(settings.output_dir, "source", WEIGHTS), map_location="cpu",
+                 digest=settings.digest)
+    data, adaptation = settings.data, settings.adaptation
+    source = isa.samples(data, settings.isa, "adaptation")
+    target_images = len(target_dataset(data, "train", with_labels=False))
     summaries = []
-    for round_index in range(round_count(config)):
-        directory = os.path.join(config["output_dir"], method, f"round_{round_index + 1}")
+    for round_index in range(round_count(settings)):
+        directory = os.path.join(settings.output_dir, method, f"round_{round_index + 1}")
         name = f"{method}/round_{round_index + 1}"
         pseudo = {"portion": 0.0, "accuracy": None, "coverage": 0.0}
         if not finished(directory):
             target = None
             if variant.pseudo_labels:
                 with nvtx_range(f"{name}/pseudo_labels"):
-                    pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log)
-                target = AugmentedSamples(pseudo_labelled_target(config, os.path.join(directory, PSEUDO_LABEL_DIR)),
-                                          train_transform(config, "target"))
-            steps = math.ceil(settings["epochs_per_round"] * target_images / (settings["batch_size"] * runtime.world))
-            stage = Stage(name, directory, 1 if config["dry_run"] else steps, settings["lr"], settings["poly"],
-                          source, target, batch_size=settings["batch_size"], consistency=variant.consistency,
+                    pseudo = make_pseudo_labels(runtime, settings, network, directory, round_index, log)
+                labelled = pseudo_labelled_target(data, os.path.join(directory, PSEUDO_LABEL_DIR), settings.dry_run)
+                target = AugmentedSamples(labelled, train_transform(data, "target"))
+            steps = math.ceil(adaptation.epochs_per_round * target_images / (adaptation.batch_size * runtime.world))
+            stage = Stage(name, directory, 1 if settings.dry_run else steps, adaptation.lr, adaptation.poly,
+                          source, target, batch_size=adaptation.batch_size, consistency=variant.consistency,
                           mmdl=variant.mmdl)
             with nvtx_range(name):
-                train_stage(runtime, config, network, stage, log)
+                train_stage(runtime, settings, network, stage, log)
         elif variant.pseudo_labels:
-            pseudo = make_pseudo_labels(runtime, config, network, directory, round_index, log, need_files=False)
-        load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
-        result = evaluated(runtime, config, network, directory, f"{title} round {round_index + 1}", log)
-        main = result[main_protocol(config)]
+            pseudo = make_pseudo_labels(runtime, settings, network, directory, round_index, log, need_files=False)
+        load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=settings.digest)
+        result = evaluated(runtime, settings, network, directory, f"{title} round {round_index + 1}", log)
+        main = result[main_protocol(data)]
         accuracy = pseudo["accuracy"]
         summaries.append({
             "round": round_index + 1, "miou": main["miou"], "portion": pseudo["portion"],
@@ -181,18 +184,18 @@ def adaptation_rounds(runtime: Runtime, config: Dict, log: RunLog, method: str, 
     return summaries
 
 
-def finished_network(config: Dict, log: RunLog, directory: str) -> Optional[DRSLNetwork]:
-    """The network a finished stage in ``directory`` wrote (trained under ``config``), else None."""
+def finished_network(settings: Settings, log: RunLog, directory: str) -> Optional[DRSLNetwork]:
+    """The network a finished stage in ``directory`` wrote (trained under ``settings``), else None."""
     if not finished(directory):
         return None
-    network = seeded_network(config, log.info)
-    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=config_digest(config))
+    network = seeded_network(settings, log.info)
+    load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=settings.digest)
     return network
 
 
-def last_round(runtime: Runtime, config: Dict, log: RunLog, method: str) -> Optional[DRSLNetwork]:
+def last_round(runtime: Runtime, settings: Settings, log: RunLog, method: str) -> Optional[DRSLNetwork]:
     """The network of the last round of ``method`` when it is finished, else None."""
-    return finished_network(config, log, last_round_directory(config, method))
+    return finished_network(settings, log, last_round_directory(settings, method))
 
 
 @dataclass(frozen=True)
@@ -202,8 +205,8 @@ class Method:
     gives the network of a finished run (for the panels), else None."""
 
     title: str
-    adapt: Callable[[Runtime, Dict, RunLog], List[Dict]]
-    final: Callable[[Runtime, Dict, RunLog], Optional[DRSLNetwork]]
+    adapt: Callable[[Runtime, Settings, RunLog], List[Dict]]
+    final: Callable[[Runtime, Settings, RunLog], Optional[DRSLNetwork]]
 
 
 def rounds_method(title: str, name: str, variant: Rounds) -> Method:
@@ -245,36 +248,38 @@ def summary_table(results: Dict) -> str:
     return "\n".join(lines)
 
 
-def run(runtime: Runtime, config: Dict, log: RunLog, stages=("source", "adapt", "evaluate")) -> Optional[Dict]:
+def run(runtime: Runtime, settings: Settings, log: RunLog,
+        stages=("source", "adapt", "evaluate")) -> Optional[Dict]:
     """Runs the given stages of the pipeline (``drsl run`` runs all)."""
-    out = config["output_dir"]
+    out = settings.output_dir
     if runtime.is_main and remove_stale_temporaries(out):
         log.info(f"removed the temporary files an interrupted run left in {out}")
-    prepare_synthetic_data(config, runtime, log)
-    source = source_stage(runtime, config, log)
+    prepare_synthetic_data(settings.data, runtime, log)
+    source = source_stage(runtime, settings, log)
     if "adapt" not in stages and "evaluate" not in stages:
         return None
-    source_eval = evaluated(runtime, config, source, os.path.join(out, "source"), "source only", log)
-    results = {"source_only": {"miou": source_eval[main_protocol(config)]["miou"], "evaluation": source_eval},
+    source_eval = evaluated(runtime, settings, source, os.path.join(out, "source"), "source only", log)
+    results = {"source_only": {"miou": source_eval[main_protocol(settings.data)]["miou"], "evaluation": source_eval},
                "methods": {}}
     finals = {"source only": source}
-    for name in config["adaptation"]["methods"]:
+    for name in settings.adaptation.methods:
         method = METHODS[name]
         if "adapt" in stages:
-            results["methods"][method.title] = method.adapt(runtime, config, log)
-        network = method.final(runtime, config, log)
+            results["methods"][method.title] = method.adapt(runtime, settings, log)
+        network = method.final(runtime, settings, log)
         if network is not None:
             finals[method.title] = network
     if "evaluate" in stages and runtime.is_main:
-        write_summary(runtime, config, results, finals, log)
+        write_summary(runtime, settings, results, finals, log)
     runtime.barrier()
     return results
 
 
-def write_summary(runtime: Runtime, config: Dict, results: Dict, finals: Dict[str, DRSLNetwork], log: RunLog) -> None:
+def write_summary(runtime: Runtime, settings: Settings, results: Dict, finals: Dict[str, DRSLNetwork],
+                  log: RunLog) -> None:
     from .visualize import plot_rounds
 
-    out = config["output_dir"]
+    out = settings.output_dir
     atomic_write_json(results, os.path.join(out, "results.json"))
     table = summary_table(results)
     per_class = [f"### {title}\n\n" + evaluation[protocol]["markdown"]
@@ -282,10 +287,10 @@ def write_summary(runtime: Runtime, config: Dict, results: Dict, finals: Dict[st
                  + [(t, rounds[-1]["evaluation"]) for t, rounds in results["methods"].items() if rounds]
                  for protocol in evaluation]
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"# {config['config_name']} run, seed {config['seed']}\n\n{table}\n\n"
+        handle.write(f"# {settings.config_name} run, seed {settings.seed}\n\n{table}\n\n"
                      + "\n\n".join(per_class) + "\n")
     plot = plot_rounds(results, os.path.join(out, "rounds.png"))
-    panels = write_pictures(runtime, config, finals, out)
+    panels = write_pictures(runtime, settings, finals, out)
     log.info("\n" + table + "\n")
     log.info(f"results: {os.path.join(out, 'results.md')}" + (f", plot: {plot}" if plot else "")
              + (f", {len(panels)} panels in {os.path.join(out, 'panels')}" if panels else ""))

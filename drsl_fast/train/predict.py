@@ -35,6 +35,7 @@ from .overlay import grey, overlay
 from .predict_inputs import InputImage, find_images
 from .runtime import start, stop
 from .schema import ConfigError, shown
+from .settings import Data, Predict, Settings
 from .visualize import colourize
 
 SMALLEST_PROBABILITY = 1e-30  # log of a zero probability, for the entropy map
@@ -65,11 +66,11 @@ def same_size_batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[Lis
     yield from pending.values()
 
 
-def network_input(batch: List[Loaded], config: Dict) -> torch.Tensor:
-    """The normalised images (B, 3, H, W), scaled to data.target_size with ``predict.resize``."""
-    images = torch.stack([normalization(config)(item.rgb) for item in batch])
-    size = tuple(config["data"]["target_size"])
-    if config["predict"]["resize"] and tuple(images.shape[-2:]) != size:
+def network_input(batch: List[Loaded], data: Data, resize: bool) -> torch.Tensor:
+    """The normalised images (B, 3, H, W), scaled to data.target_size with ``resize`` (predict.resize)."""
+    images = torch.stack([normalization(data)(item.rgb) for item in batch])
+    size = tuple(data.target_size)
+    if resize and tuple(images.shape[-2:]) != size:
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     return images
 
@@ -89,7 +90,7 @@ def save_png(picture: Image.Image, path: str) -> None:
         picture.save(temporary, format="PNG")
 
 
-def write_outputs(out: str, item: Loaded, probs: torch.Tensor, config: Dict) -> None:
+def write_outputs(out: str, item: Loaded, probs: torch.Tensor, settings: Predict) -> None:
     """The PNGs of one image from its (C, H, W) probabilities."""
     num_classes = probs.shape[0]
     names = CITYSCAPES_CLASSES if num_classes == 19 else SYNTHIA_CLASSES
@@ -97,9 +98,8 @@ def write_outputs(out: str, item: Loaded, probs: torch.Tensor, config: Dict) -> 
     file_name = item.image.name + ".png"
     save_png(Image.fromarray(label), os.path.join(out, "labels", file_name))
     save_png(Image.fromarray(colourize(label, num_classes)), os.path.join(out, "colour", file_name))
-    save_png(overlay(item.rgb, label, names, config["predict"]["overlay_alpha"]),
-             os.path.join(out, "overlay", file_name))
-    kind = config["predict"]["map"]
+    save_png(overlay(item.rgb, label, names, settings.overlay_alpha), os.path.join(out, "overlay", file_name))
+    kind = settings.map
     values = pixel_map(probs, kind)
     if values is not None:
         save_png(grey(values), os.path.join(out, kind, file_name))
@@ -119,26 +119,28 @@ def predict(config: Dict, weights: str, arguments: Sequence[str], out: str) -> i
     the PNGs under ``out``; returns 0, or 1 when some images were skipped."""
     check_arguments(weights, arguments, out)
     images = find_images(arguments)
-    runtime = start(config)
+    given = Settings.of(config)
+    runtime = start(given.device, given.train)
     try:
         network, config, origin = load_model_file(config, weights)
+        settings = Settings.of(config)
         network.to(runtime.device).eval()
-        tta = config["predict"]["tta"]
+        tta, window = settings.predict.tta, settings.inference.window
         print(f"drsl predict: {len(images)} images, model {weights} (settings from {origin}), {runtime.device}, "
-              f"views {views(config, tta)}, window {config['inference']['window']}", flush=True)
+              f"views {views(settings.inference, tta)}, window {list(window) if window else window}", flush=True)
         skipped: List[str] = []
 
         def skip(image: InputImage, reason: str) -> None:
             skipped.append(image.path)
             tqdm.write(f"drsl predict: {reason}; skipped", file=sys.stderr)
 
-        bar = progress(len(images), "predict", to_stderr if config["train"]["progress"] else None)
+        bar = progress(len(images), "predict", to_stderr if settings.train.progress else None)
         began = time.perf_counter()
-        for batch in same_size_batches(readable(images, skip), config["data"]["eval_batch_size"]):
-            probs = class_probabilities(network, network_input(batch, config).to(runtime.device),
-                                        batch[0].rgb.shape[:2], runtime, config, tta)
+        for batch in same_size_batches(readable(images, skip), settings.data.eval_batch_size):
+            images_in = network_input(batch, settings.data, settings.predict.resize).to(runtime.device)
+            probs = class_probabilities(network, images_in, batch[0].rgb.shape[:2], runtime, settings.inference, tta)
             for item, item_probs in zip(batch, probs):
-                write_outputs(out, item, item_probs, config)
+                write_outputs(out, item, item_probs, settings.predict)
             bar.update(len(batch))
         bar.update(len(skipped))
         bar.close()

@@ -28,6 +28,7 @@ from .inference import batches, class_probabilities, views
 from .log import RunLog
 from .network import DRSLNetwork
 from .runtime import Runtime, nvtx_range
+from .settings import PseudoLabels, Settings
 
 SUMMARY = "pseudo_labels.json"
 DIRECTORY = "pseudo_labels"
@@ -37,13 +38,12 @@ def class_names(num_classes: int):
     return CITYSCAPES_CLASSES if num_classes == 19 else SYNTHIA_CLASSES
 
 
-def round_portion(config: Dict, round_index: int) -> float:
-    settings = config["pseudo_labels"]
-    return portion_for_round(round_index, settings["portion_start"], settings["portion_step"],
-                             settings["portion_max"])
+def round_portion(settings: PseudoLabels, round_index: int) -> float:
+    """The portion of pixels per class labelled in round ``round_index`` (docs/method.md §5)."""
+    return portion_for_round(round_index, settings.portion_start, settings.portion_step, settings.portion_max)
 
 
-def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, round_dir: str, round_index: int,
+def make_pseudo_labels(runtime: Runtime, settings: Settings, network: DRSLNetwork, round_dir: str, round_index: int,
                        log: RunLog, need_files: bool = True) -> Dict:
     """Writes ``round_dir/pseudo_labels/*.png`` and ``round_dir/pseudo_labels.json``
     (portion, thresholds, pixel counts, accuracy); returns the summary. A
@@ -57,29 +57,30 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
             summary = json.load(handle)
         if not need_files:
             return summary
-        labelled = target_dataset(config, "train", with_labels=False).items[:summary["images"]]
+        labelled = target_dataset(settings.data, "train", with_labels=False).items[:summary["images"]]
         missing = missing_files([pseudo_label_path(out_dir, item.name) for item in labelled])
         if not missing:
             return summary
-        log.info(f"{os.path.relpath(round_dir, config['output_dir'])}: {missing} pseudo-label files are missing; "
+        log.info(f"{os.path.relpath(round_dir, settings.output_dir)}: {missing} pseudo-label files are missing; "
                  f"writing them again")
-    num_classes = config["data"]["num_classes"]
-    with_labels = has_labels(config["data"]["target"]["root"], config["data"]["target"]["train_split"])
-    dataset = isa.pseudo_label_images(config, target_dataset(config, "train", with_labels=with_labels))
-    limit = DRY_RUN_IMAGES if config["dry_run"] else None
+    data, labels_settings, inference = settings.data, settings.pseudo_labels, settings.inference
+    num_classes = data.num_classes
+    with_labels = has_labels(data.target.root, data.target.train_split)
+    dataset = isa.pseudo_label_images(settings, target_dataset(data, "train", with_labels=with_labels))
+    limit = DRY_RUN_IMAGES if settings.dry_run else None
     os.makedirs(out_dir, exist_ok=True)
-    size = config["data"]["target_size"]
+    size = data.target_size
     network.to(runtime.device).eval()
-    state = ClassBalancedThresholds(num_classes, runtime.device, config["pseudo_labels"]["mantissa_bits"])
-    portion = round_portion(config, round_index)
-    name = os.path.relpath(round_dir, config["output_dir"])
-    tta = config["pseudo_labels"]["tta"]
+    state = ClassBalancedThresholds(num_classes, runtime.device, labels_settings.mantissa_bits)
+    portion = round_portion(labels_settings, round_index)
+    name = os.path.relpath(round_dir, settings.output_dir)
+    tta = labels_settings.tta
 
     with nvtx_range(f"{name}/pseudo_labels/histograms"):
         bar = log.bar(len(dataset) if limit is None else limit, 0, f"{name} confidences")
-        for batch in batches(dataset, size, runtime, config, limit):
+        for batch in batches(dataset, size, runtime, data, limit):
             images = batch["image"].to(runtime.device)
-            probs = class_probabilities(network, images, batch["size"][0], runtime, config, tta)
+            probs = class_probabilities(network, images, batch["size"][0], runtime, inference, tta)
             state.update(probs)
             bar.update(runtime.world * len(batch["name"]))
         bar.close()
@@ -91,9 +92,9 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
     counts = torch.zeros(4, dtype=torch.int64, device=runtime.device)
     with nvtx_range(f"{name}/pseudo_labels/select"):
         bar = log.bar(len(dataset) if limit is None else limit, 0, f"{name} pseudo-labels")
-        for batch in batches(dataset, size, runtime, config, limit):
+        for batch in batches(dataset, size, runtime, data, limit):
             images = batch["image"].to(runtime.device)
-            probs = class_probabilities(network, images, batch["size"][0], runtime, config, tta)
+            probs = class_probabilities(network, images, batch["size"][0], runtime, inference, tta)
             labels = select_labels(probs, thresholds)
             selected = labels != 255
             counts[0] += selected.sum()
@@ -120,7 +121,7 @@ def make_pseudo_labels(runtime: Runtime, config: Dict, network: DRSLNetwork, rou
         "accuracy": correct / known if with_labels and known else None,
     }
     if tta:
-        summary["tta"] = views(config, tta)
+        summary["tta"] = views(inference, tta)
     if runtime.is_main:
         atomic_write_json(summary, summary_path)
     runtime.barrier()

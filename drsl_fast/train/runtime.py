@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .schema import ConfigError, shown
+from .settings import Train
 
 
 @dataclass
@@ -80,18 +81,19 @@ def device_for(wanted: str, local_rank: int, world: int) -> torch.device:
     return device
 
 
-def start(config) -> Runtime:
-    """Device and process group from the config and torchrun's environment."""
+def start(device_setting: str, train: Train) -> Runtime:
+    """Device (the config's ``device``) and process group from the settings
+    and torchrun's environment; threads and mixed precision of ``train``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = device_for(config["device"], int(os.environ.get("LOCAL_RANK", "0")), world)
+    device = device_for(device_setting, int(os.environ.get("LOCAL_RANK", "0")), world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if config["train"]["threads"]:
-        torch.set_num_threads(int(config["train"]["threads"]))
+    if train.threads:
+        torch.set_num_threads(int(train.threads))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world, amp_dtype_for(config["train"]["amp"], device))
+    return Runtime(device, rank, world, amp_dtype_for(train.amp, device))
 
 
 def stop(runtime: Runtime) -> None:
