@@ -5,7 +5,8 @@ source model, trained on different target labels on the same pixels.
     python experiments/demo_label_oracle.py --round-seeds 5 6 key=value ...
 
 The source model and the round-1 pseudo-labels come from one run
-(`drsl run --config demo adaptation.rounds=1 "adaptation.methods=[drsl]" isa.probability=0`, seed 0).
+(`drsl run --config demo adaptation.rounds=1 "adaptation.methods=[drsl]" isa.probability=0
+pseudo_labels.isa=false`, seed 0).
 Then, for each variant and each round seed (sample order and loss sampling of
 the round; the source model stays the same), the round is run again on:
 
@@ -40,7 +41,8 @@ PROTOCOL = "19"
 
 def round_one(output_dir: str, seed: int, overrides) -> dict:
     """The demo's source stage and one DRSL round (results.json)."""
-    return demo_runs.run_demo(output_dir, seed, ["adaptation.rounds=1", "adaptation.methods=[drsl]", "isa.probability=0", *overrides])
+    return demo_runs.run_demo(output_dir, seed, ["adaptation.rounds=1", "adaptation.methods=[drsl]", "isa.probability=0",
+                                                 "pseudo_labels.isa=false", *overrides])
 
 
 def relabel(pseudo: np.ndarray, truth: np.ndarray, variant: str) -> np.ndarray:
@@ -61,6 +63,7 @@ def prepare_round(base: str, out: str, variant: str, config: dict) -> dict:
     """``out`` with ``base``'s finished source stage and its round-1 labels
     rewritten for ``variant``; returns the labels' coverage and accuracy."""
     from drsl_fast.train.data import pseudo_label_path, target_dataset
+    from drsl_fast.train.settings import Settings
     from drsl_fast.train.pseudo_labels import DIRECTORY, SUMMARY
 
     shutil.rmtree(out, ignore_errors=True)
@@ -68,7 +71,7 @@ def prepare_round(base: str, out: str, variant: str, config: dict) -> dict:
     source_round, round_dir = os.path.join(base, "drsl", "round_1"), os.path.join(out, "drsl", "round_1")
     os.makedirs(os.path.join(round_dir, DIRECTORY))
     counts = np.zeros(3, np.int64)  # selected, selected with known truth, correct
-    truth_set = target_dataset(config, "train", with_labels=True)
+    truth_set = target_dataset(Settings.of(config).data, "train", with_labels=True)
     for index in range(len(truth_set)):
         sample = truth_set[index]
         truth = sample["label"].numpy().astype(np.int64)
@@ -91,10 +94,11 @@ def class_shares(base: str, config: dict) -> dict:
     """Percent of the target training pixels per class: in the ground truth
     (ignored pixels left out) and in the source model's predictions."""
     from drsl_fast.train.data import target_dataset
+    from drsl_fast.train.settings import Settings
     from drsl_fast.train.pseudo_labels import SUMMARY, class_names
 
     names = class_names(config["data"]["num_classes"])
-    truth_set = target_dataset(config, "train", with_labels=True)
+    truth_set = target_dataset(Settings.of(config).data, "train", with_labels=True)
     counts = np.zeros(IGNORE + 1, np.int64)
     for index in range(len(truth_set)):
         counts += np.bincount(truth_set[index]["label"].numpy().ravel(), minlength=IGNORE + 1)
