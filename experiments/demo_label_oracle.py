@@ -64,7 +64,7 @@ def prepare_round(base: str, out: str, variant: str, config: dict) -> dict:
     rewritten for ``variant``; returns the labels' coverage and accuracy."""
     from drsl_fast.train.data import pseudo_label_path, target_dataset
     from drsl_fast.train.settings import Settings
-    from drsl_fast.train.pseudo_labels import DIRECTORY, SUMMARY
+    from drsl_fast.train.label_pass import DIRECTORY, SUMMARY
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(os.path.join(base, "source"), os.path.join(out, "source"))
@@ -95,7 +95,7 @@ def class_shares(base: str, config: dict) -> dict:
     (ignored pixels left out) and in the source model's predictions."""
     from drsl_fast.train.data import target_dataset
     from drsl_fast.train.settings import Settings
-    from drsl_fast.train.pseudo_labels import SUMMARY, class_names
+    from drsl_fast.train.label_pass import SUMMARY, class_names
 
     names = class_names(config["data"]["num_classes"])
     truth_set = target_dataset(Settings.of(config).data, "train", with_labels=True)

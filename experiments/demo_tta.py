@@ -30,9 +30,9 @@ from drsl_fast.train.checkpoint import config_digest, load_weights
 from drsl_fast.train.config import load_config, read_yaml
 from drsl_fast.train.evaluate import evaluate, main_protocol
 from drsl_fast.train.inference import views
+from drsl_fast.train.label_pass import make_pseudo_labels
 from drsl_fast.train.log import quiet_log
 from drsl_fast.train.network import seeded_network
-from drsl_fast.train.pseudo_labels import make_pseudo_labels
 from drsl_fast.train.runtime import start
 from drsl_fast.train.settings import Settings
 

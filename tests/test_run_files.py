@@ -201,7 +201,7 @@ def test_missing_pseudo_labels_are_written_again(tmp_path):
     writes the same PNG again before it trains."""
     from drsl_fast.train.config import load_config
     from drsl_fast.train.log import quiet_log
-    from drsl_fast.train.pseudo_labels import make_pseudo_labels
+    from drsl_fast.train.label_pass import make_pseudo_labels
     from drsl_fast.train.network import seeded_network
     from drsl_fast.train.runtime import Runtime
     from drsl_fast.train.settings import Settings

@@ -22,9 +22,9 @@ from drsl_fast.train.checkpoint import config_digest
 from drsl_fast.train.config import load_config
 from drsl_fast.train.data import pseudo_label_path, target_dataset
 from drsl_fast.train.evaluate import TTA_EVALUATION, evaluated
+from drsl_fast.train.label_pass import make_pseudo_labels
 from drsl_fast.train.log import quiet_log
 from drsl_fast.train.network import seeded_network
-from drsl_fast.train.pseudo_labels import make_pseudo_labels
 from drsl_fast.train.runtime import Runtime
 from drsl_fast.train.settings import Settings
 from drsl_fast.tta import tta_probabilities

@@ -23,11 +23,11 @@ from .checkpoint import atomic_write_json, comparable, load_weights, remove_stal
 from .config import read_yaml, save_config
 from .data import AugmentedSamples, pseudo_labelled_target, target_dataset, train_transform
 from .evaluate import evaluated, main_protocol, write_pictures
+from .label_pass import DIRECTORY as PSEUDO_LABEL_DIR
+from .label_pass import make_pseudo_labels
 from .log import RunLog
 from .loop import WEIGHTS, Stage, finished, train_stage
 from .network import DRSLNetwork, seeded_network
-from .pseudo_labels import DIRECTORY as PSEUDO_LABEL_DIR
-from .pseudo_labels import make_pseudo_labels
 from .runtime import Runtime, nvtx_range
 from .settings import Data, Settings
 
