@@ -67,16 +67,17 @@ def cpu_name() -> str:
 def model_rows(run: str, config, runtime, scratch: str):
     rows = []
     log = quiet_log()
+    plain = Settings.of(config)
     for title, stage, round_index in MODELS:
-        network = seeded_network(Settings.of(config), lambda line: None)
+        network = seeded_network(plain, lambda line: None)
         # the weights belong to the run's own config.yaml (as written, before newer keys' defaults join it)
         load_weights(network, os.path.join(run, stage, "model.pt"), map_location="cpu",
                      digest=config_digest(read_yaml(os.path.join(run, "config.yaml"))))
         row = {"model": title, "weights": os.path.join(run, stage, "model.pt")}
         for tta in (False, True):
             key = "tta" if tta else "single"
-            reports, seconds, _ = measured(lambda: evaluate(runtime, Settings.of(config), network, log, title, tta=tta))
-            row[f"miou_{key}"] = 100 * reports[main_protocol(Settings.of(config).data)].miou
+            reports, seconds, _ = measured(lambda: evaluate(runtime, plain, network, log, title, tta=tta))
+            row[f"miou_{key}"] = 100 * reports[main_protocol(plain.data)].miou
             row[f"evaluate_s_{key}"] = seconds
             settings = Settings.of(dict(config, pseudo_labels=dict(config["pseudo_labels"], tta=tta)))
             directory = os.path.join(scratch, stage.replace("/", "_"), key)
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     config = load_config(os.path.join(args.run, "config.yaml"),
                          ["train.progress=false", f"train.threads={args.threads}"])
-    runtime = start(config["device"], Settings.of(config).train)
+    settings = Settings.of(config)
+    runtime = start(settings.device, settings.train)
     with tempfile.TemporaryDirectory() as scratch:
         config["output_dir"] = scratch
         rows = model_rows(args.run, config, runtime, scratch)
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
         "command": "python experiments/demo_tta.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": cpu_name(), "threads": args.threads,
         "torch": torch.__version__, "run": args.run, "seed": config["seed"],
-        "views": views(Settings.of(config).inference, True),
+        "views": views(settings.inference, True),
         "models": rows, "windows": window_rows() if args.windows else None,
     }
     with open(args.out + ".json", "w", encoding="utf-8") as handle:

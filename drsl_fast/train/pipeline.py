@@ -144,9 +144,7 @@ def adaptation_rounds(runtime: Runtime, settings: Settings, log: RunLog, method:
                       variant: Rounds) -> List[Dict]:
     """Stages 2-3 of ``method`` (DRSL, DRSL+ or an ablation, as ``variant``
     says), every round evaluated; returns one summary per round."""
-    network = seeded_network(settings, log.info)
-    load_weights(network, os.path.join(settings.output_dir, "source", WEIGHTS), map_location="cpu",
-                 digest=settings.digest)
+    network = trained_network(settings, log, os.path.join(settings.output_dir, "source"))
     data, adaptation = settings.data, settings.adaptation
     source = isa.samples(data, settings.isa, "adaptation")
     target_images = len(target_dataset(data, "train", with_labels=False))
@@ -184,13 +182,16 @@ def adaptation_rounds(runtime: Runtime, settings: Settings, log: RunLog, method:
     return summaries
 
 
-def finished_network(settings: Settings, log: RunLog, directory: str) -> Optional[DRSLNetwork]:
-    """The network a finished stage in ``directory`` wrote (trained under ``settings``), else None."""
-    if not finished(directory):
-        return None
+def trained_network(settings: Settings, log: RunLog, directory: str) -> DRSLNetwork:
+    """The network the finished stage in ``directory`` wrote (trained under ``settings``)."""
     network = seeded_network(settings, log.info)
     load_weights(network, os.path.join(directory, WEIGHTS), map_location="cpu", digest=settings.digest)
     return network
+
+
+def finished_network(settings: Settings, log: RunLog, directory: str) -> Optional[DRSLNetwork]:
+    """:func:`trained_network` when the stage in ``directory`` is finished, else None."""
+    return trained_network(settings, log, directory) if finished(directory) else None
 
 
 def last_round(runtime: Runtime, settings: Settings, log: RunLog, method: str) -> Optional[DRSLNetwork]:
