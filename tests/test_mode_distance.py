@@ -8,7 +8,7 @@ import torch
 
 import drsl_fast
 from drsl_fast import reference
-from drsl_fast.backends import BackendUnavailableError
+from drsl_fast.backends import BackendUnavailableError, why_unavailable
 
 SIGMA = 0.5
 
@@ -21,6 +21,8 @@ SHAPES = {
     "nd": (lambda g, dt: torch.randn(37, 8, generator=g).to(dt), 4, 1),
     "nd_transposed": (lambda g, dt: torch.randn(8, 37, generator=g).to(dt).t(), 2, 5),
     "max_modes_one_channel": (lambda g, dt: torch.randn(3, 1, 2, 5, generator=g).to(dt), 2, 16),
+    # more modes than one product of the Triton kernels takes: several passes
+    "many_classes": (lambda g, dt: torch.randn(1, 6, 5, 7, generator=g).to(dt), 23, 5),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -122,6 +124,61 @@ def test_empty_inputs(fast_backend, shape):
     torch.testing.assert_close(modes.grad, torch.zeros_like(modes))
 
 
+def test_embeddings_near_their_modes_far_from_the_origin(fast_backend):
+    """Cancellation: ||e||^2 - 2 e.r + ||r||^2 would lose every digit of a
+    distance of ~1e-4 at norms of ~1e3; dmin must still match float64."""
+    backend, device = fast_backend
+    g = torch.Generator().manual_seed(5)
+    modes = 1000.0 + torch.randn(4, 3, 16, generator=g)
+    nearest = torch.randint(0, 12, (2 * 5 * 6,), generator=g)
+    rows = modes.reshape(12, 16)[nearest] + 1e-3 * torch.randn(60, 16, generator=g)
+    emb = rows.reshape(2, 5, 6, 16).permute(0, 3, 1, 2).contiguous()
+    emb[0, :, 0, 0] = modes[2, 1]  # exactly on a mode: dmin 0, posterior 1
+    result = drsl_fast.mode_distance(emb.to(device), modes.to(device), SIGMA, backend=backend)
+    assert_forward_close(result, emb, modes, SIGMA)
+    assert result.dmin[0, 2, 0, 0] == 0 and result.posterior[0, 2, 0, 0] == 1 and result.mstar[0, 2, 0, 0] == 1
+
+
+def test_close_modes_far_apart_classes(fast_backend):
+    """Modes of a class ~0.3 apart, classes ~2000 apart: a product over all
+    modes rounds by far more than the gaps between a class's distances, yet
+    the winner must be the true nearest mode wherever the gap is clear."""
+    backend, device = fast_backend
+    g = torch.Generator().manual_seed(6)
+    modes = 0.05 * torch.randn(2, 3, 16, generator=g)
+    modes[0] += 1000.0
+    modes[1] -= 1000.0
+    emb = (modes[0].mean(0) + 0.05 * torch.randn(3, 7, 5, 16, generator=g)).permute(0, 3, 1, 2).contiguous()
+    result = drsl_fast.mode_distance(emb.to(device), modes.to(device), backend=backend)
+    assert_forward_close(result, emb, modes, None)
+    dist = independent_distances(emb, modes)[:, 0]  # (N, M) of class 0
+    top2 = dist.topk(2, dim=-1, largest=False).values
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-5
+    assert clear.sum() > 90
+    assert torch.equal(as_rows(result.mstar)[:, 0].cpu().long()[clear], dist.argmin(-1)[clear])
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_triton_product_precision_keeps_dmin_exact(precision):
+    """The Triton forward ranks modes with a product in ``precision`` and
+    settles near-ties directly: tf32 (tensor cores) still gives the float64
+    minimum to fp32 accuracy."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = why_unavailable("triton", device)
+    if reason is not None:
+        pytest.skip(f"triton: {reason}")
+    from drsl_fast.ops.mode_distance import ModeDistance
+    from drsl_fast.triton_kernels import mode_distance as kernels
+
+    emb, modes = make_case("bdhw_channels_last", torch.float32, device, seed=8)
+    shape = (emb.shape[0], modes.shape[0], emb.shape[2], emb.shape[3])
+    dmin = torch.full(shape, float("nan"), device=device)
+    mstar = torch.full(shape, 255, dtype=torch.uint8, device=device)
+    posterior = torch.full(shape, float("nan"), device=device)
+    kernels.forward(emb, modes, dmin, mstar, posterior, -1 / (2 * SIGMA**2), precision)
+    assert_forward_close(ModeDistance(dmin, mstar, posterior), emb, modes, SIGMA)
+
+
 def test_ties_pick_the_lowest_mode(fast_backend):
     backend, device = fast_backend
     g = torch.Generator().manual_seed(3)
@@ -150,7 +207,7 @@ def weighted_loss(result, seed=11):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", ["bdhw", "bdhw_channels_last", "nd_transposed", "bdhw_strided"])
+@pytest.mark.parametrize("shape", ["bdhw", "bdhw_channels_last", "nd_transposed", "bdhw_strided", "many_classes"])
 def test_backward_matches_reference(fast_backend, shape, dtype):
     backend, device = fast_backend
     skip_unsupported(backend, dtype)

@@ -92,27 +92,23 @@ def pseudo_labels_select(kernels, launch, dtype, layout):
     kernels.pseudo_labels.select(_scores(dtype, layout), torch.full((C,), 0.5), labels, launch=launch)
 
 
-def mode_distance_forward(kernels, launch, dtype, layout, with_posterior):
+def mode_distance_forward(kernels, launch, dtype, layout, with_posterior, precision="ieee"):
     emb = _emb(dtype, layout)
     posterior, scale = (_per_class(emb), -2.0) if with_posterior else (None, 0.0)
     kernels.mode_distance.forward(
-        emb, _modes(), _per_class(emb), _per_class(emb, torch.uint8), posterior, scale, launch=launch
+        emb, _modes(), _per_class(emb), _per_class(emb, torch.uint8), posterior, scale, precision, launch=launch
     )
 
 
-def mode_distance_grad_emb(kernels, launch, dtype, layout):
+def mode_distance_backward(kernels, launch, dtype, layout, emb_grad, modes_grad, classes=C):
     emb = _emb(dtype, layout)
-    out = torch.empty_like(emb)  # keeps channels-last, as the op's grad_emb does
-    kernels.mode_distance.grad_emb(_per_class(emb), _per_class(emb, torch.uint8), emb, _modes(), out, launch=launch)
-
-
-def mode_distance_grad_modes_partials(kernels, launch, dtype, layout):
-    emb = _emb(dtype, layout)
+    modes = torch.randn(classes, M, D)
     batch, pixels = (1, emb.shape[0]) if emb.dim() == 2 else (emb.shape[0], emb.shape[2] * emb.shape[3])
-    partial = torch.zeros(batch * kernels.mode_distance.mode_grad_chunks(pixels), C, M, D)
-    kernels.mode_distance.grad_modes_partials(
-        _per_class(emb), _per_class(emb, torch.uint8), emb, _modes(), partial, launch=launch
-    )
+    per_class = (emb.shape[0], classes) if emb.dim() == 2 else (emb.shape[0], classes, emb.shape[2], emb.shape[3])
+    out = torch.empty_like(emb) if emb_grad else None  # keeps channels-last, as the op's grad_emb does
+    partial = torch.zeros(batch * kernels.mode_distance.mode_grad_chunks(pixels), classes, M, D) if modes_grad else None
+    kernels.mode_distance.backward(torch.zeros(per_class), torch.zeros(per_class, dtype=torch.uint8), emb, modes,
+                                   out, partial, launch=launch)
 
 
 def mmdl_losses_forward(kernels, launch, dtype, layout):
@@ -167,8 +163,7 @@ CALLS = {
     "pseudo_labels.histogram": pseudo_labels_histogram,
     "pseudo_labels.select": pseudo_labels_select,
     "mode_distance.forward": mode_distance_forward,
-    "mode_distance.grad_emb": mode_distance_grad_emb,
-    "mode_distance.grad_modes_partials": mode_distance_grad_modes_partials,
+    "mode_distance.backward": mode_distance_backward,
     "mmdl_losses.forward": mmdl_losses_forward,
     "mmdl_losses.backward": mmdl_losses_backward,
     "mmdl_losses.scatter_rows": mmdl_losses_scatter_rows,
@@ -212,9 +207,14 @@ VARIANTS = {
         dict(dtype="fp32", layout="contiguous", with_posterior=True),
         dict(dtype="fp16", layout="channels_last", with_posterior=False),
         dict(dtype="bf16", layout="rows", with_posterior=True),
+        dict(dtype="fp32", layout="contiguous", with_posterior=True, precision="tf32"),
     ],
-    "mode_distance.grad_emb": EMBEDDING_VARIANTS,
-    "mode_distance.grad_modes_partials": EMBEDDING_VARIANTS,
+    "mode_distance.backward": [  # 40 classes of 3 modes: two passes of the product, both kernels
+        dict(dtype="fp32", layout="contiguous", emb_grad=True, modes_grad=True),
+        dict(dtype="fp16", layout="channels_last", emb_grad=True, modes_grad=False),
+        dict(dtype="bf16", layout="rows", emb_grad=False, modes_grad=True),
+        dict(dtype="fp32", layout="contiguous", emb_grad=True, modes_grad=True, classes=40),
+    ],
     "mmdl_losses.forward": EMBEDDING_VARIANTS,
     "mmdl_losses.backward": [
         dict(dtype="fp32", layout="contiguous", emb_grad=True, modes_grad=True),

@@ -206,17 +206,17 @@ if triton_import_error() is None:
         modes_requires_grad: bool,
     ) -> Tuple[Tensor, Tensor]:
         grad_emb, grad_modes = _fake_backward(grad_dmin, emb, modes, mstar, emb_requires_grad, modes_requires_grad)
-        centres = modes.float().contiguous()
-        grad = grad_dmin.float().contiguous()
-        mstar = mstar.contiguous()
-        if emb_requires_grad and grad_emb.numel() > 0:
-            triton_kernels.grad_emb(grad, mstar, emb, centres, grad_emb, launch=wrap_triton)
+        pixels = emb.shape[0] if emb.dim() == 2 else emb.shape[2] * emb.shape[3]
+        batch = 1 if emb.dim() == 2 else emb.shape[0]
+        chunks = triton_kernels.mode_grad_chunks(pixels)
+        partial = modes.new_empty((batch * chunks,) + tuple(modes.shape), dtype=torch.float32)
+        if pixels * batch > 0 and (emb_requires_grad or modes_requires_grad):
+            triton_kernels.backward(
+                grad_dmin.float().contiguous(), mstar.contiguous(), emb, modes.float().contiguous(),
+                grad_emb if emb_requires_grad else None, partial if modes_requires_grad else None,
+                launch=wrap_triton,
+            )
         if modes_requires_grad:
-            pixels = emb.shape[0] if emb.dim() == 2 else emb.shape[2] * emb.shape[3]
-            batch = 1 if emb.dim() == 2 else emb.shape[0]
-            partial = centres.new_zeros((batch * triton_kernels.mode_grad_chunks(pixels),) + tuple(modes.shape))
-            if partial.numel() > 0:
-                triton_kernels.grad_modes_partials(grad, mstar, emb, centres, partial, launch=wrap_triton)
             grad_modes = partial.sum(0).to(modes.dtype)
         return grad_emb, grad_modes
 

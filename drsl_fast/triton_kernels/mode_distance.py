@@ -4,6 +4,35 @@ Imported as ``drsl_fast.triton_kernels.mode_distance``. Every kernel loads its
 inputs in their storage dtype and computes in fp32. Embeddings are addressed
 as (b, channel, pixel) with explicit strides, so (B, D, H, W), channels-last
 and (N, D) inputs are all read in place.
+
+Derivation (docs/method.md §3). With the C*M mode centres as the rows of R,
+
+    ||e - r_k||^2 = ||e||^2 - 2 e.r_k + ||r_k||^2,
+
+so for a block of pixels E (BLOCK_P, D) the distances to every mode are one
+matrix product E R^T plus a broadcast; ||e||^2 is the same for every mode of a
+pixel and does not change the argmin, so the forward ranks modes by
+``key = ||r_k||^2 - 2 e.r_k``. The product loses digits when e is close to a
+mode relative to their norms (cancellation), and an embedding near its mode is
+the usual case for a trained network, so the epilogue recomputes each class's
+winning distance directly as sum((e - r[c, m*])^2): dmin is then as exact as
+the direct formula, and the product only decides which mode wins. A NaN key
+ranks first (torch.min's rule); ties keep the lowest mode.
+
+Backward, with g[p, c] the gradient of dmin[p, c] and the one-hot weights
+W[p, c*M + m] = g[p, c] [m*[p, c] = m] built on the fly from mstar:
+
+    dL/de_p    = 2 (sum_c g[p, c]) e_p - 2 (W R)_p
+    dL/dr_k    = 2 (sum_p W[p, k]) r_k - 2 (W^T E)_k
+
+two more products; no (pixels, C, M) tensor exists in memory. The mode
+gradient is summed per fixed chunk of MODE_GRAD_CHUNK pixels (partials reduced
+on the host in a fixed order), so it is deterministic.
+
+``precision`` picks tl.dot's input precision for the ranking product: "ieee"
+(exact fp32, the default) or "tf32" (tensor cores; the winner may then be a
+near-tie's other mode, its distance within the tf32 error of the minimum, and
+dmin is still recomputed exactly). The backward products run in "ieee".
 """
 import triton
 import triton.language as tl
@@ -12,110 +41,163 @@ from .layout import channel_block, pixel_view
 from .rules import posterior_exponent, replaces_min
 
 BLOCK_PIXELS = 64
-# Pixels summed by one program of the mode-gradient kernel (fixed, so the
-# summation order, and the result, do not depend on the launch).
-MODE_GRAD_CHUNK = 1024
+# Pixels summed by one program of the backward kernel into one partial of the
+# mode gradient (fixed, so the summation order, and the result, do not depend
+# on the launch).
+MODE_GRAD_CHUNK = 512
+# The modes of one pass of the forward: as many whole classes as fit in
+# MODE_COLUMNS columns of the product (at least one class).
+MODE_COLUMNS = 64
 
 
 @triton.jit
-def _load_pixel_tile(emb_ptr, P, D, emb_sb, emb_sd, emb_sp, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's image, pixels and channels, and its fp32 embedding tile
-    (BLOCK_D, BLOCK_P), 0 outside (D, P): padded channels are 0 in e and r."""
-    b = tl.program_id(1).to(tl.int64)
-    pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    channels = tl.arange(0, BLOCK_D)
-    tile_ok = (channels < D)[:, None] & (pixels < P)[None, :]
-    e = tl.load(
-        emb_ptr + b * emb_sb + channels[:, None] * emb_sd + pixels[None, :] * emb_sp, mask=tile_ok, other=0.0
-    ).to(tl.float32)
-    return b, pixels, channels, tile_ok, e
+def _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp):
+    """The fp32 embedding tile (BLOCK_P, BLOCK_D), 0 outside (P, D)."""
+    ok = (pixels < P)[:, None] & (channels < D)[None, :]
+    return tl.load(emb_ptr + b * emb_sb + pixels[:, None] * emb_sp + channels[None, :] * emb_sd,
+                   mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mode_rows_t(modes_ptr, first_mode, columns, n_modes, channels, D):
+    """Modes first_mode + columns as a (BLOCK_D, BLOCK_K) tile, 0 outside."""
+    ok = (columns < n_modes)[None, :] & (channels < D)[:, None]
+    return tl.load(modes_ptr + (first_mode + columns)[None, :] * D + channels[:, None], mask=ok, other=0.0)
 
 
 @triton.jit
 def _forward_kernel(
     emb_ptr, modes_ptr, dmin_ptr, mstar_ptr, posterior_ptr,
     P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
-    posterior_scale,
-    WITH_POSTERIOR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    posterior_scale, classes_per_pass, rounding,
+    WITH_POSTERIOR: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    b, pixels, channels, _, e = _load_pixel_tile(emb_ptr, P, D, emb_sb, emb_sd, emb_sp, BLOCK_P, BLOCK_D)
+    b = tl.program_id(1).to(tl.int64)
+    pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_ok = pixels < P
+    channels = tl.arange(0, BLOCK_D)
     channel_ok = channels < D
-    for c in range(0, C):
-        r = tl.load(modes_ptr + c * M * D + channels, mask=channel_ok, other=0.0)
-        diff = e - r[:, None]
-        best = tl.sum(diff * diff, axis=0)
-        winner = tl.zeros([BLOCK_P], dtype=tl.int32)
-        for m in range(1, M):
-            r = tl.load(modes_ptr + (c * M + m) * D + channels, mask=channel_ok, other=0.0)
-            diff = e - r[:, None]
-            dist = tl.sum(diff * diff, axis=0)
-            closer = replaces_min(dist, best)  # ties keep the lowest mode; NaN wins
-            best = tl.where(closer, dist, best)
-            winner = tl.where(closer, m, winner)
-        out = b * out_sb + c * out_sc + pixels * out_sp
-        tl.store(dmin_ptr + out, best, mask=pixel_ok)
-        tl.store(mstar_ptr + out, winner.to(tl.uint8), mask=pixel_ok)
-        if WITH_POSTERIOR:
-            tl.store(posterior_ptr + out, tl.exp(posterior_exponent(best, posterior_scale)), mask=pixel_ok)
+    columns = tl.arange(0, BLOCK_K)
+    e = _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp)
+    for first_class in range(0, C, classes_per_pass):
+        n_classes = tl.minimum(classes_per_pass, C - first_class)
+        r_t = _mode_rows_t(modes_ptr, first_class * M, columns, n_classes * M, channels, D)
+        # the product runs on e - mu and r - mu (mu: the pass's mean mode):
+        # distances do not change, the numbers (and their rounding) shrink
+        mu = tl.sum(r_t, axis=1) / (n_classes * M)
+        r_t = tl.where((columns < n_classes * M)[None, :], r_t - mu[:, None], 0.0)
+        e_centred = e - mu[None, :]
+        e_norm = tl.sqrt(tl.sum(e_centred * e_centred, axis=1))
+        r_sq = tl.sum(r_t * r_t, axis=0)
+        key = r_sq[None, :] - 2.0 * tl.dot(e_centred, r_t, input_precision=PRECISION)
+        key = tl.where(key != key, float("-inf"), key)  # NaN ranks first
+        # keys are exact to within `slack` (a bound on the product's rounding)
+        r_norm = tl.sqrt(tl.max(r_sq, axis=0))
+        slack = rounding * (2.0 * e_norm * r_norm + r_norm * r_norm)
+        for j in range(0, n_classes):
+            c = first_class + j
+            own = (columns >= j * M) & (columns < j * M + M)
+            own_key = tl.where(own[None, :], key, float("inf"))
+            best, winner = tl.min(own_key, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            runner_up = tl.min(tl.where(columns[None, :] == winner[:, None], float("inf"), own_key), axis=1)
+            winner = winner - j * M
+            if tl.max((runner_up - best <= 2.0 * slack).to(tl.int32)) > 0:
+                # a near-tie the product cannot settle: rank this class's modes
+                # directly, for the whole block (ties keep the lowest mode)
+                exact = tl.full([BLOCK_P], float("inf"), tl.float32)
+                for m in range(0, M):
+                    r = tl.load(modes_ptr + (c * M + m) * D + channels, mask=channel_ok, other=0.0)
+                    diff = e - r[None, :]
+                    dist = tl.sum(diff * diff, axis=1)
+                    closer = replaces_min(dist, exact) | (m == 0)
+                    exact = tl.where(closer, dist, exact)
+                    winner = tl.where(closer, m, winner)
+            # dmin recomputed directly from the winning mode (no cancellation)
+            r = tl.load(modes_ptr + (c * M + winner)[:, None] * D + channels[None, :],
+                        mask=channel_ok[None, :], other=0.0)
+            diff = e - r
+            dmin = tl.sum(diff * diff, axis=1)
+            out = b * out_sb + c * out_sc + pixels * out_sp
+            tl.store(dmin_ptr + out, dmin, mask=pixel_ok)
+            tl.store(mstar_ptr + out, winner.to(tl.uint8), mask=pixel_ok)
+            if WITH_POSTERIOR:
+                tl.store(posterior_ptr + out, tl.exp(posterior_exponent(dmin, posterior_scale)), mask=pixel_ok)
 
 
 @triton.jit
-def _grad_emb_kernel(
-    grad_ptr, mstar_ptr, emb_ptr, modes_ptr, grad_emb_ptr,
-    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
-    gemb_sb, gemb_sd, gemb_sp,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    b, pixels, channels, tile_ok, e = _load_pixel_tile(emb_ptr, P, D, emb_sb, emb_sd, emb_sp, BLOCK_P, BLOCK_D)
-    pixel_ok = pixels < P
-    acc = tl.zeros([BLOCK_D, BLOCK_P], dtype=tl.float32)
-    for c in range(0, C):
-        out = b * out_sb + c * out_sc + pixels * out_sp
+def _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first_class, n_classes, M, columns,
+             out_sb, out_sc, out_sp, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W (BLOCK_P, BLOCK_K) of classes first_class .. + n_classes (column
+    j * M + m is mode m of class first_class + j), and sum_c g over them."""
+    one_hot = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+    g_total = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for j in range(0, n_classes):
+        out = b * out_sb + (first_class + j) * out_sc + pixels * out_sp
         g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
         winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int32)
-        r = tl.load(modes_ptr + (c * M + winner)[None, :] * D + channels[:, None], mask=tile_ok, other=0.0)
-        acc += g[None, :] * (e - r)
-    tl.store(
-        grad_emb_ptr + b * gemb_sb + channels[:, None] * gemb_sd + pixels[None, :] * gemb_sp,
-        (2.0 * acc).to(grad_emb_ptr.dtype.element_ty), mask=tile_ok,
-    )
+        one_hot = tl.where(columns[None, :] == (j * M + winner)[:, None], g[:, None], one_hot)
+        g_total += g
+    return one_hot, g_total
 
 
 @triton.jit
-def _grad_modes_kernel(
-    grad_ptr, mstar_ptr, emb_ptr, modes_ptr, partial_ptr,
+def _backward_kernel(
+    grad_ptr, mstar_ptr, emb_ptr, modes_ptr, grad_emb_ptr, partial_ptr,
     P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
-    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    gemb_sb, gemb_sd, gemb_sp, classes_per_pass,
+    GRAD_EMB: tl.constexpr, GRAD_MODES: tl.constexpr, ONE_PASS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """partial[b * chunks + chunk, c] = 2 * sum over the chunk's pixels with
-    mstar == m of g * (r[c, m] - e), for every m, as a (M, D) block."""
+    """One chunk of pixels of image b. With GRAD_EMB, dL/de of its pixels (over
+    every class, classes_per_pass at a time). With GRAD_MODES, the partial mode
+    gradient of class pass program_id(2): partial[b * chunks + chunk] rows
+    k = 2 (weight_k r_k - (W^T E)_k) of that pass's modes. ONE_PASS: every
+    class fits one pass, whose one-hot tile serves both."""
     chunk = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     channels = tl.arange(0, BLOCK_D)
-    mode_ids = tl.arange(0, BLOCK_M)
-    weighted_emb = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    weight = tl.zeros([BLOCK_M], dtype=tl.float32)
+    columns = tl.arange(0, BLOCK_K)
+    own_first = tl.program_id(2) * classes_per_pass
+    own_modes = tl.minimum(classes_per_pass, C - own_first) * M
+    own_ok = (columns < own_modes)[:, None] & (channels < D)[None, :]
+    own_r = tl.load(modes_ptr + (own_first * M + columns)[:, None] * D + channels[None, :], mask=own_ok, other=0.0)
+    weighted_emb = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    weight = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(0, CHUNK, BLOCK_P):
         pixels = chunk * CHUNK + start + tl.arange(0, BLOCK_P)
         pixel_ok = pixels < P
-        out = b * out_sb + c * out_sc + pixels * out_sp
-        g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
-        winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int32)
-        one_hot = tl.where(winner[None, :] == mode_ids[:, None], g[None, :], 0.0)  # (BLOCK_M, BLOCK_P)
-        e = tl.load(
-            emb_ptr + b * emb_sb + pixels[:, None] * emb_sp + channels[None, :] * emb_sd,
-            mask=pixel_ok[:, None] & (channels < D)[None, :], other=0.0,
-        ).to(tl.float32)  # (BLOCK_P, BLOCK_D)
-        weighted_emb += tl.dot(one_hot, e, input_precision="ieee")
-        weight += tl.sum(one_hot, axis=1)
-    block_ok = (mode_ids < M)[:, None] & (channels < D)[None, :]
-    centre = (c * M + mode_ids)[:, None] * D + channels[None, :]
-    r = tl.load(modes_ptr + centre, mask=block_ok, other=0.0)
-    result = 2.0 * (r * weight[:, None] - weighted_emb)
-    chunks = tl.num_programs(0)
-    tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + centre, result, mask=block_ok)
+        e = _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp)
+        if ONE_PASS:
+            one_hot, g_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, own_first, C, M, columns,
+                                        out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
+        if GRAD_EMB:
+            if ONE_PASS:
+                grad = g_total[:, None] * e - tl.dot(one_hot, own_r, input_precision="ieee")
+            else:
+                grad = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+                for first in range(0, C, classes_per_pass):
+                    n_classes = tl.minimum(classes_per_pass, C - first)
+                    pass_ok = (columns < n_classes * M)[:, None] & (channels < D)[None, :]
+                    r = tl.load(modes_ptr + (first * M + columns)[:, None] * D + channels[None, :],
+                                mask=pass_ok, other=0.0)
+                    w, w_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first, n_classes, M,
+                                          columns, out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
+                    grad += w_total[:, None] * e - tl.dot(w, r, input_precision="ieee")
+            tl.store(grad_emb_ptr + b * gemb_sb + pixels[:, None] * gemb_sp + channels[None, :] * gemb_sd,
+                     (2.0 * grad).to(grad_emb_ptr.dtype.element_ty),
+                     mask=pixel_ok[:, None] & (channels < D)[None, :])
+        if GRAD_MODES:
+            if not ONE_PASS:
+                one_hot, g_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, own_first,
+                                            own_modes // M, M, columns, out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
+            weighted_emb += tl.dot(tl.trans(one_hot), e, input_precision="ieee")
+            weight += tl.sum(one_hot, axis=0)
+    if GRAD_MODES:
+        chunks = tl.num_programs(0)
+        block = (own_first * M + columns)[:, None] * D + channels[None, :]
+        tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + block,
+                 2.0 * (weight[:, None] * own_r - weighted_emb), mask=own_ok)
 
 
 def _shape_arguments(emb, modes):
@@ -128,34 +210,58 @@ def _shape_arguments(emb, modes):
     return bdp, B, (P, C, M, D, *bdp.stride(), *out_strides)
 
 
-def forward(emb, modes, dmin, mstar, posterior, posterior_scale, launch=lambda kernel: kernel):
+def mode_block(n_modes: int) -> int:
+    """Columns of a product over n_modes modes: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n_modes))
+
+
+# Relative rounding of one product entry, per channel of the reduction
+# (unit roundoff of the operands' precision, with room for the accumulation).
+UNIT_ROUNDING = {"ieee": 2.0**-23, "tf32": 2.0**-10}
+
+
+def forward(emb, modes, dmin, mstar, posterior, posterior_scale, precision="ieee", launch=lambda kernel: kernel):
     """Fills dmin, mstar and (if not None) posterior. ``modes`` is fp32, contiguous."""
     bdp, B, shape = _shape_arguments(emb, modes)
-    launch(_forward_kernel)[(triton.cdiv(shape[0], BLOCK_PIXELS), B)](
-        bdp, modes, dmin, mstar, dmin if posterior is None else posterior, *shape, posterior_scale,
-        WITH_POSTERIOR=posterior is not None, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(shape[3]),
+    P, C, M, D = shape[:4]
+    classes_per_pass = _classes_per_pass(C, M)
+    rounding = (D + 4) * UNIT_ROUNDING[precision]
+    launch(_forward_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
+        bdp, modes, dmin, mstar, dmin if posterior is None else posterior,
+        *shape, posterior_scale, classes_per_pass, rounding,
+        WITH_POSTERIOR=posterior is not None, PRECISION=precision,
+        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D), BLOCK_K=mode_block(classes_per_pass * M),
     )
 
 
-def grad_emb(grad_dmin, mstar, emb, modes, out, launch=lambda kernel: kernel):
-    """Fills ``out`` (shaped like emb) with dL/de."""
-    bdp, B, shape = _shape_arguments(emb, modes)
-    out_bdp = pixel_view(out)
-    launch(_grad_emb_kernel)[(triton.cdiv(shape[0], BLOCK_PIXELS), B)](
-        grad_dmin, mstar, bdp, modes, out_bdp, *shape, *out_bdp.stride(),
-        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(shape[3]),
-    )
-
-
-def grad_modes_partials(grad_dmin, mstar, emb, modes, partial, launch=lambda kernel: kernel):
-    """Fills ``partial`` (B * chunks, C, M, D) with per-chunk mode gradients."""
+def backward(grad_dmin, mstar, emb, modes, grad_emb, partial, launch=lambda kernel: kernel):
+    """Fills ``grad_emb`` (shaped like emb; or None) with dL/de and ``partial``
+    (B * chunks, C, M, D; or None) with the per-chunk mode gradients."""
     bdp, B, shape = _shape_arguments(emb, modes)
     P, C, M, D = shape[:4]
-    launch(_grad_modes_kernel)[(mode_grad_chunks(P), C, B)](
-        grad_dmin, mstar, bdp, modes, partial, *shape,
-        CHUNK=MODE_GRAD_CHUNK, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
-        BLOCK_M=max(16, triton.next_power_of_2(M)),
-    )
+    classes_per_pass = _classes_per_pass(C, M)
+    passes = triton.cdiv(C, classes_per_pass)
+    gemb = pixel_view(grad_emb) if grad_emb is not None else bdp
+    with_modes = partial is not None
+    args = (grad_dmin, mstar, bdp, modes, gemb, partial if with_modes else grad_dmin,
+            *shape, *gemb.stride(), classes_per_pass)
+    blocks = dict(CHUNK=MODE_GRAD_CHUNK, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
+                  BLOCK_K=mode_block(classes_per_pass * M))
+    if passes == 1:
+        launch(_backward_kernel)[(mode_grad_chunks(P), B, 1)](
+            *args, GRAD_EMB=grad_emb is not None, GRAD_MODES=with_modes, ONE_PASS=True, **blocks)
+        return
+    if grad_emb is not None:
+        launch(_backward_kernel)[(mode_grad_chunks(P), B, 1)](
+            *args, GRAD_EMB=True, GRAD_MODES=False, ONE_PASS=False, **blocks)
+    if with_modes:
+        launch(_backward_kernel)[(mode_grad_chunks(P), B, passes)](
+            *args, GRAD_EMB=False, GRAD_MODES=True, ONE_PASS=False, **blocks)
+
+
+def _classes_per_pass(C: int, M: int) -> int:
+    """Whole classes per product of at most MODE_COLUMNS columns (at least one)."""
+    return max(1, min(C, MODE_COLUMNS // M))
 
 
 def mode_grad_chunks(P: int) -> int:
