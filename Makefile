@@ -26,6 +26,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 bench: build
+	$(PY) -m pip install --quiet -r requirements-bench.txt
 	$(PY) bench/bench_mode_distance.py
 
 build: $(VENV)/.built

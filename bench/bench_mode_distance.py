@@ -4,8 +4,19 @@ otherwise write, in the same run.
 Methods:
   broadcast  ((e[..., None, None, :] - R) ** 2).sum(-1).min(-1) on permuted embeddings
   cdist      torch.cdist(e, R) ** 2 on permuted embeddings, then min over modes
+  pykeops    the best peer that installs here (a benchmark-only dependency,
+             requirements-bench.txt): per class, a KeOps LazyTensor min over
+             the class's modes, as its users write it (with gradients: its
+             argmin, then the distances to the chosen modes in PyTorch); it
+             compiles its kernels at first use (outside the timing)
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
   cpu / cuda / triton   drsl_fast's fused backends
+  triton-tf32  the Triton forward ranking modes on tf32 tensor cores
+
+Each row also states the roofline: the bytes the op must move and its FLOPs
+(3 per pixel, mode and channel forward: a difference and a fused
+multiply-add; backward 4 more per pixel, class and channel plus 2 per pixel,
+mode and channel for the mode gradient), with the achieved rates.
 
 Each (method, size, pass) runs in a fresh subprocess on the CPU, where the peak
 memory is the process's RSS high-water mark; on a GPU all run in one process,
@@ -55,6 +66,50 @@ def roofline_bytes(size, backward):
     return forward + (pixels * C * (4 + 1) + 2 * pixels * D * 4 if backward else 0)
 
 
+def flops(size, backward):
+    """Arithmetic of the direct formulation (see the module docstring)."""
+    B, D, C, M, H, W = (size[k] for k in ("B", "D", "C", "M", "H", "W"))
+    pixels = B * H * W
+    forward = 3 * pixels * C * M * D
+    return forward + ((4 * pixels * C * D + 2 * pixels * C * M * D) if backward else 0)
+
+
+def keops_min(e, r):
+    """Per class, KeOps' min over the class's modes of the squared distance
+    (a LazyTensor reduction), stacked to (B, H, W, C). KeOps has no gradient
+    for a min, so with gradients its argmin picks the modes and the distances
+    to them are recomputed in PyTorch, as its users do."""
+    import torch
+    from pykeops.torch import LazyTensor
+
+    C, M, D = r.shape
+    rows = e.permute(0, 2, 3, 1).reshape(-1, D)
+    x = LazyTensor(rows.detach().contiguous()[:, None, :])
+    distances = [((x - LazyTensor(r[c].detach().reshape(1, M, D))) ** 2).sum(-1) for c in range(C)]
+    if not (e.requires_grad or r.requires_grad):
+        dmin = torch.cat([d.min(dim=1) for d in distances], 1)
+    else:
+        winner = torch.cat([d.argmin(dim=1) for d in distances], 1).long()  # (N, C)
+        chosen = r[torch.arange(C, device=r.device), winner]  # (N, C, D)
+        dmin = ((rows[:, None, :] - chosen) ** 2).sum(-1)
+    return dmin.reshape(e.shape[0], e.shape[2], e.shape[3], C)
+
+
+def triton_tf32(e, r):
+    """The Triton forward with its ranking product on tf32 tensor cores (the
+    launcher's opt-in; dmin is still recomputed exactly). Forward only."""
+    import torch
+
+    from drsl_fast.triton_kernels import mode_distance as kernels
+
+    if e.requires_grad or r.requires_grad:
+        raise NotImplementedError("forward only")
+    shape = (e.shape[0], r.shape[0], e.shape[2], e.shape[3])
+    dmin = torch.empty(shape, device=e.device)
+    kernels.forward(e, r, dmin, torch.empty(shape, dtype=torch.uint8, device=e.device), None, 0.0, "tf32")
+    return dmin
+
+
 def build_method(name, backend_device):
     import torch
 
@@ -74,6 +129,10 @@ def build_method(name, backend_device):
         return broadcast
     if name == "cdist":
         return cdist
+    if name == "pykeops":
+        return keops_min
+    if name == "triton-tf32":
+        return triton_tf32
     return lambda e, r: drsl_fast.mode_distance(e, r, backend=name).dmin
 
 
@@ -113,18 +172,30 @@ def measure(spec):
     del out
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
     nbytes = roofline_bytes(size, backward)
+    work = flops(size, backward)
     return dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
-                roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"]))
+                roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"]),
+                gflop=work / 1e9, gflops=work / 1e6 / timing["time_ms"])
 
 
 def methods_for(device):
-    return list(BASELINES) + ["reference"] + harness.fast_backends(device)
+    fast = harness.fast_backends(device)
+    return list(BASELINES) + peers() + ["reference"] + fast + (["triton-tf32"] if "triton" in fast else [])
+
+
+def peers():
+    """pykeops where it is installed (requirements-bench.txt)."""
+    try:
+        import pykeops  # noqa: F401
+    except ImportError:
+        return []
+    return ["pykeops"]
 
 
 def markdown_table(rows):
     header = ("| size (B,D,C,M,HxW) | pass | method | time ms | peak extra MiB | speed-up vs best baseline "
-              "| achieved GB/s (roofline bytes) |")
-    lines = [header, "|" + "---|" * 7]
+              "| achieved GB/s (roofline bytes) | achieved GFLOP/s |")
+    lines = [header, "|" + "---|" * 8]
     groups = {}
     for r in rows:
         groups.setdefault((json.dumps(r["size"], sort_keys=True), r["pass"]), []).append(r)
@@ -134,12 +205,13 @@ def markdown_table(rows):
         label = f"{s['B']},{s['D']},{s['C']},{s['M']},{s['H']}x{s['W']}"
         for r in group:
             if "error" in r:
-                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | | |")
+                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | | | |")
                 continue
             speedup = f"{best / r['time_ms']:.1f}x" if best else ""
-            bandwidth = f"{r['bandwidth_gbs']:.0f}" if "bandwidth_gbs" in r else ""
+            bandwidth = f"{r['bandwidth_gbs']:.3g}" if "bandwidth_gbs" in r else ""
+            rate = f"{r['gflops']:.3g}" if "gflops" in r else ""
             lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.2f} | "
-                         f"{r['peak_extra_mib']:.1f} | {speedup} | {bandwidth} |")
+                         f"{r['peak_extra_mib']:.1f} | {speedup} | {bandwidth} | {rate} |")
     return "\n".join(lines)
 
 
@@ -169,6 +241,8 @@ def main():
                 needed = broadcast_bytes(size, pass_name != "forward")
                 if method in ("broadcast", "reference") and needed > BROADCAST_BUDGET_BYTES:
                     skipped[len(specs)] = dict(spec, error=f"skipped: needs ~{needed / 2**30:.0f} GiB")
+                if method == "triton-tf32" and pass_name != "forward":
+                    skipped[len(specs)] = dict(spec, error="skipped: forward only")
                 specs.append(spec)
     # on a GPU every measurement in one process (saves a process start each); on the CPU one each
     measured = harness.measure_all(__file__, [s for i, s in enumerate(specs) if i not in skipped], one_process=gpu)
@@ -185,7 +259,7 @@ def main():
         return
     stem = harness.results_stem(args.out, "mode_distance", device)
     fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "peak_extra_mib",
-              "dmin_mib", "roofline_mib", "bandwidth_gbs", "runs", "error"]
+              "dmin_mib", "roofline_mib", "bandwidth_gbs", "gflop", "gflops", "runs", "error"]
     body = (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}); "
             f"peak extra memory is measured on a fresh process "
             f"({'max_memory_allocated' if gpu else 'RSS high-water mark'}) above the inputs. Achieved bandwidth is "

@@ -101,13 +101,48 @@ def training_section(data: Dict) -> str:
     return "\n".join(out)
 
 
-def mode_distance_section(data: Dict) -> str:
+# GTX 1080 Ti datasheet rates (fp32 FMA, memory), for the estimate of the CUDA
+# backend there (the only one it runs).
+GTX_1080TI_FP32_TFLOPS = 11.3
+GTX_1080TI_GBS = 484.0
+
+
+def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
+    """The realistic size's rows, speed-ups against cdist + min, achieved
+    rates, and on a GPU the roofline from the measured ceilings and the
+    GTX 1080 Ti estimate of the CUDA backend."""
     rows = [r for r in data["results"] if "time_ms" in r and (r.get("size") or r).get("H") == 256
             and (r.get("size") or r).get("W") == 256]
-    body = [[r["pass"], r["method"], f"{r['time_ms']:.2f}", f"{r['peak_extra_mib']:.1f}",
-             f"{r['bandwidth_gbs']:.0f}" if r.get("bandwidth_gbs") is not None else ""] for r in rows]
-    return ("**Mode distance** (`bench/bench_mode_distance.py`), B=2, D=64, C=19, M=3, 256x256 map (512x512 crop), "
-            "fp32:\n\n" + table(["pass", "method", "ms", "peak extra MiB", "achieved GB/s"], body))
+    cdist = {r["pass"]: r["time_ms"] for r in rows if r["method"] == "cdist"}
+    body = [[r["pass"], r["method"], f"{r['time_ms']:.3f}", f"{r['peak_extra_mib']:.1f}",
+             f"{cdist[r['pass']] / r['time_ms']:.1f}x" if r["pass"] in cdist else "",
+             f"{r['bandwidth_gbs']:.3g}" if r.get("bandwidth_gbs") is not None else "",
+             f"{r['gflops']:.3g}" if r.get("gflops") is not None else ""] for r in rows]
+    out = ("**Mode distance** (`bench/bench_mode_distance.py`), B=2, D=64, C=19, M=3, 256x256 map (512x512 crop), "
+           "fp32:\n\n" + table(["pass", "method", "ms", "peak extra MiB", "vs cdist + min", "achieved GB/s",
+                                   "achieved GFLOP/s"], body))
+    if ceilings and rows:
+        lines = []
+        for pass_name in ("forward", "forward+backward"):
+            r = next((r for r in rows if r["pass"] == pass_name), None)
+            if r is None or r.get("gflop") is None:
+                continue
+            memory_us = r["roofline_mib"] * 2**20 / (ceilings["copy_gbs"] * 1e3)
+            compute_us = r["gflop"] * 1e6 / (ceilings["fp32_tflops"] * 1e3)
+            lines.append(f"- {pass_name}: {r['roofline_mib']:.1f} MiB at the measured {ceilings['copy_gbs']:.0f} GB/s "
+                         f"= {memory_us:.0f} us; {r['gflop']:.2f} GFLOP at the measured fp32 "
+                         f"{ceilings['fp32_tflops']:.1f} TFLOP/s = {compute_us:.0f} us.")
+            cuda = next((c for c in rows if c["pass"] == pass_name and c["method"] == "cuda"), None)
+            if cuda is not None:
+                achieved = cuda["gflop"] * 1e3 / cuda["time_ms"]  # GFLOP/s
+                estimate_ms = max(cuda["gflop"] / (GTX_1080TI_FP32_TFLOPS * achieved / ceilings["fp32_tflops"]),
+                                  cuda["roofline_mib"] * 2**20 / (GTX_1080TI_GBS * 1e6))
+                lines.append(f"  GTX 1080 Ti estimate of the CUDA backend: {estimate_ms:.2f} ms (its fp32 rate, "
+                             f"{GTX_1080TI_FP32_TFLOPS} TFLOP/s, at the fraction of peak achieved here, "
+                             f"{100 * achieved / (ceilings['fp32_tflops'] * 1e3):.0f} %; at least its bytes at "
+                             f"{GTX_1080TI_GBS:.0f} GB/s).")
+        out += "\n\nRoofline (the least time the fastest possible op could take):\n\n" + "\n".join(lines)
+    return out
 
 
 def losses_section(data: Dict) -> str:
@@ -198,8 +233,13 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
             verdict = benches["gtx_1080ti_verdict"]["markdown"].split("\n", 2)[-1].strip()
             out += ["**GTX 1080 Ti verdict** (`python -m drsl_fast.memory_model`; its error against measured GPU "
                     "steps is in the GPU training-step table):", "", verdict, ""]
+        if "ceilings" in benches:
+            c = benches["ceilings"]
+            out += [f"**Ceilings measured on this card** (`bench/ceilings.py`): copy {c['copy_gbs']:.0f} GB/s "
+                    f"(read + write), matrix products fp32 {c['fp32_tflops']:.1f}, tf32 {c['tf32_tflops']:.0f}, "
+                    f"bf16 {c['bf16_tflops']:.0f} TFLOP/s.", ""]
         if "mode_distance" in benches:
-            out += [mode_distance_section(benches["mode_distance"]), ""]
+            out += [mode_distance_section(benches["mode_distance"], benches.get("ceilings")), ""]
         if "mmdl_losses" in benches:
             out += [losses_section(benches["mmdl_losses"]), ""]
         if "pseudo_labels" in benches:
