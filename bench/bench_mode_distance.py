@@ -12,6 +12,7 @@ Methods:
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
   cpu / cuda / triton   drsl_fast's fused backends
   triton-tf32  the Triton forward ranking modes on tf32 tensor cores
+  triton-flat  a variant of the Triton forward (bench/variants), compared
 
 Each row also states the roofline: the bytes the op must move and its FLOPs
 (3 per pixel, mode and channel forward: a difference and a fused
@@ -95,19 +96,23 @@ def keops_min(e, r):
     return dmin.reshape(e.shape[0], e.shape[2], e.shape[3], C)
 
 
-def triton_tf32(e, r):
-    """The Triton forward with its ranking product on tf32 tensor cores (the
-    launcher's opt-in; dmin is still recomputed exactly). Forward only."""
-    import torch
+def triton_launcher(kernels, precision):
+    """A Triton forward launcher as a method (forward only): the library's
+    with its ranking product on tf32 tensor cores (its opt-in; dmin is still
+    recomputed exactly), or a variant kept in bench/variants."""
+    def run(e, r):
+        import torch
 
-    from drsl_fast.triton_kernels import mode_distance as kernels
+        shape = (e.shape[0], r.shape[0], e.shape[2], e.shape[3])
+        dmin = torch.empty(shape, device=e.device)
+        kernels.forward(e, r, dmin, torch.empty(shape, dtype=torch.uint8, device=e.device), None, 0.0, precision)
+        return dmin
+    return run
 
-    if e.requires_grad or r.requires_grad:
-        raise NotImplementedError("forward only")
-    shape = (e.shape[0], r.shape[0], e.shape[2], e.shape[3])
-    dmin = torch.empty(shape, device=e.device)
-    kernels.forward(e, r, dmin, torch.empty(shape, dtype=torch.uint8, device=e.device), None, 0.0, "tf32")
-    return dmin
+
+# forward-only Triton methods: name -> (module, precision of the ranking product)
+TRITON_FORWARDS = {"triton-tf32": ("drsl_fast.triton_kernels.mode_distance", "tf32"),
+                   "triton-flat": ("variants.mode_distance_flat", "ieee")}
 
 
 def build_method(name, backend_device):
@@ -131,8 +136,11 @@ def build_method(name, backend_device):
         return cdist
     if name == "pykeops":
         return keops_min
-    if name == "triton-tf32":
-        return triton_tf32
+    if name in TRITON_FORWARDS:
+        import importlib
+
+        module, precision = TRITON_FORWARDS[name]
+        return triton_launcher(importlib.import_module(module), precision)
     return lambda e, r: drsl_fast.mode_distance(e, r, backend=name).dmin
 
 
@@ -173,14 +181,30 @@ def measure(spec):
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
     nbytes = roofline_bytes(size, backward)
     work = flops(size, backward)
-    return dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
+    error = {} if backward else dict(rel_error=relative_error(fn, *inputs.next()[:2]))
+    return dict(spec, **timing, **error, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
                 roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"]),
                 gflop=work / 1e9, gflops=work / 1e6 / timing["time_ms"])
 
 
+def relative_error(fn, emb, modes):
+    """||dmin - dmin_64|| / ||dmin_64|| against float64 distances of the same inputs."""
+    import torch
+
+    with torch.no_grad():
+        out = fn(emb, modes)
+        if out.dim() == 4 and out.shape[1] != modes.shape[0]:
+            out = out.permute(0, 3, 1, 2)
+        C, M, D = modes.shape
+        rows = emb.double().permute(0, 2, 3, 1).reshape(-1, D)
+        exact = (torch.cdist(rows, modes.double().reshape(C * M, D), compute_mode="donot_use_mm_for_euclid_dist")
+                 ** 2).reshape(emb.shape[0], emb.shape[2], emb.shape[3], C, M).amin(-1).permute(0, 3, 1, 2)
+        return ((out.double() - exact).norm() / exact.norm()).item()
+
+
 def methods_for(device):
     fast = harness.fast_backends(device)
-    return list(BASELINES) + peers() + ["reference"] + fast + (["triton-tf32"] if "triton" in fast else [])
+    return list(BASELINES) + peers() + ["reference"] + fast + (list(TRITON_FORWARDS) if "triton" in fast else [])
 
 
 def peers():
@@ -194,8 +218,8 @@ def peers():
 
 def markdown_table(rows):
     header = ("| size (B,D,C,M,HxW) | pass | method | time ms | peak extra MiB | speed-up vs best baseline "
-              "| achieved GB/s (roofline bytes) | achieved GFLOP/s |")
-    lines = [header, "|" + "---|" * 8]
+              "| achieved GB/s (roofline bytes) | achieved GFLOP/s | error vs float64 |")
+    lines = [header, "|" + "---|" * 9]
     groups = {}
     for r in rows:
         groups.setdefault((json.dumps(r["size"], sort_keys=True), r["pass"]), []).append(r)
@@ -205,13 +229,14 @@ def markdown_table(rows):
         label = f"{s['B']},{s['D']},{s['C']},{s['M']},{s['H']}x{s['W']}"
         for r in group:
             if "error" in r:
-                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | | | |")
+                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | | | | |")
                 continue
             speedup = f"{best / r['time_ms']:.1f}x" if best else ""
             bandwidth = f"{r['bandwidth_gbs']:.3g}" if "bandwidth_gbs" in r else ""
             rate = f"{r['gflops']:.3g}" if "gflops" in r else ""
-            lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.2f} | "
-                         f"{r['peak_extra_mib']:.1f} | {speedup} | {bandwidth} | {rate} |")
+            error = f"{r['rel_error']:.1e}" if "rel_error" in r else ""
+            lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.3f} | "
+                         f"{r['peak_extra_mib']:.1f} | {speedup} | {bandwidth} | {rate} | {error} |")
     return "\n".join(lines)
 
 
@@ -241,7 +266,7 @@ def main():
                 needed = broadcast_bytes(size, pass_name != "forward")
                 if method in ("broadcast", "reference") and needed > BROADCAST_BUDGET_BYTES:
                     skipped[len(specs)] = dict(spec, error=f"skipped: needs ~{needed / 2**30:.0f} GiB")
-                if method == "triton-tf32" and pass_name != "forward":
+                if method in TRITON_FORWARDS and pass_name != "forward":
                     skipped[len(specs)] = dict(spec, error="skipped: forward only")
                 specs.append(spec)
     # on a GPU every measurement in one process (saves a process start each); on the CPU one each
@@ -259,7 +284,7 @@ def main():
         return
     stem = harness.results_stem(args.out, "mode_distance", device)
     fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "peak_extra_mib",
-              "dmin_mib", "roofline_mib", "bandwidth_gbs", "gflop", "gflops", "runs", "error"]
+              "dmin_mib", "roofline_mib", "bandwidth_gbs", "gflop", "gflops", "rel_error", "runs", "error"]
     body = (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}); "
             f"peak extra memory is measured on a fresh process "
             f"({'max_memory_allocated' if gpu else 'RSS high-water mark'}) above the inputs. Achieved bandwidth is "

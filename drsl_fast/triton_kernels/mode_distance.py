@@ -45,8 +45,8 @@ BLOCK_PIXELS = 64
 # mode gradient (fixed, so the summation order, and the result, do not depend
 # on the launch).
 MODE_GRAD_CHUNK = 512
-# The modes of one pass of the forward: as many whole classes as fit in
-# MODE_COLUMNS columns of the product (at least one class).
+# Columns of one pass of the forward's product: classes padded to a power of
+# two of modes each, as many as fit (at least one).
 MODE_COLUMNS = 64
 
 
@@ -59,50 +59,54 @@ def _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp):
 
 
 @triton.jit
-def _mode_rows_t(modes_ptr, first_mode, columns, n_modes, channels, D):
-    """Modes first_mode + columns as a (BLOCK_D, BLOCK_K) tile, 0 outside."""
-    ok = (columns < n_modes)[None, :] & (channels < D)[:, None]
-    return tl.load(modes_ptr + (first_mode + columns)[None, :] * D + channels[:, None], mask=ok, other=0.0)
-
-
-@triton.jit
 def _forward_kernel(
     emb_ptr, modes_ptr, dmin_ptr, mstar_ptr, posterior_ptr,
     P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
-    posterior_scale, classes_per_pass, rounding,
+    posterior_scale, rounding,
     WITH_POSTERIOR: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, CLASS_SLOTS: tl.constexpr, MODE_SLOTS: tl.constexpr,
 ):
+    """Column k of a pass's product is mode k % MODE_SLOTS of the pass's class
+    k // MODE_SLOTS, so the (BLOCK_P, CLASS_SLOTS, MODE_SLOTS) view of the
+    keys ranks every class of the pass in one reduction."""
     b = tl.program_id(1).to(tl.int64)
     pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_ok = pixels < P
     channels = tl.arange(0, BLOCK_D)
     channel_ok = channels < D
-    columns = tl.arange(0, BLOCK_K)
+    columns = tl.arange(0, CLASS_SLOTS * MODE_SLOTS)
+    slots = tl.arange(0, CLASS_SLOTS)
     e = _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp)
-    for first_class in range(0, C, classes_per_pass):
-        n_classes = tl.minimum(classes_per_pass, C - first_class)
-        r_t = _mode_rows_t(modes_ptr, first_class * M, columns, n_classes * M, channels, D)
+    for first_class in range(0, C, CLASS_SLOTS):
+        n_classes = tl.minimum(CLASS_SLOTS, C - first_class)
+        mode = columns % MODE_SLOTS
+        valid = (columns // MODE_SLOTS < n_classes) & (mode < M)
+        row = (first_class + columns // MODE_SLOTS) * M + mode
+        r_t = tl.load(modes_ptr + row[None, :] * D + channels[:, None], mask=valid[None, :] & channel_ok[:, None],
+                      other=0.0)
         # the product runs on e - mu and r - mu (mu: the pass's mean mode):
         # distances do not change, the numbers (and their rounding) shrink
         mu = tl.sum(r_t, axis=1) / (n_classes * M)
-        r_t = tl.where((columns < n_classes * M)[None, :], r_t - mu[:, None], 0.0)
+        r_t = tl.where(valid[None, :], r_t - mu[:, None], 0.0)
         e_centred = e - mu[None, :]
         e_norm = tl.sqrt(tl.sum(e_centred * e_centred, axis=1))
         r_sq = tl.sum(r_t * r_t, axis=0)
         key = r_sq[None, :] - 2.0 * tl.dot(e_centred, r_t, input_precision=PRECISION)
         key = tl.where(key != key, float("-inf"), key)  # NaN ranks first
+        key = tl.where(valid[None, :], key, float("inf"))
+        key = tl.reshape(key, [BLOCK_P, CLASS_SLOTS, MODE_SLOTS])
+        best, winner = tl.min(key, axis=2, return_indices=True, return_indices_tie_break_left=True)
+        modes_of_slot = tl.arange(0, MODE_SLOTS)[None, None, :]
+        runner_up = tl.min(tl.where(modes_of_slot == winner[:, :, None], float("inf"), key), axis=2)
         # keys are exact to within `slack` (a bound on the product's rounding)
         r_norm = tl.sqrt(tl.max(r_sq, axis=0))
         slack = rounding * (2.0 * e_norm * r_norm + r_norm * r_norm)
+        unsettled = (runner_up <= best + 2.0 * slack[:, None]) & (slots < n_classes)[None, :]
         for j in range(0, n_classes):
             c = first_class + j
-            own = (columns >= j * M) & (columns < j * M + M)
-            own_key = tl.where(own[None, :], key, float("inf"))
-            best, winner = tl.min(own_key, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            runner_up = tl.min(tl.where(columns[None, :] == winner[:, None], float("inf"), own_key), axis=1)
-            winner = winner - j * M
-            if tl.max((runner_up - best <= 2.0 * slack).to(tl.int32)) > 0:
+            mine = (slots == j)[None, :]
+            class_winner = tl.sum(tl.where(mine, winner, 0), axis=1)
+            if tl.max(tl.where(mine, unsettled, False).to(tl.int32)) > 0:
                 # a near-tie the product cannot settle: rank this class's modes
                 # directly, for the whole block (ties keep the lowest mode)
                 exact = tl.full([BLOCK_P], float("inf"), tl.float32)
@@ -112,15 +116,15 @@ def _forward_kernel(
                     dist = tl.sum(diff * diff, axis=1)
                     closer = replaces_min(dist, exact) | (m == 0)
                     exact = tl.where(closer, dist, exact)
-                    winner = tl.where(closer, m, winner)
+                    class_winner = tl.where(closer, m, class_winner)
             # dmin recomputed directly from the winning mode (no cancellation)
-            r = tl.load(modes_ptr + (c * M + winner)[:, None] * D + channels[None, :],
+            r = tl.load(modes_ptr + (c * M + class_winner)[:, None] * D + channels[None, :],
                         mask=channel_ok[None, :], other=0.0)
             diff = e - r
             dmin = tl.sum(diff * diff, axis=1)
             out = b * out_sb + c * out_sc + pixels * out_sp
             tl.store(dmin_ptr + out, dmin, mask=pixel_ok)
-            tl.store(mstar_ptr + out, winner.to(tl.uint8), mask=pixel_ok)
+            tl.store(mstar_ptr + out, class_winner.to(tl.uint8), mask=pixel_ok)
             if WITH_POSTERIOR:
                 tl.store(posterior_ptr + out, tl.exp(posterior_exponent(dmin, posterior_scale)), mask=pixel_ok)
 
@@ -224,13 +228,14 @@ def forward(emb, modes, dmin, mstar, posterior, posterior_scale, precision="ieee
     """Fills dmin, mstar and (if not None) posterior. ``modes`` is fp32, contiguous."""
     bdp, B, shape = _shape_arguments(emb, modes)
     P, C, M, D = shape[:4]
-    classes_per_pass = _classes_per_pass(C, M)
-    rounding = (D + 4) * UNIT_ROUNDING[precision]
+    mode_slots = triton.next_power_of_2(M)
+    class_slots = max(1, MODE_COLUMNS // mode_slots)
+    while class_slots > 1 and (class_slots // 2) * mode_slots >= 16 and class_slots // 2 >= C:
+        class_slots //= 2  # fewer classes than slots: a narrower product
     launch(_forward_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
-        bdp, modes, dmin, mstar, dmin if posterior is None else posterior,
-        *shape, posterior_scale, classes_per_pass, rounding,
-        WITH_POSTERIOR=posterior is not None, PRECISION=precision,
-        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D), BLOCK_K=mode_block(classes_per_pass * M),
+        bdp, modes, dmin, mstar, dmin if posterior is None else posterior, *shape, posterior_scale,
+        (D + 4) * UNIT_ROUNDING[precision], WITH_POSTERIOR=posterior is not None, PRECISION=precision,
+        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D), CLASS_SLOTS=class_slots, MODE_SLOTS=mode_slots,
     )
 
 
