@@ -12,6 +12,7 @@ Methods:
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
   cpu / cuda / triton   drsl_fast's fused backends
   triton-tf32  the Triton forward ranking modes on tf32 tensor cores
+  triton-pXwY  the Triton forward with X pixels per program and Y warps
   triton-flat  a variant of the Triton forward (bench/variants), compared
 
 Each row also states the roofline: the bytes the op must move and its FLOPs
@@ -96,23 +97,48 @@ def keops_min(e, r):
     return dmin.reshape(e.shape[0], e.shape[2], e.shape[3], C)
 
 
-def triton_launcher(kernels, precision):
-    """A Triton forward launcher as a method (forward only): the library's
+class Retiled:
+    """A ``launch`` for the Triton launchers that runs their kernel with
+    ``pixels`` pixels per program (a multiple or fraction of the launcher's
+    64, its grid rescaled to match) and ``warps`` warps."""
+
+    def __init__(self, pixels, warps):
+        self.pixels, self.warps = pixels, warps
+
+    def __call__(self, kernel):
+        def with_grid(grid):
+            blocks = -(-grid[0] * 64 // self.pixels) if self.pixels <= 64 else -(-grid[0] // (self.pixels // 64))
+
+            def run(*args, **kwargs):
+                kwargs["BLOCK_P"] = self.pixels
+                return kernel[(blocks,) + tuple(grid[1:])](*args, num_warps=self.warps, **kwargs)
+            return run
+        return type("Launch", (), {"__getitem__": lambda _, grid: with_grid(grid)})()
+
+
+def triton_launcher(kernels, precision, pixels=64, warps=4):
+    """A Triton forward launcher as a method (forward only): the library's,
     with its ranking product on tf32 tensor cores (its opt-in; dmin is still
-    recomputed exactly), or a variant kept in bench/variants."""
+    recomputed exactly) or other tiles, or a variant kept in bench/variants."""
     def run(e, r):
         import torch
 
         shape = (e.shape[0], r.shape[0], e.shape[2], e.shape[3])
         dmin = torch.empty(shape, device=e.device)
-        kernels.forward(e, r, dmin, torch.empty(shape, dtype=torch.uint8, device=e.device), None, 0.0, precision)
+        kernels.forward(e, r, dmin, torch.empty(shape, dtype=torch.uint8, device=e.device), None, 0.0, precision,
+                        launch=Retiled(pixels, warps))
         return dmin
     return run
 
 
-# forward-only Triton methods: name -> (module, precision of the ranking product)
-TRITON_FORWARDS = {"triton-tf32": ("drsl_fast.triton_kernels.mode_distance", "tf32"),
-                   "triton-flat": ("variants.mode_distance_flat", "ieee")}
+LIBRARY = "drsl_fast.triton_kernels.mode_distance"
+# forward-only Triton methods: name -> (module, precision of the ranking product, pixels per program, warps)
+TRITON_FORWARDS = {"triton-tf32": (LIBRARY, "tf32", 64, 4),
+                   "triton-p32w4": (LIBRARY, "ieee", 32, 4),
+                   "triton-p64w8": (LIBRARY, "ieee", 64, 8),
+                   "triton-p128w4": (LIBRARY, "ieee", 128, 4),
+                   "triton-p128w8": (LIBRARY, "ieee", 128, 8),
+                   "triton-flat": ("variants.mode_distance_flat", "ieee", 64, 4)}
 
 
 def build_method(name, backend_device):
@@ -139,8 +165,8 @@ def build_method(name, backend_device):
     if name in TRITON_FORWARDS:
         import importlib
 
-        module, precision = TRITON_FORWARDS[name]
-        return triton_launcher(importlib.import_module(module), precision)
+        module, precision, pixels, warps = TRITON_FORWARDS[name]
+        return triton_launcher(importlib.import_module(module), precision, pixels, warps)
     return lambda e, r: drsl_fast.mode_distance(e, r, backend=name).dmin
 
 
