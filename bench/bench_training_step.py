@@ -81,18 +81,12 @@ def measure(spec):
         os.environ[BACKEND_VARIABLE] = "reference"
     else:
         os.environ.pop(BACKEND_VARIABLE, None)
-    import contextlib
-
     import torch
 
-    from drsl_fast.memory_model import amp_dtype, simulated_batch
-    from drsl_fast.train.loop import drsl_loss, step_loss
-    from drsl_fast.train.network import build_network
-    from drsl_fast.train.settings import Settings
+    from drsl_fast.memory_model import amp_dtype
 
     device = torch.device(spec["device"])
     setting = setting_of(spec)
-    config = setting.config()
     dtype = amp_dtype(setting.amp)
     harness.warm_up_runtime(device)
     warm_up_step(setting, device, dtype)
@@ -100,7 +94,33 @@ def measure(spec):
     baseline = harness.current_rss_bytes()
     # on a GPU: what earlier variants of this process left allocated (should be ~0), counted in the peak
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    settings = Settings.of(config)
+    step = training_step(setting, device, dtype)
+
+    with harness.PeakMemory(device) as memory:
+        for _ in range(2):
+            step()
+    peak = memory.total if device.type == "cuda" else memory.total - baseline
+    timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
+    from drsl_fast.backends import resolve
+
+    return dict(spec, peak_mib=peak / harness.MIB, resident_mib=resident / harness.MIB,
+                backend=resolve(None, device), **timing)
+
+
+def training_step(setting, device, dtype):
+    """A closure running one training step of ``setting`` (forward through
+    ``step_loss``, backward, SGD with momentum) on a freshly built network and
+    a fixed simulated batch; the loss draws of step i use seed i."""
+    import contextlib
+
+    import torch
+
+    from drsl_fast.memory_model import simulated_batch
+    from drsl_fast.train.loop import drsl_loss, step_loss
+    from drsl_fast.train.network import build_network
+    from drsl_fast.train.settings import Settings
+
+    settings = Settings.of(setting.config())
     network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).to(device).train()
     optimizer = torch.optim.SGD(network.parameter_groups(5e-5), lr=5e-5, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -119,15 +139,7 @@ def measure(spec):
         scaler.step(optimizer)
         scaler.update()
 
-    with harness.PeakMemory(device) as memory:
-        for _ in range(2):
-            step()
-    peak = memory.total if device.type == "cuda" else memory.total - baseline
-    timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
-    from drsl_fast.backends import resolve
-
-    return dict(spec, peak_mib=peak / harness.MIB, resident_mib=resident / harness.MIB,
-                backend=resolve(None, device), **timing)
+    return step
 
 
 def warm_up_step(setting, device, dtype) -> None:
