@@ -219,9 +219,17 @@ def mode_block(n_modes: int) -> int:
     return max(16, triton.next_power_of_2(n_modes))
 
 
-# Relative rounding of one product entry, per channel of the reduction
-# (unit roundoff of the operands' precision, with room for the accumulation).
-UNIT_ROUNDING = {"ieee": 2.0**-23, "tf32": 2.0**-10}
+# Rounding of the operands of the ranking product, relative: none in fp32,
+# both operands rounded (or truncated) to tf32's 10 mantissa bits.
+OPERAND_ROUNDING = {"ieee": 0.0, "tf32": 2.0**-9}
+
+
+def key_rounding(precision: str, D: int) -> float:
+    """A bound, relative to 2 ||e|| ||r|| + ||r||^2, on the error of a key
+    ||r||^2 - 2 e.r: the operands' rounding plus fp32 products summed over D
+    channels (at most (D + 1) units of 2^-24 relative to the sum of |terms|,
+    which Cauchy-Schwarz bounds by ||e|| ||r||), with a factor 2 to spare."""
+    return 2.0 * (OPERAND_ROUNDING[precision] + (D + 1) * 2.0**-24)
 
 
 def forward(emb, modes, dmin, mstar, posterior, posterior_scale, precision="ieee", launch=lambda kernel: kernel):
@@ -234,7 +242,7 @@ def forward(emb, modes, dmin, mstar, posterior, posterior_scale, precision="ieee
         class_slots //= 2  # fewer classes than slots: a narrower product
     launch(_forward_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
         bdp, modes, dmin, mstar, dmin if posterior is None else posterior, *shape, posterior_scale,
-        (D + 4) * UNIT_ROUNDING[precision], WITH_POSTERIOR=posterior is not None, PRECISION=precision,
+        key_rounding(precision, D), WITH_POSTERIOR=posterior is not None, PRECISION=precision,
         BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D), CLASS_SLOTS=class_slots, MODE_SLOTS=mode_slots,
     )
 
