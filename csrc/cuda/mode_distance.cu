@@ -1,14 +1,34 @@
-// CUDA backend of the mode-distance op (docs/method.md §3): first the device
-// kernels, free of ATen, then their launchers. kernels/cuda/pascal_sm61.cu
-// compiles the kernels alone for sm_61 (it defines DRSL_FAST_KERNELS_ONLY).
+// CUDA backend of the mode-distance op (docs/method.md §3, contract in §10.2):
+// first the device kernels, free of ATen, then their launchers.
+// kernels/cuda/pascal_sm61.cu compiles the kernels alone for sm_61 (it defines
+// DRSL_FAST_KERNELS_ONLY); they use plain fp32 (fp64 for fp64 input) FMA, no
+// tensor cores, because the GTX 1080 Ti has none.
 //
-// For embedding e and mode centres r[c, m]:
-//   d[c, m]  = ||e - r[c, m]||^2
-//   dmin[c]  = min_m d[c, m],  mstar[c] = argmin_m d[c, m] (ties: lowest m)
-//   P[c]     = exp(-dmin[c] / (2 sigma^2))     (optional, fused)
-// Backward flows only through the winning mode:
-//   dL/de        = 2 sum_c g[c] (e - r[c, mstar[c]])
-//   dL/dr[c, m]  = 2 sum_{pixels with mstar[c] == m} g[c] (r[c, m] - e)
+// The maths. For one pixel embedding e (a D-vector) and the K = C*M mode
+// centres r[k], k = c*M + m (docs/method.md §3):
+//   d[k]     = ||e - r[k]||^2 = sum_j (e_j - r[k]_j)^2
+//   dmin[c]  = min_m d[c*M + m],  mstar[c] = argmin_m (ties: lowest m)
+//   P[c]     = exp(-dmin[c] / (2 sigma^2))                        (optional)
+// The backward reaches the winning mode only:
+//   dL/de_j       = 2 sum_c g[c] (e_j - r[c*M + mstar[c]]_j)
+//   dL/dr[k]_j    = 2 sum_pixels a[k] (r[k]_j - e_j),  a[c*M + m] = g[c] if m == mstar[c], else 0
+//
+// Over a tile of pixels, d[k] for all (pixel, mode) pairs is a product-shaped
+// computation: (pixels x D) against (D x modes), with (e - r)^2 in place of
+// e * r. We keep the difference form rather than ||e||^2 - 2 e.r + ||r||^2:
+// it costs one FSUB more per term but never cancels, so dmin carries only
+// the rounding of a plain sum of squares, added channel by channel in order.
+// The mode gradient is likewise a product, of the one-hot weights a
+// (modes x pixels) with (r - e), each term in difference form.
+//
+// Register tiling (Tiling below). A block of 128 threads is a 16 x 8 grid:
+// 16 threads along the pixels (forward) or the channels (mode gradient), 8
+// along the modes. A thread owns two runs of kVec adjacent modes, half a tile
+// apart, and in the forward two such runs of pixels, in the mode gradient one
+// run of channels (kVec = 4 for fp32, 2 for fp64: 16 bytes). Every
+// shared-memory read of the inner loops is one 16-byte access: the 16 threads
+// of a half warp read 256 contiguous bytes (two wavefronts, the least there
+// can be), and the two mode groups of a warp read broadcasts.
 #include <cstdint>
 
 #include "../../kernels/cuda/load_store.cuh"
@@ -18,125 +38,312 @@
 namespace drsl_fast {
 namespace cuda {
 
-constexpr int kForwardThreads = 128;
-constexpr int kGradEmbThreads = 128;
+constexpr int kThreads = 128;
+constexpr int kColumnThreads = 16;  // threads along pixels (forward) or channels (mode gradient)
+constexpr int kModeThreads = 8;     // threads along modes
+static_assert(kColumnThreads * kModeThreads == kThreads, "the 16 x 8 thread grid is the block");
+
 // Pixels summed by one block of the mode-gradient kernel. Fixed, so the
 // reduction order (and therefore the result) does not depend on the GPU.
-constexpr int kModeGradChunk = 1024;
-// Modes are staged in shared memory when C*M*D*sizeof(acc_t) fits this budget.
-constexpr int kModesSharedBytes = 32 * 1024;
+constexpr int kModeGradChunk = 256;
+// The grad_emb kernel stages all C*M mode rows in shared memory when they fit
+// this budget (the default limit of dynamic shared memory), else reads them
+// from global memory (L1/L2 resident: they are small and read by every block).
+constexpr int kModesSharedBytes = 48 * 1024;
 
-// One thread per pixel; grid = (ceil(P / blockDim), B).
+template <typename acc_t>
+struct Tiling {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(acc_t));  // values in one 16-byte access
+  static constexpr int kPixels = kColumnThreads * 2 * kVec;            // forward: pixels per block (128 / 64)
+  static constexpr int kModes = kModeThreads * 2 * kVec;                // modes per pass (64 / 32), >= kMaxModes
+  static constexpr int kDepth = 16;                                     // forward: channels per staging step
+  static constexpr int kChannels = kColumnThreads * kVec;               // mode gradient: channels per block (64 / 32)
+  static constexpr int kGradPixels = 32;                                // mode gradient: pixels per staging step
+  static constexpr int kGradEmbDepth = 128 / static_cast<int>(sizeof(acc_t));  // grad_emb: channels per pass
+};
+
+// The i-th of the 2 * kVec pixels or modes a thread owns in a tile of kTile:
+// two runs of kVec, half a tile apart; `group` is the thread's index along that axis.
+template <int kVec, int kTile>
+__device__ __forceinline__ int owned(int group, int i) {
+  return (i / kVec) * (kTile / 2) + group * kVec + i % kVec;
+}
+
+// kVec values from 16-byte aligned shared memory, in one access.
+__device__ __forceinline__ void load_vec(const float* src, float* v) {
+  const float4 t = *reinterpret_cast<const float4*>(src);
+  v[0] = t.x;
+  v[1] = t.y;
+  v[2] = t.z;
+  v[3] = t.w;
+}
+__device__ __forceinline__ void load_vec(const double* src, double* v) {
+  const double2 t = *reinterpret_cast<const double2*>(src);
+  v[0] = t.x;
+  v[1] = t.y;
+}
+
+// Stages emb[b, d0 + d, p0 + p] for d < kDepth, p < kPixels as acc_t at
+// dst[d * d_stride + p * p_stride]; zero outside channel D and pixel `end`.
+// Consecutive threads read consecutive addresses: along the pixels where
+// pixels are adjacent in memory ((B, D, H, W) contiguous), else along the
+// channels (channels-last, (N, D)).
+template <int kDepth, int kPixels, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_embeddings(acc_t* dst, int d_stride, int p_stride, const scalar_t* emb,
+                                                 PixelLayout layout, int64_t b, int d0, int D, int64_t p0,
+                                                 int64_t end) {
+  const bool pixels_adjacent = layout.pixel == 1;
+  for (int i = threadIdx.x; i < kDepth * kPixels; i += kThreads) {
+    const int d = pixels_adjacent ? i / kPixels : i % kDepth;
+    const int p = pixels_adjacent ? i % kPixels : i / kDepth;
+    acc_t v = acc_t(0);
+    if (d0 + d < D && p0 + p < end) v = load_as<acc_t>(emb[layout.offset(b, d0 + d, p0 + p)]);
+    dst[d * d_stride + p * p_stride] = v;
+  }
+}
+
+// Forward. grid = (ceil(P / kPixels), B). A block takes kPixels pixels of one
+// image and goes over the classes in passes of floor(kModes / M) whole classes
+// (one pass at C*M <= kModes). A pass accumulates the thread's 2kVec x 2kVec
+// block of squared distances over the channels, kDepth at a time staged in
+// shared memory (pixels x channels and channels x modes); then it parks the
+// tile of distances in shared memory (reusing the staging space), and each
+// thread takes (class, pixel) pairs, consecutive pixels on consecutive
+// threads, for the min over the class's M modes and the coalesced stores.
 template <typename scalar_t, typename acc_t>
-__global__ void mode_distance_forward_kernel(
+__global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
-    bool modes_in_shared,
     acc_t* __restrict__ dmin, uint8_t* __restrict__ mstar,
     acc_t* __restrict__ posterior, acc_t posterior_scale, PixelLayout out_layout) {
-  extern __shared__ unsigned char shared_bytes[];
+  using T = Tiling<acc_t>;
+  constexpr int V = T::kVec;
+  // Rows padded by 16 bytes: staging writes that walk down a column spread over banks.
+  constexpr int kEmbRow = T::kPixels + V;
+  constexpr int kModeRow = T::kModes + V;
+  constexpr int kStaged = T::kDepth * (kEmbRow + kModeRow);
+  constexpr int kDistances = T::kModes * T::kPixels;
+  __shared__ __align__(16) acc_t shared[kStaged > kDistances ? kStaged : kDistances];
+  acc_t* const emb_tile = shared;                         // [kDepth][kEmbRow]
+  acc_t* const mode_tile = shared + T::kDepth * kEmbRow;  // [kDepth][kModeRow]
+  acc_t* const dist_tile = shared;                        // [kModes][kPixels], after the channel loop
+
+  const int px = threadIdx.x % kColumnThreads, my = threadIdx.x / kColumnThreads;
+  const int64_t b = blockIdx.y, p0 = static_cast<int64_t>(blockIdx.x) * T::kPixels;
+  const int classes_per_pass = T::kModes / M;
+
+  for (int c0 = 0; c0 < C; c0 += classes_per_pass) {
+    const int classes = min(classes_per_pass, C - c0);
+    const int pass_modes = classes * M;
+    const acc_t* pass_centres = modes + static_cast<int64_t>(c0) * M * D;
+
+    acc_t acc[2 * V][2 * V];
+#pragma unroll
+    for (int i = 0; i < 2 * V; ++i)
+#pragma unroll
+      for (int j = 0; j < 2 * V; ++j) acc[i][j] = acc_t(0);
+
+    for (int d0 = 0; d0 < D; d0 += T::kDepth) {
+      __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
+      stage_embeddings<T::kDepth, T::kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P);
+      for (int i = threadIdx.x; i < T::kDepth * T::kModes; i += kThreads) {
+        const int d = i % T::kDepth, k = i / T::kDepth;
+        mode_tile[d * kModeRow + k] =
+            (d0 + d < D && k < pass_modes) ? pass_centres[static_cast<int64_t>(k) * D + d0 + d] : acc_t(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int d = 0; d < T::kDepth; ++d) {
+        acc_t x[2 * V], r[2 * V];
+        load_vec(emb_tile + d * kEmbRow + px * V, x);
+        load_vec(emb_tile + d * kEmbRow + T::kPixels / 2 + px * V, x + V);
+        load_vec(mode_tile + d * kModeRow + my * V, r);
+        load_vec(mode_tile + d * kModeRow + T::kModes / 2 + my * V, r + V);
+#pragma unroll
+        for (int i = 0; i < 2 * V; ++i)
+#pragma unroll
+          for (int j = 0; j < 2 * V; ++j) {
+            const acc_t t = x[i] - r[j];
+            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros
+          }
+      }
+    }
+
+    __syncthreads();  // the staged tiles are read; the distances take their place
+#pragma unroll
+    for (int i = 0; i < 2 * V; ++i)
+#pragma unroll
+      for (int j = 0; j < 2 * V; ++j)
+        dist_tile[owned<V, T::kModes>(my, j) * T::kPixels + owned<V, T::kPixels>(px, i)] = acc[i][j];
+    __syncthreads();
+
+    for (int i = threadIdx.x; i < classes * T::kPixels; i += kThreads) {
+      const int cl = i / T::kPixels, p = i % T::kPixels;
+      if (p0 + p >= P) continue;
+      const acc_t* d_class = dist_tile + cl * M * T::kPixels + p;
+      acc_t best = d_class[0];
+      int best_mode = 0;
+      for (int m = 1; m < M; ++m) {
+        const acc_t v = d_class[m * T::kPixels];
+        if (replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
+          best = v;
+          best_mode = m;
+        }
+      }
+      const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
+      dmin[o] = best;
+      mstar[o] = static_cast<uint8_t>(best_mode);
+      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+    }
+    // The next pass's first __syncthreads (or, at D = 0, the one before the
+    // distances are parked) waits for these reads of dist_tile.
+  }
+}
+
+// dL/de. grid = (ceil(P / kThreads), B), one thread per pixel, consecutive
+// pixels on consecutive threads (coalesced for (B, D, H, W) contiguous). The
+// mode rows are staged in dynamic shared memory when modes_in_shared, with an
+// odd row stride so that threads gathering different winning rows at the same
+// channel hit different banks. A thread keeps kGradEmbDepth channels of its
+// embedding and of the gradient in registers and runs over the classes.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) mode_distance_grad_emb_kernel(
+    const acc_t* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar, PixelLayout out_layout,
+    const scalar_t* __restrict__ emb, PixelLayout emb_layout,
+    const acc_t* __restrict__ modes, int C, int M, int D, int64_t P, bool modes_in_shared,
+    scalar_t* __restrict__ grad_emb, PixelLayout grad_layout) {
+  constexpr int kDepth = Tiling<acc_t>::kGradEmbDepth;
+  extern __shared__ __align__(16) unsigned char grad_emb_shared[];
   const acc_t* centres = modes;
+  int64_t row = D;
   if (modes_in_shared) {
-    acc_t* staged = reinterpret_cast<acc_t*>(shared_bytes);
-    for (int i = threadIdx.x; i < C * M * D; i += blockDim.x) staged[i] = modes[i];
+    acc_t* staged = reinterpret_cast<acc_t*>(grad_emb_shared);
+    row = D | 1;
+    for (int i = threadIdx.x; i < C * M * D; i += kThreads) staged[(i / D) * row + i % D] = modes[i];
     __syncthreads();
     centres = staged;
   }
   const int64_t b = blockIdx.y, p = thread_index();
   if (p >= P) return;
   const scalar_t* e = emb + emb_layout.offset(b, 0, p);
-
-  for (int c = 0; c < C; ++c) {
-    acc_t dist[kMaxModes];
-#pragma unroll
-    for (int m = 0; m < kMaxModes; ++m) dist[m] = acc_t(0);
-    const acc_t* r = centres + static_cast<int64_t>(c) * M * D;
-    for (int d = 0; d < D; ++d) {
-      const acc_t x = load_as<acc_t>(e[d * emb_layout.channel]);
-#pragma unroll
-      for (int m = 0; m < kMaxModes; ++m) {
-        if (m < M) {
-          const acc_t t = x - r[m * D + d];
-          dist[m] += t * t;
-        }
-      }
-    }
-    acc_t best = dist[0];
-    int best_mode = 0;
-#pragma unroll
-    for (int m = 1; m < kMaxModes; ++m) {
-      if (m < M && replaces_min(dist[m], best)) {  // ties keep the lowest mode; NaN wins
-        best = dist[m];
-        best_mode = m;
-      }
-    }
-    const int64_t o = out_layout.offset(b, c, p);
-    dmin[o] = best;
-    mstar[o] = static_cast<uint8_t>(best_mode);
-    if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
-  }
-}
-
-// dL/de, one thread per pixel; grid = (ceil(P / blockDim), B).
-template <typename scalar_t, typename acc_t>
-__global__ void mode_distance_grad_emb_kernel(
-    const acc_t* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar, PixelLayout out_layout,
-    const scalar_t* __restrict__ emb, PixelLayout emb_layout,
-    const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
-    scalar_t* __restrict__ grad_emb, PixelLayout grad_layout) {
-  const int64_t b = blockIdx.y, p = thread_index();
-  if (p >= P) return;
-  const scalar_t* e = emb + emb_layout.offset(b, 0, p);
   scalar_t* ge = grad_emb + grad_layout.offset(b, 0, p);
   const int64_t o = out_layout.offset(b, 0, p);
-  for (int d = 0; d < D; ++d) {
-    const acc_t x = load_as<acc_t>(e[d * emb_layout.channel]);
-    acc_t acc = acc_t(0);
-    for (int c = 0; c < C; ++c) {
-      const int64_t oc = o + c * out_layout.channel;
-      const acc_t g = grad_dmin[oc];
-      const acc_t r = modes[(static_cast<int64_t>(c) * M + mstar[oc]) * D + d];
-      acc += g * (x - r);
+
+  for (int d0 = 0; d0 < D; d0 += kDepth) {
+    const int n = min(kDepth, D - d0);
+    acc_t x[kDepth], acc[kDepth];
+#pragma unroll
+    for (int j = 0; j < kDepth; ++j) {
+      x[j] = j < n ? load_as<acc_t>(e[(d0 + j) * emb_layout.channel]) : acc_t(0);
+      acc[j] = acc_t(0);
     }
-    ge[d * grad_layout.channel] = store_as<scalar_t>(acc_t(2) * acc);
+    // The next class's gradient and winner are loaded while this class's row is used.
+    acc_t g_next = grad_dmin[o];
+    int winner_next = mstar[o];
+    for (int c = 0; c < C; ++c) {
+      const acc_t g = g_next;
+      const acc_t* r = centres + (static_cast<int64_t>(c) * M + winner_next) * row + d0;
+      if (c + 1 < C) {
+        const int64_t oc = o + (c + 1) * out_layout.channel;
+        g_next = grad_dmin[oc];
+        winner_next = mstar[oc];
+      }
+#pragma unroll
+      for (int j = 0; j < kDepth; ++j)
+        if (j < n) acc[j] += g * (x[j] - r[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kDepth; ++j)
+      if (j < n) ge[(d0 + j) * grad_layout.channel] = store_as<scalar_t>(acc_t(2) * acc[j]);
   }
 }
 
-// Partial dL/dr over one chunk of kModeGradChunk pixels of one image, for one
-// class; thread d owns channel d (blockDim >= D). Writes
-// partial[(b * chunks + chunk), c, m, d]; the host sums partials over their
-// first axis in a fixed order, so the mode gradient is deterministic.
-// grid = (chunks, C, B).
+// Partial dL/dr over one chunk of kModeGradChunk pixels of one image:
+// partial[b * chunks + chunk, c, m, d] for the classes of one pass (as in the
+// forward: floor(kModes / M) whole classes) and kChannels channels.
+// grid = (chunks, passes * channel_blocks, B). The thread owns 2kVec modes x
+// kVec channels of the sum, with the matching centres in registers; pixels
+// come in steps of kGradPixels, staged in shared memory as the one-hot
+// weights a (pixels x modes) and the embeddings (pixels x channels). Every
+// thread adds its pixels in order, so the partial is deterministic; the host
+// sums the partials over their first axis in a fixed order.
 template <typename scalar_t, typename acc_t>
-__global__ void mode_distance_grad_modes_kernel(
+__global__ void __launch_bounds__(kThreads, 3) mode_distance_grad_modes_kernel(
     const acc_t* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar, PixelLayout out_layout,
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
     acc_t* __restrict__ partial) {
-  const int d = threadIdx.x;
-  if (d >= D) return;
-  const int c = blockIdx.y;
-  const int64_t b = blockIdx.z;
-  const int64_t chunk = blockIdx.x;
+  using T = Tiling<acc_t>;
+  constexpr int V = T::kVec;
+  constexpr int kWeightRow = T::kModes + V;
+  constexpr int kEmbRow = T::kChannels + V;
+  __shared__ __align__(16) acc_t weight_tile[T::kGradPixels * kWeightRow];  // [pixel][mode]
+  __shared__ __align__(16) acc_t emb_tile[T::kGradPixels * kEmbRow];        // [pixel][channel]
+
+  const int cx = threadIdx.x % kColumnThreads, my = threadIdx.x / kColumnThreads;
+  const int channel_blocks = (D + T::kChannels - 1) / T::kChannels;
+  const int c0 = static_cast<int>(blockIdx.y / channel_blocks) * (T::kModes / M);
+  const int d0 = static_cast<int>(blockIdx.y % channel_blocks) * T::kChannels;
+  const int classes = min(T::kModes / M, C - c0);
+  const int pass_modes = classes * M;
+  const int64_t b = blockIdx.z, chunk = blockIdx.x;
   const int64_t begin = chunk * kModeGradChunk;
   const int64_t end = begin + kModeGradChunk < P ? begin + kModeGradChunk : P;
 
-  acc_t sum[kMaxModes];
+  acc_t centre[2 * V][V], acc[2 * V][V];
 #pragma unroll
-  for (int m = 0; m < kMaxModes; ++m) sum[m] = acc_t(0);
-  const acc_t* r = modes + static_cast<int64_t>(c) * M * D + d;
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t o = out_layout.offset(b, c, p);
-    const acc_t g = grad_dmin[o];
-    const int winner = mstar[o];
-    const acc_t x = load_as<acc_t>(emb[emb_layout.offset(b, d, p)]);
+  for (int i = 0; i < 2 * V; ++i) {
+    const int k = owned<V, T::kModes>(my, i);
 #pragma unroll
-    for (int m = 0; m < kMaxModes; ++m) {
-      if (m == winner) sum[m] += g * (r[m * D] - x);
+    for (int j = 0; j < V; ++j) {
+      const int d = d0 + cx * V + j;
+      centre[i][j] = (k < pass_modes && d < D) ? modes[(static_cast<int64_t>(c0) * M + k) * D + d] : acc_t(0);
+      acc[i][j] = acc_t(0);
     }
   }
-  acc_t* out = partial + ((b * gridDim.x + chunk) * C + c) * static_cast<int64_t>(M) * D + d;
-  for (int m = 0; m < M; ++m) out[m * D] = acc_t(2) * sum[m];
+
+  // Columns past the pass's modes stay zero; the steps write only the others.
+  for (int i = threadIdx.x; i < T::kGradPixels * T::kModes; i += kThreads)
+    weight_tile[i / T::kModes * kWeightRow + i % T::kModes] = acc_t(0);
+
+  for (int64_t q0 = begin; q0 < end; q0 += T::kGradPixels) {
+    const int n = static_cast<int>(end - q0 < T::kGradPixels ? end - q0 : T::kGradPixels);
+    __syncthreads();  // the previous step's readers are done (and the zeros are written)
+    // Row p of the weights: g[c] at column c*M + mstar[c], zero at the class's other modes.
+    for (int i = threadIdx.x; i < T::kGradPixels * classes; i += kThreads) {
+      const int p = i % T::kGradPixels, cl = i / T::kGradPixels;
+      if (p >= n) continue;
+      const int64_t o = out_layout.offset(b, c0 + cl, q0 + p);
+      const int winner = mstar[o];
+      const acc_t g = grad_dmin[o];
+      acc_t* row = weight_tile + p * kWeightRow + cl * M;
+      for (int m = 0; m < M; ++m) row[m] = m == winner ? g : acc_t(0);
+    }
+    stage_embeddings<T::kChannels, T::kGradPixels>(emb_tile, 1, kEmbRow, emb, emb_layout, b, d0, D, q0, end);
+    __syncthreads();
+#pragma unroll 1  // unrolling it makes ptxas spill (168-register cap of 3 blocks per SM)
+    for (int p = 0; p < n; ++p) {
+      acc_t a[2 * V], x[V];
+      load_vec(weight_tile + p * kWeightRow + my * V, a);
+      load_vec(weight_tile + p * kWeightRow + T::kModes / 2 + my * V, a + V);
+      load_vec(emb_tile + p * kEmbRow + cx * V, x);
+#pragma unroll
+      for (int i = 0; i < 2 * V; ++i)
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[i][j] += a[i] * (centre[i][j] - x[j]);
+    }
+  }
+
+  acc_t* out = partial + ((b * gridDim.x + chunk) * C + c0) * static_cast<int64_t>(M) * D;
+#pragma unroll
+  for (int i = 0; i < 2 * V; ++i) {
+    const int k = owned<V, T::kModes>(my, i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int d = d0 + cx * V + j;
+      if (k < pass_modes && d < D) out[static_cast<int64_t>(k) * D + d] = acc_t(2) * acc[i][j];
+    }
+  }
 }
 
 }  // namespace cuda
@@ -163,12 +370,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
   if (out.dmin.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t modes_bytes = static_cast<size_t>(p.C * p.M * p.D) * sizeof(acc_t);
-    const bool in_shared = modes_bytes <= cuda::kModesSharedBytes;
     launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, acc_t>,
-           pixel_grid("mode_distance", p.P, p.B, cuda::kForwardThreads), cuda::kForwardThreads,
-           in_shared ? modes_bytes : 0, cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(),
-           p.C, p.M, p.D, p.P, in_shared, out.dmin.mutable_data_ptr<acc_t>(), out.mstar.mutable_data_ptr<uint8_t>(),
+           pixel_grid("mode_distance", p.P, p.B, cuda::Tiling<acc_t>::kPixels), cuda::kThreads, 0,
+           cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P,
+           out.dmin.mutable_data_ptr<acc_t>(), out.mstar.mutable_data_ptr<uint8_t>(),
            sigma ? out.posterior.mutable_data_ptr<acc_t>() : nullptr, sigma ? posterior_scale<acc_t>(*sigma) : acc_t(0),
            per_class_layout(emb, p.C));
   });
@@ -182,7 +387,6 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor&
   const ModeDistanceProblem p = mode_distance_problem(emb, modes_in);
   at::Tensor grad_dmin, mstar;
   std::tie(grad_dmin, mstar) = backward_inputs(grad_dmin_in, mstar_in, emb, p);
-  TORCH_CHECK(p.D <= 1024, "mode_distance_backward (cuda): D must be <= 1024, got ", p.D);
   const PixelLayout out_layout = per_class_layout(emb, p.C);
 
   at::Tensor grad_emb = emb_requires_grad ? empty_like_pixel_viewable(emb) : at::empty({0}, emb.options());
@@ -194,22 +398,35 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor&
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using Tile = cuda::Tiling<acc_t>;
     if (emb_requires_grad) {
       at::Tensor grad_bdp = as_bdp(grad_emb);
+      // Mode rows padded to an odd length in shared memory (see the kernel).
+      const int64_t modes_bytes = p.C * p.M * (p.D | 1) * static_cast<int64_t>(sizeof(acc_t));
+      const bool in_shared = modes_bytes <= cuda::kModesSharedBytes;
       launch(cuda::mode_distance_grad_emb_kernel<cuda_type<scalar_t>, acc_t>,
-             pixel_grid("mode_distance_backward", p.P, p.B, cuda::kGradEmbThreads), cuda::kGradEmbThreads, 0,
-             grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout,
-             cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P,
-             mutable_cuda_ptr<scalar_t>(grad_bdp), layout_of(grad_bdp));
+             pixel_grid("mode_distance_backward", p.P, p.B, cuda::kThreads), cuda::kThreads,
+             in_shared ? static_cast<size_t>(modes_bytes) : 0, grad_dmin.const_data_ptr<acc_t>(),
+             mstar.const_data_ptr<uint8_t>(), out_layout, cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp),
+             p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P, in_shared, mutable_cuda_ptr<scalar_t>(grad_bdp),
+             layout_of(grad_bdp));
     }
     if (modes_requires_grad) {
       const int64_t chunks = blocks_for(p.P, cuda::kModeGradChunk);
-      TORCH_CHECK(p.B <= 65535 && p.C <= 65535, "mode_distance_backward (cuda): B and C must be <= 65535");
+      const int64_t classes_per_pass = Tile::kModes / p.M;
+      const int64_t blocks_y = blocks_for(p.C, static_cast<int>(classes_per_pass)) *
+                               static_cast<int64_t>(blocks_for(p.D, Tile::kChannels));
+      TORCH_CHECK(p.B <= 65535 && blocks_y <= 65535,
+                  "mode_distance_backward (cuda): B and ceil(C / floor(", Tile::kModes, " / M)) * ceil(D / ",
+                  Tile::kChannels, ") must be <= 65535");
       at::Tensor partial = at::empty({p.B * chunks, p.C, p.M, p.D}, p.modes.options());
-      launch(cuda::mode_distance_grad_modes_kernel<cuda_type<scalar_t>, acc_t>, dim3(chunks, p.C, p.B),
-             static_cast<int>((p.D + 31) / 32 * 32), 0, grad_dmin.const_data_ptr<acc_t>(),
-             mstar.const_data_ptr<uint8_t>(), out_layout, cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp),
-             p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P, partial.mutable_data_ptr<acc_t>());
+      if (partial.numel() > 0) {
+        launch(cuda::mode_distance_grad_modes_kernel<cuda_type<scalar_t>, acc_t>,
+               dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(blocks_y), static_cast<unsigned>(p.B)),
+               cuda::kThreads, 0, grad_dmin.const_data_ptr<acc_t>(), mstar.const_data_ptr<uint8_t>(), out_layout,
+               cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P,
+               partial.mutable_data_ptr<acc_t>());
+      }
       // ATen's reduction over the first axis has a fixed order: deterministic.
       grad_modes = partial.sum(0).to(modes_in.scalar_type());
     }

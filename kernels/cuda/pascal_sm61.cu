@@ -15,11 +15,11 @@ namespace cuda {
 
 #define DRSL_INSTANTIATE_MODE_DISTANCE(scalar_t, acc_t)                                      \
   template __global__ void mode_distance_forward_kernel<scalar_t, acc_t>(                    \
-      const scalar_t*, PixelLayout, const acc_t*, int, int, int, int64_t, bool, acc_t*,      \
+      const scalar_t*, PixelLayout, const acc_t*, int, int, int, int64_t, acc_t*,            \
       uint8_t*, acc_t*, acc_t, PixelLayout);                                                 \
   template __global__ void mode_distance_grad_emb_kernel<scalar_t, acc_t>(                   \
       const acc_t*, const uint8_t*, PixelLayout, const scalar_t*, PixelLayout, const acc_t*, \
-      int, int, int, int64_t, scalar_t*, PixelLayout);                                       \
+      int, int, int, int64_t, bool, scalar_t*, PixelLayout);                                 \
   template __global__ void mode_distance_grad_modes_kernel<scalar_t, acc_t>(                 \
       const acc_t*, const uint8_t*, PixelLayout, const scalar_t*, PixelLayout, const acc_t*, \
       int, int, int, int64_t, acc_t*);
