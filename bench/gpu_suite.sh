@@ -10,7 +10,7 @@
 # seconds), so a short lease still returns every stage that finished.
 #
 #   bash bench/gpu_suite.sh                       # everything
-#   STAGES="build tests" bash bench/gpu_suite.sh
+#   STAGES="build tests" bash bench/gpu_suite.sh  # stages run in the order given
 #
 # Uses the python3 on PATH (PYTHON to override) and the torch installed there.
 # Benchmark-only peers (requirements-bench.txt) are installed from .whl/ when
@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests ops training profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance mmdl_losses pseudo_labels training profile report"}
 export PYTHONUNBUFFERED=1
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -34,7 +34,6 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export KEOPS_CACHE_FOLDER=${KEOPS_CACHE_FOLDER:-/tmp/keops}
 fi
 
-has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 : > "$DEST/timings.txt"
 timed() {  # timed NAME command...: runs it (at most T_NAME s), logs to $DEST/NAME.log, records its seconds
@@ -52,40 +51,36 @@ timed() {  # timed NAME command...: runs it (at most T_NAME s), logs to $DEST/NA
     git log -1 --format="commit %H" 2>/dev/null
 } > "$DEST/environment.txt" 2>&1
 
-if has_stage ceilings; then
-    TAIL=8 timed ceilings $PY bench/ceilings.py --out "$DEST"
-fi
+run_stage() {
+    case $1 in
+    ceilings) TAIL=8 timed ceilings $PY bench/ceilings.py --out "$DEST" ;;
+    build)
+        capability=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+        TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$capability} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+            TAIL=3 timed build $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+        [[ -n $(ls drsl_fast/_C*.so 2>/dev/null) ]] || { echo "build failed, see $DEST/build.log" >&2; exit 1; } ;;
+    tests) TAIL=30 timed tests $PY -m pytest -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-tests} ;;
+    mode_distance)
+        timed mode_distance $PY bench/bench_mode_distance.py --device cuda --sizes realistic \
+            --out "$DEST/mode_distance" ${BENCH_ARGS:-} ;;
+    mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
+    pseudo_labels)
+        timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} \
+            --out "$DEST/pseudo_labels" ${BENCH_ARGS:-} ;;
+    training)
+        timed training_step $PY bench/bench_training_step.py --device cuda --out "$DEST/training_step" ${TRAINING_ARGS:-}
+        TAIL=20 timed memory_model_1080ti $PY -m drsl_fast.memory_model --out "$DEST/gtx_1080ti_verdict.md" ;;
+    profile)
+        timed profile $PY bench/profile_training_step.py --device cuda --out "$DEST/training_step_profile" \
+            ${PROFILE_ARGS:-} ;;
+    report) timed report $PY bench/report.py --results bench/results "$DEST" --out "$DEST/PERFORMANCE.md" ;;
+    *) echo "unknown stage $1" >&2; status=1 ;;
+    esac
+}
 
-if has_stage build; then
-    capability=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$capability}
-    export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    TAIL=3 timed build $PY -m pip install --no-build-isolation --no-deps --no-index -e .
-    [[ -n $(ls drsl_fast/_C*.so 2>/dev/null) ]] || { echo "build failed, see $DEST/build.log" >&2; exit 1; }
-fi
-
-if has_stage tests; then
-    TAIL=30 timed tests $PY -m pytest -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-tests}
-fi
-
-if has_stage ops; then
-    timed mode_distance $PY bench/bench_mode_distance.py --device cuda --sizes realistic --out "$DEST/mode_distance" ${BENCH_ARGS:-}
-    timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-}
-    timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} --out "$DEST/pseudo_labels" ${BENCH_ARGS:-}
-fi
-
-if has_stage training; then
-    timed training_step $PY bench/bench_training_step.py --device cuda --out "$DEST/training_step" ${TRAINING_ARGS:-}
-    TAIL=20 timed memory_model_1080ti $PY -m drsl_fast.memory_model --out "$DEST/gtx_1080ti_verdict.md"
-fi
-
-if has_stage profile && [[ -f bench/profile_training_step.py ]]; then
-    timed profile $PY bench/profile_training_step.py --device cuda --out "$DEST/training_step_profile" ${PROFILE_ARGS:-}
-fi
-
-if has_stage report; then
-    timed report $PY bench/report.py --results bench/results "$DEST" --out "$DEST/PERFORMANCE.md"
-fi
+for stage in $STAGES; do  # in the order given
+    run_stage "$stage"
+done
 echo "gpu_suite: done in $SECONDS s -> $DEST (status $status)"
 cat "$DEST/timings.txt"
 exit $status
