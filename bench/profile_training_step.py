@@ -19,6 +19,8 @@ go on):
             (``_local_scalar_dense``: .item()/.tolist()/bool(); ``nonzero``:
             boolean-mask indexing; ``unique``; ``masked_select``; ...), each
             with the line of drsl_fast that issued it
+  flops     one step under ``torch.utils.flop_counter.FlopCounterMode``
+            (convolutions and matrix products, forward and backward)
   syncs     (CUDA) ``--steps`` steps under ``torch.cuda.set_sync_debug_mode("warn")``:
             the synchronising calls counted, by source line
   time      (CUDA) median step time over ``--steps`` steps (CUDA events)
@@ -145,6 +147,17 @@ def dispatched_ops(step) -> dict:
     return dict(calls=sum(counts.values()), ops=dict(counts.most_common()), syncing=dict(syncing.most_common()))
 
 
+def step_flops(step) -> dict:
+    """One step's FLOPs as ``FlopCounterMode`` counts them (convolutions, matrix products), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    by_op = {str(op): flops / 1e9 for op, flops in counter.get_flop_counts()["Global"].items()}
+    return dict(gflop=counter.get_total_flops() / 1e9, by_op=by_op)
+
+
 def sync_warnings(step, device, steps: int) -> dict:
     """CUDA: synchronising calls reported by ``set_sync_debug_mode("warn")``, per step, by source line."""
     import torch
@@ -186,6 +199,7 @@ def run_variant(name: str, setting, device, dtype, args) -> dict:
         return dict(result, error=f"{type(exc).__name__}: {exc}")
     guarded("profile", result, profile_steps, step, device, args.steps)
     guarded("dispatch", result, dispatched_ops, step)
+    guarded("flops", result, step_flops, step)
     if device.type == "cuda":
         guarded("syncs", result, sync_warnings, step, device, args.steps)
         guarded("time", result, step_time, step, device, args.steps)
@@ -202,16 +216,17 @@ def summary_table(results) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["variant"], f"failed: {r['error'][:80]}"] + [""] * 8)
+            rows.append([r["variant"], f"failed: {r['error'][:80]}"] + [""] * 9)
             continue
         syncing = format(sum(r["dispatch"]["syncing"].values())) if "dispatch" in r else "-"
-        rows.append([r["variant"], value(r, "profile", "op_calls"), value(r, "dispatch", "calls"),
-                     value(r, "profile", "kernels"), value(r, "profile", "busy_ms", ".1f"), syncing,
-                     value(r, "syncs", "per_step", ".1f"), value(r, "profile", "sync_calls", ".1f"),
-                     value(r, "profile", "dtoh_copies", ".1f"), value(r, "time", "time_ms", ".1f")])
-    return harness.markdown_table(["variant", "op calls (profiler)", "dispatched ops", "kernels", "GPU busy ms",
-                                   "syncing ops", "sync warnings", "sync runtime calls", "DtoH copies",
-                                   "step ms"], rows)
+        rows.append([r["variant"], value(r, "flops", "gflop", ".1f"), value(r, "profile", "op_calls"),
+                     value(r, "dispatch", "calls"), value(r, "profile", "kernels"),
+                     value(r, "profile", "busy_ms", ".1f"), syncing, value(r, "syncs", "per_step", ".1f"),
+                     value(r, "profile", "sync_calls", ".1f"), value(r, "profile", "dtoh_copies", ".1f"),
+                     value(r, "time", "time_ms", ".1f")])
+    return harness.markdown_table(["variant", "GFLOP", "op calls (profiler)", "dispatched ops", "kernels",
+                                   "GPU busy ms", "syncing ops", "sync warnings", "sync runtime calls",
+                                   "DtoH copies", "step ms"], rows)
 
 
 def added(floor: dict, drsl: dict, key: str, top: int):
@@ -277,7 +292,7 @@ def report(results, scale: str, top: int) -> str:
         errors = [f"- {key[:-len('_error')]}: {text}" for key, text in r.items() if key.endswith("_error")]
         if errors:
             parts.append(f"### {r['variant']}: failed parts\n\n" + "\n".join(errors))
-    header = (f"Per training step ({scale}): operator calls as the profiler lists them (aten and drsl_fast, "
+    header = (f"Per training step ({scale}): FLOPs (convolutions and matrix products), operator calls as the profiler lists them (aten and drsl_fast, "
               f"nested calls included), operators as dispatched to kernels (backward included), CUDA kernels "
               f"and the GPU time they take (busy), operators that synchronise with the host, "
               f"sync-debug warnings, synchronising CUDA runtime calls and DtoH copies, median step time "
