@@ -68,10 +68,11 @@ def consistency_triplets(
     target_pixels = pixel_rows(target_emb).shape[2]
     anchor_index, anchor_label = anchor_index.long(), anchor_label.long()
 
-    anchor_mode = label_mode(target_emb, anchor_index, anchor_label, modes, backend=backend).long()
+    # modes stay uint8 (255: no label); int64 arithmetic with them promotes, no int64 copy of every pixel's mode
+    anchor_mode = label_mode(target_emb, anchor_index, anchor_label, modes, backend=backend)
     source_label = source_labels.reshape(Bs, -1).long()
     every_pixel = torch.arange(source_pixels, device=device).expand(Bs, -1)
-    source_mode = label_mode(source_emb, every_pixel, source_label, modes, backend=backend).long()
+    source_mode = label_mode(source_emb, every_pixel, source_label, modes, backend=backend)
 
     groups = C * M  # group g = class * M + mode; invalid source pixels go to group `groups`
     source_group = torch.where(source_mode == 255, groups, source_label * M + source_mode).reshape(-1)

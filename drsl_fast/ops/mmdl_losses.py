@@ -169,11 +169,13 @@ def _register_autograd(op_name: str, backward_op) -> None:
 
     def backward(ctx, grad_triplet, grad_ce):
         emb, index, label, modes = ctx.saved_tensors
-        acc = accumulate_dtype(emb.dtype)
-        zeros = torch.zeros(index.shape, dtype=acc, device=index.device)
+        if grad_triplet is None or grad_ce is None:  # one loss unused: zeros for its gradient
+            zeros = torch.zeros(index.shape, dtype=accumulate_dtype(emb.dtype), device=index.device)
+            grad_triplet = zeros if grad_triplet is None else grad_triplet
+            grad_ce = zeros if grad_ce is None else grad_ce
         grad_emb, grad_modes = backward_op(
-            zeros if grad_triplet is None else grad_triplet, zeros if grad_ce is None else grad_ce,
-            emb, index, label, modes, *ctx.params, ctx.needs_input_grad[0], ctx.needs_input_grad[3],
+            grad_triplet, grad_ce, emb, index, label, modes, *ctx.params, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[3],
         )
         return (
             grad_emb if ctx.needs_input_grad[0] else None, None, None,
