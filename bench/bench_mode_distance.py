@@ -11,7 +11,8 @@ Methods:
              compiles its kernels at first use (outside the timing)
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
   cpu / cuda / triton   drsl_fast's fused backends
-  triton-tf32  the Triton forward ranking modes on tf32 tensor cores
+  triton-ieee / triton-tf32  the Triton forward with its ranking product in
+             fp32 FMA or plain tf32 (the library's default is tf32x3)
   triton-pXwY  the Triton forward with X pixels per program and Y warps
   triton-flat  a variant of the Triton forward (bench/variants), compared
 
@@ -133,12 +134,13 @@ def triton_launcher(kernels, precision, pixels=64, warps=4):
 
 LIBRARY = "drsl_fast.triton_kernels.mode_distance"
 # forward-only Triton methods: name -> (module, precision of the ranking product, pixels per program, warps)
-TRITON_FORWARDS = {"triton-tf32": (LIBRARY, "tf32", 64, 4),
-                   "triton-p32w4": (LIBRARY, "ieee", 32, 4),
-                   "triton-p64w8": (LIBRARY, "ieee", 64, 8),
-                   "triton-p128w4": (LIBRARY, "ieee", 128, 4),
-                   "triton-p128w8": (LIBRARY, "ieee", 128, 8),
-                   "triton-flat": ("variants.mode_distance_flat", "ieee", 64, 4)}
+TRITON_FORWARDS = {"triton-ieee": (LIBRARY, "ieee", 64, 4),
+                   "triton-tf32": (LIBRARY, "tf32", 64, 4),
+                   "triton-p32w4": (LIBRARY, "tf32x3", 32, 4),
+                   "triton-p64w8": (LIBRARY, "tf32x3", 64, 8),
+                   "triton-p128w4": (LIBRARY, "tf32x3", 128, 4),
+                   "triton-p128w8": (LIBRARY, "tf32x3", 128, 8),
+                   "triton-flat": ("variants.mode_distance_flat", "tf32x3", 64, 4)}
 
 
 def build_method(name, backend_device):

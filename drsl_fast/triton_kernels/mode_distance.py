@@ -29,10 +29,12 @@ two more products; no (pixels, C, M) tensor exists in memory. The mode
 gradient is summed per fixed chunk of MODE_GRAD_CHUNK pixels (partials reduced
 on the host in a fixed order), so it is deterministic.
 
-``precision`` picks tl.dot's input precision for the ranking product: "ieee"
-(exact fp32, the default) or "tf32" (tensor cores; the winner may then be a
-near-tie's other mode, its distance within the tf32 error of the minimum, and
-dmin is still recomputed exactly). The backward products run in "ieee".
+``precision`` picks tl.dot's input precision for the ranking product:
+"tf32x3" (the default: tensor cores, nearly fp32), "ieee" (fp32 FMA) or
+"tf32". Whatever it is, a class whose two best keys are closer than the
+product's rounding bound is ranked directly, so the winner is the true
+nearest mode and dmin the direct formula's; a coarser product only sends
+more blocks to the direct ranking. The backward products run in tf32x3.
 """
 import triton
 import triton.language as tl
@@ -41,6 +43,11 @@ from .layout import channel_block, pixel_view
 from .rules import posterior_exponent, replaces_min
 
 BLOCK_PIXELS = 64
+# Precision of the products (tl.dot input_precision): tf32x3 runs on tensor
+# cores with nearly fp32 accuracy; Triton's fp32 FMA products ("ieee") were
+# 5-6x slower on an H200 (bench/NOTES.md). The ranking's near-tie bound and
+# the direct recomputation of every winner keep dmin exact either way.
+PRODUCT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 # Pixels summed by one program of the backward kernel into one partial of the
 # mode gradient (fixed, so the summation order, and the result, do not depend
 # on the launch).
@@ -177,7 +184,7 @@ def _backward_kernel(
                                         out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
         if GRAD_EMB:
             if ONE_PASS:
-                grad = g_total[:, None] * e - tl.dot(one_hot, own_r, input_precision="ieee")
+                grad = g_total[:, None] * e - tl.dot(one_hot, own_r, input_precision=PRODUCT_PRECISION)
             else:
                 grad = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
                 for first in range(0, C, classes_per_pass):
@@ -187,7 +194,7 @@ def _backward_kernel(
                                 mask=pass_ok, other=0.0)
                     w, w_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first, n_classes, M,
                                           columns, out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
-                    grad += w_total[:, None] * e - tl.dot(w, r, input_precision="ieee")
+                    grad += w_total[:, None] * e - tl.dot(w, r, input_precision=PRODUCT_PRECISION)
             tl.store(grad_emb_ptr + b * gemb_sb + pixels[:, None] * gemb_sp + channels[None, :] * gemb_sd,
                      (2.0 * grad).to(grad_emb_ptr.dtype.element_ty),
                      mask=pixel_ok[:, None] & (channels < D)[None, :])
@@ -195,7 +202,7 @@ def _backward_kernel(
             if not ONE_PASS:
                 one_hot, g_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, own_first,
                                             own_modes // M, M, columns, out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
-            weighted_emb += tl.dot(tl.trans(one_hot), e, input_precision="ieee")
+            weighted_emb += tl.dot(tl.trans(one_hot), e, input_precision=PRODUCT_PRECISION)
             weight += tl.sum(one_hot, axis=0)
     if GRAD_MODES:
         chunks = tl.num_programs(0)
@@ -219,9 +226,12 @@ def mode_block(n_modes: int) -> int:
     return max(16, triton.next_power_of_2(n_modes))
 
 
-# Rounding of the operands of the ranking product, relative: none in fp32,
-# both operands rounded (or truncated) to tf32's 10 mantissa bits.
-OPERAND_ROUNDING = {"ieee": 0.0, "tf32": 2.0**-9}
+# Rounding of the operands of the ranking product, relative: none in fp32
+# FMA ("ieee"); tf32x3 (each operand split into two tf32 parts, three
+# tensor-core products) drops the low parts' product and rounds the low
+# parts, under 3 * 2^-22; plain tf32 rounds (or truncates) both operands to
+# 10 mantissa bits.
+OPERAND_ROUNDING = {"ieee": 0.0, "tf32x3": 2.0**-20, "tf32": 2.0**-9}
 
 
 def key_rounding(precision: str, D: int) -> float:
@@ -232,7 +242,7 @@ def key_rounding(precision: str, D: int) -> float:
     return 2.0 * (OPERAND_ROUNDING[precision] + (D + 1) * 2.0**-24)
 
 
-def forward(emb, modes, dmin, mstar, posterior, posterior_scale, precision="ieee", launch=lambda kernel: kernel):
+def forward(emb, modes, dmin, mstar, posterior, posterior_scale, precision="tf32x3", launch=lambda kernel: kernel):
     """Fills dmin, mstar and (if not None) posterior. ``modes`` is fp32, contiguous."""
     bdp, B, shape = _shape_arguments(emb, modes)
     P, C, M, D = shape[:4]
