@@ -110,10 +110,13 @@ def measure(spec):
 def training_step(setting, device, dtype):
     """A closure running one training step of ``setting`` (forward through
     ``step_loss``, backward, SGD with momentum) on a freshly built network and
-    a fixed simulated batch; the loss draws of step i use seed i."""
+    a fixed simulated batch; the loss draws of step i use seed i. Its phases
+    run under ``record_function`` ranges named step/forward (with
+    step/network and step/drsl_loss inside), step/backward and step/optimizer."""
     import contextlib
 
     import torch
+    from torch.profiler import record_function
 
     from drsl_fast.memory_model import simulated_batch
     from drsl_fast.train.loop import drsl_loss, step_loss
@@ -126,20 +129,35 @@ def training_step(setting, device, dtype):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = drsl_loss(settings.loss, settings.data.num_classes, settings.model.sigma, consistency=True)
     source, target = simulated_batch(setting, device)
+    model, loss = annotated(network, "step/network"), annotated(loss_fn, "step/drsl_loss")
     iteration = [0]
 
     def step():
         generator = torch.Generator(device).manual_seed(iteration[0])
         iteration[0] += 1
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with autocast:
-            total, _ = step_loss(network, network, loss_fn, source, target, generator)
+        with autocast, record_function("step/forward"):
+            total, _ = step_loss(model, network, loss, source, target, generator)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        with record_function("step/backward"):
+            scaler.scale(total).backward()
+        with record_function("step/optimizer"):
+            scaler.step(optimizer)
+            scaler.update()
 
     return step
+
+
+def annotated(function, name: str):
+    """``function`` called inside ``record_function(name)``: its operators are
+    attributed to ``name`` in a profile (bench/profile_training_step.py)."""
+    from torch.profiler import record_function
+
+    def call(*args, **kwargs):
+        with record_function(name):
+            return function(*args, **kwargs)
+
+    return call
 
 
 def warm_up_step(setting, device, dtype) -> None:

@@ -55,6 +55,8 @@ SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEve
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
                 "cudaLaunchCooperativeKernel")
 LIBRARY = os.sep + "drsl_fast" + os.sep
+# record_function ranges of bench_training_step.training_step (network and drsl_loss lie inside forward)
+PHASES = ("step/forward", "step/network", "step/drsl_loss", "step/backward", "step/optimizer")
 
 
 def parse_crop(text: str):
@@ -97,22 +99,25 @@ def profile_steps(step, device, steps: int) -> dict:
         for _ in range(steps):
             step()
         harness.sync(device)
+    events = prof.events()
     ops = collections.defaultdict(lambda: dict(count=0.0, self_us=0.0, device_us=0.0))
+    phases = collections.defaultdict(lambda: dict(count=0.0, self_us=0.0, device_us=0.0))
+    phase_of = phase_finder(events)
     kernels = collections.defaultdict(lambda: dict(count=0.0, device_us=0.0))
     runtime = collections.Counter()
-    for event in prof.events():
+    for event in events:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             entry = kernels[event.name[:120]]
             entry["count"] += 1 / steps
             entry["device_us"] += event.time_range.elapsed_us() / steps
         elif "::" in event.name:
-            entry = ops[event.name]
-            entry["count"] += 1 / steps
-            entry["self_us"] += event.self_cpu_time_total / steps
-            entry["device_us"] += event.self_device_time_total / steps
+            for entry in (ops[event.name], phases[phase_of(event)]):
+                entry["count"] += 1 / steps
+                entry["self_us"] += event.self_cpu_time_total / steps
+                entry["device_us"] += event.self_device_time_total / steps
         elif event.name.startswith("cu"):
             runtime[event.name] += 1
-    result = dict(op_calls=sum(v["count"] for v in ops.values()), ops=dict(ops))
+    result = dict(op_calls=sum(v["count"] for v in ops.values()), ops=dict(ops), phases=dict(phases))
     if device.type == "cuda":
         copies = [name for name in kernels if name.startswith(("Memcpy", "Memset"))]
         result.update(
@@ -126,6 +131,20 @@ def profile_steps(step, device, steps: int) -> dict:
     return result
 
 
+def phase_finder(events):
+    """A function giving an operator event's phase: the innermost of the
+    ``record_function`` ranges of :data:`PHASES` (on any thread) in which the
+    host started it, else "other"."""
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.name in PHASES)
+
+    def phase_of(event) -> str:
+        start = event.time_range.start
+        inside = [name for first, last, name in ranges if first <= start <= last]
+        return inside[-1] if inside else "other"
+
+    return phase_of
+
+
 def dispatched_ops(step) -> dict:
     """One step under a dispatch mode: operator calls (backward included) and
     the synchronising ones by the line of drsl_fast that issued them."""
@@ -137,7 +156,7 @@ def dispatched_ops(step) -> dict:
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func)
-            counts[name] += 1
+            counts[name] += not name.startswith("profiler.")  # the step's record_function ranges
             if is_syncing(name):
                 syncing[f"{name} at {caller_line()}"] += 1
             return func(*args, **(kwargs or {}))
@@ -273,8 +292,24 @@ def comparison_sections(floor: dict, drsl: dict, top: int):
                f"{added_table(floor['kernel_table'], drsl['kernel_table'], 'device_us', kernel_columns, top)}")
 
 
+def phase_table(results) -> str:
+    """Per phase of the step: operator calls, self host ms and self device ms of every variant profiled."""
+    profiled = [r for r in results if "profile" in r]
+    header = ["phase"] + [f"{r['variant']} {what}" for what in ("calls", "host ms", "device ms") for r in profiled]
+    rows = []
+    for phase in PHASES[1:3] + ("step/forward",) + PHASES[3:] + ("other",):
+        entries = [r["profile"]["phases"].get(phase, {}) for r in profiled]
+        rows.append([phase] + [f"{e.get('count', 0):.0f}" for e in entries]
+                    + [f"{e.get('self_us', 0) / 1e3:.2f}" for e in entries]
+                    + [f"{e.get('device_us', 0) / 1e3:.3f}" for e in entries])
+    return harness.markdown_table(header, rows)
+
+
 def report(results, scale: str, top: int) -> str:
     parts = [summary_table(results)]
+    if any("profile" in r for r in results):
+        parts.append("### Per phase of the step (profiler; step/forward without network and drsl_loss, "
+                     "other: zero_grad and the rest)\n\n" + phase_table(results))
     by_name = {r["variant"]: r for r in results}
     floor, drsl = by_name.get("floor", {}), by_name.get("DRSL+", {})
     if "profile" in floor and "profile" in drsl:
