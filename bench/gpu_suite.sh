@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests mode_distance mmdl_losses pseudo_labels training profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance kernels mmdl_losses pseudo_labels training profile report"}
 export PYTHONUNBUFFERED=1
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -63,6 +63,7 @@ run_stage() {
     mode_distance)
         timed mode_distance $PY bench/bench_mode_distance.py --device cuda --sizes realistic \
             --out "$DEST/mode_distance" ${BENCH_ARGS:-} ;;
+    kernels) timed kernels $PY bench/profile_mode_distance.py --out "$DEST" ;;
     mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
     pseudo_labels)
         timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} \
