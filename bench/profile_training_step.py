@@ -55,6 +55,7 @@ SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEve
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
                 "cudaLaunchCooperativeKernel")
 LIBRARY = os.sep + "drsl_fast" + os.sep
+OPERATOR_NAMESPACES = ("aten::", "drsl_fast::")  # not the autograd:: ranges of backward nodes
 # record_function ranges of bench_training_step.training_step (network and drsl_loss lie inside forward)
 PHASES = ("step/forward", "step/network", "step/drsl_loss", "step/backward", "step/optimizer")
 
@@ -110,7 +111,7 @@ def profile_steps(step, device, steps: int) -> dict:
             entry = kernels[event.name[:120]]
             entry["count"] += 1 / steps
             entry["device_us"] += event.time_range.elapsed_us() / steps
-        elif "::" in event.name:
+        elif event.name.startswith(OPERATOR_NAMESPACES):
             for entry in (ops[event.name], phases[phase_of(event)]):
                 entry["count"] += 1 / steps
                 entry["self_us"] += event.self_cpu_time_total / steps
@@ -327,11 +328,11 @@ def report(results, scale: str, top: int) -> str:
         errors = [f"- {key[:-len('_error')]}: {text}" for key, text in r.items() if key.endswith("_error")]
         if errors:
             parts.append(f"### {r['variant']}: failed parts\n\n" + "\n".join(errors))
-    header = (f"Per training step ({scale}): FLOPs (convolutions and matrix products), operator calls as the profiler lists them (aten and drsl_fast, "
-              f"nested calls included), operators as dispatched to kernels (backward included), CUDA kernels "
-              f"and the GPU time they take (busy), operators that synchronise with the host, "
-              f"sync-debug warnings, synchronising CUDA runtime calls and DtoH copies, median step time "
-              f"(CUDA events). Added = DRSL+ minus the floor, per name.")
+    header = (f"Per training step ({scale}): FLOPs (convolutions and matrix products), operator calls as "
+              f"the profiler lists them (aten and drsl_fast, nested calls included), operators as dispatched "
+              f"to kernels (backward included), CUDA kernels and the GPU time they take (busy), operators that "
+              f"synchronise with the host, sync-debug warnings, synchronising CUDA runtime calls and DtoH "
+              f"copies, median step time (CUDA events). Added = DRSL+ minus the floor, per name.")
     return header + "\n\n" + "\n\n".join(parts)
 
 
