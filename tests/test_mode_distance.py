@@ -112,6 +112,30 @@ def test_forward_odd_sizes_many_classes(fast_backend):
     assert_forward_close(drsl_fast.mode_distance(emb, modes, SIGMA, backend=backend), emb, modes, SIGMA)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_near_modes_of_large_norm(fast_backend, dtype):
+    """Embeddings on or next to modes far from the origin, where ||e||^2 - 2 e.r
+    + ||r||^2 cancels: dmin still matches float64, and is exactly 0 (posterior
+    1) where e is a mode. 16 modes, and pixel counts that fill no whole tile."""
+    backend, device = fast_backend
+    skip_unsupported(backend, dtype)
+    g = torch.Generator().manual_seed(12)
+    C, M, D, B, H, W = 5, 16, 24, 2, 13, 11
+    modes = torch.randn(C, M, D, generator=g, dtype=torch.float64) * 30 + 100
+    pick = torch.randint(0, C * M, (B * H * W,), generator=g)
+    emb = modes.reshape(C * M, D)[pick] + 1e-3 * torch.randn(B * H * W, D, generator=g, dtype=torch.float64)
+    on_mode = torch.arange(B * H * W) % 3 == 0
+    emb[on_mode] = modes.reshape(C * M, D)[pick[on_mode]]
+    emb = emb.to(dtype).reshape(B, H, W, D).permute(0, 3, 1, 2).contiguous().to(device)
+    modes = modes.to(dtype).to(device)
+    result = drsl_fast.mode_distance(emb, modes, SIGMA, backend=backend)
+    assert_forward_close(result, emb, modes, SIGMA)
+    own_class = pick[on_mode] // M
+    dmin, posterior = as_rows(result.dmin).cpu()[on_mode], as_rows(result.posterior).cpu()[on_mode]
+    assert (dmin.gather(1, own_class[:, None]) == 0).all()
+    assert (posterior.gather(1, own_class[:, None]) == 1).all()
+
+
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 5), (0, 4)])
 def test_empty_inputs(fast_backend, shape):
     backend, device = fast_backend

@@ -1,8 +1,14 @@
 // C++ CPU backend of the mode-distance op (docs/method.md §3); see
-// the top of csrc/cuda/mode_distance.cu for the formulas. Pixels are processed in
-// tiles of kTile, converted once to the accumulation type; the inner loops run
-// over contiguous tile memory so the compiler vectorises them, and the hot
-// loops are also built for AVX2+FMA, picked at run time.
+// the top of csrc/cuda/mode_distance.cu for the formulas. The forward takes
+// pixels in tiles of kTile, converted once to the accumulation type, and
+// computes every squared distance of the tile at once from the expansion
+// ||e - r||^2 = ||e||^2 - 2 e.r + ||r||^2: the products e.r of all C*M modes
+// form one small matrix product, run by a register-blocked kernel over the
+// [D][kTile] tile and the modes packed in panels. Minima too close to the
+// cancellation of that expansion are recomputed directly (kTrustRatio). The
+// backward transposes each tile to pixel-major in registers and adds each
+// class's winning-mode term to a block of channels of a pixel held in
+// registers. The hot loops are also built for AVX2+FMA, picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,7 +18,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "chunk_sum.h"
@@ -24,6 +33,19 @@ namespace drsl_fast {
 namespace {
 
 constexpr int64_t kTile = 64;
+// The forward's register block: kBlockVecs vectors of pixels by kBlockModes
+// modes of accumulators (12 of the 16 AVX registers for float and double).
+constexpr int64_t kBlockVecs = 2;
+constexpr int64_t kBlockModes = 6;
+// The expanded distance is trusted when dmin >= kTrustRatio * (||e||^2 +
+// max_m ||r[c, m]||^2). Its rounding error is at most about
+// 2 (D + 1) u (||e||^2 + ||r||^2) (u the unit roundoff; of order sqrt(D) u
+// in practice), so then at most 4 (D + 1) u dmin: 1.6e-5 relative for fp32
+// at D = 64 in the worst case, about 1e-6 in practice, and the winner is a
+// minimiser to that precision. Anything closer (cancellation: e near a mode,
+// e == r), and any non-finite value, is recomputed as sum_d (e_d - r_d)^2
+// over the class's modes.
+constexpr double kTrustRatio = 0.5;
 // Pixels per partial sum of the mode gradient. Fixed (not tied to the thread
 // count), so the summation order, and the result, never change.
 constexpr int64_t kModeGradChunk = 4096;
@@ -35,6 +57,12 @@ typedef double double_vec __attribute__((vector_size(32)));
 template <typename acc_t> struct VecOf;
 template <> struct VecOf<float> { using type = float_vec; };
 template <> struct VecOf<double> { using type = double_vec; };
+template <typename acc_t> constexpr int64_t kWidth = sizeof(typename VecOf<acc_t>::type) / sizeof(acc_t);
+// The winning mode of each lane, as the integer vectors comparisons give.
+template <typename acc_t> using ModeIndex = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+// The backward handles the channels in blocks of kGradVecs vectors; rows of
+// its tiles are padded with zeros to a whole number of blocks.
+constexpr int64_t kGradVecs = 4;
 
 template <typename V, typename T>
 DRSL_ALWAYS_INLINE V load_vec(const T* p) {
@@ -43,169 +71,387 @@ DRSL_ALWAYS_INLINE V load_vec(const T* p) {
   return v;
 }
 
-// out[j] = ||tile[:, j] - r||^2 for the kTile pixels of a [D][kTile] tile,
-// four vectors of pixels at a time. Always inlined, so that each target clone
+template <typename T, typename V>
+DRSL_ALWAYS_INLINE void store_vec(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// The modes R (C*M rows of D) laid out for the product e.r of §3's expansion
+// ||e - r||^2 = ||e||^2 - 2 e.r + ||r||^2: panels of kBlockModes modes,
+// [panel][d][kBlockModes] (zero modes fill the last panel), with ||r||^2 per
+// mode and its maximum over each class's modes (NaN if any is NaN).
+template <typename acc_t>
+struct PackedModes {
+  int64_t panels;
+  std::vector<acc_t> panel, norm, class_max_norm;
+
+  PackedModes(const acc_t* modes, int64_t C, int64_t M, int64_t D)
+      : panels((C * M + kBlockModes - 1) / kBlockModes),
+        panel(panels * kBlockModes * D, acc_t(0)),
+        norm(panels * kBlockModes, acc_t(0)),
+        class_max_norm(C) {
+    for (int64_t k = 0; k < C * M; ++k) {
+      acc_t sum = acc_t(0);
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t v = modes[k * D + d];
+        panel[((k / kBlockModes) * D + d) * kBlockModes + k % kBlockModes] = v;
+        sum += v * v;
+      }
+      norm[k] = sum;
+      if (k % M == 0 || replaces_max(sum, class_max_norm[k / M])) class_max_norm[k / M] = sum;
+    }
+  }
+};
+
+// One tile of the forward on a [D][kTile] tile of pixels: their squared norms
+// (norm_e, kTile), the expanded distances ||e||^2 + ||r||^2 - 2 e.r of every
+// (mode, pixel) into dist ([panels * kBlockModes][kTile]), and per class the
+// smallest of them and its mode (best, winner: [C][kTile]; ties keep the
+// lowest mode, NaN wins). Where that minimum is not trusted (kTrustRatio
+// against ||e||^2 + class_max_norm[c], or anything non-finite) the winner is
+// -1; returns whether there is any. Always inlined, so that each target clone
 // compiles its own copy.
 template <typename acc_t>
-DRSL_ALWAYS_INLINE void squared_distances_impl(const acc_t* __restrict__ tile, const acc_t* __restrict__ r, int64_t D,
-                                               acc_t* __restrict__ out) {
+DRSL_ALWAYS_INLINE bool forward_tile_impl(const acc_t* __restrict__ tile, int64_t D, const acc_t* __restrict__ panel,
+                                          const acc_t* __restrict__ norm_r, int64_t panels, int64_t C, int64_t M,
+                                          const acc_t* __restrict__ class_max_norm, acc_t* __restrict__ norm_e,
+                                          acc_t* __restrict__ dist, acc_t* __restrict__ best,
+                                          ModeIndex<acc_t>* __restrict__ winner) {
   using V = typename VecOf<acc_t>::type;
-  constexpr int64_t kWidth = sizeof(V) / sizeof(acc_t);
-  constexpr int64_t kBlock = 4 * kWidth;
-  static_assert(kTile % kBlock == 0, "tile must hold whole vector blocks");
-  for (int64_t j0 = 0; j0 < kTile; j0 += kBlock) {
-    V acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  using Mask = decltype(V{} < V{});
+  constexpr int64_t W = kWidth<acc_t>;
+  constexpr int64_t kPixels = kBlockVecs * W;
+  static_assert(kTile % kPixels == 0, "tile must hold whole register blocks");
+  for (int64_t j0 = 0; j0 < kTile; j0 += W) {
+    V sum = {};
     for (int64_t d = 0; d < D; ++d) {
-      const acc_t rd = r[d];
-      const acc_t* row = tile + d * kTile + j0;
-      const V t0 = load_vec<V>(row) - rd;
-      const V t1 = load_vec<V>(row + kWidth) - rd;
-      const V t2 = load_vec<V>(row + 2 * kWidth) - rd;
-      const V t3 = load_vec<V>(row + 3 * kWidth) - rd;
-      acc0 += t0 * t0;
-      acc1 += t1 * t1;
-      acc2 += t2 * t2;
-      acc3 += t3 * t3;
+      const V e = load_vec<V>(tile + d * kTile + j0);
+      sum += e * e;
     }
-    std::memcpy(out + j0, &acc0, sizeof(V));
-    std::memcpy(out + j0 + kWidth, &acc1, sizeof(V));
-    std::memcpy(out + j0 + 2 * kWidth, &acc2, sizeof(V));
-    std::memcpy(out + j0 + 3 * kWidth, &acc3, sizeof(V));
+    store_vec(norm_e + j0, sum);
+  }
+  for (int64_t j0 = 0; j0 < kTile; j0 += kPixels) {
+    V ne[kBlockVecs];
+    for (int64_t i = 0; i < kBlockVecs; ++i) ne[i] = load_vec<V>(norm_e + j0 + i * W);
+    for (int64_t q = 0; q < panels; ++q) {
+      const acc_t* r = panel + q * D * kBlockModes;
+      V acc[kBlockModes][kBlockVecs] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        V e[kBlockVecs];
+#pragma GCC unroll 4
+        for (int64_t i = 0; i < kBlockVecs; ++i) e[i] = load_vec<V>(tile + d * kTile + j0 + i * W);
+#pragma GCC unroll 8
+        for (int64_t k = 0; k < kBlockModes; ++k) {
+          const acc_t rk = r[d * kBlockModes + k];
+#pragma GCC unroll 4
+          for (int64_t i = 0; i < kBlockVecs; ++i) acc[k][i] += rk * e[i];
+        }
+      }
+#pragma GCC unroll 8
+      for (int64_t k = 0; k < kBlockModes; ++k) {
+        const acc_t nr = norm_r[q * kBlockModes + k];
+#pragma GCC unroll 4
+        for (int64_t i = 0; i < kBlockVecs; ++i) {
+          const V expanded = (ne[i] + nr) - (acc[k][i] + acc[k][i]);
+          store_vec(dist + (q * kBlockModes + k) * kTile + j0 + i * W, expanded);
+        }
+      }
+    }
+  }
+  const acc_t trust = static_cast<acc_t>(kTrustRatio);
+  const acc_t largest = std::numeric_limits<acc_t>::max();
+  Mask untrusted = {};
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t j0 = 0; j0 < kTile; j0 += W) {
+      V low = load_vec<V>(dist + c * M * kTile + j0);
+      Mask mode = {};
+      for (int64_t m = 1; m < M; ++m) {
+        const V candidate = load_vec<V>(dist + (c * M + m) * kTile + j0);
+        // replaces_min of kernels/nan_rules.h, lane by lane
+        const Mask take = (candidate < low) | ((candidate != candidate) & (low == low));
+        low = take ? candidate : low;
+        mode = take ? (Mask{} + static_cast<ModeIndex<acc_t>>(m)) : mode;
+      }
+      const V bound = load_vec<V>(norm_e + j0) + class_max_norm[c];
+      const Mask check = ~((bound <= largest) & (low >= trust * bound));
+      untrusted |= check;
+      store_vec(best + c * kTile + j0, low);
+      store_vec(winner + c * kTile + j0, check ? (Mask{} - 1) : mode);
+    }
+  }
+  bool any = false;
+  for (int64_t i = 0; i < W; ++i) any |= untrusted[i] != 0;
+  return any;
+}
+
+// Interleavings of two vectors' low halves and high halves, lane by lane:
+// the steps of an in-register transpose.
+template <typename acc_t> struct Zip;
+typedef int32_t int32_vec __attribute__((vector_size(32)));
+typedef int64_t int64_vec __attribute__((vector_size(32)));
+template <> struct Zip<float> {
+  static constexpr int32_vec low = {0, 8, 1, 9, 2, 10, 3, 11}, high = {4, 12, 5, 13, 6, 14, 7, 15};
+};
+template <> struct Zip<double> {
+  static constexpr int64_vec low = {0, 4, 1, 5}, high = {2, 6, 3, 7};
+};
+
+// out[j][i] = in[i][j] for i < rows, j < cols (cols a multiple of the vector
+// width; rows and strides in elements), by blocks of W x W held in registers:
+// log2(W) rounds of zipping row i with row i + W/2 leave the columns in order.
+template <typename acc_t>
+DRSL_ALWAYS_INLINE void transpose_impl(const acc_t* __restrict__ in, int64_t in_stride, int64_t rows, int64_t cols,
+                                       acc_t* __restrict__ out, int64_t out_stride) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int64_t W = kWidth<acc_t>;
+  const int64_t full = rows / W * W;
+  for (int64_t i0 = 0; i0 < full; i0 += W) {
+    for (int64_t j0 = 0; j0 < cols; j0 += W) {
+      V v[W], zipped[W];
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < W; ++i) v[i] = load_vec<V>(in + (i0 + i) * in_stride + j0);
+#pragma GCC unroll 3
+      for (int64_t round = 1; round < W; round *= 2) {
+#pragma GCC unroll 4
+        for (int64_t i = 0; i < W / 2; ++i) {
+          zipped[2 * i] = __builtin_shuffle(v[i], v[i + W / 2], Zip<acc_t>::low);
+          zipped[2 * i + 1] = __builtin_shuffle(v[i], v[i + W / 2], Zip<acc_t>::high);
+        }
+#pragma GCC unroll 8
+        for (int64_t i = 0; i < W; ++i) v[i] = zipped[i];
+      }
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < W; ++j) store_vec(out + (j0 + j) * out_stride + i0, v[j]);
+    }
+  }
+  for (int64_t i = full; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) out[j * out_stride + i] = in[i * in_stride + j];
   }
 }
 
-// Backward over one tile of n pixels ([n][D] in `tile`): adds
-// g (e - r[c, mstar]) to grad_tile ([n][D], optional) and g (r[c, mstar] - e)
-// to the chunk's partial mode gradient (C, M, D) (optional).
-template <typename acc_t>
-DRSL_ALWAYS_INLINE void backward_tile_impl(const acc_t* __restrict__ tile, int64_t n, int64_t D, int64_t C, int64_t M,
-                                           const acc_t* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar,
-                                           int64_t out_offset, int64_t class_stride, int64_t pixel_stride,
+// Backward over one tile of n pixels ([n][Dp] in `tile`, Dp a multiple of
+// kGradVecs vectors; grad and mstar of class c, pixel j at
+// [c * class_stride + j * pixel_stride]): adds
+// sum_c g (e - r[c, mstar]) to grad_tile ([n][Dp]) if kEmb and
+// g (r[c, mstar] - e) to the chunk's partial mode gradient ([C*M][Dp]) if
+// kModes. Each block of channels of a pixel is accumulated in registers over
+// the classes.
+template <bool kEmb, bool kModes, typename acc_t>
+DRSL_ALWAYS_INLINE void backward_tile_impl(const acc_t* __restrict__ tile, int64_t n, int64_t Dp, int64_t C,
+                                           int64_t M, const acc_t* __restrict__ grad, const uint8_t* __restrict__ mstar,
+                                           int64_t class_stride, int64_t pixel_stride,
                                            const acc_t* __restrict__ modes, acc_t* __restrict__ grad_tile,
                                            acc_t* __restrict__ partial) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int64_t W = kWidth<acc_t>;
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t* e = tile + j * D;
-    acc_t* ge = grad_tile == nullptr ? nullptr : grad_tile + j * D;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t o = out_offset + c * class_stride + j * pixel_stride;
-      const acc_t g = grad_dmin[o];
-      if (g == acc_t(0)) continue;
-      const int64_t centre = c * M + mstar[o];
-      const acc_t* r = modes + centre * D;
-      acc_t* pr = partial == nullptr ? nullptr : partial + centre * D;
-      if (ge != nullptr && pr != nullptr) {
-        for (int64_t d = 0; d < D; ++d) {
-          const acc_t step = g * (e[d] - r[d]);
-          ge[d] += step;
-          pr[d] -= step;
+    for (int64_t d0 = 0; d0 < Dp; d0 += kGradVecs * W) {
+      V e[kGradVecs], acc[kGradVecs] = {};
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < kGradVecs; ++i) e[i] = load_vec<V>(tile + j * Dp + d0 + i * W);
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t o = c * class_stride + j * pixel_stride;
+        const acc_t g = grad[o];
+        if (g == acc_t(0)) continue;
+        const int64_t centre = c * M + mstar[o];
+        const acc_t* r = modes + centre * Dp + d0;
+        acc_t* pr = partial + centre * Dp + d0;
+#pragma GCC unroll 4
+        for (int64_t i = 0; i < kGradVecs; ++i) {
+          const V step = g * (e[i] - load_vec<V>(r + i * W));
+          if (kEmb) acc[i] += step;
+          if (kModes) store_vec(pr + i * W, load_vec<V>(pr + i * W) - step);
         }
-      } else if (ge != nullptr) {
-        for (int64_t d = 0; d < D; ++d) ge[d] += g * (e[d] - r[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) pr[d] += g * (r[d] - e[d]);
+      }
+      if (kEmb) {
+#pragma GCC unroll 4
+        for (int64_t i = 0; i < kGradVecs; ++i) store_vec(grad_tile + j * Dp + d0 + i * W, acc[i]);
       }
     }
   }
 }
 
 // The float and double instances of the hot loops above.
-#define DRSL_HOT_LOOPS(acc_t)                                                                                      \
-  DRSL_MULTIVERSIONED(void squared_distances(const acc_t* tile, const acc_t* r, int64_t D, acc_t* out) {          \
-    squared_distances_impl(tile, r, D, out);                                                                       \
-  })                                                                                                               \
-  DRSL_MULTIVERSIONED(void backward_tile(const acc_t* tile, int64_t n, int64_t D, int64_t C, int64_t M,            \
-                                         const acc_t* grad_dmin, const uint8_t* mstar, int64_t out_offset,         \
-                                         int64_t class_stride, int64_t pixel_stride, const acc_t* modes,           \
-                                         acc_t* grad_tile, acc_t* partial) {                                       \
-    backward_tile_impl(tile, n, D, C, M, grad_dmin, mstar, out_offset, class_stride, pixel_stride, modes,          \
-                       grad_tile, partial);                                                                        \
+#define DRSL_HOT_LOOPS(acc_t)                                                                                       \
+  DRSL_MULTIVERSIONED(bool forward_tile(const acc_t* tile, int64_t D, const acc_t* panel, const acc_t* norm_r,      \
+                                        int64_t panels, int64_t C, int64_t M, const acc_t* class_max_norm,          \
+                                        acc_t* norm_e, acc_t* dist, acc_t* best, ModeIndex<acc_t>* winner) {        \
+    return forward_tile_impl(tile, D, panel, norm_r, panels, C, M, class_max_norm, norm_e, dist, best, winner);     \
+  })                                                                                                                \
+  DRSL_MULTIVERSIONED(void transpose(const acc_t* in, int64_t in_stride, int64_t rows, int64_t cols, acc_t* out,    \
+                                     int64_t out_stride) {                                                          \
+    transpose_impl(in, in_stride, rows, cols, out, out_stride);                                                     \
+  })                                                                                                                \
+  DRSL_MULTIVERSIONED(void backward_tile(const acc_t* tile, int64_t n, int64_t Dp, int64_t C, int64_t M,            \
+                                         const acc_t* grad, const uint8_t* mstar, int64_t class_stride,             \
+                                         int64_t pixel_stride, const acc_t* modes, acc_t* grad_tile,                \
+                                         acc_t* partial) {                                                          \
+    if (grad_tile != nullptr && partial != nullptr)                                                                 \
+      backward_tile_impl<true, true>(tile, n, Dp, C, M, grad, mstar, class_stride, pixel_stride, modes,             \
+                                     grad_tile, partial);                                                           \
+    else if (grad_tile != nullptr)                                                                                  \
+      backward_tile_impl<true, false>(tile, n, Dp, C, M, grad, mstar, class_stride, pixel_stride, modes,            \
+                                      grad_tile, partial);                                                          \
+    else                                                                                                            \
+      backward_tile_impl<false, true>(tile, n, Dp, C, M, grad, mstar, class_stride, pixel_stride, modes,            \
+                                      grad_tile, partial);                                                          \
   })
 DRSL_HOT_LOOPS(float)
 DRSL_HOT_LOOPS(double)
 #undef DRSL_HOT_LOOPS
 
-// Pixels [p0, p0 + n) of image b as a [D][kTile] tile, zero padded.
+// Requests the cache lines of the next tile of a per-pixel row whose pixels
+// are contiguous: row is at pixel p0 of a row of P pixels. The hardware
+// prefetcher does not follow the D (or C) rows a tile reads at once.
+template <typename T>
+inline void prefetch_next_tile(const T* row, int64_t pixel_stride, int64_t p0, int64_t P) {
+  if (pixel_stride != 1) return;
+  const int64_t count = std::min(kTile, P - p0 - kTile);
+  for (int64_t j = 0; j < count; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + kTile + j);
+}
+
+// Pixels [p0, p0 + n) of image b (of P pixels) as a [D][kTile] tile, zero padded.
 template <typename scalar_t, typename acc_t>
-void load_channel_major(const scalar_t* emb, PixelLayout L, int64_t b, int64_t p0, int64_t n, int64_t D, acc_t* tile) {
+void load_channel_major(const scalar_t* emb, PixelLayout L, int64_t b, int64_t p0, int64_t n, int64_t P, int64_t D,
+                        acc_t* tile) {
   for (int64_t d = 0; d < D; ++d) {
     const scalar_t* src = emb + L.offset(b, d, p0);
+    prefetch_next_tile(src, L.pixel, p0, P);
     acc_t* dst = tile + d * kTile;
     for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j * L.pixel]);
     std::fill(dst + n, dst + kTile, acc_t(0));
   }
 }
 
-// Pixels [p0, p0 + n) of image b as a [n][D] tile.
-template <typename scalar_t, typename acc_t>
-void load_pixel_major(const scalar_t* emb, PixelLayout L, int64_t b, int64_t p0, int64_t n, int64_t D, acc_t* tile) {
-  for (int64_t d = 0; d < D; ++d) {
-    const scalar_t* src = emb + L.offset(b, d, p0);
-    for (int64_t j = 0; j < n; ++j) tile[j * D + d] = static_cast<acc_t>(src[j * L.pixel]);
+// min_m ||e - r[c, m]||^2 and its mode from the direct formula, for pixel j
+// of a [D][kTile] tile: the fallback where the expansion is not trusted.
+template <typename acc_t>
+std::pair<acc_t, int64_t> direct_min(const acc_t* tile, int64_t j, const acc_t* class_modes, int64_t M, int64_t D) {
+  acc_t low = acc_t(0);
+  int64_t mode = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    acc_t sum = acc_t(0);
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t t = tile[d * kTile + j] - class_modes[m * D + d];
+      sum += t * t;
+    }
+    if (m == 0 || replaces_min(sum, low)) {  // ties keep the lowest mode; NaN wins
+      low = sum;
+      mode = m;
+    }
+  }
+  return {low, mode};
+}
+
+// One class's row of results for n pixels: dmin, mstar and (if not null) the
+// posterior, pixel_stride apart.
+template <typename acc_t>
+void write_outputs(const acc_t* __restrict__ low, const ModeIndex<acc_t>* __restrict__ mode, int64_t n,
+                   int64_t pixel_stride, acc_t* __restrict__ dmin, uint8_t* __restrict__ mstar,
+                   acc_t* __restrict__ posterior, acc_t posterior_scale) {
+  if (pixel_stride == 1) {
+    std::copy(low, low + n, dmin);
+    for (int64_t j = 0; j < n; ++j) mstar[j] = static_cast<uint8_t>(mode[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      dmin[j * pixel_stride] = low[j];
+      mstar[j * pixel_stride] = static_cast<uint8_t>(mode[j]);
+    }
+  }
+  if (posterior != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      posterior[j * pixel_stride] = std::exp(posterior_exponent(low[j], posterior_scale));
+    }
   }
 }
 
+// docs/method.md §3 forward. Per tile of pixels: the expanded distances of all
+// C*M modes as one product and their minimum per class (forward_tile), the
+// untrusted minima recomputed directly, then the outputs.
 template <typename scalar_t, typename acc_t>
 void forward(const scalar_t* emb, PixelLayout emb_layout, const acc_t* modes, int64_t C, int64_t M, int64_t D,
              int64_t B, int64_t P, acc_t* dmin, uint8_t* mstar, acc_t* posterior, acc_t posterior_scale,
              PixelLayout out_layout) {
+  const PackedModes<acc_t> packed(modes, C, M, D);
   const int64_t tiles = (P + kTile - 1) / kTile;
   at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(D * kTile), dist(kTile), best(kTile);
-    std::vector<uint8_t> winner(kTile);
+    std::vector<acc_t> tile(D * kTile), norm_e(kTile), dist(packed.panels * kBlockModes * kTile), best(C * kTile);
+    std::vector<ModeIndex<acc_t>> winner(C * kTile);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / tiles;
       const int64_t p0 = (t % tiles) * kTile;
       const int64_t n = std::min(kTile, P - p0);
-      load_channel_major(emb, emb_layout, b, p0, n, D, tile.data());
+      load_channel_major(emb, emb_layout, b, p0, n, P, D, tile.data());
+      const bool recompute = forward_tile(tile.data(), D, packed.panel.data(), packed.norm.data(), packed.panels, C, M,
+                                          packed.class_max_norm.data(), norm_e.data(), dist.data(), best.data(),
+                                          winner.data());
       for (int64_t c = 0; c < C; ++c) {
-        squared_distances(tile.data(), modes + c * M * D, D, best.data());
-        std::fill(winner.begin(), winner.end(), uint8_t(0));
-        for (int64_t m = 1; m < M; ++m) {
-          squared_distances(tile.data(), modes + (c * M + m) * D, D, dist.data());
-          for (int64_t j = 0; j < kTile; ++j) {
-            if (replaces_min(dist[j], best[j])) {  // ties keep the lowest mode; NaN wins
-              best[j] = dist[j];
-              winner[j] = static_cast<uint8_t>(m);
-            }
+        for (int64_t j = 0; recompute && j < n; ++j) {
+          if (winner[c * kTile + j] < 0) {
+            const auto [low, mode] = direct_min(tile.data(), j, modes + c * M * D, M, D);
+            best[c * kTile + j] = low;
+            winner[c * kTile + j] = static_cast<ModeIndex<acc_t>>(mode);
           }
         }
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t o = out_layout.offset(b, c, p0 + j);
-          dmin[o] = best[j];
-          mstar[o] = winner[j];
-          if (posterior != nullptr) posterior[o] = std::exp(posterior_exponent(best[j], posterior_scale));
-        }
+        const int64_t o = out_layout.offset(b, c, p0);
+        write_outputs(best.data() + c * kTile, winner.data() + c * kTile, n, out_layout.pixel, dmin + o, mstar + o,
+                      posterior == nullptr ? nullptr : posterior + o, posterior_scale);
       }
     }
   });
 }
 
+// The embedding gradient 2 * grad ([D][kTile]) of pixels [p0, p0 + n) of image b.
+template <typename scalar_t, typename acc_t>
+void store_grad(const acc_t* __restrict__ grad, int64_t n, int64_t D, PixelLayout L, int64_t b, int64_t p0,
+                scalar_t* __restrict__ grad_emb) {
+  for (int64_t d = 0; d < D; ++d) {
+    scalar_t* dst = grad_emb + L.offset(b, d, p0);
+    for (int64_t j = 0; j < n; ++j) dst[j * L.pixel] = static_cast<scalar_t>(acc_t(2) * grad[d * kTile + j]);
+  }
+}
+
 // grad_emb (optional) and per-chunk partial mode gradients (optional, without
-// the factor 2), in one pass over the pixels.
+// the factor 2), in one pass over the pixels: each tile is read channel-major,
+// transposed in registers to pixel-major with the channels padded to whole
+// register blocks, and its gradient transposed back.
 template <typename scalar_t, typename acc_t>
 void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layout, const scalar_t* emb,
               PixelLayout emb_layout, const acc_t* modes, int64_t C, int64_t M, int64_t D, int64_t B, int64_t P,
               scalar_t* grad_emb, PixelLayout grad_layout, acc_t* partial) {
+  constexpr int64_t block = kGradVecs * kWidth<acc_t>;
+  const int64_t Dp = (D + block - 1) / block * block;
+  std::vector<acc_t> padded_modes(C * M * Dp, acc_t(0));
+  for (int64_t k = 0; k < C * M; ++k) std::copy(modes + k * D, modes + (k + 1) * D, padded_modes.begin() + k * Dp);
   const int64_t chunks = (P + kModeGradChunk - 1) / kModeGradChunk;
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(kTile * D), grad_tile(kTile * D);
+    // channel_major: [Dp][kTile], the embeddings as read, then their gradient to write
+    std::vector<acc_t> channel_major(Dp * kTile), tile(kTile * Dp, acc_t(0)), grad_tile(kTile * Dp), part(C * M * Dp);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / chunks;
       const int64_t chunk_begin = (t % chunks) * kModeGradChunk;
       const int64_t chunk_end = std::min(P, chunk_begin + kModeGradChunk);
-      acc_t* part = partial == nullptr ? nullptr : partial + t * C * M * D;
+      std::fill(part.begin(), part.end(), acc_t(0));
       for (int64_t p0 = chunk_begin; p0 < chunk_end; p0 += kTile) {
         const int64_t n = std::min(kTile, chunk_end - p0);
-        load_pixel_major(emb, emb_layout, b, p0, n, D, tile.data());
-        std::fill(grad_tile.begin(), grad_tile.end(), acc_t(0));
-        backward_tile(tile.data(), n, D, C, M, grad_dmin, mstar, out_layout.offset(b, 0, p0), out_layout.channel,
-                      out_layout.pixel, modes, grad_emb == nullptr ? nullptr : grad_tile.data(), part);
-        if (grad_emb != nullptr) {
-          for (int64_t d = 0; d < D; ++d) {
-            scalar_t* dst = grad_emb + grad_layout.offset(b, d, p0);
-            for (int64_t j = 0; j < n; ++j) dst[j * grad_layout.pixel] = static_cast<scalar_t>(acc_t(2) * grad_tile[j * D + d]);
-          }
+        load_channel_major(emb, emb_layout, b, p0, n, P, D, channel_major.data());
+        transpose(channel_major.data(), kTile, D, kTile, tile.data(), Dp);
+        const int64_t o = out_layout.offset(b, 0, p0);
+        for (int64_t c = 0; c < C; ++c) {
+          prefetch_next_tile(grad_dmin + o + c * out_layout.channel, out_layout.pixel, p0, P);
+          prefetch_next_tile(mstar + o + c * out_layout.channel, out_layout.pixel, p0, P);
         }
+        backward_tile(tile.data(), n, Dp, C, M, grad_dmin + o, mstar + o, out_layout.channel, out_layout.pixel,
+                      padded_modes.data(), grad_emb == nullptr ? nullptr : grad_tile.data(),
+                      partial == nullptr ? nullptr : part.data());
+        if (grad_emb != nullptr) {
+          transpose(grad_tile.data(), Dp, kTile, Dp, channel_major.data(), kTile);
+          store_grad(channel_major.data(), n, D, grad_layout, b, p0, grad_emb);
+        }
+      }
+      if (partial != nullptr) {
+        acc_t* dst = partial + t * C * M * D;
+        for (int64_t k = 0; k < C * M; ++k) std::copy(part.begin() + k * Dp, part.begin() + k * Dp + D, dst + k * D);
       }
     }
   });
@@ -241,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cpu(const at::Tensor& 
 
   at::Tensor grad_emb = emb_requires_grad ? empty_like_pixel_viewable(emb) : at::empty({0}, emb.options());
   const int64_t chunks = (P + kModeGradChunk - 1) / kModeGradChunk;
-  at::Tensor partial = modes_requires_grad ? at::zeros({B * chunks, C, M, D}, modes.options())
+  at::Tensor partial = modes_requires_grad ? at::empty({B * chunks, C, M, D}, modes.options())
                                            : at::empty({0}, modes.options());
   if (emb_requires_grad || modes_requires_grad) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_backward_cpu", [&] {
