@@ -84,6 +84,8 @@ def _forward_kernel(
     columns = tl.arange(0, CLASS_SLOTS * MODE_SLOTS)
     slots = tl.arange(0, CLASS_SLOTS)
     e = _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp)
+    e_finite = (e == e) & (tl.abs(e) < float("inf"))
+    pixel_odd = tl.max((~e_finite).to(tl.int32), axis=1) > 0  # a NaN or inf channel
     for first_class in range(0, C, CLASS_SLOTS):
         n_classes = tl.minimum(CLASS_SLOTS, C - first_class)
         mode = columns % MODE_SLOTS
@@ -91,24 +93,32 @@ def _forward_kernel(
         row = (first_class + columns // MODE_SLOTS) * M + mode
         r_t = tl.load(modes_ptr + row[None, :] * D + channels[:, None], mask=valid[None, :] & channel_ok[:, None],
                       other=0.0)
-        # the product runs on e - mu and r - mu (mu: the pass's mean mode):
-        # distances do not change, the numbers (and their rounding) shrink
+        r_finite = (r_t == r_t) & (tl.abs(r_t) < float("inf"))
+        class_odd = tl.max(tl.reshape(tl.max((~r_finite).to(tl.int32), axis=0), [CLASS_SLOTS, MODE_SLOTS]), axis=1) > 0
+        # the product runs on e - mu and r - mu (mu: the pass's mean finite
+        # mode): distances do not change, the numbers (and their rounding) shrink
+        r_t = tl.where(r_finite, r_t, 0.0)
         mu = tl.sum(r_t, axis=1) / (n_classes * M)
         r_t = tl.where(valid[None, :], r_t - mu[:, None], 0.0)
-        e_centred = e - mu[None, :]
-        e_norm = tl.sqrt(tl.sum(e_centred * e_centred, axis=1))
+        e_centred = tl.where(e_finite, e - mu[None, :], 0.0)
+        e_sq = tl.sum(e_centred * e_centred, axis=1)
         r_sq = tl.sum(r_t * r_t, axis=0)
         key = r_sq[None, :] - 2.0 * tl.dot(e_centred, r_t, input_precision=PRECISION)
-        key = tl.where(key != key, float("-inf"), key)  # NaN ranks first
         key = tl.where(valid[None, :], key, float("inf"))
         key = tl.reshape(key, [BLOCK_P, CLASS_SLOTS, MODE_SLOTS])
         best, winner = tl.min(key, axis=2, return_indices=True, return_indices_tie_break_left=True)
         modes_of_slot = tl.arange(0, MODE_SLOTS)[None, None, :]
         runner_up = tl.min(tl.where(modes_of_slot == winner[:, :, None], float("inf"), key), axis=2)
-        # keys are exact to within `slack` (a bound on the product's rounding)
+        # A class is settled by the product where its two best keys differ by
+        # more than both keys' rounding (`rounding` times 2 ||e|| ||r|| + ||r||^2)
+        # plus the direct formula's own (`rounding` times the distance), so
+        # that the direct ranking would pick the same mode. NaN and inf
+        # anywhere in the pixel or the class's modes: ranked directly.
         r_norm = tl.sqrt(tl.max(r_sq, axis=0))
-        slack = rounding * (2.0 * e_norm * r_norm + r_norm * r_norm)
-        unsettled = (runner_up <= best + 2.0 * slack[:, None]) & (slots < n_classes)[None, :]
+        band = rounding * (4.0 * tl.sqrt(e_sq) * r_norm + 2.0 * r_norm * r_norm + 2.0 * e_sq)[:, None] \
+            + rounding * 2.0 * tl.abs(best)
+        settled = (runner_up > best + band) & (best == best) & (tl.abs(best) < float("inf")) & (band < float("inf"))
+        unsettled = (~settled | pixel_odd[:, None] | class_odd[None, :]) & (slots < n_classes)[None, :]
         for j in range(0, n_classes):
             c = first_class + j
             mine = (slots == j)[None, :]
