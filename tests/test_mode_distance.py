@@ -182,11 +182,11 @@ def test_close_modes_far_apart_classes(fast_backend):
     assert torch.equal(as_rows(result.mstar)[:, 0].cpu().long()[clear], dist.argmin(-1)[clear])
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee", "tf32"])
 def test_triton_product_precision_keeps_dmin_exact(precision):
     """The Triton forward ranks modes with a product in ``precision`` and
-    settles near-ties directly: tf32 (tensor cores) still gives the float64
-    minimum to fp32 accuracy."""
+    settles near-ties directly: tf32x3 (the default) and tf32 (tensor cores)
+    still give the float64 minimum to fp32 accuracy."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = why_unavailable("triton", device)
     if reason is not None:
