@@ -136,9 +136,7 @@ LIBRARY = "drsl_fast.triton_kernels.mode_distance"
 # forward-only Triton methods: name -> (module, precision of the ranking product, pixels per program, warps)
 TRITON_FORWARDS = {"triton-ieee": (LIBRARY, "ieee", 64, 4),
                    "triton-tf32": (LIBRARY, "tf32", 64, 4),
-                   "triton-p32w4": (LIBRARY, "tf32x3", 32, 4),
                    "triton-p64w8": (LIBRARY, "tf32x3", 64, 8),
-                   "triton-p128w4": (LIBRARY, "tf32x3", 128, 4),
                    "triton-p128w8": (LIBRARY, "tf32x3", 128, 8),
                    "triton-flat": ("variants.mode_distance_flat", "tf32x3", 64, 4)}
 
