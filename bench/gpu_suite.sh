@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-"ceilings build tests mode_distance kernels mmdl_losses pseudo_labels training profile report"}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names itself in the results
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
     echo "no CUDA device visible to $PY" >&2; exit 1; }
@@ -48,7 +48,6 @@ timed() {  # timed NAME command...: runs it (at most T_NAME s), logs to $DEST/NA
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu,power.draw --format=csv
     $PY -c "import torch, triton, platform; print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
-    git log -1 --format="commit %H" 2>/dev/null
 } > "$DEST/environment.txt" 2>&1
 
 run_stage() {

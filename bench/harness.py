@@ -205,7 +205,7 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
     try:
         done = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
                               timeout=timeout)
-        stdout, reason = done.stdout, (done.stderr.strip().splitlines() or ["failed"])[-1]
+        stdout, reason = done.stdout, crash_reason(done.stderr, done.returncode)
     except subprocess.TimeoutExpired as exc:
         stdout, reason = exc.stdout or "", f"timed out after {timeout:.0f} s"
     if isinstance(stdout, bytes):
@@ -216,6 +216,16 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
             result = json.loads(line)
             found[result.pop("index", 0)] = result
     return [found.get(i, dict(spec, error=reason)) for i, spec in enumerate(specs)]
+
+
+def crash_reason(stderr: str, returncode: int) -> str:
+    """Why a worker ended without a result: Python's fatal-error line where
+    faulthandler wrote one (a crash in native code), else stderr's last line."""
+    lines = stderr.strip().splitlines()
+    fatal = [line for line in lines if line.startswith("Fatal Python error")]
+    if fatal:
+        return f"crashed: {fatal[0]}"
+    return lines[-1] if lines else f"failed (exit status {returncode})"
 
 
 def serve(measure: Callable[[Dict], Dict], specs: Sequence[Dict]) -> None:
