@@ -134,12 +134,12 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
                          f"{ceilings['fp32_tflops']:.1f} TFLOP/s = {compute_us:.0f} us.")
             cuda = next((c for c in rows if c["pass"] == pass_name and c["method"] == "cuda"), None)
             if cuda is not None:
-                achieved = cuda["gflop"] * 1e3 / cuda["time_ms"]  # GFLOP/s
-                estimate_ms = max(cuda["gflop"] / (GTX_1080TI_FP32_TFLOPS * achieved / ceilings["fp32_tflops"]),
+                fraction = cuda["gflop"] / cuda["time_ms"] / ceilings["fp32_tflops"]  # of the fp32 peak
+                estimate_ms = max(cuda["gflop"] / (GTX_1080TI_FP32_TFLOPS * fraction),
                                   cuda["roofline_mib"] * 2**20 / (GTX_1080TI_GBS * 1e6))
                 lines.append(f"  GTX 1080 Ti estimate of the CUDA backend: {estimate_ms:.2f} ms (its fp32 rate, "
                              f"{GTX_1080TI_FP32_TFLOPS} TFLOP/s, at the fraction of peak achieved here, "
-                             f"{100 * achieved / (ceilings['fp32_tflops'] * 1e3):.0f} %; at least its bytes at "
+                             f"{100 * fraction:.0f} %, host time scaled too: an upper estimate; at least its bytes at "
                              f"{GTX_1080TI_GBS:.0f} GB/s).")
         out += "\n\nRoofline (the least time the fastest possible op could take):\n\n" + "\n".join(lines)
     return out
