@@ -14,7 +14,6 @@ Methods:
   triton-ieee / triton-tf32  the Triton forward with its ranking product in
              fp32 FMA or plain tf32 (the library's default is tf32x3)
   triton-pXwY  the Triton forward with X pixels per program and Y warps
-  triton-flat  a variant of the Triton forward (bench/variants), compared
 
 Each row also states the roofline: the bytes the op must move and its FLOPs
 (3 per pixel, mode and channel forward: a difference and a fused
@@ -29,6 +28,7 @@ repeated runs after a warm-up.
 
     python bench/bench_mode_distance.py            # full sweep -> bench/results/
     python bench/bench_mode_distance.py --quick    # realistic size only, printed
+    python bench/bench_mode_distance.py --kernels --out DIR/mode_distance   # GPU: time per kernel
 """
 import argparse
 import json
@@ -119,8 +119,8 @@ class Retiled:
 
 def triton_launcher(kernels, precision, pixels=64, warps=4):
     """A Triton forward launcher as a method (forward only): the library's,
-    with its ranking product on tf32 tensor cores (its opt-in; dmin is still
-    recomputed exactly) or other tiles, or a variant kept in bench/variants."""
+    with its ranking product in another precision (dmin is still recomputed
+    exactly) or with other tiles."""
     def run(e, r):
         import torch
 
@@ -137,8 +137,7 @@ LIBRARY = "drsl_fast.triton_kernels.mode_distance"
 TRITON_FORWARDS = {"triton-ieee": (LIBRARY, "ieee", 64, 4),
                    "triton-tf32": (LIBRARY, "tf32", 64, 4),
                    "triton-p64w8": (LIBRARY, "tf32x3", 64, 8),
-                   "triton-p128w8": (LIBRARY, "tf32x3", 128, 8),
-                   "triton-flat": ("variants.mode_distance_flat", "tf32x3", 64, 4)}
+                   "triton-p128w8": (LIBRARY, "tf32x3", 128, 8)}
 
 
 def build_method(name, backend_device):
@@ -228,6 +227,55 @@ def relative_error(fn, emb, modes):
         return ((out.double() - exact).norm() / exact.norm()).item()
 
 
+def kernel_table(method: str, steps: int = 20) -> str:
+    """GPU kernel time of one forward+backward of ``method`` at the realistic
+    size (torch.profiler), per kernel: where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    B, D, C, M, H, W = (REALISTIC[k] for k in ("B", "D", "C", "M", "H", "W"))
+    fn = build_method(method, "cuda")
+    emb = torch.randn(B, D, H, W, device="cuda", requires_grad=True)
+    modes = torch.randn(C, M, D, device="cuda", requires_grad=True)
+    weights = torch.randn(B, H, W, C, device="cuda")
+
+    def step():
+        out = fn(emb, modes)
+        if out.shape[-1] != C:  # the fused ops return (B, C, H, W)
+            out = out.permute(0, 2, 3, 1)
+        (out * weights).sum().backward()
+        emb.grad = modes.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = sorted(((e.key, e.count // steps, e.device_time_total / steps) for e in prof.key_averages()
+                   if e.device_time_total > 0 and e.count >= steps), key=lambda r: -r[2])
+    lines = [f"**{method}**: {sum(r[2] for r in rows):.0f} us of kernel time per forward+backward", "",
+             "| kernel | launches per step | us per step |", "|---|---|---|"]
+    return "\n".join(lines + [f"| `{name[:90]}` | {count} | {us:.1f} |" for name, count, us in rows[:12]])
+
+
+def write_kernel_tables(stem: str) -> None:
+    """Kernel tables of cdist + min and the GPU backends -> STEM_kernels.md."""
+    import torch
+
+    sections = [f"# Mode distance forward+backward per kernel on {torch.cuda.get_device_name()}", ""]
+    for method in ["cdist"] + [b for b in harness.fast_backends("cuda")]:
+        try:
+            sections += [kernel_table(method), ""]
+        except Exception as exc:  # one method's failure must not lose the others
+            sections += [f"**{method}**: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", ""]
+    text = "\n".join(sections)
+    with open(stem + "_kernels.md", "w") as f:
+        f.write(text)
+    print(text)
+
+
 def methods_for(device):
     fast = harness.fast_backends(device)
     return list(BASELINES) + peers() + ["reference"] + fast + (list(TRITON_FORWARDS) if "triton" in fast else [])
@@ -274,9 +322,13 @@ def main():
                         help="sweep: all sizes; realistic: the 512x512 and 512x1024 crops' maps only")
     harness.add_run_arguments(parser, "mode_distance", "timed runs (default 7 CPU, 100 GPU)",
                               "time budget per measurement (default 20 CPU, 1 GPU)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="GPU: only the kernel time per forward+backward of each backend (-> <out>_kernels.md)")
     args = parser.parse_args()
     if args.worker:
         return harness.serve(measure, json.loads(args.worker))
+    if args.kernels:
+        return write_kernel_tables(harness.results_stem(args.out, "mode_distance", "cuda"))
 
     device = harness.default_device(args.device)
     gpu = device == "cuda"

@@ -62,7 +62,7 @@ run_stage() {
     mode_distance)
         timed mode_distance $PY bench/bench_mode_distance.py --device cuda --sizes realistic \
             --out "$DEST/mode_distance" ${BENCH_ARGS:-} ;;
-    kernels) timed kernels $PY bench/profile_mode_distance.py --out "$DEST" ;;
+    kernels) timed kernels $PY bench/bench_mode_distance.py --kernels --out "$DEST/mode_distance" ;;
     mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
     pseudo_labels)
         timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} \
