@@ -82,7 +82,7 @@ def threshold_worker(spec):
     import torch
 
     from drsl_fast.pseudo_labels import ClassBalancedThresholds
-    from drsl_fast.reference.pseudo_labels import SortedThresholds
+    from drsl_fast.reference import SortedThresholds
 
     device = torch.device(spec["device"])
     method = spec["method"]

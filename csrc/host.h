@@ -75,7 +75,7 @@ inline void check_sigma(std::optional<double> sigma) {
 }
 
 // -1 / (2 sigma^2) in the accumulation type, -inf where it overflows (tiny
-// sigma); as posterior_scale of drsl_fast/reference/mode_distance.py.
+// sigma); as posterior_scale of drsl_fast/reference.py.
 template <typename acc_t>
 inline acc_t posterior_scale(double sigma) {
   const double scale = -0.5 / sigma / sigma;

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drsl_fast.ops.fda import fourier_domain_adaptation
-from drsl_fast.reference.fda import fourier_domain_adaptation as reference
+from drsl_fast.reference import fourier_domain_adaptation as reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

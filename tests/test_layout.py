@@ -9,23 +9,48 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # op file name -> the layers it has (class_sampling has no Triton kernel and is
-# measured in bench_mmdl_losses; entropy is measured in bench_pseudo_labels)
-LAYERS = ("drsl_fast/ops/{}.py", "drsl_fast/reference/{}.py", "csrc/cpu/{}.cpp", "csrc/cuda/{}.cu",
-          "drsl_fast/triton_kernels/{}.py", "tests/test_{}.py", "bench/bench_{}.py")
+# measured in bench_mmdl_losses; entropy is measured in bench_pseudo_labels);
+# every op's float64 reference is a section of drsl_fast/reference.py
+LAYERS = ("drsl_fast/ops/{}.py", "csrc/cpu/{}.cpp", "csrc/cuda/{}.cu", "drsl_fast/triton_kernels/{}.py",
+          "tests/test_{}.py", "bench/bench_{}.py")
 OPS = {
     "mode_distance": LAYERS,
     "mmdl_losses": LAYERS,
     "pseudo_labels": LAYERS,
     "entropy": LAYERS[:-1],
-    "class_sampling": LAYERS[:4] + LAYERS[5:6],
+    "class_sampling": LAYERS[:3] + LAYERS[4:5],
 }
+# op -> its reference in drsl_fast/reference.py
+REFERENCES = {"mode_distance": "mode_distance", "mmdl_losses": "mmdl_losses", "pseudo_labels": "SortedThresholds",
+              "entropy": "entropy_map", "class_sampling": "sample_per_class"}
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_every_layer_of_an_op_carries_its_name(op):
+    """Each layer's file under the op's name, and no other file of that name."""
     missing = [pattern.format(op) for pattern in OPS[op] if not os.path.isfile(os.path.join(ROOT, pattern.format(op)))]
     assert not missing
-    assert len(OPS[op]) <= 7
+    assert len(OPS[op]) <= 6
+    named = [p for p in all_files() if os.path.basename(p).split(".")[0] in (op, f"test_{op}", f"bench_{op}")]
+    assert sorted(named) == sorted(pattern.format(op) for pattern in OPS[op])
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_every_op_has_its_reference(op):
+    from drsl_fast import reference
+
+    assert getattr(reference, REFERENCES[op]).__module__ == "drsl_fast.reference"
+
+
+def all_files():
+    """Every file of the repository's own folders, as paths from the root."""
+    found = []
+    for top in ("drsl_fast", "csrc", "kernels", "tests", "bench", "experiments", "docs"):
+        for directory, _, files in os.walk(os.path.join(ROOT, top)):
+            if "__pycache__" in directory or os.sep + "results" in directory:
+                continue
+            found += [os.path.relpath(os.path.join(directory, name), ROOT) for name in files]
+    return found
 
 
 def library_modules():

@@ -8,7 +8,7 @@ import torch
 
 import drsl_fast
 from drsl_fast.pseudo_labels import ClassBalancedThresholds, portion_for_round, select_labels
-from drsl_fast.reference import pseudo_labels as reference
+from drsl_fast import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 PORTIONS = [0.0, 0.01, 0.2, 0.35, 0.5, 1.0]

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from ..ops.mmdl_losses import label_mode
-from ..reference.mmdl_losses import pixel_rows
-from ..reference.mode_distance import accumulate_dtype
+from ..reference import accumulate_dtype, pixel_rows
 
 
 class ConsistencyTriplets(NamedTuple):

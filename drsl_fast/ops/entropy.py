@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
-from ..reference.mode_distance import accumulate_dtype
+from ..reference import accumulate_dtype
 from .mode_distance import check_triton_dtype
 from .registration import register_differentiable
 from .validation import check_bool, check_class_maps

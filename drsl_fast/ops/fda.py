@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference.mode_distance import accumulate_dtype
+from ..reference import accumulate_dtype
 from .validation import check_dim, check_float_tensor, check_real, check_same_device
 
 OP = "fourier_domain_adaptation"

@@ -26,8 +26,7 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
-from ..reference.mmdl_losses import pixel_rows, valid_samples
-from ..reference.mode_distance import accumulate_dtype, posterior_scale
+from ..reference import accumulate_dtype, pixel_rows, posterior_scale, valid_samples
 from .mode_distance import check_emb_and_modes, check_sigma, check_triton_dtype
 from .registration import register_differentiable
 from .validation import check_choice, check_integer_tensor, check_real, check_same_device

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..backends import resolve, triton_import_error
-from ..reference.mode_distance import accumulate_dtype, posterior_scale
+from ..reference import accumulate_dtype, posterior_scale
 from .registration import register_differentiable
 from .validation import check_dim, check_float_tensor, check_real, check_same_device
 
@@ -108,7 +108,7 @@ def check_emb_and_modes(op: str, emb: Tensor, modes: Tensor) -> None:
 
 def check_sigma(op: str, sigma) -> float:
     """sigma: a finite real number > 0 (tiny values are fine, see
-    :func:`drsl_fast.reference.mode_distance.class_posterior`)."""
+    :func:`drsl_fast.reference.class_posterior`)."""
     return check_real(op, "sigma", sigma, positive=True)
 
 

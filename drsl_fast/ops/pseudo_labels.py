@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import _extension
 from ..backends import resolve, triton_import_error
-from ..reference import pseudo_labels as reference
+from .. import reference
 from .validation import check_bool, check_class_maps, check_float_tensor, check_int, check_same_device
 
 MAX_MANTISSA_BITS = 16

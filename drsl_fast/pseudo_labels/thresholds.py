@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..ops.pseudo_labels import MAX_MANTISSA_BITS, confidence_histogram
 from ..ops.validation import check_bool, check_class_maps, check_int, check_integer_tensor, check_real, describe
-from ..reference.pseudo_labels import SMALLEST_GAP_BITS, num_confidence_bins
+from ..reference import SMALLEST_GAP_BITS, num_confidence_bins
 
 
 class ClassBalancedThresholds:
