@@ -8,23 +8,17 @@ cores), each the median of CUDA-event timings on random data.
 import argparse
 import json
 import os
-import statistics
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
 
 def median_ms(fn, repeats=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    """CUDA-event median of ``fn`` over ``repeats`` runs after 3 warm-ups."""
+    return harness.median_ms(fn, "cuda", repeats, budget_s=float("inf"), warmup=3)["time_ms"]
 
 
 def copy_gbs(nbytes=2 * 2**30):
