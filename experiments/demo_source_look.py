@@ -12,15 +12,12 @@ import os
 import sys
 import tempfile
 
-import torch
-
-from drsl_fast.train.checkpoint import config_digest, load_weights
-from drsl_fast.train.config import load_config, read_yaml
 from drsl_fast.train.label_pass import make_pseudo_labels
 from drsl_fast.train.log import quiet_log
-from drsl_fast.train.network import seeded_network
-from drsl_fast.train.runtime import start
 from drsl_fast.train.settings import Settings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo_runs  # noqa: E402
 
 
 def variant(config: dict, scratch: str, beta) -> Settings:
@@ -37,14 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="experiments/results/demo_source_look", help="results path without extension")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = load_config(os.path.join(args.run, "config.yaml"),
-                         ["train.progress=false", f"train.threads={args.threads}"])
-    settings = Settings.of(config)
-    runtime = start(settings.device, settings.train)
-    network = seeded_network(settings, lambda line: None)
-    load_weights(network, os.path.join(args.run, "source", "model.pt"), map_location="cpu",
-                 digest=config_digest(read_yaml(os.path.join(args.run, "config.yaml"))))
+    config, settings, runtime = demo_runs.open_run(args.run, args.threads)
+    network = demo_runs.trained_stage(args.run, "source", settings)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for beta in [None, *args.betas]:

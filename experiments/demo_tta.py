@@ -26,15 +26,14 @@ import torch
 
 from drsl_fast.models import DeepLabV2
 from drsl_fast.sliding_window import sliding_window_logits
-from drsl_fast.train.checkpoint import config_digest, load_weights
-from drsl_fast.train.config import load_config, read_yaml
 from drsl_fast.train.evaluate import evaluate, main_protocol
 from drsl_fast.train.inference import views
 from drsl_fast.train.label_pass import make_pseudo_labels
 from drsl_fast.train.log import quiet_log
-from drsl_fast.train.network import seeded_network
-from drsl_fast.train.runtime import start
 from drsl_fast.train.settings import Settings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo_runs  # noqa: E402
 
 MODELS = (("source only", "source", 0), ("DRSL+ round 2", "drsl_plus/round_2", 2))
 MIB = 2 ** 20
@@ -69,10 +68,7 @@ def model_rows(run: str, config, runtime, scratch: str):
     log = quiet_log()
     plain = Settings.of(config)
     for title, stage, round_index in MODELS:
-        network = seeded_network(plain, lambda line: None)
-        # the weights belong to the run's own config.yaml (as written, before newer keys' defaults join it)
-        load_weights(network, os.path.join(run, stage, "model.pt"), map_location="cpu",
-                     digest=config_digest(read_yaml(os.path.join(run, "config.yaml"))))
+        network = demo_runs.trained_stage(run, stage, plain)
         row = {"model": title, "weights": os.path.join(run, stage, "model.pt")}
         for tta in (False, True):
             key = "tta" if tta else "single"
@@ -149,11 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", action="store_true", help="also the ResNet-101 sliding-window check")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = load_config(os.path.join(args.run, "config.yaml"),
-                         ["train.progress=false", f"train.threads={args.threads}"])
-    settings = Settings.of(config)
-    runtime = start(settings.device, settings.train)
+    config, settings, runtime = demo_runs.open_run(args.run, args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         config["output_dir"] = scratch
         rows = model_rows(args.run, config, runtime, scratch)
