@@ -209,12 +209,12 @@ if triton_import_error() is None:
         pixels = emb.shape[0] if emb.dim() == 2 else emb.shape[2] * emb.shape[3]
         batch = 1 if emb.dim() == 2 else emb.shape[0]
         chunks = triton_kernels.mode_grad_chunks(pixels)
-        partial = modes.new_empty((batch * chunks,) + tuple(modes.shape), dtype=torch.float32)
+        partial = (modes.new_empty((batch * chunks,) + tuple(modes.shape), dtype=torch.float32)
+                   if modes_requires_grad else None)
         if pixels * batch > 0 and (emb_requires_grad or modes_requires_grad):
             triton_kernels.backward(
                 grad_dmin.float().contiguous(), mstar.contiguous(), emb, modes.float().contiguous(),
-                grad_emb if emb_requires_grad else None, partial if modes_requires_grad else None,
-                launch=wrap_triton,
+                grad_emb if emb_requires_grad else None, partial, launch=wrap_triton,
             )
         if modes_requires_grad:
             grad_modes = partial.sum(0).to(modes.dtype)
