@@ -10,7 +10,11 @@ Methods:
              argmin, then the distances to the chosen modes in PyTorch); it
              compiles its kernels at first use (outside the timing)
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
-  cpu / cuda / triton   drsl_fast's fused backends
+  cpu / cuda / triton   drsl_fast's fused backends (cuda: on GPUs of compute
+             capability >= 8.0 its tensor-core forward)
+  cuda-fp32  the CUDA backend with DRSL_FAST_NO_TENSOR_CORES=1: the fp32
+             forward older GPUs (the GTX 1080 Ti) run; listed on GPUs that
+             have tensor cores
   triton-ieee / triton-tf32  the Triton forward with its ranking product in
              fp32 FMA or plain tf32 (the library's default is tf32x3)
   triton-pXwY  the Triton forward with X pixels per program and Y warps
@@ -24,7 +28,10 @@ Each (method, size, pass) runs in a fresh subprocess on the CPU, where the peak
 memory is the process's RSS high-water mark; on a GPU all run in one process,
 the peak being torch.cuda.max_memory_allocated reset per measurement. Either
 way, minus what was in use once the inputs existed. Times are medians of
-repeated runs after a warm-up.
+repeated runs after a warm-up, one synchronised call at a time; on a GPU each
+row also gives the host's time to issue a call and the time per call of calls
+issued back to back (where the host is slower than the kernels, the GPU idles
+and the median counts host time).
 
     python bench/bench_mode_distance.py            # full sweep -> bench/results/
     python bench/bench_mode_distance.py --quick    # realistic size only, printed
@@ -166,6 +173,10 @@ def build_method(name, backend_device):
 
         module, precision, pixels, warps = TRITON_FORWARDS[name]
         return triton_launcher(importlib.import_module(module), precision, pixels, warps)
+    if name == "cuda-fp32":
+        os.environ["DRSL_FAST_NO_TENSOR_CORES"] = "1"  # read by the CUDA launcher at each call
+        return lambda e, r: drsl_fast.mode_distance(e, r, backend="cuda").dmin
+    os.environ.pop("DRSL_FAST_NO_TENSOR_CORES", None)
     return lambda e, r: drsl_fast.mode_distance(e, r, backend=name).dmin
 
 
@@ -204,12 +215,35 @@ def measure(spec):
     output_bytes = out.numel() * out.element_size()
     del out
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
+    if device.type == "cuda":
+        timing.update(host_and_pipelined_ms(step))
     nbytes = roofline_bytes(size, backward)
     work = flops(size, backward)
     error = {} if backward else dict(rel_error=relative_error(fn, *inputs.next()[:2]))
     return dict(spec, **timing, **error, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
                 roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"]),
                 gflop=work / 1e9, gflops=work / 1e6 / timing["time_ms"])
+
+
+def host_and_pipelined_ms(step, steps: int = 20):
+    """GPU: the host's time to issue one step (``steps`` steps back to back,
+    no synchronisation between them) and the time per step of that run,
+    synchronised at its end only, as in a training loop. A step whose host
+    time exceeds its kernels' leaves the GPU idle between them; the median of
+    :func:`harness.median_ms` (one synchronised step at a time) then counts
+    the host time too."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return dict(host_ms=1e3 * (issued - start) / steps, pipelined_ms=1e3 * (done - start) / steps)
 
 
 def relative_error(fn, emb, modes):
@@ -265,7 +299,8 @@ def write_kernel_tables(stem: str) -> None:
     import torch
 
     sections = [f"# Mode distance forward+backward per kernel on {torch.cuda.get_device_name()}", ""]
-    for method in ["cdist"] + [b for b in harness.fast_backends("cuda")]:
+    fast = harness.fast_backends("cuda")
+    for method in ["cdist"] + fast + cuda_variants(fast):
         try:
             sections += [kernel_table(method), ""]
         except Exception as exc:  # one method's failure must not lose the others
@@ -278,7 +313,16 @@ def write_kernel_tables(stem: str) -> None:
 
 def methods_for(device):
     fast = harness.fast_backends(device)
-    return list(BASELINES) + peers() + ["reference"] + fast + (list(TRITON_FORWARDS) if "triton" in fast else [])
+    return (list(BASELINES) + peers() + ["reference"] + fast + cuda_variants(fast)
+            + (list(TRITON_FORWARDS) if "triton" in fast else []))
+
+
+def cuda_variants(fast):
+    """["cuda-fp32"] where the CUDA backend runs its tensor-core forward
+    (compute capability >= 8.0): the fp32 kernel is then measured beside it."""
+    import torch
+
+    return ["cuda-fp32"] if "cuda" in fast and torch.cuda.get_device_capability()[0] >= 8 else []
 
 
 def peers():
@@ -291,9 +335,9 @@ def peers():
 
 
 def markdown_table(rows):
-    header = ("| size (B,D,C,M,HxW) | pass | method | time ms | peak extra MiB | speed-up vs best baseline "
-              "| achieved GB/s (roofline bytes) | achieved GFLOP/s | error vs float64 |")
-    lines = [header, "|" + "---|" * 9]
+    header = ("| size (B,D,C,M,HxW) | pass | method | time ms | host ms / pipelined ms | peak extra MiB "
+              "| speed-up vs best baseline | achieved GB/s (roofline bytes) | achieved GFLOP/s | error vs float64 |")
+    lines = [header, "|" + "---|" * 10]
     groups = {}
     for r in rows:
         groups.setdefault((json.dumps(r["size"], sort_keys=True), r["pass"]), []).append(r)
@@ -303,13 +347,14 @@ def markdown_table(rows):
         label = f"{s['B']},{s['D']},{s['C']},{s['M']},{s['H']}x{s['W']}"
         for r in group:
             if "error" in r:
-                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | | | | |")
+                lines.append(f"| {label} | {pass_name} | {r['method']} | {r['error'][:60]} | | | | | | |")
                 continue
             speedup = f"{best / r['time_ms']:.1f}x" if best else ""
             bandwidth = f"{r['bandwidth_gbs']:.3g}" if "bandwidth_gbs" in r else ""
             rate = f"{r['gflops']:.3g}" if "gflops" in r else ""
             error = f"{r['rel_error']:.1e}" if "rel_error" in r else ""
-            lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.3f} | "
+            host = f"{r['host_ms']:.3f} / {r['pipelined_ms']:.3f}" if "host_ms" in r else ""
+            lines.append(f"| {label} | {pass_name} | {r['method']} | {r['time_ms']:.3f} | {host} | "
                          f"{r['peak_extra_mib']:.1f} | {speedup} | {bandwidth} | {rate} | {error} |")
     return "\n".join(lines)
 
@@ -366,9 +411,13 @@ def main():
     if args.quick:
         return
     stem = harness.results_stem(args.out, "mode_distance", device)
-    fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "peak_extra_mib",
+    fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "host_ms", "pipelined_ms",
+              "peak_extra_mib",
               "dmin_mib", "roofline_mib", "bandwidth_gbs", "gflop", "gflops", "rel_error", "runs", "error"]
-    body = (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}); "
+    host = ("; host ms is the host's time to issue one call, pipelined ms the time per call of 20 calls back to "
+            "back, synchronised at the end only (as in a training loop)") if gpu else ""
+    body = (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}) "
+            f"of one synchronised call at a time{host}; "
             f"peak extra memory is measured on a fresh process "
             f"({'max_memory_allocated' if gpu else 'RSS high-water mark'}) above the inputs. Achieved bandwidth is "
             f"the op's roofline bytes (read the embeddings, write dmin and mstar; backward: read the dmin gradient, "

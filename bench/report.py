@@ -132,7 +132,9 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
             lines.append(f"- {pass_name}: {r['roofline_mib']:.1f} MiB at the measured {ceilings['copy_gbs']:.0f} GB/s "
                          f"= {memory_us:.0f} us; {r['gflop']:.2f} GFLOP at the measured fp32 "
                          f"{ceilings['fp32_tflops']:.1f} TFLOP/s = {compute_us:.0f} us.")
-            cuda = next((c for c in rows if c["pass"] == pass_name and c["method"] == "cuda"), None)
+            # the fp32 kernel is the one a GTX 1080 Ti runs (on GPUs with tensor cores: cuda-fp32)
+            cuda = next((c for method in ("cuda-fp32", "cuda") for c in rows
+                         if c["pass"] == pass_name and c["method"] == method), None)
             if cuda is not None:
                 fraction = cuda["gflop"] / cuda["time_ms"] / ceilings["fp32_tflops"]  # of the fp32 peak
                 estimate_ms = max(cuda["gflop"] / (GTX_1080TI_FP32_TFLOPS * fraction),

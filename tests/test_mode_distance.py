@@ -7,10 +7,30 @@ import pytest
 import torch
 
 import drsl_fast
+from conftest import device_for
 from drsl_fast import reference
 from drsl_fast.backends import BackendUnavailableError, why_unavailable
 
 SIGMA = 0.5
+
+
+@pytest.fixture(params=["cpu", "cuda", "cuda-fp32", "triton"])
+def fast_backend(request, monkeypatch):
+    """Each fast backend available here, with the device it runs on. On GPUs of
+    compute capability >= 8.0, "cuda" runs the tensor-core forward and
+    "cuda-fp32" the fp32 one (DRSL_FAST_NO_TENSOR_CORES=1), the kernel older
+    GPUs such as the GTX 1080 Ti run: both are tested there."""
+    name = request.param
+    if name == "cuda-fp32":
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+            pytest.skip("cuda-fp32: no GPU with tensor cores here (elsewhere 'cuda' is the fp32 kernel)")
+        monkeypatch.setenv("DRSL_FAST_NO_TENSOR_CORES", "1")
+        name = "cuda"
+    device = device_for(name)
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    return name, device
 
 # name -> (embedding factory(generator, dtype), C, M)
 SHAPES = {
@@ -23,6 +43,9 @@ SHAPES = {
     "max_modes_one_channel": (lambda g, dt: torch.randn(3, 1, 2, 5, generator=g).to(dt), 2, 16),
     # more modes than one product of the Triton kernels takes: several passes
     "many_classes": (lambda g, dt: torch.randn(1, 6, 5, 7, generator=g).to(dt), 23, 5),
+    # more channels than one staging step of the GPU kernels and more pixels than one
+    # mode-gradient chunk, neither a whole number of them
+    "wide_many_pixels": (lambda g, dt: torch.randn(2, 70, 19, 23, generator=g).to(dt), 19, 3),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -231,7 +254,8 @@ def weighted_loss(result, seed=11):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", ["bdhw", "bdhw_channels_last", "nd_transposed", "bdhw_strided", "many_classes"])
+@pytest.mark.parametrize("shape", ["bdhw", "bdhw_channels_last", "nd_transposed", "bdhw_strided", "many_classes",
+                                   "wide_many_pixels"])
 def test_backward_matches_reference(fast_backend, shape, dtype):
     backend, device = fast_backend
     skip_unsupported(backend, dtype)

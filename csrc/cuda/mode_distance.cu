@@ -1,8 +1,12 @@
 // CUDA backend of the mode-distance op (docs/method.md §3, contract in §10.2):
 // first the device kernels, free of ATen, then their launchers.
 // kernels/cuda/pascal_sm61.cu compiles the kernels alone for sm_61 (it defines
-// DRSL_FAST_KERNELS_ONLY); they use plain fp32 (fp64 for fp64 input) FMA, no
-// tensor cores, because the GTX 1080 Ti has none.
+// DRSL_FAST_KERNELS_ONLY). The fp32 kernels (fp64 for fp64 input) use plain
+// FMA, no tensor cores, because the GTX 1080 Ti has none. On sm_80 and newer,
+// fp32/fp16/bf16 input runs the tensor-core kernels instead (see "Tensor-core
+// forward" below): a forward that ranks the modes with a 3xTF32 product, and
+// at C*M <= 64 a backward computing both gradients as products in one kernel.
+// DRSL_FAST_NO_TENSOR_CORES=1 keeps the fp32 kernels on every GPU.
 //
 // The maths. For one pixel embedding e (a D-vector) and the K = C*M mode
 // centres r[k], k = c*M + m (docs/method.md §3):
@@ -29,7 +33,10 @@
 // shared-memory read of the inner loops is one 16-byte access: the 16 threads
 // of a half warp read 256 contiguous bytes (two wavefronts, the least there
 // can be), and the two mode groups of a warp read broadcasts.
+#include <cfloat>
 #include <cstdint>
+
+#include <mma.h>
 
 #include "../../kernels/cuda/load_store.cuh"
 #include "../../kernels/nan_rules.h"
@@ -200,6 +207,390 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
   }
 }
 
+// ---- Tensor-core forward and backward (sm_80 and newer; fp32, fp16 and bf16 input) ----
+//
+// The same outputs from the expansion ||e - r||^2 = ||e - mu||^2 - 2 (e - mu).(r - mu)
+// + ||r - mu||^2, mu the mean of the pass's finite modes (a shift changes no
+// distance, and makes the numbers, and their rounding, smaller). The products
+// (e - mu).(r - mu) of a block of pixels and all modes of a pass are one
+// matrix product on tensor cores in 3xTF32: each operand x is split into
+// hi = tf32(x) and lo = tf32(x - hi), and x.y is taken as hi.lo + lo.hi + hi.hi
+// with fp32 accumulation (the dropped lo.lo and the rounding of lo are about
+// 2^-22 |x| |y| per term, close to fp32's own rounding).
+//
+// The expanded distance is trusted as it stands when, as on the CPU backend
+// (csrc/cpu/mode_distance.cpp, kTrustRatio), the class's minimum is at least
+// half of ||e - mu||^2 + max_m ||r[c, m] - mu||^2: its rounding error, a few
+// units of 2^-22 (sum of squared norms) per channel term, is then a few 1e-6
+// of dmin at most. Every other (pixel, class), the usual case for an
+// embedding next to a mode of its class (cancellation), and anything non-finite,
+// is recomputed directly as in the fp32 kernel above: sum_j (e_j - r_j)^2,
+// channels in order, over the class's modes (ties: lowest m; NaN wins).
+namespace tensor_core {
+constexpr int kPixels = 64;  // per block: 4 warps x 16 rows of the product
+constexpr int kModes = 64;   // mode columns per pass: 4 tiles of 16
+constexpr int kDepth = 32;   // channels per staging step: 4 k-steps of 8
+constexpr int kEmbRow = kPixels + 4;  // emb tile [channel][pixel] (A, column-major)
+constexpr int kModeRow = kDepth + 4;  // mode tile [mode][channel] (B, column-major)
+constexpr int kKeyRow = kPixels + 4;  // products [mode][pixel] (column-major)
+constexpr int kStaged = kDepth * kEmbRow + kModes * kModeRow;
+constexpr int kProducts = kModes * kKeyRow;
+constexpr float kTrustRatio = 0.5f;
+static_assert(kThreads == 2 * kPixels, "two threads per pixel share the norms");
+
+// The backward (one kernel for both gradients, at C*M <= kModes).
+constexpr int kGradThreads = 256;                // 8 warps
+constexpr int kGradChunk = 256;                  // pixels per partial of the mode gradient (fixed: deterministic)
+constexpr int kGradStep = 32;                    // pixels per step
+constexpr int kGradDepth = 64;                   // channels per sweep over the chunk
+constexpr int kWeightRow = kModes + 4;           // one-hot weights [pixel][mode]
+constexpr int kStepCol = kGradStep + 4;          // embeddings and W R [channel][pixel]
+constexpr int kCentreRow = kGradDepth + 4;       // centred modes, mode gradient [mode][channel]
+constexpr int kWeightFloats = kGradStep * kWeightRow;
+constexpr int kStepFloats = kWeightFloats + 2 * kGradDepth * kStepCol;
+static_assert(kModes * kCentreRow <= kStepFloats, "the mode gradient is parked over the step tiles");
+static_assert(kGradThreads == 8 * 32 && kGradStep == 32 && kGradDepth == 4 * 16 && kModes == 4 * 16,
+              "warp w: W R tile (w / 4, w % 4); W^T E tiles (w / 2, 2 (w % 2) + j)");
+}  // namespace tensor_core
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+// 3xTF32 (see above): x -> hi = tf32(x), lo = tf32(x - hi), element by element
+// (both fragments have the same layout), and acc += a.b as three products,
+// the small terms first.
+template <typename Fragment>
+__device__ __forceinline__ void split_tf32(Fragment& hi, Fragment& lo) {
+#pragma unroll
+  for (int i = 0; i < hi.num_elements; ++i) {
+    const float x = hi.x[i], big = nvcuda::wmma::__float_to_tf32(x);
+    hi.x[i] = big;
+    lo.x[i] = nvcuda::wmma::__float_to_tf32(x - big);
+  }
+}
+
+template <typename Acc, typename A, typename B>
+__device__ __forceinline__ void mma_3xtf32(Acc& acc, const A& a_hi, const A& a_lo, const B& b_hi, const B& b_lo) {
+  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);
+  nvcuda::wmma::mma_sync(acc, a_hi, b_lo, acc);
+  nvcuda::wmma::mma_sync(acc, a_hi, b_hi, acc);
+}
+#endif
+
+// mu[pass, j] = mean over the pass's modes of the finite r[k, j] (non-finite
+// values count as 0) and norm[k] = ||r[k] - mu[pass of k]||^2, for passes of
+// floor(tensor_core::kModes / M) whole classes. grid = passes.
+__global__ void __launch_bounds__(kThreads) mode_centre_kernel(const float* __restrict__ modes, int C, int M, int D,
+                                                               float* __restrict__ mu, float* __restrict__ norm) {
+  const int classes_per_pass = tensor_core::kModes / M;
+  const int c0 = blockIdx.x * classes_per_pass;
+  const int pass_modes = min(classes_per_pass, C - c0) * M;
+  const float* centres = modes + static_cast<int64_t>(c0) * M * D;
+  float* pass_mu = mu + static_cast<int64_t>(blockIdx.x) * D;
+  for (int j = threadIdx.x; j < D; j += kThreads) {
+    float sum = 0.0f;
+    for (int k = 0; k < pass_modes; ++k) {
+      const float v = centres[static_cast<int64_t>(k) * D + j];
+      if (fabsf(v) <= FLT_MAX) sum += v;
+    }
+    pass_mu[j] = sum / static_cast<float>(pass_modes);
+  }
+  __syncthreads();  // this block's writes of pass_mu are visible to it
+  for (int k = threadIdx.x; k < pass_modes; k += kThreads) {
+    float sum = 0.0f;
+    for (int j = 0; j < D; ++j) {
+      const float t = centres[static_cast<int64_t>(k) * D + j] - pass_mu[j];
+      sum += t * t;
+    }
+    norm[static_cast<int64_t>(c0) * M + k] = sum;
+  }
+}
+
+// Forward on tensor cores. grid = (ceil(P / kPixels), B); passes as in the fp32
+// kernel. Per pass and per kDepth channels: the centred embeddings and modes
+// are staged in shared memory, the two threads of each pixel add its squared
+// norm, and each warp adds its 16 pixels x 64 modes of products (4
+// accumulator tiles, 3 tensor-core products each per k-step). Then the
+// products are parked in shared memory and each thread takes (class, pixel)
+// pairs, consecutive pixels on consecutive threads, as in the fp32 kernel.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
+    const scalar_t* __restrict__ emb, PixelLayout emb_layout, const float* __restrict__ modes,
+    const float* __restrict__ mu, const float* __restrict__ mode_norm, int C, int M, int D, int64_t P,
+    float* __restrict__ dmin, uint8_t* __restrict__ mstar, float* __restrict__ posterior, float posterior_scale,
+    PixelLayout out_layout) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using namespace tensor_core;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  __shared__ __align__(32) float shared[kStaged > kProducts ? kStaged : kProducts];
+  __shared__ float emb_norm[2][kPixels];  // the halves of ||e - mu||^2 summed by a pixel's two threads
+  __shared__ float pass_norm[kModes];
+  float* const emb_tile = shared;                      // [kDepth][kEmbRow]
+  float* const mode_tile = shared + kDepth * kEmbRow;  // [kModes][kModeRow]
+  float* const products = shared;                      // [kModes][kKeyRow], after the channel loop
+
+  const int warp = threadIdx.x / 32;
+  const int own_pixel = threadIdx.x % kPixels, half = threadIdx.x / kPixels;
+  const int64_t b = blockIdx.y, p0 = static_cast<int64_t>(blockIdx.x) * kPixels;
+  const int classes_per_pass = kModes / M;
+
+  for (int c0 = 0, pass = 0; c0 < C; c0 += classes_per_pass, ++pass) {
+    __syncthreads();  // the previous pass's readers are done with the norms (also at D = 0)
+    const int classes = min(classes_per_pass, C - c0);
+    const int pass_modes = classes * M;
+    const float* pass_centres = modes + static_cast<int64_t>(c0) * M * D;
+    const float* pass_mu = mu + static_cast<int64_t>(pass) * D;
+    float norm_part = 0.0f;
+    Acc acc[kModes / 16];
+#pragma unroll
+    for (int t = 0; t < kModes / 16; ++t) wmma::fill_fragment(acc[t], 0.0f);
+
+    for (int d0 = 0; d0 < D; d0 += kDepth) {
+      __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
+      for (int i = threadIdx.x; i < kDepth * kPixels; i += kThreads) {
+        const bool pixels_adjacent = emb_layout.pixel == 1;
+        const int d = pixels_adjacent ? i / kPixels : i % kDepth;
+        const int p = pixels_adjacent ? i % kPixels : i / kDepth;
+        float v = 0.0f;
+        if (d0 + d < D && p0 + p < P) v = load_as<float>(emb[emb_layout.offset(b, d0 + d, p0 + p)]) - pass_mu[d0 + d];
+        emb_tile[d * kEmbRow + p] = v;
+      }
+      for (int i = threadIdx.x; i < kDepth * kModes; i += kThreads) {
+        const int d = i % kDepth, k = i / kDepth;
+        mode_tile[k * kModeRow + d] = (d0 + d < D && k < pass_modes)
+                                          ? pass_centres[static_cast<int64_t>(k) * D + d0 + d] - pass_mu[d0 + d]
+                                          : 0.0f;
+      }
+      __syncthreads();
+      for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2); ++d) {
+        const float v = emb_tile[d * kEmbRow + own_pixel];
+        norm_part += v * v;
+      }
+#pragma unroll
+      for (int step = 0; step < kDepth / 8; ++step) {
+        FragA a_hi, a_lo;
+        wmma::load_matrix_sync(a_hi, emb_tile + step * 8 * kEmbRow + warp * 16, kEmbRow);
+        split_tf32(a_hi, a_lo);
+#pragma unroll
+        for (int t = 0; t < kModes / 16; ++t) {
+          FragB b_hi, b_lo;
+          wmma::load_matrix_sync(b_hi, mode_tile + t * 16 * kModeRow + step * 8, kModeRow);
+          split_tf32(b_hi, b_lo);
+          mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);
+        }
+      }
+    }
+
+    emb_norm[half][own_pixel] = norm_part;
+    for (int k = threadIdx.x; k < kModes; k += kThreads)
+      pass_norm[k] = k < pass_modes ? mode_norm[static_cast<int64_t>(c0) * M + k] : 0.0f;
+    __syncthreads();  // the staged tiles are read; the products take their place
+#pragma unroll
+    for (int t = 0; t < kModes / 16; ++t)
+      wmma::store_matrix_sync(products + t * 16 * kKeyRow + warp * 16, acc[t], kKeyRow, wmma::mem_col_major);
+    __syncthreads();
+
+    for (int i = threadIdx.x; i < classes * kPixels; i += kThreads) {
+      const int cl = i / kPixels, p = i % kPixels;
+      if (p0 + p >= P) continue;
+      const float e_norm = emb_norm[0][p] + emb_norm[1][p];
+      float best = 0.0f, largest_norm = 0.0f;
+      int best_mode = 0;
+      for (int m = 0; m < M; ++m) {
+        const int k = cl * M + m;
+        const float v = (e_norm + pass_norm[k]) - 2.0f * products[k * kKeyRow + p];
+        if (m == 0 || replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
+          best = v;
+          best_mode = m;
+        }
+        if (m == 0 || replaces_max(pass_norm[k], largest_norm)) largest_norm = pass_norm[k];
+      }
+      const float bound = e_norm + largest_norm;
+      if (!(bound <= FLT_MAX && best >= kTrustRatio * bound)) {
+        // cancellation, or something non-finite: the class's modes directly
+        float dist[kMaxModes];
+#pragma unroll
+        for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
+        const float* centre = pass_centres + static_cast<int64_t>(cl) * M * D;
+        for (int j = 0; j < D; ++j) {
+          const float x = load_as<float>(emb[emb_layout.offset(b, j, p0 + p)]);
+#pragma unroll
+          for (int m = 0; m < kMaxModes; ++m) {
+            if (m < M) {
+              const float t = x - centre[static_cast<int64_t>(m) * D + j];
+              dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
+            }
+          }
+        }
+        best = dist[0];
+        best_mode = 0;
+#pragma unroll
+        for (int m = 1; m < kMaxModes; ++m) {
+          if (m < M && replaces_min(dist[m], best)) {
+            best = dist[m];
+            best_mode = m;
+          }
+        }
+      }
+      const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
+      dmin[o] = best;
+      mstar[o] = static_cast<uint8_t>(best_mode);
+      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+    }
+  }
+#else
+  __trap();  // launched only on sm_80 and newer
+#endif
+}
+
+// Backward on tensor cores, both gradients in one kernel (C*M <= kModes, so
+// one pass holds every mode). With W the (pixels x modes) one-hot weights,
+// W[p, c*M + m] = g[p, c] if m == mstar[p, c] else 0, built on the fly from
+// grad_dmin and mstar, and G[p] = sum_c g[p, c] = sum_k W[p, k]:
+//   dL/de_p = 2 sum_c g[p, c] (e_p - r[c, mstar]) = 2 (G[p] e_p - (W R)_p)
+//   dL/dr_k = 2 sum_p W[p, k] (r_k - e_p)         = 2 ((sum_p W[p, k]) r_k - (W^T E)_k)
+// Both hold as well for e - mu and r - mu (the G and the column sums are the
+// weights' own), so E and R are centred as in the forward. grid = (chunks of
+// kGradChunk pixels, B); a block sweeps its chunk kGradStep pixels at a time
+// (for each kGradDepth channels): it stages W [pixel][mode] and E
+// [channel][pixel], each warp takes one 16 x 16 tile of W R (written out as
+// dL/de at once) and two of W^T E (accumulated over the chunk, in a fixed
+// order: the partial of the chunk is deterministic). grad_emb or partial is
+// null when that gradient is not wanted.
+template <typename scalar_t>
+__global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backward_tc_kernel(
+    const float* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar, PixelLayout out_layout,
+    const scalar_t* __restrict__ emb, PixelLayout emb_layout, const float* __restrict__ modes,
+    const float* __restrict__ mu, int C, int M, int D, int64_t P, scalar_t* __restrict__ grad_emb,
+    PixelLayout grad_layout, float* __restrict__ partial) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using namespace tensor_core;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  __shared__ __align__(32) float shared[kStepFloats];
+  __shared__ __align__(32) float centred_modes[kModes * kCentreRow];  // [mode][channel]
+  __shared__ float weight_total[kGradStep];                           // G of the step's pixels
+  __shared__ float column_total[kModes];                              // sum_p W[p, k] over the chunk
+  float* const weights = shared;                                      // [kGradStep][kWeightRow]
+  float* const emb_tile = shared + kWeightFloats;                     // [kGradDepth][kStepCol]
+  float* const product = emb_tile + kGradDepth * kStepCol;            // W R, [kGradDepth][kStepCol]
+  float* const mode_grad = shared;                                    // W^T E, [kModes][kCentreRow], at the end
+
+  const int warp = threadIdx.x / 32;
+  const int modes_used = C * M;
+  const bool pixels_adjacent = emb_layout.pixel == 1;
+  const int64_t b = blockIdx.y, begin = static_cast<int64_t>(blockIdx.x) * kGradChunk;
+  const int64_t end = begin + kGradChunk < P ? begin + kGradChunk : P;
+
+  for (int d0 = 0; d0 < D; d0 += kGradDepth) {
+    __syncthreads();  // the previous sweep's readers are done with the shared tiles
+    for (int i = threadIdx.x; i < kModes * kGradDepth; i += kGradThreads) {
+      const int k = i / kGradDepth, d = i % kGradDepth;
+      centred_modes[k * kCentreRow + d] =
+          (k < modes_used && d0 + d < D) ? modes[static_cast<int64_t>(k) * D + d0 + d] - mu[d0 + d] : 0.0f;
+    }
+    float column_sum = 0.0f;  // thread k < kModes: sum_p W[p, k]
+    Acc mode_acc[2];
+    wmma::fill_fragment(mode_acc[0], 0.0f);
+    wmma::fill_fragment(mode_acc[1], 0.0f);
+
+    for (int64_t q0 = begin; q0 < end; q0 += kGradStep) {
+      const int n = static_cast<int>(end - q0 < kGradStep ? end - q0 : kGradStep);
+      __syncthreads();  // the previous step's readers are done (and the centred modes are written)
+      for (int i = threadIdx.x; i < kGradStep * kModes; i += kGradThreads) {
+        const int p = i % kGradStep, k = i / kGradStep;
+        float w = 0.0f;
+        if (p < n && k < modes_used) {
+          const int64_t o = out_layout.offset(b, k / M, q0 + p);
+          if (mstar[o] == k % M) w = grad_dmin[o];
+        }
+        weights[p * kWeightRow + k] = w;
+      }
+      for (int i = threadIdx.x; i < kGradDepth * kGradStep; i += kGradThreads) {
+        const int d = pixels_adjacent ? i / kGradStep : i % kGradDepth;
+        const int p = pixels_adjacent ? i % kGradStep : i / kGradDepth;
+        float v = 0.0f;
+        if (p < n && d0 + d < D) v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];
+        emb_tile[d * kStepCol + p] = v;
+      }
+      __syncthreads();
+      if (threadIdx.x < kGradStep) {
+        float total = 0.0f;
+        for (int k = 0; k < kModes; ++k) total += weights[threadIdx.x * kWeightRow + k];
+        weight_total[threadIdx.x] = total;
+      }
+      if (threadIdx.x < kModes)
+        for (int p = 0; p < kGradStep; ++p) column_sum += weights[p * kWeightRow + threadIdx.x];
+      if (grad_emb != nullptr) {  // W R: pixels (warp / 4) * 16, channels (warp % 4) * 16
+        using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+        using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+        const int rows = warp / 4, cols = warp % 4;
+        Acc acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int step = 0; step < (modes_used + 7) / 8; ++step) {
+          FragA a_hi, a_lo;
+          FragB b_hi, b_lo;
+          wmma::load_matrix_sync(a_hi, weights + rows * 16 * kWeightRow + step * 8, kWeightRow);
+          wmma::load_matrix_sync(b_hi, centred_modes + step * 8 * kCentreRow + cols * 16, kCentreRow);
+          split_tf32(a_hi, a_lo);
+          split_tf32(b_hi, b_lo);
+          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);
+        }
+        wmma::store_matrix_sync(product + cols * 16 * kStepCol + rows * 16, acc, kStepCol, wmma::mem_col_major);
+      }
+      if (partial != nullptr) {  // W^T E: modes (warp / 2) * 16, channels (2 (warp % 2) + j) * 16
+        using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+        using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+        const int rows = warp / 2;
+#pragma unroll
+        for (int step = 0; step < kGradStep / 8; ++step) {
+          FragA a_hi, a_lo;
+          wmma::load_matrix_sync(a_hi, weights + step * 8 * kWeightRow + rows * 16, kWeightRow);
+          split_tf32(a_hi, a_lo);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            FragB b_hi, b_lo;
+            wmma::load_matrix_sync(b_hi, emb_tile + (2 * (warp % 2) + j) * 16 * kStepCol + step * 8, kStepCol);
+            split_tf32(b_hi, b_lo);
+            mma_3xtf32(mode_acc[j], a_hi, a_lo, b_hi, b_lo);
+          }
+        }
+      }
+      __syncthreads();  // W R and the weight totals are complete
+      if (grad_emb != nullptr) {
+        for (int i = threadIdx.x; i < kGradDepth * kGradStep; i += kGradThreads) {
+          const int d = pixels_adjacent ? i / kGradStep : i % kGradDepth;
+          const int p = pixels_adjacent ? i % kGradStep : i / kGradDepth;
+          if (p < n && d0 + d < D)
+            grad_emb[grad_layout.offset(b, d0 + d, q0 + p)] = store_as<scalar_t>(
+                2.0f * (weight_total[p] * emb_tile[d * kStepCol + p] - product[d * kStepCol + p]));
+        }
+      }
+    }
+
+    if (partial != nullptr) {
+      __syncthreads();  // every step's tiles are read: W^T E takes their place
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(mode_grad + (warp / 2) * 16 * kCentreRow + (2 * (warp % 2) + j) * 16, mode_acc[j],
+                                kCentreRow, wmma::mem_row_major);
+      if (threadIdx.x < kModes) column_total[threadIdx.x] = column_sum;
+      __syncthreads();
+      float* out = partial + (b * gridDim.x + blockIdx.x) * static_cast<int64_t>(modes_used) * D;
+      for (int i = threadIdx.x; i < kModes * kGradDepth; i += kGradThreads) {
+        const int k = i / kGradDepth, d = i % kGradDepth;
+        if (k < modes_used && d0 + d < D)
+          out[static_cast<int64_t>(k) * D + d0 + d] =
+              2.0f * (column_total[k] * centred_modes[k * kCentreRow + d] - mode_grad[k * kCentreRow + d]);
+      }
+    }
+  }
+#else
+  __trap();  // launched only on sm_80 and newer
+#endif
+}
+
 // dL/de. grid = (ceil(P / kThreads), B), one thread per pixel, consecutive
 // pixels on consecutive threads (coalesced for (B, D, H, W) contiguous). The
 // mode rows are staged in dynamic shared memory when modes_in_shared, with an
@@ -356,12 +747,26 @@ __global__ void __launch_bounds__(kThreads, 3) mode_distance_grad_modes_kernel(
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 
 #include "../host.h"
 #include "launch.h"
 
 namespace drsl_fast {
+namespace {
+// The tensor-core forward runs on sm_80 and newer unless DRSL_FAST_NO_TENSOR_CORES
+// is set (to anything but "" or "0"): then every GPU runs the fp32 kernel, the
+// one a GTX 1080 Ti runs, and gives its bits.
+bool use_tensor_cores() {
+  const char* off = std::getenv("DRSL_FAST_NO_TENSOR_CORES");
+  if (off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0) return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tensor& emb, const at::Tensor& modes,
                                                                   std::optional<double> sigma) {
   const c10::cuda::CUDAGuard guard(emb.device());
@@ -370,6 +775,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
   if (out.dmin.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (use_tensor_cores()) {
+        const int64_t passes = (p.C + cuda::tensor_core::kModes / p.M - 1) / (cuda::tensor_core::kModes / p.M);
+        const at::Tensor mu = at::empty({passes, p.D}, p.modes.options());
+        const at::Tensor mode_norm = at::empty({p.C * p.M}, p.modes.options());
+        launch(cuda::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cuda::kThreads, 0,
+               p.modes.const_data_ptr<float>(), p.C, p.M, p.D, mu.mutable_data_ptr<float>(),
+               mode_norm.mutable_data_ptr<float>());
+        launch(cuda::mode_distance_forward_tc_kernel<cuda_type<scalar_t>>,
+               pixel_grid("mode_distance", p.P, p.B, cuda::tensor_core::kPixels), cuda::kThreads, 0,
+               cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<float>(),
+               mu.const_data_ptr<float>(), mode_norm.const_data_ptr<float>(), p.C, p.M, p.D, p.P,
+               out.dmin.mutable_data_ptr<float>(), out.mstar.mutable_data_ptr<uint8_t>(),
+               sigma ? out.posterior.mutable_data_ptr<float>() : nullptr,
+               sigma ? posterior_scale<float>(*sigma) : 0.0f, per_class_layout(emb, p.C));
+        return;
+      }
+    }
     launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, acc_t>,
            pixel_grid("mode_distance", p.P, p.B, cuda::Tiling<acc_t>::kPixels), cuda::kThreads, 0,
            cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P,
@@ -399,6 +822,28 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Tile = cuda::Tiling<acc_t>;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (p.C * p.M <= cuda::tensor_core::kModes && p.D > 0 && use_tensor_cores()) {
+        const int64_t chunks = blocks_for(p.P, cuda::tensor_core::kGradChunk);
+        const at::Tensor mu = at::empty({1, p.D}, p.modes.options());
+        const at::Tensor mode_norm = at::empty({p.C * p.M}, p.modes.options());
+        launch(cuda::mode_centre_kernel, dim3(1), cuda::kThreads, 0, p.modes.const_data_ptr<float>(), p.C, p.M, p.D,
+               mu.mutable_data_ptr<float>(), mode_norm.mutable_data_ptr<float>());
+        at::Tensor partial = at::empty({modes_requires_grad ? p.B * chunks : 0, p.C, p.M, p.D}, p.modes.options());
+        at::Tensor grad_bdp = emb_requires_grad ? as_bdp(grad_emb) : at::empty({0, 0, 0}, emb.options());
+        launch(cuda::mode_distance_backward_tc_kernel<cuda_type<scalar_t>>,
+               pixel_grid("mode_distance_backward", p.P, p.B, cuda::tensor_core::kGradChunk),
+               cuda::tensor_core::kGradThreads, 0, grad_dmin.const_data_ptr<float>(), mstar.const_data_ptr<uint8_t>(),
+               out_layout, cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<float>(),
+               mu.const_data_ptr<float>(), p.C, p.M, p.D, p.P,
+               emb_requires_grad ? mutable_cuda_ptr<scalar_t>(grad_bdp) : nullptr,
+               emb_requires_grad ? layout_of(grad_bdp) : PixelLayout{0, 0, 0},
+               modes_requires_grad ? partial.mutable_data_ptr<float>() : nullptr);
+        // ATen's reduction over the first axis has a fixed order: deterministic.
+        if (modes_requires_grad) grad_modes = partial.sum(0).to(modes_in.scalar_type());
+        return;
+      }
+    }
     if (emb_requires_grad) {
       at::Tensor grad_bdp = as_bdp(grad_emb);
       // Mode rows padded to an odd length in shared memory (see the kernel).
