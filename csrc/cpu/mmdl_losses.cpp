@@ -1,10 +1,12 @@
 // C++ CPU backend of the fused MMDL losses (docs/method.md §4 Eq. 4 and 5); the
-// formulas are atop csrc/cuda/mmdl_losses.cu. Samples are gathered from the
-// embeddings in place, kTile at a time, into a [D][kTile] tile; all C*M squared
-// distances of the tile are computed with the samples as the vectorised inner
-// axis. Backward recomputes the distances (nothing of size samples x C is kept
-// between the passes), writes one gradient row per sample and per-chunk partial
-// mode gradients, then adds them up in a fixed order (deterministic). Also
+// formulas are atop csrc/cuda/mmdl_losses.cu. Counted samples (the others,
+// such as the -1 padding of classes with fewer than k pixels, are skipped) are
+// gathered from the embeddings in place, kTile at a time, into a [D][kTile]
+// tile; all C*M squared distances of the tile are computed with the samples as
+// the vectorised inner axis. Backward recomputes the distances (nothing of size
+// samples x C is kept between the passes), writes one gradient row per sample
+// and per-chunk partial mode gradients, then adds them up in a fixed order
+// (deterministic). Also
 // label_mode, the nearest mode of a sample's own class (as in the CUDA and
 // Triton files of these losses).
 #include <ATen/ATen.h>
@@ -28,6 +30,8 @@ namespace {
 constexpr int64_t kTile = 64;
 // Samples per partial mode gradient: fixed, so the summation order is too.
 constexpr int64_t kChunk = 1024;
+// Samples per task of the forward (no sum across samples there).
+constexpr int64_t kForwardChunk = 256;
 
 struct LossParams {
   double sigma, alpha, scale;
@@ -57,14 +61,14 @@ struct Samples {
   bool counts(int64_t o) const { return index[o] >= 0 && index[o] < P && label[o] >= 0 && label[o] < C; }
 };
 
-// Samples [s0, s0 + n) of image b as a [D][kTile] tile; invalid ones (and the
-// padding up to kTile) read as 0. pixel[j] is the sample's pixel or -1.
+// The embeddings at the n pixels of image b as a [D][kTile] tile; the padding
+// up to kTile reads as 0.
 template <typename scalar_t, typename acc_t>
 void gather_tile(const scalar_t* emb, PixelLayout L, int64_t b, const int64_t* pixel, int64_t n, int64_t D,
                  acc_t* tile) {
   for (int64_t d = 0; d < D; ++d) {
     acc_t* row = tile + d * kTile;
-    for (int64_t j = 0; j < n; ++j) row[j] = pixel[j] < 0 ? acc_t(0) : static_cast<acc_t>(emb[L.offset(b, d, pixel[j])]);
+    for (int64_t j = 0; j < n; ++j) row[j] = static_cast<acc_t>(emb[L.offset(b, d, pixel[j])]);
     std::fill(row + n, row + kTile, acc_t(0));
   }
 }
@@ -141,35 +145,44 @@ SampleTerms<acc_t> sample_terms(const acc_t* dist, int64_t j, int64_t C, int64_t
   return t;
 }
 
-// Pixel of each of the n samples from flat sample o on, -1 when the sample does not count.
+// The next (at most kTile) counted samples from flat sample `next` on, before
+// `last`, in order: their flat ids (slot) and pixels; moves `next` past them.
+// Tiles hold counted samples only: the -1 padding of classes with fewer than
+// k pixels (most of the slots on small maps) costs no distance computation.
 template <typename scalar_t, typename acc_t>
-void tile_pixels(const Samples<scalar_t, acc_t>& s, int64_t o, int64_t n, int64_t* pixel) {
-  for (int64_t j = 0; j < n; ++j) pixel[j] = s.counts(o + j) ? s.index[o + j] : -1;
+int64_t next_counted(const Samples<scalar_t, acc_t>& s, int64_t& next, int64_t last, int64_t* slot, int64_t* pixel) {
+  int64_t n = 0;
+  for (; next < last && n < kTile; ++next) {
+    if (s.counts(next)) {
+      slot[n] = next;
+      pixel[n] = s.index[next];
+      ++n;
+    }
+  }
+  return n;
 }
 
 template <typename scalar_t, typename acc_t>
 void forward(const Samples<scalar_t, acc_t>& s, const LossParams& params, acc_t* triplet, acc_t* ce) {
-  const int64_t C = s.C, M = s.M, D = s.D, tiles = (s.S + kTile - 1) / kTile;
-  at::parallel_for(0, s.B * tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t C = s.C, M = s.M, D = s.D, chunks = (s.S + kForwardChunk - 1) / kForwardChunk;
+  at::parallel_for(0, s.B * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(D * kTile), dist(C * M * kTile), dmin(C), z(C), prob(C);
     std::vector<uint8_t> mstar(C);
-    int64_t pixel[kTile];
+    int64_t slot[kTile], pixel[kTile];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / tiles, s0 = (t % tiles) * kTile, n = std::min(kTile, s.S - s0);
-      const int64_t o = b * s.S + s0;
-      tile_pixels(s, o, n, pixel);
-      gather_tile(s.emb, s.L, b, pixel, n, D, tile.data());
-      tile_distances(tile.data(), s.modes, C * M, D, dist.data());
-      for (int64_t j = 0; j < n; ++j) {
-        if (pixel[j] < 0) {
-          triplet[o + j] = acc_t(0);
-          ce[o + j] = acc_t(0);
-          continue;
+      const int64_t b = t / chunks, first = b * s.S + (t % chunks) * kForwardChunk;
+      const int64_t last = b * s.S + std::min(s.S, (t % chunks + 1) * kForwardChunk);
+      std::fill(triplet + first, triplet + last, acc_t(0));  // samples that do not count: 0
+      std::fill(ce + first, ce + last, acc_t(0));
+      for (int64_t next = first, n; (n = next_counted(s, next, last, slot, pixel)) > 0;) {
+        gather_tile(s.emb, s.L, b, pixel, n, D, tile.data());
+        tile_distances(tile.data(), s.modes, C * M, D, dist.data());
+        for (int64_t j = 0; j < n; ++j) {
+          const auto terms = sample_terms(dist.data(), j, C, M, s.label[slot[j]], params, dmin.data(), mstar.data(),
+                                          z.data(), prob.data());
+          triplet[slot[j]] = terms.triplet;
+          ce[slot[j]] = terms.ce;
         }
-        const auto terms = sample_terms(dist.data(), j, C, M, s.label[o + j], params, dmin.data(), mstar.data(),
-                                        z.data(), prob.data());
-        triplet[o + j] = terms.triplet;
-        ce[o + j] = terms.ce;
       }
     }
   });
@@ -185,25 +198,24 @@ void backward(const Samples<scalar_t, acc_t>& s, const LossParams& params, const
   at::parallel_for(0, s.B * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(D * kTile), dist(C * M * kTile), dmin(C), z(C), prob(C), g(C), e(D);
     std::vector<uint8_t> mstar(C);
-    int64_t pixel[kTile];
+    int64_t slot[kTile], pixel[kTile];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / chunks;
-      const int64_t chunk_end = std::min(s.S, (t % chunks + 1) * kChunk);
+      const int64_t first = b * s.S + (t % chunks) * kChunk, last = b * s.S + std::min(s.S, (t % chunks + 1) * kChunk);
       acc_t* part = partial == nullptr ? nullptr : partial + t * C * M * D;
-      for (int64_t s0 = (t % chunks) * kChunk; s0 < chunk_end; s0 += kTile) {
-        const int64_t n = std::min(kTile, chunk_end - s0), o = b * s.S + s0;
-        tile_pixels(s, o, n, pixel);
+      // counted samples only, in order (the rows of the others are never read)
+      for (int64_t next = first, n; (n = next_counted(s, next, last, slot, pixel)) > 0;) {
         gather_tile(s.emb, s.L, b, pixel, n, D, tile.data());
         tile_distances(tile.data(), s.modes, C * M, D, dist.data());
         for (int64_t j = 0; j < n; ++j) {
-          acc_t* ge = sample_grad == nullptr ? nullptr : sample_grad + (o + j) * D;
+          const int64_t o = slot[j];
+          acc_t* ge = sample_grad == nullptr ? nullptr : sample_grad + o * D;
           if (ge != nullptr) std::fill(ge, ge + D, acc_t(0));
-          if (pixel[j] < 0) continue;
-          const int64_t y = s.label[o + j];
+          const int64_t y = s.label[o];
           const auto terms = sample_terms(dist.data(), j, C, M, y, params, dmin.data(), mstar.data(), z.data(),
                                           prob.data());
           // dL/ddmin[c]: Eq. 5 through z[c] (dz/ddmin = -z / (2 sigma^2)), Eq. 4 through the hinge.
-          const acc_t gce = grad_ce[o + j], gtri = grad_triplet[o + j];
+          const acc_t gce = grad_ce[o], gtri = grad_triplet[o];
           for (int64_t c = 0; c < C; ++c) g[c] = -gce * (prob[c] - acc_t(c == y)) * z[c] * inv_two_var;
           if (terms.hinge_active) {
             g[y] += gtri;
