@@ -220,9 +220,11 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
 //
 // The expanded distance is trusted as it stands when, as on the CPU backend
 // (csrc/cpu/mode_distance.cpp, kTrustRatio), the class's minimum is at least
-// half of ||e - mu||^2 + max_m ||r[c, m] - mu||^2: its rounding error, a few
-// units of 2^-22 (sum of squared norms) per channel term, is then a few 1e-6
-// of dmin at most. Every other (pixel, class), the usual case for an
+// half of ||e - mu||^2 + max_m ||r[c, m] - mu||^2: its rounding error, of order
+// 2^-22 (sum of squared norms) per channel term, is then at most about
+// (4 D + 24) 2^-24 of dmin (2e-5 at D = 70), and of order 1e-7 in practice
+// (4e-7 in an emulation of this arithmetic on random and near-mode inputs).
+// Every other (pixel, class), the usual case for an
 // embedding next to a mode of its class (cancellation), and anything non-finite,
 // is recomputed directly as in the fp32 kernel above: sum_j (e_j - r_j)^2,
 // channels in order, over the class's modes (ties: lowest m; NaN wins).
@@ -276,8 +278,8 @@ __device__ __forceinline__ void mma_3xtf32(Acc& acc, const A& a_hi, const A& a_l
 #endif
 
 // mu[pass, j] = mean over the pass's modes of the finite r[k, j] (non-finite
-// values count as 0) and norm[k] = ||r[k] - mu[pass of k]||^2, for passes of
-// floor(tensor_core::kModes / M) whole classes. grid = passes.
+// values count as 0) and, unless norm is null, norm[k] = ||r[k] - mu[pass of k]||^2,
+// for passes of floor(tensor_core::kModes / M) whole classes. grid = passes.
 __global__ void __launch_bounds__(kThreads) mode_centre_kernel(const float* __restrict__ modes, int C, int M, int D,
                                                                float* __restrict__ mu, float* __restrict__ norm) {
   const int classes_per_pass = tensor_core::kModes / M;
@@ -289,10 +291,11 @@ __global__ void __launch_bounds__(kThreads) mode_centre_kernel(const float* __re
     float sum = 0.0f;
     for (int k = 0; k < pass_modes; ++k) {
       const float v = centres[static_cast<int64_t>(k) * D + j];
-      if (fabsf(v) <= FLT_MAX) sum += v;
+      if (fabsf(v) <= FLT_MAX) sum += v / static_cast<float>(pass_modes);  // divided first: no overflow
     }
-    pass_mu[j] = sum / static_cast<float>(pass_modes);
+    pass_mu[j] = sum;
   }
+  if (norm == nullptr) return;
   __syncthreads();  // this block's writes of pass_mu are visible to it
   for (int k = threadIdx.x; k < pass_modes; k += kThreads) {
     float sum = 0.0f;
@@ -407,7 +410,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
         if (m == 0 || replaces_max(pass_norm[k], largest_norm)) largest_norm = pass_norm[k];
       }
       const float bound = e_norm + largest_norm;
-      if (!(bound <= FLT_MAX && best >= kTrustRatio * bound)) {
+      if (!(bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX)) {
         // cancellation, or something non-finite: the class's modes directly
         float dist[kMaxModes];
 #pragma unroll
@@ -456,8 +459,13 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 // (for each kGradDepth channels): it stages W [pixel][mode] and E
 // [channel][pixel], each warp takes one 16 x 16 tile of W R (written out as
 // dL/de at once) and two of W^T E (accumulated over the chunk, in a fixed
-// order: the partial of the chunk is deterministic). grad_emb or partial is
-// null when that gradient is not wanted.
+// order: the partial of the chunk is deterministic). An element of dL/de that
+// comes out inf or NaN (an overflow, or a non-finite value anywhere in its
+// product: an inf mode that no pixel wins, an inf gradient) is recomputed as
+// the fp32 kernel's direct sum. The products' error is absolute, of order
+// 2^-21 |g| |e - mu| (the fp32 kernels': relative to |e - r|): well within
+// fp32 tolerance of the gradient, not of a single near-cancelling term.
+// grad_emb or partial is null when that gradient is not wanted.
 template <typename scalar_t>
 __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backward_tc_kernel(
     const float* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar, PixelLayout out_layout,
@@ -471,6 +479,7 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
   __shared__ __align__(32) float shared[kStepFloats];
   __shared__ __align__(32) float centred_modes[kModes * kCentreRow];  // [mode][channel]
   __shared__ float weight_total[kGradStep];                           // G of the step's pixels
+  __shared__ uint8_t winners[kGradStep * kModes];                     // mstar of the step's pixels [pixel][class]
   __shared__ float column_total[kModes];                              // sum_p W[p, k] over the chunk
   float* const weights = shared;                                      // [kGradStep][kWeightRow]
   float* const emb_tile = shared + kWeightFloats;                     // [kGradDepth][kStepCol]
@@ -503,7 +512,9 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
         float w = 0.0f;
         if (p < n && k < modes_used) {
           const int64_t o = out_layout.offset(b, k / M, q0 + p);
-          if (mstar[o] == k % M) w = grad_dmin[o];
+          const int winner = mstar[o];
+          if (winner == k % M) w = grad_dmin[o];
+          if (k % M == 0) winners[p * kModes + k / M] = static_cast<uint8_t>(winner);
         }
         weights[p * kWeightRow + k] = w;
       }
@@ -562,9 +573,20 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
         for (int i = threadIdx.x; i < kGradDepth * kGradStep; i += kGradThreads) {
           const int d = pixels_adjacent ? i / kGradStep : i % kGradDepth;
           const int p = pixels_adjacent ? i % kGradStep : i / kGradDepth;
-          if (p < n && d0 + d < D)
-            grad_emb[grad_layout.offset(b, d0 + d, q0 + p)] = store_as<scalar_t>(
-                2.0f * (weight_total[p] * emb_tile[d * kStepCol + p] - product[d * kStepCol + p]));
+          if (p >= n || d0 + d >= D) continue;
+          float grad = 2.0f * (weight_total[p] * emb_tile[d * kStepCol + p] - product[d * kStepCol + p]);
+          if (!(fabsf(grad) <= FLT_MAX)) {
+            // an overflow, or a non-finite input anywhere in the product (an inf mode
+            // that no pixel wins, an inf gradient): the fp32 kernel's direct sum
+            const float x = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]);
+            float sum = 0.0f;
+            for (int c = 0; c < C; ++c) {
+              const int k = c * M + winners[p * kModes + c];
+              sum += weights[p * kWeightRow + k] * (x - modes[static_cast<int64_t>(k) * D + d0 + d]);
+            }
+            grad = 2.0f * sum;
+          }
+          grad_emb[grad_layout.offset(b, d0 + d, q0 + p)] = store_as<scalar_t>(grad);
         }
       }
     }
@@ -747,6 +769,8 @@ __global__ void __launch_bounds__(kThreads, 3) mode_distance_grad_modes_kernel(
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -757,13 +781,32 @@ __global__ void __launch_bounds__(kThreads, 3) mode_distance_grad_modes_kernel(
 
 namespace drsl_fast {
 namespace {
-// The tensor-core forward runs on sm_80 and newer unless DRSL_FAST_NO_TENSOR_CORES
-// is set (to anything but "" or "0"): then every GPU runs the fp32 kernel, the
-// one a GTX 1080 Ti runs, and gives its bits.
+// Whether the tensor-core kernels of this build run on the current GPU: their
+// code for it must come from sm_80 or newer (a build for older GPUs only, with
+// PTX that the driver compiles for this one, has just the trap), per device.
+bool tensor_core_kernels_built() {
+  static std::array<std::atomic<int>, 64> known{};  // per device: 0 not asked yet, 1 yes, 2 no
+  const int device = at::cuda::current_device();
+  if (device >= static_cast<int>(known.size())) return false;
+  int state = known[device].load();
+  if (state == 0) {
+    cudaFuncAttributes attributes;
+    const bool built = cudaFuncGetAttributes(&attributes, cuda::mode_distance_forward_tc_kernel<float>) == cudaSuccess &&
+                       attributes.ptxVersion >= 80;
+    if (!built) (void)cudaGetLastError();  // a failed query is an answer, not an error to report later
+    state = built ? 1 : 2;
+    known[device].store(state);
+  }
+  return state == 1;
+}
+
+// The tensor-core kernels run on sm_80 and newer unless DRSL_FAST_NO_TENSOR_CORES
+// is set (to anything but "" or "0"): then every GPU runs the fp32 kernels,
+// the ones a GTX 1080 Ti runs, and gives their bits.
 bool use_tensor_cores() {
   const char* off = std::getenv("DRSL_FAST_NO_TENSOR_CORES");
   if (off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0) return false;
-  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8 && tensor_core_kernels_built();
 }
 }  // namespace
 
@@ -826,9 +869,8 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor&
       if (p.C * p.M <= cuda::tensor_core::kModes && p.D > 0 && use_tensor_cores()) {
         const int64_t chunks = blocks_for(p.P, cuda::tensor_core::kGradChunk);
         const at::Tensor mu = at::empty({1, p.D}, p.modes.options());
-        const at::Tensor mode_norm = at::empty({p.C * p.M}, p.modes.options());
         launch(cuda::mode_centre_kernel, dim3(1), cuda::kThreads, 0, p.modes.const_data_ptr<float>(), p.C, p.M, p.D,
-               mu.mutable_data_ptr<float>(), mode_norm.mutable_data_ptr<float>());
+               mu.mutable_data_ptr<float>(), static_cast<float*>(nullptr));
         at::Tensor partial = at::empty({modes_requires_grad ? p.B * chunks : 0, p.C, p.M, p.D}, p.modes.options());
         at::Tensor grad_bdp = emb_requires_grad ? as_bdp(grad_emb) : at::empty({0, 0, 0}, emb.options());
         launch(cuda::mode_distance_backward_tc_kernel<cuda_type<scalar_t>>,
