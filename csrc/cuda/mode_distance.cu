@@ -499,6 +499,9 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
       centred_modes[k * kCentreRow + d] =
           (k < modes_used && d0 + d < D) ? modes[static_cast<int64_t>(k) * D + d0 + d] - mu[d0 + d] : 0.0f;
     }
+    // columns past the C*M modes stay zero (the steps write only the others)
+    for (int i = threadIdx.x; i < kGradStep * (kModes - modes_used); i += kGradThreads)
+      weights[(i / (kModes - modes_used)) * kWeightRow + modes_used + i % (kModes - modes_used)] = 0.0f;
     float column_sum = 0.0f;  // thread k < kModes: sum_p W[p, k]
     Acc mode_acc[2];
     wmma::fill_fragment(mode_acc[0], 0.0f);
@@ -507,16 +510,17 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
     for (int64_t q0 = begin; q0 < end; q0 += kGradStep) {
       const int n = static_cast<int>(end - q0 < kGradStep ? end - q0 : kGradStep);
       __syncthreads();  // the previous step's readers are done (and the centred modes are written)
-      for (int i = threadIdx.x; i < kGradStep * kModes; i += kGradThreads) {
-        const int p = i % kGradStep, k = i / kGradStep;
-        float w = 0.0f;
-        if (p < n && k < modes_used) {
-          const int64_t o = out_layout.offset(b, k / M, q0 + p);
-          const int winner = mstar[o];
-          if (winner == k % M) w = grad_dmin[o];
-          if (k % M == 0) winners[p * kModes + k / M] = static_cast<uint8_t>(winner);
+      for (int i = threadIdx.x; i < kGradStep * C; i += kGradThreads) {  // row p, class c: M columns
+        const int p = i % kGradStep, c = i / kGradStep;
+        int winner = 0;
+        float g = 0.0f;
+        if (p < n) {
+          const int64_t o = out_layout.offset(b, c, q0 + p);
+          winner = mstar[o];
+          g = grad_dmin[o];
         }
-        weights[p * kWeightRow + k] = w;
+        winners[p * kModes + c] = static_cast<uint8_t>(winner);
+        for (int m = 0; m < M; ++m) weights[p * kWeightRow + c * M + m] = m == winner ? g : 0.0f;
       }
       for (int i = threadIdx.x; i < kGradDepth * kGradStep; i += kGradThreads) {
         const int d = pixels_adjacent ? i / kGradStep : i % kGradDepth;
