@@ -91,20 +91,23 @@ __device__ __forceinline__ void load_vec(const double* src, double* v) {
 }
 
 // Stages emb[b, d0 + d, p0 + p] for d < kDepth, p < kPixels as acc_t at
-// dst[d * d_stride + p * p_stride]; zero outside channel D and pixel `end`.
-// Consecutive threads read consecutive addresses: along the pixels where
-// pixels are adjacent in memory ((B, D, H, W) contiguous), else along the
-// channels (channels-last, (N, D)).
+// dst[d * d_stride + p * p_stride], minus centre[d0 + d] when centre is given;
+// zero outside channel D and pixel `end`. Consecutive threads read
+// consecutive addresses: along the pixels where pixels are adjacent in memory
+// ((B, D, H, W) contiguous), else along the channels (channels-last, (N, D)).
 template <int kDepth, int kPixels, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_embeddings(acc_t* dst, int d_stride, int p_stride, const scalar_t* emb,
                                                  PixelLayout layout, int64_t b, int d0, int D, int64_t p0,
-                                                 int64_t end) {
+                                                 int64_t end, const acc_t* centre = nullptr) {
   const bool pixels_adjacent = layout.pixel == 1;
   for (int i = threadIdx.x; i < kDepth * kPixels; i += kThreads) {
     const int d = pixels_adjacent ? i / kPixels : i % kDepth;
     const int p = pixels_adjacent ? i % kPixels : i / kDepth;
     acc_t v = acc_t(0);
-    if (d0 + d < D && p0 + p < end) v = load_as<acc_t>(emb[layout.offset(b, d0 + d, p0 + p)]);
+    if (d0 + d < D && p0 + p < end) {
+      v = load_as<acc_t>(emb[layout.offset(b, d0 + d, p0 + p)]);
+      if (centre != nullptr) v -= centre[d0 + d];
+    }
     dst[d * d_stride + p * p_stride] = v;
   }
 }
@@ -256,11 +259,12 @@ static_assert(kGradThreads == 8 * 32 && kGradStep == 32 && kGradDepth == 4 * 16 
 }  // namespace tensor_core
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-// 3xTF32 (see above): x -> hi = tf32(x), lo = tf32(x - hi), element by element
-// (both fragments have the same layout), and acc += a.b as three products,
-// the small terms first.
+// 3xTF32 (see above): a fragment loaded from fp32 shared memory and split,
+// x -> hi = tf32(x), lo = tf32(x - hi), element by element (both fragments
+// have the same layout); acc += a.b as three products, the small terms first.
 template <typename Fragment>
-__device__ __forceinline__ void split_tf32(Fragment& hi, Fragment& lo) {
+__device__ __forceinline__ void load_split_tf32(Fragment& hi, Fragment& lo, const float* source, unsigned ldm) {
+  nvcuda::wmma::load_matrix_sync(hi, source, ldm);
 #pragma unroll
   for (int i = 0; i < hi.num_elements; ++i) {
     const float x = hi.x[i], big = nvcuda::wmma::__float_to_tf32(x);
@@ -351,14 +355,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 
     for (int d0 = 0; d0 < D; d0 += kDepth) {
       __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
-      for (int i = threadIdx.x; i < kDepth * kPixels; i += kThreads) {
-        const bool pixels_adjacent = emb_layout.pixel == 1;
-        const int d = pixels_adjacent ? i / kPixels : i % kDepth;
-        const int p = pixels_adjacent ? i % kPixels : i / kDepth;
-        float v = 0.0f;
-        if (d0 + d < D && p0 + p < P) v = load_as<float>(emb[emb_layout.offset(b, d0 + d, p0 + p)]) - pass_mu[d0 + d];
-        emb_tile[d * kEmbRow + p] = v;
-      }
+      stage_embeddings<kDepth, kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P, pass_mu);
       for (int i = threadIdx.x; i < kDepth * kModes; i += kThreads) {
         const int d = i % kDepth, k = i / kDepth;
         mode_tile[k * kModeRow + d] = (d0 + d < D && k < pass_modes)
@@ -373,13 +370,11 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 #pragma unroll
       for (int step = 0; step < kDepth / 8; ++step) {
         FragA a_hi, a_lo;
-        wmma::load_matrix_sync(a_hi, emb_tile + step * 8 * kEmbRow + warp * 16, kEmbRow);
-        split_tf32(a_hi, a_lo);
+        load_split_tf32(a_hi, a_lo, emb_tile + step * 8 * kEmbRow + warp * 16, kEmbRow);
 #pragma unroll
         for (int t = 0; t < kModes / 16; ++t) {
           FragB b_hi, b_lo;
-          wmma::load_matrix_sync(b_hi, mode_tile + t * 16 * kModeRow + step * 8, kModeRow);
-          split_tf32(b_hi, b_lo);
+          load_split_tf32(b_hi, b_lo, mode_tile + t * 16 * kModeRow + step * 8, kModeRow);
           mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);
         }
       }
@@ -522,6 +517,8 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
         winners[p * kModes + c] = static_cast<uint8_t>(winner);
         for (int m = 0; m < M; ++m) weights[p * kWeightRow + c * M + m] = m == winner ? g : 0.0f;
       }
+      // Staged here rather than by stage_embeddings: through it ptxas gives this kernel
+      // 128 registers instead of 80 (2 blocks per SM instead of 3).
       for (int i = threadIdx.x; i < kGradDepth * kGradStep; i += kGradThreads) {
         const int d = pixels_adjacent ? i / kGradStep : i % kGradDepth;
         const int p = pixels_adjacent ? i % kGradStep : i / kGradDepth;
@@ -530,12 +527,12 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
         emb_tile[d * kStepCol + p] = v;
       }
       __syncthreads();
-      if (threadIdx.x < kGradStep) {
+      if (grad_emb != nullptr && threadIdx.x < kGradStep) {
         float total = 0.0f;
         for (int k = 0; k < kModes; ++k) total += weights[threadIdx.x * kWeightRow + k];
         weight_total[threadIdx.x] = total;
       }
-      if (threadIdx.x < kModes)
+      if (partial != nullptr && threadIdx.x < kModes)
         for (int p = 0; p < kGradStep; ++p) column_sum += weights[p * kWeightRow + threadIdx.x];
       if (grad_emb != nullptr) {  // W R: pixels (warp / 4) * 16, channels (warp % 4) * 16
         using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
@@ -546,10 +543,8 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
         for (int step = 0; step < (modes_used + 7) / 8; ++step) {
           FragA a_hi, a_lo;
           FragB b_hi, b_lo;
-          wmma::load_matrix_sync(a_hi, weights + rows * 16 * kWeightRow + step * 8, kWeightRow);
-          wmma::load_matrix_sync(b_hi, centred_modes + step * 8 * kCentreRow + cols * 16, kCentreRow);
-          split_tf32(a_hi, a_lo);
-          split_tf32(b_hi, b_lo);
+          load_split_tf32(a_hi, a_lo, weights + rows * 16 * kWeightRow + step * 8, kWeightRow);
+          load_split_tf32(b_hi, b_lo, centred_modes + step * 8 * kCentreRow + cols * 16, kCentreRow);
           mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);
         }
         wmma::store_matrix_sync(product + cols * 16 * kStepCol + rows * 16, acc, kStepCol, wmma::mem_col_major);
@@ -561,13 +556,11 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backw
 #pragma unroll
         for (int step = 0; step < kGradStep / 8; ++step) {
           FragA a_hi, a_lo;
-          wmma::load_matrix_sync(a_hi, weights + step * 8 * kWeightRow + rows * 16, kWeightRow);
-          split_tf32(a_hi, a_lo);
+          load_split_tf32(a_hi, a_lo, weights + step * 8 * kWeightRow + rows * 16, kWeightRow);
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             FragB b_hi, b_lo;
-            wmma::load_matrix_sync(b_hi, emb_tile + (2 * (warp % 2) + j) * 16 * kStepCol + step * 8, kStepCol);
-            split_tf32(b_hi, b_lo);
+            load_split_tf32(b_hi, b_lo, emb_tile + (2 * (warp % 2) + j) * 16 * kStepCol + step * 8, kStepCol);
             mma_3xtf32(mode_acc[j], a_hi, a_lo, b_hi, b_lo);
           }
         }
