@@ -225,8 +225,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
 // (csrc/cpu/mode_distance.cpp, kTrustRatio), the class's minimum is at least
 // half of ||e - mu||^2 + max_m ||r[c, m] - mu||^2: its rounding error, of order
 // 2^-22 (sum of squared norms) per channel term, is then at most about
-// (4 D + 24) 2^-24 of dmin (2e-5 at D = 70), and of order 1e-7 in practice
-// (4e-7 in an emulation of this arithmetic on random and near-mode inputs).
+// (4 D + 24) 2^-24 of dmin (2e-5 at D = 70), and far less in practice.
 // Every other (pixel, class), the usual case for an
 // embedding next to a mode of its class (cancellation), and anything non-finite,
 // is recomputed directly as in the fp32 kernel above: sum_j (e_j - r_j)^2,
