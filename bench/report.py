@@ -107,9 +107,21 @@ GTX_1080TI_FP32_TFLOPS = 11.3
 GTX_1080TI_GBS = 484.0
 
 
+FAST_METHODS = ("cpu", "cuda", "cuda-fp32", "triton")
+
+
+def rate(value: float) -> str:
+    """A measured rate with three significant digits, and no exponent."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def duration(us: float) -> str:
+    return f"{us:.0f} us" if us < 1000 else f"{us / 1e3:.1f} ms"
+
+
 def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
     """The realistic size's rows, speed-ups against cdist + min, achieved
-    rates, and on a GPU the roofline from the measured ceilings and the
+    rates, the roofline from the measured ceilings and, on a GPU, the
     GTX 1080 Ti estimate of the CUDA backend."""
     rows = [r for r in data["results"] if "time_ms" in r and (r.get("size") or r).get("H") == 256
             and (r.get("size") or r).get("W") == 256]
@@ -127,11 +139,15 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
             r = next((r for r in rows if r["pass"] == pass_name), None)
             if r is None or r.get("gflop") is None:
                 continue
+            fast = min((c for c in rows if c["pass"] == pass_name and c["method"] in FAST_METHODS),
+                       key=lambda c: c["time_ms"], default=None)
             memory_us = r["roofline_mib"] * 2**20 / (ceilings["copy_gbs"] * 1e3)
             compute_us = r["gflop"] * 1e6 / (ceilings["fp32_tflops"] * 1e3)
-            lines.append(f"- {pass_name}: {r['roofline_mib']:.1f} MiB at the measured {ceilings['copy_gbs']:.0f} GB/s "
-                         f"= {memory_us:.0f} us; {r['gflop']:.2f} GFLOP at the measured fp32 "
-                         f"{ceilings['fp32_tflops']:.1f} TFLOP/s = {compute_us:.0f} us.")
+            lines.append(f"- {pass_name}: {r['roofline_mib']:.1f} MiB at the measured {rate(ceilings['copy_gbs'])} GB/s "
+                         f"= {duration(memory_us)}; {r['gflop']:.2f} GFLOP at the measured fp32 "
+                         f"{rate(ceilings['fp32_tflops'])} TFLOP/s = {duration(compute_us)}" + (
+                             f"; the fastest drsl_fast backend here, {fast['method']}, takes "
+                             f"{duration(1e3 * fast['time_ms'])}." if fast else "."))
             # the fp32 kernel is the one a GTX 1080 Ti runs (on GPUs with tensor cores: cuda-fp32)
             cuda = next((c for method in ("cuda-fp32", "cuda") for c in rows
                          if c["pass"] == pass_name and c["method"] == method), None)
@@ -237,9 +253,11 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
                     "steps is in the GPU training-step table):", "", verdict, ""]
         if "ceilings" in benches:
             c = benches["ceilings"]
-            out += [f"**Ceilings measured on this card** (`bench/ceilings.py`): copy {c['copy_gbs']:.0f} GB/s "
-                    f"(read + write), matrix products fp32 {c['fp32_tflops']:.1f}, tf32 {c['tf32_tflops']:.0f}, "
-                    f"bf16 {c['bf16_tflops']:.0f} TFLOP/s.", ""]
+            gpu = "tf32_tflops" in c
+            products = f"fp32 {rate(c['fp32_tflops'])}" + (
+                f", tf32 {c['tf32_tflops']:.0f}, bf16 {c['bf16_tflops']:.0f}" if gpu else "")
+            out += [f"**Ceilings measured on this {'card' if gpu else 'machine'}** (`bench/ceilings.py`): copy "
+                    f"{rate(c['copy_gbs'])} GB/s (read + write), matrix products {products} TFLOP/s.", ""]
         if "mode_distance" in benches:
             out += [mode_distance_section(benches["mode_distance"], benches.get("ceilings")), ""]
         if "mmdl_losses" in benches:

@@ -8,6 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import cuda_on_cpu  # noqa: E402
 import drsl_fast  # noqa: E402
 from drsl_fast.backends import why_unavailable  # noqa: E402
 
@@ -25,3 +26,15 @@ def fast_backend(request):
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
     return name, device
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda(tmp_path_factory):
+    """The mode-distance CUDA kernels built for the CPU (tests/cuda_on_cpu), from
+    csrc/cuda/mode_distance.cu or the copy named by DRSL_FAST_EMULATED_SOURCE
+    (tests/cuda_on_cpu/mutations.py)."""
+    reason = cuda_on_cpu.why_unavailable() or why_unavailable("cpu", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"emulated CUDA: {reason}")
+    source = os.environ.get("DRSL_FAST_EMULATED_SOURCE") or None
+    return cuda_on_cpu.build(tmp_path_factory.mktemp("cuda_on_cpu"), source)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import cuda_on_cpu
 from conftest import device_for
 from drsl_fast import ops
 from drsl_fast.backends import why_unavailable
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 NAN, INF = math.nan, math.inf
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+EMULATED = ("cuda-emulated", "cuda-fp32-emulated")
 TORCH_ONLY = ("torch",)
 ERRORS = (TypeError, ValueError)
 
@@ -122,6 +124,9 @@ BACKENDS_OF = {op: (TORCH_ONLY if op in ("ConfusionMatrix", "rank_easy_hard", "r
                                           "portion_for_round", "segmentation_loss", "report", "per_class_iou")
                     else BACKENDS)
                for op in RUNNERS}
+# The mode-distance CUDA kernels (tensor-core and fp32) also run emulated on the CPU (tests/cuda_on_cpu).
+for op in ("mode_distance", "mode_posterior"):
+    BACKENDS_OF[op] += EMULATED
 # the name an error message starts with, when it is not the op's
 MESSAGE_PREFIX = {"ClassBalancedThresholds": "ClassBalancedThresholds", "ConfusionMatrix": "ConfusionMatrix"}
 
@@ -872,7 +877,12 @@ AUDIT = [(case, backend) for case in CASES for backend in BACKENDS_OF[case.op]]
 
 
 @pytest.mark.parametrize("case, backend", AUDIT, ids=[f"{c.op}-{c.name}-{b}" for c, b in AUDIT])
-def test_bad_input(case: Case, backend: str):
+def test_bad_input(case: Case, backend: str, request):
+    if backend in EMULATED:
+        kernels = request.getfixturevalue("emulated_cuda")
+        with cuda_on_cpu.as_cpu_kernels(kernels, tensor_cores=backend == "cuda-emulated"):
+            test_bad_input(case, "cpu", request)
+        return
     device = torch.device("cpu") if backend in ("reference", "torch") else device_for(backend)
     reason = None if backend == "torch" else why_unavailable(backend, device)
     if reason is not None:

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import cuda_on_cpu
 import drsl_fast
 from conftest import device_for
 from drsl_fast import reference
@@ -14,13 +15,20 @@ from drsl_fast.backends import BackendUnavailableError, why_unavailable
 SIGMA = 0.5
 
 
-@pytest.fixture(params=["cpu", "cuda", "cuda-fp32", "triton"])
+@pytest.fixture(params=["cpu", "cuda", "cuda-fp32", "triton", "cuda-emulated", "cuda-fp32-emulated"])
 def fast_backend(request, monkeypatch):
     """Each fast backend available here, with the device it runs on. On GPUs of
-    compute capability >= 8.0, "cuda" runs the tensor-core forward and
-    "cuda-fp32" the fp32 one (DRSL_FAST_NO_TENSOR_CORES=1), the kernel older
-    GPUs such as the GTX 1080 Ti run: both are tested there."""
+    compute capability >= 8.0, "cuda" runs the tensor-core kernels and
+    "cuda-fp32" the fp32 ones (DRSL_FAST_NO_TENSOR_CORES=1), the kernels older
+    GPUs such as the GTX 1080 Ti run: both are tested there. Everywhere, the
+    "-emulated" pair runs the same two kernel sets on the CPU, in place of the
+    CPU kernels (tests/cuda_on_cpu): their logic is checked without a GPU."""
     name = request.param
+    if name.endswith("-emulated"):
+        kernels = request.getfixturevalue("emulated_cuda")
+        with cuda_on_cpu.as_cpu_kernels(kernels, tensor_cores=name == "cuda-emulated"):
+            yield "cpu", torch.device("cpu")
+        return
     if name == "cuda-fp32":
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
             pytest.skip("cuda-fp32: no GPU with tensor cores here (elsewhere 'cuda' is the fp32 kernel)")
@@ -30,7 +38,7 @@ def fast_backend(request, monkeypatch):
     reason = why_unavailable(name, device)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
-    return name, device
+    yield name, device
 
 # name -> (embedding factory(generator, dtype), C, M)
 SHAPES = {
@@ -246,6 +254,24 @@ def test_ties_pick_the_lowest_mode(fast_backend):
     assert (drsl_fast.mode_distance(zero, tied, backend=backend).mstar == 0).all()
 
 
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "fp32"])
+@pytest.mark.parametrize("shape", ["bdhw_channels_last", "nd_transposed", "many_classes", "wide_many_pixels"])
+def test_emulated_cuda_kernels_have_no_races(emulated_cuda, shape, tensor_cores):
+    """The emulation runs a block's threads between two barriers one after
+    another, in ascending or descending order: a thread that reads what another
+    writes with no barrier between them would see different values under the
+    two orders. Both give the same bits, forward and backward."""
+    emb, modes = make_case(shape, torch.float32, "cpu", seed=4)
+    grad = torch.randn((emb.shape[0], modes.shape[0], *emb.shape[2:]), generator=torch.Generator().manual_seed(9))
+    runs = []
+    for reverse in (False, True):
+        dmin, mstar, posterior = emulated_cuda.forward(emb, modes, SIGMA, tensor_cores=tensor_cores, reverse=reverse)
+        grads = emulated_cuda.backward(grad, emb, modes, mstar, tensor_cores=tensor_cores, reverse=reverse)
+        runs.append((dmin, mstar, posterior, *grads))
+    for ascending, descending in zip(*runs):
+        assert torch.equal(ascending, descending)
+
+
 def weighted_loss(result, seed=11):
     g = torch.Generator().manual_seed(seed)
     w_dmin = torch.randn(result.dmin.shape, generator=g).to(result.dmin)
@@ -273,6 +299,35 @@ def test_backward_matches_reference(fast_backend, shape, dtype):
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(emb.grad.cpu().double(), emb64.grad, atol=tol, rtol=tol)
     torch.testing.assert_close(modes.grad.cpu().double(), modes64.grad, atol=tol, rtol=tol)
+
+
+def test_backward_with_an_infinite_mode_no_pixel_wins(fast_backend):
+    """A mode at infinity never wins: the embedding gradient stays the finite
+    2 sum_c g[c] (e - r[c, mstar[c]]) (docs/method.md §3), and so does every
+    other mode's gradient (the infinite mode's own is left undefined)."""
+    backend, device = fast_backend
+    emb, modes = make_case("wide_many_pixels", torch.float32, "cpu", seed=3)
+    modes[4, 1] = float("inf")
+    modes[7, 0, 5] = -float("inf")
+    emb, modes = emb.to(device).requires_grad_(True), modes.to(device).requires_grad_(True)
+    result = drsl_fast.mode_distance(emb, modes, backend=backend)
+    g = torch.randn(result.dmin.shape, generator=torch.Generator().manual_seed(4))
+    (result.dmin * g.to(device)).sum().backward()
+
+    mstar = as_rows(result.mstar).cpu().long()  # (N, C)
+    assert (mstar[:, 4] != 1).all() and (mstar[:, 7] != 0).all()
+    x = as_rows(emb.detach().cpu().double())  # (N, D)
+    C, M, D = modes.shape
+    winners = modes.detach().cpu().double()[torch.arange(C), mstar]  # (N, C, D)
+    g_rows = as_rows(g).double()
+    expected_emb = 2 * (g_rows[:, :, None] * (x[:, None, :] - winners)).sum(1)
+    torch.testing.assert_close(as_rows(emb.grad.cpu().double()), expected_emb, atol=1e-4, rtol=1e-4)
+    weights = torch.zeros(x.shape[0], C, M, dtype=torch.float64).scatter_(2, mstar[:, :, None], g_rows[:, :, None])
+    finite = torch.ones(C, M, dtype=torch.bool)
+    finite[4, 1] = finite[7, 0] = False
+    expected_modes = 2 * (weights.sum(0)[:, :, None] * modes.detach().cpu().double()
+                          - torch.einsum("ncm,nd->cmd", weights, x))
+    torch.testing.assert_close(modes.grad.cpu().double()[finite], expected_modes[finite], atol=1e-4, rtol=1e-4)
 
 
 def test_backward_only_one_input(fast_backend):

@@ -25,7 +25,10 @@ W[p, c*M + m] = g[p, c] [m*[p, c] = m] built on the fly from mstar:
     dL/de_p    = 2 (sum_c g[p, c]) e_p - 2 (W R)_p
     dL/dr_k    = 2 (sum_p W[p, k]) r_k - 2 (W^T E)_k
 
-two more products; no (pixels, C, M) tensor exists in memory. The mode
+two more products; no (pixels, C, M) tensor exists in memory. An element
+of dL/de that comes out inf or NaN (an overflow, or an infinite mode that
+no pixel wins: its zero weight times inf) is recomputed as the direct sum
+over the winning modes, as the other backends compute it. The mode
 gradient is summed per fixed chunk of MODE_GRAD_CHUNK pixels (partials reduced
 on the host in a fixed order), so it is deterministic.
 
@@ -55,6 +58,7 @@ MODE_GRAD_CHUNK = 512
 # Columns of one pass of the forward's product: classes padded to a power of
 # two of modes each, as many as fit (at least one).
 MODE_COLUMNS = 64
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -163,6 +167,22 @@ def _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first_class, n_classes, M
 
 
 @triton.jit
+def _direct_grad(grad_ptr, mstar_ptr, modes_ptr, e, b, pixels, pixel_ok, channels, C, M, D, out_sb, out_sc, out_sp):
+    """sum_c g[p, c] (e_p - r[c, mstar[p, c]]) summed class by class: half of
+    dL/de where the products give inf or NaN (an overflow, or a non-finite
+    mode that no pixel wins, whose zero weight times inf is NaN)."""
+    direct = tl.zeros_like(e)
+    for c in range(0, C):
+        out = b * out_sb + c * out_sc + pixels * out_sp
+        g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
+        winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int64)
+        r = tl.load(modes_ptr + (c * M + winner)[:, None] * D + channels[None, :],
+                    mask=pixel_ok[:, None] & (channels < D)[None, :], other=0.0)
+        direct += g[:, None] * (e - r)
+    return direct
+
+
+@triton.jit
 def _backward_kernel(
     grad_ptr, mstar_ptr, emb_ptr, modes_ptr, grad_emb_ptr, partial_ptr,
     P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
@@ -205,6 +225,10 @@ def _backward_kernel(
                     w, w_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first, n_classes, M,
                                           columns, out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
                     grad += w_total[:, None] * e - tl.dot(w, r, input_precision=PRODUCT_PRECISION)
+            bad = ~(tl.abs(grad) <= FLT_MAX)
+            if tl.max(bad.to(tl.int32)) > 0:
+                grad = tl.where(bad, _direct_grad(grad_ptr, mstar_ptr, modes_ptr, e, b, pixels, pixel_ok, channels,
+                                                  C, M, D, out_sb, out_sc, out_sp), grad)
             tl.store(grad_emb_ptr + b * gemb_sb + pixels[:, None] * gemb_sp + channels[None, :] * gemb_sd,
                      (2.0 * grad).to(grad_emb_ptr.dtype.element_ty),
                      mask=pixel_ok[:, None] & (channels < D)[None, :])

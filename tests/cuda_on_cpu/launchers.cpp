@@ -1,0 +1,175 @@
+// The device kernels of csrc/cuda/mode_distance.cu, compiled for the CPU with
+// the stand-ins of include/, behind C entry points that launch them as the
+// file's own launchers do (same kernels, grids, threads and scratch buffers).
+// Loaded by __init__.py with ctypes.
+#include "emulated_cuda.h"
+
+#ifndef MODE_DISTANCE_CU  // another copy of the file, to check that the tests catch a change to it
+#define MODE_DISTANCE_CU "../../csrc/cuda/mode_distance.cu"
+#endif
+#define DRSL_FAST_KERNELS_ONLY
+#include MODE_DISTANCE_CU
+
+namespace drsl_fast {
+namespace cuda {
+// The fp32 grad_emb kernel's dynamic shared memory (extern __shared__): the
+// launcher asks for at most kModesSharedBytes.
+alignas(16) thread_local unsigned char grad_emb_shared[kModesSharedBytes];
+}  // namespace cuda
+}  // namespace drsl_fast
+
+namespace {
+using drsl_fast::PixelLayout;
+namespace cu = drsl_fast::cuda;
+namespace tc = drsl_fast::cuda::tensor_core;
+
+enum Dtype { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// kernel<<<grid, threads>>>(args...) on the CPU.
+template <typename... Params, typename... Args>
+void launch(bool reverse, void (*kernel)(Params...), dim3 grid, int threads, Args... args) {
+  drsl_emu::launch(grid, dim3(static_cast<unsigned>(threads)), reverse, [&] { kernel(args...); });
+}
+
+unsigned blocks_for(int64_t n, int per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
+
+struct Problem {
+  const void* emb;
+  PixelLayout emb_layout;
+  const void* modes;  // (C, M, D) contiguous, in the accumulation type
+  int C, M, D;
+  int64_t P, B;
+  PixelLayout out_layout;  // of dmin, mstar, posterior, grad_dmin
+};
+
+template <typename acc_t>
+acc_t posterior_scale(double sigma) {  // as the launchers' (csrc/host.h)
+  const double scale = -0.5 / sigma / sigma;
+  return -scale > static_cast<double>(FLT_MAX) && sizeof(acc_t) == 4 ? -INFINITY : static_cast<acc_t>(scale);
+}
+
+template <typename scalar_t, typename acc_t>
+void forward(const Problem& p, bool tensor_cores, bool reverse, void* dmin, uint8_t* mstar, void* posterior,
+             double sigma) {
+  const auto* emb = static_cast<const scalar_t*>(p.emb);
+  const auto* modes = static_cast<const acc_t*>(p.modes);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (tensor_cores) {
+      const int64_t passes = (p.C + tc::kModes / p.M - 1) / (tc::kModes / p.M);
+      std::vector<float> mu(passes * p.D), mode_norm(p.C * p.M);
+      launch(reverse, cu::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cu::kThreads, modes, p.C, p.M,
+             p.D, mu.data(), mode_norm.data());
+      launch(reverse, cu::mode_distance_forward_tc_kernel<scalar_t>,
+             dim3(blocks_for(p.P, tc::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, emb, p.emb_layout, modes,
+             static_cast<const float*>(mu.data()), static_cast<const float*>(mode_norm.data()), p.C, p.M, p.D, p.P,
+             static_cast<float*>(dmin), mstar, static_cast<float*>(posterior),
+             posterior ? posterior_scale<float>(sigma) : 0.0f, p.out_layout);
+      return;
+    }
+  }
+  launch(reverse, cu::mode_distance_forward_kernel<scalar_t, acc_t>,
+         dim3(blocks_for(p.P, cu::Tiling<acc_t>::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, emb,
+         p.emb_layout, modes, p.C, p.M, p.D, p.P, static_cast<acc_t*>(dmin), mstar, static_cast<acc_t*>(posterior),
+         posterior ? posterior_scale<acc_t>(sigma) : acc_t(0), p.out_layout);
+}
+
+// grad_modes (C, M, D) is the sum of the per-chunk partials over their first axis, in order.
+template <typename acc_t>
+void sum_partials(const std::vector<acc_t>& partial, int64_t rows, int64_t size, acc_t* out) {
+  for (int64_t i = 0; i < size; ++i) {
+    acc_t s = acc_t(0);
+    for (int64_t r = 0; r < rows; ++r) s += partial[r * size + i];
+    out[i] = s;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(const Problem& p, bool tensor_cores, bool reverse, const void* grad_dmin_in, const uint8_t* mstar,
+              void* grad_emb_out, PixelLayout grad_layout, void* grad_modes_out) {
+  const auto* emb = static_cast<const scalar_t*>(p.emb);
+  const auto* modes = static_cast<const acc_t*>(p.modes);
+  const auto* grad_dmin = static_cast<const acc_t*>(grad_dmin_in);
+  auto* grad_emb = static_cast<scalar_t*>(grad_emb_out);
+  auto* grad_modes = static_cast<acc_t*>(grad_modes_out);
+  const int64_t modes_size = static_cast<int64_t>(p.C) * p.M * p.D;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (tensor_cores && p.C * p.M <= tc::kModes && p.D > 0) {
+      const int64_t chunks = blocks_for(p.P, tc::kGradChunk);
+      std::vector<float> mu(p.D), partial(grad_modes ? p.B * chunks * modes_size : 0);
+      launch(reverse, cu::mode_centre_kernel, dim3(1), cu::kThreads, modes, p.C, p.M, p.D, mu.data(),
+             static_cast<float*>(nullptr));
+      launch(reverse, cu::mode_distance_backward_tc_kernel<scalar_t>,
+             dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.B)), tc::kGradThreads, grad_dmin, mstar,
+             p.out_layout, emb, p.emb_layout, modes, static_cast<const float*>(mu.data()), p.C, p.M, p.D, p.P,
+             grad_emb, grad_layout, grad_modes ? partial.data() : nullptr);
+      if (grad_modes) sum_partials(partial, p.B * chunks, modes_size, grad_modes);
+      return;
+    }
+  }
+  if (grad_emb) {
+    const int64_t modes_bytes = static_cast<int64_t>(p.C) * p.M * (p.D | 1) * static_cast<int64_t>(sizeof(acc_t));
+    launch(reverse, cu::mode_distance_grad_emb_kernel<scalar_t, acc_t>,
+           dim3(blocks_for(p.P, cu::kThreads), static_cast<unsigned>(p.B)), cu::kThreads, grad_dmin, mstar,
+           p.out_layout, emb, p.emb_layout, modes, p.C, p.M, p.D, p.P, modes_bytes <= cu::kModesSharedBytes,
+           grad_emb, grad_layout);
+  }
+  if (grad_modes) {
+    using Tile = cu::Tiling<acc_t>;
+    const int64_t chunks = blocks_for(p.P, cu::kModeGradChunk);
+    const int64_t blocks_y = blocks_for(p.C, Tile::kModes / p.M) * static_cast<int64_t>(blocks_for(p.D, Tile::kChannels));
+    std::vector<acc_t> partial(p.B * chunks * modes_size);
+    if (!partial.empty())
+      launch(reverse, cu::mode_distance_grad_modes_kernel<scalar_t, acc_t>,
+             dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(blocks_y), static_cast<unsigned>(p.B)),
+             cu::kThreads, grad_dmin, mstar, p.out_layout, emb, p.emb_layout, modes, p.C, p.M, p.D, p.P,
+             partial.data());
+    sum_partials(partial, p.B * chunks, modes_size, grad_modes);
+  }
+}
+
+const char* finish() {
+  static std::string message;
+  message = drsl_emu::first_error;
+  drsl_emu::first_error.clear();
+  return message.empty() ? nullptr : message.c_str();
+}
+}  // namespace
+
+extern "C" {
+
+// Both return null, or the first error the emulation found.
+const char* mode_distance_forward(int dtype, int tensor_cores, int reverse, const void* emb, const int64_t* emb_layout,
+                                  const void* modes, int C, int M, int D, int64_t P, int64_t B,
+                                  const int64_t* out_layout, void* dmin, uint8_t* mstar, void* posterior,
+                                  double sigma) {
+  const Problem p{emb, {emb_layout[0], emb_layout[1], emb_layout[2]}, modes, C, M, D, P, B,
+                  {out_layout[0], out_layout[1], out_layout[2]}};
+  switch (dtype) {
+    case kFloat32: forward<float, float>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
+    case kFloat64: forward<double, double>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
+    case kFloat16: forward<__half, float>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
+    case kBFloat16: forward<__nv_bfloat16, float>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
+    default: drsl_emu::fail("mode_distance_forward", "unknown dtype");
+  }
+  return finish();
+}
+
+const char* mode_distance_backward(int dtype, int tensor_cores, int reverse, const void* emb,
+                                   const int64_t* emb_layout, const void* modes, int C, int M, int D, int64_t P,
+                                   int64_t B, const int64_t* out_layout, const void* grad_dmin, const uint8_t* mstar,
+                                   void* grad_emb, const int64_t* grad_layout, void* grad_modes) {
+  const Problem p{emb, {emb_layout[0], emb_layout[1], emb_layout[2]}, modes, C, M, D, P, B,
+                  {out_layout[0], out_layout[1], out_layout[2]}};
+  const PixelLayout g{grad_layout[0], grad_layout[1], grad_layout[2]};
+  switch (dtype) {
+    case kFloat32: backward<float, float>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes); break;
+    case kFloat64: backward<double, double>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes); break;
+    case kFloat16: backward<__half, float>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes); break;
+    case kBFloat16:
+      backward<__nv_bfloat16, float>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes);
+      break;
+    default: drsl_emu::fail("mode_distance_backward", "unknown dtype");
+  }
+  return finish();
+}
+}

@@ -1,0 +1,83 @@
+"""Checks that the emulated-CUDA tests catch bugs in the mode-distance kernels:
+each mutation below (a barrier removed, a term dropped, an index swapped, a
+rule loosened) is applied to a copy of csrc/cuda/mode_distance.cu, and the
+op's emulated tests must fail on it; the unchanged file must pass them.
+
+    python tests/cuda_on_cpu/mutations.py       # a few minutes; exit status 1 if one is missed
+"""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "csrc" / "cuda" / "mode_distance.cu"
+
+# name -> (text of the kernel file, what it becomes); each text occurs once
+MUTATIONS = {
+    "forward: no barrier before staging": (
+        "      __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles\n"
+        "      stage_embeddings<kDepth, kPixels>", "      stage_embeddings<kDepth, kPixels>"),
+    "forward: no barrier before the products are parked": (
+        "    __syncthreads();  // the staged tiles are read; the products take their place\n", ""),
+    "forward: 2xTF32 (lo.hi term dropped)": ("  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);\n", ""),
+    "forward: every expanded minimum trusted": ("constexpr float kTrustRatio = 0.5f;",
+                                                "constexpr float kTrustRatio = 0.0f;"),
+    "forward: mode rows of 34 floats (misaligned)": ("constexpr int kModeRow = kDepth + 4;",
+                                                     "constexpr int kModeRow = kDepth + 2;"),
+    "forward: one channel left out of the norm": (
+        "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2); ++d) {",
+        "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2) - 1; ++d) {"),
+    "backward: padding columns not zeroed": (
+        "      weights[(i / (kModes - modes_used)) * kWeightRow + modes_used + i % (kModes - modes_used)] = 0.0f;",
+        "      ;"),
+    "backward: W R tile stored transposed": (
+        "wmma::store_matrix_sync(product + cols * 16 * kStepCol + rows * 16,",
+        "wmma::store_matrix_sync(product + rows * 16 * kStepCol + cols * 16,"),
+    "backward: no barrier after W R": ("      __syncthreads();  // W R and the weight totals are complete\n", ""),
+    "backward: no barrier before W^T E is parked": (
+        "      __syncthreads();  // every step's tiles are read: W^T E takes their place\n", ""),
+    "backward: column sums skip a pixel": ("for (int p = 0; p < kGradStep; ++p) column_sum +=",
+                                           "for (int p = 0; p < kGradStep - 1; ++p) column_sum +="),
+    "backward: embeddings not centred": (
+        "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];",
+        "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]);"),
+    "backward: no direct sum for non-finite gradients": ("if (!(fabsf(grad) <= FLT_MAX)) {", "if (false) {"),
+}
+
+
+def emulated_tests_pass(source: Path) -> bool:
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "emulated",
+               "tests/test_mode_distance.py", "tests/test_bad_inputs.py"]
+    env = dict(os.environ, DRSL_FAST_EMULATED_SOURCE=str(source))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if "no tests ran" in done.stdout or done.returncode not in (0, 1):
+        sys.exit(f"the emulated tests did not run:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return done.returncode == 0
+
+
+def main():
+    original = SOURCE.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "csrc" / "cuda" / "mode_distance.cu"
+        copy.parent.mkdir(parents=True)
+        (Path(tmp) / "kernels").symlink_to(ROOT / "kernels")  # the file's relative includes
+        copy.write_text(original)
+        if not emulated_tests_pass(copy):
+            sys.exit("the unchanged kernels fail the emulated tests")
+        missed = []
+        for name, (old, new) in MUTATIONS.items():
+            if original.count(old) != 1:
+                sys.exit(f"{name}: the text to change is not in the file once; update this list")
+            copy.write_text(original.replace(old, new))
+            caught = not emulated_tests_pass(copy)
+            print(f"{'caught' if caught else 'MISSED'}: {name}", flush=True)
+            if not caught:
+                missed.append(name)
+    print(f"{len(MUTATIONS) - len(missed)} of {len(MUTATIONS)} mutations caught")
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()
