@@ -30,11 +30,10 @@ def fast_backend(request):
 
 @pytest.fixture(scope="session")
 def emulated_cuda(tmp_path_factory):
-    """The mode-distance CUDA kernels built for the CPU (tests/cuda_on_cpu), from
-    csrc/cuda/mode_distance.cu or the copy named by DRSL_FAST_EMULATED_SOURCE
-    (tests/cuda_on_cpu/mutations.py)."""
+    """The mode-distance and MMDL-loss CUDA kernels built for the CPU
+    (tests/cuda_on_cpu), from csrc/cuda/ or the copy of it named by
+    DRSL_FAST_EMULATED_CUDA_DIR (tests/cuda_on_cpu/mutations.py)."""
     reason = cuda_on_cpu.why_unavailable() or why_unavailable("cpu", torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"emulated CUDA: {reason}")
-    source = os.environ.get("DRSL_FAST_EMULATED_SOURCE") or None
-    return cuda_on_cpu.build(tmp_path_factory.mktemp("cuda_on_cpu"), source)
+    return cuda_on_cpu.build(tmp_path_factory.mktemp("cuda_on_cpu"), os.environ.get("DRSL_FAST_EMULATED_CUDA_DIR"))

@@ -4,9 +4,29 @@ gradients (float64 gradcheck) and DRSLLoss (Eq. 7-10)."""
 import pytest
 import torch
 
+import cuda_on_cpu
+from conftest import device_for
+from drsl_fast.backends import why_unavailable
 from drsl_fast.losses import DRSLLoss, in_mode_variance, label_mode, mmdl_losses, sample_per_class
 
 SIGMA, ALPHA, SCALE = 0.5, 1.0, 15.0
+
+
+@pytest.fixture(params=["cpu", "cuda", "triton", "cuda-emulated"])
+def fast_backend(request):
+    """Each fast backend available here, with the device it runs on; and the
+    CUDA kernels emulated on the CPU (tests/cuda_on_cpu) in place of the CPU
+    kernels, so that their logic is checked without a GPU."""
+    name = request.param
+    if name == "cuda-emulated":
+        with cuda_on_cpu.as_cpu_kernels(request.getfixturevalue("emulated_cuda"), tensor_cores=True):
+            yield "cpu", torch.device("cpu")
+        return
+    device = device_for(name)
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    yield name, device
 
 
 def case(dtype=torch.float64, seed=0, B=2, D=5, H=6, W=7, C=4, M=3, S=23, layout="contiguous"):
@@ -312,11 +332,9 @@ def test_mode_gradient_is_deterministic_across_thread_counts():
 
 def test_gradients_are_deterministic(fast_backend):
     """Repeated runs give bitwise-equal gradients, repeated pixels included
-    (triton: rows summed per pixel in sample order, fixed-block mode partials).
-    The CUDA backend adds mode gradients atomically and is not checked."""
+    (triton: rows summed per pixel in sample order; every backend: mode
+    gradients summed over fixed blocks of samples, in order)."""
     backend, device = fast_backend
-    if backend == "cuda":
-        pytest.skip("the cuda backend accumulates gradients atomically")
     emb, index, label, modes = case(dtype=torch.float32, seed=7, D=8, C=6, S=64, H=5, W=6)  # many repeated pixels
     grads = []
     for _ in range(2):

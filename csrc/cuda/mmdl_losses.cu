@@ -2,8 +2,12 @@
 // label_mode: first the device kernels, free of ATen, then their launchers.
 // kernels/cuda/pascal_sm61.cu compiles the kernels alone for sm_61 (it defines
 // DRSL_FAST_KERNELS_ONLY). The launchers add the per-sample embedding gradients
-// into the full gradient with index_put_(accumulate) (repeated pixels add up);
-// the mode gradient is accumulated with atomics (not bitwise deterministic).
+// into the full gradient with index_put_(accumulate) (repeated pixels add up).
+// The mode gradient is summed without atomics, so it is deterministic: the
+// backward kernel records each sample's g_c and mstar[c] (a samples x C table,
+// 5 bytes an entry), and a second kernel sums, per class and fixed chunk of
+// samples, 2 g_c (r - e) over the chunk's samples in order; the host adds the
+// chunks' partials in order.
 //
 // For a sample e with label y (one thread per sample, classes streamed, so no
 // per-class array is held):
@@ -131,12 +135,14 @@ __global__ void mmdl_losses_forward_kernel(SampleBatch<scalar_t, acc_t> batch, L
   ce[o] = s.log_sum_exp - params.scale * exp_of(posterior_exponent(s.positive, -params.inv_two_var));
 }
 
-// Writes dL/de of each sample to sample_grad (B*S, D) (optional) and adds
-// dL/dR into grad_modes (C, M, D) atomically (optional).
+// Writes dL/de of each sample to sample_grad (B*S, D) and g_c, mstar[c] of
+// each sample and class to class_grad and class_mode (B*S, C), for the mode
+// gradient (each optional; all zero for samples that do not count).
 template <typename scalar_t, typename acc_t>
 __global__ void mmdl_losses_backward_kernel(const acc_t* __restrict__ grad_triplet, const acc_t* __restrict__ grad_ce,
                                             SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params,
-                                            acc_t* __restrict__ sample_grad, acc_t* __restrict__ grad_modes) {
+                                            acc_t* __restrict__ sample_grad, acc_t* __restrict__ class_grad,
+                                            uint8_t* __restrict__ class_mode) {
   const int64_t o = thread_index();
   const int C = batch.C, M = batch.M, D = batch.D;
   if (o >= batch.B * batch.S) return;
@@ -144,7 +150,14 @@ __global__ void mmdl_losses_backward_kernel(const acc_t* __restrict__ grad_tripl
   if (ge != nullptr)
     for (int d = 0; d < D; ++d) ge[d] = acc_t(0);
   const scalar_t* e = batch.embedding(o);
-  if (e == nullptr) return;
+  if (e == nullptr) {
+    if (class_grad != nullptr)
+      for (int c = 0; c < C; ++c) {
+        class_grad[o * C + c] = acc_t(0);
+        class_mode[o * C + c] = 0;
+      }
+    return;
+  }
   const int64_t y = batch.label[o], step = batch.L.channel;
   const acc_t inv_two_var = params.inv_two_var, scale = params.scale;
   const auto s = batch.summarise(e, o, params);
@@ -156,14 +169,40 @@ __global__ void mmdl_losses_backward_kernel(const acc_t* __restrict__ grad_tripl
     const acc_t z = scale * exp_of(posterior_exponent(dmin, -inv_two_var));
     acc_t g = -g_ce * (exp_of(z - s.log_sum_exp) - acc_t(c == y)) * z * inv_two_var;
     if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));
-    if (g == acc_t(0)) continue;
-    const int64_t centre = static_cast<int64_t>(c) * M + winner;
-    const acc_t* r = batch.modes + centre * D;
-    for (int d = 0; d < D; ++d) {
-      const acc_t grad = acc_t(2) * g * (load_as<acc_t>(e[d * step]) - r[d]);
-      if (ge != nullptr) ge[d] += grad;
-      if (grad_modes != nullptr) atomicAdd(grad_modes + centre * D + d, -grad);
+    if (class_grad != nullptr) {
+      class_grad[o * C + c] = g;
+      class_mode[o * C + c] = static_cast<uint8_t>(winner);
     }
+    if (g == acc_t(0) || ge == nullptr) continue;
+    const acc_t* r = batch.modes + (static_cast<int64_t>(c) * M + winner) * D;
+    for (int d = 0; d < D; ++d) ge[d] += acc_t(2) * g * (load_as<acc_t>(e[d * step]) - r[d]);
+  }
+}
+
+// Samples per partial of the mode gradient. Fixed, so the summation order
+// (and the result) does not depend on the GPU.
+constexpr int kModeGradSamples = 256;
+
+// partial[chunk, c, m, d] = sum over the chunk's samples o, in order, with
+// class_mode[o, c] == m of 2 g_c (r[c, m, d] - e_o[d]).
+// grid = (ceil(B * S / kModeGradSamples), C); threads over (m, d).
+template <typename scalar_t, typename acc_t>
+__global__ void mmdl_losses_mode_grad_kernel(SampleBatch<scalar_t, acc_t> batch, const acc_t* __restrict__ class_grad,
+                                             const uint8_t* __restrict__ class_mode, acc_t* __restrict__ partial) {
+  const int C = batch.C, M = batch.M, D = batch.D, c = blockIdx.y;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kModeGradSamples;
+  const int64_t total = batch.B * batch.S, end = begin + kModeGradSamples < total ? begin + kModeGradSamples : total;
+  acc_t* out = partial + (static_cast<int64_t>(blockIdx.x) * C + c) * M * D;
+  for (int i = threadIdx.x; i < M * D; i += blockDim.x) {
+    const int m = i / D, d = i % D;
+    const acc_t r = batch.modes[(static_cast<int64_t>(c) * M + m) * D + d];
+    acc_t sum = acc_t(0);
+    for (int64_t o = begin; o < end; ++o) {
+      const acc_t g = class_grad[o * C + c];
+      if (class_mode[o * C + c] != m || g == acc_t(0)) continue;  // samples that do not count have g = 0
+      sum += g * (r - load_as<acc_t>(batch.embedding(o)[d * batch.L.channel]));
+    }
+    out[i] = acc_t(2) * sum;
   }
 }
 
@@ -257,13 +296,29 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
   at::Tensor sample_grad = at::empty({emb_requires_grad ? p.B * p.S : 0, p.D}, p.modes.options());
   at::Tensor grad_modes = at::zeros(modes_requires_grad ? p.modes.sizes() : at::IntArrayRef{0}, p.modes.options());
   if ((emb_requires_grad || modes_requires_grad) && p.B * p.S > 0) {
+    const int64_t table = modes_requires_grad ? p.B * p.S : 0;
+    at::Tensor class_grad = at::empty({table, p.C}, p.modes.options());
+    at::Tensor class_mode = at::empty({table, p.C}, p.index.options().dtype(at::kByte));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const auto batch = sample_batch<scalar_t, acc_t>(p);
       launch(cuda::mmdl_losses_backward_kernel<cuda_type<scalar_t>, acc_t>, sample_blocks(p), cuda::kSampleThreads,
-             0, grad_triplet.const_data_ptr<acc_t>(), grad_ce.const_data_ptr<acc_t>(), sample_batch<scalar_t, acc_t>(p),
+             0, grad_triplet.const_data_ptr<acc_t>(), grad_ce.const_data_ptr<acc_t>(), batch,
              loss_params<acc_t>(sigma, alpha, scale),
              emb_requires_grad ? sample_grad.mutable_data_ptr<acc_t>() : nullptr,
-             modes_requires_grad ? grad_modes.mutable_data_ptr<acc_t>() : nullptr);
+             modes_requires_grad ? class_grad.mutable_data_ptr<acc_t>() : nullptr,
+             modes_requires_grad ? class_mode.mutable_data_ptr<uint8_t>() : nullptr);
+      if (modes_requires_grad) {
+        const int64_t chunks = blocks_for(p.B * p.S, cuda::kModeGradSamples);
+        TORCH_CHECK(p.C <= 65535, "mmdl_losses_backward (cuda): C must be <= 65535");
+        at::Tensor partial = at::empty({chunks, p.C, p.M, p.D}, p.modes.options());
+        launch(cuda::mmdl_losses_mode_grad_kernel<cuda_type<scalar_t>, acc_t>,
+               dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.C)), cuda::kSampleThreads, 0, batch,
+               class_grad.const_data_ptr<acc_t>(), class_mode.const_data_ptr<uint8_t>(),
+               partial.mutable_data_ptr<acc_t>());
+        // ATen's reduction over the first axis has a fixed order: deterministic.
+        grad_modes = partial.sum(0);
+      }
     });
   }
   return {emb_requires_grad ? scatter_rows(p, sample_grad, emb) : at::empty({0}, emb.options()),

@@ -8,16 +8,16 @@ centres, dmin[c] and mstar[c] (docs/method.md §3), then
   Eq. 5  ce      = -log softmax_c(s * P[c])[y],  P[c] = exp(-dmin[c] / (2 sigma^2))
 Backward recomputes the distances, so the extra memory is O(samples): one
 gradient row per sample and per-chunk partial mode gradients, never anything
-of size samples x C x M x D (or samples x C kept between the passes).
+of size samples x C x M x D, and nothing of size samples x C kept between the
+passes (the CUDA backward holds one, 5 bytes an entry, between its kernels).
 Gradients flow through the winning modes only (docs/method.md §3).
 
 Operators (``torch.library``):
   drsl_fast::mmdl_losses / mmdl_losses_backward, drsl_fast::label_mode      C++ CPU and CUDA
   drsl_fast::mmdl_losses_triton / mmdl_losses_backward_triton,
   drsl_fast::label_mode_triton                                              Triton (fp32)
-The C++ CPU and Triton backends sum gradient contributions in a fixed order,
-so their gradients are deterministic; the CUDA backend adds mode gradients
-atomically.
+Every backend sums gradient contributions in a fixed order (per fixed
+blocks of samples, then the blocks in order), so gradients are deterministic.
 """
 from typing import NamedTuple, Optional, Tuple
 

@@ -1,6 +1,7 @@
-"""The CUDA kernels of the mode-distance op, run on the CPU.
+"""The CUDA kernels of the mode-distance op and of the MMDL losses, run on the CPU.
 
-launchers.cpp compiles the device half of csrc/cuda/mode_distance.cu with
+launchers.cpp compiles the device half of csrc/cuda/mode_distance.cu and
+mmdl_losses.cu with
 the stand-ins of include/ (fibers for threads, whole-tile WMMA fragments with
 the tensor cores' tf32 rounding); this module builds it with the system C++
 compiler and calls it on CPU tensors laid out as the CUDA launchers lay them
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "launchers.cpp", *sorted((HERE / "include").glob("*.h")),
-           HERE.parents[1] / "csrc" / "cuda" / "mode_distance.cu", *sorted((HERE.parents[1] / "kernels").rglob("*.h*"))]
+CUDA_DIR = HERE.parents[1] / "csrc" / "cuda"
+KERNEL_FILES = ("mode_distance.cu", "mmdl_losses.cu")
+NAN = float("nan")  # what outputs start as: an entry the kernels leave unwritten shows
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
@@ -40,19 +42,20 @@ def _fma_flags():
     return ["-mfma", "-ffp-contract=fast"] if " fma " in flags else ["-ffp-contract=off"]
 
 
-def build(directory, source=None):
+def build(directory, cuda_dir=None):
     """Compiles launchers.cpp into `directory` (once per source version) and
-    loads it; `source` replaces csrc/cuda/mode_distance.cu (a copy placed as
-    it is, next to a kernels/ folder, for its includes)."""
-    sources = SOURCES + ([Path(source)] if source else [])
+    loads it. `cuda_dir` replaces csrc/cuda/ (a copy whose kernels/ folder
+    sits beside it, for the files' relative includes)."""
+    cuda_dir = Path(cuda_dir or CUDA_DIR).resolve()
+    sources = [HERE / "launchers.cpp", *sorted((HERE / "include").glob("*.h")),
+               *(cuda_dir / name for name in KERNEL_FILES), *sorted((cuda_dir.parents[1] / "kernels").rglob("*.h*"))]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     library = Path(directory) / f"launchers_{digest}.so"
     if not library.exists():
         # -fno-extern-tls-init: the extern __shared__ array (thread_local here) has no
         # dynamic initialiser to call.
         command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-extern-tls-init", "-Wall",
-                   "-Wno-unknown-pragmas", *_fma_flags(), "-I", str(HERE / "include"),
-                   *([f'-DMODE_DISTANCE_CU="{Path(source).resolve()}"'] if source else []),
+                   "-Wno-unknown-pragmas", *_fma_flags(), "-I", str(HERE / "include"), "-I", str(cuda_dir),
                    str(HERE / "launchers.cpp"), "-o", str(library)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -73,6 +76,15 @@ def as_bdp(emb):
     return emb.t().unsqueeze(0) if emb.dim() == 2 else emb.reshape(emb.shape[0], emb.shape[1], emb.shape[2] * emb.shape[3])
 
 
+def empty_like_pixel_viewable(emb):
+    """Like emb, contiguous or channels-last, as csrc/host.h's."""
+    if emb.dim() == 2:
+        return torch.empty_like(emb)
+    channels_last = emb.is_contiguous(memory_format=torch.channels_last) and not emb.is_contiguous()
+    return torch.empty(emb.shape, dtype=emb.dtype,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def per_class_layout(emb, C):
     if emb.dim() == 2:
         return _layout(0, 1, C)
@@ -88,7 +100,8 @@ def per_class_empty(emb, C, dtype):
 class Kernels:
     def __init__(self, library):
         self._lib = library
-        for name in ("mode_distance_forward", "mode_distance_backward"):
+        for name in ("mode_distance_forward", "mode_distance_backward", "mmdl_losses_forward", "mmdl_losses_backward",
+                     "label_mode"):
             getattr(library, name).restype = ctypes.c_char_p
 
     @staticmethod
@@ -109,8 +122,8 @@ class Kernels:
         """(dmin, mstar, posterior or None) from the forward kernel the CUDA
         launcher would run (tensor_cores: on sm_80 and newer)."""
         bdp, layout, centres, acc, C, M, D, P, B = self._problem(emb, modes)
-        dmin, mstar = per_class_empty(emb, C, acc), per_class_empty(emb, C, torch.uint8)
-        posterior = per_class_empty(emb, C, acc) if sigma is not None else None
+        dmin, mstar = per_class_empty(emb, C, acc).fill_(NAN), per_class_empty(emb, C, torch.uint8).fill_(255)
+        posterior = per_class_empty(emb, C, acc).fill_(NAN) if sigma is not None else None
         if dmin.numel() > 0:
             self._check(self._lib.mode_distance_forward(
                 DTYPES[emb.dtype], int(tensor_cores), int(reverse), _ptr(bdp), layout, _ptr(centres), C, M, D,
@@ -128,14 +141,10 @@ class Kernels:
         grad_emb = grad_modes = None
         grad_layout = _layout(0, 0, 0)
         if emb_grad:
-            four_d_channels_last = emb.dim() == 4 and emb.is_contiguous(memory_format=torch.channels_last) \
-                and not emb.is_contiguous()
-            grad_emb = (torch.empty_like(emb) if emb.dim() == 2 else torch.empty(
-                emb.shape, dtype=emb.dtype,
-                memory_format=torch.channels_last if four_d_channels_last else torch.contiguous_format))
+            grad_emb = empty_like_pixel_viewable(emb).fill_(NAN)
             grad_layout = _layout(*as_bdp(grad_emb).stride())
         if modes_grad:
-            grad_modes = torch.empty(C, M, D, dtype=acc)
+            grad_modes = torch.full((C, M, D), NAN, dtype=acc)
         if P > 0 and B > 0:
             self._check(self._lib.mode_distance_backward(
                 DTYPES[emb.dtype], int(tensor_cores), int(reverse), _ptr(bdp), layout, _ptr(centres), C, M, D,
@@ -148,11 +157,75 @@ class Kernels:
         return grad_emb, (grad_modes.to(modes.dtype) if grad_modes is not None else None)
 
 
+    @staticmethod
+    def _samples(emb, index, label, modes):
+        """The arguments every per-sample kernel takes, as csrc/host.h's sample_problem."""
+        acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+        bdp = as_bdp(emb)
+        index, label, centres = index.contiguous(), label.contiguous(), modes.to(acc).contiguous()
+        C, M, D = centres.shape
+        B, S = index.shape
+        keep = (bdp, index, label, centres)
+        args = (DTYPES[emb.dtype], _ptr(bdp), _layout(*bdp.stride()), _ptr(index), _ptr(label), _ptr(centres),
+                ctypes.c_int64(B), ctypes.c_int64(S), ctypes.c_int64(bdp.shape[2]), C, M, D)
+        return keep, args, acc
+
+    def mmdl_losses(self, emb, index, label, modes, sigma, alpha, scale, *, reverse=False):
+        """(triplet, ce), each (B, S), from the CUDA forward kernel."""
+        keep, (dtype, *args), acc = self._samples(emb, index, label, modes)
+        triplet, ce = torch.full(index.shape, NAN, dtype=acc), torch.full(index.shape, NAN, dtype=acc)
+        if index.numel() > 0:
+            self._check(self._lib.mmdl_losses_forward(dtype, int(reverse), *args, ctypes.c_double(sigma),
+                                                      ctypes.c_double(alpha), ctypes.c_double(scale), _ptr(triplet),
+                                                      _ptr(ce)))
+        return triplet, ce
+
+    def mmdl_losses_backward(self, grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale, *,
+                             emb_grad=True, modes_grad=True, reverse=False):
+        """(grad_emb or None, grad_modes or None) as the CUDA launcher computes them:
+        the kernels' per-sample rows added per pixel by index_put_(accumulate)."""
+        keep, (dtype, *args), acc = self._samples(emb, index, label, modes)
+        B, S = index.shape
+        C, M, D = modes.shape
+        grad_triplet = grad_triplet.to(acc).expand(B, S).contiguous()
+        grad_ce = grad_ce.to(acc).expand(B, S).contiguous()
+        rows = torch.full((B * S, D), NAN, dtype=acc) if emb_grad else None
+        grad_modes = torch.full((C, M, D), NAN, dtype=acc) if modes_grad else None
+        if B * S == 0:  # the launcher's zeros
+            grad_modes = grad_modes.zero_() if grad_modes is not None else None
+        else:
+            self._check(self._lib.mmdl_losses_backward(
+                dtype, int(reverse), *args, ctypes.c_double(sigma), ctypes.c_double(alpha), ctypes.c_double(scale),
+                _ptr(grad_triplet), _ptr(grad_ce), _ptr(rows), _ptr(grad_modes)))
+        grad_emb = None
+        if emb_grad:
+            bdp = as_bdp(emb)
+            P = bdp.shape[2]
+            grad_acc = torch.zeros(bdp.shape[0], D, P, dtype=acc)
+            counts = (index >= 0) & (index < P) & (label >= 0) & (label < C)
+            pixel = torch.where(counts, index, torch.zeros_like(index)).reshape(-1)
+            image = torch.arange(B).repeat_interleave(S)
+            grad_acc.permute(0, 2, 1).index_put_((image, pixel), rows, accumulate=True)
+            grad_emb = empty_like_pixel_viewable(emb)
+            as_bdp(grad_emb).copy_(grad_acc)
+        return grad_emb, (grad_modes.to(modes.dtype) if grad_modes is not None else None)
+
+    def label_mode(self, emb, index, label, modes, *, reverse=False):
+        """mstar of each sample's own class (uint8 (B, S), 255 where it does not count)."""
+        keep, (dtype, *args), _ = self._samples(emb, index, label, modes)
+        mode = torch.full(index.shape, 254, dtype=torch.uint8)
+        if index.numel() > 0:
+            self._check(self._lib.label_mode(dtype, int(reverse), *args,
+                                             ctypes.cast(_ptr(mode), ctypes.POINTER(ctypes.c_uint8))))
+        return mode
+
+
 @contextlib.contextmanager
 def as_cpu_kernels(kernels, *, tensor_cores):
-    """Within the block, the CPU kernels of drsl_fast::mode_distance and
-    mode_distance_backward are the emulated CUDA kernels (the tensor-core ones
-    or the fp32 ones): every test of the op with backend="cpu" runs them."""
+    """Within the block, the CPU kernels of drsl_fast::mode_distance,
+    mode_distance_backward (the tensor-core kernels or the fp32 ones),
+    mmdl_losses, mmdl_losses_backward and label_mode are the emulated CUDA
+    kernels: every test of those ops with backend="cpu" runs them."""
     library = torch.library.Library("drsl_fast", "IMPL")
 
     def forward(emb, modes, sigma):
@@ -165,10 +238,24 @@ def as_cpu_kernels(kernels, *, tensor_cores):
         return (grad_emb if grad_emb is not None else emb.new_empty(0),
                 grad_modes if grad_modes is not None else modes.new_empty(0))
 
+    def losses(emb, index, label, modes, sigma, alpha, scale):
+        return kernels.mmdl_losses(emb, index, label, modes, sigma, alpha, scale)
+
+    def losses_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale, emb_requires_grad,
+                        modes_requires_grad):
+        grad_emb, grad_modes = kernels.mmdl_losses_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma,
+                                                            alpha, scale, emb_grad=emb_requires_grad,
+                                                            modes_grad=modes_requires_grad)
+        return (grad_emb if grad_emb is not None else emb.new_empty(0),
+                grad_modes if grad_modes is not None else modes.new_empty(0))
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
         library.impl("mode_distance", forward, "CPU")
         library.impl("mode_distance_backward", backward, "CPU")
+        library.impl("mmdl_losses", losses, "CPU")
+        library.impl("mmdl_losses_backward", losses_backward, "CPU")
+        library.impl("label_mode", kernels.label_mode, "CPU")
     try:
         yield
     finally:

@@ -1,14 +1,13 @@
-// The device kernels of csrc/cuda/mode_distance.cu, compiled for the CPU with
-// the stand-ins of include/, behind C entry points that launch them as the
-// file's own launchers do (same kernels, grids, threads and scratch buffers).
-// Loaded by __init__.py with ctypes.
+// The device kernels of csrc/cuda/mode_distance.cu and mmdl_losses.cu,
+// compiled for the CPU with the stand-ins of include/, behind C entry points
+// that launch them as the files' own launchers do (same kernels, grids,
+// threads and scratch buffers). Loaded by __init__.py with ctypes.
 #include "emulated_cuda.h"
 
-#ifndef MODE_DISTANCE_CU  // another copy of the file, to check that the tests catch a change to it
-#define MODE_DISTANCE_CU "../../csrc/cuda/mode_distance.cu"
-#endif
+// Found through -I: csrc/cuda/, or a copy of it (mutations.py).
 #define DRSL_FAST_KERNELS_ONLY
-#include MODE_DISTANCE_CU
+#include "mode_distance.cu"
+#include "mmdl_losses.cu"
 
 namespace drsl_fast {
 namespace cuda {
@@ -18,6 +17,8 @@ alignas(16) thread_local unsigned char grad_emb_shared[kModesSharedBytes];
 }  // namespace cuda
 }  // namespace drsl_fast
 
+// Scratch buffers start as NaN (mode tables as 255), outputs too (__init__.py):
+// an entry a kernel should write and does not shows in the results.
 namespace {
 using drsl_fast::PixelLayout;
 namespace cu = drsl_fast::cuda;
@@ -56,7 +57,7 @@ void forward(const Problem& p, bool tensor_cores, bool reverse, void* dmin, uint
   if constexpr (std::is_same_v<acc_t, float>) {
     if (tensor_cores) {
       const int64_t passes = (p.C + tc::kModes / p.M - 1) / (tc::kModes / p.M);
-      std::vector<float> mu(passes * p.D), mode_norm(p.C * p.M);
+      std::vector<float> mu(passes * p.D, NAN), mode_norm(p.C * p.M, NAN);
       launch(reverse, cu::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cu::kThreads, modes, p.C, p.M,
              p.D, mu.data(), mode_norm.data());
       launch(reverse, cu::mode_distance_forward_tc_kernel<scalar_t>,
@@ -95,7 +96,7 @@ void backward(const Problem& p, bool tensor_cores, bool reverse, const void* gra
   if constexpr (std::is_same_v<acc_t, float>) {
     if (tensor_cores && p.C * p.M <= tc::kModes && p.D > 0) {
       const int64_t chunks = blocks_for(p.P, tc::kGradChunk);
-      std::vector<float> mu(p.D), partial(grad_modes ? p.B * chunks * modes_size : 0);
+      std::vector<float> mu(p.D, NAN), partial(grad_modes ? p.B * chunks * modes_size : 0, NAN);
       launch(reverse, cu::mode_centre_kernel, dim3(1), cu::kThreads, modes, p.C, p.M, p.D, mu.data(),
              static_cast<float*>(nullptr));
       launch(reverse, cu::mode_distance_backward_tc_kernel<scalar_t>,
@@ -117,13 +118,83 @@ void backward(const Problem& p, bool tensor_cores, bool reverse, const void* gra
     using Tile = cu::Tiling<acc_t>;
     const int64_t chunks = blocks_for(p.P, cu::kModeGradChunk);
     const int64_t blocks_y = blocks_for(p.C, Tile::kModes / p.M) * static_cast<int64_t>(blocks_for(p.D, Tile::kChannels));
-    std::vector<acc_t> partial(p.B * chunks * modes_size);
+    std::vector<acc_t> partial(p.B * chunks * modes_size, acc_t(NAN));
     if (!partial.empty())
       launch(reverse, cu::mode_distance_grad_modes_kernel<scalar_t, acc_t>,
              dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(blocks_y), static_cast<unsigned>(p.B)),
              cu::kThreads, grad_dmin, mstar, p.out_layout, emb, p.emb_layout, modes, p.C, p.M, p.D, p.P,
              partial.data());
     sum_partials(partial, p.B * chunks, modes_size, grad_modes);
+  }
+}
+
+// ---- mmdl_losses.cu: the fused MMDL losses and label_mode
+
+struct Samples {  // one call's samples, as csrc/host.h's SampleProblem
+  const void* emb;
+  PixelLayout layout;
+  const int64_t* index;
+  const int64_t* label;
+  const void* modes;  // (C, M, D) contiguous, in the accumulation type
+  int64_t B, S, P;
+  int C, M, D;
+};
+
+template <typename scalar_t, typename acc_t>
+cu::SampleBatch<scalar_t, acc_t> sample_batch(const Samples& s) {
+  return {static_cast<const scalar_t*>(s.emb), s.layout, s.index, s.label, static_cast<const acc_t*>(s.modes),
+          s.B, s.S, s.P, s.C, s.M, s.D};
+}
+
+template <typename acc_t>
+cu::LossParams<acc_t> loss_params(double sigma, double alpha, double scale) {
+  return {-posterior_scale<acc_t>(sigma), acc_t(alpha), acc_t(scale)};
+}
+
+template <typename scalar_t, typename acc_t>
+void losses_forward(const Samples& s, bool reverse, double sigma, double alpha, double scale, void* triplet,
+                    void* ce) {
+  launch(reverse, cu::mmdl_losses_forward_kernel<scalar_t, acc_t>, dim3(blocks_for(s.B * s.S, cu::kSampleThreads)),
+         cu::kSampleThreads, sample_batch<scalar_t, acc_t>(s), loss_params<acc_t>(sigma, alpha, scale),
+         static_cast<acc_t*>(triplet), static_cast<acc_t*>(ce));
+}
+
+template <typename scalar_t, typename acc_t>
+void losses_backward(const Samples& s, bool reverse, double sigma, double alpha, double scale,
+                     const void* grad_triplet, const void* grad_ce, void* rows, void* grad_modes) {
+  const auto batch = sample_batch<scalar_t, acc_t>(s);
+  const int64_t n = s.B * s.S, table = grad_modes ? n * s.C : 0;
+  std::vector<acc_t> class_grad(table, acc_t(NAN));
+  std::vector<uint8_t> class_mode(table, 255);
+  launch(reverse, cu::mmdl_losses_backward_kernel<scalar_t, acc_t>, dim3(blocks_for(n, cu::kSampleThreads)),
+         cu::kSampleThreads, static_cast<const acc_t*>(grad_triplet), static_cast<const acc_t*>(grad_ce), batch,
+         loss_params<acc_t>(sigma, alpha, scale), static_cast<acc_t*>(rows),
+         grad_modes ? class_grad.data() : nullptr, grad_modes ? class_mode.data() : nullptr);
+  if (grad_modes == nullptr) return;
+  const int64_t chunks = blocks_for(n, cu::kModeGradSamples), size = static_cast<int64_t>(s.C) * s.M * s.D;
+  std::vector<acc_t> partial(chunks * size, acc_t(NAN));
+  launch(reverse, cu::mmdl_losses_mode_grad_kernel<scalar_t, acc_t>,
+         dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(s.C)), cu::kSampleThreads, batch,
+         static_cast<const acc_t*>(class_grad.data()), static_cast<const uint8_t*>(class_mode.data()),
+         partial.data());
+  sum_partials(partial, chunks, size, static_cast<acc_t*>(grad_modes));
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_label_mode(const Samples& s, bool reverse, uint8_t* mode) {
+  launch(reverse, cu::label_mode_kernel<scalar_t, acc_t>, dim3(blocks_for(s.B * s.S, cu::kSampleThreads)),
+         cu::kSampleThreads, sample_batch<scalar_t, acc_t>(s), mode);
+}
+
+// f<scalar_t, acc_t>() for a Dtype.
+template <typename F>
+void dispatch(int dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case kFloat32: f.template operator()<float, float>(); break;
+    case kFloat64: f.template operator()<double, double>(); break;
+    case kFloat16: f.template operator()<__half, float>(); break;
+    case kBFloat16: f.template operator()<__nv_bfloat16, float>(); break;
+    default: drsl_emu::fail(op, "unknown dtype");
   }
 }
 
@@ -170,6 +241,36 @@ const char* mode_distance_backward(int dtype, int tensor_cores, int reverse, con
       break;
     default: drsl_emu::fail("mode_distance_backward", "unknown dtype");
   }
+  return finish();
+}
+
+const char* mmdl_losses_forward(int dtype, int reverse, const void* emb, const int64_t* layout, const int64_t* index,
+                                const int64_t* label, const void* modes, int64_t B, int64_t S, int64_t P, int C,
+                                int M, int D, double sigma, double alpha, double scale, void* triplet, void* ce) {
+  const Samples s{emb, {layout[0], layout[1], layout[2]}, index, label, modes, B, S, P, C, M, D};
+  dispatch(dtype, "mmdl_losses", [&]<typename scalar_t, typename acc_t>() {
+    losses_forward<scalar_t, acc_t>(s, reverse, sigma, alpha, scale, triplet, ce);
+  });
+  return finish();
+}
+
+const char* mmdl_losses_backward(int dtype, int reverse, const void* emb, const int64_t* layout,
+                                 const int64_t* index, const int64_t* label, const void* modes, int64_t B, int64_t S,
+                                 int64_t P, int C, int M, int D, double sigma, double alpha, double scale,
+                                 const void* grad_triplet, const void* grad_ce, void* rows, void* grad_modes) {
+  const Samples s{emb, {layout[0], layout[1], layout[2]}, index, label, modes, B, S, P, C, M, D};
+  dispatch(dtype, "mmdl_losses_backward", [&]<typename scalar_t, typename acc_t>() {
+    losses_backward<scalar_t, acc_t>(s, reverse, sigma, alpha, scale, grad_triplet, grad_ce, rows, grad_modes);
+  });
+  return finish();
+}
+
+const char* label_mode(int dtype, int reverse, const void* emb, const int64_t* layout, const int64_t* index,
+                       const int64_t* label, const void* modes, int64_t B, int64_t S, int64_t P, int C, int M, int D,
+                       uint8_t* mode) {
+  const Samples s{emb, {layout[0], layout[1], layout[2]}, index, label, modes, B, S, P, C, M, D};
+  dispatch(dtype, "label_mode",
+           [&]<typename scalar_t, typename acc_t>() { launch_label_mode<scalar_t, acc_t>(s, reverse, mode); });
   return finish();
 }
 }

@@ -1,7 +1,7 @@
-"""Checks that the emulated-CUDA tests catch bugs in the mode-distance kernels:
-each mutation below (a barrier removed, a term dropped, an index swapped, a
-rule loosened) is applied to a copy of csrc/cuda/mode_distance.cu, and the
-op's emulated tests must fail on it; the unchanged file must pass them.
+"""Checks that the emulated-CUDA tests catch bugs in the mode-distance and
+MMDL-loss kernels: each mutation below (a barrier removed, a term dropped, an
+index swapped, a rule loosened) is applied to a copy of csrc/cuda/, and the
+ops' emulated tests must fail on it; the unchanged files must pass them.
 
     python tests/cuda_on_cpu/mutations.py       # a few minutes; exit status 1 if one is missed
 """
@@ -12,9 +12,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "csrc" / "cuda" / "mode_distance.cu"
+CUDA_DIR = ROOT / "csrc" / "cuda"
+FILES = ("mode_distance.cu", "mmdl_losses.cu")
 
-# name -> (text of the kernel file, what it becomes); each text occurs once
+# name -> (text of a kernel file, what it becomes); each text occurs once in one file
 MUTATIONS = {
     "forward: no barrier before staging": (
         "      __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles\n"
@@ -44,13 +45,19 @@ MUTATIONS = {
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];",
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]);"),
     "backward: no direct sum for non-finite gradients": ("if (!(fabsf(grad) <= FLT_MAX)) {", "if (false) {"),
+    "MMDL mode gradient: a sample left out of each chunk": ("for (int64_t o = begin; o < end; ++o) {",
+                                                           "for (int64_t o = begin + 1; o < end; ++o) {"),
+    "MMDL mode gradient: sign flipped": ("sum += g * (r - load_as<acc_t>(", "sum += g * (load_as<acc_t>("),
+    "MMDL mode gradient: winners not recorded": ("      class_mode[o * C + c] = static_cast<uint8_t>(winner);\n", ""),
+    "MMDL backward: the triplet term dropped": ("    if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));\n",
+                                                ""),
 }
 
 
-def emulated_tests_pass(source: Path) -> bool:
+def emulated_tests_pass(cuda_dir: Path) -> bool:
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "emulated",
-               "tests/test_mode_distance.py", "tests/test_bad_inputs.py"]
-    env = dict(os.environ, DRSL_FAST_EMULATED_SOURCE=str(source))
+               "tests/test_mode_distance.py", "tests/test_bad_inputs.py", "tests/test_mmdl_losses.py"]
+    env = dict(os.environ, DRSL_FAST_EMULATED_CUDA_DIR=str(cuda_dir))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if "no tests ran" in done.stdout or done.returncode not in (0, 1):
         sys.exit(f"the emulated tests did not run:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -58,23 +65,26 @@ def emulated_tests_pass(source: Path) -> bool:
 
 
 def main():
-    original = SOURCE.read_text()
+    originals = {name: (CUDA_DIR / name).read_text() for name in FILES}
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "csrc" / "cuda" / "mode_distance.cu"
-        copy.parent.mkdir(parents=True)
-        (Path(tmp) / "kernels").symlink_to(ROOT / "kernels")  # the file's relative includes
-        copy.write_text(original)
+        copy = Path(tmp) / "csrc" / "cuda"
+        copy.mkdir(parents=True)
+        (Path(tmp) / "kernels").symlink_to(ROOT / "kernels")  # the files' relative includes
+        for name, text in originals.items():
+            (copy / name).write_text(text)
         if not emulated_tests_pass(copy):
             sys.exit("the unchanged kernels fail the emulated tests")
         missed = []
-        for name, (old, new) in MUTATIONS.items():
-            if original.count(old) != 1:
-                sys.exit(f"{name}: the text to change is not in the file once; update this list")
-            copy.write_text(original.replace(old, new))
+        for mutation, (old, new) in MUTATIONS.items():
+            where = [name for name, text in originals.items() if text.count(old) == 1]
+            if len(where) != 1 or sum(text.count(old) for text in originals.values()) != 1:
+                sys.exit(f"{mutation}: the text to change is not in the files once; update this list")
+            (copy / where[0]).write_text(originals[where[0]].replace(old, new))
             caught = not emulated_tests_pass(copy)
-            print(f"{'caught' if caught else 'MISSED'}: {name}", flush=True)
+            (copy / where[0]).write_text(originals[where[0]])
+            print(f"{'caught' if caught else 'MISSED'}: {mutation}", flush=True)
             if not caught:
-                missed.append(name)
+                missed.append(mutation)
     print(f"{len(MUTATIONS) - len(missed)} of {len(MUTATIONS)} mutations caught")
     sys.exit(1 if missed else 0)
 
