@@ -42,25 +42,26 @@ def _fma_flags():
     return ["-mfma", "-ffp-contract=fast"] if " fma " in flags else ["-ffp-contract=off"]
 
 
-def build(directory, cuda_dir=None):
-    """Compiles launchers.cpp into `directory` (once per source version) and
-    loads it. `cuda_dir` replaces csrc/cuda/ (a copy whose kernels/ folder
-    sits beside it, for the files' relative includes)."""
+def build(directory, cuda_dir=None, flags=(), load=True):
+    """Compiles launchers.cpp into `directory` (once per source version and
+    flags) and loads it (or, with load False, returns the library's path).
+    `cuda_dir` replaces csrc/cuda/ (a copy whose kernels/ folder sits beside
+    it, for the files' relative includes); `flags` go to the compiler."""
     cuda_dir = Path(cuda_dir or CUDA_DIR).resolve()
     sources = [HERE / "launchers.cpp", *sorted((HERE / "include").glob("*.h")),
                *(cuda_dir / name for name in KERNEL_FILES), *sorted((cuda_dir.parents[1] / "kernels").rglob("*.h*"))]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode()).hexdigest()[:16]
     library = Path(directory) / f"launchers_{digest}.so"
     if not library.exists():
         # -fno-extern-tls-init: the extern __shared__ array (thread_local here) has no
         # dynamic initialiser to call.
         command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-extern-tls-init", "-Wall",
-                   "-Wno-unknown-pragmas", *_fma_flags(), "-I", str(HERE / "include"), "-I", str(cuda_dir),
+                   "-Wno-unknown-pragmas", *_fma_flags(), *flags, "-I", str(HERE / "include"), "-I", str(cuda_dir),
                    str(HERE / "launchers.cpp"), "-o", str(library)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building the emulated CUDA kernels failed:\n{done.stderr[-4000:]}")
-    return Kernels(ctypes.CDLL(str(library)))
+    return Kernels(ctypes.CDLL(str(library))) if load else library
 
 
 def _layout(*strides):

@@ -1,0 +1,67 @@
+"""The CPU emulation of the CUDA kernels (tests/cuda_on_cpu) built with
+AddressSanitizer: no kernel reads or writes outside its inputs, outputs and
+scratch buffers, over the layouts, dtypes, class and mode counts the op tests
+use. (The op tests themselves run on the emulation through their
+"cuda-emulated" backends; the race check is in tests/test_mode_distance.py.)"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cuda_on_cpu
+
+# Runs in a fresh interpreter with the sanitizer preloaded; imports torch and
+# cuda_on_cpu only (Triton's native module does not load under the sanitizer).
+EXERCISE = r"""
+import ctypes, sys
+import torch
+import cuda_on_cpu
+
+k = cuda_on_cpu.Kernels(ctypes.CDLL(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+embeddings = [
+    torch.randn(2, 5, 7, 9, generator=g),
+    torch.randn(2, 16, 5, 6, generator=g).contiguous(memory_format=torch.channels_last),
+    torch.randn(8, 37, generator=g).t(),
+    torch.randn(2, 70, 19, 23, generator=g),
+    torch.randn(1, 6, 9, 11, generator=g)[:, :, ::2, 1:],
+]
+for emb in embeddings:
+    for C, M in ((3, 2), (19, 3), (23, 5), (2, 16)):
+        modes = torch.randn(C, M, emb.shape[1], generator=g)
+        for dtype, tensor_cores in ((torch.float32, True), (torch.bfloat16, True), (torch.float64, False)):
+            e = emb.to(dtype)
+            dmin, mstar, _ = k.forward(e, modes, 0.5, tensor_cores=tensor_cores)
+            k.backward(torch.randn(dmin.shape, generator=g), e, modes, mstar, tensor_cores=tensor_cores)
+emb, modes = torch.randn(2, 8, 12, 13, generator=g), torch.randn(19, 3, 8, generator=g)
+index, label = torch.randint(-1, 160, (2, 700), generator=g), torch.randint(0, 20, (2, 700), generator=g)
+k.mmdl_losses(emb, index, label, modes, 0.5, 1.0, 15.0)
+k.mmdl_losses_backward(torch.ones(2, 700), torch.ones(2, 700), emb, index, label, modes, 0.5, 1.0, 15.0)
+k.label_mode(emb, index, label, modes)
+print("exercised")
+"""
+
+
+def address_sanitizer():
+    """The sanitizer's runtime library, or None."""
+    try:
+        found = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def test_emulated_kernels_stay_inside_their_buffers(tmp_path):
+    reason = cuda_on_cpu.why_unavailable()
+    runtime = address_sanitizer()
+    if reason is not None or runtime is None:
+        pytest.skip(reason or "g++ has no AddressSanitizer runtime here")
+    library = cuda_on_cpu.build(tmp_path, flags=("-fsanitize=address", "-fno-omit-frame-pointer", "-g"), load=False)
+    env = dict(os.environ, LD_PRELOAD=runtime, PYTHONPATH=str(Path(__file__).parent),
+               ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0")
+    done = subprocess.run([sys.executable, "-c", EXERCISE, str(library)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert "ERROR: AddressSanitizer" not in done.stderr, done.stderr[-6000:]
+    assert done.returncode == 0 and "exercised" in done.stdout, done.stderr[-3000:]
