@@ -258,9 +258,10 @@ def test_ties_pick_the_lowest_mode(fast_backend):
 @pytest.mark.parametrize("shape", ["bdhw_channels_last", "nd_transposed", "many_classes", "wide_many_pixels"])
 def test_emulated_cuda_kernels_have_no_races(emulated_cuda, shape, tensor_cores):
     """The emulation runs a block's threads between two barriers one after
-    another, in ascending or descending order: a thread that reads what another
-    writes with no barrier between them would see different values under the
-    two orders. Both give the same bits, forward and backward."""
+    another, and the blocks one after another, in ascending or descending
+    order: a thread that reads what another writes with no barrier between
+    them, or a block what another block writes, would see different values
+    under the two orders. Both give the same bits, forward and backward."""
     emb, modes = make_case(shape, torch.float32, "cpu", seed=4)
     grad = torch.randn((emb.shape[0], modes.shape[0], *emb.shape[2:]), generator=torch.Generator().manual_seed(9))
     runs = []

@@ -5,9 +5,9 @@
 // into the full gradient with index_put_(accumulate) (repeated pixels add up).
 // The mode gradient is summed without atomics, so it is deterministic: the
 // backward kernel records each sample's g_c and mstar[c] (a samples x C table,
-// 5 bytes an entry), and a second kernel sums, per class and fixed chunk of
-// samples, 2 g_c (r - e) over the chunk's samples in order; the host adds the
-// chunks' partials in order.
+// 5 bytes an entry in fp32, 9 in fp64), and a second kernel sums, per class and
+// fixed chunk of samples, 2 g_c (r - e) over the chunk's samples in order; ATen
+// sums the chunks' partials (a reduction with the same order on every run).
 //
 // For a sample e with label y (one thread per sample, classes streamed, so no
 // per-class array is held):
@@ -179,8 +179,8 @@ __global__ void mmdl_losses_backward_kernel(const acc_t* __restrict__ grad_tripl
   }
 }
 
-// Samples per partial of the mode gradient. Fixed, so the summation order
-// (and the result) does not depend on the GPU.
+// Samples per partial of the mode gradient. Fixed, so the order of the
+// kernel's sums does not depend on the launch.
 constexpr int kModeGradSamples = 256;
 
 // partial[chunk, c, m, d] = sum over the chunk's samples o, in order, with
@@ -295,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
   const at::Tensor grad_ce = grad_ce_in.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
   at::Tensor sample_grad = at::empty({emb_requires_grad ? p.B * p.S : 0, p.D}, p.modes.options());
   at::Tensor grad_modes = at::zeros(modes_requires_grad ? p.modes.sizes() : at::IntArrayRef{0}, p.modes.options());
+  TORCH_CHECK(p.C <= 65535, "mmdl_losses_backward (cuda): C must be <= 65535");
   if ((emb_requires_grad || modes_requires_grad) && p.B * p.S > 0) {
     const int64_t table = modes_requires_grad ? p.B * p.S : 0;
     at::Tensor class_grad = at::empty({table, p.C}, p.modes.options());
@@ -310,7 +311,6 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
              modes_requires_grad ? class_mode.mutable_data_ptr<uint8_t>() : nullptr);
       if (modes_requires_grad) {
         const int64_t chunks = blocks_for(p.B * p.S, cuda::kModeGradSamples);
-        TORCH_CHECK(p.C <= 65535, "mmdl_losses_backward (cuda): C must be <= 65535");
         at::Tensor partial = at::empty({chunks, p.C, p.M, p.D}, p.modes.options());
         launch(cuda::mmdl_losses_mode_grad_kernel<cuda_type<scalar_t>, acc_t>,
                dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.C)), cuda::kSampleThreads, 0, batch,

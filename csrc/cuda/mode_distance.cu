@@ -50,8 +50,8 @@ constexpr int kColumnThreads = 16;  // threads along pixels (forward) or channel
 constexpr int kModeThreads = 8;     // threads along modes
 static_assert(kColumnThreads * kModeThreads == kThreads, "the 16 x 8 thread grid is the block");
 
-// Pixels summed by one block of the mode-gradient kernel. Fixed, so the
-// reduction order (and therefore the result) does not depend on the GPU.
+// Pixels summed by one block of the mode-gradient kernel. Fixed, so the order
+// of the kernel's sums does not depend on the launch.
 constexpr int kModeGradChunk = 256;
 // The grad_emb kernel stages all C*M mode rows in shared memory when they fit
 // this budget (the default limit of dynamic shared memory), else reads them
@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_grad_emb_kernel(
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P, bool modes_in_shared,
     scalar_t* __restrict__ grad_emb, PixelLayout grad_layout) {
   constexpr int kDepth = Tiling<acc_t>::kGradEmbDepth;
-  extern __shared__ __align__(16) unsigned char grad_emb_shared[];
+  DRSL_DYNAMIC_SHARED(unsigned char, grad_emb_shared);
   const acc_t* centres = modes;
   int64_t row = D;
   if (modes_in_shared) {

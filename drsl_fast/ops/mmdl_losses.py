@@ -9,7 +9,7 @@ centres, dmin[c] and mstar[c] (docs/method.md §3), then
 Backward recomputes the distances, so the extra memory is O(samples): one
 gradient row per sample and per-chunk partial mode gradients, never anything
 of size samples x C x M x D, and nothing of size samples x C kept between the
-passes (the CUDA backward holds one, 5 bytes an entry, between its kernels).
+passes (the CUDA backward holds one, 5 bytes an entry in fp32, between its kernels).
 Gradients flow through the winning modes only (docs/method.md §3).
 
 Operators (``torch.library``):

@@ -7,6 +7,12 @@
 
 #include <cstdint>
 
+// `type name[]`: the kernel's dynamic shared memory. A macro, so that the CPU
+// emulation of the kernels (tests/cuda_on_cpu) can give it storage of its own.
+#ifndef DRSL_DYNAMIC_SHARED
+#define DRSL_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace drsl_fast {
 namespace cuda {
 

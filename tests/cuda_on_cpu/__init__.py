@@ -1,9 +1,9 @@
 """The CUDA kernels of the mode-distance op and of the MMDL losses, run on the CPU.
 
 launchers.cpp compiles the device half of csrc/cuda/mode_distance.cu and
-mmdl_losses.cu with
-the stand-ins of include/ (fibers for threads, whole-tile WMMA fragments with
-the tensor cores' tf32 rounding); this module builds it with the system C++
+mmdl_losses.cu with the stand-ins of include/ (fibers for threads, shared
+memory refilled with NaN for every block, whole-tile WMMA fragments with the
+tensor cores' tf32 rounding); this module builds it with the system C++
 compiler and calls it on CPU tensors laid out as the CUDA launchers lay them
 out. It lets the tests check the kernels' logic (indices, barriers, the
 tensor-core kernels' trust rule and fallbacks) on a machine without a GPU; it
@@ -53,15 +53,29 @@ def build(directory, cuda_dir=None, flags=(), load=True):
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode()).hexdigest()[:16]
     library = Path(directory) / f"launchers_{digest}.so"
     if not library.exists():
-        # -fno-extern-tls-init: the extern __shared__ array (thread_local here) has no
-        # dynamic initialiser to call.
-        command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-extern-tls-init", "-Wall",
-                   "-Wno-unknown-pragmas", *_fma_flags(), *flags, "-I", str(HERE / "include"), "-I", str(cuda_dir),
-                   str(HERE / "launchers.cpp"), "-o", str(library)]
+        command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas", *_fma_flags(),
+                   *flags, "-I", str(HERE / "include"), "-I", str(cuda_dir), str(HERE / "launchers.cpp"),
+                   "-o", str(library)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"building the emulated CUDA kernels failed:\n{done.stderr[-4000:]}")
-    return Kernels(ctypes.CDLL(str(library))) if load else library
+    return Kernels(library) if load else library
+
+
+def shared_variables(library):
+    """(address offset, bytes) in `library` of the kernels' __shared__
+    variables: the static locals of functions of drsl_fast::cuda (mangled
+    _ZZN9drsl_fast4cuda...), from its symbol table."""
+    listed = subprocess.run(["nm", "-S", "--defined-only", str(library)], capture_output=True, text=True,
+                            check=True).stdout
+    found, anchor = [], None
+    for line in listed.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[3].startswith("_ZZN9drsl_fast4cuda") and fields[2] in "bBdDuV":
+            found.append((int(fields[0], 16), int(fields[1], 16)))
+        elif len(fields) >= 3 and fields[-1] == "mode_distance_forward":
+            anchor = int(fields[0], 16)
+    return anchor, found
 
 
 def _layout(*strides):
@@ -99,8 +113,15 @@ def per_class_empty(emb, C, dtype):
 
 
 class Kernels:
-    def __init__(self, library):
-        self._lib = library
+    def __init__(self, path):
+        self._lib = library = ctypes.CDLL(str(path))
+        anchor, variables = shared_variables(path)
+        if anchor is None or not variables:
+            raise RuntimeError(f"no __shared__ variables found in {path}")
+        base = ctypes.cast(library.mode_distance_forward, ctypes.c_void_p).value - anchor
+        library.set_shared_regions((ctypes.c_void_p * len(variables))(*(base + a for a, _ in variables)),
+                                   (ctypes.c_int64 * len(variables))(*(size for _, size in variables)),
+                                   ctypes.c_int64(len(variables)))
         for name in ("mode_distance_forward", "mode_distance_backward", "mmdl_losses_forward", "mmdl_losses_backward",
                      "label_mode"):
             getattr(library, name).restype = ctypes.c_char_p

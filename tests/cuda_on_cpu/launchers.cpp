@@ -9,14 +9,6 @@
 #include "mode_distance.cu"
 #include "mmdl_losses.cu"
 
-namespace drsl_fast {
-namespace cuda {
-// The fp32 grad_emb kernel's dynamic shared memory (extern __shared__): the
-// launcher asks for at most kModesSharedBytes.
-alignas(16) thread_local unsigned char grad_emb_shared[kModesSharedBytes];
-}  // namespace cuda
-}  // namespace drsl_fast
-
 // Scratch buffers start as NaN (mode tables as 255), outputs too (__init__.py):
 // an entry a kernel should write and does not shows in the results.
 namespace {
@@ -26,10 +18,10 @@ namespace tc = drsl_fast::cuda::tensor_core;
 
 enum Dtype { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// kernel<<<grid, threads>>>(args...) on the CPU.
+// kernel<<<grid, threads, shared_bytes>>>(args...) on the CPU.
 template <typename... Params, typename... Args>
-void launch(bool reverse, void (*kernel)(Params...), dim3 grid, int threads, Args... args) {
-  drsl_emu::launch(grid, dim3(static_cast<unsigned>(threads)), reverse, [&] { kernel(args...); });
+void launch(bool reverse, void (*kernel)(Params...), dim3 grid, int threads, size_t shared_bytes, Args... args) {
+  drsl_emu::launch(grid, dim3(static_cast<unsigned>(threads)), shared_bytes, reverse, [&] { kernel(args...); });
 }
 
 unsigned blocks_for(int64_t n, int per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
@@ -58,10 +50,11 @@ void forward(const Problem& p, bool tensor_cores, bool reverse, void* dmin, uint
     if (tensor_cores) {
       const int64_t passes = (p.C + tc::kModes / p.M - 1) / (tc::kModes / p.M);
       std::vector<float> mu(passes * p.D, NAN), mode_norm(p.C * p.M, NAN);
-      launch(reverse, cu::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cu::kThreads, modes, p.C, p.M,
-             p.D, mu.data(), mode_norm.data());
+      launch(reverse, cu::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cu::kThreads, 0, modes,
+             p.C, p.M, p.D, mu.data(), mode_norm.data());
       launch(reverse, cu::mode_distance_forward_tc_kernel<scalar_t>,
-             dim3(blocks_for(p.P, tc::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, emb, p.emb_layout, modes,
+             dim3(blocks_for(p.P, tc::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, 0, emb, p.emb_layout,
+             modes,
              static_cast<const float*>(mu.data()), static_cast<const float*>(mode_norm.data()), p.C, p.M, p.D, p.P,
              static_cast<float*>(dmin), mstar, static_cast<float*>(posterior),
              posterior ? posterior_scale<float>(sigma) : 0.0f, p.out_layout);
@@ -69,7 +62,7 @@ void forward(const Problem& p, bool tensor_cores, bool reverse, void* dmin, uint
     }
   }
   launch(reverse, cu::mode_distance_forward_kernel<scalar_t, acc_t>,
-         dim3(blocks_for(p.P, cu::Tiling<acc_t>::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, emb,
+         dim3(blocks_for(p.P, cu::Tiling<acc_t>::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, 0, emb,
          p.emb_layout, modes, p.C, p.M, p.D, p.P, static_cast<acc_t*>(dmin), mstar, static_cast<acc_t*>(posterior),
          posterior ? posterior_scale<acc_t>(sigma) : acc_t(0), p.out_layout);
 }
@@ -97,10 +90,10 @@ void backward(const Problem& p, bool tensor_cores, bool reverse, const void* gra
     if (tensor_cores && p.C * p.M <= tc::kModes && p.D > 0) {
       const int64_t chunks = blocks_for(p.P, tc::kGradChunk);
       std::vector<float> mu(p.D, NAN), partial(grad_modes ? p.B * chunks * modes_size : 0, NAN);
-      launch(reverse, cu::mode_centre_kernel, dim3(1), cu::kThreads, modes, p.C, p.M, p.D, mu.data(),
+      launch(reverse, cu::mode_centre_kernel, dim3(1), cu::kThreads, 0, modes, p.C, p.M, p.D, mu.data(),
              static_cast<float*>(nullptr));
       launch(reverse, cu::mode_distance_backward_tc_kernel<scalar_t>,
-             dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.B)), tc::kGradThreads, grad_dmin, mstar,
+             dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.B)), tc::kGradThreads, 0, grad_dmin, mstar,
              p.out_layout, emb, p.emb_layout, modes, static_cast<const float*>(mu.data()), p.C, p.M, p.D, p.P,
              grad_emb, grad_layout, grad_modes ? partial.data() : nullptr);
       if (grad_modes) sum_partials(partial, p.B * chunks, modes_size, grad_modes);
@@ -109,10 +102,11 @@ void backward(const Problem& p, bool tensor_cores, bool reverse, const void* gra
   }
   if (grad_emb) {
     const int64_t modes_bytes = static_cast<int64_t>(p.C) * p.M * (p.D | 1) * static_cast<int64_t>(sizeof(acc_t));
+    const bool in_shared = modes_bytes <= cu::kModesSharedBytes;
     launch(reverse, cu::mode_distance_grad_emb_kernel<scalar_t, acc_t>,
-           dim3(blocks_for(p.P, cu::kThreads), static_cast<unsigned>(p.B)), cu::kThreads, grad_dmin, mstar,
-           p.out_layout, emb, p.emb_layout, modes, p.C, p.M, p.D, p.P, modes_bytes <= cu::kModesSharedBytes,
-           grad_emb, grad_layout);
+           dim3(blocks_for(p.P, cu::kThreads), static_cast<unsigned>(p.B)), cu::kThreads,
+           in_shared ? static_cast<size_t>(modes_bytes) : 0, grad_dmin, mstar, p.out_layout, emb, p.emb_layout, modes,
+           p.C, p.M, p.D, p.P, in_shared, grad_emb, grad_layout);
   }
   if (grad_modes) {
     using Tile = cu::Tiling<acc_t>;
@@ -122,7 +116,7 @@ void backward(const Problem& p, bool tensor_cores, bool reverse, const void* gra
     if (!partial.empty())
       launch(reverse, cu::mode_distance_grad_modes_kernel<scalar_t, acc_t>,
              dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(blocks_y), static_cast<unsigned>(p.B)),
-             cu::kThreads, grad_dmin, mstar, p.out_layout, emb, p.emb_layout, modes, p.C, p.M, p.D, p.P,
+             cu::kThreads, 0, grad_dmin, mstar, p.out_layout, emb, p.emb_layout, modes, p.C, p.M, p.D, p.P,
              partial.data());
     sum_partials(partial, p.B * chunks, modes_size, grad_modes);
   }
@@ -155,7 +149,7 @@ template <typename scalar_t, typename acc_t>
 void losses_forward(const Samples& s, bool reverse, double sigma, double alpha, double scale, void* triplet,
                     void* ce) {
   launch(reverse, cu::mmdl_losses_forward_kernel<scalar_t, acc_t>, dim3(blocks_for(s.B * s.S, cu::kSampleThreads)),
-         cu::kSampleThreads, sample_batch<scalar_t, acc_t>(s), loss_params<acc_t>(sigma, alpha, scale),
+         cu::kSampleThreads, 0, sample_batch<scalar_t, acc_t>(s), loss_params<acc_t>(sigma, alpha, scale),
          static_cast<acc_t*>(triplet), static_cast<acc_t*>(ce));
 }
 
@@ -167,14 +161,14 @@ void losses_backward(const Samples& s, bool reverse, double sigma, double alpha,
   std::vector<acc_t> class_grad(table, acc_t(NAN));
   std::vector<uint8_t> class_mode(table, 255);
   launch(reverse, cu::mmdl_losses_backward_kernel<scalar_t, acc_t>, dim3(blocks_for(n, cu::kSampleThreads)),
-         cu::kSampleThreads, static_cast<const acc_t*>(grad_triplet), static_cast<const acc_t*>(grad_ce), batch,
+         cu::kSampleThreads, 0, static_cast<const acc_t*>(grad_triplet), static_cast<const acc_t*>(grad_ce), batch,
          loss_params<acc_t>(sigma, alpha, scale), static_cast<acc_t*>(rows),
          grad_modes ? class_grad.data() : nullptr, grad_modes ? class_mode.data() : nullptr);
   if (grad_modes == nullptr) return;
   const int64_t chunks = blocks_for(n, cu::kModeGradSamples), size = static_cast<int64_t>(s.C) * s.M * s.D;
   std::vector<acc_t> partial(chunks * size, acc_t(NAN));
   launch(reverse, cu::mmdl_losses_mode_grad_kernel<scalar_t, acc_t>,
-         dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(s.C)), cu::kSampleThreads, batch,
+         dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(s.C)), cu::kSampleThreads, 0, batch,
          static_cast<const acc_t*>(class_grad.data()), static_cast<const uint8_t*>(class_mode.data()),
          partial.data());
   sum_partials(partial, chunks, size, static_cast<acc_t*>(grad_modes));
@@ -183,7 +177,7 @@ void losses_backward(const Samples& s, bool reverse, double sigma, double alpha,
 template <typename scalar_t, typename acc_t>
 void launch_label_mode(const Samples& s, bool reverse, uint8_t* mode) {
   launch(reverse, cu::label_mode_kernel<scalar_t, acc_t>, dim3(blocks_for(s.B * s.S, cu::kSampleThreads)),
-         cu::kSampleThreads, sample_batch<scalar_t, acc_t>(s), mode);
+         cu::kSampleThreads, 0, sample_batch<scalar_t, acc_t>(s), mode);
 }
 
 // f<scalar_t, acc_t>() for a Dtype.
@@ -207,6 +201,12 @@ const char* finish() {
 }  // namespace
 
 extern "C" {
+
+// The kernels' __shared__ variables (addresses and sizes), to refill before every block.
+void set_shared_regions(void* const* addresses, const int64_t* sizes, int64_t n) {
+  drsl_emu::shared_regions.clear();
+  for (int64_t i = 0; i < n; ++i) drsl_emu::shared_regions.emplace_back(addresses[i], static_cast<size_t>(sizes[i]));
+}
 
 // Both return null, or the first error the emulation found.
 const char* mode_distance_forward(int dtype, int tensor_cores, int reverse, const void* emb, const int64_t* emb_layout,

@@ -45,6 +45,8 @@ MUTATIONS = {
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];",
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]);"),
     "backward: no direct sum for non-finite gradients": ("if (!(fabsf(grad) <= FLT_MAX)) {", "if (false) {"),
+    "fp32 forward: the distances parked without a barrier": (
+        "    __syncthreads();  // the staged tiles are read; the distances take their place\n", ""),
     "MMDL mode gradient: a sample left out of each chunk": ("for (int64_t o = begin; o < end; ++o) {",
                                                            "for (int64_t o = begin + 1; o < end; ++o) {"),
     "MMDL mode gradient: sign flipped": ("sum += g * (r - load_as<acc_t>(", "sum += g * (load_as<acc_t>("),

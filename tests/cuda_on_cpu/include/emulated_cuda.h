@@ -5,12 +5,22 @@
 //
 // Fibers run until they reach __syncthreads or return, one after another, in
 // ascending or (reverse = true) descending order of threadIdx.x; then all are
-// released together. Shared memory (__shared__, thread_local here: one host
-// thread runs every fiber) is per block because blocks run one at a time. Two
-// schedules that give different results reveal a race: a thread reading what
-// another writes with no barrier between them. A barrier reached by some
-// threads of a block after others returned is reported as an error, as are the
-// WMMA checks of mma.h: the first message is kept and the launch returns it.
+// released together. Blocks run one at a time, in ascending or descending
+// order. Two schedules that give different results reveal a race: a thread
+// reading what another writes with no barrier between them, or a block
+// reading what another block writes.
+//
+// Shared memory (__shared__ variables, static locals of the kernels whose
+// addresses __init__.py finds in the library's symbol table and hands to
+// set_shared_regions, and the dynamic shared memory, a heap buffer of the
+// launch's size) is filled with 0xFF bytes (NaN, 255) before every block, as a
+// GPU leaves it with whatever was there: a read of shared memory that no
+// thread of the block wrote shows.
+//
+// Reported as errors (the first message is kept and the launch returns it):
+// threads of a block waiting at different __syncthreads, or some returned
+// while others wait; lanes of a warp that made different numbers of WMMA
+// calls (each is collective); and the WMMA checks of mma.h.
 #pragma once
 #include <ucontext.h>
 
@@ -18,9 +28,10 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -30,7 +41,8 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ thread_local
+#define __shared__ static
+#define DRSL_DYNAMIC_SHARED(type, name) type* const name = reinterpret_cast<type*>(drsl_emu::dynamic_shared)
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -60,6 +72,8 @@ struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
   bool done = false;
+  int barrier = 0;          // source line of the __syncthreads it waits at
+  long collectives = 0;     // WMMA calls made
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -67,56 +81,93 @@ inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers;
 inline int current = 0;
 inline const std::function<void()>* body = nullptr;
+inline unsigned char* dynamic_shared = nullptr;
+inline std::vector<std::pair<void*, size_t>> shared_regions;  // the kernels' __shared__ variables
 
 inline void fiber_main() {
   (*body)();
   fibers[current].done = true;  // uc_link returns to the scheduler
 }
 
-inline void syncthreads() { swapcontext(&fibers[current].context, &scheduler); }
+inline void syncthreads(int line) {
+  fibers[current].barrier = line;
+  swapcontext(&fibers[current].context, &scheduler);
+}
 
-// Runs kernel() for every thread of grid x block (block: threads along x only).
-inline void launch(dim3 grid, dim3 block, bool reverse, const std::function<void()>& kernel) {
+inline void warp_collective() { ++fibers[current].collectives; }
+
+// After a round: every live thread waits at the same barrier, and the lanes
+// of each warp made the same number of collective calls.
+inline bool round_is_consistent(int n) {
+  int site = -1;
+  bool some_done = false;
+  for (int t = 0; t < n; ++t) {
+    if (fibers[t].done) {
+      some_done = true;
+      continue;
+    }
+    if (site >= 0 && fibers[t].barrier != site) {
+      fail("__syncthreads", "threads of a block wait at different barriers");
+      return false;
+    }
+    site = fibers[t].barrier;
+  }
+  if (site >= 0 && some_done) {
+    fail("__syncthreads", "reached by some threads of a block after others returned");
+    return false;
+  }
+  for (int t = 0; t < n; ++t)
+    if (fibers[t].collectives != fibers[t - t % 32].collectives) {
+      fail("wmma", "the lanes of a warp made different numbers of collective calls");
+      return false;
+    }
+  return true;
+}
+
+// Runs kernel() for every thread of grid x block (block: threads along x
+// only), with shared_bytes of dynamic shared memory.
+inline void launch(dim3 grid, dim3 block, size_t shared_bytes, bool reverse, const std::function<void()>& kernel) {
   const int n = static_cast<int>(block.x);
   if (block.y != 1 || block.z != 1) fail("launch", "only one-dimensional blocks are emulated");
   if (static_cast<int>(fibers.size()) < n) fibers.resize(n);
   for (Fiber& f : fibers)
     if (f.stack.empty()) f.stack.resize(kStackBytes);
+  std::vector<unsigned char> dynamic(shared_bytes);
+  dynamic_shared = dynamic.data();
   body = &kernel;
   gridDim = grid;
   blockDim = block;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        for (int t = 0; t < n; ++t) {
-          Fiber& f = fibers[t];
-          f.done = false;
-          getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack.data();
-          f.context.uc_stack.ss_size = f.stack.size();
-          f.context.uc_link = &scheduler;
-          makecontext(&f.context, fiber_main, 0);
-        }
-        for (;;) {  // one round: every live thread runs to its next barrier or its end
-          int finished = 0;
-          for (int i = 0; i < n; ++i) {
-            const int t = reverse ? n - 1 - i : i;
-            if (fibers[t].done) continue;
-            current = t;
-            threadIdx = dim3(static_cast<unsigned>(t));
-            swapcontext(&scheduler, &fibers[t].context);
-          }
-          for (int t = 0; t < n; ++t) finished += fibers[t].done;
-          if (finished == n) break;
-          if (finished > 0) {
-            fail("__syncthreads", "reached by some threads of a block after others returned");
-            return;
-          }
-        }
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  for (unsigned i = 0; i < blocks; ++i) {
+    const unsigned linear = reverse ? blocks - 1 - i : i;
+    blockIdx = dim3(linear % grid.x, linear / grid.x % grid.y, linear / (grid.x * grid.y));
+    for (const auto& [address, bytes] : shared_regions) std::memset(address, 0xFF, bytes);
+    std::memset(dynamic.data(), 0xFF, dynamic.size());
+    for (int t = 0; t < n; ++t) {
+      Fiber& f = fibers[t];
+      f.done = false;
+      f.barrier = 0;
+      f.collectives = 0;
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack.data();
+      f.context.uc_stack.ss_size = f.stack.size();
+      f.context.uc_link = &scheduler;
+      makecontext(&f.context, fiber_main, 0);
+    }
+    for (;;) {  // one round: every live thread runs to its next barrier or its end
+      for (int k = 0; k < n; ++k) {
+        const int t = reverse ? n - 1 - k : k;
+        if (fibers[t].done) continue;
+        current = t;
+        threadIdx = dim3(static_cast<unsigned>(t));
+        swapcontext(&scheduler, &fibers[t].context);
       }
+      if (!round_is_consistent(n)) return;
+      if (std::all_of(fibers.begin(), fibers.begin() + n, [](const Fiber& f) { return f.done; })) break;
+    }
+  }
 }
 
 }  // namespace drsl_emu
 
-#define __syncthreads() drsl_emu::syncthreads()
+#define __syncthreads() drsl_emu::syncthreads(__LINE__)

@@ -7,8 +7,9 @@
 // elements one by one (the same operation on every element), so any layout
 // gives them the same results. A load or store by each lane of a warp reads
 // or writes the whole tile; the stores of a warp's 32 lanes write the same
-// values. What the hardware requires is checked: 32-byte aligned pointers and
-// a leading dimension that is a multiple of 4 floats (16 bytes).
+// values. What the hardware requires is checked: 32-byte aligned pointers, a
+// leading dimension that is a multiple of 4 floats (16 bytes), and every lane
+// of a warp taking part in each call (emulated_cuda.h counts the calls).
 //
 // Products follow the tensor cores' tf32 rules as documented: an input keeps
 // its sign, exponent and upper 10 mantissa bits (the lower 13 are ignored),
@@ -69,6 +70,7 @@ inline float tf32_input(float v) {  // what a tensor core reads of an fp32 regis
 
 template <typename Use, int M, int N, int K, typename Layout>
 void load_matrix_sync(fragment<Use, M, N, K, precision::tf32, Layout>& f, const float* p, unsigned ldm) {
+  drsl_emu::warp_collective();
   check_access(p, ldm, "load_matrix_sync");
   using F = fragment<Use, M, N, K, precision::tf32, Layout>;
   constexpr bool row = std::is_same_v<Layout, row_major>;
@@ -78,6 +80,7 @@ void load_matrix_sync(fragment<Use, M, N, K, precision::tf32, Layout>& f, const 
 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  drsl_emu::warp_collective();
   check_access(p, ldm, "store_matrix_sync");
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
@@ -85,6 +88,7 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
+  drsl_emu::warp_collective();
   for (float& e : f.x) e = v;
 }
 
@@ -92,6 +96,7 @@ template <int M, int N, int K, typename LayoutA, typename LayoutB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, precision::tf32, LayoutA>& a,
               const fragment<matrix_b, M, N, K, precision::tf32, LayoutB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
+  drsl_emu::warp_collective();
   float out[M * N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
