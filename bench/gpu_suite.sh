@@ -11,6 +11,7 @@
 #
 #   bash bench/gpu_suite.sh                       # everything
 #   STAGES="build tests" bash bench/gpu_suite.sh  # stages run in the order given
+#   PYTEST_ARGS="tests/test_x.py" PYTEST_K="cuda and not emulated"   # what the tests stage runs
 #
 # Uses the python3 on PATH (PYTHON to override) and the torch installed there.
 # Benchmark-only peers (requirements-bench.txt) are installed from .whl/ when
@@ -58,7 +59,7 @@ run_stage() {
         TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$capability} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
             TAIL=3 timed build $PY -m pip install --no-build-isolation --no-deps --no-index -e .
         [[ -n $(ls drsl_fast/_C*.so 2>/dev/null) ]] || { echo "build failed, see $DEST/build.log" >&2; exit 1; } ;;
-    tests) TAIL=30 timed tests $PY -m pytest -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-tests} ;;
+    tests) TAIL=30 timed tests $PY -m pytest -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-tests} ${PYTEST_K:+-k "$PYTEST_K"} ;;
     mode_distance)
         timed mode_distance $PY bench/bench_mode_distance.py --device cuda --sizes realistic \
             --out "$DEST/mode_distance" ${BENCH_ARGS:-} ;;
