@@ -23,7 +23,8 @@ go on):
             (convolutions and matrix products, forward and backward)
   syncs     (CUDA) ``--steps`` steps under ``torch.cuda.set_sync_debug_mode("warn")``:
             the synchronising calls counted, by source line
-  time      (CUDA) median step time over ``--steps`` steps (CUDA events)
+  time      (CUDA) median step time over ``--steps`` steps (CUDA events), and
+            again with cuDNN's autotuner on (torch.backends.cudnn.benchmark)
 
 The report (``--out`` stem: .md and .json) has a table per step for floor vs
 DRSL+, the operators DRSL+ adds (by count and by self time: DRSL+ minus the
@@ -202,6 +203,23 @@ def step_time(step, device, steps: int) -> dict:
     return harness.median_ms(step, device, steps, budget_s=10.0, warmup=0)
 
 
+def step_time_autotuned(step, device, steps: int) -> dict:
+    """Median step time with cuDNN's autotuner on (``torch.backends.cudnn.benchmark``,
+    which the pipeline leaves off): what the convolutions' default algorithm
+    choice costs. Two steps first, to tune."""
+    import torch
+
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        for _ in range(2):
+            step()
+        harness.sync(device)
+        return harness.median_ms(step, device, steps, budget_s=10.0, warmup=0)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def run_variant(name: str, setting, device, dtype, args) -> dict:
     """Every part for one variant; errors are recorded per part."""
     import torch
@@ -223,6 +241,7 @@ def run_variant(name: str, setting, device, dtype, args) -> dict:
     if device.type == "cuda":
         guarded("syncs", result, sync_warnings, step, device, args.steps)
         guarded("time", result, step_time, step, device, args.steps)
+        guarded("time_autotuned", result, step_time_autotuned, step, device, args.steps)
     result["seconds"] = time.perf_counter() - started
     print(f"{name}: done in {result['seconds']:.1f} s", flush=True)
     return result
@@ -236,17 +255,17 @@ def summary_table(results) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["variant"], f"failed: {r['error'][:80]}"] + [""] * 9)
+            rows.append([r["variant"], f"failed: {r['error'][:80]}"] + [""] * 10)
             continue
         syncing = format(sum(r["dispatch"]["syncing"].values())) if "dispatch" in r else "-"
         rows.append([r["variant"], value(r, "flops", "gflop", ".1f"), value(r, "profile", "op_calls"),
                      value(r, "dispatch", "calls"), value(r, "profile", "kernels"),
                      value(r, "profile", "busy_ms", ".1f"), syncing, value(r, "syncs", "per_step", ".1f"),
                      value(r, "profile", "sync_calls", ".1f"), value(r, "profile", "dtoh_copies", ".1f"),
-                     value(r, "time", "time_ms", ".1f")])
+                     value(r, "time", "time_ms", ".1f"), value(r, "time_autotuned", "time_ms", ".1f")])
     return harness.markdown_table(["variant", "GFLOP", "op calls (profiler)", "dispatched ops", "kernels",
                                    "GPU busy ms", "syncing ops", "sync warnings", "sync runtime calls",
-                                   "DtoH copies", "step ms"], rows)
+                                   "DtoH copies", "step ms", "step ms, cuDNN autotuned"], rows)
 
 
 def added(floor: dict, drsl: dict, key: str, top: int):
@@ -332,7 +351,8 @@ def report(results, scale: str, top: int) -> str:
               f"the profiler lists them (aten and drsl_fast, nested calls included), operators as dispatched "
               f"to kernels (backward included), CUDA kernels and the GPU time they take (busy), operators that "
               f"synchronise with the host, sync-debug warnings, synchronising CUDA runtime calls and DtoH "
-              f"copies, median step time (CUDA events). Added = DRSL+ minus the floor, per name.")
+              f"copies, median step time (CUDA events), also with cuDNN's autotuner on. Added = DRSL+ minus "
+              f"the floor, per name.")
     return header + "\n\n" + "\n\n".join(parts)
 
 
