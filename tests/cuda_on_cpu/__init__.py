@@ -113,6 +113,11 @@ def per_class_empty(emb, C, dtype):
 
 
 class Kernels:
+    """The kernels of one built library (``build``). Each method takes CPU
+    tensors as the op does, lays them out and launches the kernels as the
+    CUDA launcher would, and returns the op's outputs; an error the emulation
+    found (include/emulated_cuda.h) raises RuntimeError."""
+
     def __init__(self, path):
         self._lib = library = ctypes.CDLL(str(path))
         anchor, variables = shared_variables(path)
