@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -17,15 +18,37 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
 
 
-@pytest.fixture(params=["cpu", "cuda", "triton"])
-def fast_backend(request):
-    """Each fast backend available here, with the device it runs on."""
-    name = request.param
+# The CUDA kernels emulated on the CPU (tests/cuda_on_cpu), as backends of the
+# ops that have them: the tensor-core kernels and the fp32 ones.
+EMULATED = ("cuda-emulated", "cuda-fp32-emulated")
+
+
+@contextlib.contextmanager
+def emulating(request, name: str):
+    """Within the block, the ops' CPU kernels are the emulated CUDA kernel set ``name``."""
+    with cuda_on_cpu.as_cpu_kernels(request.getfixturevalue("emulated_cuda"), tensor_cores=name == "cuda-emulated"):
+        yield
+
+
+def backend_under_test(request, name: str):
+    """The body of a fast_backend fixture: yields (backend, device) for
+    ``name``, a backend or an emulated kernel set (run as backend "cpu",
+    emulated for the test's duration), or skips saying why it cannot run."""
+    if name in EMULATED:
+        with emulating(request, name):
+            yield "cpu", torch.device("cpu")
+        return
     device = device_for(name)
     reason = why_unavailable(name, device)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
-    return name, device
+    yield name, device
+
+
+@pytest.fixture(params=["cpu", "cuda", "triton"])
+def fast_backend(request):
+    """Each fast backend available here, with the device it runs on."""
+    yield from backend_under_test(request, request.param)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import cuda_on_cpu
-from conftest import device_for
+from conftest import EMULATED, device_for, emulating
 from drsl_fast import ops
 from drsl_fast.backends import why_unavailable
 from drsl_fast.evaluation import ConfusionMatrix, per_class_iou, report
@@ -32,7 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 NAN, INF = math.nan, math.inf
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-EMULATED = ("cuda-emulated", "cuda-fp32-emulated")
 TORCH_ONLY = ("torch",)
 ERRORS = (TypeError, ValueError)
 
@@ -879,8 +877,7 @@ AUDIT = [(case, backend) for case in CASES for backend in BACKENDS_OF[case.op]]
 @pytest.mark.parametrize("case, backend", AUDIT, ids=[f"{c.op}-{c.name}-{b}" for c, b in AUDIT])
 def test_bad_input(case: Case, backend: str, request):
     if backend in EMULATED:
-        kernels = request.getfixturevalue("emulated_cuda")
-        with cuda_on_cpu.as_cpu_kernels(kernels, tensor_cores=backend == "cuda-emulated"):
+        with emulating(request, backend):
             test_bad_input(case, "cpu", request)
         return
     device = torch.device("cpu") if backend in ("reference", "torch") else device_for(backend)

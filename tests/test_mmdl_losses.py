@@ -4,9 +4,7 @@ gradients (float64 gradcheck) and DRSLLoss (Eq. 7-10)."""
 import pytest
 import torch
 
-import cuda_on_cpu
-from conftest import device_for
-from drsl_fast.backends import why_unavailable
+from conftest import backend_under_test
 from drsl_fast.losses import DRSLLoss, in_mode_variance, label_mode, mmdl_losses, sample_per_class
 
 SIGMA, ALPHA, SCALE = 0.5, 1.0, 15.0
@@ -17,16 +15,7 @@ def fast_backend(request):
     """Each fast backend available here, with the device it runs on; and the
     CUDA kernels emulated on the CPU (tests/cuda_on_cpu) in place of the CPU
     kernels, so that their logic is checked without a GPU."""
-    name = request.param
-    if name == "cuda-emulated":
-        with cuda_on_cpu.as_cpu_kernels(request.getfixturevalue("emulated_cuda"), tensor_cores=True):
-            yield "cpu", torch.device("cpu")
-        return
-    device = device_for(name)
-    reason = why_unavailable(name, device)
-    if reason is not None:
-        pytest.skip(f"{name}: {reason}")
-    yield name, device
+    yield from backend_under_test(request, request.param)
 
 
 def case(dtype=torch.float64, seed=0, B=2, D=5, H=6, W=7, C=4, M=3, S=23, layout="contiguous"):

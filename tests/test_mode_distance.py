@@ -6,16 +6,15 @@ import sys
 import pytest
 import torch
 
-import cuda_on_cpu
 import drsl_fast
-from conftest import device_for
+from conftest import EMULATED, backend_under_test
 from drsl_fast import reference
 from drsl_fast.backends import BackendUnavailableError, why_unavailable
 
 SIGMA = 0.5
 
 
-@pytest.fixture(params=["cpu", "cuda", "cuda-fp32", "triton", "cuda-emulated", "cuda-fp32-emulated"])
+@pytest.fixture(params=["cpu", "cuda", "cuda-fp32", "triton", *EMULATED])
 def fast_backend(request, monkeypatch):
     """Each fast backend available here, with the device it runs on. On GPUs of
     compute capability >= 8.0, "cuda" runs the tensor-core kernels and
@@ -24,21 +23,12 @@ def fast_backend(request, monkeypatch):
     "-emulated" pair runs the same two kernel sets on the CPU, in place of the
     CPU kernels (tests/cuda_on_cpu): their logic is checked without a GPU."""
     name = request.param
-    if name.endswith("-emulated"):
-        kernels = request.getfixturevalue("emulated_cuda")
-        with cuda_on_cpu.as_cpu_kernels(kernels, tensor_cores=name == "cuda-emulated"):
-            yield "cpu", torch.device("cpu")
-        return
     if name == "cuda-fp32":
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
             pytest.skip("cuda-fp32: no GPU with tensor cores here (elsewhere 'cuda' is the fp32 kernel)")
         monkeypatch.setenv("DRSL_FAST_NO_TENSOR_CORES", "1")
         name = "cuda"
-    device = device_for(name)
-    reason = why_unavailable(name, device)
-    if reason is not None:
-        pytest.skip(f"{name}: {reason}")
-    yield name, device
+    yield from backend_under_test(request, name)
 
 # name -> (embedding factory(generator, dtype), C, M)
 SHAPES = {

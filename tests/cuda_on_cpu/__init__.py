@@ -86,6 +86,10 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() > 0 else None)
 
 
+# as_bdp and empty_like_pixel_viewable repeat drsl_fast's pixel_view and
+# _empty_like_pixel_viewable (both as csrc/host.h): importing drsl_fast would
+# load Triton, whose native module does not load under AddressSanitizer
+# (tests/test_cuda_on_cpu.py).
 def as_bdp(emb):
     """(B, D, P) view (or copy) of the embeddings, as csrc/host.h's as_bdp."""
     return emb.t().unsqueeze(0) if emb.dim() == 2 else emb.reshape(emb.shape[0], emb.shape[1], emb.shape[2] * emb.shape[3])
@@ -132,10 +136,14 @@ class Kernels:
             getattr(library, name).restype = ctypes.c_char_p
 
     @staticmethod
-    def _problem(emb, modes):
+    def _inputs(emb, modes):
+        """The accumulation dtype, emb as (B, D, P) and the modes in it, contiguous (csrc/host.h)."""
         acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-        bdp = as_bdp(emb)
-        centres = modes.to(acc).contiguous()
+        return acc, as_bdp(emb), modes.to(acc).contiguous()
+
+    @staticmethod
+    def _problem(emb, modes):
+        acc, bdp, centres = Kernels._inputs(emb, modes)
         C, M, D = centres.shape
         layout = _layout(*bdp.stride())
         return bdp, layout, centres, acc, C, M, D, bdp.shape[2], bdp.shape[0]
@@ -183,13 +191,11 @@ class Kernels:
             grad_modes = grad_modes.zero_() if grad_modes is not None else None
         return grad_emb, (grad_modes.to(modes.dtype) if grad_modes is not None else None)
 
-
     @staticmethod
     def _samples(emb, index, label, modes):
         """The arguments every per-sample kernel takes, as csrc/host.h's sample_problem."""
-        acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-        bdp = as_bdp(emb)
-        index, label, centres = index.contiguous(), label.contiguous(), modes.to(acc).contiguous()
+        acc, bdp, centres = Kernels._inputs(emb, modes)
+        index, label = index.contiguous(), label.contiguous()
         C, M, D = centres.shape
         B, S = index.shape
         keep = (bdp, index, label, centres)
@@ -259,28 +265,26 @@ def as_cpu_kernels(kernels, *, tensor_cores):
         dmin, mstar, posterior = kernels.forward(emb, modes, sigma, tensor_cores=tensor_cores)
         return dmin, mstar, posterior if posterior is not None else dmin.new_empty(0)
 
-    def backward(grad_dmin, emb, modes, mstar, emb_requires_grad, modes_requires_grad):
-        grad_emb, grad_modes = kernels.backward(grad_dmin, emb, modes, mstar, tensor_cores=tensor_cores,
-                                                emb_grad=emb_requires_grad, modes_grad=modes_requires_grad)
-        return (grad_emb if grad_emb is not None else emb.new_empty(0),
-                grad_modes if grad_modes is not None else modes.new_empty(0))
+    def as_op_gradients(grads, emb, modes):  # a gradient not asked for is an empty tensor
+        return tuple(g if g is not None else like.new_empty(0) for g, like in zip(grads, (emb, modes)))
 
-    def losses(emb, index, label, modes, sigma, alpha, scale):
-        return kernels.mmdl_losses(emb, index, label, modes, sigma, alpha, scale)
+    def backward(grad_dmin, emb, modes, mstar, emb_requires_grad, modes_requires_grad):
+        return as_op_gradients(kernels.backward(grad_dmin, emb, modes, mstar, tensor_cores=tensor_cores,
+                                                emb_grad=emb_requires_grad, modes_grad=modes_requires_grad),
+                               emb, modes)
 
     def losses_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale, emb_requires_grad,
                         modes_requires_grad):
-        grad_emb, grad_modes = kernels.mmdl_losses_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma,
+        return as_op_gradients(kernels.mmdl_losses_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma,
                                                             alpha, scale, emb_grad=emb_requires_grad,
-                                                            modes_grad=modes_requires_grad)
-        return (grad_emb if grad_emb is not None else emb.new_empty(0),
-                grad_modes if grad_modes is not None else modes.new_empty(0))
+                                                            modes_grad=modes_requires_grad),
+                               emb, modes)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
         library.impl("mode_distance", forward, "CPU")
         library.impl("mode_distance_backward", backward, "CPU")
-        library.impl("mmdl_losses", losses, "CPU")
+        library.impl("mmdl_losses", kernels.mmdl_losses, "CPU")
         library.impl("mmdl_losses_backward", losses_backward, "CPU")
         library.impl("label_mode", kernels.label_mode, "CPU")
     try:

@@ -18,6 +18,18 @@ namespace tc = drsl_fast::cuda::tensor_core;
 
 enum Dtype { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// f<scalar_t, acc_t>() for a Dtype.
+template <typename F>
+void dispatch(int dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case kFloat32: f.template operator()<float, float>(); break;
+    case kFloat64: f.template operator()<double, double>(); break;
+    case kFloat16: f.template operator()<__half, float>(); break;
+    case kBFloat16: f.template operator()<__nv_bfloat16, float>(); break;
+    default: drsl_emu::fail(op, "unknown dtype");
+  }
+}
+
 // kernel<<<grid, threads, shared_bytes>>>(args...) on the CPU.
 template <typename... Params, typename... Args>
 void launch(bool reverse, void (*kernel)(Params...), dim3 grid, int threads, size_t shared_bytes, Args... args) {
@@ -180,18 +192,6 @@ void launch_label_mode(const Samples& s, bool reverse, uint8_t* mode) {
          cu::kSampleThreads, 0, sample_batch<scalar_t, acc_t>(s), mode);
 }
 
-// f<scalar_t, acc_t>() for a Dtype.
-template <typename F>
-void dispatch(int dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case kFloat32: f.template operator()<float, float>(); break;
-    case kFloat64: f.template operator()<double, double>(); break;
-    case kFloat16: f.template operator()<__half, float>(); break;
-    case kBFloat16: f.template operator()<__nv_bfloat16, float>(); break;
-    default: drsl_emu::fail(op, "unknown dtype");
-  }
-}
-
 const char* finish() {
   static std::string message;
   message = drsl_emu::first_error;
@@ -215,13 +215,9 @@ const char* mode_distance_forward(int dtype, int tensor_cores, int reverse, cons
                                   double sigma) {
   const Problem p{emb, {emb_layout[0], emb_layout[1], emb_layout[2]}, modes, C, M, D, P, B,
                   {out_layout[0], out_layout[1], out_layout[2]}};
-  switch (dtype) {
-    case kFloat32: forward<float, float>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
-    case kFloat64: forward<double, double>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
-    case kFloat16: forward<__half, float>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
-    case kBFloat16: forward<__nv_bfloat16, float>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma); break;
-    default: drsl_emu::fail("mode_distance_forward", "unknown dtype");
-  }
+  dispatch(dtype, "mode_distance_forward", [&]<typename scalar_t, typename acc_t>() {
+    forward<scalar_t, acc_t>(p, tensor_cores, reverse, dmin, mstar, posterior, sigma);
+  });
   return finish();
 }
 
@@ -232,15 +228,9 @@ const char* mode_distance_backward(int dtype, int tensor_cores, int reverse, con
   const Problem p{emb, {emb_layout[0], emb_layout[1], emb_layout[2]}, modes, C, M, D, P, B,
                   {out_layout[0], out_layout[1], out_layout[2]}};
   const PixelLayout g{grad_layout[0], grad_layout[1], grad_layout[2]};
-  switch (dtype) {
-    case kFloat32: backward<float, float>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes); break;
-    case kFloat64: backward<double, double>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes); break;
-    case kFloat16: backward<__half, float>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes); break;
-    case kBFloat16:
-      backward<__nv_bfloat16, float>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes);
-      break;
-    default: drsl_emu::fail("mode_distance_backward", "unknown dtype");
-  }
+  dispatch(dtype, "mode_distance_backward", [&]<typename scalar_t, typename acc_t>() {
+    backward<scalar_t, acc_t>(p, tensor_cores, reverse, grad_dmin, mstar, grad_emb, g, grad_modes);
+  });
   return finish();
 }
 
