@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests mode_distance kernels mmdl_losses pseudo_labels training profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe mmdl_losses pseudo_labels training profile report"}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names itself in the results
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -64,6 +64,7 @@ run_stage() {
         timed mode_distance $PY bench/bench_mode_distance.py --device cuda --sizes realistic \
             --out "$DEST/mode_distance" ${BENCH_ARGS:-} ;;
     kernels) timed kernels $PY bench/bench_mode_distance.py --kernels --out "$DEST/mode_distance" ;;
+    probe) timed probe $PY bench/probe_tensor_core_kernels.py --out "$DEST/tensor_core_probe" ;;
     mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
     pseudo_labels)
         timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} \

@@ -122,8 +122,8 @@ BACKENDS_OF = {op: (TORCH_ONLY if op in ("ConfusionMatrix", "rank_easy_hard", "r
                                           "portion_for_round", "segmentation_loss", "report", "per_class_iou")
                     else BACKENDS)
                for op in RUNNERS}
-# The mode-distance CUDA kernels (tensor-core and fp32) also run emulated on the CPU (tests/cuda_on_cpu).
-for op in ("mode_distance", "mode_posterior"):
+# The CUDA kernels (tensor-core and fp32) also run emulated on the CPU (tests/cuda_on_cpu).
+for op in ("mode_distance", "mode_posterior", "mmdl_losses", "label_mode"):
     BACKENDS_OF[op] += EMULATED
 # the name an error message starts with, when it is not the op's
 MESSAGE_PREFIX = {"ClassBalancedThresholds": "ClassBalancedThresholds", "ConfusionMatrix": "ConfusionMatrix"}

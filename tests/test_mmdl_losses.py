@@ -335,11 +335,14 @@ def test_gradients_are_deterministic(fast_backend):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_every_fast_backend_on_its_device(fast_backend):
+# fp32 samples staged in the CUDA kernels' shared memory (csrc/cuda/mmdl_losses.cu, staged_bytes): both
+# kernels at D = 8; the forward only at D = 100; neither at D = 250 (read in place).
+@pytest.mark.parametrize("D", [8, 100, 250], ids=lambda d: f"D{d}")
+def test_every_fast_backend_on_its_device(fast_backend, D):
     """Values and gradients of the fast backend on its own device (the CUDA
     backend runs here where a GPU is present) against the float64 reference."""
     backend, device = fast_backend
-    emb, index, label, modes = case(dtype=torch.float32, seed=9, D=8, C=19, S=200, H=12, W=13)
+    emb, index, label, modes = case(dtype=torch.float32, seed=9, D=D, C=19, S=200, H=12, W=13)
     weights = torch.rand(2, *index.shape, generator=torch.Generator().manual_seed(0))
     results = {}
     for name, dev, dtype in ((backend, device, torch.float32), ("reference", torch.device("cpu"), torch.float64)):

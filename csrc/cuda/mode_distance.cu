@@ -219,7 +219,12 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
 // matrix product on tensor cores in 3xTF32: each operand x is split into
 // hi = tf32(x) and lo = tf32(x - hi), and x.y is taken as hi.lo + lo.hi + hi.hi
 // with fp32 accumulation (the dropped lo.lo and the rounding of lo are about
-// 2^-22 |x| |y| per term, close to fp32's own rounding).
+// 2^-22 |x| |y| per term, close to fp32's own rounding). Tensor cores do not
+// round their sums to nearest: they truncate, so a long chain of products
+// into one accumulator drifts one way (on an H200 a 96-call chain put the
+// mode gradient past fp32 tolerance). Each k-step's three products therefore
+// start from zero, and the steps are added on the CUDA cores, rounded to
+// nearest: one truncation per step, not one per call.
 //
 // The expanded distance is trusted as it stands when, as on the CPU backend
 // (csrc/cpu/mode_distance.cpp, kTrustRatio), the class's minimum is at least
@@ -240,7 +245,11 @@ constexpr int kKeyRow = kPixels + 4;  // products [mode][pixel] (column-major)
 constexpr int kStaged = kDepth * kEmbRow + kModes * kModeRow;
 constexpr int kProducts = kModes * kKeyRow;
 constexpr float kTrustRatio = 0.5f;
+constexpr int kCentreDepth = 32;  // mode_centre_kernel: channels per stage
+static_assert(kModes * kCentreDepth % kThreads == 0, "mode_centre_kernel: whole rounds of staging");
 static_assert(kThreads == 2 * kPixels, "two threads per pixel share the norms");
+static_assert(kModes * kPixels <= 65536, "a (class, pixel) pair fits the queue's uint16");
+static_assert(kDepth * kModes % kThreads == 0, "whole rounds of mode staging");
 
 // The backward (one kernel for both gradients, at C*M <= kModes).
 constexpr int kGradThreads = 256;                // 8 warps
@@ -274,40 +283,61 @@ __device__ __forceinline__ void load_split_tf32(Fragment& hi, Fragment& lo, cons
 
 template <typename Acc, typename A, typename B>
 __device__ __forceinline__ void mma_3xtf32(Acc& acc, const A& a_hi, const A& a_lo, const B& b_hi, const B& b_lo) {
-  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);
-  nvcuda::wmma::mma_sync(acc, a_hi, b_lo, acc);
-  nvcuda::wmma::mma_sync(acc, a_hi, b_hi, acc);
+  Acc step;
+  nvcuda::wmma::fill_fragment(step, 0.0f);
+  nvcuda::wmma::mma_sync(step, a_lo, b_hi, step);
+  nvcuda::wmma::mma_sync(step, a_hi, b_lo, step);
+  nvcuda::wmma::mma_sync(step, a_hi, b_hi, step);
+#pragma unroll
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] += step.x[i];  // same layout: element by element
 }
 #endif
 
 // mu[pass, j] = mean over the pass's modes of the finite r[k, j] (non-finite
 // values count as 0) and, unless norm is null, norm[k] = ||r[k] - mu[pass of k]||^2,
 // for passes of floor(tensor_core::kModes / M) whole classes. grid = passes.
+// The pass's modes are staged kCentreDepth channels at a time, every load of
+// a stage in flight at once (threads looping over the modes, then the
+// channels, one load after another, took 20 us on an H200); the sums run in
+// order of k (mu) and of j (norm).
 __global__ void __launch_bounds__(kThreads) mode_centre_kernel(const float* __restrict__ modes, int C, int M, int D,
                                                                float* __restrict__ mu, float* __restrict__ norm) {
-  const int classes_per_pass = tensor_core::kModes / M;
+  using tensor_core::kCentreDepth;
+  using tensor_core::kModes;
+  __shared__ float tile[kModes][kCentreDepth + 1];  // odd row length: a thread per mode row, no bank conflicts
+  __shared__ float tile_mu[kCentreDepth];
+  const int classes_per_pass = kModes / M;
   const int c0 = blockIdx.x * classes_per_pass;
   const int pass_modes = min(classes_per_pass, C - c0) * M;
   const float* centres = modes + static_cast<int64_t>(c0) * M * D;
   float* pass_mu = mu + static_cast<int64_t>(blockIdx.x) * D;
-  for (int j = threadIdx.x; j < D; j += kThreads) {
-    float sum = 0.0f;
-    for (int k = 0; k < pass_modes; ++k) {
-      const float v = centres[static_cast<int64_t>(k) * D + j];
-      if (fabsf(v) <= FLT_MAX) sum += v / static_cast<float>(pass_modes);  // divided first: no overflow
+  const int t = threadIdx.x;
+  float norm_sum = 0.0f;  // thread k < pass_modes: ||r[k] - mu||^2 over the channels so far
+  for (int d0 = 0; d0 < D; d0 += kCentreDepth) {
+    __syncthreads();  // the previous stage's readers are done
+#pragma unroll
+    for (int r = 0; r < kModes * kCentreDepth / kThreads; ++r) {
+      const int i = r * kThreads + t, k = i / kCentreDepth, j = i % kCentreDepth;
+      tile[k][j] = k < pass_modes && d0 + j < D ? centres[static_cast<int64_t>(k) * D + d0 + j] : 0.0f;
     }
-    pass_mu[j] = sum;
-  }
-  if (norm == nullptr) return;
-  __syncthreads();  // this block's writes of pass_mu are visible to it
-  for (int k = threadIdx.x; k < pass_modes; k += kThreads) {
-    float sum = 0.0f;
-    for (int j = 0; j < D; ++j) {
-      const float t = centres[static_cast<int64_t>(k) * D + j] - pass_mu[j];
-      sum += t * t;
+    __syncthreads();
+    if (t < kCentreDepth && d0 + t < D) {
+      float sum = 0.0f;
+      for (int k = 0; k < pass_modes; ++k) {
+        const float v = tile[k][t];
+        if (fabsf(v) <= FLT_MAX) sum += v / static_cast<float>(pass_modes);  // divided first: no overflow
+      }
+      tile_mu[t] = sum;
+      pass_mu[d0 + t] = sum;
     }
-    norm[static_cast<int64_t>(c0) * M + k] = sum;
+    __syncthreads();
+    if (norm != nullptr && t < pass_modes)
+      for (int j = 0; j < kCentreDepth && d0 + j < D; ++j) {
+        const float x = tile[t][j] - tile_mu[j];
+        norm_sum += x * x;
+      }
   }
+  if (norm != nullptr && t < pass_modes) norm[static_cast<int64_t>(c0) * M + t] = norm_sum;
 }
 
 // Forward on tensor cores. grid = (ceil(P / kPixels), B); passes as in the fp32
@@ -317,6 +347,10 @@ __global__ void __launch_bounds__(kThreads) mode_centre_kernel(const float* __re
 // accumulator tiles, 3 tensor-core products each per k-step). Then the
 // products are parked in shared memory and each thread takes (class, pixel)
 // pairs, consecutive pixels on consecutive threads, as in the fp32 kernel.
+// A pair the trust rule refuses is queued, and once all are ranked the
+// threads take the queue one pair each, so the direct sums run on full warps
+// (recomputing in place, a warp waited for its slowest lane: with
+// embeddings near their modes, that is every warp, every class).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout, const float* __restrict__ modes,
@@ -332,6 +366,8 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
   __shared__ __align__(32) float shared[kStaged > kProducts ? kStaged : kProducts];
   __shared__ float emb_norm[2][kPixels];  // the halves of ||e - mu||^2 summed by a pixel's two threads
   __shared__ float pass_norm[kModes];
+  __shared__ uint16_t queue[kModes * kPixels];  // pairs for the direct sum, as cl * kPixels + p
+  __shared__ int queued;
   float* const emb_tile = shared;                      // [kDepth][kEmbRow]
   float* const mode_tile = shared + kDepth * kEmbRow;  // [kModes][kModeRow]
   float* const products = shared;                      // [kModes][kKeyRow], after the channel loop
@@ -342,7 +378,8 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
   const int classes_per_pass = kModes / M;
 
   for (int c0 = 0, pass = 0; c0 < C; c0 += classes_per_pass, ++pass) {
-    __syncthreads();  // the previous pass's readers are done with the norms (also at D = 0)
+    __syncthreads();  // the previous pass's readers are done with the norms and the queue (also at D = 0)
+    if (threadIdx.x == 0) queued = 0;
     const int classes = min(classes_per_pass, C - c0);
     const int pass_modes = classes * M;
     const float* pass_centres = modes + static_cast<int64_t>(c0) * M * D;
@@ -355,8 +392,9 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
     for (int d0 = 0; d0 < D; d0 += kDepth) {
       __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
       stage_embeddings<kDepth, kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P, pass_mu);
-      for (int i = threadIdx.x; i < kDepth * kModes; i += kThreads) {
-        const int d = i % kDepth, k = i / kDepth;
+#pragma unroll 4  // fully unrolled, ptxas takes 146 registers instead of 92
+      for (int r = 0; r < kDepth * kModes / kThreads; ++r) {
+        const int i = r * kThreads + threadIdx.x, d = i % kDepth, k = i / kDepth;
         mode_tile[k * kModeRow + d] = (d0 + d < D && k < pass_modes)
                                           ? pass_centres[static_cast<int64_t>(k) * D + d0 + d] - pass_mu[d0 + d]
                                           : 0.0f;
@@ -388,6 +426,12 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
       wmma::store_matrix_sync(products + t * 16 * kKeyRow + warp * 16, acc[t], kKeyRow, wmma::mem_col_major);
     __syncthreads();
 
+    const auto store = [&](int cl, int p, float best, int best_mode) {
+      const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
+      dmin[o] = best;
+      mstar[o] = static_cast<uint8_t>(best_mode);
+      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+    };
     for (int i = threadIdx.x; i < classes * kPixels; i += kThreads) {
       const int cl = i / kPixels, p = i % kPixels;
       if (p0 + p >= P) continue;
@@ -404,36 +448,39 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
         if (m == 0 || replaces_max(pass_norm[k], largest_norm)) largest_norm = pass_norm[k];
       }
       const float bound = e_norm + largest_norm;
-      if (!(bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX)) {
-        // cancellation, or something non-finite: the class's modes directly
-        float dist[kMaxModes];
+      if (bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX)
+        store(cl, p, best, best_mode);
+      else  // cancellation, or something non-finite
+        queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i);
+    }
+    __syncthreads();  // the queue is complete
+
+    for (int q = threadIdx.x; q < queued; q += kThreads) {  // the class's modes directly
+      const int cl = queue[q] / kPixels, p = queue[q] % kPixels;
+      float dist[kMaxModes];
 #pragma unroll
-        for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
-        const float* centre = pass_centres + static_cast<int64_t>(cl) * M * D;
-        for (int j = 0; j < D; ++j) {
-          const float x = load_as<float>(emb[emb_layout.offset(b, j, p0 + p)]);
+      for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
+      const float* centre = pass_centres + static_cast<int64_t>(cl) * M * D;
+      for (int j = 0; j < D; ++j) {
+        const float x = load_as<float>(emb[emb_layout.offset(b, j, p0 + p)]);
 #pragma unroll
-          for (int m = 0; m < kMaxModes; ++m) {
-            if (m < M) {
-              const float t = x - centre[static_cast<int64_t>(m) * D + j];
-              dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
-            }
-          }
-        }
-        best = dist[0];
-        best_mode = 0;
-#pragma unroll
-        for (int m = 1; m < kMaxModes; ++m) {
-          if (m < M && replaces_min(dist[m], best)) {
-            best = dist[m];
-            best_mode = m;
+        for (int m = 0; m < kMaxModes; ++m) {
+          if (m < M) {
+            const float t = x - centre[static_cast<int64_t>(m) * D + j];
+            dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
           }
         }
       }
-      const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
-      dmin[o] = best;
-      mstar[o] = static_cast<uint8_t>(best_mode);
-      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+      float best = dist[0];
+      int best_mode = 0;
+#pragma unroll
+      for (int m = 1; m < kMaxModes; ++m) {
+        if (m < M && replaces_min(dist[m], best)) {
+          best = dist[m];
+          best_mode = m;
+        }
+      }
+      store(cl, p, best, best_mode);
     }
   }
 #else
@@ -459,9 +506,10 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 // the fp32 kernel's direct sum. The products' error is absolute, of order
 // 2^-21 |g| |e - mu| (the fp32 kernels': relative to |e - r|): well within
 // fp32 tolerance of the gradient, not of a single near-cancelling term.
-// grad_emb or partial is null when that gradient is not wanted.
+// grad_emb or partial is null when that gradient is not wanted. At most 80
+// registers a thread (3 blocks per SM); ptxas would otherwise take 128.
 template <typename scalar_t>
-__global__ void __launch_bounds__(tensor_core::kGradThreads) mode_distance_backward_tc_kernel(
+__global__ void __launch_bounds__(tensor_core::kGradThreads, 3) mode_distance_backward_tc_kernel(
     const float* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar, PixelLayout out_layout,
     const scalar_t* __restrict__ emb, PixelLayout emb_layout, const float* __restrict__ modes,
     const float* __restrict__ mu, int C, int M, int D, int64_t P, scalar_t* __restrict__ grad_emb,

@@ -22,9 +22,26 @@ MUTATIONS = {
         "      stage_embeddings<kDepth, kPixels>", "      stage_embeddings<kDepth, kPixels>"),
     "forward: no barrier before the products are parked": (
         "    __syncthreads();  // the staged tiles are read; the products take their place\n", ""),
-    "forward: 2xTF32 (lo.hi term dropped)": ("  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);\n", ""),
+    "3xTF32: lo.hi term dropped": ("  nvcuda::wmma::mma_sync(step, a_lo, b_hi, step);\n", ""),
+    "3xTF32: one truncating chain per accumulator (no per-step sums)": (
+        "  Acc step;\n"
+        "  nvcuda::wmma::fill_fragment(step, 0.0f);\n"
+        "  nvcuda::wmma::mma_sync(step, a_lo, b_hi, step);\n"
+        "  nvcuda::wmma::mma_sync(step, a_hi, b_lo, step);\n"
+        "  nvcuda::wmma::mma_sync(step, a_hi, b_hi, step);\n"
+        "#pragma unroll\n"
+        "  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] += step.x[i];",
+        "  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);\n"
+        "  nvcuda::wmma::mma_sync(acc, a_hi, b_lo, acc);\n"
+        "  nvcuda::wmma::mma_sync(acc, a_hi, b_hi, acc);\n"
+        "  (void)0;"),
     "forward: every expanded minimum trusted": ("constexpr float kTrustRatio = 0.5f;",
                                                 "constexpr float kTrustRatio = 0.0f;"),
+    "forward: the queue read before it is complete": ("    __syncthreads();  // the queue is complete\n", ""),
+    "forward: refused pairs dropped from the queue": (
+        "queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i);", "(void)queued;"),
+    "mode centres: norms read the means without a barrier": (
+        "    __syncthreads();\n    if (norm != nullptr && t < pass_modes)", "    if (norm != nullptr && t < pass_modes)"),
     "forward: mode rows of 34 floats (misaligned)": ("constexpr int kModeRow = kDepth + 4;",
                                                      "constexpr int kModeRow = kDepth + 2;"),
     "forward: one channel left out of the norm": (
@@ -51,6 +68,10 @@ MUTATIONS = {
                                                            "for (int64_t o = begin + 1; o < end; ++o) {"),
     "MMDL mode gradient: sign flipped": ("sum += g * (r - load_as<acc_t>(", "sum += g * (load_as<acc_t>("),
     "MMDL mode gradient: winners not recorded": ("      class_mode[o * C + c] = static_cast<uint8_t>(winner);\n", ""),
+    "MMDL backward: the staged gradient not written out": (
+        "  if (staged && ge != nullptr)\n    for (int d = 0; d < D; ++d) ge[d] = grad[d * grad_step];\n", ""),
+    "MMDL: a neighbour's staged sample read": (
+        "f(static_cast<const acc_t*>(shared + threadIdx.x),", "f(static_cast<const acc_t*>(shared + (threadIdx.x ^ 1)),"),
     "MMDL backward: the triplet term dropped": ("    if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));\n",
                                                 ""),
 }

@@ -1,5 +1,5 @@
 // The CUDA that the device kernels of csrc/cuda/ use, on the CPU: qualifiers,
-// built-in variables, vector types, __syncthreads, and a launch that runs a
+// built-in variables, vector types, __syncthreads, atomicAdd, and a launch that runs a
 // grid block by block with every thread of a block as a fiber (ucontext) of
 // one host thread.
 //
@@ -171,3 +171,10 @@ inline void launch(dim3 grid, dim3 block, size_t shared_bytes, bool reverse, con
 }  // namespace drsl_emu
 
 #define __syncthreads() drsl_emu::syncthreads(__LINE__)
+
+// A fiber runs until it reaches a barrier, so a read-modify-write is atomic.
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}

@@ -12,10 +12,16 @@
 // of a warp taking part in each call (emulated_cuda.h counts the calls).
 //
 // Products follow the tensor cores' tf32 rules as documented: an input keeps
-// its sign, exponent and upper 10 mantissa bits (the lower 13 are ignored),
-// products of two such values are exact in fp32, and they are added to the
-// accumulator in fp32, in order of k.
+// its sign, exponent and upper 10 mantissa bits (the lower 13 are ignored)
+// and products of two such values are exact in fp32. The accumulation is not
+// IEEE: the tensor cores add a call's products and the accumulator in one
+// step and truncate the result (measured by Fasi et al., "Numerical behavior
+// of NVIDIA tensor cores", 2021), and an H200 showed the bias that follows:
+// a long chain of calls into one accumulator drifted past fp32 tolerance
+// where round-to-nearest sums stayed within it. So each element of a call is
+// its exact sum (in double), rounded toward zero to fp32.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -60,6 +66,12 @@ inline float __float_to_tf32(float v) {
   return v;
 }
 
+inline float round_toward_zero(double v) {
+  float f = static_cast<float>(v);  // to nearest; non-finite and overflowing sums stay as they are
+  if (std::isfinite(f) && std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);
+  return f;
+}
+
 inline float tf32_input(float v) {  // what a tensor core reads of an fp32 register
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
@@ -100,9 +112,10 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   float out[M * N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
-      float sum = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) sum += tf32_input(a.x[i * K + k]) * tf32_input(b.x[k * N + j]);
-      out[i * N + j] = sum;
+      double sum = c.x[i * N + j];
+      for (int k = 0; k < K; ++k)
+        sum += static_cast<double>(tf32_input(a.x[i * K + k])) * static_cast<double>(tf32_input(b.x[k * N + j]));
+      out[i * N + j] = round_toward_zero(sum);
     }
   std::memcpy(d.x, out, sizeof out);
 }

@@ -1,0 +1,134 @@
+"""Where the time of the tensor-core mode-distance kernels goes, without
+hardware counters: each variant below is a copy of csrc/cuda/mode_distance.cu
+with one stage left out or changed (a text edit, as in
+tests/cuda_on_cpu/mutations.py), built into bench/probe_tensor_core_kernels.cu
+with nvcc and timed on the same random inputs (CUDA events, medians). A
+stage's cost is the difference between "as built" and the variant without
+it. Variants compute wrong results on purpose: they are for timing only.
+
+    python bench/probe_tensor_core_kernels.py --out DIR/tensor_core_probe   # needs a GPU and nvcc
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "cuda" / "mode_distance.cu"
+PROBE = ROOT / "bench" / "probe_tensor_core_kernels.cu"
+SHAPE = dict(B=2, D=64, C=19, M=3, P=256 * 256)  # the realistic size of bench_mode_distance.py
+
+FORWARD_PRODUCT = "          mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);\n"
+BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
+                     "            mma_3xtf32(mode_acc[j], a_hi, a_lo, b_hi, b_lo);\n"]
+# name -> [(text, replacement)], each text once in the file
+VARIANTS = {
+    "as built": [],
+    "forward: no products": [(FORWARD_PRODUCT, "")],
+    "forward: no embedding loads": [(
+        "stage_embeddings<kDepth, kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P, pass_mu);",
+        "for (int i = threadIdx.x; i < kDepth * kPixels; i += kThreads)"
+        " emb_tile[(i / kPixels) * kEmbRow + i % kPixels] = 0.01f * (i % 13);")],
+    "forward: no mode loads": [("? pass_centres[static_cast<int64_t>(k) * D + d0 + d] - pass_mu[d0 + d]",
+                                "? 0.1f * static_cast<float>((k * 7 + d) % 11)")],
+    "forward: no direct sums (all trusted)": [("constexpr float kTrustRatio = 0.5f;",
+                                               "constexpr float kTrustRatio = 0.0f;")],
+    "forward: no output stores": [(
+        "      dmin[o] = best;\n      mstar[o] = static_cast<uint8_t>(best_mode);\n"
+        "      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n    };",
+        "      if (best == -1.0f) dmin[o] = static_cast<float>(best_mode);  // never: keeps the work alive\n    };")],
+    "both: 1xTF32 (hi.hi only)": [("  nvcuda::wmma::mma_sync(step, a_lo, b_hi, step);\n"
+                                   "  nvcuda::wmma::mma_sync(step, a_hi, b_lo, step);\n", "")],
+    "both: no tf32 split (lo = hi)": [(
+        "    const float x = hi.x[i], big = nvcuda::wmma::__float_to_tf32(x);\n    hi.x[i] = big;\n"
+        "    lo.x[i] = nvcuda::wmma::__float_to_tf32(x - big);", "    lo.x[i] = hi.x[i];")],
+    "backward: no products": [(text, "") for text in BACKWARD_PRODUCTS],
+    "backward: no embedding loads": [(
+        "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];", "v = 0.01f * (d - p);")],
+    "backward: no weight loads": [("          winner = mstar[o];\n          g = grad_dmin[o];",
+                                   "          winner = static_cast<int>(o % M);\n          g = 0.001f * (p - c);")],
+    "backward: no weight totals": [("for (int k = 0; k < kModes; ++k) total += weights[threadIdx.x * kWeightRow + k];",
+                                    "total = weights[threadIdx.x * kWeightRow];")],
+}
+FIELDS = ["variant", "centre_us", "forward_us", "forward_saved_us", "backward_us", "backward_saved_us",
+          "backward_emb_us", "backward_modes_us", "forward_fp32_us"]
+
+
+def variant_source(edits):
+    text = SOURCE.read_text()
+    for old, new in edits:
+        if text.count(old) != 1:
+            raise SystemExit(f"probe: {old[:60]!r}... is not in {SOURCE.name} once; update VARIANTS")
+        text = text.replace(old, new)
+    return text
+
+
+def build(name, edits, work: Path, nvcc: str, arch: str) -> Path:
+    folder = work / f"v{list(VARIANTS).index(name)}"
+    (folder / "csrc" / "cuda").mkdir(parents=True)
+    (folder / "kernels").symlink_to(ROOT / "kernels")  # the file's relative includes
+    (folder / "csrc" / "cuda" / SOURCE.name).write_text(variant_source(edits))
+    exe = folder / "probe"
+    subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-I", str(folder / "csrc" / "cuda"), "-o", str(exe),
+                    str(PROBE)], check=True, capture_output=True, text=True)
+    return exe
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/tensor_core_probe_cuda)")
+    parser.add_argument("--arch", default=None, help="nvcc -arch (default: this GPU's, e.g. sm_90)")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("probe: needs a CUDA GPU")
+    arch = args.arch or "sm_%d%d" % torch.cuda.get_device_capability()
+    cuda_home = os.environ.get("CUDA_HOME")
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
+    if nvcc is None:
+        raise SystemExit("probe: no nvcc (set CUDA_HOME)")
+    with tempfile.TemporaryDirectory() as tmp:
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+            builds = {name: pool.submit(build, name, edits, Path(tmp), nvcc, arch) for name, edits in VARIANTS.items()}
+        rows = []
+        for name, future in builds.items():
+            try:
+                exe = future.result()
+            except subprocess.CalledProcessError as error:
+                raise SystemExit(f"probe: {name} did not build:\n{error.stderr[-3000:]}")
+            done = subprocess.run([str(exe)] + [str(SHAPE[k]) for k in "BDCMP"], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode != 0:
+                raise SystemExit(f"probe: {name} failed:\n{done.stderr[-3000:]}")
+            rows.append(dict(variant=name, **json.loads(done.stdout.strip().splitlines()[-1])))
+            print(rows[-1], flush=True)
+    base = rows[0]
+    for row in rows:
+        row["forward_saved_us"] = round(base["forward_us"] - row["forward_us"], 2)
+        row["backward_saved_us"] = round(base["backward_us"] - row["backward_us"], 2)
+    table = harness.markdown_table(
+        ["variant", "forward us", "saved vs as built", "backward us (both gradients)", "saved vs as built",
+         "backward, dL/de only", "backward, dL/dr only", "centre us"],
+        [[r["variant"], r["forward_us"], r["forward_saved_us"], r["backward_us"], r["backward_saved_us"],
+          r["backward_emb_us"], r["backward_modes_us"], r["centre_us"]] for r in rows])
+    body = (f"Shape B={SHAPE['B']}, D={SHAPE['D']}, C={SHAPE['C']}, M={SHAPE['M']}, P={SHAPE['P']} (fp32, "
+            "(B, D, H, W) contiguous, posterior on). Each row is csrc/cuda/mode_distance.cu with one stage left out "
+            "(wrong results: timing only), built with nvcc for this GPU; medians of 7 batches of 20 launches "
+            "(CUDA events), the embeddings rotated through 4 copies. The fp32 forward kernel on the same inputs, "
+            f"for scale: {base['forward_fp32_us']} us.\n\n{table}")
+    harness.write_results(harness.results_stem(args.out, "tensor_core_probe", "cuda"),
+                          harness.metadata("cuda", arch=arch, shape=SHAPE), rows, FIELDS,
+                          "Tensor-core mode-distance kernels: time by stage", body)
+
+
+if __name__ == "__main__":
+    main()
