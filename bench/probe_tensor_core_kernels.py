@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "mode_distance.cu"
 PROBE = ROOT / "bench" / "probe_tensor_core_kernels.cu"
 SHAPE = dict(B=2, D=64, C=19, M=3, P=256 * 256)  # the realistic size of bench_mode_distance.py
+SCALING = [64 * 64, 128 * 128, 512 * 512]  # further pixel counts, "as built" only: time against size
 
 FORWARD_PRODUCT = "          mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);\n"
 BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
@@ -77,9 +78,18 @@ def build(name, edits, work: Path, nvcc: str, arch: str) -> Path:
     (folder / "kernels").symlink_to(ROOT / "kernels")  # the file's relative includes
     (folder / "csrc" / "cuda" / SOURCE.name).write_text(variant_source(edits))
     exe = folder / "probe"
-    subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-I", str(folder / "csrc" / "cuda"), "-o", str(exe),
-                    str(PROBE)], check=True, capture_output=True, text=True)
+    done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-I", str(folder / "csrc" / "cuda"), "-o",
+                           str(exe), str(PROBE)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"did not build:\n{done.stderr[-3000:]}")
     return exe
+
+
+def run(exe: Path, shape) -> dict:
+    done = subprocess.run([str(exe)] + [str(shape[k]) for k in "BDCMP"], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -99,17 +109,18 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
             builds = {name: pool.submit(build, name, edits, Path(tmp), nvcc, arch) for name, edits in VARIANTS.items()}
-        rows = []
+        rows, scaling = [], []
         for name, future in builds.items():
             try:
                 exe = future.result()
-            except subprocess.CalledProcessError as error:
-                raise SystemExit(f"probe: {name} did not build:\n{error.stderr[-3000:]}")
-            done = subprocess.run([str(exe)] + [str(SHAPE[k]) for k in "BDCMP"], capture_output=True, text=True,
-                                  timeout=300)
-            if done.returncode != 0:
-                raise SystemExit(f"probe: {name} failed:\n{done.stderr[-3000:]}")
-            rows.append(dict(variant=name, **json.loads(done.stdout.strip().splitlines()[-1])))
+                rows.append(dict(variant=name, **run(exe, SHAPE)))
+                if name == "as built":
+                    scaling = [dict(P=P, **run(exe, dict(SHAPE, P=P))) for P in SCALING]
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                if name == "as built":
+                    raise SystemExit(f"probe: the unchanged kernels failed: {error}")
+                print(f"probe: {name} skipped: {error}", file=sys.stderr)
+                continue
             print(rows[-1], flush=True)
     base = rows[0]
     for row in rows:
@@ -120,13 +131,18 @@ def main():
          "backward, dL/de only", "backward, dL/dr only", "centre us"],
         [[r["variant"], r["forward_us"], r["forward_saved_us"], r["backward_us"], r["backward_saved_us"],
           r["backward_emb_us"], r["backward_modes_us"], r["centre_us"]] for r in rows])
+    scaling_table = harness.markdown_table(
+        ["P", "forward us", "backward us", "fp32 forward us", "centre us"],
+        [[r["P"], r["forward_us"], r["backward_us"], r["forward_fp32_us"], r["centre_us"]]
+         for r in sorted(scaling + [dict(base, P=SHAPE["P"])], key=lambda r: r["P"])])
     body = (f"Shape B={SHAPE['B']}, D={SHAPE['D']}, C={SHAPE['C']}, M={SHAPE['M']}, P={SHAPE['P']} (fp32, "
             "(B, D, H, W) contiguous, posterior on). Each row is csrc/cuda/mode_distance.cu with one stage left out "
             "(wrong results: timing only), built with nvcc for this GPU; medians of 7 batches of 20 launches "
             "(CUDA events), the embeddings rotated through 4 copies. The fp32 forward kernel on the same inputs, "
-            f"for scale: {base['forward_fp32_us']} us.\n\n{table}")
+            f"for scale: {base['forward_fp32_us']} us.\n\n{table}\n\n"
+            "As built, against the number of pixels per image (B and the rest as above):\n\n" + scaling_table)
     harness.write_results(harness.results_stem(args.out, "tensor_core_probe", "cuda"),
-                          harness.metadata("cuda", arch=arch, shape=SHAPE), rows, FIELDS,
+                          harness.metadata("cuda", arch=arch, shape=SHAPE, scaling=scaling), rows, FIELDS,
                           "Tensor-core mode-distance kernels: time by stage", body)
 
 
