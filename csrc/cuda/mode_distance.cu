@@ -245,6 +245,7 @@ constexpr int kKeyRow = kPixels + 4;  // products [mode][pixel] (column-major)
 constexpr int kStaged = kDepth * kEmbRow + kModes * kModeRow;
 constexpr int kProducts = kModes * kKeyRow;
 constexpr float kTrustRatio = 0.5f;
+constexpr int kDirectBatch = 4;   // channels per batch of loads in a direct sum (8: 112 registers, not 90)
 constexpr int kCentreDepth = 32;  // mode_centre_kernel: channels per stage
 static_assert(kModes * kCentreDepth % kThreads == 0, "mode_centre_kernel: whole rounds of staging");
 static_assert(kThreads == 2 * kPixels, "two threads per pixel share the norms");
@@ -461,13 +462,25 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 #pragma unroll
       for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
       const float* centre = pass_centres + static_cast<int64_t>(cl) * M * D;
-      for (int j = 0; j < D; ++j) {
-        const float x = load_as<float>(emb[emb_layout.offset(b, j, p0 + p)]);
+      // kDirectBatch channels at a time, their loads in flight together: a
+      // block waits for its slowest direct sum, and one load at a time, the
+      // sums were the largest stage of the kernel on an H200 (time by stage:
+      // bench/probe_tensor_core_kernels.py).
+      for (int j0 = 0; j0 < D; j0 += kDirectBatch) {
+        float x[kDirectBatch];
+#pragma unroll
+        for (int u = 0; u < kDirectBatch; ++u)
+          x[u] = j0 + u < D ? load_as<float>(emb[emb_layout.offset(b, j0 + u, p0 + p)]) : 0.0f;
 #pragma unroll
         for (int m = 0; m < kMaxModes; ++m) {
           if (m < M) {
-            const float t = x - centre[static_cast<int64_t>(m) * D + j];
-            dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
+#pragma unroll
+            for (int u = 0; u < kDirectBatch; ++u) {
+              if (j0 + u < D) {
+                const float t = x[u] - centre[static_cast<int64_t>(m) * D + j0 + u];
+                dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
+              }
+            }
           }
         }
       }

@@ -42,6 +42,8 @@ MUTATIONS = {
         "queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i);", "(void)queued;"),
     "mode centres: norms read the means without a barrier": (
         "    __syncthreads();\n    if (norm != nullptr && t < pass_modes)", "    if (norm != nullptr && t < pass_modes)"),
+    "forward: direct sums skip a channel of each batch": (
+        "              if (j0 + u < D) {", "              if (j0 + u < D && u > 0) {"),
     "forward: mode rows of 34 floats (misaligned)": ("constexpr int kModeRow = kDepth + 4;",
                                                      "constexpr int kModeRow = kDepth + 2;"),
     "forward: one channel left out of the norm": (
