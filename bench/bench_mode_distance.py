@@ -11,10 +11,12 @@ Methods:
              compiles its kernels at first use (outside the timing)
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
   cpu / cuda / triton   drsl_fast's fused backends (cuda: on GPUs of compute
-             capability >= 8.0 its tensor-core forward)
+             capability >= 8.0 its fp32 forward and tensor-core backward)
   cuda-fp32  the CUDA backend with DRSL_FAST_NO_TENSOR_CORES=1: the fp32
-             forward older GPUs (the GTX 1080 Ti) run; listed on GPUs that
+             kernels older GPUs (the GTX 1080 Ti) run; listed on GPUs that
              have tensor cores
+  cuda-tc-forward  the CUDA backend with DRSL_FAST_TENSOR_CORE_FORWARD=1: its
+             tensor-core forward too; listed on GPUs that have tensor cores
   triton-ieee / triton-tf32  the Triton forward with its ranking product in
              fp32 FMA or plain tf32 (the library's default is tf32x3)
   triton-pXwY  the Triton forward with X pixels per program and Y warps
@@ -56,6 +58,8 @@ SWEEP = [
 ]
 REALISTIC_SIZES = [REALISTIC, dict(B=2, D=64, C=19, M=3, H=256, W=512)]  # 512x512 and 512x1024 crops
 BASELINES = ("broadcast", "cdist")
+# CUDA backend variants on GPUs with tensor cores: the environment variable each sets
+CUDA_VARIANTS = {"cuda-fp32": "DRSL_FAST_NO_TENSOR_CORES", "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD"}
 # Methods that build the (B, H, W, C, M, D) difference tensor are skipped where
 # it (and its gradient) would not fit this budget.
 BROADCAST_BUDGET_BYTES = 8 * 2**30
@@ -173,10 +177,11 @@ def build_method(name, backend_device):
 
         module, precision, pixels, warps = TRITON_FORWARDS[name]
         return triton_launcher(importlib.import_module(module), precision, pixels, warps)
-    if name == "cuda-fp32":
-        os.environ["DRSL_FAST_NO_TENSOR_CORES"] = "1"  # read by the CUDA launcher at each call
+    for variable in CUDA_VARIANTS.values():  # read by the CUDA launcher at each call
+        os.environ.pop(variable, None)
+    if name in CUDA_VARIANTS:
+        os.environ[CUDA_VARIANTS[name]] = "1"
         return lambda e, r: drsl_fast.mode_distance(e, r, backend="cuda").dmin
-    os.environ.pop("DRSL_FAST_NO_TENSOR_CORES", None)
     return lambda e, r: drsl_fast.mode_distance(e, r, backend=name).dmin
 
 
@@ -318,11 +323,11 @@ def methods_for(device):
 
 
 def cuda_variants(fast):
-    """["cuda-fp32"] where the CUDA backend runs its tensor-core forward
-    (compute capability >= 8.0): the fp32 kernel is then measured beside it."""
+    """The CUDA_VARIANTS where the CUDA backend has tensor-core kernels
+    (compute capability >= 8.0): measured beside its default."""
     import torch
 
-    return ["cuda-fp32"] if "cuda" in fast and torch.cuda.get_device_capability()[0] >= 8 else []
+    return list(CUDA_VARIANTS) if "cuda" in fast and torch.cuda.get_device_capability()[0] >= 8 else []
 
 
 def peers():

@@ -14,19 +14,25 @@ from drsl_fast.backends import BackendUnavailableError, why_unavailable
 SIGMA = 0.5
 
 
-@pytest.fixture(params=["cpu", "cuda", "cuda-fp32", "triton", *EMULATED])
+# CUDA backend variants on GPUs with tensor cores: the environment variable each sets
+CUDA_VARIANTS = {"cuda-fp32": "DRSL_FAST_NO_TENSOR_CORES", "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD"}
+
+
+@pytest.fixture(params=["cpu", "cuda", *CUDA_VARIANTS, "triton", *EMULATED])
 def fast_backend(request, monkeypatch):
     """Each fast backend available here, with the device it runs on. On GPUs of
-    compute capability >= 8.0, "cuda" runs the tensor-core kernels and
-    "cuda-fp32" the fp32 ones (DRSL_FAST_NO_TENSOR_CORES=1), the kernels older
-    GPUs such as the GTX 1080 Ti run: both are tested there. Everywhere, the
-    "-emulated" pair runs the same two kernel sets on the CPU, in place of the
+    compute capability >= 8.0, "cuda" runs the fp32 forward and the
+    tensor-core backward, "cuda-tc-forward" the tensor-core forward too
+    (DRSL_FAST_TENSOR_CORE_FORWARD=1) and "cuda-fp32" the fp32 kernels alone
+    (DRSL_FAST_NO_TENSOR_CORES=1), the kernels older GPUs such as the GTX
+    1080 Ti run: all three are tested there. Everywhere, the "-emulated" pair
+    runs the tensor-core and the fp32 kernel sets on the CPU, in place of the
     CPU kernels (tests/cuda_on_cpu): their logic is checked without a GPU."""
     name = request.param
-    if name == "cuda-fp32":
+    if name in CUDA_VARIANTS:
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
-            pytest.skip("cuda-fp32: no GPU with tensor cores here (elsewhere 'cuda' is the fp32 kernel)")
-        monkeypatch.setenv("DRSL_FAST_NO_TENSOR_CORES", "1")
+            pytest.skip(f"{name}: no GPU with tensor cores here (elsewhere 'cuda' is the fp32 kernels)")
+        monkeypatch.setenv(CUDA_VARIANTS[name], "1")
         name = "cuda"
     yield from backend_under_test(request, name)
 

@@ -3,9 +3,11 @@
 // kernels/cuda/pascal_sm61.cu compiles the kernels alone for sm_61 (it defines
 // DRSL_FAST_KERNELS_ONLY). The fp32 kernels (fp64 for fp64 input) use plain
 // FMA, no tensor cores, because the GTX 1080 Ti has none. On sm_80 and newer,
-// fp32/fp16/bf16 input runs the tensor-core kernels instead (see "Tensor-core
-// forward" below): a forward that ranks the modes with a 3xTF32 product, and
-// at C*M <= 64 a backward computing both gradients as products in one kernel.
+// fp32/fp16/bf16 input at C*M <= 64 runs the tensor-core backward instead (see
+// "Tensor-core forward and backward" below), computing both gradients as
+// products in one kernel. The tensor-core forward, which ranks the modes with
+// a 3xTF32 product, runs only on request (DRSL_FAST_TENSOR_CORE_FORWARD=1): on
+// an H200 it is slower than the fp32 forward (bench/NOTES.md).
 // DRSL_FAST_NO_TENSOR_CORES=1 keeps the fp32 kernels on every GPU.
 //
 // The maths. For one pixel embedding e (a D-vector) and the K = C*M mode
@@ -857,14 +859,26 @@ bool tensor_core_kernels_built() {
   return state == 1;
 }
 
+// Whether the environment variable `name` is set to anything but "" or "0"
+// (read at each call, so that tests and benchmarks can switch it).
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' && std::strcmp(value, "0") != 0;
+}
+
 // The tensor-core kernels run on sm_80 and newer unless DRSL_FAST_NO_TENSOR_CORES
-// is set (to anything but "" or "0"): then every GPU runs the fp32 kernels,
-// the ones a GTX 1080 Ti runs, and gives their bits.
+// is set: then every GPU runs the fp32 kernels, the ones a GTX 1080 Ti runs,
+// and gives their bits.
 bool use_tensor_cores() {
-  const char* off = std::getenv("DRSL_FAST_NO_TENSOR_CORES");
-  if (off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0) return false;
+  if (env_flag("DRSL_FAST_NO_TENSOR_CORES")) return false;
   return at::cuda::getCurrentDeviceProperties()->major >= 8 && tensor_core_kernels_built();
 }
+
+// The tensor-core forward runs on request only: on an H200, at B = 2, D = 64,
+// C = 19, M = 3 and 256 x 256 pixels, it took 223 us against the fp32 forward's
+// 105 us (bench/results/NVIDIA_H200/tensor_core_probe.md), where the
+// tensor-core backward took 184 us against 235 us for the two fp32 kernels.
+bool use_tensor_core_forward() { return env_flag("DRSL_FAST_TENSOR_CORE_FORWARD") && use_tensor_cores(); }
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tensor& emb, const at::Tensor& modes,
@@ -876,7 +890,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (use_tensor_cores()) {
+      if (use_tensor_core_forward()) {
         const int64_t passes = (p.C + cuda::tensor_core::kModes / p.M - 1) / (cuda::tensor_core::kModes / p.M);
         const at::Tensor mu = at::empty({passes, p.D}, p.modes.options());
         const at::Tensor mode_norm = at::empty({p.C * p.M}, p.modes.options());

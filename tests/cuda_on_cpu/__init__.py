@@ -155,7 +155,8 @@ class Kernels:
 
     def forward(self, emb, modes, sigma=None, *, tensor_cores, reverse=False):
         """(dmin, mstar, posterior or None) from the forward kernel the CUDA
-        launcher would run (tensor_cores: on sm_80 and newer)."""
+        launcher would run (tensor_cores: on sm_80 and newer with
+        DRSL_FAST_TENSOR_CORE_FORWARD=1)."""
         bdp, layout, centres, acc, C, M, D, P, B = self._problem(emb, modes)
         dmin, mstar = per_class_empty(emb, C, acc).fill_(NAN), per_class_empty(emb, C, torch.uint8).fill_(255)
         posterior = per_class_empty(emb, C, acc).fill_(NAN) if sigma is not None else None
