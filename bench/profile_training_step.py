@@ -109,6 +109,8 @@ def profile_steps(step, device, steps: int) -> dict:
     runtime = collections.Counter()
     for event in events:
         if event.device_type == torch.autograd.DeviceType.CUDA:
+            if getattr(event, "is_user_annotation", False):  # a record_function's GPU range, not a kernel
+                continue
             entry = kernels[event.name[:120]]
             entry["count"] += 1 / steps
             entry["device_us"] += event.time_range.elapsed_us() / steps
