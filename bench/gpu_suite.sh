@@ -7,7 +7,7 @@
 # the performance report. Everything is written under bench/results/<device>/
 # (or $DEST; under $OUT/<device> where $OUT is set), with a log per stage and
 # stage timings in $DEST/timings.txt. Each stage has a time limit (T_<stage>
-# seconds), so a short lease still returns every stage that finished.
+# seconds), so a short run still returns every stage that finished.
 #
 #   bash bench/gpu_suite.sh                       # everything
 #   STAGES="build tests" bash bench/gpu_suite.sh  # stages run in the order given

@@ -1,8 +1,8 @@
 // Times the tensor-core mode-distance kernels of csrc/cuda/mode_distance.cu
 // (as compiled from the copy on the include path: bench/probe_tensor_core_kernels.py
 // builds one executable per variant of that file) without ATen: random
-// embeddings (four copies, used in turn, so that the 50 MB L2 does not hold
-// them), modes, winners and dmin gradients; each kernel's median time over
+// embeddings (four copies, used in turn: from 256 x 256 pixels up, more than
+// the 50 MB L2 holds), modes, winners and dmin gradients; each kernel's median time over
 // batches of back-to-back launches, by CUDA events. Prints one JSON line.
 //
 //   probe B D C M P

@@ -4,7 +4,9 @@ with one stage left out or changed (a text edit, as in
 tests/cuda_on_cpu/mutations.py), built into bench/probe_tensor_core_kernels.cu
 with nvcc and timed on the same random inputs (CUDA events, medians). A
 stage's cost is the difference between "as built" and the variant without
-it. Variants compute wrong results on purpose: they are for timing only.
+it. Variants compute wrong results on purpose: they are for timing only. A
+variant whose text is no longer in the file stops the probe (update
+VARIANTS); one that fails to build or run is skipped.
 
     python bench/probe_tensor_core_kernels.py --out DIR/tensor_core_probe   # needs a GPU and nvcc
 """

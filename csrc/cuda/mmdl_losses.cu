@@ -236,10 +236,11 @@ __global__ void __launch_bounds__(kSampleThreads) mmdl_losses_backward_kernel(
 // Samples per partial of the mode gradient. Fixed, so the order of the
 // kernel's sums does not depend on the launch.
 constexpr int kModeGradSamples = 256;
+constexpr int kModeGradThreads = 128;  // threads of a mode-gradient block, over its M * D entries
 
 // partial[chunk, c, m, d] = sum over the chunk's samples o, in order, with
 // class_mode[o, c] == m of 2 g_c (r[c, m, d] - e_o[d]).
-// grid = (ceil(B * S / kModeGradSamples), C); threads over (m, d).
+// grid = (ceil(B * S / kModeGradSamples), C); kModeGradThreads threads over (m, d).
 template <typename scalar_t, typename acc_t>
 __global__ void mmdl_losses_mode_grad_kernel(SampleBatch<scalar_t, acc_t> batch, const acc_t* __restrict__ class_grad,
                                              const uint8_t* __restrict__ class_mode, acc_t* __restrict__ partial) {
@@ -368,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
         const int64_t chunks = blocks_for(p.B * p.S, cuda::kModeGradSamples);
         at::Tensor partial = at::empty({chunks, p.C, p.M, p.D}, p.modes.options());
         launch(cuda::mmdl_losses_mode_grad_kernel<cuda_type<scalar_t>, acc_t>,
-               dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.C)), cuda::kSampleThreads, 0, batch,
+               dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.C)), cuda::kModeGradThreads, 0, batch,
                class_grad.const_data_ptr<acc_t>(), class_mode.const_data_ptr<uint8_t>(),
                partial.mutable_data_ptr<acc_t>());
         // ATen's reduction over the first axis has a fixed order: deterministic.

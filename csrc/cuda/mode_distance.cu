@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
 // into one accumulator drifts one way (on an H200 a 96-call chain put the
 // mode gradient past fp32 tolerance). Each k-step's three products therefore
 // start from zero, and the steps are added on the CUDA cores, rounded to
-// nearest: one truncation per step, not one per call.
+// nearest: the truncations act on one step's sum, not on the running total.
 //
 // The expanded distance is trusted as it stands when, as on the CPU backend
 // (csrc/cpu/mode_distance.cpp, kTrustRatio), the class's minimum is at least
@@ -247,7 +247,8 @@ constexpr int kKeyRow = kPixels + 4;  // products [mode][pixel] (column-major)
 constexpr int kStaged = kDepth * kEmbRow + kModes * kModeRow;
 constexpr int kProducts = kModes * kKeyRow;
 constexpr float kTrustRatio = 0.5f;
-constexpr int kDirectBatch = 4;   // channels per batch of loads in a direct sum (8: 112 registers, not 90)
+constexpr int kDirectBatch = 4;   // channels per batch of loads in a direct sum (at 8, nvcc -Xptxas -v for
+                                  // sm_90 gives the forward 112 registers instead of 90: 4 blocks per SM, not 5)
 constexpr int kCentreDepth = 32;  // mode_centre_kernel: channels per stage
 static_assert(kModes * kCentreDepth % kThreads == 0, "mode_centre_kernel: whole rounds of staging");
 static_assert(kThreads == 2 * kPixels, "two threads per pixel share the norms");
@@ -301,8 +302,9 @@ __device__ __forceinline__ void mma_3xtf32(Acc& acc, const A& a_hi, const A& a_l
 // for passes of floor(tensor_core::kModes / M) whole classes. grid = passes.
 // The pass's modes are staged kCentreDepth channels at a time, every load of
 // a stage in flight at once (threads looping over the modes, then the
-// channels, one load after another, took 20 us on an H200); the sums run in
-// order of k (mu) and of j (norm).
+// channels, one load after another, took 20 us on an H200:
+// bench/results/NVIDIA_H200/mode_distance_kernels_00008ab.md); the sums run
+// in order of k (mu) and of j (norm).
 __global__ void __launch_bounds__(kThreads) mode_centre_kernel(const float* __restrict__ modes, int C, int M, int D,
                                                                float* __restrict__ mu, float* __restrict__ norm) {
   using tensor_core::kCentreDepth;
@@ -395,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
     for (int d0 = 0; d0 < D; d0 += kDepth) {
       __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
       stage_embeddings<kDepth, kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P, pass_mu);
-#pragma unroll 4  // fully unrolled, ptxas takes 146 registers instead of 92
+#pragma unroll 4  // fully unrolled, the forward takes over 140 registers instead of about 90 (nvcc -Xptxas -v)
       for (int r = 0; r < kDepth * kModes / kThreads; ++r) {
         const int i = r * kThreads + threadIdx.x, d = i % kDepth, k = i / kDepth;
         mode_tile[k * kModeRow + d] = (d0 + d < D && k < pass_modes)
@@ -465,9 +467,9 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
       for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
       const float* centre = pass_centres + static_cast<int64_t>(cl) * M * D;
       // kDirectBatch channels at a time, their loads in flight together: a
-      // block waits for its slowest direct sum, and one load at a time, the
-      // sums were the largest stage of the kernel on an H200 (time by stage:
-      // bench/probe_tensor_core_kernels.py).
+      // block waits for its slowest direct sum, and with one load at a time
+      // the direct sums cost 87 of the kernel's 223 us on an H200
+      // (bench/results/NVIDIA_H200/tensor_core_probe.md).
       for (int j0 = 0; j0 < D; j0 += kDirectBatch) {
         float x[kDirectBatch];
 #pragma unroll
@@ -875,9 +877,10 @@ bool use_tensor_cores() {
 }
 
 // The tensor-core forward runs on request only: on an H200, at B = 2, D = 64,
-// C = 19, M = 3 and 256 x 256 pixels, it took 223 us against the fp32 forward's
-// 105 us (bench/results/NVIDIA_H200/tensor_core_probe.md), where the
-// tensor-core backward took 184 us against 235 us for the two fp32 kernels.
+// C = 19, M = 3 and 256 x 256 pixels (commit 00b1e52), it took 223 us against
+// the fp32 forward's 105 us, where the tensor-core backward took 184 us
+// (bench/results/NVIDIA_H200/tensor_core_probe.md) against 235 us for the two
+// fp32 kernels (mode_distance_kernels.md there).
 bool use_tensor_core_forward() { return env_flag("DRSL_FAST_TENSOR_CORE_FORWARD") && use_tensor_cores(); }
 }  // namespace
 
