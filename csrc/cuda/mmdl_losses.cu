@@ -159,7 +159,7 @@ __device__ __forceinline__ void with_sample(const SampleBatch<scalar_t, acc_t>& 
 
 // grid = ceil(B * S / kSampleThreads); staged: staged_bytes<acc_t>(1, D) of dynamic shared memory.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kSampleThreads) mmdl_losses_forward_kernel(
+__global__ void mmdl_losses_forward_kernel(
     SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params, acc_t* __restrict__ triplet,
     acc_t* __restrict__ ce, bool staged) {
   DRSL_DYNAMIC_SHARED(unsigned char, forward_shared);
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kSampleThreads) mmdl_losses_forward_kernel(
 // staged: staged_bytes<acc_t>(sample_grad ? 2 : 1, D) of dynamic shared
 // memory, the sample's embedding and then its gradient, each [channel][thread].
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kSampleThreads) mmdl_losses_backward_kernel(
+__global__ void mmdl_losses_backward_kernel(
     const acc_t* __restrict__ grad_triplet, const acc_t* __restrict__ grad_ce, SampleBatch<scalar_t, acc_t> batch,
     LossParams<acc_t> params, acc_t* __restrict__ sample_grad, acc_t* __restrict__ class_grad,
     uint8_t* __restrict__ class_mode, bool staged) {
