@@ -137,10 +137,19 @@ int main(int argc, char** argv) {
     cu::mode_distance_forward_kernel<float, float><<<fp32_grid, cu::kThreads>>>(
         next(), emb_layout, modes, C, M, D, P, dmin, mstar, posterior, scale, out_layout);
   });
+  long long refused = -1;  // (pixel, class) pairs one forward call recomputes directly, where the variant counts them
+#ifdef DRSL_PROBE_REFUSED
+  unsigned long long count = 0;
+  check(cudaMemcpyToSymbol(cu::probe_refused, &count, sizeof count), "counter reset");
+  cu::mode_distance_forward_tc_kernel<float><<<forward_grid, cu::kThreads>>>(
+      emb[0], emb_layout, modes, mu, norm, C, M, D, P, dmin, mstar, posterior, scale, out_layout);
+  check(cudaMemcpyFromSymbol(&count, cu::probe_refused, sizeof count), "counter read");
+  refused = static_cast<long long>(count);
+#endif
   check(cudaGetLastError(), "launches");
   std::printf(
       "{\"centre_us\": %.2f, \"forward_us\": %.2f, \"backward_us\": %.2f, \"backward_emb_us\": %.2f, "
-      "\"backward_modes_us\": %.2f, \"forward_fp32_us\": %.2f}\n",
-      centre_us, forward_us, backward_us, backward_emb_us, backward_modes_us, forward_fp32_us);
+      "\"backward_modes_us\": %.2f, \"forward_fp32_us\": %.2f, \"refused_pairs\": %lld}\n",
+      centre_us, forward_us, backward_us, backward_emb_us, backward_modes_us, forward_fp32_us, refused);
   return 0;
 }

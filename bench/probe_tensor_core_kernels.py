@@ -35,6 +35,11 @@ BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
 # name -> [(text, replacement)], each text once in the file
 VARIANTS = {
     "as built": [],
+    "forward: refused pairs counted": [  # the count is the point: the atomics cost time of their own
+        ("// Forward on tensor cores. grid",
+         "#define DRSL_PROBE_REFUSED 1\n__device__ unsigned long long probe_refused = 0;\n// Forward on tensor cores. grid"),
+        ("queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i);",
+         "{ queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i); atomicAdd(&probe_refused, 1ull); }")],
     "forward: no products": [(FORWARD_PRODUCT, "")],
     "forward: no embedding loads": [(
         "stage_embeddings<kDepth, kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P, pass_mu);",
@@ -62,7 +67,7 @@ VARIANTS = {
                                     "total = weights[threadIdx.x * kWeightRow];")],
 }
 FIELDS = ["variant", "centre_us", "forward_us", "forward_saved_us", "backward_us", "backward_saved_us",
-          "backward_emb_us", "backward_modes_us", "forward_fp32_us"]
+          "backward_emb_us", "backward_modes_us", "forward_fp32_us", "refused_pairs"]
 
 
 def variant_source(edits):
@@ -137,11 +142,15 @@ def main():
         ["P", "forward us", "backward us", "fp32 forward us", "centre us"],
         [[r["P"], r["forward_us"], r["backward_us"], r["forward_fp32_us"], r["centre_us"]]
          for r in sorted(scaling + [dict(base, P=SHAPE["P"])], key=lambda r: r["P"])])
+    counted = [r["refused_pairs"] for r in rows if r.get("refused_pairs", -1) >= 0]
+    pairs = SHAPE["B"] * SHAPE["C"] * SHAPE["P"]
+    refused = (f" One forward call refuses {counted[0]} of its {pairs} (pixel, class) pairs (the trust rule), "
+               "recomputed directly." if counted else "")
     body = (f"Shape B={SHAPE['B']}, D={SHAPE['D']}, C={SHAPE['C']}, M={SHAPE['M']}, P={SHAPE['P']} (fp32, "
             "(B, D, H, W) contiguous, posterior on). Each row is csrc/cuda/mode_distance.cu with one stage left out "
             "(wrong results: timing only), built with nvcc for this GPU; medians of 7 batches of 20 launches "
             "(CUDA events), the embeddings rotated through 4 copies. The fp32 forward kernel on the same inputs, "
-            f"for scale: {base['forward_fp32_us']} us.\n\n{table}\n\n"
+            f"for scale: {base['forward_fp32_us']} us.{refused}\n\n{table}\n\n"
             "As built, against the number of pixels per image (B and the rest as above):\n\n" + scaling_table)
     harness.write_results(harness.results_stem(args.out, "tensor_core_probe", "cuda"),
                           harness.metadata("cuda", arch=arch, shape=SHAPE, scaling=scaling), rows, FIELDS,
