@@ -58,8 +58,6 @@ SWEEP = [
 ]
 REALISTIC_SIZES = [REALISTIC, dict(B=2, D=64, C=19, M=3, H=256, W=512)]  # 512x512 and 512x1024 crops
 BASELINES = ("broadcast", "cdist")
-# CUDA backend variants on GPUs with tensor cores: the environment variable each sets
-CUDA_VARIANTS = {"cuda-fp32": "DRSL_FAST_NO_TENSOR_CORES", "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD"}
 # Methods that build the (B, H, W, C, M, D) difference tensor are skipped where
 # it (and its gradient) would not fit this budget.
 BROADCAST_BUDGET_BYTES = 8 * 2**30
@@ -155,6 +153,7 @@ def build_method(name, backend_device):
     import torch
 
     import drsl_fast
+    from drsl_fast.backends import CUDA_KERNEL_VARIANTS
 
     def broadcast(e, r):
         x = e.permute(0, 2, 3, 1)
@@ -177,10 +176,10 @@ def build_method(name, backend_device):
 
         module, precision, pixels, warps = TRITON_FORWARDS[name]
         return triton_launcher(importlib.import_module(module), precision, pixels, warps)
-    for variable in CUDA_VARIANTS.values():  # read by the CUDA launcher at each call
+    for variable in CUDA_KERNEL_VARIANTS.values():  # read by the CUDA launcher at each call
         os.environ.pop(variable, None)
-    if name in CUDA_VARIANTS:
-        os.environ[CUDA_VARIANTS[name]] = "1"
+    if name in CUDA_KERNEL_VARIANTS:
+        os.environ[CUDA_KERNEL_VARIANTS[name]] = "1"
         return lambda e, r: drsl_fast.mode_distance(e, r, backend="cuda").dmin
     return lambda e, r: drsl_fast.mode_distance(e, r, backend=name).dmin
 
@@ -323,11 +322,13 @@ def methods_for(device):
 
 
 def cuda_variants(fast):
-    """The CUDA_VARIANTS where the CUDA backend has tensor-core kernels
-    (compute capability >= 8.0): measured beside its default."""
+    """drsl_fast's CUDA_KERNEL_VARIANTS where the CUDA backend has tensor-core
+    kernels (compute capability >= 8.0): measured beside its default."""
     import torch
 
-    return list(CUDA_VARIANTS) if "cuda" in fast and torch.cuda.get_device_capability()[0] >= 8 else []
+    from drsl_fast.backends import CUDA_KERNEL_VARIANTS
+
+    return list(CUDA_KERNEL_VARIANTS) if "cuda" in fast and torch.cuda.get_device_capability()[0] >= 8 else []
 
 
 def peers():

@@ -9,16 +9,12 @@ import torch
 import drsl_fast
 from conftest import EMULATED, backend_under_test
 from drsl_fast import reference
-from drsl_fast.backends import BackendUnavailableError, why_unavailable
+from drsl_fast.backends import CUDA_KERNEL_VARIANTS, BackendUnavailableError, why_unavailable
 
 SIGMA = 0.5
 
 
-# CUDA backend variants on GPUs with tensor cores: the environment variable each sets
-CUDA_VARIANTS = {"cuda-fp32": "DRSL_FAST_NO_TENSOR_CORES", "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD"}
-
-
-@pytest.fixture(params=["cpu", "cuda", *CUDA_VARIANTS, "triton", *EMULATED])
+@pytest.fixture(params=["cpu", "cuda", *CUDA_KERNEL_VARIANTS, "triton", *EMULATED])
 def fast_backend(request, monkeypatch):
     """Each fast backend available here, with the device it runs on. On GPUs of
     compute capability >= 8.0, "cuda" runs the fp32 forward and the
@@ -29,10 +25,10 @@ def fast_backend(request, monkeypatch):
     runs the tensor-core and the fp32 kernel sets on the CPU, in place of the
     CPU kernels (tests/cuda_on_cpu): their logic is checked without a GPU."""
     name = request.param
-    if name in CUDA_VARIANTS:
+    if name in CUDA_KERNEL_VARIANTS:
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
             pytest.skip(f"{name}: no GPU with tensor cores here (elsewhere 'cuda' is the fp32 kernels)")
-        monkeypatch.setenv(CUDA_VARIANTS[name], "1")
+        monkeypatch.setenv(CUDA_KERNEL_VARIANTS[name], "1")
         name = "cuda"
     yield from backend_under_test(request, name)
 
