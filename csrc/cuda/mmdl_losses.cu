@@ -349,8 +349,8 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
   const at::Tensor grad_triplet = grad_triplet_in.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
   const at::Tensor grad_ce = grad_ce_in.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
   at::Tensor sample_grad = at::empty({emb_requires_grad ? p.B * p.S : 0, p.D}, p.modes.options());
-  at::Tensor grad_modes = at::zeros(modes_requires_grad ? p.modes.sizes() : at::IntArrayRef{0}, p.modes.options());
   TORCH_CHECK(p.C <= 65535, "mmdl_losses_backward (cuda): C must be <= 65535");
+  at::Tensor grad_modes;  // summed by the kernels below; zero without samples
   if ((emb_requires_grad || modes_requires_grad) && p.B * p.S > 0) {
     const int64_t table = modes_requires_grad ? p.B * p.S : 0;
     at::Tensor class_grad = at::empty({table, p.C}, p.modes.options());
@@ -378,7 +378,9 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
     });
   }
   return {emb_requires_grad ? scatter_rows(p, sample_grad, emb) : at::empty({0}, emb.options()),
-          modes_requires_grad ? grad_modes.to(modes_in.scalar_type()) : at::empty({0}, modes_in.options())};
+          !modes_requires_grad ? at::empty({0}, modes_in.options())
+          : grad_modes.defined() ? grad_modes.to(modes_in.scalar_type())
+                                 : at::zeros(modes_in.sizes(), modes_in.options())};
 }
 
 at::Tensor label_mode_cuda(const at::Tensor& emb, const at::Tensor& index, const at::Tensor& label,
