@@ -1,6 +1,6 @@
-"""Where the time of the tensor-core mode-distance kernels goes, without
-hardware counters: each variant below is a copy of csrc/cuda/mode_distance.cu
-with one stage left out or changed (a text edit, as in
+"""Where the time of the mode-distance kernels goes, without hardware
+counters: each variant below is a copy of csrc/cuda/mode_distance.cu with one
+stage left out or changed (a text edit, as in
 tests/cuda_on_cpu/mutations.py), built into bench/probe_tensor_core_kernels.cu
 with nvcc and timed on the same random inputs (CUDA events, medians). A
 stage's cost is the difference between "as built" and the variant without
@@ -32,6 +32,8 @@ SCALING = [64 * 64, 128 * 128, 512 * 512]  # further pixel counts, "as built" on
 FORWARD_PRODUCT = "          mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);\n"
 BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
                      "            mma_3xtf32(mode_acc[j], a_hi, a_lo, b_hi, b_lo);\n"]
+FP32_BOUNDS = "__launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2)"
+FP32_DEPTH = "static constexpr int kDepth = 16;"
 # name -> [(text, replacement)], each text once in the file
 VARIANTS = {
     "as built": [],
@@ -41,10 +43,9 @@ VARIANTS = {
         ("queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i);",
          "{ queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i); atomicAdd(&probe_refused, 1ull); }")],
     "forward: no products": [(FORWARD_PRODUCT, "")],
-    "forward: no embedding loads": [(
-        "stage_embeddings<kDepth, kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P, pass_mu);",
-        "for (int i = threadIdx.x; i < kDepth * kPixels; i += kThreads)"
-        " emb_tile[(i / kPixels) * kEmbRow + i % kPixels] = 0.01f * (i % 13);")],
+    "forward: no embedding loads": [(text, "for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * (r % 13);")
+                                    for text in ("next.fetch(emb, emb_layout, b, 0, D, p0, P, pass_mu);",
+                                                 "next.fetch(emb, emb_layout, b, d0 + kDepth, D, p0, P, pass_mu);")],
     "forward: no mode loads": [("? pass_centres[static_cast<int64_t>(k) * D + d0 + d] - pass_mu[d0 + d]",
                                 "? 0.1f * static_cast<float>((k * 7 + d) % 11)")],
     "forward: no direct sums (all trusted)": [("constexpr float kTrustRatio = 0.5f;",
@@ -58,6 +59,16 @@ VARIANTS = {
     "both: no tf32 split (lo = hi)": [(
         "    const float x = hi.x[i], big = nvcuda::wmma::__float_to_tf32(x);\n    hi.x[i] = big;\n"
         "    lo.x[i] = nvcuda::wmma::__float_to_tf32(x - big);", "    lo.x[i] = hi.x[i];")],
+    "fp32 forward: 2 blocks per SM (255 registers)": [(FP32_BOUNDS, "__launch_bounds__(kThreads, 2)")],
+    "fp32 forward: 8 channels per step": [(FP32_DEPTH, FP32_DEPTH.replace("16", "8"))],
+    "fp32 forward: 32 channels per step, 2 blocks per SM": [(FP32_DEPTH, FP32_DEPTH.replace("16", "32")),
+                                                            (FP32_BOUNDS, "__launch_bounds__(kThreads, 2)")],
+    "fp32 forward: no prefetch (each step loaded after its barrier)": [
+        ("    if (D > 0) fetch(0);\n", ""),
+        ("      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n      for (int r = 0; r < kModeLoads",
+         "      fetch(d0);\n      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n"
+         "      for (int r = 0; r < kModeLoads"),
+        ("      if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);\n", "")],
     "backward: no products": [(text, "") for text in BACKWARD_PRODUCTS],
     "backward: no embedding loads": [(
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];", "v = 0.01f * (d - p);")],
@@ -135,9 +146,9 @@ def main():
         row["backward_saved_us"] = round(base["backward_us"] - row["backward_us"], 2)
     table = harness.markdown_table(
         ["variant", "forward us", "saved vs as built", "backward us (both gradients)", "saved vs as built",
-         "backward, dL/de only", "backward, dL/dr only", "centre us"],
+         "backward, dL/de only", "backward, dL/dr only", "centre us", "fp32 forward us"],
         [[r["variant"], r["forward_us"], r["forward_saved_us"], r["backward_us"], r["backward_saved_us"],
-          r["backward_emb_us"], r["backward_modes_us"], r["centre_us"]] for r in rows])
+          r["backward_emb_us"], r["backward_modes_us"], r["centre_us"], r["forward_fp32_us"]] for r in rows])
     scaling_table = harness.markdown_table(
         ["P", "forward us", "backward us", "fp32 forward us", "centre us"],
         [[r["P"], r["forward_us"], r["backward_us"], r["forward_fp32_us"], r["centre_us"]]

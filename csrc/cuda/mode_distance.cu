@@ -92,38 +92,73 @@ __device__ __forceinline__ void load_vec(const double* src, double* v) {
   v[1] = t.y;
 }
 
-// Stages emb[b, d0 + d, p0 + p] for d < kDepth, p < kPixels as acc_t at
-// dst[d * d_stride + p * p_stride], minus centre[d0 + d] when centre is given;
-// zero outside channel D and pixel `end`. Consecutive threads read
+// One staging step of embeddings, a thread's share of it, in two halves:
+// fetch() issues the global loads into registers, all at once, and park()
+// writes the values to shared memory. A kernel fetches the next step before it
+// computes on the current one, so the loads' latency (about a microsecond from
+// HBM) passes during the arithmetic instead of at a barrier. Staged in one go,
+// load then store in a loop that nvcc unrolled four times, the fp32 forward
+// waited on 32 such round trips per block, one block per SM took 27 us, and
+// 2 x 256 x 256 pixels 105 us on an H200 (bench/results/NVIDIA_H200/tensor_core_probe.md).
+//
+// The step is emb[b, d0 + d, p0 + p] for d < kDepth, p < kPixels as acc_t,
+// minus centre[d0 + d] when centre is given, zero outside channel D and pixel
+// `end`, parked at dst[d * d_stride + p * p_stride]. Consecutive threads read
 // consecutive addresses: along the pixels where pixels are adjacent in memory
 // ((B, D, H, W) contiguous), else along the channels (channels-last, (N, D)).
-template <int kDepth, int kPixels, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void stage_embeddings(acc_t* dst, int d_stride, int p_stride, const scalar_t* emb,
-                                                 PixelLayout layout, int64_t b, int d0, int D, int64_t p0,
-                                                 int64_t end, const acc_t* centre = nullptr) {
-  const bool pixels_adjacent = layout.pixel == 1;
-  for (int i = threadIdx.x; i < kDepth * kPixels; i += kThreads) {
-    const int d = pixels_adjacent ? i / kPixels : i % kDepth;
-    const int p = pixels_adjacent ? i % kPixels : i / kDepth;
-    acc_t v = acc_t(0);
-    if (d0 + d < D && p0 + p < end) {
-      v = load_as<acc_t>(emb[layout.offset(b, d0 + d, p0 + p)]);
-      if (centre != nullptr) v -= centre[d0 + d];
+template <int kDepth, int kPixels, int kBlockThreads, typename acc_t>
+struct EmbeddingStep {
+  // The thread's values are one run along the channels (pixels adjacent) or
+  // along the pixels (channels-last), kBlockThreads / kPixels channels or
+  // kBlockThreads / kDepth pixels apart: an address is a base plus a multiple
+  // of one stride (with a 64-bit address per value, ptxas kept 16 of them
+  // live across the arithmetic and spilled).
+  static_assert(kBlockThreads % kPixels == 0 && kBlockThreads % kDepth == 0, "one run per thread");
+  static_assert(kDepth * kPixels % kBlockThreads == 0, "whole rounds of staging");
+  static constexpr int kPerThread = kDepth * kPixels / kBlockThreads;
+  acc_t value[kPerThread];
+
+  template <typename scalar_t>
+  __device__ __forceinline__ void fetch(const scalar_t* emb, PixelLayout layout, int64_t b, int d0, int D, int64_t p0,
+                                        int64_t end, const acc_t* centre = nullptr) {
+    const int t = static_cast<int>(threadIdx.x);
+    const bool adjacent = layout.pixel == 1;
+    const int d_first = adjacent ? t / kPixels : t % kDepth, d_step = adjacent ? kBlockThreads / kPixels : 0;
+    const int p_first = adjacent ? t % kPixels : t / kDepth, p_step = adjacent ? 0 : kBlockThreads / kDepth;
+    const scalar_t* first = emb + layout.offset(b, d0 + d_first, p0 + p_first);
+    const int64_t stride = adjacent ? d_step * layout.channel : p_step * layout.pixel;
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) {
+      const int d = d0 + d_first + r * d_step;
+      value[r] = acc_t(0);
+      if (d < D && p0 + p_first + r * p_step < end) {
+        value[r] = load_as<acc_t>(first[r * stride]);
+        if (centre != nullptr) value[r] -= centre[d];
+      }
     }
-    dst[d * d_stride + p * p_stride] = v;
   }
-}
+
+  __device__ __forceinline__ void park(acc_t* dst, int d_stride, int p_stride, bool adjacent) const {
+    const int t = static_cast<int>(threadIdx.x);
+    const int d_first = adjacent ? t / kPixels : t % kDepth, d_step = adjacent ? kBlockThreads / kPixels : 0;
+    const int p_first = adjacent ? t % kPixels : t / kDepth, p_step = adjacent ? 0 : kBlockThreads / kDepth;
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r)
+      dst[(d_first + r * d_step) * d_stride + (p_first + r * p_step) * p_stride] = value[r];
+  }
+};
 
 // Forward. grid = (ceil(P / kPixels), B). A block takes kPixels pixels of one
 // image and goes over the classes in passes of floor(kModes / M) whole classes
 // (one pass at C*M <= kModes). A pass accumulates the thread's 2kVec x 2kVec
 // block of squared distances over the channels, kDepth at a time staged in
-// shared memory (pixels x channels and channels x modes); then it parks the
+// shared memory (pixels x channels and channels x modes; the next step's
+// loads in flight during each step's arithmetic); then it parks the
 // tile of distances in shared memory (reusing the staging space), and each
 // thread takes (class, pixel) pairs, consecutive pixels on consecutive
 // threads, for the min over the class's M modes and the coalesced stores.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_distance_forward_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
     acc_t* __restrict__ dmin, uint8_t* __restrict__ mstar,
@@ -140,9 +175,13 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
   acc_t* const mode_tile = shared + T::kDepth * kEmbRow;  // [kDepth][kModeRow]
   acc_t* const dist_tile = shared;                        // [kModes][kPixels], after the channel loop
 
+  constexpr int kModeLoads = T::kDepth * T::kModes / kThreads;
+  static_assert(kThreads % T::kDepth == 0 && T::kDepth * T::kModes % kThreads == 0, "whole rounds of mode staging");
+
   const int px = threadIdx.x % kColumnThreads, my = threadIdx.x / kColumnThreads;
   const int64_t b = blockIdx.y, p0 = static_cast<int64_t>(blockIdx.x) * T::kPixels;
   const int classes_per_pass = T::kModes / M;
+  const bool pixels_adjacent = emb_layout.pixel == 1;
 
   for (int c0 = 0; c0 < C; c0 += classes_per_pass) {
     const int classes = min(classes_per_pass, C - c0);
@@ -155,15 +194,29 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_kernel(
 #pragma unroll
       for (int j = 0; j < 2 * V; ++j) acc[i][j] = acc_t(0);
 
+    // The next step's embeddings and modes, in flight while this step is computed.
+    EmbeddingStep<T::kDepth, T::kPixels, kThreads, acc_t> next;
+    acc_t next_modes[kModeLoads];
+    // Mode k = r * (kThreads / kDepth) + threadIdx.x / kDepth, channel d0 + threadIdx.x % kDepth.
+    const int mode_d = threadIdx.x % T::kDepth, mode_k = threadIdx.x / T::kDepth;
+    const auto fetch = [&](int d0) {
+      next.fetch(emb, emb_layout, b, d0, D, p0, P);
+      const acc_t* first = pass_centres + static_cast<int64_t>(mode_k) * D + d0 + mode_d;
+#pragma unroll
+      for (int r = 0; r < kModeLoads; ++r) {
+        const int k = mode_k + r * (kThreads / T::kDepth);
+        next_modes[r] = (d0 + mode_d < D && k < pass_modes) ? first[static_cast<int64_t>(r) * (kThreads / T::kDepth) * D]
+                                                            : acc_t(0);
+      }
+    };
+    if (D > 0) fetch(0);
     for (int d0 = 0; d0 < D; d0 += T::kDepth) {
       __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
-      stage_embeddings<T::kDepth, T::kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P);
-      for (int i = threadIdx.x; i < T::kDepth * T::kModes; i += kThreads) {
-        const int d = i % T::kDepth, k = i / T::kDepth;
-        mode_tile[d * kModeRow + k] =
-            (d0 + d < D && k < pass_modes) ? pass_centres[static_cast<int64_t>(k) * D + d0 + d] : acc_t(0);
-      }
+      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);
+#pragma unroll
+      for (int r = 0; r < kModeLoads; ++r) mode_tile[mode_d * kModeRow + mode_k + r * (kThreads / T::kDepth)] = next_modes[r];
       __syncthreads();
+      if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);
 #pragma unroll
       for (int d = 0; d < T::kDepth; ++d) {
         acc_t x[2 * V], r[2 * V];
@@ -381,6 +434,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
   const int own_pixel = threadIdx.x % kPixels, half = threadIdx.x / kPixels;
   const int64_t b = blockIdx.y, p0 = static_cast<int64_t>(blockIdx.x) * kPixels;
   const int classes_per_pass = kModes / M;
+  const bool pixels_adjacent = emb_layout.pixel == 1;
 
   for (int c0 = 0, pass = 0; c0 < C; c0 += classes_per_pass, ++pass) {
     __syncthreads();  // the previous pass's readers are done with the norms and the queue (also at D = 0)
@@ -394,9 +448,11 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 #pragma unroll
     for (int t = 0; t < kModes / 16; ++t) wmma::fill_fragment(acc[t], 0.0f);
 
+    EmbeddingStep<kDepth, kPixels, kThreads, float> next;  // in flight while the step before is computed
+    if (D > 0) next.fetch(emb, emb_layout, b, 0, D, p0, P, pass_mu);
     for (int d0 = 0; d0 < D; d0 += kDepth) {
       __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
-      stage_embeddings<kDepth, kPixels>(emb_tile, kEmbRow, 1, emb, emb_layout, b, d0, D, p0, P, pass_mu);
+      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);
 #pragma unroll 4  // fully unrolled, the forward takes over 140 registers instead of about 90 (nvcc -Xptxas -v)
       for (int r = 0; r < kDepth * kModes / kThreads; ++r) {
         const int i = r * kThreads + threadIdx.x, d = i % kDepth, k = i / kDepth;
@@ -405,6 +461,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
                                           : 0.0f;
       }
       __syncthreads();
+      if (d0 + kDepth < D) next.fetch(emb, emb_layout, b, d0 + kDepth, D, p0, P, pass_mu);
       for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2); ++d) {
         const float v = emb_tile[d * kEmbRow + own_pixel];
         norm_part += v * v;
@@ -581,8 +638,8 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads, 3) mode_distance_ba
         winners[p * kModes + c] = static_cast<uint8_t>(winner);
         for (int m = 0; m < M; ++m) weights[p * kWeightRow + c * M + m] = m == winner ? g : 0.0f;
       }
-      // Staged here rather than by stage_embeddings: through it ptxas gives this kernel
-      // 128 registers instead of 80 (2 blocks per SM instead of 3).
+      // Staged by plain loops: through EmbeddingStep (every load of the step at once) or with
+      // the next step prefetched into registers, ptxas spills even at 128 registers.
       for (int i = threadIdx.x; i < kGradDepth * kGradStep; i += kGradThreads) {
         const int d = pixels_adjacent ? i / kGradStep : i % kGradDepth;
         const int p = pixels_adjacent ? i % kGradStep : i / kGradDepth;
@@ -793,7 +850,9 @@ __global__ void __launch_bounds__(kThreads, 3) mode_distance_grad_modes_kernel(
       acc_t* row = weight_tile + p * kWeightRow + cl * M;
       for (int m = 0; m < M; ++m) row[m] = m == winner ? g : acc_t(0);
     }
-    stage_embeddings<T::kChannels, T::kGradPixels>(emb_tile, 1, kEmbRow, emb, emb_layout, b, d0, D, q0, end);
+    EmbeddingStep<T::kChannels, T::kGradPixels, kThreads, acc_t> step;
+    step.fetch(emb, emb_layout, b, d0, D, q0, end);
+    step.park(emb_tile, 1, kEmbRow, emb_layout.pixel == 1);
     __syncthreads();
 #pragma unroll 1  // unrolling it makes ptxas spill (168-register cap of 3 blocks per SM)
     for (int p = 0; p < n; ++p) {

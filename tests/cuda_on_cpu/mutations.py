@@ -18,8 +18,12 @@ FILES = ("mode_distance.cu", "mmdl_losses.cu")
 # name -> (text of a kernel file, what it becomes); each text occurs once in one file
 MUTATIONS = {
     "forward: no barrier before staging": (
-        "      __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles\n"
-        "      stage_embeddings<kDepth, kPixels>", "      stage_embeddings<kDepth, kPixels>"),
+        "pass_mu);\n    for (int d0 = 0; d0 < D; d0 += kDepth) {\n"
+        "      __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles\n",
+        "pass_mu);\n    for (int d0 = 0; d0 < D; d0 += kDepth) {\n"),
+    "forward: the step ahead fetched from the wrong channels": (
+        "if (d0 + kDepth < D) next.fetch(emb, emb_layout, b, d0 + kDepth, D, p0, P, pass_mu);",
+        "if (d0 + kDepth < D) next.fetch(emb, emb_layout, b, d0, D, p0, P, pass_mu);"),
     "forward: no barrier before the products are parked": (
         "    __syncthreads();  // the staged tiles are read; the products take their place\n", ""),
     "3xTF32: lo.hi term dropped": ("  nvcuda::wmma::mma_sync(step, a_lo, b_hi, step);\n", ""),
@@ -64,6 +68,12 @@ MUTATIONS = {
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];",
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]);"),
     "backward: no direct sum for non-finite gradients": ("if (!(fabsf(grad) <= FLT_MAX)) {", "if (false) {"),
+    "fp32 forward: no barrier before staging": (
+        "    if (D > 0) fetch(0);\n    for (int d0 = 0; d0 < D; d0 += T::kDepth) {\n"
+        "      __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles\n",
+        "    if (D > 0) fetch(0);\n    for (int d0 = 0; d0 < D; d0 += T::kDepth) {\n"),
+    "fp32 forward: the step ahead fetched from the wrong channels": (
+        "if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);", "if (d0 + T::kDepth < D) fetch(d0);"),
     "fp32 forward: the distances parked without a barrier": (
         "    __syncthreads();  // the staged tiles are read; the distances take their place\n", ""),
     "MMDL mode gradient: a sample left out of each chunk": ("for (int64_t o = begin; o < end; ++o) {",
