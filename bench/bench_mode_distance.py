@@ -10,13 +10,13 @@ Methods:
              argmin, then the distances to the chosen modes in PyTorch); it
              compiles its kernels at first use (outside the timing)
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
-  cpu / cuda / triton   drsl_fast's fused backends (cuda: on GPUs of compute
-             capability >= 8.0 its fp32 forward and tensor-core backward)
-  cuda-fp32  the CUDA backend with DRSL_FAST_NO_TENSOR_CORES=1: the fp32
-             kernels older GPUs (the GTX 1080 Ti) run; listed on GPUs that
-             have tensor cores
-  cuda-tc-forward  the CUDA backend with DRSL_FAST_TENSOR_CORE_FORWARD=1: its
-             tensor-core forward too; listed on GPUs that have tensor cores
+  cpu / cuda / triton   drsl_fast's fused backends (cuda: the fp32 kernels,
+             the ones older GPUs such as the GTX 1080 Ti run)
+  cuda-tc-backward / cuda-tc-forward  the CUDA backend with
+             DRSL_FAST_TENSOR_CORE_BACKWARD=1 or DRSL_FAST_TENSOR_CORE_FORWARD=1:
+             its tensor-core backward or forward; listed on GPUs that have
+             tensor cores (cuda-fp32 in results of earlier versions: the fp32
+             kernels, when the tensor-core backward was the default there)
   triton-ieee / triton-tf32  the Triton forward with its ranking product in
              fp32 FMA or plain tf32 (the library's default is tf32x3)
   triton-pXwY  the Triton forward with X pixels per program and Y warps
@@ -340,6 +340,10 @@ def peers():
     return ["pykeops"]
 
 
+FIELDS = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "host_ms", "pipelined_ms",
+          "peak_extra_mib", "dmin_mib", "roofline_mib", "bandwidth_gbs", "gflop", "gflops", "rel_error", "runs", "error"]
+
+
 def markdown_table(rows):
     header = ("| size (B,D,C,M,HxW) | pass | method | time ms | host ms / pipelined ms | peak extra MiB "
               "| speed-up vs best baseline | achieved GB/s (roofline bytes) | achieved GFLOP/s | error vs float64 |")
@@ -417,12 +421,15 @@ def main():
     if args.quick:
         return
     stem = harness.results_stem(args.out, "mode_distance", device)
-    fields = ["method", "pass", "B", "D", "C", "M", "H", "W", "time_ms", "min_ms", "max_ms", "host_ms", "pipelined_ms",
-              "peak_extra_mib",
-              "dmin_mib", "roofline_mib", "bandwidth_gbs", "gflop", "gflops", "rel_error", "runs", "error"]
+    harness.write_results(stem, harness.metadata(device), [dict(r, **r["size"]) for r in rows], FIELDS,
+                          "mode_distance benchmark", describe(table, gpu))
+
+
+def describe(table, gpu):
+    """The markdown body of the results: how they were measured, then the table."""
     host = ("; host ms is the host's time to issue one call, pipelined ms the time per call of 20 calls back to "
             "back, synchronised at the end only (as in a training loop)") if gpu else ""
-    body = (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}) "
+    return (f"Times are medians ({'CUDA events, inputs rotated through several copies' if gpu else 'wall clock'}) "
             f"of one synchronised call at a time{host}; "
             f"peak extra memory is measured on a fresh process "
             f"({'max_memory_allocated' if gpu else 'RSS high-water mark'}) above the inputs. Achieved bandwidth is "
@@ -430,8 +437,6 @@ def main():
             f"mstar and the embeddings, write their gradient) over the time, for every method alike. The fp32 "
             f"`dmin` output of the realistic size is "
             f"{REALISTIC['B'] * REALISTIC['C'] * REALISTIC['H'] * REALISTIC['W'] * 4 / 2**20:.1f} MiB.\n\n{table}")
-    harness.write_results(stem, harness.metadata(device), [dict(r, **r["size"]) for r in rows], fields,
-                          "mode_distance benchmark", body)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 # rotated inputs, achieved bandwidth and FLOP rate), the training-step
 # benchmark with the memory model's predictions, the training-step profile, and
 # the performance report. Everything is written under bench/results/<device>/
-# (or $DEST; under $OUT/<device> where $OUT is set), with a log per stage and
-# stage timings in $DEST/timings.txt. Each stage has a time limit (T_<stage>
+# (or $DEST), with a log per stage and stage timings in $DEST/timings.txt.
+# Where $OUT is set (a lent GPU machine, which returns only a few files of
+# $OUT), the results go to /tmp/gpu_suite/<device> and are packed into
+# $OUT/<device>.tgz after every stage. Each stage has a time limit (T_<stage>
 # seconds), so a short run still returns every stage that finished.
 #
 #   bash bench/gpu_suite.sh                       # everything
@@ -24,7 +26,7 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names i
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
     echo "no CUDA device visible to $PY" >&2; exit 1; }
-DEST=${DEST:-${OUT:+$OUT/$device}}
+DEST=${DEST:-${OUT:+/tmp/gpu_suite/$device}}
 DEST=${DEST:-bench/results/$device}
 mkdir -p "$DEST"
 echo "gpu_suite: $device -> $DEST (stages: $STAGES)"
@@ -80,8 +82,12 @@ run_stage() {
     esac
 }
 
+pack() {  # the results so far, as one file of $OUT
+    [[ -n ${OUT:-} ]] && tar czf "$OUT/$device.tgz" -C "$(dirname "$DEST")" "$(basename "$DEST")"
+}
 for stage in $STAGES; do  # in the order given
     run_stage "$stage"
+    pack
 done
 echo "gpu_suite: done in $SECONDS s -> $DEST (status $status)"
 cat "$DEST/timings.txt"

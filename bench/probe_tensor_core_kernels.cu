@@ -137,6 +137,22 @@ int main(int argc, char** argv) {
     cu::mode_distance_forward_kernel<float, float><<<fp32_grid, cu::kThreads>>>(
         next(), emb_layout, modes, C, M, D, P, dmin, mstar, posterior, scale, out_layout);
   });
+  // The fp32 backward, the default on every GPU: dL/de, then the mode gradient's partials.
+  const int64_t modes_bytes = static_cast<int64_t>(C) * M * (D | 1) * static_cast<int64_t>(sizeof(float));
+  const bool in_shared = modes_bytes <= cu::kModesSharedBytes;
+  const dim3 grad_emb_grid((P + cu::kThreads - 1) / cu::kThreads, B);
+  const int classes_per_pass = Tile::kModes / M;
+  const int channel_blocks = (D + Tile::kChannels - 1) / Tile::kChannels;
+  const dim3 grad_modes_grid((P + cu::kModeGradChunk - 1) / cu::kModeGradChunk,
+                             ((C + classes_per_pass - 1) / classes_per_pass) * channel_blocks, B);
+  static_assert(cu::kModeGradChunk == tc::kGradChunk, "one partial buffer for both backward kernels");
+  const double backward_fp32_us = median_us([&] {
+    const float* e = next();
+    cu::mode_distance_grad_emb_kernel<float, float><<<grad_emb_grid, cu::kThreads, in_shared ? modes_bytes : 0>>>(
+        grad_dmin, winners, out_layout, e, emb_layout, modes, C, M, D, P, in_shared, grad_emb, emb_layout);
+    cu::mode_distance_grad_modes_kernel<float, float><<<grad_modes_grid, cu::kThreads>>>(
+        grad_dmin, winners, out_layout, e, emb_layout, modes, C, M, D, P, partial);
+  });
   long long refused = -1;  // (pixel, class) pairs one forward call recomputes directly, where the variant counts them
 #ifdef DRSL_PROBE_REFUSED
   unsigned long long count = 0;
@@ -149,7 +165,9 @@ int main(int argc, char** argv) {
   check(cudaGetLastError(), "launches");
   std::printf(
       "{\"centre_us\": %.2f, \"forward_us\": %.2f, \"backward_us\": %.2f, \"backward_emb_us\": %.2f, "
-      "\"backward_modes_us\": %.2f, \"forward_fp32_us\": %.2f, \"refused_pairs\": %lld}\n",
-      centre_us, forward_us, backward_us, backward_emb_us, backward_modes_us, forward_fp32_us, refused);
+      "\"backward_modes_us\": %.2f, \"forward_fp32_us\": %.2f, \"backward_fp32_us\": %.2f, "
+      "\"refused_pairs\": %lld}\n",
+      centre_us, forward_us, backward_us, backward_emb_us, backward_modes_us, forward_fp32_us, backward_fp32_us,
+      refused);
   return 0;
 }

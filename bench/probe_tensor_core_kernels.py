@@ -43,7 +43,7 @@ VARIANTS = {
         ("queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i);",
          "{ queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i); atomicAdd(&probe_refused, 1ull); }")],
     "forward: no products": [(FORWARD_PRODUCT, "")],
-    "forward: no embedding loads": [(text, "for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * (r % 13);")
+    "forward: no embedding loads": [(text, "for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * r;")
                                     for text in ("next.fetch(emb, emb_layout, b, 0, D, p0, P, pass_mu);",
                                                  "next.fetch(emb, emb_layout, b, d0 + kDepth, D, p0, P, pass_mu);")],
     "forward: no mode loads": [("? pass_centres[static_cast<int64_t>(k) * D + d0 + d] - pass_mu[d0 + d]",
@@ -65,10 +65,22 @@ VARIANTS = {
                                                             (FP32_BOUNDS, "__launch_bounds__(kThreads, 2)")],
     "fp32 forward: no prefetch (each step loaded after its barrier)": [
         ("    if (D > 0) fetch(0);\n", ""),
-        ("      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n      for (int r = 0; r < kModeLoads",
+        ("      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n"
+         "      for (int r = 0; r < kModeLoads",
          "      fetch(d0);\n      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n"
          "      for (int r = 0; r < kModeLoads"),
         ("      if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);\n", "")],
+    "fp32 forward: no arithmetic (distances left at zero)": [(
+        "            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros",
+        "            (void)t;")],
+    "fp32 forward: no embedding loads": [("      next.fetch(emb, emb_layout, b, d0, D, p0, P);",
+                                          "      for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * r;")],
+    "fp32 forward: no output stores": [(
+        "      dmin[o] = best;\n      mstar[o] = static_cast<uint8_t>(best_mode);\n"
+        "      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n    }\n"
+        "    // The next pass's",
+        "      if (best == acc_t(-1)) dmin[o] = static_cast<acc_t>(best_mode);  // never: keeps the work alive\n    }\n"
+        "    // The next pass's")],
     "backward: no products": [(text, "") for text in BACKWARD_PRODUCTS],
     "backward: no embedding loads": [(
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];", "v = 0.01f * (d - p);")],
@@ -78,7 +90,7 @@ VARIANTS = {
                                     "total = weights[threadIdx.x * kWeightRow];")],
 }
 FIELDS = ["variant", "centre_us", "forward_us", "forward_saved_us", "backward_us", "backward_saved_us",
-          "backward_emb_us", "backward_modes_us", "forward_fp32_us", "refused_pairs"]
+          "backward_emb_us", "backward_modes_us", "forward_fp32_us", "backward_fp32_us", "refused_pairs"]
 
 
 def variant_source(edits):
@@ -146,12 +158,13 @@ def main():
         row["backward_saved_us"] = round(base["backward_us"] - row["backward_us"], 2)
     table = harness.markdown_table(
         ["variant", "forward us", "saved vs as built", "backward us (both gradients)", "saved vs as built",
-         "backward, dL/de only", "backward, dL/dr only", "centre us", "fp32 forward us"],
+         "backward, dL/de only", "backward, dL/dr only", "centre us", "fp32 forward us", "fp32 backward us"],
         [[r["variant"], r["forward_us"], r["forward_saved_us"], r["backward_us"], r["backward_saved_us"],
-          r["backward_emb_us"], r["backward_modes_us"], r["centre_us"], r["forward_fp32_us"]] for r in rows])
+          r["backward_emb_us"], r["backward_modes_us"], r["centre_us"], r["forward_fp32_us"],
+          r["backward_fp32_us"]] for r in rows])
     scaling_table = harness.markdown_table(
-        ["P", "forward us", "backward us", "fp32 forward us", "centre us"],
-        [[r["P"], r["forward_us"], r["backward_us"], r["forward_fp32_us"], r["centre_us"]]
+        ["P", "forward us", "backward us", "fp32 forward us", "fp32 backward us", "centre us"],
+        [[r["P"], r["forward_us"], r["backward_us"], r["forward_fp32_us"], r["backward_fp32_us"], r["centre_us"]]
          for r in sorted(scaling + [dict(base, P=SHAPE["P"])], key=lambda r: r["P"])])
     counted = [r["refused_pairs"] for r in rows if r.get("refused_pairs", -1) >= 0]
     pairs = SHAPE["B"] * SHAPE["C"] * SHAPE["P"]
@@ -160,12 +173,13 @@ def main():
     body = (f"Shape B={SHAPE['B']}, D={SHAPE['D']}, C={SHAPE['C']}, M={SHAPE['M']}, P={SHAPE['P']} (fp32, "
             "(B, D, H, W) contiguous, posterior on). Each row is csrc/cuda/mode_distance.cu with one stage left out "
             "(wrong results: timing only), built with nvcc for this GPU; medians of 7 batches of 20 launches "
-            "(CUDA events), the embeddings rotated through 4 copies. The fp32 forward kernel on the same inputs, "
-            f"for scale: {base['forward_fp32_us']} us.{refused}\n\n{table}\n\n"
+            "(CUDA events), the embeddings rotated through 4 copies. The fp32 kernels (the CUDA backend's default) on "
+            f"the same inputs: forward {base['forward_fp32_us']} us, backward (dL/de and the mode gradient's "
+            f"partials) {base['backward_fp32_us']} us.{refused}\n\n{table}\n\n"
             "As built, against the number of pixels per image (B and the rest as above):\n\n" + scaling_table)
     harness.write_results(harness.results_stem(args.out, "tensor_core_probe", "cuda"),
                           harness.metadata("cuda", arch=arch, shape=SHAPE, scaling=scaling), rows, FIELDS,
-                          "Tensor-core mode-distance kernels: time by stage", body)
+                          "Mode-distance CUDA kernels: time by stage", body)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ GTX_1080TI_FP32_TFLOPS = 11.3
 GTX_1080TI_GBS = 484.0
 
 
-FAST_METHODS = ("cpu", "cuda", "cuda-fp32", "cuda-tc-forward", "triton")
+FAST_METHODS = ("cpu", "cuda", "cuda-fp32", "cuda-tc-backward", "cuda-tc-forward", "triton")
 
 
 def rate(value: float) -> str:
@@ -148,7 +148,8 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
                          f"{rate(ceilings['fp32_tflops'])} TFLOP/s = {duration(compute_us)}" + (
                              f"; the fastest drsl_fast backend here, {fast['method']}, takes "
                              f"{duration(1e3 * fast['time_ms'])}." if fast else "."))
-            # the fp32 kernel is the one a GTX 1080 Ti runs (on GPUs with tensor cores: cuda-fp32)
+            # the fp32 kernels are the ones a GTX 1080 Ti runs: "cuda", or "cuda-fp32" in results of versions
+            # whose default on GPUs with tensor cores was the tensor-core backward
             cuda = next((c for method in ("cuda-fp32", "cuda") for c in rows
                          if c["pass"] == pass_name and c["method"] == method), None)
             if cuda is not None:

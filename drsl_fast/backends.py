@@ -24,11 +24,13 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
 }
 TRITON_MIN_CAPABILITY = (8, 0)
-# The CUDA backend's other kernel sets on GPUs of compute capability >= 8.0
-# (its default there: the fp32 mode-distance forward and the tensor-core
-# backward), each chosen by setting an environment variable the CUDA launcher
-# reads at every call: the fp32 kernels throughout, or the tensor-core forward too.
-CUDA_KERNEL_VARIANTS = {"cuda-fp32": "DRSL_FAST_NO_TENSOR_CORES", "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD"}
+# The CUDA backend's tensor-core mode-distance kernels, for GPUs of compute
+# capability >= 8.0, each run on request: the environment variable named here,
+# read by the CUDA launcher at every call, set to 1. By default every GPU runs
+# the fp32 kernels, the ones a GTX 1080 Ti runs (on an H200 they are faster:
+# bench/NOTES.md).
+CUDA_KERNEL_VARIANTS = {"cuda-tc-backward": "DRSL_FAST_TENSOR_CORE_BACKWARD",
+                        "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD"}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -19,14 +19,15 @@ def device_for(backend: str) -> torch.device:
 
 
 # The CUDA kernels emulated on the CPU (tests/cuda_on_cpu), as backends of the
-# ops that have them: the tensor-core kernels and the fp32 ones.
-EMULATED = ("cuda-emulated", "cuda-fp32-emulated")
+# ops that have them: the fp32 kernels (the CUDA backend's default) and the
+# tensor-core ones.
+EMULATED = ("cuda-emulated", "cuda-tc-emulated")
 
 
 @contextlib.contextmanager
 def emulating(request, name: str):
     """Within the block, the ops' CPU kernels are the emulated CUDA kernel set ``name``."""
-    with cuda_on_cpu.as_cpu_kernels(request.getfixturevalue("emulated_cuda"), tensor_cores=name == "cuda-emulated"):
+    with cuda_on_cpu.as_cpu_kernels(request.getfixturevalue("emulated_cuda"), tensor_cores=name == "cuda-tc-emulated"):
         yield
 
 

@@ -4,7 +4,7 @@ scratch buffers in global memory, over the layouts, dtypes, class and mode
 counts the op tests use. (Shared memory is not covered: the emulation refills
 it with NaN before every block instead, so a read of what no thread wrote
 shows in the results.) (The op tests themselves run on the emulation through their
-"cuda-emulated" backends; the race check is in tests/test_mode_distance.py.)"""
+"cuda-emulated" and "cuda-tc-emulated" backends; the race check is in tests/test_mode_distance.py.)"""
 import os
 import subprocess
 import sys

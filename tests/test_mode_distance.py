@@ -16,18 +16,19 @@ SIGMA = 0.5
 
 @pytest.fixture(params=["cpu", "cuda", *CUDA_KERNEL_VARIANTS, "triton", *EMULATED])
 def fast_backend(request, monkeypatch):
-    """Each fast backend available here, with the device it runs on. On GPUs of
-    compute capability >= 8.0, "cuda" runs the fp32 forward and the
-    tensor-core backward, "cuda-tc-forward" the tensor-core forward too
-    (DRSL_FAST_TENSOR_CORE_FORWARD=1) and "cuda-fp32" the fp32 kernels alone
-    (DRSL_FAST_NO_TENSOR_CORES=1), the kernels older GPUs such as the GTX
-    1080 Ti run: all three are tested there. Everywhere, the "-emulated" pair
-    runs the tensor-core and the fp32 kernel sets on the CPU, in place of the
-    CPU kernels (tests/cuda_on_cpu): their logic is checked without a GPU."""
+    """Each fast backend available here, with the device it runs on. "cuda"
+    runs the fp32 kernels, the ones older GPUs such as the GTX 1080 Ti run; on
+    GPUs of compute capability >= 8.0, "cuda-tc-backward" runs the tensor-core
+    backward (DRSL_FAST_TENSOR_CORE_BACKWARD=1) and "cuda-tc-forward" the
+    tensor-core forward (DRSL_FAST_TENSOR_CORE_FORWARD=1), each with the fp32
+    kernel for the other half: all three are tested there. Everywhere,
+    "cuda-emulated" and "cuda-tc-emulated" run the fp32 and the tensor-core
+    kernel sets on the CPU, in place of the CPU kernels (tests/cuda_on_cpu):
+    their logic is checked without a GPU."""
     name = request.param
     if name in CUDA_KERNEL_VARIANTS:
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
-            pytest.skip(f"{name}: no GPU with tensor cores here (elsewhere 'cuda' is the fp32 kernels)")
+            pytest.skip(f"{name}: no GPU with tensor cores here")
         monkeypatch.setenv(CUDA_KERNEL_VARIANTS[name], "1")
         name = "cuda"
     yield from backend_under_test(request, name)

@@ -2,13 +2,14 @@
 // first the device kernels, free of ATen, then their launchers.
 // kernels/cuda/pascal_sm61.cu compiles the kernels alone for sm_61 (it defines
 // DRSL_FAST_KERNELS_ONLY). The fp32 kernels (fp64 for fp64 input) use plain
-// FMA, no tensor cores, because the GTX 1080 Ti has none. On sm_80 and newer,
-// fp32/fp16/bf16 input at C*M <= 64 runs the tensor-core backward instead (see
-// "Tensor-core forward and backward" below), computing both gradients as
-// products in one kernel. The tensor-core forward, which ranks the modes with
-// a 3xTF32 product, runs only on request (DRSL_FAST_TENSOR_CORE_FORWARD=1): on
-// an H200 it is slower than the fp32 forward (bench/NOTES.md).
-// DRSL_FAST_NO_TENSOR_CORES=1 keeps the fp32 kernels on every GPU.
+// FMA, no tensor cores, because the GTX 1080 Ti has none; every GPU runs them
+// by default, so every card gives the same bits. On sm_80 and newer, for
+// fp32/fp16/bf16 input, two tensor-core kernels run on request (see
+// "Tensor-core forward and backward" below): the backward, both gradients as
+// products in one kernel at C*M <= 64 (DRSL_FAST_TENSOR_CORE_BACKWARD=1), and
+// the forward, which ranks the modes with a 3xTF32 product
+// (DRSL_FAST_TENSOR_CORE_FORWARD=1). On an H200 both are slower than the fp32
+// kernels (bench/NOTES.md).
 //
 // The maths. For one pixel embedding e (a D-vector) and the K = C*M mode
 // centres r[k], k = c*M + m (docs/method.md §3):
@@ -197,16 +198,16 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
     // The next step's embeddings and modes, in flight while this step is computed.
     EmbeddingStep<T::kDepth, T::kPixels, kThreads, acc_t> next;
     acc_t next_modes[kModeLoads];
-    // Mode k = r * (kThreads / kDepth) + threadIdx.x / kDepth, channel d0 + threadIdx.x % kDepth.
+    // Mode k = mode_k + kModeStride r, channel d0 + mode_d.
+    constexpr int kModeStride = kThreads / T::kDepth;
     const int mode_d = threadIdx.x % T::kDepth, mode_k = threadIdx.x / T::kDepth;
     const auto fetch = [&](int d0) {
       next.fetch(emb, emb_layout, b, d0, D, p0, P);
       const acc_t* first = pass_centres + static_cast<int64_t>(mode_k) * D + d0 + mode_d;
 #pragma unroll
       for (int r = 0; r < kModeLoads; ++r) {
-        const int k = mode_k + r * (kThreads / T::kDepth);
-        next_modes[r] = (d0 + mode_d < D && k < pass_modes) ? first[static_cast<int64_t>(r) * (kThreads / T::kDepth) * D]
-                                                            : acc_t(0);
+        const bool inside = d0 + mode_d < D && mode_k + r * kModeStride < pass_modes;
+        next_modes[r] = inside ? first[static_cast<int64_t>(r) * kModeStride * D] : acc_t(0);
       }
     };
     if (D > 0) fetch(0);
@@ -214,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
       __syncthreads();  // the previous step's (or pass's) readers are done with the shared tiles
       next.park(emb_tile, kEmbRow, 1, pixels_adjacent);
 #pragma unroll
-      for (int r = 0; r < kModeLoads; ++r) mode_tile[mode_d * kModeRow + mode_k + r * (kThreads / T::kDepth)] = next_modes[r];
+      for (int r = 0; r < kModeLoads; ++r) mode_tile[mode_d * kModeRow + mode_k + r * kModeStride] = next_modes[r];
       __syncthreads();
       if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);
 #pragma unroll
@@ -927,20 +928,16 @@ bool env_flag(const char* name) {
   return value != nullptr && *value != '\0' && std::strcmp(value, "0") != 0;
 }
 
-// The tensor-core kernels run on sm_80 and newer unless DRSL_FAST_NO_TENSOR_CORES
-// is set: then every GPU runs the fp32 kernels, the ones a GTX 1080 Ti runs,
-// and gives their bits.
-bool use_tensor_cores() {
-  if (env_flag("DRSL_FAST_NO_TENSOR_CORES")) return false;
-  return at::cuda::getCurrentDeviceProperties()->major >= 8 && tensor_core_kernels_built();
+// Whether the tensor-core kernel that the environment variable `name` asks
+// for runs: on request only, on sm_80 and newer. On an H200, at B = 2, D = 64,
+// C = 19, M = 3 and 256 x 256 pixels (commit 54e7be5), the tensor-core forward
+// took 186 us against the fp32 forward's 82 us
+// (bench/results/NVIDIA_H200/tensor_core_probe.md), and the tensor-core
+// backward 181 us plus 11 us of mode centring against 166 us for the two fp32
+// kernels (mode_distance_kernels.md there).
+bool use_tensor_cores(const char* name) {
+  return env_flag(name) && at::cuda::getCurrentDeviceProperties()->major >= 8 && tensor_core_kernels_built();
 }
-
-// The tensor-core forward runs on request only: on an H200, at B = 2, D = 64,
-// C = 19, M = 3 and 256 x 256 pixels (commit 00b1e52), it took 223 us against
-// the fp32 forward's 105 us, where the tensor-core backward took 184 us
-// (bench/results/NVIDIA_H200/tensor_core_probe.md) against 235 us for the two
-// fp32 kernels (mode_distance_kernels.md there).
-bool use_tensor_core_forward() { return env_flag("DRSL_FAST_TENSOR_CORE_FORWARD") && use_tensor_cores(); }
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tensor& emb, const at::Tensor& modes,
@@ -952,7 +949,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (use_tensor_core_forward()) {
+      if (use_tensor_cores("DRSL_FAST_TENSOR_CORE_FORWARD")) {
         const int64_t passes = (p.C + cuda::tensor_core::kModes / p.M - 1) / (cuda::tensor_core::kModes / p.M);
         const at::Tensor mu = at::empty({passes, p.D}, p.modes.options());
         const at::Tensor mode_norm = at::empty({p.C * p.M}, p.modes.options());
@@ -999,7 +996,8 @@ std::tuple<at::Tensor, at::Tensor> mode_distance_backward_cuda(const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     using Tile = cuda::Tiling<acc_t>;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (p.C * p.M <= cuda::tensor_core::kModes && p.D > 0 && use_tensor_cores()) {
+      const bool one_pass = p.C * p.M <= cuda::tensor_core::kModes;
+      if (one_pass && p.D > 0 && use_tensor_cores("DRSL_FAST_TENSOR_CORE_BACKWARD")) {
         const int64_t chunks = blocks_for(p.P, cuda::tensor_core::kGradChunk);
         const at::Tensor mu = at::empty({1, p.D}, p.modes.options());
         launch(cuda::mode_centre_kernel, dim3(1), cuda::kThreads, 0, p.modes.const_data_ptr<float>(), p.C, p.M, p.D,
