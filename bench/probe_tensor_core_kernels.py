@@ -81,6 +81,8 @@ VARIANTS = {
         "    // The next pass's",
         "      if (best == acc_t(-1)) dmin[o] = static_cast<acc_t>(best_mode);  // never: keeps the work alive\n    }\n"
         "    // The next pass's")],
+    "fp32 dL/de: classes loaded one at a time": [("  constexpr int kClassBatch = 8;",
+                                                   "  constexpr int kClassBatch = 1;")],
     "backward: no products": [(text, "") for text in BACKWARD_PRODUCTS],
     "backward: no embedding loads": [(
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];", "v = 0.01f * (d - p);")],

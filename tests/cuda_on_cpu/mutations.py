@@ -74,6 +74,8 @@ MUTATIONS = {
         "    if (D > 0) fetch(0);\n    for (int d0 = 0; d0 < D; d0 += T::kDepth) {\n"),
     "fp32 forward: the step ahead fetched from the wrong channels": (
         "if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);", "if (d0 + T::kDepth < D) fetch(d0);"),
+    "fp32 dL/de: the last class of each batch left out": (
+        "        if (c0 + u >= C) break;", "        if (c0 + u >= C || u == kClassBatch - 1) break;"),
     "fp32 forward: the distances parked without a barrier": (
         "    __syncthreads();  // the staged tiles are read; the distances take their place\n", ""),
     "MMDL mode gradient: a sample left out of each chunk": ("for (int64_t o = begin; o < end; ++o) {",
