@@ -9,8 +9,9 @@
 // fixed chunk of samples, 2 g_c (r - e) over the chunk's samples in order; ATen
 // sums the chunks' partials (a reduction with the same order on every run).
 //
-// For a sample e with label y (one thread per sample, classes streamed, so no
-// per-class array is held):
+// For a sample e with label y (a block takes a few samples: one thread per
+// (sample, class) pair for the distances, one per sample for the sums over
+// the classes, one per (sample, channel) for the embedding gradient):
 //   dmin[c] = min_m ||e - r[c, m]||^2, mstar[c] its argmin (ties: lowest m)
 //   Eq. 4   triplet = relu(dmin[y] - min_{c != y} dmin[c] + alpha)
 //   Eq. 5   z[c] = s exp(-dmin[c] / (2 sigma^2)),  ce = logsumexp(z) - z[y]
@@ -27,23 +28,63 @@
 namespace drsl_fast {
 namespace cuda {
 
+// label_mode: one thread per sample.
 constexpr int kSampleThreads = 64;
-// A thread's sample embedding is read C * M times (every mode of every
-// class). Read in place, that is C * M * D gathers from scattered pixels,
-// each an L2 round trip (0.6 ms a launch at 11,400 samples on an H200). So
-// each thread first copies its sample to its own column of dynamic shared
-// memory, [channel][thread] (no bank conflicts, no barrier: only the thread
-// reads its column), and the backward adds the sample's gradient there too,
-// when they fit the default limit of dynamic shared memory.
-constexpr size_t kStagedBytes = 48 * 1024;
 
-// Dynamic shared memory of a per-sample kernel holding `rows` D-vectors of
-// acc_t per thread, or 0 (read in place) when that exceeds kStagedBytes.
-template <typename acc_t>
-inline size_t staged_bytes(int rows, int D) {
-  const size_t bytes = static_cast<size_t>(rows) * D * kSampleThreads * sizeof(acc_t);
-  return bytes <= kStagedBytes ? bytes : 0;
+// The losses: a block of kBlockThreads threads takes `samples` samples
+// (SampleTiling). One thread per sample, each going over every mode of every
+// class, one channel after another, left the GPU nearly idle: 11,400 samples
+// are 180 warps, and each thread's work was C*M*D dependent steps (about
+// 3,600 here); the MMDL kernels took 3.7 ms of a DRSL+ step on an H200
+// (bench/results/NVIDIA_H200/training_step_profile.md, commit 00008ab). Now a
+// thread takes one (sample, class) pair, M*D steps, and the few sums over the
+// classes run one thread per sample, from shared memory.
+constexpr int kBlockThreads = 128;
+// Dynamic shared memory of a block, at most (the default limit).
+constexpr size_t kBlockSharedBytes = 48 * 1024;
+
+// The samples of a block and its dynamic shared memory: per sample, its
+// embedding (D acc_t, when `staged`; else it is read in place), dmin and, in
+// the backward, g over the classes (C acc_t each), and mstar (C bytes).
+// samples = 0 when C is too large for one sample's row in shared memory.
+struct SampleTiling {
+  int samples;
+  bool staged;
+  size_t bytes;
+};
+
+// Bytes of one sample's row of shared memory, a multiple of 16 (rows stay aligned).
+__host__ __device__ inline size_t sample_row_bytes(int C, int D, size_t acc_size, bool backward, bool staged) {
+  const size_t values = static_cast<size_t>(staged ? D : 0) + static_cast<size_t>(C) * (backward ? 2 : 1);
+  return (values * acc_size + static_cast<size_t>(C) + 15) / 16 * 16;
 }
+
+inline SampleTiling sample_tiling(int C, int D, size_t acc_size, bool backward) {
+  const int wanted = C < kBlockThreads ? kBlockThreads / C : 1;  // about one thread per (sample, class) pair
+  for (const bool staged : {true, false}) {
+    const size_t row = sample_row_bytes(C, D, acc_size, backward, staged);
+    const int fits = static_cast<int>(kBlockSharedBytes / row);
+    if (fits > 0) {
+      const int samples = fits < wanted ? fits : wanted;
+      return {samples, staged, row * samples};
+    }
+  }
+  return {0, false, 0};
+}
+
+// Where a block's rows of shared memory are, per sample j < samples.
+template <typename acc_t>
+struct SampleRows {
+  unsigned char* base;
+  size_t row;
+  int C, D;
+  bool staged, backward;
+
+  __device__ acc_t* emb(int j) const { return reinterpret_cast<acc_t*>(base + j * row); }
+  __device__ acc_t* dmin(int j) const { return emb(j) + (staged ? D : 0); }
+  __device__ acc_t* g(int j) const { return dmin(j) + C; }  // backward only
+  __device__ uint8_t* winner(int j) const { return reinterpret_cast<uint8_t*>(dmin(j) + (backward ? 2 : 1) * C); }
+};
 
 template <typename acc_t> __device__ __forceinline__ acc_t log_of(acc_t v);
 template <> __device__ __forceinline__ float log_of<float>(float v) { return logf(v); }
@@ -76,21 +117,20 @@ struct SampleSummary {
   int negative;
 };
 
-template <typename scalar_t, typename acc_t>
-__device__ SampleSummary<acc_t> summarise(const scalar_t* e, int64_t step, const acc_t* modes, int C, int M, int D,
-                                          int y, acc_t inv_two_var, acc_t scale) {
+// The sums over the classes of one sample, from its dmin[c], in the order of c.
+template <typename acc_t>
+__device__ __forceinline__ SampleSummary<acc_t> summarise(const acc_t* dmin, int C, int y, acc_t inv_two_var,
+                                                          acc_t scale) {
   // nearest_wrong stays +inf when C = 1; NaN propagates (kernels/nan_rules.h)
   SampleSummary<acc_t> s{acc_t(0), acc_t(INFINITY), acc_t(0), -1};
   acc_t z_max = acc_t(0), total = acc_t(0);
   for (int c = 0; c < C; ++c) {
-    int winner = 0;
-    const acc_t dmin = class_dmin(e, step, modes, c, M, D, &winner);
-    if (c == y) s.positive = dmin;
-    else if (replaces_min(dmin, s.nearest_wrong)) {
-      s.nearest_wrong = dmin;
+    if (c == y) s.positive = dmin[c];
+    else if (replaces_min(dmin[c], s.nearest_wrong)) {
+      s.nearest_wrong = dmin[c];
       s.negative = c;
     }
-    const acc_t z = scale * exp_of(posterior_exponent(dmin, -inv_two_var));
+    const acc_t z = scale * exp_of(posterior_exponent(dmin[c], -inv_two_var));
     if (c == 0 || z > z_max) {  // online log-sum-exp
       total = (c == 0 ? acc_t(0) : total * exp_of(z_max - z)) + acc_t(1);
       z_max = z;
@@ -130,107 +170,133 @@ struct SampleBatch {
   // the embeddings have no storage and it may be null).
   __device__ const scalar_t* embedding(int64_t o) const { return emb + L.offset(o / S, 0, index[o]); }
 
-  // Copies the embedding of sample o (which counts) to row[d * step].
-  __device__ void stage(int64_t o, acc_t* row, int64_t step) const {
-    const scalar_t* e = embedding(o);
-    for (int d = 0; d < D; ++d) row[d * step] = load_as<acc_t>(e[d * L.channel]);
-  }
-
-  // The first pass over the classes for sample o, its embedding at e[d * step].
-  template <typename T>
-  __device__ SampleSummary<acc_t> summarise(const T* e, int64_t step, int64_t o, const LossParams<acc_t>& params) const {
-    return cuda::summarise(e, step, modes, C, M, D, static_cast<int>(label[o]), params.inv_two_var, params.scale);
-  }
 };
 
-// f(e, step) with sample o's embedding at e[d * step]: this thread's column of
-// the dynamic shared memory `shared` (staged there first) when `staged`, else
-// in place.
-template <typename scalar_t, typename acc_t, typename F>
-__device__ __forceinline__ void with_sample(const SampleBatch<scalar_t, acc_t>& batch, int64_t o, bool staged,
-                                            acc_t* shared, F&& f) {
-  if (staged) {
-    batch.stage(o, shared + threadIdx.x, blockDim.x);
-    f(static_cast<const acc_t*>(shared + threadIdx.x), static_cast<int64_t>(blockDim.x));
-  } else {
-    f(batch.embedding(o), batch.L.channel);
+// The first steps of a block of the losses, for samples first .. first +
+// samples - 1 (those past B*S, and those that do not count, are skipped):
+// their embeddings staged (when rows.staged; a thread per (sample, channel)),
+// then dmin and mstar of each (sample, class) pair, a pair per thread, into
+// the rows. Ends at a barrier.
+template <typename scalar_t, typename acc_t>
+__device__ void sample_distances(const SampleBatch<scalar_t, acc_t>& batch, const SampleRows<acc_t>& rows,
+                                 int64_t first, int samples) {
+  const int64_t total = batch.B * batch.S;
+  const int C = batch.C, D = batch.D;
+  if (rows.staged) {
+    for (int i = threadIdx.x; i < samples * D; i += blockDim.x) {
+      const int j = i / D, d = i % D;
+      const int64_t o = first + j;
+      if (o < total && batch.counts(o)) rows.emb(j)[d] = load_as<acc_t>(batch.embedding(o)[d * batch.L.channel]);
+    }
+    __syncthreads();
   }
+  for (int i = threadIdx.x; i < samples * C; i += blockDim.x) {
+    const int j = i / C, c = i % C;
+    const int64_t o = first + j;
+    if (o >= total || !batch.counts(o)) continue;
+    int winner = 0;
+    rows.dmin(j)[c] =
+        rows.staged ? class_dmin(static_cast<const acc_t*>(rows.emb(j)), 1, batch.modes, c, batch.M, D, &winner)
+                    : class_dmin(batch.embedding(o), batch.L.channel, batch.modes, c, batch.M, D, &winner);
+    rows.winner(j)[c] = static_cast<uint8_t>(winner);
+  }
+  __syncthreads();  // every pair's dmin and mstar are in the rows
 }
 
-// grid = ceil(B * S / kSampleThreads); staged: staged_bytes<acc_t>(1, D) of dynamic shared memory.
+// grid = ceil(B * S / samples), kBlockThreads threads, SampleTiling's bytes of
+// dynamic shared memory (sample_tiling(C, D, sizeof(acc_t), false)).
 template <typename scalar_t, typename acc_t>
 __global__ void mmdl_losses_forward_kernel(
     SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params, acc_t* __restrict__ triplet,
-    acc_t* __restrict__ ce, bool staged) {
+    acc_t* __restrict__ ce, int samples, bool staged) {
   DRSL_DYNAMIC_SHARED(unsigned char, forward_shared);
-  const int64_t o = thread_index();
-  if (o >= batch.B * batch.S) return;
+  const SampleRows<acc_t> rows{forward_shared, sample_row_bytes(batch.C, batch.D, sizeof(acc_t), false, staged),
+                               batch.C, batch.D, staged, false};
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * samples;
+  sample_distances(batch, rows, first, samples);
+  const int j = threadIdx.x;  // the sums over the classes: a thread per sample
+  const int64_t o = first + j;
+  if (j >= samples || o >= batch.B * batch.S) return;
   if (!batch.counts(o)) {
     triplet[o] = acc_t(0);
     ce[o] = acc_t(0);
     return;
   }
-  with_sample(batch, o, staged, reinterpret_cast<acc_t*>(forward_shared), [&](const auto* e, int64_t step) {
-    const auto s = batch.summarise(e, step, o, params);
-    triplet[o] = relu_keep_nan(s.positive - s.nearest_wrong + params.alpha);
-    ce[o] = s.log_sum_exp - params.scale * exp_of(posterior_exponent(s.positive, -params.inv_two_var));
-  });
+  const auto s = summarise(rows.dmin(j), batch.C, static_cast<int>(batch.label[o]), params.inv_two_var, params.scale);
+  triplet[o] = relu_keep_nan(s.positive - s.nearest_wrong + params.alpha);
+  ce[o] = s.log_sum_exp - params.scale * exp_of(posterior_exponent(s.positive, -params.inv_two_var));
 }
 
 // Writes dL/de of each sample to sample_grad (B*S, D) and g_c, mstar[c] of
 // each sample and class to class_grad and class_mode (B*S, C), for the mode
 // gradient (each optional; all zero for samples that do not count).
-// staged: staged_bytes<acc_t>(sample_grad ? 2 : 1, D) of dynamic shared
-// memory, the sample's embedding and then its gradient, each [channel][thread].
+// Launched as the forward, with sample_tiling(C, D, sizeof(acc_t), true).
 template <typename scalar_t, typename acc_t>
 __global__ void mmdl_losses_backward_kernel(
     const acc_t* __restrict__ grad_triplet, const acc_t* __restrict__ grad_ce, SampleBatch<scalar_t, acc_t> batch,
     LossParams<acc_t> params, acc_t* __restrict__ sample_grad, acc_t* __restrict__ class_grad,
-    uint8_t* __restrict__ class_mode, bool staged) {
+    uint8_t* __restrict__ class_mode, int samples, bool staged) {
   DRSL_DYNAMIC_SHARED(unsigned char, backward_shared);
-  const int64_t o = thread_index();
   const int C = batch.C, M = batch.M, D = batch.D;
-  if (o >= batch.B * batch.S) return;
-  acc_t* const ge = sample_grad == nullptr ? nullptr : sample_grad + o * D;
-  if (!batch.counts(o)) {
-    if (ge != nullptr)
-      for (int d = 0; d < D; ++d) ge[d] = acc_t(0);
-    if (class_grad != nullptr)
+  const int64_t total = batch.B * batch.S;
+  const SampleRows<acc_t> rows{backward_shared, sample_row_bytes(C, D, sizeof(acc_t), true, staged), C, D, staged,
+                               true};
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * samples;
+  sample_distances(batch, rows, first, samples);
+
+  // g_c of each class, a thread per sample, into the rows (and the tables)
+  if (static_cast<int>(threadIdx.x) < samples && first + threadIdx.x < total) {
+    const int j = threadIdx.x;
+    const int64_t o = first + j;
+    acc_t* const g_row = rows.g(j);
+    const uint8_t* const winner = rows.winner(j);
+    if (!batch.counts(o)) {
       for (int c = 0; c < C; ++c) {
-        class_grad[o * C + c] = acc_t(0);
-        class_mode[o * C + c] = 0;
+        g_row[c] = acc_t(0);
+        if (class_grad != nullptr) {
+          class_grad[o * C + c] = acc_t(0);
+          class_mode[o * C + c] = 0;
+        }
       }
-    return;
-  }
-  acc_t* const shared = reinterpret_cast<acc_t*>(backward_shared);
-  // dL/de of the sample at grad[d * grad_step]: after its embedding in shared memory, or in place
-  acc_t* const grad = ge == nullptr ? nullptr : staged ? shared + D * blockDim.x + threadIdx.x : ge;
-  const int64_t grad_step = staged ? blockDim.x : 1;
-  if (grad != nullptr)
-    for (int d = 0; d < D; ++d) grad[d * grad_step] = acc_t(0);
-  with_sample(batch, o, staged, shared, [&](const auto* e, int64_t step) {
-    const int64_t y = batch.label[o];
-    const acc_t inv_two_var = params.inv_two_var, scale = params.scale;
-    const auto s = batch.summarise(e, step, o, params);
-    const bool active = s.negative >= 0 && s.positive - s.nearest_wrong + params.alpha > acc_t(0);
-    const acc_t g_ce = grad_ce[o], g_tri = grad_triplet[o];
-    for (int c = 0; c < C; ++c) {
-      int winner = 0;
-      const acc_t dmin = class_dmin(e, step, batch.modes, c, M, D, &winner);
-      const acc_t z = scale * exp_of(posterior_exponent(dmin, -inv_two_var));
-      acc_t g = -g_ce * (exp_of(z - s.log_sum_exp) - acc_t(c == y)) * z * inv_two_var;
-      if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));
-      if (class_grad != nullptr) {
-        class_grad[o * C + c] = g;
-        class_mode[o * C + c] = static_cast<uint8_t>(winner);
+    } else {
+      const int64_t y = batch.label[o];
+      const acc_t* const dmin = rows.dmin(j);
+      const acc_t inv_two_var = params.inv_two_var, scale = params.scale;
+      const auto s = summarise(dmin, C, static_cast<int>(y), inv_two_var, scale);
+      const bool active = s.negative >= 0 && s.positive - s.nearest_wrong + params.alpha > acc_t(0);
+      const acc_t g_ce = grad_ce[o], g_tri = grad_triplet[o];
+      for (int c = 0; c < C; ++c) {
+        const acc_t z = scale * exp_of(posterior_exponent(dmin[c], -inv_two_var));
+        acc_t g = -g_ce * (exp_of(z - s.log_sum_exp) - acc_t(c == y)) * z * inv_two_var;
+        if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));
+        g_row[c] = g;
+        if (class_grad != nullptr) {
+          class_grad[o * C + c] = g;
+          class_mode[o * C + c] = winner[c];
+        }
       }
-      if (g == acc_t(0) || grad == nullptr) continue;
-      const acc_t* r = batch.modes + (static_cast<int64_t>(c) * M + winner) * D;
-      for (int d = 0; d < D; ++d) grad[d * grad_step] += acc_t(2) * g * (load_as<acc_t>(e[d * step]) - r[d]);
     }
-  });
-  if (staged && ge != nullptr)
-    for (int d = 0; d < D; ++d) ge[d] = grad[d * grad_step];
+  }
+  if (sample_grad == nullptr) return;
+  __syncthreads();  // every sample's g_c are in the rows
+
+  // dL/de = 2 sum_c g_c (e - r[c, mstar[c]]), a thread per (sample, channel), classes in order
+  for (int i = threadIdx.x; i < samples * D; i += blockDim.x) {
+    const int j = i / D, d = i % D;
+    const int64_t o = first + j;
+    if (o >= total) continue;
+    acc_t sum = acc_t(0);
+    if (batch.counts(o)) {
+      const acc_t x = staged ? rows.emb(j)[d] : load_as<acc_t>(batch.embedding(o)[d * batch.L.channel]);
+      for (int c = 0; c < C; ++c) {
+        const acc_t g = rows.g(j)[c];
+        if (g == acc_t(0)) continue;
+        const acc_t* r = batch.modes + (static_cast<int64_t>(c) * M + rows.winner(j)[c]) * D;
+        sum += acc_t(2) * g * (x - r[d]);
+      }
+    }
+    sample_grad[o * D + d] = sum;
+  }
 }
 
 // Samples per partial of the mode gradient. Fixed, so the order of the
@@ -300,8 +366,18 @@ cuda::LossParams<acc_t> loss_params(double sigma, double alpha, double scale) {
   return {-posterior_scale<acc_t>(sigma), acc_t(alpha), acc_t(scale)};
 }
 
-// One thread per sample.
+// label_mode: one thread per sample.
 unsigned sample_blocks(const SampleProblem& p) { return blocks_for(p.B * p.S, cuda::kSampleThreads); }
+
+// The losses: blocks of a few samples (cuda::SampleTiling).
+template <typename acc_t>
+cuda::SampleTiling loss_tiling(const char* op, const SampleProblem& p, bool backward) {
+  const cuda::SampleTiling tiling =
+      cuda::sample_tiling(static_cast<int>(p.C), static_cast<int>(p.D), sizeof(acc_t), backward);
+  TORCH_CHECK(tiling.samples > 0, op, " (cuda): C = ", p.C, " classes are too many for one sample's row of ",
+              cuda::kBlockSharedBytes, " bytes of shared memory");
+  return tiling;
+}
 
 // Adds the (B * S, D) per-sample gradient rows into an embedding gradient;
 // samples that do not count have zero rows and go to pixel 0.
@@ -331,10 +407,10 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor& emb, const
   if (triplet.numel() == 0) return {triplet, ce};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t shared = cuda::staged_bytes<acc_t>(1, static_cast<int>(p.D));
-    launch(cuda::mmdl_losses_forward_kernel<cuda_type<scalar_t>, acc_t>, sample_blocks(p), cuda::kSampleThreads,
-           shared, sample_batch<scalar_t, acc_t>(p), loss_params<acc_t>(sigma, alpha, scale),
-           triplet.mutable_data_ptr<acc_t>(), ce.mutable_data_ptr<acc_t>(), shared > 0);
+    const cuda::SampleTiling tiling = loss_tiling<acc_t>("mmdl_losses", p, false);
+    launch(cuda::mmdl_losses_forward_kernel<cuda_type<scalar_t>, acc_t>, blocks_for(p.B * p.S, tiling.samples),
+           cuda::kBlockThreads, tiling.bytes, sample_batch<scalar_t, acc_t>(p), loss_params<acc_t>(sigma, alpha, scale),
+           triplet.mutable_data_ptr<acc_t>(), ce.mutable_data_ptr<acc_t>(), tiling.samples, tiling.staged);
   });
   return {triplet, ce};
 }
@@ -358,13 +434,13 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto batch = sample_batch<scalar_t, acc_t>(p);
-      const size_t shared = cuda::staged_bytes<acc_t>(emb_requires_grad ? 2 : 1, static_cast<int>(p.D));
-      launch(cuda::mmdl_losses_backward_kernel<cuda_type<scalar_t>, acc_t>, sample_blocks(p), cuda::kSampleThreads,
-             shared, grad_triplet.const_data_ptr<acc_t>(), grad_ce.const_data_ptr<acc_t>(), batch,
-             loss_params<acc_t>(sigma, alpha, scale),
+      const cuda::SampleTiling tiling = loss_tiling<acc_t>("mmdl_losses_backward", p, true);
+      launch(cuda::mmdl_losses_backward_kernel<cuda_type<scalar_t>, acc_t>, blocks_for(p.B * p.S, tiling.samples),
+             cuda::kBlockThreads, tiling.bytes, grad_triplet.const_data_ptr<acc_t>(), grad_ce.const_data_ptr<acc_t>(),
+             batch, loss_params<acc_t>(sigma, alpha, scale),
              emb_requires_grad ? sample_grad.mutable_data_ptr<acc_t>() : nullptr,
              modes_requires_grad ? class_grad.mutable_data_ptr<acc_t>() : nullptr,
-             modes_requires_grad ? class_mode.mutable_data_ptr<uint8_t>() : nullptr, shared > 0);
+             modes_requires_grad ? class_mode.mutable_data_ptr<uint8_t>() : nullptr, tiling.samples, tiling.staged);
       if (modes_requires_grad) {
         const int64_t chunks = blocks_for(p.B * p.S, cuda::kModeGradSamples);
         at::Tensor partial = at::empty({chunks, p.C, p.M, p.D}, p.modes.options());

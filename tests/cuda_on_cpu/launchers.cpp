@@ -160,10 +160,12 @@ cu::LossParams<acc_t> loss_params(double sigma, double alpha, double scale) {
 template <typename scalar_t, typename acc_t>
 void losses_forward(const Samples& s, bool reverse, double sigma, double alpha, double scale, void* triplet,
                     void* ce) {
-  const size_t shared = cu::staged_bytes<acc_t>(1, s.D);
-  launch(reverse, cu::mmdl_losses_forward_kernel<scalar_t, acc_t>, dim3(blocks_for(s.B * s.S, cu::kSampleThreads)),
-         cu::kSampleThreads, shared, sample_batch<scalar_t, acc_t>(s), loss_params<acc_t>(sigma, alpha, scale),
-         static_cast<acc_t*>(triplet), static_cast<acc_t*>(ce), shared > 0);
+  const cu::SampleTiling tiling = cu::sample_tiling(s.C, s.D, sizeof(acc_t), false);
+  if (tiling.samples == 0)
+    return drsl_emu::fail("mmdl_losses", "too many classes for one sample's row of shared memory");
+  launch(reverse, cu::mmdl_losses_forward_kernel<scalar_t, acc_t>, dim3(blocks_for(s.B * s.S, tiling.samples)),
+         cu::kBlockThreads, tiling.bytes, sample_batch<scalar_t, acc_t>(s), loss_params<acc_t>(sigma, alpha, scale),
+         static_cast<acc_t*>(triplet), static_cast<acc_t*>(ce), tiling.samples, tiling.staged);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -173,11 +175,14 @@ void losses_backward(const Samples& s, bool reverse, double sigma, double alpha,
   const int64_t n = s.B * s.S, table = grad_modes ? n * s.C : 0;
   std::vector<acc_t> class_grad(table, acc_t(NAN));
   std::vector<uint8_t> class_mode(table, 255);
-  const size_t shared = cu::staged_bytes<acc_t>(rows ? 2 : 1, s.D);
-  launch(reverse, cu::mmdl_losses_backward_kernel<scalar_t, acc_t>, dim3(blocks_for(n, cu::kSampleThreads)),
-         cu::kSampleThreads, shared, static_cast<const acc_t*>(grad_triplet), static_cast<const acc_t*>(grad_ce),
+  const cu::SampleTiling tiling = cu::sample_tiling(s.C, s.D, sizeof(acc_t), true);
+  if (tiling.samples == 0)
+    return drsl_emu::fail("mmdl_losses_backward", "too many classes for one sample's row of shared memory");
+  launch(reverse, cu::mmdl_losses_backward_kernel<scalar_t, acc_t>, dim3(blocks_for(n, tiling.samples)),
+         cu::kBlockThreads, tiling.bytes, static_cast<const acc_t*>(grad_triplet), static_cast<const acc_t*>(grad_ce),
          batch, loss_params<acc_t>(sigma, alpha, scale), static_cast<acc_t*>(rows),
-         grad_modes ? class_grad.data() : nullptr, grad_modes ? class_mode.data() : nullptr, shared > 0);
+         grad_modes ? class_grad.data() : nullptr, grad_modes ? class_mode.data() : nullptr, tiling.samples,
+         tiling.staged);
   if (grad_modes == nullptr) return;
   const int64_t chunks = blocks_for(n, cu::kModeGradSamples), size = static_cast<int64_t>(s.C) * s.M * s.D;
   std::vector<acc_t> partial(chunks * size, acc_t(NAN));

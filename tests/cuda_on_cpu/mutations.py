@@ -81,12 +81,12 @@ MUTATIONS = {
     "MMDL mode gradient: a sample left out of each chunk": ("for (int64_t o = begin; o < end; ++o) {",
                                                            "for (int64_t o = begin + 1; o < end; ++o) {"),
     "MMDL mode gradient: sign flipped": ("sum += g * (r - load_as<acc_t>(", "sum += g * (load_as<acc_t>("),
-    "MMDL mode gradient: winners not recorded": ("      class_mode[o * C + c] = static_cast<uint8_t>(winner);\n", ""),
-    "MMDL backward: the staged gradient not written out": (
-        "  if (staged && ge != nullptr)\n    for (int d = 0; d < D; ++d) ge[d] = grad[d * grad_step];\n", ""),
-    "MMDL: a neighbour's staged sample read": (
-        "f(static_cast<const acc_t*>(shared + threadIdx.x),", "f(static_cast<const acc_t*>(shared + (threadIdx.x ^ 1)),"),
-    "MMDL backward: the triplet term dropped": ("    if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));\n",
+    "MMDL mode gradient: winners not recorded": ("          class_mode[o * C + c] = winner[c];\n", ""),
+    "MMDL: no barrier after the distances": ("  __syncthreads();  // every pair's dmin and mstar are in the rows\n", ""),
+    "MMDL backward: no barrier before dL/de": ("  __syncthreads();  // every sample's g_c are in the rows\n", ""),
+    "MMDL: a neighbour's staged sample read": ("class_dmin(static_cast<const acc_t*>(rows.emb(j)), 1,",
+                                               "class_dmin(static_cast<const acc_t*>(rows.emb(j ^ 1)), 1,"),
+    "MMDL backward: the triplet term dropped": ("        if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));\n",
                                                 ""),
 }
 
