@@ -80,6 +80,9 @@ struct SampleRows {
   int C, D;
   bool staged, backward;
 
+  __device__ static SampleRows at(unsigned char* base, int C, int D, bool staged, bool backward) {
+    return {base, sample_row_bytes(C, D, sizeof(acc_t), backward, staged), C, D, staged, backward};
+  }
   __device__ acc_t* emb(int j) const { return reinterpret_cast<acc_t*>(base + j * row); }
   __device__ acc_t* dmin(int j) const { return emb(j) + (staged ? D : 0); }
   __device__ acc_t* g(int j) const { return dmin(j) + C; }  // backward only
@@ -210,8 +213,7 @@ __global__ void mmdl_losses_forward_kernel(
     SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params, acc_t* __restrict__ triplet,
     acc_t* __restrict__ ce, int samples, bool staged) {
   DRSL_DYNAMIC_SHARED(unsigned char, forward_shared);
-  const SampleRows<acc_t> rows{forward_shared, sample_row_bytes(batch.C, batch.D, sizeof(acc_t), false, staged),
-                               batch.C, batch.D, staged, false};
+  const auto rows = SampleRows<acc_t>::at(forward_shared, batch.C, batch.D, staged, false);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * samples;
   sample_distances(batch, rows, first, samples);
   const int j = threadIdx.x;  // the sums over the classes: a thread per sample
@@ -239,8 +241,7 @@ __global__ void mmdl_losses_backward_kernel(
   DRSL_DYNAMIC_SHARED(unsigned char, backward_shared);
   const int C = batch.C, M = batch.M, D = batch.D;
   const int64_t total = batch.B * batch.S;
-  const SampleRows<acc_t> rows{backward_shared, sample_row_bytes(C, D, sizeof(acc_t), true, staged), C, D, staged,
-                               true};
+  const auto rows = SampleRows<acc_t>::at(backward_shared, C, D, staged, true);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * samples;
   sample_distances(batch, rows, first, samples);
 

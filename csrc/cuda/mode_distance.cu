@@ -95,12 +95,16 @@ __device__ __forceinline__ void load_vec(const double* src, double* v) {
 
 // One staging step of embeddings, a thread's share of it, in two halves:
 // fetch() issues the global loads into registers, all at once, and park()
-// writes the values to shared memory. A kernel fetches the next step before it
-// computes on the current one, so the loads' latency (about a microsecond from
-// HBM) passes during the arithmetic instead of at a barrier. Staged in one go,
-// load then store in a loop that nvcc unrolled four times, the fp32 forward
-// waited on 32 such round trips per block, one block per SM took 27 us, and
-// 2 x 256 x 256 pixels 105 us on an H200 (bench/results/NVIDIA_H200/tensor_core_probe.md).
+// writes the values to shared memory, so a step costs one round trip to
+// memory. Staged by a loop of "load, store" that nvcc unrolled four times, the
+// fp32 forward waited on 32 round trips per block and took 105 us on an H200
+// at 2 x 256 x 256 pixels; with fetch() and park() 79-82 us (bench/NOTES.md,
+// third run). The forwards fetch the next step while the current one is
+// computed. On the H200 that gained nothing over fetching each step after its
+// barrier (79 us against 82, within the runs' spread), but it is how ptxas
+// fits the sm_61 fp32 forward in 167 registers, 3 blocks per SM, without
+// spilling: fetched after the barrier, it takes 202 (2 blocks per SM), or
+// spills under the 3-block bound.
 //
 // The step is emb[b, d0 + d, p0 + p] for d < kDepth, p < kPixels as acc_t,
 // minus centre[d0 + d] when centre is given, zero outside channel D and pixel
