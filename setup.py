@@ -43,6 +43,7 @@ def extension_modules():
     root = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join(root, "csrc", "*.cpp")))
     cpp_sources += sorted(glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
+    cpp_sources += sorted(glob.glob(os.path.join(root, "csrc", "autograd", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
 
     with_cuda = (

@@ -21,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe mmdl_losses pseudo_labels training profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe host mmdl_losses pseudo_labels training profile report"}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names itself in the results
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -67,6 +67,7 @@ run_stage() {
             --out "$DEST/mode_distance" ${BENCH_ARGS:-} ;;
     kernels) timed kernels $PY bench/bench_mode_distance.py --kernels --out "$DEST/mode_distance" ;;
     probe) timed probe $PY bench/probe_tensor_core_kernels.py --out "$DEST/tensor_core_probe" ;;
+    host) timed host $PY bench/probe_host_time.py --device cuda --out "$DEST/host_time" ;;
     mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
     pseudo_labels)
         timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} \

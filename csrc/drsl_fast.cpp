@@ -1,6 +1,7 @@
 // Operator schemas of the drsl_fast library. Backends are registered per
-// dispatch key in csrc/cpu/ and csrc/cuda/; fake kernels and autograd are
-// registered from Python (drsl_fast/ops/).
+// dispatch key in csrc/cpu/ and csrc/cuda/, the differentiable ops' autograd
+// in csrc/autograd/; fake kernels (for torch.compile) are registered from
+// Python (drsl_fast/ops/).
 #include <torch/library.h>
 
 TORCH_LIBRARY(drsl_fast, m) {

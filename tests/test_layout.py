@@ -8,16 +8,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# op file name -> the layers it has (class_sampling has no Triton kernel and is
-# measured in bench_mmdl_losses; entropy is measured in bench_pseudo_labels);
-# every op's float64 reference is a section of drsl_fast/reference.py
+# op file name -> the layers it has (the differentiable ops have a C++
+# autograd file; class_sampling has no Triton kernel and is measured in
+# bench_mmdl_losses; entropy is measured in bench_pseudo_labels); every op's
+# float64 reference is a section of drsl_fast/reference.py
 LAYERS = ("drsl_fast/ops/{}.py", "csrc/cpu/{}.cpp", "csrc/cuda/{}.cu", "drsl_fast/triton_kernels/{}.py",
           "tests/test_{}.py", "bench/bench_{}.py")
+AUTOGRAD = ("csrc/autograd/{}.cpp",)
 OPS = {
-    "mode_distance": LAYERS,
-    "mmdl_losses": LAYERS,
+    "mode_distance": LAYERS + AUTOGRAD,
+    "mmdl_losses": LAYERS + AUTOGRAD,
     "pseudo_labels": LAYERS,
-    "entropy": LAYERS[:-1],
+    "entropy": LAYERS[:-1] + AUTOGRAD,
     "class_sampling": LAYERS[:3] + LAYERS[4:5],
 }
 # op -> its reference in drsl_fast/reference.py
@@ -30,7 +32,7 @@ def test_every_layer_of_an_op_carries_its_name(op):
     """Each layer's file under the op's name, and no other file of that name."""
     missing = [pattern.format(op) for pattern in OPS[op] if not os.path.isfile(os.path.join(ROOT, pattern.format(op)))]
     assert not missing
-    assert len(OPS[op]) <= 6
+    assert len(OPS[op]) <= 7
     named = [p for p in all_files() if os.path.basename(p).split(".")[0] in (op, f"test_{op}", f"bench_{op}")]
     assert sorted(named) == sorted(pattern.format(op) for pattern in OPS[op])
 

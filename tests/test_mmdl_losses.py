@@ -119,6 +119,21 @@ def test_gradients_match_reference(layout):
         torch.testing.assert_close(gr, grads["reference"][1], atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("used", ["triplet", "ce"])
+def test_gradients_of_one_loss_alone(used):
+    """The other loss's gradient never reaches the backward (no zeros are
+    built for it by autograd): the op fills it in as zeros itself."""
+    emb, index, label, modes = case(seed=6, D=8, C=5, S=40, H=6, W=7)
+    grads = {}
+    for backend in ["reference"] + fast_backends():
+        e, r = emb.clone().requires_grad_(), modes.clone().requires_grad_()
+        getattr(mmdl_losses(e, index, label, r, backend=backend), used).backward()
+        grads[backend] = (e.grad, r.grad)
+    for ge, gr in grads.values():
+        torch.testing.assert_close(ge, grads["reference"][0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(gr, grads["reference"][1], atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_fp32_values_and_gradients_match_float64_reference(layout):
     """fp32 backends (triton among them) with repeated pixels, whose row

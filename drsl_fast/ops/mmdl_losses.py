@@ -185,7 +185,7 @@ def _register_autograd(op_name: str, backward_op) -> None:
 
 
 if _extension.has_cpu_kernels():
-    register_differentiable("mmdl_losses", _fake_forward, _fake_backward, _register_autograd)
+    register_differentiable("mmdl_losses", _fake_forward, _fake_backward)  # autograd: csrc/autograd/
     torch.library.register_fake("drsl_fast::label_mode")(_fake_label_mode)
 
 

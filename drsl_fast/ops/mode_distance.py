@@ -180,7 +180,7 @@ def _register_autograd(op_name: str, backward_op) -> None:
 
 
 if _extension.has_cpu_kernels():
-    register_differentiable("mode_distance", _fake_forward, _fake_backward, _register_autograd)
+    register_differentiable("mode_distance", _fake_forward, _fake_backward)  # autograd: csrc/autograd/
 
 
 if triton_import_error() is None:

@@ -1,0 +1,190 @@
+"""Where the host's time per call goes: what it costs to issue a mode-distance
+forward and backward, next to the floors that any PyTorch code pays.
+
+On the H200 a forward+backward call of the fused op took 0.58 ms while its
+kernels took 0.30 ms (bench/results/NVIDIA_H200/mode_distance.md: host ms
+about equal to pipelined ms, so the GPU waited on the host). This probe
+splits that host time. Each case is issued ``--calls`` times back to back
+without synchronising; "host us" is the time to issue one call, "per call
+us" the time per call until the device is done (the larger of host and
+device work, when they overlap). Medians of ``--rounds`` rounds.
+
+Cases, at a tiny map (B = 1, 8 x 8: kernels take next to nothing, so the
+time is the host's) and at the realistic one (B = 2, 256 x 256), D = 64,
+C = 19, M = 3:
+
+  one kernel            ``x * 2`` (no autograd): dispatch + one launch
+  backward of k muls    ``y = x * c`` k times, ``y.sum().backward()``:
+                        backward's fixed cost and its cost per node
+  forward, no grad      the op under ``torch.no_grad()``
+  forward, with grad    the op recording its autograd node
+  backward op only      ``drsl_fast::mode_distance_backward`` called directly
+  forward+backward      the op, ``(dmin * w).sum().backward()``, as
+                        bench_mode_distance.py times it
+  cdist forward+backward   the same with ``torch.cdist`` + min over modes
+
+and a ``torch.profiler`` table of one tiny forward+backward: host self time
+per event (operators, autograd nodes, runtime calls).
+
+    python bench/probe_host_time.py --device cuda --out DIR/host_time
+    python bench/probe_host_time.py --device cpu   # -> bench/results/host_time_cpu
+"""
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+D, C, M = 64, 19, 3
+MAPS = {"tiny": (1, 8, 8), "realistic": (2, 256, 256)}
+CHAIN_LENGTHS = (1, 4, 16)
+
+
+def cases(device, map_name: str):
+    """name -> a function issuing one call (no synchronisation)."""
+    import torch
+
+    import drsl_fast
+
+    B, H, W = MAPS[map_name]
+    torch.manual_seed(0)
+    emb = torch.randn(B, D, H, W, device=device, requires_grad=True)
+    modes = torch.randn(C, M, D, device=device, requires_grad=True)
+    weights = torch.randn(B, C, H, W, device=device)
+    x = torch.randn(B, D, H, W, device=device, requires_grad=True)
+    backend = "cuda" if str(device).startswith("cuda") else "cpu"
+    with torch.no_grad():
+        saved = drsl_fast.mode_distance(emb, modes, backend=backend)
+    grad_dmin = torch.randn_like(saved.dmin)
+
+    def one_kernel():
+        with torch.no_grad():
+            x * 2
+
+    def chain(k):
+        def run():
+            y = x
+            for _ in range(k):
+                y = y * 1.0001
+            y.sum().backward()
+            x.grad = None
+        return run
+
+    def forward_no_grad():
+        with torch.no_grad():
+            drsl_fast.mode_distance(emb, modes, backend=backend)
+
+    def forward_with_grad():
+        drsl_fast.mode_distance(emb, modes, backend=backend)
+
+    def backward_op():
+        torch.ops.drsl_fast.mode_distance_backward(grad_dmin, emb.detach(), modes.detach(), saved.mstar, True, True)
+
+    def forward_backward():
+        (drsl_fast.mode_distance(emb, modes, backend=backend).dmin * weights).sum().backward()
+        emb.grad = modes.grad = None
+
+    def cdist_forward_backward():
+        rows = emb.permute(0, 2, 3, 1).reshape(-1, D)
+        dist = torch.cdist(rows, modes.reshape(C * M, D)) ** 2
+        dmin = dist.reshape(B, H, W, C, M).min(-1).values.permute(0, 3, 1, 2)
+        (dmin * weights).sum().backward()
+        emb.grad = modes.grad = None
+
+    named = {"one kernel": one_kernel}
+    named.update({f"backward of {k} mul{'s' * (k > 1)}": chain(k) for k in CHAIN_LENGTHS})
+    named.update({"forward, no grad": forward_no_grad, "forward, with grad": forward_with_grad,
+                  "backward op only": backward_op, "forward+backward": forward_backward,
+                  "cdist forward+backward": cdist_forward_backward})
+    return named, forward_backward
+
+
+def time_case(function, device, calls: int, rounds: int):
+    """Median over rounds of (host us per call, per-call us until the device is done)."""
+    host, total = [], []
+    for _ in range(3):
+        function()
+    for _ in range(rounds):
+        harness.sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            function()
+        issued = time.perf_counter()
+        harness.sync(device)
+        done = time.perf_counter()
+        host.append(1e6 * (issued - start) / calls)
+        total.append(1e6 * (done - start) / calls)
+    return statistics.median(host), statistics.median(total)
+
+
+def profile_table(function, device, calls: int, top: int):
+    """Host self time per profiler event (us per call) of ``calls`` calls, the largest ``top``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
+    for _ in range(3):
+        function()
+    harness.sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            function()
+        harness.sync(device)
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            continue
+        entry = totals[event.name[:90]]
+        entry[0] += event.self_cpu_time_total / calls
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return [dict(event=name, self_us=us, count=count / calls) for name, (us, count) in ranked[:top]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--calls", type=int, default=50, help="calls issued back to back per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--top", type=int, default=20, help="profiler events listed")
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/host_time_<device>)")
+    args = parser.parse_args()
+
+    import torch
+
+    device = harness.default_device(args.device)
+    if device == "cpu":
+        torch.set_num_threads(1)  # the host's own cost; thread-pool wake-ups are not what this probes
+    harness.warm_up_runtime(device)
+    rows, tiny_step = [], None
+    for map_name in MAPS if device == "cuda" else ["tiny"]:  # the CPU's realistic calls are its kernels' time
+        named, step = cases(device, map_name)
+        tiny_step = tiny_step or step
+        for name, function in named.items():
+            host_us, per_call_us = time_case(function, device, args.calls, args.rounds)
+            rows.append(dict(map=map_name, case=name, host_us=host_us, per_call_us=per_call_us))
+            print(f"{map_name:9s} {name:26s} host {host_us:9.1f} us   per call {per_call_us:9.1f} us", flush=True)
+    events = profile_table(tiny_step, device, args.calls, args.top)
+
+    B, H, W = MAPS["realistic"]
+    body = (f"Host us: the time to issue one call, {args.calls} calls back to back without synchronising; per "
+            f"call us: the time per call until the device is done. Medians of {args.rounds} rounds. D = {D}, "
+            f"C = {C}, M = {M}; the tiny map is B = 1, 8 x 8, the realistic one B = {B}, {H} x {W}."
+            + (" One CPU thread." if device == "cpu" else "") + "\n\n"
+            + harness.markdown_table(
+                ["map", "case", "host us", "per call us"],
+                [(r["map"], r["case"], f"{r['host_us']:.1f}", f"{r['per_call_us']:.1f}") for r in rows])
+            + "\n\n### One tiny forward+backward under torch.profiler (host self time per call)\n\n"
+            + harness.markdown_table(["event", "self us", "calls"],
+                                     [(f"`{e['event']}`", f"{e['self_us']:.1f}", f"{e['count']:g}") for e in events]))
+    stem = harness.results_stem(args.out, "host_time", device)
+    harness.write_results(stem, harness.metadata(device), rows, ["map", "case", "host_us", "per_call_us"],
+                          "Host time per call", body, extra_json=dict(profile=events))
+
+
+if __name__ == "__main__":
+    main()
