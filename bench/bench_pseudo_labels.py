@@ -132,7 +132,9 @@ def threshold_worker(spec):
                       thresholds=[float(v) for v in thresholds.cpu()]))
 
 
-def entropy_worker(spec):
+def measure_entropy(spec):
+    """One entropy measurement (run by :func:`harness.serve`; on a GPU every
+    one in a single process, on the CPU each in its own)."""
     import torch
 
     import drsl_fast
@@ -160,12 +162,8 @@ def entropy_worker(spec):
         step()
     timing = harness.median_ms(step, device, spec["repeats"], spec.get("budget_s", 30.0), warmup=0)
     nbytes = entropy_roofline_bytes(logits.requires_grad)
-    harness.emit(dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, roofline_mib=nbytes / 2**20,
-                      bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"])))
-
-
-def run_worker(kind, spec):
-    return harness.run_fresh(__file__, ["--worker", kind, json.dumps(spec)], spec, timeout=3600)
+    return dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, roofline_mib=nbytes / 2**20,
+                bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"]))
 
 
 def selection_disagreement(rows, images, device_name):
@@ -232,14 +230,16 @@ def markdown(threshold_rows, entropy_rows, images):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one threshold measurement (its host RSS: own process)
+    parser.add_argument("--entropy-worker", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=None, help="images in the pass (default 500 on GPU, 12 on CPU)")
     harness.add_run_arguments(parser, "pseudo_labels", "entropy timed runs (default 5 CPU, 100 GPU)",
                               "entropy time budget (default 30 CPU, 1 GPU)")
     args = parser.parse_args()
     if args.worker:
-        kind, spec = args.worker
-        return (threshold_worker if kind == "thresholds" else entropy_worker)(json.loads(spec))
+        return threshold_worker(json.loads(args.worker))
+    if args.entropy_worker:
+        return harness.serve(measure_entropy, json.loads(args.entropy_worker))
 
     device = harness.default_device(args.device)
     gpu = device == "cuda"
@@ -249,19 +249,19 @@ def main():
     fast = harness.fast_backends(device)
     threshold_rows = []
     for method in ["generate_only", "sort_all", "crst_lists", "histogram_reference"] + [f"histogram_{b}" for b in fast]:
-        row = run_worker("thresholds", dict(method=method, device=device, images=images))
+        spec = dict(method=method, device=device, images=images)
+        row = harness.run_fresh(__file__, ["--worker", json.dumps(spec)], spec, timeout=3600)
         threshold_rows.append(row)
         print(method, {k: v for k, v in row.items() if k in ("time_s", "peak_mib", "host_peak_mib", "error")},
               flush=True)
     selection_disagreement(threshold_rows, images, device)
+    entropy_specs = [dict(method=method, device=device, repeats=repeats, budget_s=budget, **{"pass": pass_name})
+                     for pass_name in ("forward", "forward+backward") for method in ["advent_ops", "reference"] + fast]
     entropy_rows = []
-    for pass_name in ("forward", "forward+backward"):
-        for method in ["advent_ops", "reference"] + fast:
-            row = run_worker("entropy", {"method": method, "device": device, "repeats": repeats, "budget_s": budget,
-                                         "pass": pass_name})
-            entropy_rows.append(row)
-            print(pass_name, method, {k: v for k, v in row.items() if k in ("time_ms", "peak_extra_mib", "error")},
-                  flush=True)
+    for row in harness.measure_all(__file__, entropy_specs, one_process=gpu, flag="--entropy-worker"):
+        entropy_rows.append(row)
+        print(row["pass"], row["method"], {k: v for k, v in row.items() if k in ("time_ms", "peak_extra_mib", "error")},
+              flush=True)
 
     machine = harness.device_name(device)
     table = markdown(threshold_rows, entropy_rows, images)
@@ -274,7 +274,8 @@ def main():
             "computation; images/s and GB/s read (19x512x1024 fp32 probabilities per image) follow from them. Peak "
             f"extra memory ({'max_memory_allocated' if gpu else 'RSS high-water'}) and host peak extra memory "
             "(RSS high-water) are above a generation-only pass (fresh process each). Entropy times are medians; "
-            f"peak memory is above the inputs; achieved bandwidth uses the op's roofline bytes.\n\n{table}")
+            f"peak memory is above the inputs ({'one process, peak reset each time' if gpu else 'fresh process each'}); "
+            f"achieved bandwidth uses the op's roofline bytes.\n\n{table}")
     harness.write_results(stem, harness.metadata(device, images=images), rows, fields,
                           "Pseudo-label thresholds and entropy map benchmark", body,
                           extra_json=dict(thresholds=threshold_rows, entropy=entropy_rows))

@@ -249,16 +249,16 @@ def serve(measure: Callable[[Dict], Dict], specs: Sequence[Dict]) -> None:
         emit(dict(result, index=index))
 
 
-def measure_all(script: str, specs: Sequence[Dict], one_process: bool) -> Iterator[Dict]:
-    """Results of ``specs``, in order, measured by ``script --worker '<json
+def measure_all(script: str, specs: Sequence[Dict], one_process: bool, flag: str = "--worker") -> Iterator[Dict]:
+    """Results of ``specs``, in order, measured by ``script <flag> '<json
     list>'``: all in one fresh process (on a GPU, where ``max_memory_allocated``
     is reset per measurement) or each in its own, yielded as it ends (on the
     CPU, whose RSS high-water mark cannot be reset)."""
     if one_process:
-        yield from run_fresh_many(script, ["--worker", json.dumps(list(specs))], specs)
+        yield from run_fresh_many(script, [flag, json.dumps(list(specs))], specs)
         return
     for spec in specs:
-        yield run_fresh_many(script, ["--worker", json.dumps([spec])], [spec])[0]
+        yield run_fresh_many(script, [flag, json.dumps([spec])], [spec])[0]
 
 
 def emit(result: Dict) -> None:
