@@ -9,6 +9,7 @@ import torch
 
 from drsl_fast import reference
 from drsl_fast.losses import consistency_loss, consistency_triplets, sample_per_class
+from drsl_fast.losses.consistency import ConsistencyTriplets, triplet_hinge
 
 C, M, D = 3, 2, 4
 
@@ -109,6 +110,48 @@ def test_loss_matches_independent_hinge(backend):
     torch.testing.assert_close(out.loss, torch.tensor(total / used, dtype=torch.float64))
     out.loss.backward()
     assert target.grad.abs().sum() > 0 and source.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_hinge_gradient_matches_autograd_of_the_formula(layout):
+    """Eq. 6's hand-written gradient against autograd through plain indexing
+    (float64), with repeated anchors, a pixel that is both a positive and a
+    negative, an absent triplet and a non-finite value at the pixel absent
+    triplets read; and gradcheck."""
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(2, D, 3, 4, generator=g, dtype=torch.float64)
+    source = torch.randn(2, D, 3, 4, generator=g, dtype=torch.float64) * 0.3
+    if layout == "channels_last":
+        target, source = (t.contiguous(memory_format=torch.channels_last) for t in (target, source))
+    anchor = torch.tensor([[5, 5, 17, 0, 9, 22]])
+    positive = torch.tensor([[3, 14, 3, 0, 7, 7]])
+    negative = torch.tensor([[14, 7, 20, 0, 3, 23]])
+    valid = torch.tensor([[True, True, True, False, True, True]])
+    triplets = ConsistencyTriplets(anchor, positive, negative, valid, torch.tensor(0), torch.tensor(0))
+
+    def formula(t, s):
+        rows = lambda e, flat: e.permute(0, 2, 3, 1).reshape(-1, D)[flat[valid]]
+        e_t, e_p, e_n = rows(t, anchor), rows(s, positive), rows(s, negative)
+        hinge = ((e_t - e_p) ** 2).sum(-1) - ((e_t - e_n) ** 2).sum(-1) + 1.0
+        return torch.relu(hinge).sum() / valid.sum()
+
+    got, want = [], []
+    for fn, out in ((lambda t, s: triplet_hinge(t, s, triplets), got), (formula, want)):
+        t, s = target.clone().requires_grad_(), source.clone().requires_grad_()
+        loss = fn(t, s)
+        loss.backward()
+        out += [loss.detach(), t.grad, s.grad]
+    assert float(got[0]) > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    poisoned_target, poisoned_source = target.clone(), source.clone()
+    poisoned_target[0, :, 0, 0] = float("inf")  # flat 0: read only by the absent triplet
+    poisoned_source[0, :, 0, 0] = float("nan")
+    t, s = poisoned_target.requires_grad_(), poisoned_source.requires_grad_()
+    triplet_hinge(t, s, triplets).backward()
+    assert torch.isfinite(t.grad).all() and torch.isfinite(s.grad).all()
+    assert torch.autograd.gradcheck(lambda t, s: triplet_hinge(t, s, triplets),
+                                    (target.clone().requires_grad_(), source.clone().requires_grad_()))
 
 
 def test_no_host_synchronisation_on_cpu():
