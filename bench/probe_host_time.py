@@ -22,6 +22,12 @@ C = 19, M = 3:
   forward+backward      the op, ``(dmin * w).sum().backward()``, as
                         bench_mode_distance.py times it
   cdist forward+backward   the same with ``torch.cdist`` + min over modes
+  DRSL+ loss, forward   ``DRSLLoss`` (Eq. 10: sampling, Eq. 4/5 on both
+                        domains, Eq. 6) on one source and one target map:
+                        on the H200 the host issues the loss after the GPU
+                        has caught up with the network, so this host time
+                        adds to a training step as it is
+  DRSL+ loss, forward+backward   the same, with its backward
 
 and a ``torch.profiler`` table of one tiny forward+backward: host self time
 per event (operators, autograd nodes, runtime calls).
@@ -49,6 +55,7 @@ def cases(device, map_name: str):
     import torch
 
     import drsl_fast
+    from drsl_fast.losses import DRSLLoss
 
     B, H, W = MAPS[map_name]
     torch.manual_seed(0)
@@ -95,11 +102,25 @@ def cases(device, map_name: str):
         (dmin * weights).sum().backward()
         emb.grad = modes.grad = None
 
+    loss = DRSLLoss(C, backend=backend)
+    source_labels, target_labels = (torch.randint(0, C, (1, H, W), device=device) for _ in range(2))
+    generator = torch.Generator(device).manual_seed(0)
+
+    def drsl_loss(backward: bool):
+        def run():
+            out = loss(modes, emb[:1], source_labels, weights.sum(), emb[-1:], target_labels, weights.sum(),
+                       generator=generator)
+            if backward:
+                out.total.backward()
+                emb.grad = modes.grad = None
+        return run
+
     named = {"one kernel": one_kernel}
     named.update({f"backward of {k} mul{'s' * (k > 1)}": chain(k) for k in CHAIN_LENGTHS})
     named.update({"forward, no grad": forward_no_grad, "forward, with grad": forward_with_grad,
                   "backward op only": backward_op, "forward+backward": forward_backward,
-                  "cdist forward+backward": cdist_forward_backward})
+                  "cdist forward+backward": cdist_forward_backward,
+                  "DRSL+ loss, forward": drsl_loss(False), "DRSL+ loss, forward+backward": drsl_loss(True)})
     return named, forward_backward
 
 

@@ -37,7 +37,7 @@ DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
       const acc_t*, const acc_t*, SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*,     \
       uint8_t*, int, bool);                                                                            \
   template __global__ void mmdl_losses_mode_grad_kernel<scalar_t, acc_t>(                              \
-      SampleBatch<scalar_t, acc_t>, const acc_t*, const uint8_t*, acc_t*);                             \
+      SampleBatch<scalar_t, acc_t>, const acc_t*, const uint8_t*, acc_t*, int);                        \
   template __global__ void label_mode_kernel<scalar_t, acc_t>(SampleBatch<scalar_t, acc_t>, uint8_t*);
 
 DRSL_INSTANTIATE_MMDL_LOSSES(float, float)

@@ -186,10 +186,11 @@ void losses_backward(const Samples& s, bool reverse, double sigma, double alpha,
   if (grad_modes == nullptr) return;
   const int64_t chunks = blocks_for(n, cu::kModeGradSamples), size = static_cast<int64_t>(s.C) * s.M * s.D;
   std::vector<acc_t> partial(chunks * size, acc_t(NAN));
-  launch(reverse, cu::mmdl_losses_mode_grad_kernel<scalar_t, acc_t>,
-         dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(s.C)), cu::kModeGradThreads, 0, batch,
+  const int slice = cu::mode_grad_slice(s.D, sizeof(acc_t));
+  launch(reverse, cu::mmdl_losses_mode_grad_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(chunks)),
+         cu::kModeGradThreads, cu::kModeGradSamples * slice * sizeof(acc_t), batch,
          static_cast<const acc_t*>(class_grad.data()), static_cast<const uint8_t*>(class_mode.data()),
-         partial.data());
+         partial.data(), slice);
   sum_partials(partial, chunks, size, static_cast<acc_t*>(grad_modes));
 }
 

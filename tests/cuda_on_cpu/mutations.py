@@ -78,9 +78,15 @@ MUTATIONS = {
         "        if (c0 + u >= C) break;", "        if (c0 + u >= C || u == kClassBatch - 1) break;"),
     "fp32 forward: the distances parked without a barrier": (
         "    __syncthreads();  // the staged tiles are read; the distances take their place\n", ""),
-    "MMDL mode gradient: a sample left out of each chunk": ("for (int64_t o = begin; o < end; ++o) {",
-                                                           "for (int64_t o = begin + 1; o < end; ++o) {"),
-    "MMDL mode gradient: sign flipped": ("sum += g * (r - load_as<acc_t>(", "sum += g * (load_as<acc_t>("),
+    "MMDL mode gradient: a sample left out of each chunk": ("for (int j = 0; j < samples; ++j) {",
+                                                           "for (int j = 1; j < samples; ++j) {"),
+    "MMDL mode gradient: sign flipped": ("sum += g * (r - staged[j * width + d]);",
+                                         "sum += g * (staged[j * width + d] - r);"),
+    "MMDL mode gradient: no barrier before the slice is read": (
+        "    __syncthreads();  // the slice is staged\n", ""),
+    "MMDL mode gradient: every slice staged from the first channels": (
+        "load_as<acc_t>(batch.embedding(o)[(d0 + d) * batch.L.channel])",
+        "load_as<acc_t>(batch.embedding(o)[d * batch.L.channel])"),
     "MMDL mode gradient: winners not recorded": ("          class_mode[o * C + c] = winner[c];\n", ""),
     "MMDL: no barrier after the distances": ("  __syncthreads();  // every pair's dmin and mstar are in the rows\n", ""),
     "MMDL backward: no barrier before dL/de": ("  __syncthreads();  // every sample's g_c are in the rows\n", ""),
