@@ -39,7 +39,8 @@ class ClassSamples(NamedTuple):
     def pairs(self) -> Tuple[Tensor, Tensor]:
         """(index, label), each (B, C * k): the input format of :func:`mmdl_losses`."""
         B, C, k = self.index.shape
-        label = torch.arange(C, device=self.index.device).repeat_interleave(k).expand(B, C * k)
+        # class of slot i is i // k: two operators (repeat_interleave dispatches six)
+        label = torch.arange(C * k, device=self.index.device).floor_divide_(max(k, 1)).expand(B, C * k)
         return self.index.reshape(B, C * k), label
 
 
