@@ -49,6 +49,27 @@ def test_triplets_follow_the_spec(backend):
     assert (t.positive[~valid] == -1).all() and (t.negative[~valid] == -1).all()
 
 
+@pytest.mark.parametrize("draw", ["lowest", "highest"])
+def test_extreme_draws_pick_inside_their_runs(draw, monkeypatch):
+    """Draws of 0 and of the largest double below 1 still pick a positive of
+    the anchor's (class, mode) and a negative of another class (no clamp
+    guards the picks: draw * n rounds to below n)."""
+    value = 0.0 if draw == "lowest" else float(torch.tensor(1.0, dtype=torch.float64).nextafter(torch.tensor(0.0)))
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: rand(*args, **kwargs).fill_(value))
+    target, target_labels, source, source_labels, modes = domain_pair(seed=4)
+    index, label = sample_per_class(target_labels, C, 4, torch.Generator().manual_seed(0)).pairs()
+    t = consistency_triplets(target, index, label, source, source_labels, modes, torch.Generator(), backend="cpu")
+    anchor_mode = reference.label_mode(target, index, label, modes).long()
+    s_mode, s_label = source_modes(source, source_labels, modes)
+    valid = t.valid
+    assert valid.any()
+    assert torch.equal(s_label[t.positive[valid]], label[valid])
+    assert torch.equal(s_mode[t.positive[valid]], anchor_mode[valid])
+    negative_label = s_label[t.negative[valid]]
+    assert (negative_label != label[valid]).all() and (negative_label < C).all()
+
+
 def test_positives_and_negatives_are_uniform():
     """One anchor, many draws: its positive is uniform over the source pixels
     of its (class, mode) group, its negative uniform over other-class pixels."""

@@ -89,8 +89,9 @@ def consistency_triplets(
     n_positive = group_size[group]
     n_negative = labelled - class_size[y]
     draws = torch.rand((2,) + anchor_index.shape, generator=generator, device=device, dtype=torch.float64)
-    pick_positive = torch.minimum((draws[0] * n_positive).long(), (n_positive - 1).clamp(min=0))
-    pick_negative = torch.minimum((draws[1] * n_negative).long(), (n_negative - 1).clamp(min=0))
+    # draws lie in [0, 1) and counts below 2^53, so draw * n rounds to below n: picks in [0, n) (0 when n = 0)
+    pick_positive = (draws[0] * n_positive).long()
+    pick_negative = (draws[1] * n_negative).long()
     # The i-th pixel outside class y's run: runs of the other classes before it, then after.
     negative_slot = torch.where(pick_negative < class_start[y], pick_negative, pick_negative + class_size[y])
     last = max(order.numel() - 1, 0)
