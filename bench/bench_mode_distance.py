@@ -220,34 +220,13 @@ def measure(spec):
     del out
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
     if device.type == "cuda":
-        timing.update(host_and_pipelined_ms(step))
+        timing.update(harness.host_and_pipelined_ms(step, device))
     nbytes = roofline_bytes(size, backward)
     work = flops(size, backward)
     error = {} if backward else dict(rel_error=relative_error(fn, *inputs.next()[:2]))
     return dict(spec, **timing, **error, peak_extra_mib=memory.extra / 2**20, dmin_mib=output_bytes / 2**20,
                 roofline_mib=nbytes / 2**20, bandwidth_gbs=harness.bandwidth_gbs(nbytes, timing["time_ms"]),
                 gflop=work / 1e9, gflops=work / 1e6 / timing["time_ms"])
-
-
-def host_and_pipelined_ms(step, steps: int = 20):
-    """GPU: the host's time to issue one step (``steps`` steps back to back,
-    no synchronisation between them) and the time per step of that run,
-    synchronised at its end only, as in a training loop. A step whose host
-    time exceeds its kernels' leaves the GPU idle between them; the median of
-    :func:`harness.median_ms` (one synchronised step at a time) then counts
-    the host time too."""
-    import time
-
-    import torch
-
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    issued = time.perf_counter()
-    torch.cuda.synchronize()
-    done = time.perf_counter()
-    return dict(host_ms=1e3 * (issued - start) / steps, pipelined_ms=1e3 * (done - start) / steps)
 
 
 def relative_error(fn, emb, modes):

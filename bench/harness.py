@@ -138,6 +138,23 @@ def median_ms(step: Callable[[], object], device, repeats: int, budget_s: float,
     return dict(time_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), runs=len(times))
 
 
+def host_and_pipelined_ms(step: Callable[[], object], device, steps: int = 20) -> Dict:
+    """The host's time to issue one step (``steps`` steps back to back, no
+    synchronisation between them) and the time per step of that run,
+    synchronised at its end only, as in a training loop. On a GPU, a step
+    whose host time exceeds its kernels' leaves the GPU idle between them;
+    :func:`median_ms` (one synchronised step at a time) then counts the host
+    time too."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    issued = time.perf_counter()
+    sync(device)
+    done = time.perf_counter()
+    return dict(host_ms=1e3 * (issued - start) / steps, pipelined_ms=1e3 * (done - start) / steps)
+
+
 class Rotating:
     """Cycles through copies of a microbenchmark's inputs: ``next()`` returns
     the next set. As many copies as fit :data:`ROTATION_BYTES` (at least 1,

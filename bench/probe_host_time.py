@@ -40,7 +40,6 @@ import collections
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -126,20 +125,11 @@ def cases(device, map_name: str):
 
 def time_case(function, device, calls: int, rounds: int):
     """Median over rounds of (host us per call, per-call us until the device is done)."""
-    host, total = [], []
     for _ in range(3):
         function()
-    for _ in range(rounds):
-        harness.sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            function()
-        issued = time.perf_counter()
-        harness.sync(device)
-        done = time.perf_counter()
-        host.append(1e6 * (issued - start) / calls)
-        total.append(1e6 * (done - start) / calls)
-    return statistics.median(host), statistics.median(total)
+    runs = [harness.host_and_pipelined_ms(function, device, calls) for _ in range(rounds)]
+    return (1e3 * statistics.median(r["host_ms"] for r in runs),
+            1e3 * statistics.median(r["pipelined_ms"] for r in runs))
 
 
 def profile_table(function, device, calls: int, top: int):

@@ -10,9 +10,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <optional>
 #include <tuple>
+
+#include "../host.h"
 
 namespace drsl_fast {
 namespace {
@@ -24,15 +25,6 @@ using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&
                                                                  std::optional<double>);
 using Backward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const at::Tensor&, bool, bool);
-
-// -1 / (2 sigma^2) as the posterior's dtype holds it: -inf where it overflows
-// (as csrc/host.h's posterior_scale and drsl_fast/reference.py compute it).
-double posterior_scale_for(double sigma, at::ScalarType dtype) {
-  const double scale = -0.5 / sigma / sigma;
-  const double largest = dtype == at::kDouble ? std::numeric_limits<double>::max()
-                                              : static_cast<double>(std::numeric_limits<float>::max());
-  return -scale > largest ? -std::numeric_limits<double>::infinity() : scale;
-}
 
 class ModeDistanceFunction : public torch::autograd::Function<ModeDistanceFunction> {
  public:
@@ -57,7 +49,10 @@ class ModeDistanceFunction : public torch::autograd::Function<ModeDistanceFuncti
     at::Tensor grad = grads[0];
     if (ctx->saved_data.count("sigma") > 0 && grads[2].defined()) {
       const double sigma = ctx->saved_data["sigma"].toDouble();
-      const at::Tensor through_posterior = grads[2] * posterior * posterior_scale_for(sigma, posterior.scalar_type());
+      // -1 / (2 sigma^2) as the posterior's dtype holds it (-inf where it overflows)
+      const double scale = posterior.scalar_type() == at::kDouble ? posterior_scale<double>(sigma)
+                                                                   : posterior_scale<float>(sigma);
+      const at::Tensor through_posterior = grads[2] * posterior * scale;
       grad = grad.defined() ? grad + through_posterior : through_posterior;
     }
     if (!grad.defined()) grad = at::zeros_symint(mstar.sym_sizes(), posterior.options());
