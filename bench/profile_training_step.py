@@ -92,7 +92,10 @@ def guarded(part: str, result: dict, function, *args) -> None:
 def profile_steps(step, device, steps: int) -> dict:
     """Per step: operator calls (aten and drsl_fast, every level) with their
     self host and device times (us), CUDA kernels by name with their device
-    time, kernel launches, synchronising runtime calls and DtoH copies."""
+    time, kernel launches, synchronising runtime calls and DtoH copies. Each
+    step ends with a synchronisation, as the step-time measurement does, so a
+    step's host time holds no wait for the previous step's kernels (that
+    synchronisation is not counted among the step's own)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -100,7 +103,7 @@ def profile_steps(step, device, steps: int) -> dict:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        harness.sync(device)
+            harness.sync(device)
     events = prof.events()
     ops = collections.defaultdict(lambda: dict(count=0.0, self_us=0.0, device_us=0.0))
     phases = collections.defaultdict(lambda: dict(count=0.0, self_us=0.0, device_us=0.0))
@@ -121,6 +124,8 @@ def profile_steps(step, device, steps: int) -> dict:
                 entry["device_us"] += event.self_device_time_total / steps
         elif event.name.startswith("cu"):
             runtime[event.name] += 1
+    if device.type == "cuda":
+        runtime["cudaDeviceSynchronize"] -= steps  # the loop's own, one per step
     result = dict(op_calls=sum(v["count"] for v in ops.values()), ops=dict(ops), phases=dict(phases))
     if device.type == "cuda":
         copies = [name for name in kernels if name.startswith(("Memcpy", "Memset"))]

@@ -134,14 +134,17 @@ def test_loss_matches_independent_hinge(backend):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_hinge_gradient_matches_autograd_of_the_formula(layout):
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1, 4, 6)], ids=["two-images", "one-image"])
+def test_hinge_gradient_matches_autograd_of_the_formula(layout, shape):
     """Eq. 6's hand-written gradient against autograd through plain indexing
     (float64), with repeated anchors, a pixel that is both a positive and a
     negative, an absent triplet and a non-finite value at the pixel absent
-    triplets read; and gradcheck."""
+    triplets read; and gradcheck. 24 pixels in two images or in one (whose
+    rows are read without dividing the positions)."""
+    B, H, W = shape
     g = torch.Generator().manual_seed(3)
-    target = torch.randn(2, D, 3, 4, generator=g, dtype=torch.float64)
-    source = torch.randn(2, D, 3, 4, generator=g, dtype=torch.float64) * 0.3
+    target = torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
+    source = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 0.3
     if layout == "channels_last":
         target, source = (t.contiguous(memory_format=torch.channels_last) for t in (target, source))
     anchor = torch.tensor([[5, 5, 17, 0, 9, 22]])

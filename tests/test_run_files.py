@@ -178,7 +178,7 @@ def test_eq6_gradient_adds_in_a_fixed_order():
         emb = torch.randn(2, 64, 5, 7, generator=generator)
         flat = torch.randint(0, 2 * 35, (20000,), generator=generator)
         rows = torch.randn(20000, 64, generator=generator)
-        grads = [add_rows(emb, (flat, rows)) for _ in range(5)]
+        grads = [add_rows(emb, flat, rows) for _ in range(5)]
         assert all(torch.equal(grads[0], g) for g in grads[1:])
         exact = torch.zeros(70, 64, dtype=torch.float64).index_add_(0, flat, rows.double())
         torch.testing.assert_close(grads[0], exact.view(2, 5, 7, 64).permute(0, 3, 1, 2).float(),

@@ -15,7 +15,7 @@ come from a scatter, and each anchor picks its positive and negative by one
 uniform draw into its group's run (resp. the complement of its class's run).
 Extra memory is O(source pixels + anchors x D).
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -111,73 +111,75 @@ def consistency_triplets(
 
 def gather_rows(emb: Tensor, flat: Tensor) -> Tensor:
     """Embeddings at flat positions ``b * H*W + p`` as (len(flat), D), read
-    from (B, D, H, W) in place (no permuted copy of the map); (N, D) rows likewise."""
+    from (B, D, H, W) in place (no permuted copy of the map); (N, D) rows likewise.
+    One image (the training step's case) needs no division of the positions."""
     bdp = pixel_rows(emb)
+    if bdp.shape[0] == 1:
+        return bdp[0].t()[flat]
     pixels = bdp.shape[2]
     return bdp[flat // pixels, :, flat % pixels]
 
 
-def add_rows(emb: Tensor, *flat_and_rows: Tuple[Tensor, Tensor]) -> Tensor:
+def add_rows(emb: Tensor, flat: Tensor, rows: Tensor) -> Tensor:
     """The gradient of ``emb`` whose row at each flat position is the sum of
-    the rows given for it, for each (flat, rows) pair in turn: a zero map and
-    ``index_add_``, which on the CPU adds repeated positions one after the
-    other in the order of ``flat`` (a fixed-order sum, so a training step
-    gives the same bits on every run and thread count; advanced indexing's
-    backward adds with racing atomics). Laid out as (B, H, W, D) memory
-    viewed as (B, D, H, W)."""
+    the rows given for it: a zero map and ``index_add_``, which on the CPU
+    adds repeated positions one after the other in the order of ``flat`` (a
+    fixed-order sum, so a training step gives the same bits on every run and
+    thread count; advanced indexing's backward adds with racing atomics).
+    Laid out as (B, H, W, D) memory viewed as (B, D, H, W)."""
     bdp = pixel_rows(emb)
     batch, channels, pixels = bdp.shape
-    grad = emb.new_zeros(batch * pixels, channels)
-    for flat, rows in flat_and_rows:
-        grad.index_add_(0, flat, rows.to(emb.dtype))
+    grad = emb.new_zeros(batch * pixels, channels).index_add_(0, flat, rows.to(emb.dtype))
     return grad if emb.dim() == 2 else grad.view(batch, *emb.shape[2:], channels).movedim(-1, 1)
 
 
 class TripletHinge(torch.autograd.Function):
     """Eq. 6 from the gathered rows, as one autograd node with its gradient
-    written out (instead of a node per elementwise step). With
-    ``h = ||e_t - e_p||^2 - ||e_t - e_n||^2 + beta`` per kept triplet and
-    ``w = [h > 0] / used`` times the loss's gradient:
-        dL/de_t = 2 w (e_n - e_p),  dL/de_p = 2 w (e_p - e_t),  dL/de_n = 2 w (e_t - e_n),
+    written out (instead of a node per elementwise step). The source rows are
+    gathered in one call, positives then negatives (``pairs``, 2N positions),
+    and the differences ``d = (e_t - e_p, e_t - e_n)`` kept for the backward.
+    With ``h = ||d_p||^2 - ||d_n||^2 + beta`` per kept triplet and
+    ``w = 2 [h > 0] / used`` times the loss's gradient:
+        dL/de_t = w (d_p - d_n),  dL/de_p = -w d_p,  dL/de_n = w d_n,
     added into one gradient map per embedding tensor (:func:`add_rows`; the
     source map takes the positives' rows, then the negatives')."""
 
     @staticmethod
-    def forward(ctx, target_emb: Tensor, source_emb: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor,
-                keep: Tensor, beta: float) -> Tensor:
+    def forward(ctx, target_emb: Tensor, source_emb: Tensor, anchor: Tensor, pairs: Tensor, keep: Tensor,
+                beta: float) -> Tensor:
         acc = accumulate_dtype(target_emb.dtype)
         e_t = gather_rows(target_emb, anchor).to(acc)
-        e_p = gather_rows(source_emb, positive).to(acc)
-        e_n = gather_rows(source_emb, negative).to(acc)
-        hinge = ((e_t - e_p) ** 2).sum(-1) - ((e_t - e_n) ** 2).sum(-1) + beta
+        d = e_t - gather_rows(source_emb, pairs).to(acc).view(2, *e_t.shape)
+        squared = (d * d).sum(-1)
+        hinge = squared[0] - squared[1] + beta
         used = keep.sum().clamp(min=1).to(acc)
-        ctx.save_for_backward(target_emb, source_emb, anchor, positive, negative, e_t, e_p, e_n,
-                              keep & (hinge > 0), used)
-        return torch.where(keep, torch.relu(hinge), torch.zeros_like(hinge)).sum() / used
+        ctx.save_for_backward(target_emb, source_emb, anchor, pairs, d, keep & (hinge > 0), used)
+        return torch.where(keep, hinge.relu(), 0.0).sum() / used
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        target_emb, source_emb, anchor, positive, negative, e_t, e_p, e_n, active, used = ctx.saved_tensors
+        target_emb, source_emb, anchor, pairs, d, active, used = ctx.saved_tensors
         w, inactive = 2 * grad_loss / used, ~active[:, None]
-        # each difference is a fresh tensor, scaled in place; a fill, not a product with 0: absent
-        # triplets read row 0, which may hold inf or NaN
-        weighted = lambda difference: difference.mul_(w).masked_fill_(inactive, 0)
+        # fresh tensors, masked in place; a fill, not a product with 0: absent triplets read row 0,
+        # which may hold inf or NaN
         grad_target = grad_source = None
         if ctx.needs_input_grad[0]:
-            grad_target = add_rows(target_emb, (anchor, weighted(e_n - e_p)))
+            grad_target = add_rows(target_emb, anchor, ((d[0] - d[1]) * w).masked_fill_(inactive, 0))
         if ctx.needs_input_grad[1]:
-            grad_source = add_rows(source_emb, (positive, weighted(e_p - e_t)), (negative, weighted(e_t - e_n)))
-        return grad_target, grad_source, None, None, None, None, None
+            rows = d * w
+            rows[0].neg_()
+            grad_source = add_rows(source_emb, pairs, rows.masked_fill_(inactive, 0).view(-1, d.shape[-1]))
+        return grad_target, grad_source, None, None, None, None
 
 
 def triplet_hinge(target_emb: Tensor, source_emb: Tensor, triplets: ConsistencyTriplets, beta: float = 1.0) -> Tensor:
     """Eq. 6 mean over the valid triplets (0 when there are none), from the
     gathered (anchors, D) rows only (:class:`TripletHinge`); differentiable in
     both embeddings."""
-    keep = triplets.valid.reshape(-1)
-    at = lambda flat: torch.where(keep, flat.reshape(-1), 0)  # absent triplets read row 0, masked out
-    return TripletHinge.apply(target_emb, source_emb, at(triplets.anchor), at(triplets.positive),
-                              at(triplets.negative), keep, beta)
+    # absent positions (-1) read row 0; the triplets not kept are masked out
+    pairs = torch.cat((triplets.positive.reshape(-1), triplets.negative.reshape(-1))).clamp_(min=0)
+    return TripletHinge.apply(target_emb, source_emb, triplets.anchor.reshape(-1).clamp(min=0), pairs,
+                              triplets.valid.reshape(-1), beta)
 
 
 def consistency_loss(
