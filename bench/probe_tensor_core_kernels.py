@@ -70,10 +70,9 @@ VARIANTS = {
          "      fetch(d0);\n      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n"
          "      for (int r = 0; r < kModeLoads"),
         ("      if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);\n", "")],
-    "fp32 forward: difference form (the kernel before the expansion)": [(
-        "constexpr bool kExpanded = sizeof(acc_t) == 4;", "constexpr bool kExpanded = false;")],
-    "fp32 forward: no products (e.r left at zero)": [(
-        "              acc[i][j] += x[i] * r[j];  // one FFMA a term", "              (void)x;")],
+    "fp32 forward: no arithmetic (distances left at zero)": [(
+        "            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros",
+        "            (void)t;")],
     "fp32 forward: no embedding loads": [("      next.fetch(emb, emb_layout, b, d0, D, p0, P);",
                                           "      for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * r;")],
     "fp32 forward: no output stores": [(

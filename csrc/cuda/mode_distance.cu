@@ -20,16 +20,13 @@
 //   dL/de_j       = 2 sum_c g[c] (e_j - r[c*M + mstar[c]]_j)
 //   dL/dr[k]_j    = 2 sum_pixels a[k] (r[k]_j - e_j),  a[c*M + m] = g[c] if m == mstar[c], else 0
 //
-// Over a tile of pixels, d[k] for all (pixel, mode) pairs comes from a
-// product, (pixels x D) against (D x modes). For fp32, fp16 and bf16 input
-// the forward takes the expansion ||e||^2 - 2 e.r + ||r||^2, one FFMA per
-// term, and recomputes directly, sum_j (e_j - r_j)^2 in channel order, every
-// (pixel, class) whose minimum the trust rule refuses (kTrustRatio below:
-// cancellation, as for an embedding next to a mode of its class, and anything
-// non-finite). For fp64 it keeps the difference form, (e - r)^2 accumulated
-// channel by channel: one FSUB more per term, no cancellation. The mode
-// gradient is likewise a product, of the one-hot weights a (modes x pixels)
-// with (r - e), each term in difference form.
+// Over a tile of pixels, d[k] for all (pixel, mode) pairs is a product-shaped
+// computation: (pixels x D) against (D x modes), with (e - r)^2 in place of
+// e * r. We keep the difference form rather than ||e||^2 - 2 e.r + ||r||^2:
+// it costs one FSUB more per term but never cancels, so dmin carries only
+// the rounding of a plain sum of squares, added channel by channel in order.
+// The mode gradient is likewise a product, of the one-hot weights a
+// (modes x pixels) with (r - e), each term in difference form.
 //
 // Register tiling (Tiling below). A block of 128 threads is a 16 x 8 grid:
 // 16 threads along the pixels (forward) or the channels (mode gradient), 8
@@ -96,61 +93,6 @@ __device__ __forceinline__ void load_vec(const double* src, double* v) {
   v[1] = t.y;
 }
 
-// The expanded minimum of a (pixel, class) is trusted as it stands when, as
-// on the CPU backend (csrc/cpu/mode_distance.cpp), it is at least kTrustRatio
-// times ||e||^2 + max_m ||r[c, m]||^2 (the fp32 forward takes the max over the
-// pass's modes, the tensor-core forward the centred values; see there): its
-// rounding error, at most
-// about (2 D + 3) u times that sum in fp32 (u = 2^-24; of order sqrt(D) u in
-// practice), is then at most about 2 (2 D + 3) u of dmin (1.6e-5 at D = 64).
-constexpr float kTrustRatio = 0.5f;
-// Channels per batch of loads in a direct sum (at 8, nvcc -Xptxas -v for sm_90
-// gives the tensor-core forward 112 registers instead of 90: 4 blocks per SM, not 5).
-constexpr int kDirectBatch = 4;
-
-// The direct minimum over the M modes of one class (rows of D channels at
-// centre) for the pixel (b, p) of emb: sum_j (e_j - r_j)^2, channels added in
-// order 0..D-1, kDirectBatch channels' loads in flight together (a block
-// waits for its slowest direct sum: with one load at a time the direct sums
-// cost 87 of the tensor-core forward's 223 us on an H200,
-// bench/results/NVIDIA_H200/tensor_core_probe.md). Ties keep the lowest mode;
-// NaN wins. The forwards' fallback where the expansion is not trusted.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void direct_class_min(const scalar_t* __restrict__ emb, PixelLayout layout, int64_t b,
-                                                 int64_t p, const acc_t* __restrict__ centre, int M, int D,
-                                                 acc_t& best, int& best_mode) {
-  acc_t dist[kMaxModes];
-#pragma unroll
-  for (int m = 0; m < kMaxModes; ++m) dist[m] = acc_t(0);
-  for (int j0 = 0; j0 < D; j0 += kDirectBatch) {
-    acc_t x[kDirectBatch];
-#pragma unroll
-    for (int u = 0; u < kDirectBatch; ++u)
-      x[u] = j0 + u < D ? load_as<acc_t>(emb[layout.offset(b, j0 + u, p)]) : acc_t(0);
-#pragma unroll
-    for (int m = 0; m < kMaxModes; ++m) {
-      if (m < M) {
-#pragma unroll
-        for (int u = 0; u < kDirectBatch; ++u) {
-          if (j0 + u < D) {
-            const acc_t t = x[u] - centre[static_cast<int64_t>(m) * D + j0 + u];
-            dist[m] += t * t;
-          }
-        }
-      }
-    }
-  }
-  best = dist[0];
-  best_mode = 0;
-#pragma unroll
-  for (int m = 1; m < kMaxModes; ++m) {
-    if (m < M && replaces_min(dist[m], best)) {
-      best = dist[m];
-      best_mode = m;
-    }
-  }
-}
-
 // One staging step of embeddings, a thread's share of it, in two halves:
 // fetch() issues the global loads into registers, all at once, and park()
 // writes the values to shared memory, so a step costs one round trip to
@@ -214,15 +156,12 @@ struct EmbeddingStep {
 // Forward. grid = (ceil(P / kPixels), B). A block takes kPixels pixels of one
 // image and goes over the classes in passes of floor(kModes / M) whole classes
 // (one pass at C*M <= kModes). A pass accumulates the thread's 2kVec x 2kVec
-// block of products (fp32: e.r; fp64: squared distances) over the channels,
-// kDepth at a time staged in shared memory (pixels x channels and channels x
-// modes; the next step's loads in flight during each step's arithmetic). In
-// fp32 each thread also adds, from the staged tiles, its own pixel's squared
-// norm, and the first kModes threads their mode's. Then the pass parks the
-// tile in shared memory (reusing the staging space; fp32: ||r||^2 - 2 e.r),
-// and each thread takes (class, pixel) pairs, consecutive pixels on
-// consecutive threads, for the min over the class's M modes (fp32: recomputed
-// directly where the trust rule refuses it) and the coalesced stores.
+// block of squared distances over the channels, kDepth at a time staged in
+// shared memory (pixels x channels and channels x modes; the next step's
+// loads in flight during each step's arithmetic); then it parks the
+// tile of distances in shared memory (reusing the staging space), and each
+// thread takes (class, pixel) pairs, consecutive pixels on consecutive
+// threads, for the min over the class's M modes and the coalesced stores.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_distance_forward_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
@@ -231,7 +170,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
     acc_t* __restrict__ posterior, acc_t posterior_scale, PixelLayout out_layout) {
   using T = Tiling<acc_t>;
   constexpr int V = T::kVec;
-  constexpr bool kExpanded = sizeof(acc_t) == 4;  // see the top of the file
   // Rows padded by 16 bytes: staging writes that walk down a column spread over banks.
   constexpr int kEmbRow = T::kPixels + V;
   constexpr int kModeRow = T::kModes + V;
@@ -244,8 +182,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
 
   constexpr int kModeLoads = T::kDepth * T::kModes / kThreads;
   static_assert(kThreads % T::kDepth == 0 && T::kDepth * T::kModes % kThreads == 0, "whole rounds of mode staging");
-  // fp32: a thread per pixel and (the first kModes) per mode adds its norm; a thread ranks its own pixel
-  static_assert(!kExpanded || (T::kPixels == kThreads && T::kModes <= kThreads), "a thread per pixel and mode");
 
   const int px = threadIdx.x % kColumnThreads, my = threadIdx.x / kColumnThreads;
   const int64_t b = blockIdx.y, p0 = static_cast<int64_t>(blockIdx.x) * T::kPixels;
@@ -262,8 +198,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
     for (int i = 0; i < 2 * V; ++i)
 #pragma unroll
       for (int j = 0; j < 2 * V; ++j) acc[i][j] = acc_t(0);
-    // fp32: ||e||^2 of pixel threadIdx.x and ||r||^2 of mode threadIdx.x, channels added in order
-    acc_t norm_part = acc_t(0), mode_norm_part = acc_t(0);
 
     // The next step's embeddings and modes, in flight while this step is computed.
     EmbeddingStep<T::kDepth, T::kPixels, kThreads, acc_t> next;
@@ -288,20 +222,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
       for (int r = 0; r < kModeLoads; ++r) mode_tile[mode_d * kModeRow + mode_k + r * kModeStride] = next_modes[r];
       __syncthreads();
       if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);
-      if (kExpanded) {
-#pragma unroll
-        for (int d = 0; d < T::kDepth; ++d) {
-          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];
-          norm_part += v * v;  // padding adds exact zeros
-        }
-        if (threadIdx.x < T::kModes) {
-#pragma unroll
-          for (int d = 0; d < T::kDepth; ++d) {
-            const acc_t v = mode_tile[d * kModeRow + threadIdx.x];
-            mode_norm_part += v * v;
-          }
-        }
-      }
 #pragma unroll
       for (int d = 0; d < T::kDepth; ++d) {
         acc_t x[2 * V], r[2 * V];
@@ -313,36 +233,18 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
         for (int i = 0; i < 2 * V; ++i)
 #pragma unroll
           for (int j = 0; j < 2 * V; ++j) {
-            if (kExpanded) {
-              acc[i][j] += x[i] * r[j];  // one FFMA a term
-            } else {
-              const acc_t t = x[i] - r[j];
-              acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros
-            }
+            const acc_t t = x[i] - r[j];
+            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros
           }
       }
     }
 
     __syncthreads();  // the staged tiles are read; the distances take their place
-    // fp32: each thread's modes' squared norms, and the largest of the pass (for the trust rule's
-    // bound), through the staging space; the parked value is ||r||^2 - 2 e.r. (Shared memory
-    // holds no more: 3 blocks of 32 KB fill an sm_61 SM's 96 KB.)
-    acc_t own_norm[2 * V], largest_norm = acc_t(0);
-    if (kExpanded) {
-      if (threadIdx.x < T::kModes) shared[threadIdx.x] = mode_norm_part;
-      __syncthreads();
-#pragma unroll
-      for (int j = 0; j < 2 * V; ++j) own_norm[j] = shared[owned<V, T::kModes>(my, j)];
-      for (int k = 0; k < pass_modes; ++k)
-        if (k == 0 || replaces_max(shared[k], largest_norm)) largest_norm = shared[k];  // NaN wins
-      __syncthreads();  // the norms are read before the distances take their place
-    }
 #pragma unroll
     for (int i = 0; i < 2 * V; ++i)
 #pragma unroll
       for (int j = 0; j < 2 * V; ++j)
-        dist_tile[owned<V, T::kModes>(my, j) * T::kPixels + owned<V, T::kPixels>(px, i)] =
-            kExpanded ? own_norm[j] - acc_t(2) * acc[i][j] : acc[i][j];
+        dist_tile[owned<V, T::kModes>(my, j) * T::kPixels + owned<V, T::kPixels>(px, i)] = acc[i][j];
     __syncthreads();
 
     for (int i = threadIdx.x; i < classes * T::kPixels; i += kThreads) {
@@ -351,29 +253,11 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
       const acc_t* d_class = dist_tile + cl * M * T::kPixels + p;
       acc_t best = d_class[0];
       int best_mode = 0;
-      if (kExpanded) {  // p is threadIdx.x: norm_part is the pixel's ||e||^2
-        best = norm_part + best;
-        for (int m = 1; m < M; ++m) {
-          const acc_t v = norm_part + d_class[m * T::kPixels];
-          if (replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
-            best = v;
-            best_mode = m;
-          }
-        }
-        // the bound takes the pass's largest mode norm (the CPU backend: the class's): stricter, as safe
-        const acc_t bound = norm_part + largest_norm;
-        if (!(bound <= FLT_MAX && best >= acc_t(kTrustRatio) * bound && best <= FLT_MAX)) {
-          // cancellation, or something non-finite: the class's modes directly
-          direct_class_min(emb, emb_layout, b, p0 + p, pass_centres + static_cast<int64_t>(cl) * M * D, M, D, best,
-                           best_mode);
-        }
-      } else {
-        for (int m = 1; m < M; ++m) {
-          const acc_t v = d_class[m * T::kPixels];
-          if (replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
-            best = v;
-            best_mode = m;
-          }
+      for (int m = 1; m < M; ++m) {
+        const acc_t v = d_class[m * T::kPixels];
+        if (replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
+          best = v;
+          best_mode = m;
         }
       }
       const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
@@ -420,6 +304,9 @@ constexpr int kModeRow = kDepth + 4;  // mode tile [mode][channel] (B, column-ma
 constexpr int kKeyRow = kPixels + 4;  // products [mode][pixel] (column-major)
 constexpr int kStaged = kDepth * kEmbRow + kModes * kModeRow;
 constexpr int kProducts = kModes * kKeyRow;
+constexpr float kTrustRatio = 0.5f;
+constexpr int kDirectBatch = 4;   // channels per batch of loads in a direct sum (at 8, nvcc -Xptxas -v for
+                                  // sm_90 gives the forward 112 registers instead of 90: 4 blocks per SM, not 5)
 constexpr int kCentreDepth = 32;  // mode_centre_kernel: channels per stage
 static_assert(kModes * kCentreDepth % kThreads == 0, "mode_centre_kernel: whole rounds of staging");
 static_assert(kThreads == 2 * kPixels, "two threads per pixel share the norms");
@@ -637,10 +524,41 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 
     for (int q = threadIdx.x; q < queued; q += kThreads) {  // the class's modes directly
       const int cl = queue[q] / kPixels, p = queue[q] % kPixels;
-      float best;
-      int best_mode;
-      direct_class_min(emb, emb_layout, b, p0 + p, pass_centres + static_cast<int64_t>(cl) * M * D, M, D, best,
-                       best_mode);
+      float dist[kMaxModes];
+#pragma unroll
+      for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
+      const float* centre = pass_centres + static_cast<int64_t>(cl) * M * D;
+      // kDirectBatch channels at a time, their loads in flight together: a
+      // block waits for its slowest direct sum, and with one load at a time
+      // the direct sums cost 87 of the kernel's 223 us on an H200
+      // (bench/results/NVIDIA_H200/tensor_core_probe.md).
+      for (int j0 = 0; j0 < D; j0 += kDirectBatch) {
+        float x[kDirectBatch];
+#pragma unroll
+        for (int u = 0; u < kDirectBatch; ++u)
+          x[u] = j0 + u < D ? load_as<float>(emb[emb_layout.offset(b, j0 + u, p0 + p)]) : 0.0f;
+#pragma unroll
+        for (int m = 0; m < kMaxModes; ++m) {
+          if (m < M) {
+#pragma unroll
+            for (int u = 0; u < kDirectBatch; ++u) {
+              if (j0 + u < D) {
+                const float t = x[u] - centre[static_cast<int64_t>(m) * D + j0 + u];
+                dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
+              }
+            }
+          }
+        }
+      }
+      float best = dist[0];
+      int best_mode = 0;
+#pragma unroll
+      for (int m = 1; m < kMaxModes; ++m) {
+        if (m < M && replaces_min(dist[m], best)) {
+          best = dist[m];
+          best_mode = m;
+        }
+      }
       store(cl, p, best, best_mode);
     }
   }

@@ -47,7 +47,7 @@ MUTATIONS = {
     "mode centres: norms read the means without a barrier": (
         "    __syncthreads();\n    if (norm != nullptr && t < pass_modes)", "    if (norm != nullptr && t < pass_modes)"),
     "forward: direct sums skip a channel of each batch": (
-        "          if (j0 + u < D) {", "          if (j0 + u < D && u > 0) {"),
+        "              if (j0 + u < D) {", "              if (j0 + u < D && u > 0) {"),
     "forward: mode rows of 34 floats (misaligned)": ("constexpr int kModeRow = kDepth + 4;",
                                                      "constexpr int kModeRow = kDepth + 2;"),
     "forward: one channel left out of the norm": (
@@ -74,14 +74,6 @@ MUTATIONS = {
         "    if (D > 0) fetch(0);\n    for (int d0 = 0; d0 < D; d0 += T::kDepth) {\n"),
     "fp32 forward: the step ahead fetched from the wrong channels": (
         "if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);", "if (d0 + T::kDepth < D) fetch(d0);"),
-    "fp32 forward: a channel left out of the pixels' norms": (
-        "        for (int d = 0; d < T::kDepth; ++d) {\n          const acc_t v = emb_tile[",
-        "        for (int d = 0; d < T::kDepth - 1; ++d) {\n          const acc_t v = emb_tile["),
-    "fp32 forward: each thread's first modes' norms for its own": (
-        "own_norm[j] = shared[owned<V, T::kModes>(my, j)];", "own_norm[j] = shared[j];"),
-    "fp32 forward: no barrier before the mode norms are read": (
-        "      if (threadIdx.x < T::kModes) shared[threadIdx.x] = mode_norm_part;\n      __syncthreads();\n",
-        "      if (threadIdx.x < T::kModes) shared[threadIdx.x] = mode_norm_part;\n"),
     "fp32 dL/de: the last class of each batch left out": (
         "        if (c0 + u >= C) break;", "        if (c0 + u >= C || u == kClassBatch - 1) break;"),
     "fp32 forward: the distances parked without a barrier": (
