@@ -228,7 +228,7 @@ def markdown(threshold_rows, entropy_rows, images):
         err = f"{r['max_rel_threshold_error']:.2e}" if "max_rel_threshold_error" in r else "0 (exact)"
         dis = f"{100 * r['disagreement']:.4f} %" if "disagreement" in r else "0 (exact)"
         host = max(r.get("host_peak_mib", 0.0) - base_host, 0)
-        lines.append(f"| {r['method']} | {r['time_s']:.2f} | {r.get('images_per_s', float('nan')):.1f} | "
+        lines.append(f"| {r['method']} | {r['time_s']:.3g} | {r.get('images_per_s', float('nan')):.1f} | "
                      f"{r.get('bandwidth_gbs', float('nan')):.1f} | {max(r['peak_mib'] - base_peak, 0):.1f} | "
                      f"{host:.1f} | {speed} | {err} | {dis} |")
     lines += ["", f"### Entropy map, logits 1x{C}x{H}x{W}", "",

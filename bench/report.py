@@ -182,7 +182,7 @@ def pseudo_label_section(data: Dict) -> str:
         host = r.get("host_peak_mib")
         peak = max(r["peak_mib"] - base.get("peak_mib", 0.0), 0.0)
         host = None if host is None else max(host - base.get("host_peak_mib", 0.0), 0.0)
-        body.append([r["method"], f"{r['time_s']:.2f}", f"{images_per_s:.1f}", f"{peak:.1f}",
+        body.append([r["method"], f"{r['time_s']:.3g}", f"{images_per_s:.1f}", f"{peak:.1f}",
                      f"{host:.1f}" if host is not None else ""])
     return (f"**Pseudo-label pass** (`bench/bench_pseudo_labels.py`), {data.get('images', '?')} simulated target "
             "images of 19x512x1024 probabilities, class-balanced thresholds (portion 0.5); sort_all and crst_lists "
