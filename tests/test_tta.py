@@ -98,7 +98,10 @@ def rss_peak_extra(function) -> int:
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_memory_is_flat_in_the_number_of_views():
     """Score maps of 76 MiB (above glibc's mmap threshold, so freed memory
-    leaves the RSS): 2 views and 8 views peak at the same three maps."""
+    leaves the RSS): 2 views and 8 views peak at the same three maps. Each
+    peak is the largest of three alternating measurements: pages a call finds
+    already resident do not raise the high-water mark (seen once in a full
+    run: 2 maps for 2 views, 3 for 8)."""
     classes, size = 19, (1024, 1024)
     one_map = classes * size[0] * size[1] * 4
 
@@ -107,8 +110,10 @@ def test_memory_is_flat_in_the_number_of_views():
 
     images = torch.randn(1, 3, 256, 256)
     tta_probabilities(forward, images, size, [1.0], True)  # warm-up
-    few = rss_peak_extra(lambda: tta_probabilities(forward, images, size, [1.0], True))
-    many = rss_peak_extra(lambda: tta_probabilities(forward, images, size, [0.25, 0.5, 0.75, 1.0], True))
+    few, many = 0, 0
+    for _ in range(3):
+        few = max(few, rss_peak_extra(lambda: tta_probabilities(forward, images, size, [1.0], True)))
+        many = max(many, rss_peak_extra(lambda: tta_probabilities(forward, images, size, [0.25, 0.5, 0.75, 1.0], True)))
     assert few <= 3.5 * one_map and many <= 3.5 * one_map, (few / one_map, many / one_map)
     assert many <= few + 0.5 * one_map, (few / one_map, many / one_map)
 
