@@ -81,25 +81,28 @@ def crst_lists_thresholds(batches, portion):
     return torch.tensor(t, dtype=torch.float32)
 
 
-def warm_up(method: str, probs) -> None:
-    """One update and threshold computation of ``method``, results dropped."""
+def accumulator(method: str, device):
+    """The streaming state of ``sort_all`` or ``histogram_<backend>``."""
     from drsl_fast.pseudo_labels import ClassBalancedThresholds
     from drsl_fast.reference import SortedThresholds
 
+    if method == "sort_all":
+        return SortedThresholds(C)
+    return ClassBalancedThresholds(C, device=device, backend=method.split("_", 1)[1])
+
+
+def warm_up(method: str, probs) -> None:
+    """One update and threshold computation of ``method``, results dropped."""
     if method == "crst_lists":
         crst_lists_thresholds([probs], PORTION)
     elif method != "generate_only":
-        acc = SortedThresholds(C) if method == "sort_all" else ClassBalancedThresholds(
-            C, device=probs.device, backend=method.split("_", 1)[1])
+        acc = accumulator(method, probs.device)
         acc.update(probs)
         acc.thresholds(PORTION)
 
 
 def threshold_worker(spec):
     import torch
-
-    from drsl_fast.pseudo_labels import ClassBalancedThresholds
-    from drsl_fast.reference import SortedThresholds
 
     device = torch.device(spec["device"])
     method = spec["method"]
@@ -133,10 +136,7 @@ def threshold_worker(spec):
     elif method == "crst_lists":
         thresholds = crst_lists_thresholds(timed_batches(), PORTION)
     else:
-        if method == "sort_all":
-            acc = SortedThresholds(C)
-        else:
-            acc = ClassBalancedThresholds(C, device=device, backend=method.split("_", 1)[1])
+        acc = accumulator(method, device)
         for probs in timed_batches():
             acc.update(probs)
         start = time.perf_counter()
