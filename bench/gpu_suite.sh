@@ -2,7 +2,8 @@
 # One command on a GPU machine: measure the card's ceilings, build the
 # extension for this card only, run the op tests (CUDA and Triton), the op
 # microbenchmarks against their peers (realistic sizes, medians of many runs on
-# rotated inputs, achieved bandwidth and FLOP rate), the training-step
+# rotated inputs, achieved bandwidth and FLOP rate), the kernels' stage probe and
+# hardware counters (Nsight Compute), the training-step
 # benchmark with the memory model's predictions, the training-step profile, and
 # the performance report. Everything is written under bench/results/<device>/
 # (or $DEST), with a log per stage and stage timings in $DEST/timings.txt.
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe host mmdl_losses pseudo_labels training profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe ncu host mmdl_losses pseudo_labels training profile report"}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names itself in the results
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -67,6 +68,7 @@ run_stage() {
             --out "$DEST/mode_distance" ${BENCH_ARGS:-} ;;
     kernels) timed kernels $PY bench/bench_mode_distance.py --kernels --out "$DEST/mode_distance" ;;
     probe) timed probe $PY bench/probe_tensor_core_kernels.py --out "$DEST/tensor_core_probe" ;;
+    ncu) timed ncu $PY bench/ncu_mode_distance.py --out "$DEST/ncu" ;;
     host) timed host $PY bench/probe_host_time.py --device cuda --out "$DEST/host_time" ;;
     mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
     pseudo_labels)

@@ -104,14 +104,14 @@ def variant_source(edits):
     return text
 
 
-def build(name, edits, work: Path, nvcc: str, arch: str) -> Path:
+def build(name, edits, work: Path, nvcc: str, arch: str, extra_flags=()) -> Path:
     folder = work / f"v{list(VARIANTS).index(name)}"
     (folder / "csrc" / "cuda").mkdir(parents=True)
     (folder / "kernels").symlink_to(ROOT / "kernels")  # the file's relative includes
     (folder / "csrc" / "cuda" / SOURCE.name).write_text(variant_source(edits))
     exe = folder / "probe"
-    done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-I", str(folder / "csrc" / "cuda"), "-o",
-                           str(exe), str(PROBE)], capture_output=True, text=True)
+    done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}", *extra_flags, "-I", str(folder / "csrc" / "cuda"),
+                           "-o", str(exe), str(PROBE)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"did not build:\n{done.stderr[-3000:]}")
     return exe
