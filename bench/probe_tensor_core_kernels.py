@@ -33,7 +33,42 @@ FORWARD_PRODUCT = "          mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);\n"
 BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
                      "            mma_3xtf32(mode_acc[j], a_hi, a_lo, b_hi, b_lo);\n"]
 FP32_BOUNDS = "__launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2)"
-FP32_DEPTH = "static constexpr int kDepth = 16;"
+FP32_DEPTH = "static constexpr int kDepth = 8;"
+WEIGHT_BATCH = "kWeightBatch = 2;"
+# The fp32 forward's epilogue, and the one it replaced (commit 92b8196 and before).
+NEW_EPILOGUE = """    constexpr int kClassStep = kThreads / T::kPixels;
+    const int p = threadIdx.x % T::kPixels;
+    if (p0 + p < P) {
+      int cl = threadIdx.x / T::kPixels;
+      int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
+      const int64_t o_step = kClassStep * out_layout.channel;
+      for (; cl < classes; cl += kClassStep, o += o_step) {
+        const acc_t* d_class = dist_tile + cl * M * T::kPixels + p;
+        acc_t best = d_class[0];
+        int best_mode = 0;
+        for (int m = 1; m < M; ++m) {
+          const acc_t v = d_class[m * T::kPixels];
+          const bool take = replaces_min(v, best);  // ties keep the lowest mode; NaN wins
+          best = take ? v : best;
+          best_mode = take ? m : best_mode;
+        }
+"""
+OLD_EPILOGUE = """    for (int i = threadIdx.x; i < classes * T::kPixels; i += kThreads) {
+      const int cl = i / T::kPixels, p = i % T::kPixels;
+      if (p0 + p >= P) continue;
+      {
+        const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
+        const acc_t* d_class = dist_tile + cl * M * T::kPixels + p;
+        acc_t best = d_class[0];
+        int best_mode = 0;
+        for (int m = 1; m < M; ++m) {
+          const acc_t v = d_class[m * T::kPixels];
+          if (v < best || (v != v && best == best)) {
+            best = v;
+            best_mode = m;
+          }
+        }
+"""
 # name -> [(text, replacement)], each text once in the file
 VARIANTS = {
     "as built": [],
@@ -60,9 +95,11 @@ VARIANTS = {
         "    const float x = hi.x[i], big = nvcuda::wmma::__float_to_tf32(x);\n    hi.x[i] = big;\n"
         "    lo.x[i] = nvcuda::wmma::__float_to_tf32(x - big);", "    lo.x[i] = hi.x[i];")],
     "fp32 forward: 2 blocks per SM (255 registers)": [(FP32_BOUNDS, "__launch_bounds__(kThreads, 2)")],
-    "fp32 forward: 8 channels per step": [(FP32_DEPTH, FP32_DEPTH.replace("16", "8"))],
-    "fp32 forward: 32 channels per step, 2 blocks per SM": [(FP32_DEPTH, FP32_DEPTH.replace("16", "32")),
-                                                            (FP32_BOUNDS, "__launch_bounds__(kThreads, 2)")],
+    "fp32 forward: 4 blocks per SM (128 registers)": [(FP32_BOUNDS, "__launch_bounds__(kThreads, 4)")],
+    "fp32 forward: 16 channels per step (before)": [(FP32_DEPTH, FP32_DEPTH.replace("8", "16"))],
+    "fp32 forward: every load bounds-checked (before)": [("      if (pixels_inside && d0 + T::kDepth <= D)\n",
+                                                          "      if (false)\n")],
+    "fp32 forward: (class, pixel) pairs in rounds, min by branches (before)": [(NEW_EPILOGUE, OLD_EPILOGUE)],
     "fp32 forward: no prefetch (each step loaded after its barrier)": [
         ("    if (D > 0) fetch(0);\n", ""),
         ("      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n"
@@ -73,16 +110,22 @@ VARIANTS = {
     "fp32 forward: no arithmetic (distances left at zero)": [(
         "            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros",
         "            (void)t;")],
-    "fp32 forward: no embedding loads": [("      next.fetch(emb, emb_layout, b, d0, D, p0, P);",
-                                          "      for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * r;")],
+    "fp32 forward: no embedding loads": [(text, "for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * r;")
+                                         for text in ("next.fetch_inside(emb, emb_layout, b, d0, p0);",
+                                                      "next.fetch(emb, emb_layout, b, d0, D, p0, P);")],
     "fp32 forward: no output stores": [(
-        "      dmin[o] = best;\n      mstar[o] = static_cast<uint8_t>(best_mode);\n"
-        "      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n    }\n"
-        "    // The next pass's",
-        "      if (best == acc_t(-1)) dmin[o] = static_cast<acc_t>(best_mode);  // never: keeps the work alive\n    }\n"
-        "    // The next pass's")],
+        "        dmin[o] = best;\n        mstar[o] = static_cast<uint8_t>(best_mode);\n"
+        "        if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n"
+        "      }\n    }\n    // The next pass's",
+        "        if (best == acc_t(-1)) dmin[o] = static_cast<acc_t>(best_mode);  // never: keeps the work alive\n"
+        "      }\n    }\n    // The next pass's")],
     "fp32 dL/de: classes loaded one at a time": [("  constexpr int kClassBatch = 8;",
                                                    "  constexpr int kClassBatch = 1;")],
+    "fp32 dL/de: every channel checked (before, but loads from shared memory)": [(
+        "      if (n == kDepth)\n        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, staged,",
+        "      if (false)\n        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, staged,")],
+    "fp32 dL/dr: weights loaded one (pixel, class) at a time (before)": [(WEIGHT_BATCH, "kWeightBatch = 1;")],
+    "fp32 dL/dr: weights loaded 4 pairs at a time": [(WEIGHT_BATCH, "kWeightBatch = 4;")],
     "backward: no products": [(text, "") for text in BACKWARD_PRODUCTS],
     "backward: no embedding loads": [(
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];", "v = 0.01f * (d - p);")],

@@ -47,6 +47,9 @@ SHAPES = {
     # more channels than one staging step of the GPU kernels and more pixels than one
     # mode-gradient chunk, neither a whole number of them
     "wide_many_pixels": (lambda g, dt: torch.randn(2, 70, 19, 23, generator=g).to(dt), 19, 3),
+    # mode rows past the 48 KiB that the CUDA dL/de kernel stages in shared
+    # memory (40 x 4 rows of 81 floats): it reads them from global memory
+    "modes_beyond_shared": (lambda g, dt: torch.randn(1, 80, 3, 5, generator=g).to(dt), 40, 4),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -66,7 +66,7 @@ struct Tiling {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(acc_t));  // values in one 16-byte access
   static constexpr int kPixels = kColumnThreads * 2 * kVec;            // forward: pixels per block (128 / 64)
   static constexpr int kModes = kModeThreads * 2 * kVec;                // modes per pass (64 / 32), >= kMaxModes
-  static constexpr int kDepth = 16;                                     // forward: channels per staging step
+  static constexpr int kDepth = 8;                                      // forward: channels per staging step
   static constexpr int kChannels = kColumnThreads * kVec;               // mode gradient: channels per block (64 / 32)
   static constexpr int kGradPixels = 32;                                // mode gradient: pixels per staging step
   static constexpr int kGradEmbDepth = 128 / static_cast<int>(sizeof(acc_t));  // grad_emb: channels per pass
@@ -102,9 +102,10 @@ __device__ __forceinline__ void load_vec(const double* src, double* v) {
 // third run). The forwards fetch the next step while the current one is
 // computed. On the H200 that gained nothing over fetching each step after its
 // barrier (79 us against 82, within the runs' spread), but it is how ptxas
-// fits the sm_61 fp32 forward in 167 registers, 3 blocks per SM, without
-// spilling: fetched after the barrier, it takes 202 (2 blocks per SM), or
-// spills under the 3-block bound.
+// fitted the sm_61 fp32 forward of 16-channel steps in 167 registers, 3
+// blocks per SM, without spilling: fetched after the barrier, it took 202 (2
+// blocks per SM), or spilled under the 3-block bound. (With 8-channel steps,
+// fetch_inside() and the epilogue below: 140 registers on sm_61.)
 //
 // The step is emb[b, d0 + d, p0 + p] for d < kDepth, p < kPixels as acc_t,
 // minus centre[d0 + d] when centre is given, zero outside channel D and pixel
@@ -143,6 +144,23 @@ struct EmbeddingStep {
     }
   }
 
+  // fetch() for a step that lies inside the tensor (channels d0 .. d0 + kDepth
+  // - 1 < D, pixels p0 .. p0 + kPixels - 1 < end), with no centre: no bounds
+  // per value. With them, ptxas spent about 15 instructions a load of the fp32
+  // forward on 64-bit comparisons and addresses (ncu, bench/NOTES.md).
+  template <typename scalar_t>
+  __device__ __forceinline__ void fetch_inside(const scalar_t* emb, PixelLayout layout, int64_t b, int d0,
+                                               int64_t p0) {
+    const int t = static_cast<int>(threadIdx.x);
+    const bool adjacent = layout.pixel == 1;
+    const int d_first = adjacent ? t / kPixels : t % kDepth, d_step = adjacent ? kBlockThreads / kPixels : 0;
+    const int p_first = adjacent ? t % kPixels : t / kDepth, p_step = adjacent ? 0 : kBlockThreads / kDepth;
+    const scalar_t* src = emb + layout.offset(b, d0 + d_first, p0 + p_first);
+    const int64_t stride = adjacent ? d_step * layout.channel : p_step * layout.pixel;
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r, src += stride) value[r] = load_as<acc_t>(*src);
+  }
+
   __device__ __forceinline__ void park(acc_t* dst, int d_stride, int p_stride, bool adjacent) const {
     const int t = static_cast<int>(threadIdx.x);
     const int d_first = adjacent ? t / kPixels : t % kDepth, d_step = adjacent ? kBlockThreads / kPixels : 0;
@@ -160,8 +178,14 @@ struct EmbeddingStep {
 // shared memory (pixels x channels and channels x modes; the next step's
 // loads in flight during each step's arithmetic); then it parks the
 // tile of distances in shared memory (reusing the staging space), and each
-// thread takes (class, pixel) pairs, consecutive pixels on consecutive
-// threads, for the min over the class's M modes and the coalesced stores.
+// thread takes one pixel (consecutive pixels on consecutive threads) and
+// runs over the pass's classes: the min over the class's M modes and the
+// coalesced stores.
+//
+// 8 channels a step, not 16: the 16-channel loop, unrolled, was about 2100
+// instructions (34 KB) and its warps waited on instruction fetch (ncu's
+// "no instruction": 28 % of the loop's warp samples on an H200); unrolled 4
+// of 16 instead, it spilled on sm_61. The probe times both (bench/NOTES.md).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_distance_forward_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
@@ -182,6 +206,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
 
   constexpr int kModeLoads = T::kDepth * T::kModes / kThreads;
   static_assert(kThreads % T::kDepth == 0 && T::kDepth * T::kModes % kThreads == 0, "whole rounds of mode staging");
+  static_assert(kThreads % T::kPixels == 0, "the epilogue: whole classes per round of threads");
 
   const int px = threadIdx.x % kColumnThreads, my = threadIdx.x / kColumnThreads;
   const int64_t b = blockIdx.y, p0 = static_cast<int64_t>(blockIdx.x) * T::kPixels;
@@ -202,16 +227,23 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
     // The next step's embeddings and modes, in flight while this step is computed.
     EmbeddingStep<T::kDepth, T::kPixels, kThreads, acc_t> next;
     acc_t next_modes[kModeLoads];
-    // Mode k = mode_k + kModeStride r, channel d0 + mode_d.
+    // Mode k = mode_k + kModeStride r, channel d0 + mode_d; the pass's
+    // modes fit a 32-bit index (C * M * D values in all).
     constexpr int kModeStride = kThreads / T::kDepth;
     const int mode_d = threadIdx.x % T::kDepth, mode_k = threadIdx.x / T::kDepth;
+    const acc_t* const mode_first = pass_centres + mode_k * D + mode_d;
+    const int mode_step = kModeStride * D;
+    const bool pixels_inside = p0 + T::kPixels <= P;
     const auto fetch = [&](int d0) {
-      next.fetch(emb, emb_layout, b, d0, D, p0, P);
-      const acc_t* first = pass_centres + static_cast<int64_t>(mode_k) * D + d0 + mode_d;
+      if (pixels_inside && d0 + T::kDepth <= D)
+        next.fetch_inside(emb, emb_layout, b, d0, p0);
+      else
+        next.fetch(emb, emb_layout, b, d0, D, p0, P);
+      const bool channel_inside = d0 + mode_d < D;
 #pragma unroll
       for (int r = 0; r < kModeLoads; ++r) {
-        const bool inside = d0 + mode_d < D && mode_k + r * kModeStride < pass_modes;
-        next_modes[r] = inside ? first[static_cast<int64_t>(r) * kModeStride * D] : acc_t(0);
+        const bool inside = channel_inside && mode_k + r * kModeStride < pass_modes;
+        next_modes[r] = inside ? mode_first[d0 + r * mode_step] : acc_t(0);
       }
     };
     if (D > 0) fetch(0);
@@ -247,23 +279,28 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_dis
         dist_tile[owned<V, T::kModes>(my, j) * T::kPixels + owned<V, T::kPixels>(px, i)] = acc[i][j];
     __syncthreads();
 
-    for (int i = threadIdx.x; i < classes * T::kPixels; i += kThreads) {
-      const int cl = i / T::kPixels, p = i % T::kPixels;
-      if (p0 + p >= P) continue;
-      const acc_t* d_class = dist_tile + cl * M * T::kPixels + p;
-      acc_t best = d_class[0];
-      int best_mode = 0;
-      for (int m = 1; m < M; ++m) {
-        const acc_t v = d_class[m * T::kPixels];
-        if (replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
-          best = v;
-          best_mode = m;
+    // A thread takes one pixel (consecutive pixels on consecutive threads) and
+    // every kThreads / kPixels-th class of the pass.
+    constexpr int kClassStep = kThreads / T::kPixels;
+    const int p = threadIdx.x % T::kPixels;
+    if (p0 + p < P) {
+      int cl = threadIdx.x / T::kPixels;
+      int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
+      const int64_t o_step = kClassStep * out_layout.channel;
+      for (; cl < classes; cl += kClassStep, o += o_step) {
+        const acc_t* d_class = dist_tile + cl * M * T::kPixels + p;
+        acc_t best = d_class[0];
+        int best_mode = 0;
+        for (int m = 1; m < M; ++m) {
+          const acc_t v = d_class[m * T::kPixels];
+          const bool take = replaces_min(v, best);  // ties keep the lowest mode; NaN wins
+          best = take ? v : best;
+          best_mode = take ? m : best_mode;
         }
+        dmin[o] = best;
+        mstar[o] = static_cast<uint8_t>(best_mode);
+        if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
       }
-      const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
-      dmin[o] = best;
-      mstar[o] = static_cast<uint8_t>(best_mode);
-      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
     }
     // The next pass's first __syncthreads (or, at D = 0, the one before the
     // distances are parked) waits for these reads of dist_tile.
@@ -736,12 +773,50 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads, 3) mode_distance_ba
 #endif
 }
 
+// dL/de, the sums of one pass over kDepth channels (d0 .. d0 + n - 1) for
+// one pixel: acc[j] = sum_c g[c] (x[j] - r[c, mstar[c]][d0 + j]). kFull: n ==
+// kDepth, so no channel is checked; `centres` points to shared memory or to
+// global memory, known at each call so that nvcc loads with LDS or LDG (a
+// pointer that could be either took generic loads, and the per-channel checks
+// about four instructions per product term: 53 M instructions for 15 M of
+// arithmetic on the H200, ncu, bench/NOTES.md).
+template <int kDepth, bool kFull, typename acc_t>
+__device__ __forceinline__ void grad_emb_sums(const acc_t* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar,
+                                              int64_t o, int64_t o_channel, const acc_t* centres, int64_t row,
+                                              int C, int M, int d0, int n, const acc_t (&x)[kDepth],
+                                              acc_t (&acc)[kDepth]) {
+  constexpr int kClassBatch = 8;
+  // The gradients and winners of kClassBatch classes are loaded at once, then
+  // used class by class in order. (Loaded one class ahead, each class waited
+  // for the previous one's load: C round trips to memory per pass.)
+  for (int c0 = 0; c0 < C; c0 += kClassBatch) {
+    acc_t g[kClassBatch];
+    int winner[kClassBatch];
+#pragma unroll
+    for (int u = 0; u < kClassBatch; ++u) {
+      const bool used = c0 + u < C;
+      const int64_t oc = o + static_cast<int64_t>(c0 + u) * o_channel;
+      g[u] = used ? grad_dmin[oc] : acc_t(0);
+      winner[u] = used ? mstar[oc] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kClassBatch; ++u) {
+      if (c0 + u >= C) break;
+      const acc_t* r = centres + (static_cast<int64_t>(c0 + u) * M + winner[u]) * row + d0;
+#pragma unroll
+      for (int j = 0; j < kDepth; ++j)
+        if (kFull || j < n) acc[j] += g[u] * (x[j] - r[j]);
+    }
+  }
+}
+
 // dL/de. grid = (ceil(P / kThreads), B), one thread per pixel, consecutive
 // pixels on consecutive threads (coalesced for (B, D, H, W) contiguous). The
 // mode rows are staged in dynamic shared memory when modes_in_shared, with an
 // odd row stride so that threads gathering different winning rows at the same
 // channel hit different banks. A thread keeps kGradEmbDepth channels of its
-// embedding and of the gradient in registers and runs over the classes.
+// embedding and of the gradient in registers and runs over the classes
+// (grad_emb_sums).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) mode_distance_grad_emb_kernel(
     const acc_t* __restrict__ grad_dmin, const uint8_t* __restrict__ mstar, PixelLayout out_layout,
@@ -749,16 +824,12 @@ __global__ void __launch_bounds__(kThreads) mode_distance_grad_emb_kernel(
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P, bool modes_in_shared,
     scalar_t* __restrict__ grad_emb, PixelLayout grad_layout) {
   constexpr int kDepth = Tiling<acc_t>::kGradEmbDepth;
-  constexpr int kClassBatch = 8;
   DRSL_DYNAMIC_SHARED(unsigned char, grad_emb_shared);
-  const acc_t* centres = modes;
-  int64_t row = D;
+  acc_t* const staged = reinterpret_cast<acc_t*>(grad_emb_shared);
+  const int64_t staged_row = D | 1;
   if (modes_in_shared) {
-    acc_t* staged = reinterpret_cast<acc_t*>(grad_emb_shared);
-    row = D | 1;
-    for (int i = threadIdx.x; i < C * M * D; i += kThreads) staged[(i / D) * row + i % D] = modes[i];
+    for (int i = threadIdx.x; i < C * M * D; i += kThreads) staged[(i / D) * staged_row + i % D] = modes[i];
     __syncthreads();
-    centres = staged;
   }
   const int64_t b = blockIdx.y, p = thread_index();
   if (p >= P) return;
@@ -774,29 +845,16 @@ __global__ void __launch_bounds__(kThreads) mode_distance_grad_emb_kernel(
       x[j] = j < n ? load_as<acc_t>(e[(d0 + j) * emb_layout.channel]) : acc_t(0);
       acc[j] = acc_t(0);
     }
-    // The gradients and winners of kClassBatch classes are loaded at once, then
-    // used class by class in order. (Loaded one class ahead, each class waited
-    // for the previous one's load: C round trips to memory per pass, and this
-    // kernel took 90 us on an H200 at B = 2, D = 64, C = 19, M = 3, 256 x 256,
-    // bench/results/NVIDIA_H200/mode_distance_kernels.md, for ~10 us of arithmetic.)
-    for (int c0 = 0; c0 < C; c0 += kClassBatch) {
-      acc_t g[kClassBatch];
-      int winner[kClassBatch];
-#pragma unroll
-      for (int u = 0; u < kClassBatch; ++u) {
-        const bool used = c0 + u < C;
-        const int64_t oc = o + static_cast<int64_t>(c0 + u) * out_layout.channel;
-        g[u] = used ? grad_dmin[oc] : acc_t(0);
-        winner[u] = used ? mstar[oc] : 0;
-      }
-#pragma unroll
-      for (int u = 0; u < kClassBatch; ++u) {
-        if (c0 + u >= C) break;
-        const acc_t* r = centres + (static_cast<int64_t>(c0 + u) * M + winner[u]) * row + d0;
-#pragma unroll
-        for (int j = 0; j < kDepth; ++j)
-          if (j < n) acc[j] += g[u] * (x[j] - r[j]);
-      }
+    if (modes_in_shared) {
+      if (n == kDepth)
+        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, staged, staged_row, C, M, d0, n, x, acc);
+      else
+        grad_emb_sums<kDepth, false>(grad_dmin, mstar, o, out_layout.channel, staged, staged_row, C, M, d0, n, x, acc);
+    } else {
+      if (n == kDepth)
+        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, modes, D, C, M, d0, n, x, acc);
+      else
+        grad_emb_sums<kDepth, false>(grad_dmin, mstar, o, out_layout.channel, modes, D, C, M, d0, n, x, acc);
     }
 #pragma unroll
     for (int j = 0; j < kDepth; ++j)
@@ -855,15 +913,30 @@ __global__ void __launch_bounds__(kThreads, 3) mode_distance_grad_modes_kernel(
   for (int64_t q0 = begin; q0 < end; q0 += T::kGradPixels) {
     const int n = static_cast<int>(end - q0 < T::kGradPixels ? end - q0 : T::kGradPixels);
     __syncthreads();  // the previous step's readers are done (and the zeros are written)
-    // Row p of the weights: g[c] at column c*M + mstar[c], zero at the class's other modes.
-    for (int i = threadIdx.x; i < T::kGradPixels * classes; i += kThreads) {
-      const int p = i % T::kGradPixels, cl = i / T::kGradPixels;
-      if (p >= n) continue;
-      const int64_t o = out_layout.offset(b, c0 + cl, q0 + p);
-      const int winner = mstar[o];
-      const acc_t g = grad_dmin[o];
-      acc_t* row = weight_tile + p * kWeightRow + cl * M;
-      for (int m = 0; m < M; ++m) row[m] = m == winner ? g : acc_t(0);
+    // Row p of the weights: g[c] at column c*M + mstar[c], zero at the class's
+    // other modes. A batch of (pixel, class) pairs is loaded before any is
+    // stored, so that their round trips to memory overlap (loaded one pair at
+    // a time, each waited for its own: ncu's "long scoreboard" held a quarter
+    // of this kernel's warp samples, bench/NOTES.md).
+    constexpr int kWeightBatch = 2;  // 4: 134 registers on sm_90, 3 blocks per SM instead of 4
+    for (int i0 = threadIdx.x; i0 < T::kGradPixels * classes; i0 += kWeightBatch * kThreads) {
+      int winner[kWeightBatch];
+      acc_t g[kWeightBatch];
+#pragma unroll
+      for (int u = 0; u < kWeightBatch; ++u) {
+        const int i = i0 + u * kThreads, p = i % T::kGradPixels, cl = i / T::kGradPixels;
+        const bool used = i < T::kGradPixels * classes && p < n;
+        const int64_t o = out_layout.offset(b, c0 + cl, q0 + p);
+        winner[u] = used ? mstar[o] : -1;
+        g[u] = used ? grad_dmin[o] : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kWeightBatch; ++u) {
+        if (winner[u] < 0) continue;
+        const int i = i0 + u * kThreads;
+        acc_t* row = weight_tile + (i % T::kGradPixels) * kWeightRow + (i / T::kGradPixels) * M;
+        for (int m = 0; m < M; ++m) row[m] = m == winner[u] ? g[u] : acc_t(0);
+      }
     }
     EmbeddingStep<T::kChannels, T::kGradPixels, kThreads, acc_t> step;
     step.fetch(emb, emb_layout, b, d0, D, q0, end);

@@ -75,7 +75,7 @@ MUTATIONS = {
     "fp32 forward: the step ahead fetched from the wrong channels": (
         "if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);", "if (d0 + T::kDepth < D) fetch(d0);"),
     "fp32 dL/de: the last class of each batch left out": (
-        "        if (c0 + u >= C) break;", "        if (c0 + u >= C || u == kClassBatch - 1) break;"),
+        "      if (c0 + u >= C) break;", "      if (c0 + u >= C || u == kClassBatch - 1) break;"),
     "fp32 forward: the distances parked without a barrier": (
         "    __syncthreads();  // the staged tiles are read; the distances take their place\n", ""),
     "MMDL mode gradient: a sample left out of each chunk": ("for (int j = 0; j < samples; ++j) {",
