@@ -191,8 +191,16 @@ def warm_up_step(setting, device, dtype) -> None:
 
 
 def predicted_mib(setting_dict, device):
-    """Worker for the memory model, run beside the measurements."""
+    """Worker for the memory model, run beside the measurements on one CPU
+    thread: it runs the loss on the CPU at full size, and with a thread per
+    core in each of its workers it took the cores that the timed steps' host
+    thread needs (on the H200, the host-bound 512x512 DRSL+ steps ranged from
+    55 to 116 ms between two runs of this benchmark; bench/NOTES.md)."""
+    import torch
+
     from drsl_fast.memory_model import StepSetting, predict_step_peak
+
+    torch.set_num_threads(1)
 
     s = dict(setting_dict, crop=tuple(setting_dict["crop"]))
     return predict_step_peak(StepSetting(**s), device).peak_bytes / harness.MIB

@@ -4,14 +4,22 @@ bench/probe_tensor_core_kernels.py, built from csrc/cuda/mode_distance.cu as it
 stands (with -lineinfo), at the realistic shape. One profiled launch of each
 kernel (after three unprofiled ones), the clocks left alone. Writes, per
 kernel, the report (.ncu-rep), its details page, its raw metrics (.csv) and its
-SASS with the warp-stall samples of each instruction (.sass.csv), and a
+SASS with the warp-stall samples of each instruction (.sass.csv.gz), and a
 summary table: time, throughput, occupancy, instructions issued, and where
-the warps wait.
+the warps wait. Then, from the SASS alone (so it reruns without a GPU on a
+committed folder), where each kernel's instructions and warp samples go: the
+code split into runs of consecutive instructions that executed equally often
+(a loop body, a branch's side, a prologue), the largest runs with their share
+of the instructions issued and of the warp samples, their main opcodes, and
+what their warps waited on.
 
-    python bench/ncu_mode_distance.py --out DIR/ncu   # needs a GPU, nvcc and ncu
+    python bench/ncu_mode_distance.py --out DIR/ncu      # needs a GPU, nvcc and ncu
+    python bench/ncu_mode_distance.py --regions DIR/ncu  # the SASS tables again, from DIR's .sass.csv.gz
 """
 import argparse
+import collections
 import csv
+import gzip
 import io
 import os
 import re
@@ -91,10 +99,96 @@ def summary_row(kernel: str, metrics: dict) -> dict:
     return row
 
 
+def sass_rows(path: Path) -> list:
+    """Per SASS instruction of the source page: text, times executed (warp
+    instructions), warp samples, and samples by stall reason."""
+    with gzip.open(path, "rt") as f:
+        rows = list(csv.reader(f))
+    header = rows[1]  # rows[0] names the kernel
+    at = {name: i for i, name in enumerate(header)}
+    stalls = {name[len("stall_"):]: i for name, i in at.items()
+              if name.startswith("stall_") and "Not Issued" not in name}
+    out = []
+    for row in rows[2:]:
+        if len(row) < len(header):
+            continue
+        out.append(dict(text=row[at["Source"]].strip(), executed=int(row[at["Instructions Executed"]] or 0),
+                        samples=int(row[at["Warp Stall Sampling (All Samples)"]] or 0),
+                        stalls={k: int(row[i] or 0) for k, i in stalls.items()}))
+    return out
+
+
+def opcode(text: str) -> str:
+    words = text.split()
+    if words and words[0].startswith("@"):  # a predicate guard
+        words = words[1:]
+    return words[0].split(".")[0] if words else "?"
+
+
+def regions(rows: list, share: float = 0.01) -> list:
+    """Runs of consecutive instructions with the same execution count, those
+    holding at least `share` of the instructions issued or of the samples."""
+    runs = []
+    for i, row in enumerate(rows):
+        if runs and runs[-1]["count"] == row["executed"]:
+            run = runs[-1]
+        else:
+            run = dict(first=i, count=row["executed"], length=0, executed=0, samples=0,
+                       opcodes=collections.Counter(), stalls=collections.Counter())
+            runs.append(run)
+        run["last"] = i
+        run["length"] += 1
+        run["executed"] += row["executed"]
+        run["samples"] += row["samples"]
+        run["opcodes"][opcode(row["text"])] += 1
+        run["stalls"].update(row["stalls"])
+    executed = sum(r["executed"] for r in rows) or 1
+    samples = sum(r["samples"] for r in rows) or 1
+    for run in runs:
+        run["executed_share"] = run["executed"] / executed
+        run["samples_share"] = run["samples"] / samples
+    return [r for r in runs if r["executed_share"] >= share or r["samples_share"] >= share]
+
+
+def regions_table(kernel: str, rows: list) -> str:
+    executed = sum(r["executed"] for r in rows)
+    lines = [f"### {kernel}: {executed / 1e6:.1f} M warp instructions, {sum(r['samples'] for r in rows)} warp samples",
+             ""]
+    table = []
+    for run in regions(rows):
+        waits = sum(run["stalls"].values()) or 1
+        table.append([f"{run['first']}-{run['last']}", run["length"], run["count"],
+                      f"{100 * run['executed_share']:.1f}", f"{100 * run['samples_share']:.1f}",
+                      ", ".join(f"{k} {v}" for k, v in run["opcodes"].most_common(4)),
+                      ", ".join(f"{k} {100 * v / waits:.0f} %" for k, v in run["stalls"].most_common(3))])
+    lines.append(harness.markdown_table(
+        ["SASS lines", "instructions", "times each ran (warps)", "% of instructions issued", "% of warp samples",
+         "main opcodes", "samples by state (largest)"], table))
+    return "\n".join(lines)
+
+
+def write_regions(out: Path) -> None:
+    parts = [regions_table(kernel, sass_rows(out / f"{kernel}.sass.csv.gz")) for kernel in KERNELS
+             if (out / f"{kernel}.sass.csv.gz").exists()]
+    (out / "sass_regions.md").write_text(
+        "# Mode-distance fp32 kernels: where the instructions and the warp samples go\n\n"
+        "From each kernel's SASS with Nsight Compute's per-instruction counts (`.sass.csv.gz`): the code in runs of "
+        "consecutive instructions that ran equally often (a loop body, a branch's side), the runs that hold at least "
+        "1 % of the instructions issued or of the warp samples. 'selected' is a warp issuing, 'not_selected' one "
+        "ready while another issued; the rest are stalls (Nsight Compute's names). Command: "
+        f"`python bench/ncu_mode_distance.py --regions {out}`.\n\n" + "\n\n".join(parts) + "\n")
+    print(f"wrote {out / 'sass_regions.md'}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder (profiles on this machine's GPU)")
+    parser.add_argument("--regions", help="a folder written by --out: its SASS tables again, no GPU needed")
     args = parser.parse_args()
+    if args.regions:
+        return write_regions(Path(args.regions))
+    if not args.out:
+        parser.error("--out or --regions")
     import torch
 
     if not torch.cuda.is_available():
@@ -124,7 +218,11 @@ def main():
             for page, suffix, extra in [("details", ".details.txt", ["--print-details", "all"]),
                                         ("source", ".sass.csv", ["--csv", "--print-source", "sass"])]:
                 shown = subprocess.run([ncu, "-i", str(rep), "--page", page] + extra, capture_output=True, text=True)
-                (out / f"{kernel}{suffix}").write_text(shown.stdout + shown.stderr)
+                if suffix == ".sass.csv":
+                    with gzip.open(out / f"{kernel}.sass.csv.gz", "wt") as f:
+                        f.write(shown.stdout)
+                else:
+                    (out / f"{kernel}{suffix}").write_text(shown.stdout + shown.stderr)
             metrics = raw_metrics(ncu, rep)
             with open(out / f"{kernel}.raw.csv", "w", newline="") as f:
                 csv.writer(f).writerows(sorted(metrics.items()))
@@ -142,6 +240,7 @@ def main():
             + table)
     harness.write_results(str(out / "summary"), harness.metadata("cuda", arch=arch, shape=probe.SHAPE), rows, fields,
                           "Mode-distance fp32 kernels: hardware counters", body)
+    write_regions(out)
 
 
 if __name__ == "__main__":

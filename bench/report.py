@@ -73,18 +73,25 @@ def table(header: List[str], rows: List[List[object]]) -> str:
                      + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
-def training_section(data: Dict) -> str:
+def training_section(data: Dict, rerun: Optional[Dict] = None) -> str:
+    """The training-step table; with `rerun` (the same benchmark run again on
+    the same machine, training_step_rerun.json) a second column of step times,
+    so that the spread between runs shows beside each time."""
     rows = [r for r in data["results"] if "peak_mib" in r]
+    again = {(r["crop"], r["variant"], r["precision"], r["checkpointing"]): r["time_ms"]
+             for r in (rerun or {}).get("results", []) if "time_ms" in r}
     body = []
     for r in rows:
         error = f"{100 * r['prediction_error']:+.1f} %" if r.get("prediction_error") is not None else ""
         predicted = f"{r['predicted_mib']:.0f}" if r.get("predicted_mib") is not None else ""
+        key = (r["crop"], r["variant"], r["precision"], r["checkpointing"])
         body.append([r["crop"], r["variant"], r["precision"], r["checkpointing"], f"{r['peak_mib']:.0f}", predicted,
-                     error, f"{r['time_ms']:.1f}"])
+                     error, f"{r['time_ms']:.1f}"] + ([f"{again[key]:.1f}" if key in again else ""] if again else []))
     out = [f"**Training step** (`bench/bench_training_step.py`): {data.get('scale', '')}; peak = "
-           f"{data.get('peak_measure', '')}.", "",
+           f"{data.get('peak_measure', '')}." + (" The last column: the same benchmark run again minutes later on "
+                                                 "the same machine." if again else ""), "",
            table(["crop", "variant", "precision", "checkpointing", "peak MiB", "predicted MiB", "model error",
-                  "step ms"], body)]
+                  "step ms"] + (["step ms, rerun"] if again else []), body)]
     comparison = data.get("fast_vs_reference") or []
     if comparison:
         lower = all(c["fast_lower"] for c in comparison)
@@ -247,7 +254,7 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
         env = f"; torch {any_data['torch']}" if "torch" in any_data else ""
         out += [f"### {machine}{env}", ""]
         if "training_step" in benches:
-            out += [training_section(benches["training_step"]), ""]
+            out += [training_section(benches["training_step"], benches.get("training_step_rerun")), ""]
         if "gtx_1080ti_verdict" in benches:
             verdict = benches["gtx_1080ti_verdict"]["markdown"].split("\n", 2)[-1].strip()
             out += ["**GTX 1080 Ti verdict** (`python -m drsl_fast.memory_model`; its error against measured GPU "
