@@ -264,7 +264,7 @@ def main():
     parser.add_argument("--crops", nargs="+", default=None, metavar="HxW",
                         help="crops (default: 512x512 512x1024 on GPU, 128x128 on CPU)")
     parser.add_argument("--no-prediction", action="store_true", help="skip the memory model")
-    harness.add_run_arguments(parser, "training_step", "timed steps (default 10 GPU, 3 CPU)",
+    harness.add_run_arguments(parser, "training_step", "timed steps (default 20 GPU, 3 CPU)",
                               "time budget per variant (default 4 GPU, 60 CPU)")
     args = parser.parse_args()
     if args.worker:
@@ -279,7 +279,7 @@ def main():
         sizes["width"] = args.width
     if args.crops:
         sizes["crops"] = [tuple(int(v) for v in c.lower().split("x")) for c in args.crops]
-    repeats = args.repeats or (2 if args.quick else 10 if gpu else 3)
+    repeats = args.repeats or (2 if args.quick else 20 if gpu else 3)
     budget = args.budget_s or (4.0 if gpu else 60.0)
     amp = amp_for(device)
     settings = list(variants(sizes, amp))

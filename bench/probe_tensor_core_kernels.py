@@ -100,6 +100,9 @@ VARIANTS = {
     "fp32 forward: every load bounds-checked (before)": [("      if (pixels_inside && d0 + T::kDepth <= D)\n",
                                                           "      if (false)\n")],
     "fp32 forward: (class, pixel) pairs in rounds, min by branches (before)": [(NEW_EPILOGUE, OLD_EPILOGUE)],
+    "fp32 forward: epilogue's class loop unrolled 2": [(
+        "      for (; cl < classes; cl += kClassStep, o += o_step) {",
+        "#pragma unroll 2\n      for (; cl < classes; cl += kClassStep, o += o_step) {")],
     "fp32 forward: no prefetch (each step loaded after its barrier)": [
         ("    if (D > 0) fetch(0);\n", ""),
         ("      next.park(emb_tile, kEmbRow, 1, pixels_adjacent);\n#pragma unroll\n"
