@@ -35,24 +35,12 @@ BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
 FP32_BOUNDS = "__launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2)"
 FP32_DEPTH = "static constexpr int kDepth = 8;"
 WEIGHT_BATCH = "kWeightBatch = 2;"
-# The fp32 forward's epilogue, and the one it replaced (commit 92b8196 and before).
-NEW_EPILOGUE = """    constexpr int kClassStep = kThreads / T::kPixels;
-    const int p = threadIdx.x % T::kPixels;
-    if (p0 + p < P) {
-      int cl = threadIdx.x / T::kPixels;
-      int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
-      const int64_t o_step = kClassStep * out_layout.channel;
-      for (; cl < classes; cl += kClassStep, o += o_step) {
-        const acc_t* d_class = dist_tile + cl * M * T::kPixels + p;
-        acc_t best = d_class[0];
-        int best_mode = 0;
-        for (int m = 1; m < M; ++m) {
-          const acc_t v = d_class[m * T::kPixels];
-          const bool take = replaces_min(v, best);  // ties keep the lowest mode; NaN wins
-          best = take ? v : best;
-          best_mode = take ? m : best_mode;
-        }
-"""
+# The fp32 forward's epilogue as the file has it (up to its min over the
+# modes), and the one it replaced (commit 92b8196 and before).
+EPILOGUE_FROM = "    constexpr int kClassStep = kThreads / T::kPixels;\n"
+EPILOGUE_TO = "          best_mode = take ? m : best_mode;\n        }\n"
+_text = SOURCE.read_text()
+NEW_EPILOGUE = _text[_text.index(EPILOGUE_FROM):_text.index(EPILOGUE_TO) + len(EPILOGUE_TO)]
 OLD_EPILOGUE = """    for (int i = threadIdx.x; i < classes * T::kPixels; i += kThreads) {
       const int cl = i / T::kPixels, p = i % T::kPixels;
       if (p0 + p >= P) continue;
