@@ -78,15 +78,14 @@ def training_section(data: Dict, rerun: Optional[Dict] = None) -> str:
     the same machine, training_step_rerun.json) a second column of step times,
     so that the spread between runs shows beside each time."""
     rows = [r for r in data["results"] if "peak_mib" in r]
-    again = {(r["crop"], r["variant"], r["precision"], r["checkpointing"]): r["time_ms"]
-             for r in (rerun or {}).get("results", []) if "time_ms" in r}
+    setting = lambda r: (r["crop"], r["variant"], r["precision"], r["checkpointing"])  # noqa: E731
+    again = {setting(r): r["time_ms"] for r in (rerun or {}).get("results", []) if "time_ms" in r}
     body = []
     for r in rows:
         error = f"{100 * r['prediction_error']:+.1f} %" if r.get("prediction_error") is not None else ""
         predicted = f"{r['predicted_mib']:.0f}" if r.get("predicted_mib") is not None else ""
-        key = (r["crop"], r["variant"], r["precision"], r["checkpointing"])
-        body.append([r["crop"], r["variant"], r["precision"], r["checkpointing"], f"{r['peak_mib']:.0f}", predicted,
-                     error, f"{r['time_ms']:.1f}"] + ([f"{again[key]:.1f}" if key in again else ""] if again else []))
+        body.append([*setting(r), f"{r['peak_mib']:.0f}", predicted, error, f"{r['time_ms']:.1f}"]
+                    + ([f"{again[setting(r)]:.1f}" if setting(r) in again else ""] if again else []))
     out = [f"**Training step** (`bench/bench_training_step.py`): {data.get('scale', '')}; peak = "
            f"{data.get('peak_measure', '')}." + (" The last column: the same benchmark run again minutes later on "
                                                  "the same machine." if again else ""), "",

@@ -845,17 +845,16 @@ __global__ void __launch_bounds__(kThreads) mode_distance_grad_emb_kernel(
       x[j] = j < n ? load_as<acc_t>(e[(d0 + j) * emb_layout.channel]) : acc_t(0);
       acc[j] = acc_t(0);
     }
-    if (modes_in_shared) {
+    const auto sums = [&](const acc_t* centres, int64_t row) {
       if (n == kDepth)
-        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, staged, staged_row, C, M, d0, n, x, acc);
+        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, centres, row, C, M, d0, n, x, acc);
       else
-        grad_emb_sums<kDepth, false>(grad_dmin, mstar, o, out_layout.channel, staged, staged_row, C, M, d0, n, x, acc);
-    } else {
-      if (n == kDepth)
-        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, modes, D, C, M, d0, n, x, acc);
-      else
-        grad_emb_sums<kDepth, false>(grad_dmin, mstar, o, out_layout.channel, modes, D, C, M, d0, n, x, acc);
-    }
+        grad_emb_sums<kDepth, false>(grad_dmin, mstar, o, out_layout.channel, centres, row, C, M, d0, n, x, acc);
+    };
+    if (modes_in_shared)
+      sums(staged, staged_row);
+    else
+      sums(modes, D);
 #pragma unroll
     for (int j = 0; j < kDepth; ++j)
       if (j < n) ge[(d0 + j) * grad_layout.channel] = store_as<scalar_t>(acc_t(2) * acc[j]);
