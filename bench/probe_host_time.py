@@ -28,6 +28,11 @@ C = 19, M = 3:
                         has caught up with the network, so this host time
                         adds to a training step as it is
   DRSL+ loss, forward+backward   the same, with its backward
+  Eq. 6 draw, torch ops   the loss's cross-domain triplet draw alone (the
+                        anchors of its target samples, every source pixel)
+                        as plain torch ops (``reference.consistency_triplets``,
+                        what the loss ran before the fused operator)
+  Eq. 6 draw, op        the same draw by ``drsl_fast::consistency_triplets``
 
 and a ``torch.profiler`` table of one tiny forward+backward: host self time
 per event (operators, autograd nodes, runtime calls).
@@ -54,6 +59,7 @@ def cases(device, map_name: str):
     import torch
 
     import drsl_fast
+    from drsl_fast import reference
     from drsl_fast.losses import DRSLLoss
 
     B, H, W = MAPS[map_name]
@@ -114,12 +120,24 @@ def cases(device, map_name: str):
                 emb.grad = modes.grad = None
         return run
 
+    from drsl_fast.losses import label_mode, sample_per_class
+
+    anchor_index, anchor_label = sample_per_class(target_labels, C, 300, generator).pairs()
+    with torch.no_grad():
+        anchor_mode = label_mode(emb[-1:], anchor_index, anchor_label, modes, backend=backend)
+        every_pixel = torch.arange(H * W, device=device)[None]
+        source_mode = label_mode(emb[:1], every_pixel, source_labels.reshape(1, -1), modes, backend=backend)
+    draws = torch.rand((2,) + anchor_index.shape, generator=generator, device=device, dtype=torch.float64)
+    draw_args = (anchor_index, anchor_label, anchor_mode, source_labels.reshape(1, -1), source_mode, draws, C, M, H * W)
+
     named = {"one kernel": one_kernel}
     named.update({f"backward of {k} mul{'s' * (k > 1)}": chain(k) for k in CHAIN_LENGTHS})
     named.update({"forward, no grad": forward_no_grad, "forward, with grad": forward_with_grad,
                   "backward op only": backward_op, "forward+backward": forward_backward,
                   "cdist forward+backward": cdist_forward_backward,
-                  "DRSL+ loss, forward": drsl_loss(False), "DRSL+ loss, forward+backward": drsl_loss(True)})
+                  "DRSL+ loss, forward": drsl_loss(False), "DRSL+ loss, forward+backward": drsl_loss(True),
+                  "Eq. 6 draw, torch ops": lambda: reference.consistency_triplets(*draw_args),
+                  "Eq. 6 draw, op": lambda: torch.ops.drsl_fast.consistency_triplets(*draw_args)})
     return named, forward_backward
 
 

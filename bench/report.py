@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -206,6 +207,8 @@ def plot(sets: Dict[str, Dict[str, Dict]], path: str) -> Optional[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: the training-step memory plot is left out (pip install matplotlib)",
+              file=sys.stderr)
         return None
     panels = []
     for label, benches in sets.items():

@@ -26,6 +26,24 @@ TORCH_LIBRARY(drsl_fast, m) {
       "-> (Tensor grad_emb, Tensor grad_modes)");
   // mstar of each sample's own class, uint8 (B, S), 255 where the sample does not count.
   m.def("label_mode(Tensor emb, Tensor index, Tensor label, Tensor modes) -> Tensor");
+  // Eq. 6 triplets (kernels/consistency_triplets.h). Anchors: index, label int64 and
+  // mode uint8 (B, S), draws float64 (2, B, S); source pixels: label (integer)
+  // and mode uint8 (B', P). Returns flat anchor, positive and negative positions
+  // (B, S) int64 (-1 where absent), valid (B, S) bool and the skip counts (2,).
+  m.def(
+      "consistency_triplets(Tensor anchor_index, Tensor anchor_label, Tensor anchor_mode, Tensor source_label, "
+      "Tensor source_mode, Tensor draws, int num_classes, int num_modes, int target_pixels) "
+      "-> (Tensor anchor, Tensor positive, Tensor negative, Tensor valid, Tensor skipped)");
+  // Eq. 6 loss over the drawn triplets: target_emb, source_emb (B, D, H, W) or (N, D);
+  // anchor, positive, negative int64 flat positions (any shape; out of range: skipped).
+  // Returns the mean hinge over the counted triplets (0 when none) and their number.
+  m.def(
+      "consistency_hinge(Tensor target_emb, Tensor source_emb, Tensor anchor, Tensor positive, Tensor negative, "
+      "float beta) -> (Tensor loss, Tensor used)");
+  m.def(
+      "consistency_hinge_backward(Tensor grad, Tensor used, Tensor target_emb, Tensor source_emb, Tensor anchor, "
+      "Tensor positive, Tensor negative, float beta, bool target_requires_grad, bool source_requires_grad) "
+      "-> (Tensor grad_target, Tensor grad_source)");
 
   // docs/method.md §5. scores (B, C, H, W) probabilities or logits ->
   // int64 counts (C, 1 + 24 * 2^mantissa_bits) per (argmax class, confidence

@@ -192,6 +192,113 @@ inline SampleProblem sample_problem(const char* op, const at::Tensor& emb, const
           centres.size(0), centres.size(1), centres.size(2)};
 }
 
+// ------------------------------------------------------------ consistency_triplets
+
+// Anchors: index, label int64 and mode uint8 (Bt, S), draws float64 (2, Bt, S);
+// source pixels: label (any integer dtype) and mode uint8 (Bs, P).
+struct TripletProblem {
+  at::Tensor anchor_index, anchor_label, anchor_mode, draws, source_label, source_mode;
+  int64_t Bt, S, Bs, P, C, M, target_pixels;
+
+  // anchor, positive, negative (int64, -1 where absent), valid (bool) shaped like the
+  // anchors, and the skip counts (no positive, no negative) as int64 (2,).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    const auto options = anchor_index.options();
+    return {at::empty({Bt, S}, options), at::empty({Bt, S}, options), at::empty({Bt, S}, options),
+            at::empty({Bt, S}, options.dtype(at::kBool)), at::zeros({2}, options)};
+  }
+};
+
+inline TripletProblem triplet_problem(const at::Tensor& anchor_index, const at::Tensor& anchor_label,
+                                      const at::Tensor& anchor_mode, const at::Tensor& source_label,
+                                      const at::Tensor& source_mode, const at::Tensor& draws, int64_t num_classes,
+                                      int64_t num_modes, int64_t target_pixels) {
+  constexpr const char* op = "consistency_triplets";
+  TORCH_CHECK(anchor_index.dim() == 2, op, ": anchor_index must be (B, S), got ", anchor_index.sizes());
+  TORCH_CHECK(anchor_label.sizes() == anchor_index.sizes() && anchor_mode.sizes() == anchor_index.sizes(), op,
+              ": anchor_label and anchor_mode must be shaped like anchor_index ", anchor_index.sizes());
+  TORCH_CHECK(anchor_index.scalar_type() == at::kLong && anchor_label.scalar_type() == at::kLong, op,
+              ": anchor_index and anchor_label must be int64");
+  TORCH_CHECK(anchor_mode.scalar_type() == at::kByte && source_mode.scalar_type() == at::kByte, op,
+              ": anchor_mode and source_mode must be uint8 (label_mode's output)");
+  TORCH_CHECK(draws.scalar_type() == at::kDouble && draws.dim() == 3 && draws.size(0) == 2 &&
+                  draws.size(1) == anchor_index.size(0) && draws.size(2) == anchor_index.size(1),
+              op, ": draws must be float64 (2, B, S) for anchors (B, S) = ", anchor_index.sizes(), ", got ",
+              draws.scalar_type(), " ", draws.sizes());
+  TORCH_CHECK(source_label.dim() == 2 && source_mode.sizes() == source_label.sizes(), op,
+              ": source_label and source_mode must be (B, P) alike, got ", source_label.sizes(), " and ",
+              source_mode.sizes());
+  TORCH_CHECK(!at::isFloatingType(source_label.scalar_type()) && source_label.scalar_type() != at::kBool, op,
+              ": source_label must be an integer tensor, got ", source_label.scalar_type());
+  for (const at::Tensor* t : {&anchor_label, &anchor_mode, &source_label, &source_mode, &draws})
+    TORCH_CHECK(t->device() == anchor_index.device(), op, ": every input must be on ", anchor_index.device());
+  TORCH_CHECK(num_modes >= 1 && num_modes <= kMaxModes, op, ": num_modes must be in [1, ", kMaxModes, "], got ",
+              num_modes);
+  TORCH_CHECK(num_classes >= 1 && num_classes * num_modes < (int64_t(1) << 30), op,
+              ": num_classes must be >= 1 with num_classes * num_modes < 2^30, got ", num_classes);
+  TORCH_CHECK(target_pixels >= 0, op, ": target_pixels must be >= 0, got ", target_pixels);
+  return {anchor_index.contiguous(), anchor_label.contiguous(), anchor_mode.contiguous(), draws.contiguous(),
+          source_label.contiguous(), source_mode.contiguous(), anchor_index.size(0), anchor_index.size(1),
+          source_label.size(0), source_label.size(1), num_classes, num_modes, target_pixels};
+}
+
+// ------------------------------------------------------------ consistency_hinge
+
+// target_emb (Bt, D, H, W) or (N, D), source_emb likewise (same D, dtype, device);
+// anchor, positive, negative int64 of one shape: T flat positions b * P + p.
+struct HingeProblem {
+  at::Tensor target, source;                // (B, D, P) views
+  at::Tensor anchor, positive, negative;    // contiguous, flattened
+  at::ScalarType acc_dtype;
+  int64_t T, D, Pt, Ps, Nt, Ns;             // triplets; channels; pixels per image; flat positions
+
+  // A gradient map like emb in the accumulation dtype, zeroed, whose (B, D, P) view is a view.
+  at::Tensor zero_grad_like(const at::Tensor& emb) const {
+    if (emb.dim() == 2) return at::zeros(emb.sizes(), emb.options().dtype(acc_dtype));
+    return at::zeros(emb.sizes(), emb.options().dtype(acc_dtype).memory_format(emb.suggest_memory_format()));
+  }
+};
+
+inline HingeProblem hinge_problem(const at::Tensor& target_emb, const at::Tensor& source_emb,
+                                  const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
+                                  double beta) {
+  constexpr const char* op = "consistency_hinge";
+  for (const at::Tensor* emb : {&target_emb, &source_emb}) {
+    TORCH_CHECK(emb->dim() == 2 || emb->dim() == 4, op, ": embeddings must be (B, D, H, W) or (N, D), got ",
+                emb->sizes());
+    TORCH_CHECK(at::isFloatingType(emb->scalar_type()), op, ": embeddings must be floating point, got ",
+                emb->scalar_type());
+  }
+  TORCH_CHECK(target_emb.size(1) == source_emb.size(1), op, ": target and source embeddings have D=",
+              target_emb.size(1), " and D=", source_emb.size(1));
+  TORCH_CHECK(target_emb.scalar_type() == source_emb.scalar_type(), op, ": target and source embeddings are ",
+              target_emb.scalar_type(), " and ", source_emb.scalar_type());
+  TORCH_CHECK(anchor.sizes() == positive.sizes() && anchor.sizes() == negative.sizes(), op,
+              ": anchor, positive and negative must have one shape");
+  for (const at::Tensor* t : {&anchor, &positive, &negative}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, op, ": anchor, positive and negative must be int64");
+    TORCH_CHECK(t->device() == target_emb.device(), op, ": every input must be on ", target_emb.device());
+  }
+  TORCH_CHECK(source_emb.device() == target_emb.device(), op, ": every input must be on ", target_emb.device());
+  TORCH_CHECK(std::isfinite(beta), op, ": beta must be finite, got ", beta);
+  const at::Tensor target = as_bdp(target_emb), source = as_bdp(source_emb);
+  return {target, source, anchor.contiguous().view(-1), positive.contiguous().view(-1),
+          negative.contiguous().view(-1), accumulate_dtype(target_emb), anchor.numel(), target.size(1),
+          target.size(2), source.size(2), target.size(0) * target.size(2), source.size(0) * source.size(2)};
+}
+
+// The op's outputs from per-triplet hinges (0 where not counted) and flags:
+// the mean over the counted triplets (0 when none) and their number (int64).
+inline std::tuple<at::Tensor, at::Tensor> hinge_mean(const at::Tensor& hinge, const at::Tensor& counted) {
+  at::Tensor used = counted.sum(at::kLong);
+  return {hinge.sum() / used.clamp_min(1).to(hinge.scalar_type()), used};
+}
+
+// A gradient map computed in the accumulation dtype, in the embeddings' dtype.
+inline at::Tensor hinge_gradient(const at::Tensor& grad, const at::Tensor& emb) {
+  return grad.scalar_type() == emb.scalar_type() ? grad : grad.to(emb.scalar_type());
+}
+
 // ------------------------------------------------------------ pseudo_labels
 
 inline void check_scores(const at::Tensor& scores, const char* op) {

@@ -252,6 +252,90 @@ def label_mode(emb: torch.Tensor, index: torch.Tensor, label: torch.Tensor, mode
     return torch.where(valid, mode, torch.full_like(mode, 255))
 
 
+# ---------------------------------------------------------------- Eq. 6 triplets
+# Reference for the cross-domain triplet draw of docs/method.md §4 Eq. 6 (DRSL+).
+
+
+def consistency_triplets(
+    anchor_index: Tensor, anchor_label: Tensor, anchor_mode: Tensor, source_label: Tensor, source_mode: Tensor,
+    draws: Tensor, num_classes: int, num_modes: int, target_pixels: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Eq. 6 triplets (docs/method.md §4) with plain torch ops, the outputs of
+    ``drsl_fast::consistency_triplets`` (kernels/consistency_triplets.h states
+    the rule): anchors (Bt, S) with their mode (uint8, 255: does not count),
+    source pixels (Bs, P) with theirs, uniform draws (2, Bt, S) in [0, 1).
+
+    The source pixels are ordered by group g = label * M + mode (pixels that do
+    not count last) with one stable sort; group sizes come from a scatter; the
+    positive is entry floor(u+ n+) of the anchor's group's run, the negative
+    entry floor(u- n-) of the labelled pixels outside its class's run.
+    Returns flat anchor, positive, negative positions (-1 where absent), valid,
+    and the skip counts (no positive, no negative) as int64 (2,)."""
+    C, M, device = num_classes, num_modes, anchor_index.device
+    groups = C * M
+    label = source_label.reshape(-1).long()
+    mode = source_mode.reshape(-1)
+    counts = (label >= 0) & (label < C) & (mode < M)
+    source_group = torch.where(counts, label * M + mode, groups)
+    order = torch.sort(source_group, stable=True).indices  # flat source positions, grouped by (class, mode)
+    group_size = torch.zeros(groups + 1, dtype=torch.int64, device=device)
+    group_size.scatter_add_(0, source_group, torch.ones_like(source_group))
+    group_start = group_size.cumsum(0) - group_size
+    class_size = group_size[:groups].view(C, M).sum(1)
+    class_start = group_start[: groups : M]
+    labelled = class_size.sum()
+
+    has_label = (anchor_mode < M) & (anchor_label >= 0) & (anchor_label < C)
+    y = torch.where(has_label, anchor_label, 0)
+    group = y * M + torch.where(has_label, anchor_mode, 0)
+    n_positive = group_size[group]
+    n_negative = labelled - class_size[y]
+    # draws lie in [0, 1) and counts below 2^53, so draw * n rounds to below n: picks in [0, n) (0 when n = 0)
+    pick_positive = (draws[0] * n_positive).long()
+    pick_negative = (draws[1] * n_negative).long()
+    # The i-th pixel outside class y's run: runs of the other classes before it, then after.
+    negative_slot = torch.where(pick_negative < class_start[y], pick_negative, pick_negative + class_size[y])
+    last = max(order.numel() - 1, 0)
+    positive = order[(group_start[group] + pick_positive).clamp(max=last)] if order.numel() else pick_positive
+    negative = order[negative_slot.clamp(max=last)] if order.numel() else pick_negative
+
+    has_positive, has_negative = n_positive > 0, n_negative > 0
+    valid = has_label & has_positive & has_negative
+    absent = torch.full_like(positive, -1)
+    batch = torch.arange(anchor_index.shape[0], device=device)[:, None]
+    anchor = torch.where(has_label, batch * target_pixels + anchor_index, absent)
+    skipped = torch.stack(((has_label & ~has_positive).sum(), (has_label & ~has_negative).sum()))
+    return anchor, torch.where(valid, positive, absent), torch.where(valid, negative, absent), valid, skipped
+
+
+def consistency_hinge(
+    target_emb: Tensor, source_emb: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor, beta: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
+    """Eq. 6 over drawn triplets (flat positions ``b * P + p``; a triplet
+    counts when its three positions lie in their maps):
+        loss = mean over counted triplets of relu(||e_t - e_p||^2 - ||e_t - e_n||^2 + beta)
+    (0 when none counts), in the accumulation dtype, and the number counted
+    (int64). Plain autograd; rows of triplets that do not count are replaced by
+    zeros before any arithmetic, so whatever such positions point at gets an
+    exact 0 gradient."""
+    acc = accumulate_dtype(target_emb.dtype)
+    target, source = pixel_rows(target_emb), pixel_rows(source_emb)
+    in_map = lambda flat, bdp: (flat >= 0) & (flat < bdp.shape[0] * bdp.shape[2])
+    counted = (in_map(anchor, target) & in_map(positive, source) & in_map(negative, source)).reshape(-1)
+
+    def rows(bdp: Tensor, flat: Tensor) -> Tensor:
+        if bdp.shape[0] * bdp.shape[2] == 0:
+            return bdp.new_zeros((counted.numel(), bdp.shape[1]), dtype=acc)
+        safe = torch.where(counted, flat.reshape(-1), 0)
+        picked = bdp[safe // bdp.shape[2], :, safe % bdp.shape[2]].to(acc)
+        return torch.where(counted[:, None], picked, 0.0)
+
+    e_t, e_p, e_n = rows(target, anchor), rows(source, positive), rows(source, negative)
+    hinge = ((e_t - e_p) ** 2).sum(-1) - ((e_t - e_n) ** 2).sum(-1) + beta
+    used = counted.sum()
+    return torch.where(counted, hinge.relu(), 0.0).sum() / used.clamp(min=1).to(acc), used
+
+
 # ---------------------------------------------------------------- Class-balanced pseudo-labels
 # References for the class-balanced pseudo-labels of docs/method.md §5.
 #

@@ -9,9 +9,17 @@ import torch
 
 from drsl_fast import reference
 from drsl_fast.losses import consistency_loss, consistency_triplets, sample_per_class
-from drsl_fast.losses.consistency import ConsistencyTriplets, triplet_hinge
+from drsl_fast.losses.consistency import ConsistencyTriplets, consistency_hinge
+
+from conftest import backend_under_test
 
 C, M, D = 3, 2, 4
+
+
+@pytest.fixture(params=["reference", "cpu", "cuda-emulated", "cuda"])
+def any_backend(request):
+    """(backend, device): the reference and each fast backend of the Eq. 6 ops."""
+    yield from backend_under_test(request, request.param)
 
 
 def domain_pair(seed=0, H=6, W=5):
@@ -135,22 +143,24 @@ def test_loss_matches_independent_hinge(backend):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(2, 3, 4), (1, 4, 6)], ids=["two-images", "one-image"])
-def test_hinge_gradient_matches_autograd_of_the_formula(layout, shape):
-    """Eq. 6's hand-written gradient against autograd through plain indexing
-    (float64), with repeated anchors, a pixel that is both a positive and a
-    negative, an absent triplet and a non-finite value at the pixel absent
-    triplets read; and gradcheck. 24 pixels in two images or in one (whose
-    rows are read without dividing the positions)."""
+def test_hinge_gradient_matches_autograd_of_the_formula(any_backend, layout, shape):
+    """Eq. 6's gradient (drsl_fast::consistency_hinge's kernels, or the
+    reference's autograd) against autograd through plain indexing (float64),
+    with repeated anchors, a pixel that is both a positive and a negative, an
+    absent triplet (positions -1, as the draw leaves them) and a non-finite
+    value at the pixel the absent anchor points at; and gradcheck. 24 pixels
+    in two images or in one."""
+    backend, device = any_backend
     B, H, W = shape
     g = torch.Generator().manual_seed(3)
-    target = torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
-    source = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 0.3
+    target = torch.randn(B, D, H, W, generator=g, dtype=torch.float64).to(device)
+    source = (torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 0.3).to(device)
     if layout == "channels_last":
         target, source = (t.contiguous(memory_format=torch.channels_last) for t in (target, source))
-    anchor = torch.tensor([[5, 5, 17, 0, 9, 22]])
-    positive = torch.tensor([[3, 14, 3, 0, 7, 7]])
-    negative = torch.tensor([[14, 7, 20, 0, 3, 23]])
-    valid = torch.tensor([[True, True, True, False, True, True]])
+    anchor = torch.tensor([[5, 5, 17, 0, 9, 22]], device=device)
+    positive = torch.tensor([[3, 14, 3, -1, 7, 7]], device=device)
+    negative = torch.tensor([[14, 7, 20, -1, 3, 23]], device=device)
+    valid = positive >= 0
     triplets = ConsistencyTriplets(anchor, positive, negative, valid, torch.tensor(0), torch.tensor(0))
 
     def formula(t, s):
@@ -160,22 +170,60 @@ def test_hinge_gradient_matches_autograd_of_the_formula(layout, shape):
         return torch.relu(hinge).sum() / valid.sum()
 
     got, want = [], []
-    for fn, out in ((lambda t, s: triplet_hinge(t, s, triplets), got), (formula, want)):
+    for fn, out in ((lambda t, s: consistency_hinge(t, s, triplets, backend=backend)[0], got), (formula, want)):
         t, s = target.clone().requires_grad_(), source.clone().requires_grad_()
         loss = fn(t, s)
         loss.backward()
         out += [loss.detach(), t.grad, s.grad]
     assert float(got[0]) > 0
     for a, b in zip(got, want):
+        assert a.stride() == b.stride()
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert int(consistency_hinge(target, source, triplets, backend=backend)[1]) == 5
     poisoned_target, poisoned_source = target.clone(), source.clone()
-    poisoned_target[0, :, 0, 0] = float("inf")  # flat 0: read only by the absent triplet
-    poisoned_source[0, :, 0, 0] = float("nan")
+    poisoned_target[0, :, 0, 0] = float("inf")  # flat 0: the absent triplet's anchor
+    poisoned_source[0, :, 0, 0] = float("nan")  # read by nothing
     t, s = poisoned_target.requires_grad_(), poisoned_source.requires_grad_()
-    triplet_hinge(t, s, triplets).backward()
+    consistency_hinge(t, s, triplets, backend=backend)[0].backward()
     assert torch.isfinite(t.grad).all() and torch.isfinite(s.grad).all()
-    assert torch.autograd.gradcheck(lambda t, s: triplet_hinge(t, s, triplets),
+    assert torch.autograd.gradcheck(lambda t, s: consistency_hinge(t, s, triplets, backend=backend)[0],
                                     (target.clone().requires_grad_(), source.clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hinge_in_low_precision_matches_the_reference(any_backend, dtype):
+    """Half-precision embeddings: the loss in fp32 and the gradients in the
+    embeddings' dtype, within the rounding of the inputs' own precision."""
+    backend, device = any_backend
+    g = torch.Generator().manual_seed(8)
+    target = torch.randn(2, 16, 5, 7, generator=g).to(device, dtype)
+    source = torch.randn(1, 16, 6, 3, generator=g).to(device, dtype)
+    n = 40
+    anchor = torch.randint(-1, 70, (2, n), generator=g).to(device)
+    positive = torch.randint(-1, 18, (2, n), generator=g).to(device)
+    negative = torch.randint(0, 19, (2, n), generator=g).to(device)
+    triplets = ConsistencyTriplets(anchor, positive, negative, positive >= 0, torch.tensor(0), torch.tensor(0))
+    results = []
+    for name in (backend, "reference"):
+        t, s = target.clone().requires_grad_(), source.clone().requires_grad_()
+        loss, used = consistency_hinge(t, s, triplets, backend=name)
+        loss.backward()
+        results.append((loss, used, t.grad, s.grad))
+    (loss, used, gt, gs), (ref_loss, ref_used, ref_gt, ref_gs) = results
+    assert loss.dtype == torch.float32 and gt.dtype == dtype and gs.dtype == dtype
+    assert int(used) == int(ref_used) and 0 < int(used) < 2 * n
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss, ref_loss, **tolerance)
+    torch.testing.assert_close(gt.float(), ref_gt.float(), **tolerance)
+    torch.testing.assert_close(gs.float(), ref_gs.float(), **tolerance)
+
+
+def test_hinge_op_passes_opcheck():
+    g = torch.Generator().manual_seed(9)
+    target = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    source = torch.randn(12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    anchor, positive, negative = (torch.randint(-1, 12, (3, 7), generator=g) for _ in range(3))
+    torch.library.opcheck(torch.ops.drsl_fast.consistency_hinge, (target, source, anchor, positive, negative, 1.0))
 
 
 def test_no_host_synchronisation_on_cpu():

@@ -42,6 +42,26 @@ index, label = torch.randint(-1, 160, (2, 700), generator=g), torch.randint(0, 2
 k.mmdl_losses(emb, index, label, modes, 0.5, 1.0, 15.0)
 k.mmdl_losses_backward(torch.ones(2, 700), torch.ones(2, 700), emb, index, label, modes, 0.5, 1.0, 15.0)
 k.label_mode(emb, index, label, modes)
+# Eq. 6: anchors and source pixels that do not count, labels and modes out of range, then
+# the hinge over positions inside, outside (-1, past the end) and on the maps' edges.
+for C, M, P in ((3, 2, 50), (19, 3, 1), (5, 16, 300)):
+    anchor_index = torch.randint(0, 9, (2, 40), generator=g)
+    anchor_label = torch.randint(-2, C + 2, (2, 40), generator=g)
+    anchor_mode = torch.randint(0, 256, (2, 40), generator=g, dtype=torch.uint8)
+    source_label = torch.randint(-2, C + 2, (3, P), generator=g)
+    source_mode = torch.randint(0, 256, (3, P), generator=g, dtype=torch.uint8)
+    draws = torch.rand(2, 2, 40, generator=g, dtype=torch.float64)
+    k.consistency_triplets(anchor_index, anchor_label, anchor_mode, source_label, source_mode, draws, C, M, 9)
+for target, source in ((torch.randn(2, 6, 4, 5, generator=g), torch.randn(1, 6, 3, 3, generator=g)),
+                       (torch.randn(3, 8, 2, 3, generator=g).contiguous(memory_format=torch.channels_last),
+                        torch.randn(11, 8, generator=g))):
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        t, s = target.to(dtype), source.to(dtype)
+        Nt, Ns = t.shape[0] * t.shape[2] * t.shape[3], s.numel() // s.shape[1]
+        anchor = torch.randint(-2, Nt + 2, (300,), generator=g)
+        positive, negative = (torch.randint(-2, Ns + 2, (300,), generator=g) for _ in range(2))
+        loss, used = k.consistency_hinge(t, s, anchor, positive, negative, 5.0)
+        k.consistency_hinge_backward(torch.ones(()), used, t, s, anchor, positive, negative, 5.0, True, True)
 print("exercised")
 """
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from drsl_fast import cli
-from drsl_fast.losses.consistency import add_rows
+from drsl_fast import cli, reference
 from drsl_fast.models import DeepLabV2, load_init_weights
 from drsl_fast.train import checkpoint
 from drsl_fast.train.checkpoint import CheckpointError
@@ -169,20 +168,28 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path, capsys):
 
 
 def test_eq6_gradient_adds_in_a_fixed_order():
-    """Many rows on few pixels, two threads: the gradient map of Eq. 6 is the
-    same bits on every call and matches a float64 sum."""
+    """Many triplets on few pixels, two threads: the gradient maps of Eq. 6
+    (drsl_fast::consistency_hinge on the CPU) are the same bits on every
+    call and match a float64 computation."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         generator = torch.Generator().manual_seed(0)
-        emb = torch.randn(2, 64, 5, 7, generator=generator)
-        flat = torch.randint(0, 2 * 35, (20000,), generator=generator)
-        rows = torch.randn(20000, 64, generator=generator)
-        grads = [add_rows(emb, flat, rows) for _ in range(5)]
-        assert all(torch.equal(grads[0], g) for g in grads[1:])
-        exact = torch.zeros(70, 64, dtype=torch.float64).index_add_(0, flat, rows.double())
-        torch.testing.assert_close(grads[0], exact.view(2, 5, 7, 64).permute(0, 3, 1, 2).float(),
-                                   rtol=1e-4, atol=1e-3)
+        target = torch.randn(2, 64, 5, 7, generator=generator)
+        source = torch.randn(2, 64, 5, 7, generator=generator)
+        anchor, positive, negative = (torch.randint(0, 2 * 35, (20000,), generator=generator) for _ in range(3))
+        triplet_args = (anchor, positive, negative, 300.0)  # a margin that keeps every hinge active
+
+        def gradients(t, s, op):
+            t, s = t.clone().requires_grad_(), s.clone().requires_grad_()
+            op(t, s, *triplet_args)[0].backward()
+            return t.grad, s.grad
+
+        runs = [gradients(target, source, torch.ops.drsl_fast.consistency_hinge) for _ in range(5)]
+        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+        exact = gradients(target.double(), source.double(), reference.consistency_hinge)
+        for got, want in zip(runs[0], exact):
+            torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
 

@@ -126,7 +126,7 @@ def _per_class_shape(emb: Tensor, C: int) -> Tuple[int, ...]:
     return (emb.shape[0], C) if emb.dim() == 2 else (emb.shape[0], C, emb.shape[2], emb.shape[3])
 
 
-def _empty_like_pixel_viewable(emb: Tensor) -> Tensor:
+def empty_like_pixel_viewable(emb: Tensor) -> Tensor:
     """Like emb, contiguous or channels-last (mirrors csrc/host.h)."""
     if emb.dim() == 2:
         return torch.empty_like(emb)
@@ -146,7 +146,7 @@ def _fake_forward(emb: Tensor, modes: Tensor, sigma: Optional[float]):
 
 
 def _fake_backward(grad_dmin, emb, modes, mstar, emb_requires_grad: bool, modes_requires_grad: bool):
-    grad_emb = _empty_like_pixel_viewable(emb) if emb_requires_grad else emb.new_empty((0,))
+    grad_emb = empty_like_pixel_viewable(emb) if emb_requires_grad else emb.new_empty((0,))
     grad_modes = torch.empty_like(modes) if modes_requires_grad else modes.new_empty((0,))
     return grad_emb, grad_modes
 

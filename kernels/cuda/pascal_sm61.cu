@@ -5,6 +5,8 @@
 // out the second, the ATen launchers. Every kernel is instantiated for every
 // storage type the launchers use.
 #define DRSL_FAST_KERNELS_ONLY
+#include "../../csrc/cuda/consistency_hinge.cu"
+#include "../../csrc/cuda/consistency_triplets.cu"
 #include "../../csrc/cuda/entropy.cu"
 #include "../../csrc/cuda/mmdl_losses.cu"
 #include "../../csrc/cuda/mode_distance.cu"
@@ -44,6 +46,31 @@ DRSL_INSTANTIATE_MMDL_LOSSES(float, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(double, double)
 DRSL_INSTANTIATE_MMDL_LOSSES(__half, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(__nv_bfloat16, float)
+
+// Eq. 6 triplet draw (docs/method.md §4): source labels of every integer dtype
+template __global__ void source_group_kernel<uint8_t>(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t,
+                                                      int32_t*);
+template __global__ void source_group_kernel<int8_t>(const int8_t*, const uint8_t*, int64_t, int64_t, int64_t,
+                                                     int32_t*);
+template __global__ void source_group_kernel<int16_t>(const int16_t*, const uint8_t*, int64_t, int64_t, int64_t,
+                                                      int32_t*);
+template __global__ void source_group_kernel<int32_t>(const int32_t*, const uint8_t*, int64_t, int64_t, int64_t,
+                                                      int32_t*);
+template __global__ void source_group_kernel<int64_t>(const int64_t*, const uint8_t*, int64_t, int64_t, int64_t,
+                                                      int32_t*);
+
+// Eq. 6 hinge
+#define DRSL_INSTANTIATE_CONSISTENCY_HINGE(scalar_t, acc_t)                                                    \
+  template __global__ void consistency_hinge_kernel<scalar_t, acc_t>(                                        \
+      HingeMaps<scalar_t>, const int64_t*, const int64_t*, const int64_t*, int64_t, acc_t, acc_t*, bool*);  \
+  template __global__ void consistency_hinge_backward_kernel<scalar_t, acc_t>(                               \
+      HingeMaps<scalar_t>, const int64_t*, const int64_t*, const int64_t*, int64_t, acc_t, const acc_t*,     \
+      const int64_t*, acc_t*, PixelLayout, acc_t*, PixelLayout);
+
+DRSL_INSTANTIATE_CONSISTENCY_HINGE(float, float)
+DRSL_INSTANTIATE_CONSISTENCY_HINGE(double, double)
+DRSL_INSTANTIATE_CONSISTENCY_HINGE(__half, float)
+DRSL_INSTANTIATE_CONSISTENCY_HINGE(__nv_bfloat16, float)
 
 // Pseudo-labels (docs/method.md §5) and entropy map (docs/method.md §7)
 #define DRSL_INSTANTIATE_PSEUDO_LABELS_AND_ENTROPY(scalar_t, acc_t)                                                      \

@@ -1,9 +1,11 @@
-"""The CUDA kernels of the mode-distance op and of the MMDL losses, run on the CPU.
+"""The CUDA kernels of the mode-distance op, of the MMDL losses and of the Eq. 6
+triplet draw and hinge, run on the CPU.
 
-launchers.cpp compiles the device half of csrc/cuda/mode_distance.cu and
-mmdl_losses.cu with the stand-ins of include/ (fibers for threads, shared
-memory refilled with NaN for every block, whole-tile WMMA fragments with the
-tensor cores' tf32 rounding); this module builds it with the system C++
+launchers.cpp compiles the device half of csrc/cuda/mode_distance.cu,
+mmdl_losses.cu, consistency_triplets.cu and consistency_hinge.cu with the
+stand-ins of include/ (fibers for threads, shared memory refilled with NaN
+for every block, whole-tile WMMA fragments with the tensor cores' tf32
+rounding); this module builds it with the system C++
 compiler and calls it on CPU tensors laid out as the CUDA launchers lay them
 out. It lets the tests check the kernels' logic (indices, barriers, the
 tensor-core kernels' trust rule and fallbacks) on a machine without a GPU; it
@@ -23,7 +25,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CUDA_DIR = HERE.parents[1] / "csrc" / "cuda"
-KERNEL_FILES = ("mode_distance.cu", "mmdl_losses.cu")
+KERNEL_FILES = ("mode_distance.cu", "mmdl_losses.cu", "consistency_triplets.cu", "consistency_hinge.cu")
 NAN = float("nan")  # what outputs start as: an entry the kernels leave unwritten shows
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -87,7 +89,7 @@ def _ptr(t):
 
 
 # as_bdp and empty_like_pixel_viewable repeat drsl_fast's pixel_view and
-# _empty_like_pixel_viewable (both as csrc/host.h): importing drsl_fast would
+# empty_like_pixel_viewable (both as csrc/host.h): importing drsl_fast would
 # load Triton, whose native module does not load under AddressSanitizer
 # (tests/test_cuda_on_cpu.py).
 def as_bdp(emb):
@@ -132,7 +134,8 @@ class Kernels:
                                    (ctypes.c_int64 * len(variables))(*(size for _, size in variables)),
                                    ctypes.c_int64(len(variables)))
         for name in ("mode_distance_forward", "mode_distance_backward", "mmdl_losses_forward", "mmdl_losses_backward",
-                     "label_mode"):
+                     "label_mode", "consistency_source_groups", "consistency_group_starts", "consistency_triplets",
+                     "consistency_hinge_forward", "consistency_hinge_backward"):
             getattr(library, name).restype = ctypes.c_char_p
 
     @staticmethod
@@ -253,12 +256,96 @@ class Kernels:
                                              ctypes.cast(_ptr(mode), ctypes.POINTER(ctypes.c_uint8))))
         return mode
 
+    def consistency_triplets(self, anchor_index, anchor_label, anchor_mode, source_label, source_mode, draws,
+                             num_classes, num_modes, target_pixels, *, reverse=False):
+        """The outputs of drsl_fast::consistency_triplets from the CUDA launcher's
+        steps: the group keys, torch.sort (stable) in place of at::sort, the
+        group starts, then a thread per anchor."""
+        anchor_index, anchor_label, anchor_mode, draws = (t.contiguous() for t in (anchor_index, anchor_label,
+                                                                                   anchor_mode, draws))
+        label, mode = source_label.reshape(-1).long(), source_mode.reshape(-1).contiguous()
+        C, M, n, anchors = num_classes, num_modes, label.numel(), anchor_index.numel()
+        outputs = [torch.full(anchor_index.shape, -2, dtype=torch.int64) for _ in range(3)]
+        valid = torch.zeros(anchor_index.shape, dtype=torch.bool)
+        skipped = torch.zeros(2, dtype=torch.int64)
+        if anchors == 0:
+            return (*outputs, valid, skipped)
+        key = torch.full((n,), -7, dtype=torch.int32)
+        if n > 0:
+            self._check(self._lib.consistency_source_groups(int(reverse), _ptr(label), _ptr(mode),
+                                                            ctypes.c_int64(n), ctypes.c_int64(C), ctypes.c_int64(M),
+                                                            _ptr(key)))
+        ordered, order = torch.sort(key, stable=True)
+        start = torch.full((C * M + 1,), -3, dtype=torch.int64)
+        self._check(self._lib.consistency_group_starts(int(reverse), _ptr(ordered), ctypes.c_int64(n),
+                                                       ctypes.c_int64(C * M), _ptr(start)))
+        self._check(self._lib.consistency_triplets(
+            int(reverse), _ptr(anchor_index), _ptr(anchor_label), _ptr(anchor_mode), _ptr(draws),
+            ctypes.c_int64(anchors), ctypes.c_int64(anchor_index.shape[1]), _ptr(start), _ptr(order),
+            ctypes.c_int64(C), ctypes.c_int64(M), ctypes.c_int64(target_pixels), *(_ptr(t) for t in outputs),
+            _ptr(valid), _ptr(skipped)))
+        return (*outputs, valid, skipped)
+
+    @staticmethod
+    def _hinge_args(target_emb, source_emb, anchor, positive, negative, beta):
+        """The kernels' HingeArgs (launchers.cpp) and the tensors they point into."""
+        target, source = as_bdp(target_emb), as_bdp(source_emb)
+        anchor, positive, negative = (t.reshape(-1).contiguous() for t in (anchor, positive, negative))
+        layouts = _layout(*target.stride()), _layout(*source.stride())
+        args = _HingeArgs(_ptr(target), _ptr(source), ctypes.cast(layouts[0], ctypes.POINTER(ctypes.c_int64)),
+                          ctypes.cast(layouts[1], ctypes.POINTER(ctypes.c_int64)), target.shape[2],
+                          target.shape[0] * target.shape[2], source.shape[2], source.shape[0] * source.shape[2],
+                          target.shape[1], *(ctypes.cast(_ptr(t), ctypes.POINTER(ctypes.c_int64))
+                                             for t in (anchor, positive, negative)), anchor.numel(), beta)
+        return args, (target, source, anchor, positive, negative, layouts)
+
+    def consistency_hinge(self, target_emb, source_emb, anchor, positive, negative, beta, *, reverse=False):
+        """(loss, used) as the CUDA launcher computes them: the kernel's
+        per-triplet hinges and flags, then their sums."""
+        acc = torch.float64 if target_emb.dtype == torch.float64 else torch.float32
+        args, keep = self._hinge_args(target_emb, source_emb, anchor, positive, negative, beta)
+        hinge = torch.full((args.T,), NAN, dtype=acc)
+        counted = torch.zeros(args.T, dtype=torch.bool)
+        if args.T > 0:
+            self._check(self._lib.consistency_hinge_forward(DTYPES[target_emb.dtype], int(reverse), ctypes.byref(args),
+                                                            _ptr(hinge), _ptr(counted)))
+        used = counted.sum()
+        return hinge.sum() / used.clamp(min=1).to(acc), used
+
+    def consistency_hinge_backward(self, grad, used, target_emb, source_emb, anchor, positive, negative, beta,
+                                   target_requires_grad, source_requires_grad, *, reverse=False):
+        """(grad_target, grad_source) as the CUDA launcher computes them (empty where not asked for)."""
+        acc = torch.float64 if target_emb.dtype == torch.float64 else torch.float32
+        args, keep = self._hinge_args(target_emb, source_emb, anchor, positive, negative, beta)
+        grads = [empty_like_pixel_viewable(emb).to(acc).zero_() if wanted else None
+                 for emb, wanted in ((target_emb, target_requires_grad), (source_emb, source_requires_grad))]
+        views = [as_bdp(g) if g is not None else None for g in grads]
+        layouts = [_layout(*v.stride()) if v is not None else _layout(0, 0, 0) for v in views]
+        grad, used = grad.to(acc).contiguous(), used.long().contiguous()  # alive through the call
+        if args.T > 0 and any(g is not None for g in grads):
+            self._check(self._lib.consistency_hinge_backward(
+                DTYPES[target_emb.dtype], int(reverse), ctypes.byref(args), _ptr(grad), _ptr(used), _ptr(views[0]),
+                layouts[0], _ptr(views[1]), layouts[1]))
+        return tuple(g.to(emb.dtype) if g is not None else emb.new_empty(0)
+                     for g, emb in zip(grads, (target_emb, source_emb)))
+
+
+class _HingeArgs(ctypes.Structure):
+    """launchers.cpp's HingeArgs."""
+    _fields_ = [("target", ctypes.c_void_p), ("source", ctypes.c_void_p),
+                ("target_layout", ctypes.POINTER(ctypes.c_int64)), ("source_layout", ctypes.POINTER(ctypes.c_int64)),
+                ("target_pixels", ctypes.c_int64), ("target_flat", ctypes.c_int64),
+                ("source_pixels", ctypes.c_int64), ("source_flat", ctypes.c_int64), ("D", ctypes.c_int),
+                ("anchor", ctypes.POINTER(ctypes.c_int64)), ("positive", ctypes.POINTER(ctypes.c_int64)),
+                ("negative", ctypes.POINTER(ctypes.c_int64)), ("T", ctypes.c_int64), ("beta", ctypes.c_double)]
+
 
 @contextlib.contextmanager
 def as_cpu_kernels(kernels, *, tensor_cores):
     """Within the block, the CPU kernels of drsl_fast::mode_distance,
     mode_distance_backward (the tensor-core kernels or the fp32 ones),
-    mmdl_losses, mmdl_losses_backward and label_mode are the emulated CUDA
+    mmdl_losses, mmdl_losses_backward, label_mode, consistency_triplets,
+    consistency_hinge and consistency_hinge_backward are the emulated CUDA
     kernels: every test of those ops with backend="cpu" runs them."""
     library = torch.library.Library("drsl_fast", "IMPL")
 
@@ -288,6 +375,9 @@ def as_cpu_kernels(kernels, *, tensor_cores):
         library.impl("mmdl_losses", kernels.mmdl_losses, "CPU")
         library.impl("mmdl_losses_backward", losses_backward, "CPU")
         library.impl("label_mode", kernels.label_mode, "CPU")
+        library.impl("consistency_triplets", kernels.consistency_triplets, "CPU")
+        library.impl("consistency_hinge", kernels.consistency_hinge, "CPU")
+        library.impl("consistency_hinge_backward", kernels.consistency_hinge_backward, "CPU")
     try:
         yield
     finally:

@@ -1,4 +1,5 @@
-// The device kernels of csrc/cuda/mode_distance.cu and mmdl_losses.cu,
+// The device kernels of csrc/cuda/mode_distance.cu, mmdl_losses.cu, consistency_triplets.cu and
+// consistency_hinge.cu,
 // compiled for the CPU with the stand-ins of include/, behind C entry points
 // that launch them as the files' own launchers do (same kernels, grids,
 // threads and scratch buffers). Loaded by __init__.py with ctypes.
@@ -8,6 +9,8 @@
 #define DRSL_FAST_KERNELS_ONLY
 #include "mode_distance.cu"
 #include "mmdl_losses.cu"
+#include "consistency_triplets.cu"
+#include "consistency_hinge.cu"
 
 // Scratch buffers start as NaN (mode tables as 255), outputs too (__init__.py):
 // an entry a kernel should write and does not shows in the results.
@@ -200,6 +203,24 @@ void launch_label_mode(const Samples& s, bool reverse, uint8_t* mode) {
          cu::kSampleThreads, 0, sample_batch<scalar_t, acc_t>(s), mode);
 }
 
+// The arguments of the consistency_hinge kernels (their tensors as the CUDA launcher lays them out).
+struct HingeArgs {
+  const void *target, *source;
+  const int64_t *target_layout, *source_layout;
+  int64_t target_pixels, target_flat, source_pixels, source_flat;
+  int D;
+  const int64_t *anchor, *positive, *negative;
+  int64_t T;
+  double beta;
+
+  template <typename scalar_t>
+  cu::HingeMaps<scalar_t> maps() const {
+    return {static_cast<const scalar_t*>(target), {target_layout[0], target_layout[1], target_layout[2]},
+            target_pixels, target_flat, static_cast<const scalar_t*>(source),
+            {source_layout[0], source_layout[1], source_layout[2]}, source_pixels, source_flat, D};
+  }
+};
+
 const char* finish() {
   static std::string message;
   message = drsl_emu::first_error;
@@ -269,6 +290,55 @@ const char* label_mode(int dtype, int reverse, const void* emb, const int64_t* l
   const Samples s{emb, {layout[0], layout[1], layout[2]}, index, label, modes, B, S, P, C, M, D};
   dispatch(dtype, "label_mode",
            [&]<typename scalar_t, typename acc_t>() { launch_label_mode<scalar_t, acc_t>(s, reverse, mode); });
+  return finish();
+}
+
+// consistency_triplets in the launcher's three steps; the stable sort between
+// the first two is the caller's (torch.sort, as the launcher's at::sort).
+const char* consistency_source_groups(int reverse, const int64_t* label, const uint8_t* mode, int64_t n, int64_t C,
+                                      int64_t M, int32_t* key) {
+  launch(reverse, cu::source_group_kernel<int64_t>, dim3(blocks_for(n, cu::kTripletThreads)), cu::kTripletThreads, 0,
+         label, mode, n, C, M, key);
+  return finish();
+}
+
+const char* consistency_group_starts(int reverse, const int32_t* sorted, int64_t n, int64_t groups, int64_t* start) {
+  launch(reverse, cu::group_start_kernel, dim3(blocks_for(groups + 1, cu::kTripletThreads)), cu::kTripletThreads, 0,
+         sorted, n, groups, start);
+  return finish();
+}
+
+const char* consistency_triplets(int reverse, const int64_t* index, const int64_t* label, const uint8_t* mode,
+                                 const double* draws, int64_t anchors, int64_t S, const int64_t* start,
+                                 const int64_t* order, int64_t C, int64_t M, int64_t target_pixels, int64_t* anchor,
+                                 int64_t* positive, int64_t* negative, bool* valid, int64_t* skipped) {
+  launch(reverse, cu::consistency_triplets_kernel, dim3(blocks_for(anchors, cu::kTripletThreads)),
+         cu::kTripletThreads, 0, index, label, mode, draws, anchors, S, start, order, C, M, target_pixels, anchor,
+         positive, negative, valid, reinterpret_cast<unsigned long long*>(skipped));
+  return finish();
+}
+
+// consistency_hinge: the per-triplet hinges and flags (the caller sums them), and the backward.
+const char* consistency_hinge_forward(int dtype, int reverse, const HingeArgs* a, void* hinge, bool* counted) {
+  dispatch(dtype, "consistency_hinge", [&]<typename scalar_t, typename acc_t>() {
+    launch(reverse, cu::consistency_hinge_kernel<scalar_t, acc_t>, dim3(blocks_for(a->T, cu::kHingeThreads)),
+           cu::kHingeThreads, 0, a->maps<scalar_t>(), a->anchor, a->positive, a->negative, a->T,
+           static_cast<acc_t>(a->beta), static_cast<acc_t*>(hinge), counted);
+  });
+  return finish();
+}
+
+const char* consistency_hinge_backward(int dtype, int reverse, const HingeArgs* a, const void* grad,
+                                       const int64_t* used, void* grad_target, const int64_t* target_grad_layout,
+                                       void* grad_source, const int64_t* source_grad_layout) {
+  const PixelLayout gt{target_grad_layout[0], target_grad_layout[1], target_grad_layout[2]};
+  const PixelLayout gs{source_grad_layout[0], source_grad_layout[1], source_grad_layout[2]};
+  dispatch(dtype, "consistency_hinge_backward", [&]<typename scalar_t, typename acc_t>() {
+    launch(reverse, cu::consistency_hinge_backward_kernel<scalar_t, acc_t>, dim3(blocks_for(a->T, cu::kHingeThreads)),
+           cu::kHingeThreads, 0, a->maps<scalar_t>(), a->anchor, a->positive, a->negative, a->T,
+           static_cast<acc_t>(a->beta), static_cast<const acc_t*>(grad), used, static_cast<acc_t*>(grad_target), gt,
+           static_cast<acc_t*>(grad_source), gs);
+  });
   return finish();
 }
 }

@@ -1,5 +1,5 @@
-"""Checks that the emulated-CUDA tests catch bugs in the mode-distance and
-MMDL-loss kernels: each mutation below (a barrier removed, a term dropped, an
+"""Checks that the emulated-CUDA tests catch bugs in the mode-distance,
+MMDL-loss and Eq. 6 kernels: each mutation below (a barrier removed, a term dropped, an
 index swapped, a rule loosened) is applied to a copy of csrc/cuda/, and the
 ops' emulated tests must fail on it; the unchanged files must pass them.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-FILES = ("mode_distance.cu", "mmdl_losses.cu")
+FILES = ("mode_distance.cu", "mmdl_losses.cu", "consistency_triplets.cu", "consistency_hinge.cu")
 
 # name -> (text of a kernel file, what it becomes); each text occurs once in one file
 MUTATIONS = {
@@ -94,12 +94,23 @@ MUTATIONS = {
                                                "class_dmin(static_cast<const acc_t*>(rows.emb(j ^ 1)), 1,"),
     "MMDL backward: the triplet term dropped": ("        if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));\n",
                                                 ""),
+    "Eq. 6 draw: group runs start one key late": ("if (sorted[mid] < g) low = mid + 1;",
+                                                  "if (sorted[mid] <= g) low = mid + 1;"),
+    "Eq. 6 draw: anchors without a positive not counted": ("  if (t.no_positive) atomicAdd(skipped, 1ull);\n", ""),
+    "Eq. 6 draw: the labelled pixels' end left unset": ("  if (g > groups) return;", "  if (g >= groups) return;"),
+    "Eq. 6 hinge backward: the gradient not divided by the triplets used": (
+        "static_cast<acc_t>(*used > 1 ? *used : 1)", "acc_t(1)"),
+    "Eq. 6 hinge backward: the negative's row left out": (
+        "      atomicAdd(grad_source + source_grad_layout.offset(neg / m.source_pixels, d, neg % m.source_pixels),\n"
+        "                w * (e_t - e_n));\n", ""),
+    "Eq. 6 hinge: the margin left out": ("  h = to_positive - to_negative + beta;", "  h = to_positive - to_negative;"),
 }
 
 
 def emulated_tests_pass(cuda_dir: Path) -> bool:
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "emulated",
-               "tests/test_mode_distance.py", "tests/test_bad_inputs.py", "tests/test_mmdl_losses.py"]
+               "tests/test_mode_distance.py", "tests/test_bad_inputs.py", "tests/test_mmdl_losses.py",
+               "tests/test_consistency_triplets.py", "tests/test_consistency.py"]
     env = dict(os.environ, DRSL_FAST_EMULATED_CUDA_DIR=str(cuda_dir))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if "no tests ran" in done.stdout or done.returncode not in (0, 1):

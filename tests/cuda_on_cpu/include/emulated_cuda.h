@@ -178,3 +178,21 @@ inline int atomicAdd(int* address, int value) {
   *address = old + value;
   return old;
 }
+
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline double atomicAdd(double* address, double value) {
+  const double old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  const unsigned long long old = *address;
+  *address = old + value;
+  return old;
+}
