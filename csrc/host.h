@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../kernels/confidence_bins.h"
@@ -252,10 +253,17 @@ struct HingeProblem {
   at::ScalarType acc_dtype;
   int64_t T, D, Pt, Ps, Nt, Ns;             // triplets; channels; pixels per image; flat positions
 
-  // A gradient map like emb in the accumulation dtype, zeroed, whose (B, D, P) view is a view.
-  at::Tensor zero_grad_like(const at::Tensor& emb) const {
-    if (emb.dim() == 2) return at::zeros(emb.sizes(), emb.options().dtype(acc_dtype));
-    return at::zeros(emb.sizes(), emb.options().dtype(acc_dtype).memory_format(emb.suggest_memory_format()));
+  // The backward's gradient maps: like the embeddings in the accumulation dtype, zeroed, each
+  // (B, D, P) view a view; an empty tensor for a map not asked for.
+  std::pair<at::Tensor, at::Tensor> zero_gradients(const at::Tensor& target_emb, const at::Tensor& source_emb,
+                                                   bool target_wanted, bool source_wanted) const {
+    const auto zeros_like = [&](const at::Tensor& emb, bool wanted) {
+      if (!wanted) return emb.new_empty({0});
+      const auto options = emb.options().dtype(acc_dtype);
+      return emb.dim() == 2 ? at::zeros(emb.sizes(), options)
+                            : at::zeros(emb.sizes(), options.memory_format(emb.suggest_memory_format()));
+    };
+    return {zeros_like(target_emb, target_wanted), zeros_like(source_emb, source_wanted)};
   }
 };
 

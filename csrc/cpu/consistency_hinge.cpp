@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "../host.h"
@@ -109,8 +110,9 @@ std::tuple<at::Tensor, at::Tensor> consistency_hinge_backward_cpu(
     const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative, double beta,
     bool target_requires_grad, bool source_requires_grad) {
   const HingeProblem p = hinge_problem(target_emb, source_emb, anchor, positive, negative, beta);
-  at::Tensor grad_target = target_requires_grad ? p.zero_grad_like(target_emb) : target_emb.new_empty({0});
-  at::Tensor grad_source = source_requires_grad ? p.zero_grad_like(source_emb) : source_emb.new_empty({0});
+  at::Tensor grad_target, grad_source;  // named tensors, not bindings: the dispatch lambda captures them
+  std::tie(grad_target, grad_source) =
+      p.zero_gradients(target_emb, source_emb, target_requires_grad, source_requires_grad);
   if (target_requires_grad || source_requires_grad) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_emb.scalar_type(), "consistency_hinge_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;

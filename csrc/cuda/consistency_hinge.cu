@@ -108,6 +108,8 @@ __global__ void consistency_hinge_backward_kernel(HingeMaps<scalar_t> m, const i
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "../host.h"
 #include "launch.h"
 
@@ -147,8 +149,9 @@ std::tuple<at::Tensor, at::Tensor> consistency_hinge_backward_cuda(
     bool target_requires_grad, bool source_requires_grad) {
   const HingeProblem p = hinge_problem(target_emb, source_emb, anchor, positive, negative, beta);
   const c10::cuda::CUDAGuard guard(target_emb.device());
-  at::Tensor grad_target = target_requires_grad ? p.zero_grad_like(target_emb) : target_emb.new_empty({0});
-  at::Tensor grad_source = source_requires_grad ? p.zero_grad_like(source_emb) : source_emb.new_empty({0});
+  at::Tensor grad_target, grad_source;  // named tensors, not bindings: the dispatch lambda captures them
+  std::tie(grad_target, grad_source) =
+      p.zero_gradients(target_emb, source_emb, target_requires_grad, source_requires_grad);
   if (p.T > 0 && (target_requires_grad || source_requires_grad)) {
     const at::Tensor grad_acc = grad.to(p.acc_dtype).contiguous(), count = used.to(at::kLong).contiguous();
     const at::Tensor target_view = target_requires_grad ? as_bdp(grad_target) : at::Tensor();
