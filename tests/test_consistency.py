@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from drsl_fast import reference
-from drsl_fast.losses import consistency_loss, consistency_triplets, sample_per_class
-from drsl_fast.losses.consistency import ConsistencyTriplets, consistency_hinge
+from drsl_fast.losses import (ConsistencyTriplets, consistency_hinge, consistency_loss, consistency_triplets,
+                              sample_per_class)
 
 from conftest import backend_under_test
 

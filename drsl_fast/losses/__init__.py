@@ -3,11 +3,12 @@
 and the combined objectives (Eq. 8-10)."""
 from ..ops.class_sampling import ClassSamples, sample_per_class
 from ..ops.mmdl_losses import MMDLLosses, label_mode, mmdl_losses
-from .consistency import ConsistencyLoss, ConsistencyTriplets, consistency_loss, consistency_triplets
+from .consistency import (ConsistencyLoss, ConsistencyTriplets, consistency_hinge, consistency_loss,
+                          consistency_triplets)
 from .drsl_loss import DRSLLoss, DRSLLossOutput, in_mode_variance, labels_at, segmentation_loss
 
 __all__ = [
     "ClassSamples", "ConsistencyLoss", "ConsistencyTriplets", "DRSLLoss", "DRSLLossOutput", "MMDLLosses",
-    "consistency_loss", "consistency_triplets", "in_mode_variance", "label_mode", "labels_at", "mmdl_losses",
-    "sample_per_class", "segmentation_loss",
+    "consistency_hinge", "consistency_loss", "consistency_triplets", "in_mode_variance", "label_mode", "labels_at",
+    "mmdl_losses", "sample_per_class", "segmentation_loss",
 ]
