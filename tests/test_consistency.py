@@ -186,8 +186,11 @@ def test_hinge_gradient_matches_autograd_of_the_formula(any_backend, layout, sha
     t, s = poisoned_target.requires_grad_(), poisoned_source.requires_grad_()
     consistency_hinge(t, s, triplets, backend=backend)[0].backward()
     assert torch.isfinite(t.grad).all() and torch.isfinite(s.grad).all()
+    # CUDA adds rows shared by several triplets with atomics: two backward passes may differ in the last bits
+    nondet_tol = 1e-12 if device.type == "cuda" else 0.0
     assert torch.autograd.gradcheck(lambda t, s: consistency_hinge(t, s, triplets, backend=backend)[0],
-                                    (target.clone().requires_grad_(), source.clone().requires_grad_()))
+                                    (target.clone().requires_grad_(), source.clone().requires_grad_()),
+                                    nondet_tol=nondet_tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
