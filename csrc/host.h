@@ -27,11 +27,13 @@ inline at::Tensor as_bdp(const at::Tensor& emb) {
   return emb.reshape({emb.size(0), emb.size(1), emb.size(2) * emb.size(3)});
 }
 
-// A new tensor shaped like emb whose as_bdp() is always a view: same strides
-// for (N, D), contiguous or channels-last for (B, D, H, W).
-inline at::Tensor empty_like_pixel_viewable(const at::Tensor& emb) {
-  if (emb.dim() == 2) return at::empty_like(emb);
-  return at::empty(emb.sizes(), emb.options().memory_format(emb.suggest_memory_format()));
+// A new tensor shaped like emb (of emb's dtype, or of `dtype`) whose as_bdp()
+// is always a view: same strides for (N, D), contiguous or channels-last for
+// (B, D, H, W).
+inline at::Tensor empty_like_pixel_viewable(const at::Tensor& emb, std::optional<at::ScalarType> dtype = {}) {
+  const auto options = emb.options().dtype(dtype.value_or(emb.scalar_type()));
+  if (emb.dim() == 2) return at::empty_like(emb, options);
+  return at::empty(emb.sizes(), options.memory_format(emb.suggest_memory_format()));
 }
 
 inline PixelLayout layout_of(const at::Tensor& bdp) {
@@ -258,10 +260,7 @@ struct HingeProblem {
   std::pair<at::Tensor, at::Tensor> zero_gradients(const at::Tensor& target_emb, const at::Tensor& source_emb,
                                                    bool target_wanted, bool source_wanted) const {
     const auto zeros_like = [&](const at::Tensor& emb, bool wanted) {
-      if (!wanted) return emb.new_empty({0});
-      const auto options = emb.options().dtype(acc_dtype);
-      return emb.dim() == 2 ? at::zeros(emb.sizes(), options)
-                            : at::zeros(emb.sizes(), options.memory_format(emb.suggest_memory_format()));
+      return wanted ? empty_like_pixel_viewable(emb, acc_dtype).zero_() : emb.new_empty({0});
     };
     return {zeros_like(target_emb, target_wanted), zeros_like(source_emb, source_wanted)};
   }

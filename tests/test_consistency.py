@@ -224,9 +224,11 @@ def test_hinge_in_low_precision_matches_the_reference(any_backend, dtype):
 def test_hinge_op_passes_opcheck():
     g = torch.Generator().manual_seed(9)
     target = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    source = torch.randn(12, 4, generator=g, dtype=torch.float64, requires_grad=True)
     anchor, positive, negative = (torch.randint(-1, 12, (3, 7), generator=g) for _ in range(3))
-    torch.library.opcheck(torch.ops.drsl_fast.consistency_hinge, (target, source, anchor, positive, negative, 1.0))
+    for source in (torch.randn(12, 4, generator=g, dtype=torch.float64),
+                   torch.randn(4, 12, generator=g, dtype=torch.float64).t()):  # (N, D) rows, and a transposed view
+        torch.library.opcheck(torch.ops.drsl_fast.consistency_hinge,
+                              (target, source.requires_grad_(), anchor, positive, negative, 1.0))
 
 
 def test_no_host_synchronisation_on_cpu():

@@ -37,12 +37,19 @@ struct Rows {
   }
 };
 
-// Whether triplet i counts; its rows in e_t, e_p, e_n and h when it does.
+// The flat positions of the triplets.
+struct Positions {
+  const int64_t *anchor, *positive, *negative;
+
+  explicit Positions(const HingeProblem& p)
+      : anchor(p.anchor.const_data_ptr<int64_t>()), positive(p.positive.const_data_ptr<int64_t>()),
+        negative(p.negative.const_data_ptr<int64_t>()) {}
+};
+
+// Whether the triplet (a, pos, neg) counts; its rows in e_t, e_p, e_n and h when it does.
 template <typename scalar_t, typename acc_t>
 bool triplet(const HingeProblem& p, const Rows<scalar_t, acc_t>& target, const Rows<scalar_t, acc_t>& source,
-             int64_t i, double beta, acc_t* e_t, acc_t* e_p, acc_t* e_n, acc_t& h) {
-  const int64_t a = p.anchor.const_data_ptr<int64_t>()[i], pos = p.positive.const_data_ptr<int64_t>()[i],
-                neg = p.negative.const_data_ptr<int64_t>()[i];
+             int64_t a, int64_t pos, int64_t neg, double beta, acc_t* e_t, acc_t* e_p, acc_t* e_n, acc_t& h) {
   if (a < 0 || a >= p.Nt || pos < 0 || pos >= p.Ns || neg < 0 || neg >= p.Ns) return false;
   target.read(a, e_t);
   source.read(pos, e_p);
@@ -59,10 +66,12 @@ bool triplet(const HingeProblem& p, const Rows<scalar_t, acc_t>& target, const R
 template <typename scalar_t, typename acc_t>
 void hinge_forward(const HingeProblem& p, double beta, acc_t* hinge, bool* counted) {
   const Rows<scalar_t, acc_t> target(p.target), source(p.source);
+  const Positions positions(p);
   std::vector<acc_t> e_t(p.D), e_p(p.D), e_n(p.D);
   for (int64_t i = 0; i < p.T; ++i) {
     acc_t h = 0;
-    counted[i] = triplet(p, target, source, i, beta, e_t.data(), e_p.data(), e_n.data(), h);
+    counted[i] = triplet(p, target, source, positions.anchor[i], positions.positive[i], positions.negative[i], beta,
+                         e_t.data(), e_p.data(), e_n.data(), h);
     hinge[i] = counted[i] && (h > 0 || std::isnan(h)) ? h : acc_t(0);
   }
 }
@@ -74,17 +83,17 @@ void hinge_backward(const HingeProblem& p, double beta, acc_t w, at::Tensor grad
   acc_t* gt = grad_target.defined() ? grad_target.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* gs = grad_source.defined() ? grad_source.mutable_data_ptr<acc_t>() : nullptr;
   const PixelLayout Lt = gt ? layout_of(grad_target) : PixelLayout{}, Ls = gs ? layout_of(grad_source) : PixelLayout{};
+  const Positions positions(p);
   std::vector<acc_t> e_t(p.D), e_p(p.D), e_n(p.D);
-  const int64_t *anchor = p.anchor.const_data_ptr<int64_t>(), *positive = p.positive.const_data_ptr<int64_t>(),
-                *negative = p.negative.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < p.T; ++i) {
+    const int64_t a = positions.anchor[i], pos = positions.positive[i], neg = positions.negative[i];
     acc_t h = 0;
-    if (!triplet(p, target, source, i, beta, e_t.data(), e_p.data(), e_n.data(), h) || !(h > 0)) continue;
+    if (!triplet(p, target, source, a, pos, neg, beta, e_t.data(), e_p.data(), e_n.data(), h) || !(h > 0)) continue;
     for (int64_t d = 0; d < p.D; ++d) {
-      if (gt) gt[Lt.offset(anchor[i] / p.Pt, d, anchor[i] % p.Pt)] += w * (e_n[d] - e_p[d]);
+      if (gt) gt[Lt.offset(a / p.Pt, d, a % p.Pt)] += w * (e_n[d] - e_p[d]);
       if (gs) {
-        gs[Ls.offset(positive[i] / p.Ps, d, positive[i] % p.Ps)] += w * (e_p[d] - e_t[d]);
-        gs[Ls.offset(negative[i] / p.Ps, d, negative[i] % p.Ps)] += w * (e_t[d] - e_n[d]);
+        gs[Ls.offset(pos / p.Ps, d, pos % p.Ps)] += w * (e_p[d] - e_t[d]);
+        gs[Ls.offset(neg / p.Ps, d, neg % p.Ps)] += w * (e_t[d] - e_n[d]);
       }
     }
   }

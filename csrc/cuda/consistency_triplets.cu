@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../../kernels/consistency_triplets.h"
+#include "../../kernels/cuda/load_store.cuh"
 
 namespace drsl_fast {
 namespace cuda {
@@ -24,14 +25,14 @@ constexpr int kTripletThreads = 256;
 template <typename label_t>
 __global__ void source_group_kernel(const label_t* __restrict__ label, const uint8_t* __restrict__ mode, int64_t n,
                                     int64_t C, int64_t M, int32_t* __restrict__ key) {
-  const int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t f = thread_index();
   if (f < n) key[f] = static_cast<int32_t>(source_group(static_cast<int64_t>(label[f]), mode[f], C, M));
 }
 
 // start[g] for g = 0 .. groups, groups = C * M (the key of the pixels that do not count).
 __global__ void group_start_kernel(const int32_t* __restrict__ sorted, int64_t n, int64_t groups,
                                    int64_t* __restrict__ start) {
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t g = thread_index();
   if (g > groups) return;
   int64_t low = 0, high = n;  // the first position whose key is >= g
   while (low < high) {
@@ -49,7 +50,7 @@ __global__ void consistency_triplets_kernel(const int64_t* __restrict__ index, c
                                             int64_t target_pixels, int64_t* __restrict__ anchor,
                                             int64_t* __restrict__ positive, int64_t* __restrict__ negative,
                                             bool* __restrict__ valid, unsigned long long* __restrict__ skipped) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = thread_index();
   if (i >= anchors) return;
   const Triplet t = draw_triplet(i / S, index[i], label[i], mode[i], draws[i], draws[anchors + i], start, order, C,
                                  M, target_pixels);

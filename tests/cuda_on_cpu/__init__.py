@@ -92,6 +92,11 @@ def _ptr(t):
 # empty_like_pixel_viewable (both as csrc/host.h): importing drsl_fast would
 # load Triton, whose native module does not load under AddressSanitizer
 # (tests/test_cuda_on_cpu.py).
+def accumulation(dtype):
+    """The kernels' accumulation dtype: fp64 for fp64 storage, else fp32 (csrc/host.h)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def as_bdp(emb):
     """(B, D, P) view (or copy) of the embeddings, as csrc/host.h's as_bdp."""
     return emb.t().unsqueeze(0) if emb.dim() == 2 else emb.reshape(emb.shape[0], emb.shape[1], emb.shape[2] * emb.shape[3])
@@ -141,7 +146,7 @@ class Kernels:
     @staticmethod
     def _inputs(emb, modes):
         """The accumulation dtype, emb as (B, D, P) and the modes in it, contiguous (csrc/host.h)."""
-        acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+        acc = accumulation(emb.dtype)
         return acc, as_bdp(emb), modes.to(acc).contiguous()
 
     @staticmethod
@@ -302,7 +307,7 @@ class Kernels:
     def consistency_hinge(self, target_emb, source_emb, anchor, positive, negative, beta, *, reverse=False):
         """(loss, used) as the CUDA launcher computes them: the kernel's
         per-triplet hinges and flags, then their sums."""
-        acc = torch.float64 if target_emb.dtype == torch.float64 else torch.float32
+        acc = accumulation(target_emb.dtype)
         args, keep = self._hinge_args(target_emb, source_emb, anchor, positive, negative, beta)
         hinge = torch.full((args.T,), NAN, dtype=acc)
         counted = torch.zeros(args.T, dtype=torch.bool)
@@ -315,7 +320,7 @@ class Kernels:
     def consistency_hinge_backward(self, grad, used, target_emb, source_emb, anchor, positive, negative, beta,
                                    target_requires_grad, source_requires_grad, *, reverse=False):
         """(grad_target, grad_source) as the CUDA launcher computes them (empty where not asked for)."""
-        acc = torch.float64 if target_emb.dtype == torch.float64 else torch.float32
+        acc = accumulation(target_emb.dtype)
         args, keep = self._hinge_args(target_emb, source_emb, anchor, positive, negative, beta)
         grads = [empty_like_pixel_viewable(emb).to(acc).zero_() if wanted else None
                  for emb, wanted in ((target_emb, target_requires_grad), (source_emb, source_requires_grad))]
