@@ -16,10 +16,13 @@ TORCH_LIBRARY(drsl_fast, m) {
   // docs/method.md §4 (DRSL losses). labels (B, H, W) integer, keys int64 (B, H*W)
   // uniform in [0, 2^48). Returns index (B, C, k) int64 padded with -1, count (B, C).
   m.def("sample_per_class(Tensor labels, Tensor keys, int num_classes, int k) -> (Tensor index, Tensor count)");
-  // Eq. 4 and 5 per sample; index, label int64 (B, S); returns triplet, ce (B, S).
+  // Eq. 4 and 5; index, label int64 (B, S). Returns triplet and ce, per sample
+  // (B, S) (0 where a sample does not count) or, with mean, their means over the
+  // counted samples (0-d, 0 when none), and the number of counted samples (int64, 0-d).
+  // The backward takes per-sample gradients (or 0-d ones, the same for every sample).
   m.def(
-      "mmdl_losses(Tensor emb, Tensor index, Tensor label, Tensor modes, float sigma, float alpha, float scale) "
-      "-> (Tensor triplet, Tensor ce)");
+      "mmdl_losses(Tensor emb, Tensor index, Tensor label, Tensor modes, float sigma, float alpha, float scale, "
+      "bool mean) -> (Tensor triplet, Tensor ce, Tensor count)");
   m.def(
       "mmdl_losses_backward(Tensor grad_triplet, Tensor grad_ce, Tensor emb, Tensor index, Tensor label, "
       "Tensor modes, float sigma, float alpha, float scale, bool emb_requires_grad, bool modes_requires_grad) "

@@ -182,7 +182,21 @@ struct SampleProblem {
   at::Tensor per_sample(const at::Tensor& like) const {
     return at::empty({B, S}, like.options().dtype(acc_dtype));
   }
+
+  // A (B, S) bool tensor: whether each sample counts.
+  at::Tensor flags() const { return at::empty({B, S}, index.options().dtype(at::kBool)); }
 };
+
+// mmdl_losses' outputs from its per-sample losses (0 where a sample does not count)
+// and flags: those losses, or with mean their means over the counted samples
+// (0 when none; a 0-d int64 divisor keeps their dtype); then the count (int64, 0-d).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_outputs(const at::Tensor& triplet, const at::Tensor& ce,
+                                                                   const at::Tensor& counted, bool mean) {
+  at::Tensor count = counted.sum(at::kLong);
+  if (!mean) return {triplet, ce, count};
+  const at::Tensor divisor = count.clamp_min(1);
+  return {triplet.sum() / divisor, ce.sum() / divisor, count};
+}
 
 inline SampleProblem sample_problem(const char* op, const at::Tensor& emb, const at::Tensor& index,
                                     const at::Tensor& label, const at::Tensor& modes) {
@@ -298,7 +312,7 @@ inline HingeProblem hinge_problem(const at::Tensor& target_emb, const at::Tensor
 // the mean over the counted triplets (0 when none) and their number (int64).
 inline std::tuple<at::Tensor, at::Tensor> hinge_mean(const at::Tensor& hinge, const at::Tensor& counted) {
   at::Tensor used = counted.sum(at::kLong);
-  return {hinge.sum() / used.clamp_min(1).to(hinge.scalar_type()), used};
+  return {hinge.sum() / used.clamp_min(1), used};  // a 0-d int64 divisor keeps hinge's dtype
 }
 
 // A gradient map computed in the accumulation dtype, in the embeddings' dtype.

@@ -99,8 +99,9 @@ def test_gradcheck_float64():
     index[1, :3] = torch.tensor([5, 5, 7])  # a repeated pixel: its gradients add up
     label[1, :3] = torch.tensor([0, 2, 1])
     for backend in ["reference"] + fast_backends():
-        f = lambda e, r: tuple(mmdl_losses(e, index, label, r, reduction="none", backend=backend)[:2])
-        assert torch.autograd.gradcheck(f, (emb.clone().requires_grad_(), modes.clone().requires_grad_()))
+        for reduction in ("none", "mean"):
+            f = lambda e, r: tuple(mmdl_losses(e, index, label, r, reduction=reduction, backend=backend)[:2])
+            assert torch.autograd.gradcheck(f, (emb.clone().requires_grad_(), modes.clone().requires_grad_()))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -212,17 +213,20 @@ def test_saves_nothing_of_size_samples_by_classes():
     (out.triplet + out.ce).backward()
 
 
-def test_opcheck_cpu_operators():
+@pytest.mark.parametrize("mean", [False, True])
+def test_opcheck_cpu_operators(mean):
     emb, index, label, modes = case(dtype=torch.float32, S=10)
-    args = (emb.requires_grad_(), index, label, modes.requires_grad_(), SIGMA, ALPHA, SCALE)
+    args = (emb.requires_grad_(), index, label, modes.requires_grad_(), SIGMA, ALPHA, SCALE, mean)
     torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses.default, args)
-    grads = (torch.rand(index.shape), torch.rand(index.shape))
+    shape = () if mean else index.shape  # the backward also takes 0-d gradients, one for every sample
+    grads = (torch.rand(shape), torch.rand(shape))
     torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses_backward.default,
                           grads + (emb.detach(), index, label, modes.detach(), SIGMA, ALPHA, SCALE, True, True))
     torch.library.opcheck(torch.ops.drsl_fast.label_mode.default, (emb.detach(), index, label, modes.detach()))
 
 
-def test_opcheck_triton_operators():
+@pytest.mark.parametrize("mean", [False, True])
+def test_opcheck_triton_operators(mean):
     from drsl_fast.backends import why_unavailable
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -230,7 +234,7 @@ def test_opcheck_triton_operators():
         pytest.skip(why_unavailable("triton", device))
     emb, index, label, modes = (t.to(device) for t in case(dtype=torch.float32, S=10))
     test_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    args = (emb.requires_grad_(), index, label, modes.requires_grad_(), SIGMA, ALPHA, SCALE)
+    args = (emb.requires_grad_(), index, label, modes.requires_grad_(), SIGMA, ALPHA, SCALE, mean)
     torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses_triton.default, args, test_utils=test_utils)
     grads = (torch.rand(index.shape, device=device), torch.rand(index.shape, device=device))
     torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses_backward_triton.default,
@@ -375,3 +379,30 @@ def test_every_fast_backend_on_its_device(fast_backend, D, C, S, dtype):
     for got, want in zip(fast[:4], ref[:4]):
         torch.testing.assert_close(got, want, **FP32_TOLERANCE)
     assert torch.equal(fast[4], ref[4])
+
+
+def test_means_and_count_come_from_the_operator(fast_backend):
+    """reduction='mean' is one operator call: its means, count and gradients
+    against the float64 reference's sums and divisions, on the backend's own
+    device; then a set where no sample counts (means 0, zero gradients)."""
+    backend, device = fast_backend
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    emb, index, label, modes = case(dtype=dtype, seed=11, D=8, C=7, S=90, H=9, W=10)
+    index[1, :4] = torch.tensor([5, 5, 7, 5])  # repeated pixels
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+
+    def run(name, dev, as_dtype, samples):
+        e, r = (t.detach().to(dev, as_dtype).requires_grad_() for t in (emb, modes))
+        out = mmdl_losses(e, samples.to(dev), label.to(dev), r, backend=name)
+        assert out.triplet.shape == out.ce.shape == out.count.shape == ()
+        assert out.count.dtype == torch.int64 and not out.count.requires_grad
+        (0.3 * out.triplet + 0.7 * out.ce).backward()
+        return int(out.count), [t.detach().cpu().double() for t in (out.triplet, out.ce, e.grad, r.grad)]
+
+    for samples in (index, torch.full_like(index, -1)):
+        count, got = run(backend, device, dtype, samples)
+        want_count, want = run("reference", torch.device("cpu"), torch.float64, samples)
+        assert count == want_count
+        for value, expected in zip(got, want):
+            torch.testing.assert_close(value, expected, **tolerance)
+    assert count == 0 and all((t == 0).all() for t in got)  # the last set: no sample counts

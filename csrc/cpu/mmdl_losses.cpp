@@ -163,7 +163,7 @@ int64_t next_counted(const Samples<scalar_t, acc_t>& s, int64_t& next, int64_t l
 }
 
 template <typename scalar_t, typename acc_t>
-void forward(const Samples<scalar_t, acc_t>& s, const LossParams& params, acc_t* triplet, acc_t* ce) {
+void forward(const Samples<scalar_t, acc_t>& s, const LossParams& params, acc_t* triplet, acc_t* ce, bool* counted) {
   const int64_t C = s.C, M = s.M, D = s.D, chunks = (s.S + kForwardChunk - 1) / kForwardChunk;
   at::parallel_for(0, s.B * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(D * kTile), dist(C * M * kTile), dmin(C), z(C), prob(C);
@@ -174,6 +174,7 @@ void forward(const Samples<scalar_t, acc_t>& s, const LossParams& params, acc_t*
       const int64_t last = b * s.S + std::min(s.S, (t % chunks + 1) * kForwardChunk);
       std::fill(triplet + first, triplet + last, acc_t(0));  // samples that do not count: 0
       std::fill(ce + first, ce + last, acc_t(0));
+      std::fill(counted + first, counted + last, false);
       for (int64_t next = first, n; (n = next_counted(s, next, last, slot, pixel)) > 0;) {
         gather_tile(s.emb, s.L, b, pixel, n, D, tile.data());
         tile_distances(tile.data(), s.modes, C * M, D, dist.data());
@@ -182,6 +183,7 @@ void forward(const Samples<scalar_t, acc_t>& s, const LossParams& params, acc_t*
                                           z.data(), prob.data());
           triplet[slot[j]] = terms.triplet;
           ce[slot[j]] = terms.ce;
+          counted[slot[j]] = true;
         }
       }
     }
@@ -300,18 +302,20 @@ LossParams params_of(double sigma, double alpha, double scale) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mmdl_losses_cpu(const at::Tensor& emb, const at::Tensor& index,
-                                                   const at::Tensor& label, const at::Tensor& modes, double sigma,
-                                                   double alpha, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmdl_losses_cpu(const at::Tensor& emb, const at::Tensor& index,
+                                                               const at::Tensor& label, const at::Tensor& modes,
+                                                               double sigma, double alpha, double scale, bool mean) {
   const LossParams params = params_of(sigma, alpha, scale);
   const SampleProblem p = sample_problem("mmdl_losses", emb, index, label, modes);
-  at::Tensor triplet = p.per_sample(emb), ce = p.per_sample(emb);
-  if (triplet.numel() == 0) return {triplet, ce};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    forward(Samples<scalar_t, acc_t>(p), params, triplet.mutable_data_ptr<acc_t>(), ce.mutable_data_ptr<acc_t>());
-  });
-  return {triplet, ce};
+  at::Tensor triplet = p.per_sample(emb), ce = p.per_sample(emb), counted = p.flags();
+  if (triplet.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      forward(Samples<scalar_t, acc_t>(p), params, triplet.mutable_data_ptr<acc_t>(), ce.mutable_data_ptr<acc_t>(),
+              counted.mutable_data_ptr<bool>());
+    });
+  }
+  return loss_outputs(triplet, ce, counted, mean);
 }
 
 std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cpu(

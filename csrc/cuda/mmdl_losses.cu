@@ -211,7 +211,7 @@ __device__ void sample_distances(const SampleBatch<scalar_t, acc_t>& batch, cons
 template <typename scalar_t, typename acc_t>
 __global__ void mmdl_losses_forward_kernel(
     SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params, acc_t* __restrict__ triplet,
-    acc_t* __restrict__ ce, int samples, bool staged) {
+    acc_t* __restrict__ ce, bool* __restrict__ counted, int samples, bool staged) {
   DRSL_DYNAMIC_SHARED(unsigned char, forward_shared);
   const auto rows = SampleRows<acc_t>::at(forward_shared, batch.C, batch.D, staged, false);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * samples;
@@ -219,7 +219,8 @@ __global__ void mmdl_losses_forward_kernel(
   const int j = threadIdx.x;  // the sums over the classes: a thread per sample
   const int64_t o = first + j;
   if (j >= samples || o >= batch.B * batch.S) return;
-  if (!batch.counts(o)) {
+  counted[o] = batch.counts(o);
+  if (!counted[o]) {
     triplet[o] = acc_t(0);
     ce[o] = acc_t(0);
     return;
@@ -423,22 +424,24 @@ at::Tensor scatter_rows(const SampleProblem& p, const at::Tensor& rows, const at
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor& emb, const at::Tensor& index,
-                                                    const at::Tensor& label, const at::Tensor& modes, double sigma,
-                                                    double alpha, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor& emb, const at::Tensor& index,
+                                                                const at::Tensor& label, const at::Tensor& modes,
+                                                                double sigma, double alpha, double scale, bool mean) {
   check_loss_params(sigma, alpha, scale);
   const c10::cuda::CUDAGuard guard(emb.device());
   const SampleProblem p = sample_problem("mmdl_losses", emb, index, label, modes);
-  at::Tensor triplet = p.per_sample(emb), ce = p.per_sample(emb);
-  if (triplet.numel() == 0) return {triplet, ce};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const cuda::SampleTiling tiling = loss_tiling<acc_t>("mmdl_losses", p, false);
-    launch(cuda::mmdl_losses_forward_kernel<cuda_type<scalar_t>, acc_t>, blocks_for(p.B * p.S, tiling.samples),
-           cuda::kBlockThreads, tiling.bytes, sample_batch<scalar_t, acc_t>(p), loss_params<acc_t>(sigma, alpha, scale),
-           triplet.mutable_data_ptr<acc_t>(), ce.mutable_data_ptr<acc_t>(), tiling.samples, tiling.staged);
-  });
-  return {triplet, ce};
+  at::Tensor triplet = p.per_sample(emb), ce = p.per_sample(emb), counted = p.flags();
+  if (triplet.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mmdl_losses_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const cuda::SampleTiling tiling = loss_tiling<acc_t>("mmdl_losses", p, false);
+      launch(cuda::mmdl_losses_forward_kernel<cuda_type<scalar_t>, acc_t>, blocks_for(p.B * p.S, tiling.samples),
+             cuda::kBlockThreads, tiling.bytes, sample_batch<scalar_t, acc_t>(p),
+             loss_params<acc_t>(sigma, alpha, scale), triplet.mutable_data_ptr<acc_t>(), ce.mutable_data_ptr<acc_t>(),
+             counted.mutable_data_ptr<bool>(), tiling.samples, tiling.staged);
+    });
+  }
+  return loss_outputs(triplet, ce, counted, mean);
 }
 
 std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(

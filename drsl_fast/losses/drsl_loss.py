@@ -6,7 +6,7 @@ its 0.1 weight, docs/method.md §2), so :class:`DRSLLoss` takes the already-redu
 ``seg_source`` / ``seg_target``; :func:`segmentation_loss` is the documented pixel
 cross-entropy with ignore 255 for loops that want it.
 """
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,18 @@ def in_mode_variance(source: MMDLLosses, target: MMDLLosses) -> Tensor:
     """Eq. 7: ``mean_S L_tri + mean_T L_tri``, each mean over its own count;
     an empty set contributes 0 (which the 'mean' of :func:`mmdl_losses` is)."""
     return source.triplet + target.triplet
+
+
+def weighted_sum(terms: Sequence[Tuple[Tensor, float]]) -> Tensor:
+    """``sum_i w_i t_i`` over (t_i, w_i) pairs, one ``add(..., alpha=w_i)`` a
+    term: one operator and one autograd node each, where a product and a sum
+    take two (on a GPU every operator is a kernel launch and every node a step
+    of the backward's host work)."""
+    (total, weight), *rest = terms
+    total = total * weight if weight != 1 else total
+    for term, weight in rest:
+        total = total.add(term, alpha=weight)
+    return total
 
 
 class DRSLLossOutput(NamedTuple):
@@ -103,24 +115,27 @@ class DRSLLoss(nn.Module):
         source = self._mmdl(source_emb, source_pairs, modes)
         terms = {"seg_source": seg_source, "triplet_source": source.triplet, "ce_source": source.ce}
         if target_emb is None:
-            total = seg_source + self.lambda1 * source.triplet + self.lambda2 * source.ce
+            total = weighted_sum([(seg_source, 1.0), (source.triplet, self.lambda1), (source.ce, self.lambda2)])
             return DRSLLossOutput(total, terms)
         if target_labels is None or seg_target is None:
             raise ValueError("DRSLLoss: target_emb needs target_labels (pseudo-labels) and seg_target")
         target_labels = labels_at(target_labels, target_emb)
         target_pairs = self._pairs(target_labels, generator)
         target = self._mmdl(target_emb, target_pairs, modes)
-        in_mode = in_mode_variance(source, target)
-        total = (seg_source + seg_target + self.lambda1 * in_mode + self.lambda2 * (source.ce + target.ce))
-        terms.update(seg_target=seg_target, triplet_target=target.triplet, ce_target=target.ce, in_mode=in_mode)
+        terms.update(seg_target=seg_target, triplet_target=target.triplet, ce_target=target.ce,
+                     in_mode=in_mode_variance(source, target))
+        # Eq. 9, with Eq. 7's in-mode term as its two means
+        weighted = [(seg_source, 1.0), (seg_target, 1.0), (source.triplet, self.lambda1),
+                    (target.triplet, self.lambda1), (source.ce, self.lambda2), (target.ce, self.lambda2)]
         if self.consistency:
             cons = consistency_loss(
                 target_emb, *target_pairs, source_emb, source_labels, modes, self.beta, generator,
                 backend=self.backend,
             )
-            total = total + self.lambda3 * cons.loss
+            weighted.append((cons.loss, self.lambda3))  # Eq. 10
             terms.update(consistency=cons.loss, consistency_anchors=cons.anchors,
                          skipped_no_positive=cons.skipped_no_positive, skipped_no_negative=cons.skipped_no_negative)
+        total = weighted_sum(weighted)
         return DRSLLossOutput(total, terms)
 
     def _pairs(self, labels, generator):

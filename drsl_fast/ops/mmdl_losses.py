@@ -16,6 +16,10 @@ Operators (``torch.library``):
   drsl_fast::mmdl_losses / mmdl_losses_backward, drsl_fast::label_mode      C++ CPU and CUDA
   drsl_fast::mmdl_losses_triton / mmdl_losses_backward_triton,
   drsl_fast::label_mode_triton                                              Triton (fp32)
+The forward operators take the reduction (``mean``) and return the count of
+counted samples too, so a call with reduction='mean' is one operator and one
+autograd node: no Python-side count, sums or divisions, each of which would
+cost the host a dispatch (and a GPU launch) per training step.
 Every backend sums gradient contributions in a fixed order (per fixed
 blocks of samples, then the blocks in order), so gradients are deterministic.
 """
@@ -87,16 +91,24 @@ def mmdl_losses(
     params = check_loss_params(sigma, alpha, scale)
     check_choice("mmdl_losses", "reduction", reduction, REDUCTIONS)
     name = resolve(backend, emb.device)
+    mean = reduction == "mean"
     if name == "reference":
         triplet, ce = reference.mmdl_losses(emb, index, label, modes, *params)
-    else:
-        op = torch.ops.drsl_fast.mmdl_losses_triton if name == "triton" else torch.ops.drsl_fast.mmdl_losses
-        triplet, ce = op(emb, index, label, modes, *params)
-    count = valid_samples(index, label, pixel_rows(emb).shape[2], modes.shape[0]).sum()
-    if reduction == "none":
-        return MMDLLosses(triplet, ce, count)
-    denominator = count.clamp(min=1).to(triplet.dtype)
-    return MMDLLosses(triplet.sum() / denominator, ce.sum() / denominator, count)
+        return MMDLLosses(*loss_outputs(triplet, ce, valid_samples(index, label, pixel_rows(emb).shape[2],
+                                                                       modes.shape[0]), mean))
+    op = torch.ops.drsl_fast.mmdl_losses_triton if name == "triton" else torch.ops.drsl_fast.mmdl_losses
+    return MMDLLosses(*op(emb, index, label, modes, *params, mean))
+
+
+def loss_outputs(triplet: Tensor, ce: Tensor, counted: Tensor, mean: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The per-sample losses (0 where a sample does not count), or with
+    ``mean`` their means over the counted samples (0 when none), and the
+    count: what the operators return (csrc/host.h loss_outputs)."""
+    count = counted.sum()
+    if not mean:
+        return triplet, ce, count
+    divisor = count.clamp(min=1)
+    return triplet.sum() / divisor, ce.sum() / divisor, count
 
 
 def label_mode(emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -140,9 +152,9 @@ def check_loss_params(sigma, alpha, scale) -> Tuple[float, float, float]:
 # ---------------------------------------------------------------- registration
 
 
-def _fake_forward(emb, index, label, modes, sigma, alpha, scale):
-    acc = accumulate_dtype(emb.dtype)
-    return emb.new_empty(index.shape, dtype=acc), emb.new_empty(index.shape, dtype=acc)
+def _fake_forward(emb, index, label, modes, sigma, alpha, scale, mean):
+    acc, shape = accumulate_dtype(emb.dtype), () if mean else index.shape
+    return emb.new_empty(shape, dtype=acc), emb.new_empty(shape, dtype=acc), index.new_empty((), dtype=torch.int64)
 
 
 def _fake_backward(grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale, emb_requires_grad,
@@ -162,23 +174,27 @@ def _fake_label_mode(emb, index, label, modes):
 
 def _register_autograd(op_name: str, backward_op) -> None:
     def setup_context(ctx, inputs, output):
-        emb, index, label, modes, sigma, alpha, scale = inputs
+        emb, index, label, modes, sigma, alpha, scale, mean = inputs
         ctx.params = (sigma, alpha, scale)
-        ctx.save_for_backward(emb, index, label, modes)
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(emb, index, label, modes, output[2] if mean else None)
 
-    def backward(ctx, grad_triplet, grad_ce):
-        emb, index, label, modes = ctx.saved_tensors
+    def backward(ctx, grad_triplet, grad_ce, _grad_count):
+        emb, index, label, modes, count = ctx.saved_tensors
         if grad_triplet is None or grad_ce is None:  # one loss unused: zeros for its gradient
-            zeros = torch.zeros(index.shape, dtype=accumulate_dtype(emb.dtype), device=index.device)
+            zeros = torch.zeros((), dtype=accumulate_dtype(emb.dtype), device=index.device)
             grad_triplet = zeros if grad_triplet is None else grad_triplet
             grad_ce = zeros if grad_ce is None else grad_ce
+        if count is not None:  # the means: d mean / d sample = 1 / max(count, 1)
+            divisor = count.clamp(min=1)
+            grad_triplet, grad_ce = grad_triplet / divisor, grad_ce / divisor
         grad_emb, grad_modes = backward_op(
             grad_triplet, grad_ce, emb, index, label, modes, *ctx.params, ctx.needs_input_grad[0],
             ctx.needs_input_grad[3],
         )
         return (
             grad_emb if ctx.needs_input_grad[0] else None, None, None,
-            grad_modes if ctx.needs_input_grad[3] else None, None, None, None,
+            grad_modes if ctx.needs_input_grad[3] else None, None, None, None, None,
         )
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
@@ -196,16 +212,17 @@ if triton_import_error() is None:
 
     @triton_op("drsl_fast::mmdl_losses_triton", mutates_args=())
     def _mmdl_losses_triton(
-        emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, sigma: float, alpha: float, scale: float
-    ) -> Tuple[Tensor, Tensor]:
+        emb: Tensor, index: Tensor, label: Tensor, modes: Tensor, sigma: float, alpha: float, scale: float, mean: bool
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         check_triton_dtype("mmdl_losses", "emb", emb)
-        triplet, ce = _fake_forward(emb, index, label, modes, sigma, alpha, scale)
+        triplet, ce, _ = _fake_forward(emb, index, label, modes, sigma, alpha, scale, False)
         if triplet.numel() > 0:
             triton_kernels.forward(
                 emb, index.contiguous(), label.contiguous(), modes.float().contiguous(), triplet, ce,
                 -posterior_scale(sigma, torch.float32), alpha, scale, launch=wrap_triton,
             )
-        return triplet, ce
+        counted = valid_samples(index, label, pixel_rows(emb).shape[2], modes.shape[0])
+        return loss_outputs(triplet, ce, counted, mean)
 
     @triton_op("drsl_fast::mmdl_losses_backward_triton", mutates_args=())
     def _mmdl_losses_backward_triton(

@@ -34,7 +34,7 @@ DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
 // DRSL losses (docs/method.md §4)
 #define DRSL_INSTANTIATE_MMDL_LOSSES(scalar_t, acc_t)                                                  \
   template __global__ void mmdl_losses_forward_kernel<scalar_t, acc_t>(                                \
-      SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*, int, bool);                     \
+      SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*, bool*, int, bool);              \
   template __global__ void mmdl_losses_backward_kernel<scalar_t, acc_t>(                               \
       const acc_t*, const acc_t*, SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*,     \
       uint8_t*, int, bool);                                                                            \

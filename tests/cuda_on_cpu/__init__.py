@@ -212,15 +212,21 @@ class Kernels:
                 ctypes.c_int64(B), ctypes.c_int64(S), ctypes.c_int64(bdp.shape[2]), C, M, D)
         return keep, args, acc
 
-    def mmdl_losses(self, emb, index, label, modes, sigma, alpha, scale, *, reverse=False):
-        """(triplet, ce), each (B, S), from the CUDA forward kernel."""
+    def mmdl_losses(self, emb, index, label, modes, sigma, alpha, scale, mean=False, *, reverse=False):
+        """(triplet, ce, count) as the CUDA launcher computes them: the forward
+        kernel's per-sample losses and flags, then (csrc/host.h loss_outputs)
+        the count and, with mean, the means over the counted samples."""
         keep, (dtype, *args), acc = self._samples(emb, index, label, modes)
         triplet, ce = torch.full(index.shape, NAN, dtype=acc), torch.full(index.shape, NAN, dtype=acc)
+        counted = torch.ones(index.shape, dtype=torch.bool)  # a flag left unwritten shows as a wrong count
         if index.numel() > 0:
             self._check(self._lib.mmdl_losses_forward(dtype, int(reverse), *args, ctypes.c_double(sigma),
                                                       ctypes.c_double(alpha), ctypes.c_double(scale), _ptr(triplet),
-                                                      _ptr(ce)))
-        return triplet, ce
+                                                      _ptr(ce), _ptr(counted)))
+        count = counted.sum()
+        if not mean:
+            return triplet, ce, count
+        return triplet.sum() / count.clamp(min=1), ce.sum() / count.clamp(min=1), count
 
     def mmdl_losses_backward(self, grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale, *,
                              emb_grad=True, modes_grad=True, reverse=False):

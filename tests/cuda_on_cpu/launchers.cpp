@@ -162,13 +162,13 @@ cu::LossParams<acc_t> loss_params(double sigma, double alpha, double scale) {
 
 template <typename scalar_t, typename acc_t>
 void losses_forward(const Samples& s, bool reverse, double sigma, double alpha, double scale, void* triplet,
-                    void* ce) {
+                    void* ce, bool* counted) {
   const cu::SampleTiling tiling = cu::sample_tiling(s.C, s.D, sizeof(acc_t), false);
   if (tiling.samples == 0)
     return drsl_emu::fail("mmdl_losses", "too many classes for one sample's row of shared memory");
   launch(reverse, cu::mmdl_losses_forward_kernel<scalar_t, acc_t>, dim3(blocks_for(s.B * s.S, tiling.samples)),
          cu::kBlockThreads, tiling.bytes, sample_batch<scalar_t, acc_t>(s), loss_params<acc_t>(sigma, alpha, scale),
-         static_cast<acc_t*>(triplet), static_cast<acc_t*>(ce), tiling.samples, tiling.staged);
+         static_cast<acc_t*>(triplet), static_cast<acc_t*>(ce), counted, tiling.samples, tiling.staged);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -265,10 +265,11 @@ const char* mode_distance_backward(int dtype, int tensor_cores, int reverse, con
 
 const char* mmdl_losses_forward(int dtype, int reverse, const void* emb, const int64_t* layout, const int64_t* index,
                                 const int64_t* label, const void* modes, int64_t B, int64_t S, int64_t P, int C,
-                                int M, int D, double sigma, double alpha, double scale, void* triplet, void* ce) {
+                                int M, int D, double sigma, double alpha, double scale, void* triplet, void* ce,
+                                bool* counted) {
   const Samples s{emb, {layout[0], layout[1], layout[2]}, index, label, modes, B, S, P, C, M, D};
   dispatch(dtype, "mmdl_losses", [&]<typename scalar_t, typename acc_t>() {
-    losses_forward<scalar_t, acc_t>(s, reverse, sigma, alpha, scale, triplet, ce);
+    losses_forward<scalar_t, acc_t>(s, reverse, sigma, alpha, scale, triplet, ce, counted);
   });
   return finish();
 }
