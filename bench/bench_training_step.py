@@ -12,6 +12,9 @@ reset and the previous variant freed between variants):
                      gradient scaler; bf16 on the CPU
   checkpointing      backbone checkpointing off / on
   floor              plain DeepLab-v2, segmentation loss only (no MMDL head)
+  head convs apart   fast ops without checkpointing, the MMDL-FR embedding
+                     block run apart from the classifier rather than with it
+                     (one convolution per dilation, the default): both in one run
 
 Weights are random (nothing is downloaded); images and labels are random,
 every class present, so the losses sample their full N = 300 per class.
@@ -65,6 +68,8 @@ def variants(sizes, amp: str):
             for precision in (None, amp):
                 for checkpointing in (False, True):
                     yield dict(base, mmdl=True, amp=precision, checkpointing=checkpointing, ops=ops)
+        for precision in (None, amp):
+            yield dict(base, mmdl=True, amp=precision, checkpointing=False, ops="fast", shared_convs=False)
 
 
 def setting_of(spec):
@@ -72,7 +77,8 @@ def setting_of(spec):
 
     s = spec["setting"]
     return StepSetting(depth=s["depth"], width=s["width"], crop=tuple(s["crop"]), amp=s["amp"],
-                       checkpointing=s["checkpointing"], ops=s["ops"], mmdl=s["mmdl"])
+                       checkpointing=s["checkpointing"], ops=s["ops"], mmdl=s["mmdl"],
+                       shared_convs=s.get("shared_convs", True))
 
 
 def measure(spec):
@@ -125,6 +131,7 @@ def training_step(setting, device, dtype):
 
     settings = Settings.of(setting.config())
     network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).to(device).train()
+    network.shared_convs = setting.shared_convs
     optimizer = torch.optim.SGD(network.parameter_groups(5e-5), lr=5e-5, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = drsl_loss(settings.loss, settings.data.num_classes, settings.model.sigma, consistency=True)
@@ -209,7 +216,7 @@ def predicted_mib(setting_dict, device):
 def label(s):
     if not s["mmdl"]:
         return "DeepLab-v2 floor"
-    return f"DRSL+ {s['ops']}"
+    return f"DRSL+ {s['ops']}" + ("" if s.get("shared_convs", True) else ", head convs apart")
 
 
 def row_of(result, amp):
@@ -242,7 +249,8 @@ def markdown(rows):
 def fast_vs_reference(rows):
     """For every (crop, precision, checkpointing): fast peak < reference peak?"""
     lines = []
-    keyed = {(r["crop"], r["precision"], r["checkpointing"], r["ops"]): r for r in rows if "peak_mib" in r}
+    keyed = {(r["crop"], r["precision"], r["checkpointing"], r["ops"]): r for r in rows
+             if "peak_mib" in r and r["setting"].get("shared_convs", True)}
     for (crop, precision, ckpt, ops), r in keyed.items():
         if ops != "fast" or (crop, precision, ckpt, "reference") not in keyed:
             continue
@@ -284,7 +292,8 @@ def main():
     amp = amp_for(device)
     settings = list(variants(sizes, amp))
     if args.quick:  # the floor, each kind of ops in fp32, and the leanest setting
-        settings = [s for s in settings if s["amp"] is None and not s["checkpointing"]] + [settings[-1]]
+        leanest = [s for s in settings if s["mmdl"] and s["ops"] == "fast" and s["amp"] and s["checkpointing"]]
+        settings = [s for s in settings if s["amp"] is None and not s["checkpointing"]] + leanest
 
     # The memory model runs on the host's CPU: beside the GPU measurements, after the CPU ones.
     pool = concurrent.futures.ProcessPoolExecutor(

@@ -64,7 +64,9 @@ class StepSetting:
     crop (H, W); batch: source images per step (as many target images when
     ``adaptation``); amp: None (fp32), "fp16" or "bf16"; ops: "fast" or
     "reference" (the DRSL loss's ops); mmdl False is plain DeepLab-v2 with the
-    segmentation loss only; consistency: Eq. 10 (DRSL+) rather than Eq. 9.
+    segmentation loss only; consistency: Eq. 10 (DRSL+) rather than Eq. 9;
+    shared_convs: the MMDL-FR embedding block run with the classifier
+    (:class:`~drsl_fast.train.network.DRSLNetwork`, the default) or apart.
     """
 
     depth: int = 101
@@ -82,6 +84,7 @@ class StepSetting:
     mmdl: bool = True
     consistency: bool = True
     aux_head: bool = False
+    shared_convs: bool = True
 
     def config(self) -> Dict:
         """The pipeline config (``gta5`` with this setting's overrides)."""
@@ -207,6 +210,7 @@ def _network_memory(setting: StepSetting) -> NetworkMemory:
     with FakeTensorMode(allow_non_fake_inputs=True):
         network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None)
         network.train()
+        network.shared_convs = setting.shared_convs
         optimizer = torch.optim.SGD(network.parameter_groups(1e-4), lr=1e-4, momentum=0.9, weight_decay=5e-4,
                                     foreach=False)
         source, target = simulated_batch(setting)

@@ -11,6 +11,7 @@ from drsl_fast.models import (
     FrozenBatchNorm2d,
     InitWeightsWarning,
     MMDLHead,
+    SummedDilatedConvs,
     load_init_weights,
 )
 
@@ -220,3 +221,42 @@ def test_load_refuses_arbitrary_pickled_objects(tmp_path):
 def test_load_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         load_init_weights(DeepLabV2(4, **TINY), str(tmp_path / "nothere.pth"))
+
+
+def test_head_convs_shared_with_the_classifier_compute_the_same_function():
+    """DRSLNetwork runs the MMDL-FR embedding block with the classifier, one
+    convolution per dilation: logits, embeddings and every gradient as when
+    the two run apart (float64), and the state dict is unchanged."""
+    from drsl_fast.train.network import DRSLNetwork
+
+    torch.manual_seed(0)
+    segmenter = DeepLabV2(5, aux_classifier=True, **TINY).double()
+    head = MMDLHead(segmenter.feature_channels, 5, embedding_dim=8).double()
+    for conv in (*segmenter.classifier.conv2d_list, *head.embedding.conv2d_list):
+        torch.nn.init.normal_(conv.bias)  # nonzero biases, so their concatenation counts
+    network = DRSLNetwork(segmenter, head)
+    keys = set(network.state_dict())
+    images = torch.randn(2, 3, 41, 49, dtype=torch.float64)
+    results = []
+    for shared in (True, False):
+        network.shared_convs = shared
+        network.zero_grad(set_to_none=True)
+        out = network(images, (21, 25))
+        assert out.embeddings.shape == (2, 8, 21, 25)
+        (out.logits.square().mean() + out.aux_logits.mean() + out.embeddings.sin().sum()).backward()
+        results.append([out.logits, out.aux_logits, out.embeddings]
+                       + [p.grad for p in network.parameters() if p.requires_grad])
+    for shared, apart in zip(*results):
+        torch.testing.assert_close(shared, apart, rtol=1e-12, atol=1e-12)
+    assert set(network.state_dict()) == keys
+    assert network(images).embeddings is None  # no size asked: the classifier alone
+
+
+def test_shared_input_convs_refuses_blocks_that_differ():
+    from drsl_fast.models.deeplab import shared_input_convs
+
+    x = torch.randn(1, 6, 9, 9)
+    with pytest.raises(ValueError, match="differ in shape or dilation"):
+        shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2, dilations=(6, 12, 18, 23))], x)
+    with pytest.raises(ValueError):
+        shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2, dilations=(6, 12))], x)

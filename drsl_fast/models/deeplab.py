@@ -1,7 +1,9 @@
 """DeepLab-v2 segmentation network (docs/method.md §2)."""
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .resnet import DeepLabResNet
@@ -35,14 +37,40 @@ class SummedDilatedConvs(nn.Module):
         return out
 
 
+def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor) -> List[Tensor]:
+    """Each block's output on the same input ``x``, as one convolution per
+    dilation: the blocks' weights and biases at that dilation concatenated
+    along the output channels, the sum over the dilations split back into the
+    blocks' outputs (channel slices of one tensor). The same function as
+    ``[block(x) for block in blocks]``; the input is read, converted to the
+    kernels' layout and differentiated once per dilation instead of once per
+    block and dilation, and each convolution is one call (a GPU's library
+    spends a host-side plan lookup on every call)."""
+    if len(blocks) == 1:
+        return [blocks[0](x)]
+    out = None
+    for convs in zip(*(block.conv2d_list for block in blocks), strict=True):
+        first = convs[0]
+        shape = (first.kernel_size, first.stride, first.padding, first.dilation, first.in_channels)
+        if any((c.kernel_size, c.stride, c.padding, c.dilation, c.in_channels) != shape for c in convs):
+            raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
+        weight = torch.cat([c.weight for c in convs])
+        bias = torch.cat([c.bias for c in convs])
+        y = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
+        out = y if out is None else out + y
+    return list(out.split([block.conv2d_list[0].out_channels for block in blocks], dim=1))
+
+
 class DeepLabOutput(NamedTuple):
     """logits (B, C, h, w) at stride 8; features: layer4 base features (B, 2048w, h, w)
     shared with the MMDL-FR head; aux_logits from layer3, or None without the
-    auxiliary classifier."""
+    auxiliary classifier; beside: the outputs of the blocks run with the
+    classifier (:meth:`DeepLabV2.forward`)."""
 
     logits: Tensor
     features: Tensor
     aux_logits: Optional[Tensor]
+    beside: Tuple[Tensor, ...] = ()
 
 
 class DeepLabV2(nn.Module):
@@ -73,10 +101,14 @@ class DeepLabV2(nn.Module):
         """Channels of the base features (input of the MMDL-FR head)."""
         return self.backbone.out_channels
 
-    def forward(self, images: Tensor) -> DeepLabOutput:
+    def forward(self, images: Tensor, beside: Sequence[SummedDilatedConvs] = ()) -> DeepLabOutput:
+        """``beside``: blocks on the layer4 features with the classifier's
+        dilations (the MMDL-FR embedding block), run with it by
+        :func:`shared_input_convs`; their outputs are ``out.beside``."""
         features = self.backbone(images)
         aux = self.aux_classifier(features.layer3) if self.aux_classifier is not None else None
-        return DeepLabOutput(self.classifier(features.layer4), features.layer4, aux)
+        logits, *others = shared_input_convs([self.classifier, *beside], features.layer4)
+        return DeepLabOutput(logits, features.layer4, aux, tuple(others))
 
     def head_modules(self) -> List[nn.Module]:
         return [m for m in (self.classifier, self.aux_classifier) if m is not None]

@@ -60,7 +60,11 @@ class MMDLHead(nn.Module):
         block's output, or to ``size`` when given (e.g. the reduced label's
         size, since a stride-8 map of an odd-sized input is not exactly a
         quarter of the stride-2 grid). align_corners=True as in DeepLab."""
-        emb = self.embedding(features)
+        return self.upsample(self.embedding(features), size)
+
+    @staticmethod
+    def upsample(emb: Tensor, size: Optional[Tuple[int, int]] = None) -> Tensor:
+        """The embedding block's output (stride 8) upsampled as :meth:`forward` does."""
         if size is None:
             size = (emb.shape[-2] * EMBEDDING_UPSAMPLING, emb.shape[-1] * EMBEDDING_UPSAMPLING)
         return F.interpolate(emb, size=size, mode="bilinear", align_corners=True)

@@ -17,19 +17,31 @@ class NetworkOutput(NamedTuple):
 
 
 class DRSLNetwork(nn.Module):
-    def __init__(self, segmenter: DeepLabV2, head: Optional[MMDLHead]):
+    """DeepLab-v2 and the optional MMDL-FR head. With ``shared_convs`` (the
+    default) the head's embedding block runs with the classifier, one
+    convolution per dilation (:func:`~drsl_fast.models.deeplab.shared_input_convs`);
+    the same function as running them apart (bench/bench_training_step.py
+    times both)."""
+
+    def __init__(self, segmenter: DeepLabV2, head: Optional[MMDLHead], shared_convs: bool = True):
         super().__init__()
         self.segmenter = segmenter
         self.head = head
+        self.shared_convs = shared_convs
 
     @property
     def num_classes(self) -> int:
         return self.segmenter.num_classes
 
     def forward(self, images: Tensor, embedding_size: Optional[Sequence[int]] = None) -> NetworkOutput:
-        out = self.segmenter(images)
-        embeddings = None
-        if self.head is not None and embedding_size is not None:
+        if self.head is None or embedding_size is None:
+            out = self.segmenter(images)
+            return NetworkOutput(out.logits, out.aux_logits, None)
+        if self.shared_convs:
+            out = self.segmenter(images, [self.head.embedding])
+            embeddings = self.head.upsample(out.beside[0], tuple(embedding_size))
+        else:
+            out = self.segmenter(images)
             embeddings = self.head(out.features, tuple(embedding_size))
         return NetworkOutput(out.logits, out.aux_logits, embeddings)
 
