@@ -120,15 +120,16 @@ def test_gradients_match_reference(layout):
         torch.testing.assert_close(gr, grads["reference"][1], atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("used", ["triplet", "ce"])
-def test_gradients_of_one_loss_alone(used):
+def test_gradients_of_one_loss_alone(used, reduction):
     """The other loss's gradient never reaches the backward (no zeros are
     built for it by autograd): the op fills it in as zeros itself."""
     emb, index, label, modes = case(seed=6, D=8, C=5, S=40, H=6, W=7)
     grads = {}
     for backend in ["reference"] + fast_backends():
         e, r = emb.clone().requires_grad_(), modes.clone().requires_grad_()
-        getattr(mmdl_losses(e, index, label, r, backend=backend), used).backward()
+        getattr(mmdl_losses(e, index, label, r, reduction=reduction, backend=backend), used).sum().backward()
         grads[backend] = (e.grad, r.grad)
     for ge, gr in grads.values():
         torch.testing.assert_close(ge, grads["reference"][0], atol=1e-10, rtol=1e-10)
@@ -236,7 +237,8 @@ def test_opcheck_triton_operators(mean):
     test_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     args = (emb.requires_grad_(), index, label, modes.requires_grad_(), SIGMA, ALPHA, SCALE, mean)
     torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses_triton.default, args, test_utils=test_utils)
-    grads = (torch.rand(index.shape, device=device), torch.rand(index.shape, device=device))
+    shape = () if mean else index.shape  # the backward also takes 0-d gradients, one for every sample
+    grads = (torch.rand(shape, device=device), torch.rand(shape, device=device))
     torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses_backward_triton.default,
                           grads + (emb.detach(), index, label, modes.detach(), SIGMA, ALPHA, SCALE, True, True),
                           test_utils=test_utils)

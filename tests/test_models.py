@@ -258,5 +258,5 @@ def test_shared_input_convs_refuses_blocks_that_differ():
     x = torch.randn(1, 6, 9, 9)
     with pytest.raises(ValueError, match="differ in shape or dilation"):
         shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2, dilations=(6, 12, 18, 23))], x)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="different numbers of dilations"):
         shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2, dilations=(6, 12))], x)

@@ -60,7 +60,8 @@ def weighted_sum(terms: Sequence[Tuple[Tensor, float]]) -> Tensor:
     term: one operator and one autograd node each, where a product and a sum
     take two (on a GPU every operator is a kernel launch and every node a step
     of the backward's host work)."""
-    (total, weight), *rest = terms
+    (first, weight), *rest = terms
+    total = torch.as_tensor(first)  # a float term (a segmentation loss given as a number) as a 0-d tensor
     total = total * weight if weight != 1 else total
     for term, weight in rest:
         total = total.add(term, alpha=weight)

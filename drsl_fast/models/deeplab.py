@@ -48,17 +48,24 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor) -> List[
     spends a host-side plan lookup on every call)."""
     if len(blocks) == 1:
         return [blocks[0](x)]
+    if len({len(block.conv2d_list) for block in blocks}) != 1:
+        raise ValueError("shared_input_convs: the blocks have different numbers of dilations")
     out = None
-    for convs in zip(*(block.conv2d_list for block in blocks), strict=True):
+    for convs in zip(*(block.conv2d_list for block in blocks)):
         first = convs[0]
-        shape = (first.kernel_size, first.stride, first.padding, first.dilation, first.in_channels)
-        if any((c.kernel_size, c.stride, c.padding, c.dilation, c.in_channels) != shape for c in convs):
+        if any(conv_shape(c) != conv_shape(first) for c in convs):
             raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs])
         y = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
         out = y if out is None else out + y
     return list(out.split([block.conv2d_list[0].out_channels for block in blocks], dim=1))
+
+
+def conv_shape(conv: nn.Conv2d) -> tuple:
+    """What two convolutions must share to run as one (their output channels aside)."""
+    return (conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.padding_mode, conv.bias is not None)
 
 
 class DeepLabOutput(NamedTuple):

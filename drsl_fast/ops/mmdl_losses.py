@@ -17,9 +17,10 @@ Operators (``torch.library``):
   drsl_fast::mmdl_losses_triton / mmdl_losses_backward_triton,
   drsl_fast::label_mode_triton                                              Triton (fp32)
 The forward operators take the reduction (``mean``) and return the count of
-counted samples too, so a call with reduction='mean' is one operator and one
-autograd node: no Python-side count, sums or divisions, each of which would
-cost the host a dispatch (and a GPU launch) per training step.
+counted samples too, so a call with reduction='mean' is one autograd node;
+with the C++ operators it is also one operator, with no Python-side count,
+sums or divisions (each a host dispatch and a GPU launch per training step;
+the Triton operator still takes them with torch ops inside it).
 Every backend sums gradient contributions in a fixed order (per fixed
 blocks of samples, then the blocks in order), so gradients are deterministic.
 """
