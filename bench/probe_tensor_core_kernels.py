@@ -32,7 +32,7 @@ SCALING = [64 * 64, 128 * 128, 512 * 512]  # further pixel counts, "as built" on
 FORWARD_PRODUCT = "          mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);\n"
 BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
                      "            mma_3xtf32(mode_acc[j], a_hi, a_lo, b_hi, b_lo);\n"]
-FP32_BOUNDS = "__launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2)"
+FP32_BOUNDS = "__launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2)"
 FP32_DEPTH = "static constexpr int kDepth = 8;"
 WEIGHT_BATCH = "kWeightBatch = 2;"
 # The fp32 forward's epilogue as the file has it (up to its min over the
@@ -122,7 +122,8 @@ VARIANTS = {
         "    const float x = hi.x[i], big = nvcuda::wmma::__float_to_tf32(x);\n    hi.x[i] = big;\n"
         "    lo.x[i] = nvcuda::wmma::__float_to_tf32(x - big);", "    lo.x[i] = hi.x[i];")],
     "fp32 forward: 2 blocks per SM (255 registers)": [(FP32_BOUNDS, "__launch_bounds__(kThreads, 2)")],
-    "fp32 forward: 4 blocks per SM (128 registers)": [(FP32_BOUNDS, "__launch_bounds__(kThreads, 4)")],
+    "fp32 forward: 3 blocks per SM (168 registers; before on sm_90)": [(FP32_BOUNDS,
+                                                                         "__launch_bounds__(kThreads, 3)")],
     "fp32 forward: 16 channels per step (before)": [(FP32_DEPTH, FP32_DEPTH.replace("8", "16"))],
     "fp32 forward: every load bounds-checked (before)": [("      if (pixels_inside && d0 + T::kDepth <= D)\n",
                                                           "      if (false)\n")],

@@ -186,8 +186,18 @@ struct EmbeddingStep {
 // instructions (34 KB) and its warps waited on instruction fetch (ncu's
 // "no instruction": 28 % of the loop's warp samples on an H200); unrolled 4
 // of 16 instead, it spilled on sm_61. The probe times both (bench/NOTES.md).
+// Blocks per SM that the fp32 forward is compiled for (its register cap): 4 on
+// sm_90, 128 registers (CUDA 13.0's ptxas spills 4 bytes there), where the
+// seventh run's probe timed 61.9 us against 63.4 at 3 blocks (bench/NOTES.md);
+// 3 elsewhere: sm_61 spills more at 128, and no other architecture has been timed.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
+constexpr int kFp32ForwardBlocks = 4;
+#else
+constexpr int kFp32ForwardBlocks = 3;
+#endif
+
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 3 : 2) mode_distance_forward_kernel(
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2) mode_distance_forward_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
     acc_t* __restrict__ dmin, uint8_t* __restrict__ mstar,
