@@ -269,6 +269,11 @@ struct HingeProblem {
   at::ScalarType acc_dtype;
   int64_t T, D, Pt, Ps, Nt, Ns;             // triplets; channels; pixels per image; flat positions
 
+  // The forward kernels' outputs: each triplet's hinge (accumulation dtype) and whether it counts.
+  std::pair<at::Tensor, at::Tensor> per_triplet() const {
+    return {at::empty({T}, target.options().dtype(acc_dtype)), at::empty({T}, anchor.options().dtype(at::kBool))};
+  }
+
   // The backward's gradient maps: like the embeddings in the accumulation dtype, zeroed, each
   // (B, D, P) view a view; an empty tensor for a map not asked for.
   std::pair<at::Tensor, at::Tensor> zero_gradients(const at::Tensor& target_emb, const at::Tensor& source_emb,

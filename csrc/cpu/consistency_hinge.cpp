@@ -105,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> consistency_hinge_cpu(const at::Tensor& targe
                                                          const at::Tensor& anchor, const at::Tensor& positive,
                                                          const at::Tensor& negative, double beta) {
   const HingeProblem p = hinge_problem(target_emb, source_emb, anchor, positive, negative, beta);
-  at::Tensor hinge = at::empty({p.T}, target_emb.options().dtype(p.acc_dtype));
-  at::Tensor counted = at::empty({p.T}, anchor.options().dtype(at::kBool));
+  at::Tensor hinge, counted;  // named tensors, not bindings: the dispatch lambda captures them
+  std::tie(hinge, counted) = p.per_triplet();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_emb.scalar_type(), "consistency_hinge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     hinge_forward<scalar_t, acc_t>(p, beta, hinge.mutable_data_ptr<acc_t>(), counted.mutable_data_ptr<bool>());

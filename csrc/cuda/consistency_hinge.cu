@@ -129,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor> consistency_hinge_cuda(const at::Tensor& targ
                                                           const at::Tensor& negative, double beta) {
   const HingeProblem p = hinge_problem(target_emb, source_emb, anchor, positive, negative, beta);
   const c10::cuda::CUDAGuard guard(target_emb.device());
-  at::Tensor hinge = at::empty({p.T}, target_emb.options().dtype(p.acc_dtype));
-  at::Tensor counted = at::empty({p.T}, anchor.options().dtype(at::kBool));
+  at::Tensor hinge, counted;  // named tensors, not bindings: the dispatch lambda captures them
+  std::tie(hinge, counted) = p.per_triplet();
   if (p.T > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_emb.scalar_type(), "consistency_hinge_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
