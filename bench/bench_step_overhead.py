@@ -1,0 +1,143 @@
+"""What a DRSL+ training step costs over the DeepLab-v2 floor, measured as a
+paired comparison: the floor, DRSL+ with the fast ops and DRSL+ with the head
+convolutions run apart are built in one process and timed in alternating
+rounds (the order rotates each round), so a drift of the machine (another
+tenant on the host, clocks) falls on every variant alike. Each round times a
+few synchronised steps per variant (CUDA events on a GPU); the overhead is
+the median over rounds of (DRSL+ / floor - 1) within a round, with its
+quartiles. Peak memory is bench/bench_training_step.py's job; this script
+only times.
+
+    python bench/bench_step_overhead.py --device cuda          # ResNet-101, 512x512 and 512x1024, fp32 and amp
+    python bench/bench_step_overhead.py --quick                # tiny network on the CPU, prints only
+"""
+import argparse
+import gc
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from bench_training_step import CPU_SIZES, GPU_SIZES, QUICK_SIZES, amp_for, setting_of, training_step  # noqa: E402
+
+VARIANTS = {"floor": dict(mmdl=False), "DRSL+ fast": dict(mmdl=True),
+            "DRSL+ fast, head convs apart": dict(mmdl=True, shared_convs=False)}
+FIELDS = ["crop", "precision", "variant", "median_ms", "overhead", "overhead_q1", "overhead_q3", "rounds",
+          "steps_per_round"]
+
+
+def timed_round(step, device, steps: int) -> float:
+    """Mean ms per step of ``steps`` synchronised steps."""
+    import time
+
+    import torch
+
+    harness.sync(device)
+    if str(device).startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def quartiles(values):
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], statistics.median(values), q[2]
+
+
+def measure(base, device, rounds: int, steps: int, warmup: int):
+    """Rows for one (crop, precision): each variant's median ms per step and
+    its overhead over the floor, paired by round."""
+    import torch
+
+    from drsl_fast.memory_model import amp_dtype
+
+    harness.warm_up_runtime(torch.device(device))
+    steps_of = {}
+    for name, extra in VARIANTS.items():
+        setting = setting_of(dict(setting=dict(base, ops="fast", checkpointing=False, **extra)))
+        torch.manual_seed(0)
+        steps_of[name] = training_step(setting, torch.device(device), amp_dtype(setting.amp))
+        for _ in range(warmup):
+            steps_of[name]()
+    names = list(steps_of)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed_round(steps_of[name], device, steps))
+    rows = []
+    for name in names:
+        row = dict(crop=f"{base['crop'][0]}x{base['crop'][1]}", precision=base["amp"] or "fp32", variant=name,
+                   median_ms=statistics.median(times[name]), rounds=rounds, steps_per_round=steps)
+        if name != "floor":
+            ratios = [t / f - 1 for t, f in zip(times[name], times["floor"])]
+            row["overhead_q1"], row["overhead"], row["overhead_q3"] = quartiles(ratios)
+        rows.append(row)
+    del steps_of
+    gc.collect()
+    return rows
+
+
+def markdown(rows):
+    def pct(r, key):
+        return f"{100 * r[key]:+.1f} %" if key in r else ""
+
+    return harness.markdown_table(
+        ["crop", "precision", "variant", "ms per step (median)", "over the floor (median of rounds)",
+         "quartiles"],
+        [[r["crop"], r["precision"], r["variant"], f"{r['median_ms']:.1f}", pct(r, "overhead"),
+          f"{pct(r, 'overhead_q1')} to {pct(r, 'overhead_q3')}" if "overhead" in r else ""] for r in rows])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 x0.25 at 64x64, 3 rounds; print only")
+    parser.add_argument("--crops", nargs="+", default=None, metavar="HxW")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 15 GPU, 3 CPU)")
+    parser.add_argument("--steps", type=int, default=3, help="synchronised steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3, help="steps per variant before the rounds")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/step_overhead_<device>)")
+    args = parser.parse_args()
+
+    device = harness.default_device(args.device)
+    gpu = device == "cuda"
+    sizes = dict(QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES)
+    if args.crops:
+        sizes["crops"] = [tuple(int(v) for v in c.lower().split("x")) for c in args.crops]
+    rounds = args.rounds or (3 if args.quick or not gpu else 15)
+    amp = amp_for(device)
+    rows = []
+    for crop in sizes["crops"]:
+        for precision in (None, amp):
+            base = dict(depth=sizes["depth"], width=sizes["width"], crop=list(crop), amp=precision)
+            for row in measure(base, device, rounds, args.steps, args.warmup):
+                rows.append(row)
+                shown = f"{100 * row['overhead']:+6.1f} %" if "overhead" in row else ""
+                print(f"{row['crop']} {row['precision']:5s} {row['variant']:30s} {row['median_ms']:8.1f} ms {shown}",
+                      flush=True)
+    scale = (f"ResNet-{sizes['depth']}" + (f" x{sizes['width']}" if sizes["width"] != 1 else "") + ", crops "
+             + ", ".join(f"{h}x{w}" for h, w in sizes["crops"]))
+    table = markdown(rows)
+    print(f"\n{scale}\n\n{table}")
+    if args.quick:
+        return
+    stem = harness.results_stem(args.out, "step_overhead", device)
+    meta = harness.metadata(device, scale=scale, rounds=rounds, steps_per_round=args.steps, amp=amp)
+    body = (f"One training step (1 source + 1 target image, backward, SGD with momentum; fast ops, no "
+            f"checkpointing), {scale}, amp = {amp}. The variants of a (crop, precision) are built in one "
+            f"process and timed in {rounds} alternating rounds of {args.steps} synchronised steps each; "
+            f"overhead: median over rounds of the round's DRSL+ / floor - 1, with its quartiles.\n\n{table}\n")
+    harness.write_results(stem, meta, rows, FIELDS, "DRSL+ step over the DeepLab-v2 floor, paired", body)
+
+
+if __name__ == "__main__":
+    main()
