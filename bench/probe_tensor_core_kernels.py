@@ -57,45 +57,6 @@ OLD_EPILOGUE = """    for (int i = threadIdx.x; i < classes * T::kPixels; i += k
           }
         }
 """
-# dL/de's class loop (grad_emb_sums), and the same with the next batch's
-# gradients and winners loaded before this batch's arithmetic (zeros past C).
-DL_DE_CLASS_LOOP = """  for (int c0 = 0; c0 < C; c0 += kClassBatch) {
-    acc_t g[kClassBatch];
-    int winner[kClassBatch];
-#pragma unroll
-    for (int u = 0; u < kClassBatch; ++u) {
-      const bool used = c0 + u < C;
-      const int64_t oc = o + static_cast<int64_t>(c0 + u) * o_channel;
-      g[u] = used ? grad_dmin[oc] : acc_t(0);
-      winner[u] = used ? mstar[oc] : 0;
-    }
-#pragma unroll
-    for (int u = 0; u < kClassBatch; ++u) {
-      if (c0 + u >= C) break;
-"""
-DL_DE_CLASS_LOOP_AHEAD = """  acc_t g[kClassBatch], g_next[kClassBatch];
-  int winner[kClassBatch], winner_next[kClassBatch];
-  const auto load = [&](int c0, acc_t (&to_g)[kClassBatch], int (&to_winner)[kClassBatch]) {
-#pragma unroll
-    for (int u = 0; u < kClassBatch; ++u) {
-      const bool used = c0 + u < C;
-      const int64_t oc = o + static_cast<int64_t>(c0 + u) * o_channel;
-      to_g[u] = used ? grad_dmin[oc] : acc_t(0);
-      to_winner[u] = used ? mstar[oc] : 0;
-    }
-  };
-  load(0, g_next, winner_next);
-  for (int c0 = 0; c0 < C; c0 += kClassBatch) {
-#pragma unroll
-    for (int u = 0; u < kClassBatch; ++u) {
-      g[u] = g_next[u];
-      winner[u] = winner_next[u];
-    }
-    load(c0 + kClassBatch, g_next, winner_next);
-#pragma unroll
-    for (int u = 0; u < kClassBatch; ++u) {
-      if (c0 + u >= C) break;
-"""
 # name -> [(text, replacement)], each text once in the file
 VARIANTS = {
     "as built": [],
@@ -155,7 +116,8 @@ VARIANTS = {
     "fp32 dL/de: every channel checked (before, but loads from shared memory)": [(
         "      if (n == kDepth)\n        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, centres,",
         "      if (false)\n        grad_emb_sums<kDepth, true>(grad_dmin, mstar, o, out_layout.channel, centres,")],
-    "fp32 dL/de: the next class batch loaded during this one": [(DL_DE_CLASS_LOOP, DL_DE_CLASS_LOOP_AHEAD)],
+    "fp32 dL/de: each class batch loaded after the last was used (before; not sm_90)": [
+        ("constexpr bool kDlDeLoadAhead = true;", "constexpr bool kDlDeLoadAhead = false;")],
     "fp32 dL/dr: weights loaded one (pixel, class) at a time (before)": [(WEIGHT_BATCH, "kWeightBatch = 1;")],
     "fp32 dL/dr: weights loaded 4 pairs at a time": [(WEIGHT_BATCH, "kWeightBatch = 4;")],
     "backward: no products": [(text, "") for text in BACKWARD_PRODUCTS],

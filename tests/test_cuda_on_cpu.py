@@ -1,7 +1,9 @@
 """The CPU emulation of the CUDA kernels (tests/cuda_on_cpu) built with
 AddressSanitizer: no kernel reads or writes outside its inputs, outputs and
 scratch buffers in global memory, over the layouts, dtypes, class and mode
-counts the op tests use. (Shared memory is not covered: the emulation refills
+counts the op tests use; and the architecture-chosen forms of a kernel that
+the default emulation does not build (dL/de's class batches loaded ahead, as
+on sm_90) give the same results as the default. (Shared memory is not covered: the emulation refills
 it with NaN before every block instead, so a read of what no thread wrote
 shows in the results.) (The op tests themselves run on the emulation through their
 "cuda-emulated" and "cuda-tc-emulated" backends; the race check is in tests/test_mode_distance.py.)"""
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import cuda_on_cpu
 
@@ -80,10 +83,34 @@ def test_emulated_kernels_stay_inside_their_buffers(tmp_path):
     runtime = address_sanitizer()
     if reason is not None or runtime is None:
         pytest.skip(reason or "g++ has no AddressSanitizer runtime here")
-    library = cuda_on_cpu.build(tmp_path, flags=("-fsanitize=address", "-fno-omit-frame-pointer", "-g"), load=False)
+    # dL/de's class batches loaded ahead (sm_90's form), whose last load runs past the classes
+    library = cuda_on_cpu.build(tmp_path, flags=("-fsanitize=address", "-fno-omit-frame-pointer", "-g",
+                                                 "-DDRSL_DL_DE_LOAD_AHEAD=1"), load=False)
     env = dict(os.environ, LD_PRELOAD=runtime, PYTHONPATH=str(Path(__file__).parent),
                ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0")
     done = subprocess.run([sys.executable, "-c", EXERCISE, str(library)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert "ERROR: AddressSanitizer" not in done.stderr, done.stderr[-6000:]
     assert done.returncode == 0 and "exercised" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dl_de_loaded_ahead_matches_the_default(tmp_path, emulated_cuda, dtype):
+    """dL/de with the class batches loaded one batch ahead (sm_90's form,
+    csrc/cuda/mode_distance.cu kDlDeLoadAhead) equals, bit for bit, the form
+    that loads each batch after the last (elsewhere, and the emulation's
+    default): the same sums in the same order. Class counts below, at and
+    past one batch of 8, so the last batch is partial or whole."""
+    ahead = cuda_on_cpu.build(tmp_path, flags=("-DDRSL_DL_DE_LOAD_AHEAD=1",))
+    g = torch.Generator().manual_seed(3)
+    for emb in (torch.randn(2, 64, 9, 11, generator=g),
+                torch.randn(1, 70, 5, 7, generator=g).contiguous(memory_format=torch.channels_last),
+                torch.randn(37, 5, generator=g)):
+        for C, M in ((3, 2), (8, 3), (19, 3), (23, 5)):
+            e, modes = emb.to(dtype), torch.randn(C, M, emb.shape[1], generator=g, dtype=torch.float64)
+            dmin, mstar, _ = emulated_cuda.forward(e, modes, 0.5, tensor_cores=False)
+            grad = torch.randn(dmin.shape, generator=g)
+            expected, _ = emulated_cuda.backward(grad, e, modes, mstar, tensor_cores=False, modes_grad=False)
+            got, _ = ahead.backward(grad, e, modes, mstar, tensor_cores=False, modes_grad=False)
+            assert not got.isnan().any()
+            assert torch.equal(got, expected), (dtype, tuple(emb.shape), C, M)

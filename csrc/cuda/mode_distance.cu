@@ -783,6 +783,19 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads, 3) mode_distance_ba
 #endif
 }
 
+// dL/de's class batches loaded one batch ahead (grad_emb_sums) on sm_90,
+// where the eighth run's probe timed the fp32 backward at 133.4 us against
+// 138.9 us loading each batch after the last (CUDA 13.0: 149 registers, as
+// before). Not elsewhere: on sm_61 (CUDA 11.8) the fp32 kernel grows from 168
+// to 197 registers, 2 blocks per SM instead of 3, and has not been timed.
+#if defined(DRSL_DL_DE_LOAD_AHEAD)  // the CPU emulation's tests build both (tests/test_cuda_on_cpu.py)
+constexpr bool kDlDeLoadAhead = DRSL_DL_DE_LOAD_AHEAD;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
+constexpr bool kDlDeLoadAhead = true;
+#else
+constexpr bool kDlDeLoadAhead = false;
+#endif
+
 // dL/de, the sums of one pass over kDepth channels (d0 .. d0 + n - 1) for
 // one pixel: acc[j] = sum_c g[c] (x[j] - r[c, mstar[c]][d0 + j]). kFull: n ==
 // kDepth, so no channel is checked; `centres` points to shared memory or to
@@ -798,16 +811,31 @@ __device__ __forceinline__ void grad_emb_sums(const acc_t* __restrict__ grad_dmi
   constexpr int kClassBatch = 8;
   // The gradients and winners of kClassBatch classes are loaded at once, then
   // used class by class in order. (Loaded one class ahead, each class waited
-  // for the previous one's load: C round trips to memory per pass.)
-  for (int c0 = 0; c0 < C; c0 += kClassBatch) {
-    acc_t g[kClassBatch];
-    int winner[kClassBatch];
+  // for the previous one's load: C round trips to memory per pass.) Where
+  // kDlDeLoadAhead, the next batch's loads are issued before this batch's
+  // arithmetic, so they are in flight while it runs.
+  acc_t g[kClassBatch], g_next[kClassBatch];
+  int winner[kClassBatch], winner_next[kClassBatch];
+  const auto load = [&](int c0, acc_t (&to_g)[kClassBatch], int (&to_winner)[kClassBatch]) {
 #pragma unroll
     for (int u = 0; u < kClassBatch; ++u) {
       const bool used = c0 + u < C;
       const int64_t oc = o + static_cast<int64_t>(c0 + u) * o_channel;
-      g[u] = used ? grad_dmin[oc] : acc_t(0);
-      winner[u] = used ? mstar[oc] : 0;
+      to_g[u] = used ? grad_dmin[oc] : acc_t(0);
+      to_winner[u] = used ? mstar[oc] : 0;
+    }
+  };
+  if (kDlDeLoadAhead) load(0, g_next, winner_next);
+  for (int c0 = 0; c0 < C; c0 += kClassBatch) {
+    if (kDlDeLoadAhead) {
+#pragma unroll
+      for (int u = 0; u < kClassBatch; ++u) {
+        g[u] = g_next[u];
+        winner[u] = winner_next[u];
+      }
+      load(c0 + kClassBatch, g_next, winner_next);  // zeros past C
+    } else {
+      load(c0, g, winner);
     }
 #pragma unroll
     for (int u = 0; u < kClassBatch; ++u) {
