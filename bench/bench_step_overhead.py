@@ -68,21 +68,35 @@ def measure(base, device, rounds: int, steps: int, warmup: int):
         steps_of[name] = training_step(setting, torch.device(device), amp_dtype(setting.amp))
         for _ in range(warmup):
             steps_of[name]()
+    times = timed_rounds(steps_of, device, rounds, steps)
+    del steps_of
+    gc.collect()
+    return overhead_rows(times, base, steps)
+
+
+def timed_rounds(steps_of, device, rounds: int, steps: int):
+    """{variant: [ms per step, one per round]}: each round times every
+    variant once, starting one variant later than the round before."""
     names = list(steps_of)
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(timed_round(steps_of[name], device, steps))
+    return times
+
+
+def overhead_rows(times, base, steps: int):
+    """One row per variant: its median ms per step and, beside the floor's,
+    the quartiles over rounds of (its time / the floor's - 1) in the same
+    round."""
     rows = []
-    for name in names:
+    for name, own in times.items():
         row = dict(crop=f"{base['crop'][0]}x{base['crop'][1]}", precision=base["amp"] or "fp32", variant=name,
-                   median_ms=statistics.median(times[name]), rounds=rounds, steps_per_round=steps)
+                   median_ms=statistics.median(own), rounds=len(own), steps_per_round=steps)
         if name != "floor":
-            ratios = [t / f - 1 for t, f in zip(times[name], times["floor"])]
+            ratios = [t / f - 1 for t, f in zip(own, times["floor"])]
             row["overhead_q1"], row["overhead"], row["overhead_q3"] = quartiles(ratios)
         rows.append(row)
-    del steps_of
-    gc.collect()
     return rows
 
 

@@ -1,0 +1,55 @@
+"""bench/bench_step_overhead.py, the paired measure of the DRSL+ step's cost
+over the DeepLab-v2 floor: its arithmetic on made-up times (a drift of the
+machine between rounds cancels; the order of the variants rotates), and a
+quick run of the script on the CPU, so that a lent GPU's time is not what
+finds a broken script."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import bench_step_overhead as overhead  # noqa: E402
+
+BASE = dict(crop=[512, 1024], amp=None)
+
+
+def test_a_drift_shared_by_the_round_cancels():
+    # the machine slows down 3x over the rounds; DRSL+ always costs 8 % over the floor in its round
+    floor = [40.0, 60.0, 120.0, 45.0, 80.0]
+    times = {"floor": floor, "DRSL+ fast": [1.08 * f for f in floor], "apart": [1.2 * f for f in floor]}
+    rows = {r["variant"]: r for r in overhead.overhead_rows(times, BASE, steps=3)}
+    assert "overhead" not in rows["floor"] and rows["floor"]["median_ms"] == 60.0
+    for name, expected in (("DRSL+ fast", 0.08), ("apart", 0.2)):
+        r = rows[name]
+        assert r["overhead"] == pytest.approx(expected)
+        assert r["overhead_q1"] == pytest.approx(expected) and r["overhead_q3"] == pytest.approx(expected)
+        assert r["rounds"] == 5 and r["steps_per_round"] == 3 and r["crop"] == "512x1024" and r["precision"] == "fp32"
+
+
+def test_the_quartiles_are_those_of_the_paired_ratios():
+    times = {"floor": [10.0, 10.0, 10.0, 10.0], "DRSL+ fast": [11.0, 12.0, 10.5, 13.0]}
+    (_, drsl) = overhead.overhead_rows(times, BASE, steps=1)
+    assert drsl["overhead"] == pytest.approx(0.15)  # median of 0.05, 0.1, 0.2, 0.3
+    assert drsl["overhead_q1"] < drsl["overhead"] < drsl["overhead_q3"]
+
+
+def test_rounds_rotate_the_order():
+    calls = []
+    steps_of = {name: (lambda name=name: calls.append(name)) for name in ("floor", "a", "b")}
+    times = overhead.timed_rounds(steps_of, "cpu", rounds=3, steps=1)
+    assert calls == ["floor", "a", "b", "a", "b", "floor", "b", "floor", "a"]
+    assert {name: len(t) for name, t in times.items()} == {"floor": 3, "a": 3, "b": 3}
+
+
+def test_quick_run():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_step_overhead.py"), "--quick",
+                           "--rounds", "2", "--steps", "1", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| 64x64")]
+    assert len(table) == 6  # 3 variants x (fp32, bf16)
+    assert sum("%" in line for line in table) == 4  # an overhead for every variant but the floors
