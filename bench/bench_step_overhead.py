@@ -9,6 +9,7 @@ quartiles. Peak memory is bench/bench_training_step.py's job; this script
 only times.
 
     python bench/bench_step_overhead.py --device cuda          # ResNet-101, 512x512 and 512x1024, fp32 and amp
+    python bench/bench_step_overhead.py --device cpu           # ResNet-50 at 128x128 -> bench/results/step_overhead_cpu.*
     python bench/bench_step_overhead.py --quick                # tiny network on the CPU, prints only
 """
 import argparse
@@ -115,7 +116,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-18 x0.25 at 64x64, 3 rounds; print only")
     parser.add_argument("--crops", nargs="+", default=None, metavar="HxW")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 15 GPU, 3 CPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 15 GPU, 10 CPU; 3 with --quick)")
     parser.add_argument("--steps", type=int, default=3, help="synchronised steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3, help="steps per variant before the rounds")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -127,7 +128,7 @@ def main():
     sizes = dict(QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES)
     if args.crops:
         sizes["crops"] = [tuple(int(v) for v in c.lower().split("x")) for c in args.crops]
-    rounds = args.rounds or (3 if args.quick or not gpu else 15)
+    rounds = args.rounds or (3 if args.quick else 15 if gpu else 10)
     amp = amp_for(device)
     rows = []
     for crop in sizes["crops"]:

@@ -126,7 +126,7 @@ def overhead_section(data: Dict) -> str:
         f"**DRSL+ step over the floor, paired** (`bench/bench_step_overhead.py`): {data.get('scale', '')}; the "
         f"variants built in one process and timed in {data.get('rounds', '?')} alternating rounds of "
         f"{data.get('steps_per_round', '?')} steps; overhead = median over rounds of DRSL+ / floor - 1 "
-        "(quartiles in brackets). The unpaired step times of the training-step table drift by several ms "
+        "(quartiles in brackets). The unpaired step times of the training-step table drift (by several ms on the H200) "
         "between variants timed minutes apart; this is the comparison to read.", "",
         table(["crop", "precision", "floor ms", "DRSL+ ms", "DRSL+ over the floor", "head convs apart, over the floor"],
               body)])
