@@ -8,8 +8,15 @@ the median over rounds of (DRSL+ / floor - 1) within a round, with its
 quartiles. Peak memory is bench/bench_training_step.py's job; this script
 only times.
 
+With ``--cuda-graphs`` (a GPU only) every variant's whole step (forward,
+backward, SGD) is captured once as a CUDA graph and replayed: what the steps
+cost when no host time is left in them, the loss's draws coming from one
+generator whose state the graph advances. A variant that cannot be captured
+gets its error in its row; the others are still timed.
+
     python bench/bench_step_overhead.py --device cuda          # ResNet-101, 512x512 and 512x1024, fp32 and amp
     python bench/bench_step_overhead.py --device cpu           # ResNet-50 at 128x128 -> bench/results/step_overhead_cpu.*
+    python bench/bench_step_overhead.py --device cuda --cuda-graphs   # each step one CUDA graph
     python bench/bench_step_overhead.py --quick                # tiny network on the CPU, prints only
 """
 import argparse
@@ -25,7 +32,7 @@ from bench_training_step import CPU_SIZES, GPU_SIZES, QUICK_SIZES, amp_for, sett
 VARIANTS = {"floor": dict(mmdl=False), "DRSL+ fast": dict(mmdl=True),
             "DRSL+ fast, head convs apart": dict(mmdl=True, shared_convs=False)}
 FIELDS = ["crop", "precision", "variant", "median_ms", "overhead", "overhead_q1", "overhead_q3", "rounds",
-          "steps_per_round"]
+          "steps_per_round", "error"]
 
 
 def timed_round(step, device, steps: int) -> float:
@@ -54,7 +61,7 @@ def quartiles(values):
     return q[0], statistics.median(values), q[2]
 
 
-def measure(base, device, rounds: int, steps: int, warmup: int):
+def measure(base, device, rounds: int, steps: int, warmup: int, cuda_graphs: bool = False):
     """Rows for one (crop, precision): each variant's median ms per step and
     its overhead over the floor, paired by round."""
     import torch
@@ -62,17 +69,45 @@ def measure(base, device, rounds: int, steps: int, warmup: int):
     from drsl_fast.memory_model import amp_dtype
 
     harness.warm_up_runtime(torch.device(device))
-    steps_of = {}
+    steps_of, failed = {}, {}
     for name, extra in VARIANTS.items():
         setting = setting_of(dict(setting=dict(base, ops="fast", checkpointing=False, **extra)))
         torch.manual_seed(0)
-        steps_of[name] = training_step(setting, torch.device(device), amp_dtype(setting.amp))
-        for _ in range(warmup):
-            steps_of[name]()
-    times = timed_rounds(steps_of, device, rounds, steps)
+        generator = torch.Generator(device).manual_seed(0) if cuda_graphs else None
+        step = training_step(setting, torch.device(device), amp_dtype(setting.amp), generator)
+        try:
+            steps_of[name] = graphed(step, generator, warmup) if cuda_graphs else step
+        except Exception as exc:  # reported in the variant's row; the others are still timed
+            failed[name] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        for _ in range(0 if cuda_graphs else warmup):
+            step()
+    times = timed_rounds(steps_of, device, rounds, steps) if "floor" in steps_of else {}
     del steps_of
     gc.collect()
-    return overhead_rows(times, base, steps)
+    rows = overhead_rows(times, base, steps) if times else []
+    crop, precision = f"{base['crop'][0]}x{base['crop'][1]}", base["amp"] or "fp32"
+    return rows + [dict(crop=crop, precision=precision, variant=name, error=error) for name, error in failed.items()]
+
+
+def graphed(step, generator, warmup: int):
+    """``step`` captured as one CUDA graph, after ``warmup`` eager steps on a
+    side stream (they create the momentum buffers and load the kernel
+    libraries, as a capture needs); returns its replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    return graph.replay
 
 
 def timed_rounds(steps_of, device, rounds: int, steps: int):
@@ -108,7 +143,8 @@ def markdown(rows):
     return harness.markdown_table(
         ["crop", "precision", "variant", "ms per step (median)", "over the floor (median of rounds)",
          "quartiles"],
-        [[r["crop"], r["precision"], r["variant"], f"{r['median_ms']:.1f}", pct(r, "overhead"),
+        [[r["crop"], r["precision"], r["variant"], f"failed: {r['error'][:80]}", "", ""] if "error" in r else
+         [r["crop"], r["precision"], r["variant"], f"{r['median_ms']:.1f}", pct(r, "overhead"),
           f"{pct(r, 'overhead_q1')} to {pct(r, 'overhead_q3')}" if "overhead" in r else ""] for r in rows])
 
 
@@ -120,11 +156,14 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="synchronised steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3, help="steps per variant before the rounds")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="each variant's step captured as one CUDA graph")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/step_overhead_<device>)")
     args = parser.parse_args()
 
     device = harness.default_device(args.device)
     gpu = device == "cuda"
+    if args.cuda_graphs and not gpu:
+        parser.error("--cuda-graphs needs a CUDA device")
     sizes = dict(QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES)
     if args.crops:
         sizes["crops"] = [tuple(int(v) for v in c.lower().split("x")) for c in args.crops]
@@ -134,11 +173,11 @@ def main():
     for crop in sizes["crops"]:
         for precision in (None, amp):
             base = dict(depth=sizes["depth"], width=sizes["width"], crop=list(crop), amp=precision)
-            for row in measure(base, device, rounds, args.steps, args.warmup):
+            for row in measure(base, device, rounds, args.steps, args.warmup, args.cuda_graphs):
                 rows.append(row)
-                shown = f"{100 * row['overhead']:+6.1f} %" if "overhead" in row else ""
-                print(f"{row['crop']} {row['precision']:5s} {row['variant']:30s} {row['median_ms']:8.1f} ms {shown}",
-                      flush=True)
+                shown = (f"failed: {row['error']}" if "error" in row else f"{row['median_ms']:8.1f} ms"
+                         + (f" {100 * row['overhead']:+6.1f} %" if "overhead" in row else ""))
+                print(f"{row['crop']} {row['precision']:5s} {row['variant']:30s} {shown}", flush=True)
     scale = (f"ResNet-{sizes['depth']}" + (f" x{sizes['width']}" if sizes["width"] != 1 else "") + ", crops "
              + ", ".join(f"{h}x{w}" for h, w in sizes["crops"]))
     table = markdown(rows)
@@ -146,9 +185,11 @@ def main():
     if args.quick:
         return
     stem = harness.results_stem(args.out, "step_overhead", device)
-    meta = harness.metadata(device, scale=scale, rounds=rounds, steps_per_round=args.steps, amp=amp)
+    meta = harness.metadata(device, scale=scale, rounds=rounds, steps_per_round=args.steps, amp=amp,
+                            cuda_graphs=args.cuda_graphs)
+    graphs = " Each step captured as one CUDA graph and replayed." if args.cuda_graphs else ""
     body = (f"One training step (1 source + 1 target image, backward, SGD with momentum; fast ops, no "
-            f"checkpointing), {scale}, amp = {amp}. The variants of a (crop, precision) are built in one "
+            f"checkpointing), {scale}, amp = {amp}.{graphs} The variants of a (crop, precision) are built in one "
             f"process and timed in {rounds} alternating rounds of {args.steps} synchronised steps each; "
             f"overhead: median over rounds of the round's DRSL+ / floor - 1, with its quartiles.\n\n{table}\n")
     harness.write_results(stem, meta, rows, FIELDS, "DRSL+ step over the DeepLab-v2 floor, paired", body)

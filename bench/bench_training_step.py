@@ -113,10 +113,12 @@ def measure(spec):
                 backend=resolve(None, device), **timing)
 
 
-def training_step(setting, device, dtype):
+def training_step(setting, device, dtype, generator=None):
     """A closure running one training step of ``setting`` (forward through
     ``step_loss``, backward, SGD with momentum) on a freshly built network and
-    a fixed simulated batch; the loss draws of step i use seed i. Its phases
+    a fixed simulated batch; the loss draws of step i use seed i, or come from
+    ``generator`` when one is given (then autocast keeps no cache of cast
+    weights, as a CUDA graph capture of the step requires). Its phases
     run under ``record_function`` ranges named step/forward (with
     step/network and step/drsl_loss inside), step/backward and step/optimizer."""
     import contextlib
@@ -140,11 +142,12 @@ def training_step(setting, device, dtype):
     iteration = [0]
 
     def step():
-        generator = torch.Generator(device).manual_seed(iteration[0])
+        draws = generator or torch.Generator(device).manual_seed(iteration[0])
         iteration[0] += 1
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=generator is None) if dtype is not None
+                    else contextlib.nullcontext())
         with autocast, record_function("step/forward"):
-            total, _ = step_loss(model, network, loss, source, target, generator)
+            total, _ = step_loss(model, network, loss, source, target, draws)
         optimizer.zero_grad(set_to_none=True)
         with record_function("step/backward"):
             scaler.scale(total).backward()

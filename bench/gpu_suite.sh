@@ -5,7 +5,7 @@
 # rotated inputs, achieved bandwidth and FLOP rate), the kernels' stage probe and
 # hardware counters (Nsight Compute), the training-step
 # benchmark with the memory model's predictions, the paired step overhead over
-# the floor, the training-step profile, and
+# the floor (eager, and each step one CUDA graph), the training-step profile, and
 # the performance report. Everything is written under bench/results/<device>/
 # (or $DEST), with a log per stage and stage timings in $DEST/timings.txt.
 # Where $OUT is set (a lent GPU machine, which returns only a few files of
@@ -23,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe ncu host mmdl_losses pseudo_labels training overhead profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe ncu host mmdl_losses pseudo_labels training overhead overhead_graphs profile report"}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names itself in the results
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -79,6 +79,8 @@ run_stage() {
         timed training_step $PY bench/bench_training_step.py --device cuda --out "$DEST/training_step" ${TRAINING_ARGS:-}
         TAIL=20 timed memory_model_1080ti $PY -m drsl_fast.memory_model --out "$DEST/gtx_1080ti_verdict.md" ;;
     overhead) TAIL=16 timed step_overhead $PY bench/bench_step_overhead.py --device cuda --out "$DEST/step_overhead" ;;
+    overhead_graphs) TAIL=16 timed step_overhead_graphs $PY bench/bench_step_overhead.py --device cuda --cuda-graphs \
+        --out "$DEST/step_overhead_graphs" ;;
     profile)
         timed profile $PY bench/profile_training_step.py --device cuda --out "$DEST/training_step_profile" \
             ${PROFILE_ARGS:-} ;;

@@ -111,9 +111,10 @@ def training_section(data: Dict, rerun: Optional[Dict] = None) -> str:
 def overhead_section(data: Dict) -> str:
     """The paired overhead of a DRSL+ step over the DeepLab-v2 floor
     (bench/bench_step_overhead.py): one row per (crop, precision)."""
-    rows = {}
+    rows, failed = {}, [r for r in data["results"] if "error" in r]
     for r in data["results"]:
-        rows.setdefault((r["crop"], r["precision"]), {})[r["variant"]] = r
+        if "error" not in r:
+            rows.setdefault((r["crop"], r["precision"]), {})[r["variant"]] = r
 
     def over(r):
         return (f"{100 * r['overhead']:+.1f} % ({100 * r['overhead_q1']:+.1f} to {100 * r['overhead_q3']:+.1f})"
@@ -122,14 +123,17 @@ def overhead_section(data: Dict) -> str:
     body = [[crop, precision, f"{v['floor']['median_ms']:.1f}", f"{v['DRSL+ fast']['median_ms']:.1f}",
              over(v.get("DRSL+ fast")), over(v.get("DRSL+ fast, head convs apart"))]
             for (crop, precision), v in rows.items() if "floor" in v and "DRSL+ fast" in v]
+    graphs = data.get("cuda_graphs", False)
     return "\n".join([
-        f"**DRSL+ step over the floor, paired** (`bench/bench_step_overhead.py`): {data.get('scale', '')}; the "
+        f"**DRSL+ step over the floor, paired{', each step one CUDA graph' if graphs else ''}** "
+        f"(`bench/bench_step_overhead.py{' --cuda-graphs' if graphs else ''}`): {data.get('scale', '')}; the "
         f"variants built in one process and timed in {data.get('rounds', '?')} alternating rounds of "
         f"{data.get('steps_per_round', '?')} steps; overhead = median over rounds of DRSL+ / floor - 1 "
         "(quartiles in brackets). The unpaired step times of the training-step table drift (by several ms on the H200) "
         "between variants timed minutes apart; this is the comparison to read.", "",
         table(["crop", "precision", "floor ms", "DRSL+ ms", "DRSL+ over the floor", "head convs apart, over the floor"],
-              body)])
+              body)] + ([""] + [f"Not captured: {r['crop']} {r['precision']} {r['variant']}: {r['error']}"
+                               for r in failed] if failed else []))
 
 
 # GTX 1080 Ti datasheet rates (fp32 FMA, memory), for the estimate of the CUDA
@@ -281,8 +285,9 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
         out += [f"### {machine}{env}", ""]
         if "training_step" in benches:
             out += [training_section(benches["training_step"], benches.get("training_step_rerun")), ""]
-        if "step_overhead" in benches:
-            out += [overhead_section(benches["step_overhead"]), ""]
+        for name in ("step_overhead", "step_overhead_graphs"):
+            if name in benches:
+                out += [overhead_section(benches[name]), ""]
         if "gtx_1080ti_verdict" in benches:
             verdict = benches["gtx_1080ti_verdict"]["markdown"].split("\n", 2)[-1].strip()
             out += ["**GTX 1080 Ti verdict** (`python -m drsl_fast.memory_model`; its error against measured GPU "

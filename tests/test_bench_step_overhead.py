@@ -53,3 +53,26 @@ def test_quick_run():
     table = [line for line in done.stdout.splitlines() if line.startswith("| 64x64")]
     assert len(table) == 6  # 3 variants x (fp32, bf16)
     assert sum("%" in line for line in table) == 4  # an overhead for every variant but the floors
+
+
+TINY = dict(depth=18, width=0.125, crop=[32, 32])
+
+
+def test_a_variant_that_cannot_be_captured_is_reported_not_raised():
+    # no CUDA here: every capture fails, and each variant says why in its row
+    rows = overhead.measure(dict(TINY, amp=None), "cpu", rounds=1, steps=1, warmup=1, cuda_graphs=True)
+    assert [r["variant"] for r in rows] == list(overhead.VARIANTS)
+    assert all("error" in r and "median_ms" not in r for r in rows)
+
+
+def test_a_step_drawing_from_one_generator():
+    # the form a CUDA graph captures: draws from one generator, autocast without its weight cache
+    import torch
+    from bench_training_step import setting_of, training_step
+
+    setting = setting_of(dict(setting=dict(TINY, amp="bf16", mmdl=True, ops="fast", checkpointing=False)))
+    generator = torch.Generator().manual_seed(0)
+    step = training_step(setting, torch.device("cpu"), torch.bfloat16, generator)
+    before = generator.get_state()
+    step()
+    assert not torch.equal(generator.get_state(), before)  # the loss drew from it
