@@ -9,7 +9,8 @@
 // products in one kernel at C*M <= 64 (DRSL_FAST_TENSOR_CORE_BACKWARD=1), and
 // the forward, which ranks the modes with a 3xTF32 product
 // (DRSL_FAST_TENSOR_CORE_FORWARD=1). On an H200 both are slower than the fp32
-// kernels (bench/NOTES.md).
+// kernels (bench/NOTES.md). On every GPU, the fp32 forward also runs in
+// expanded form on request (DRSL_FAST_EXPANDED_FORWARD=1; kExpanded below).
 //
 // The maths. For one pixel embedding e (a D-vector) and the K = C*M mode
 // centres r[k], k = c*M + m (docs/method.md §3):
@@ -22,9 +23,11 @@
 //
 // Over a tile of pixels, d[k] for all (pixel, mode) pairs is a product-shaped
 // computation: (pixels x D) against (D x modes), with (e - r)^2 in place of
-// e * r. We keep the difference form rather than ||e||^2 - 2 e.r + ||r||^2:
-// it costs one FSUB more per term but never cancels, so dmin carries only
-// the rounding of a plain sum of squares, added channel by channel in order.
+// e * r. By default we keep the difference form rather than ||e||^2 - 2 e.r
+// + ||r||^2: it costs one FSUB more per term but never cancels, so dmin
+// carries only the rounding of a plain sum of squares, added channel by
+// channel in order. (The expanded form saves that FSUB and pays for a trust
+// rule and direct recomputation where it cancels; it has not been timed yet.)
 // The mode gradient is likewise a product, of the one-hot weights a
 // (modes x pixels) with (r - e), each term in difference form.
 //
@@ -145,12 +148,12 @@ struct EmbeddingStep {
   }
 
   // fetch() for a step that lies inside the tensor (channels d0 .. d0 + kDepth
-  // - 1 < D, pixels p0 .. p0 + kPixels - 1 < end), with no centre: no bounds
-  // per value. With them, ptxas spent about 15 instructions a load of the fp32
-  // forward on 64-bit comparisons and addresses (ncu, bench/NOTES.md).
+  // - 1 < D, pixels p0 .. p0 + kPixels - 1 < end): no bounds per value. With
+  // them, ptxas spent about 15 instructions a load of the fp32 forward on
+  // 64-bit comparisons and addresses (ncu, bench/NOTES.md).
   template <typename scalar_t>
   __device__ __forceinline__ void fetch_inside(const scalar_t* emb, PixelLayout layout, int64_t b, int d0,
-                                               int64_t p0) {
+                                               int64_t p0, const acc_t* centre = nullptr) {
     const int t = static_cast<int>(threadIdx.x);
     const bool adjacent = layout.pixel == 1;
     const int d_first = adjacent ? t / kPixels : t % kDepth, d_step = adjacent ? kBlockThreads / kPixels : 0;
@@ -158,7 +161,10 @@ struct EmbeddingStep {
     const scalar_t* src = emb + layout.offset(b, d0 + d_first, p0 + p_first);
     const int64_t stride = adjacent ? d_step * layout.channel : p_step * layout.pixel;
 #pragma unroll
-    for (int r = 0; r < kPerThread; ++r, src += stride) value[r] = load_as<acc_t>(*src);
+    for (int r = 0; r < kPerThread; ++r, src += stride) {
+      value[r] = load_as<acc_t>(*src);
+      if (centre != nullptr) value[r] -= centre[d0 + d_first + r * d_step];
+    }
   }
 
   __device__ __forceinline__ void park(acc_t* dst, int d_stride, int p_stride, bool adjacent) const {
@@ -170,6 +176,117 @@ struct EmbeddingStep {
       dst[(d_first + r * d_step) * d_stride + (p_first + r * p_step) * p_stride] = value[r];
   }
 };
+
+// The expanded forwards (the FMA one below with kExpanded, the tensor-core
+// one) trust an expanded minimum when it is at least kTrustRatio of
+// ||e - mu||^2 + max_m ||r - mu||^2 (the bound is argued at "Tensor-core
+// forward and backward" below) and otherwise take the class's distances
+// directly (direct_min).
+constexpr float kTrustRatio = 0.5f;
+constexpr int kDirectBatch = 4;  // channels per batch of loads in a direct sum (at 8, nvcc -Xptxas -v for
+                                 // sm_90 gives the tensor-core forward 112 registers instead of 90: 4 blocks
+                                 // per SM, not 5)
+
+// The distances of pixel `pixel` of image b to the M modes of one class
+// (`centre`: its first mode row) as the fp32 kernel sums them, channel by
+// channel in order, and their minimum (ties: lowest m; NaN wins). The
+// channels are taken kDirectBatch at a time, their loads in flight together:
+// a block waits for its slowest direct sum, and with one load at a time the
+// direct sums cost 87 of the tensor-core forward's 223 us on an H200
+// (bench/results/NVIDIA_H200/tensor_core_probe.md).
+template <typename scalar_t>
+__device__ __forceinline__ void direct_min(const scalar_t* __restrict__ emb, PixelLayout emb_layout, int64_t b,
+                                           int64_t pixel, const float* __restrict__ centre, int M, int D, float& best,
+                                           int& best_mode) {
+  float dist[kMaxModes];
+#pragma unroll
+  for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
+  for (int j0 = 0; j0 < D; j0 += kDirectBatch) {
+    float x[kDirectBatch];
+#pragma unroll
+    for (int u = 0; u < kDirectBatch; ++u)
+      x[u] = j0 + u < D ? load_as<float>(emb[emb_layout.offset(b, j0 + u, pixel)]) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < kMaxModes; ++m) {
+      if (m < M) {
+#pragma unroll
+        for (int u = 0; u < kDirectBatch; ++u) {
+          if (j0 + u < D) {
+            const float t = x[u] - centre[static_cast<int64_t>(m) * D + j0 + u];
+            dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
+          }
+        }
+      }
+    }
+  }
+  best = dist[0];
+  best_mode = 0;
+#pragma unroll
+  for (int m = 1; m < kMaxModes; ++m) {
+    if (m < M && replaces_min(dist[m], best)) {
+      best = dist[m];
+      best_mode = m;
+    }
+  }
+}
+
+// The epilogue of the expanded forward (mode_distance_forward_kernel with
+// kExpanded), once the pass's products are parked in `products`
+// ([mode][pixel]): thread p takes pixel p (whose ||e - mu||^2, e_norm, it
+// added up) and the pass's classes in order,
+// and as in the tensor-core forward keeps the expanded minimum where the
+// trust rule allows it, queues the (class, pixel) pair for direct_min
+// otherwise, and once all are ranked the threads take the queue one pair
+// each. Pairs past kQueue (a block whose pixels are all close to several
+// modes) are summed directly by their own thread.
+template <int kPixels, int kQueue, typename scalar_t>
+__device__ __forceinline__ void expanded_epilogue(
+    const scalar_t* __restrict__ emb, PixelLayout emb_layout, int64_t b, int64_t p0, int64_t P,
+    const float* __restrict__ pass_centres, int c0, int classes, int M, int D, const float* products,
+    float e_norm, const float* pass_norm, uint16_t* queue, int& queued, float* __restrict__ dmin,
+    uint8_t* __restrict__ mstar, float* __restrict__ posterior, float posterior_scale, PixelLayout out_layout) {
+  const auto store = [&](int cl, int p, float best, int best_mode) {
+    const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
+    dmin[o] = best;
+    mstar[o] = static_cast<uint8_t>(best_mode);
+    if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+  };
+  const auto direct = [&](int cl, int p) {
+    float best;
+    int best_mode;
+    direct_min(emb, emb_layout, b, p0 + p, pass_centres + static_cast<int64_t>(cl) * M * D, M, D, best, best_mode);
+    store(cl, p, best, best_mode);
+  };
+  const int p = threadIdx.x;
+  if (p0 + p < P) {
+    for (int cl = 0; cl < classes; ++cl) {
+      float best = 0.0f, largest_norm = 0.0f;
+      int best_mode = 0;
+      for (int m = 0; m < M; ++m) {
+        const int k = cl * M + m;
+        const float v = (e_norm + pass_norm[k]) - 2.0f * products[k * kPixels + p];
+        if (m == 0 || replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
+          best = v;
+          best_mode = m;
+        }
+        if (m == 0 || replaces_max(pass_norm[k], largest_norm)) largest_norm = pass_norm[k];
+      }
+      const float bound = e_norm + largest_norm;
+      if (bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX) {
+        store(cl, p, best, best_mode);
+        continue;
+      }
+      const int slot = atomicAdd(&queued, 1);  // cancellation, or something non-finite
+      if (slot < kQueue)
+        queue[slot] = static_cast<uint16_t>(cl * kPixels + p);
+      else
+        direct(cl, p);
+    }
+  }
+  __syncthreads();  // the expanded queue is complete
+  const int waiting = min(queued, kQueue);
+  for (int q = threadIdx.x; q < waiting; q += blockDim.x) direct(queue[q] / kPixels, queue[q] % kPixels);
+}
 
 // Forward. grid = (ceil(P / kPixels), B). A block takes kPixels pixels of one
 // image and goes over the classes in passes of floor(kModes / M) whole classes
@@ -195,21 +312,45 @@ constexpr int kFp32ForwardBlocks = 4;
 #else
 constexpr int kFp32ForwardBlocks = 3;
 #endif
+// The expanded form at 3 blocks everywhere: on sm_90 at 4 (128 registers)
+// CUDA 13.0 spills 28 bytes of it; at 3, none (168 registers on sm_61 too,
+// where its shared memory allows 2 blocks per SM anyway). Untimed.
+constexpr int kExpandedForwardBlocks = 3;
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2) mode_distance_forward_kernel(
+//
+// kExpanded (fp32 accumulation only; on request, DRSL_FAST_EXPANDED_FORWARD=1):
+// the same register tiles accumulate the products (e - mu).(r - mu) instead
+// of the squared differences, one FMA a term instead of an FSUB and an FMA,
+// with e and r centred on the pass's mode mean mu (mode_centre_kernel, which
+// also gives ||r - mu||^2; a thread per pixel adds ||e - mu||^2 from the
+// staged tile and takes that pixel in the epilogue). On sm_61 its 33 KB of
+// shared memory (the queue and the mode norms beside the 32 KB tile) allow 2
+// blocks per SM, not 3. The epilogue takes ||e - mu||^2 - 2 (e - mu).(r - mu) +
+// ||r - mu||^2 where the trust rule of the tensor-core forward allows it and
+// queues the other (pixel, class) pairs for direct_min, as that kernel does;
+// a queue that fills up (kQueue pairs) leaves the rest to their own threads.
+template <typename scalar_t, typename acc_t, bool kExpanded>
+__global__ void __launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks : sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2)
+    mode_distance_forward_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
     acc_t* __restrict__ dmin, uint8_t* __restrict__ mstar,
-    acc_t* __restrict__ posterior, acc_t posterior_scale, PixelLayout out_layout) {
+    acc_t* __restrict__ posterior, acc_t posterior_scale, PixelLayout out_layout,
+    const acc_t* __restrict__ mu, const acc_t* __restrict__ mode_norm) {
   using T = Tiling<acc_t>;
   constexpr int V = T::kVec;
+  static_assert(!kExpanded || (std::is_same_v<acc_t, float> && T::kPixels == kThreads),
+                "expanded: fp32, one thread per pixel for the norms and the epilogue");
   // Rows padded by 16 bytes: staging writes that walk down a column spread over banks.
   constexpr int kEmbRow = T::kPixels + V;
   constexpr int kModeRow = T::kModes + V;
   constexpr int kStaged = T::kDepth * (kEmbRow + kModeRow);
   constexpr int kDistances = T::kModes * T::kPixels;
+  constexpr int kQueue = kExpanded ? 2 * T::kPixels : 1;
   __shared__ __align__(16) acc_t shared[kStaged > kDistances ? kStaged : kDistances];
+  __shared__ acc_t pass_norm[kExpanded ? T::kModes : 1];  // ||r - mu||^2 of the pass's modes
+  __shared__ uint16_t queue[kQueue];                      // pairs for direct_min, as cl * kPixels + p
+  __shared__ int queued;
   acc_t* const emb_tile = shared;                         // [kDepth][kEmbRow]
   acc_t* const mode_tile = shared + T::kDepth * kEmbRow;  // [kDepth][kModeRow]
   acc_t* const dist_tile = shared;                        // [kModes][kPixels], after the channel loop
@@ -223,10 +364,16 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlo
   const int classes_per_pass = T::kModes / M;
   const bool pixels_adjacent = emb_layout.pixel == 1;
 
-  for (int c0 = 0; c0 < C; c0 += classes_per_pass) {
+  for (int c0 = 0, pass = 0; c0 < C; c0 += classes_per_pass, ++pass) {
     const int classes = min(classes_per_pass, C - c0);
     const int pass_modes = classes * M;
     const acc_t* pass_centres = modes + static_cast<int64_t>(c0) * M * D;
+    const acc_t* const pass_mu = kExpanded ? mu + static_cast<int64_t>(pass) * D : nullptr;
+    acc_t e_norm = acc_t(0);  // kExpanded: ||e - mu||^2 of pixel threadIdx.x, over the channels so far
+    if (kExpanded) {
+      __syncthreads();  // the previous pass's readers are done with the queue's count
+      if (threadIdx.x == 0) queued = 0;
+    }
 
     acc_t acc[2 * V][2 * V];
 #pragma unroll
@@ -246,14 +393,15 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlo
     const bool pixels_inside = p0 + T::kPixels <= P;
     const auto fetch = [&](int d0) {
       if (pixels_inside && d0 + T::kDepth <= D)
-        next.fetch_inside(emb, emb_layout, b, d0, p0);
+        next.fetch_inside(emb, emb_layout, b, d0, p0, pass_mu);
       else
-        next.fetch(emb, emb_layout, b, d0, D, p0, P);
+        next.fetch(emb, emb_layout, b, d0, D, p0, P, pass_mu);
       const bool channel_inside = d0 + mode_d < D;
+      const acc_t mode_mu = kExpanded && channel_inside ? pass_mu[d0 + mode_d] : acc_t(0);
 #pragma unroll
       for (int r = 0; r < kModeLoads; ++r) {
         const bool inside = channel_inside && mode_k + r * kModeStride < pass_modes;
-        next_modes[r] = inside ? mode_first[d0 + r * mode_step] : acc_t(0);
+        next_modes[r] = inside ? mode_first[d0 + r * mode_step] - mode_mu : acc_t(0);
       }
     };
     if (D > 0) fetch(0);
@@ -264,6 +412,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlo
       for (int r = 0; r < kModeLoads; ++r) mode_tile[mode_d * kModeRow + mode_k + r * kModeStride] = next_modes[r];
       __syncthreads();
       if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);
+      if (kExpanded) {
+#pragma unroll
+        for (int d = 0; d < T::kDepth; ++d) {
+          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];
+          e_norm += v * v;
+        }
+      }
 #pragma unroll
       for (int d = 0; d < T::kDepth; ++d) {
         acc_t x[2 * V], r[2 * V];
@@ -275,12 +430,20 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlo
         for (int i = 0; i < 2 * V; ++i)
 #pragma unroll
           for (int j = 0; j < 2 * V; ++j) {
-            const acc_t t = x[i] - r[j];
-            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros
+            if (kExpanded) {
+              acc[i][j] += x[i] * r[j];
+            } else {
+              const acc_t t = x[i] - r[j];
+              acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros
+            }
           }
       }
     }
 
+    if (kExpanded) {
+      for (int k = threadIdx.x; k < T::kModes; k += kThreads)
+        pass_norm[k] = k < pass_modes ? mode_norm[static_cast<int64_t>(c0) * M + k] : acc_t(0);
+    }
     __syncthreads();  // the staged tiles are read; the distances take their place
 #pragma unroll
     for (int i = 0; i < 2 * V; ++i)
@@ -288,6 +451,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlo
       for (int j = 0; j < 2 * V; ++j)
         dist_tile[owned<V, T::kModes>(my, j) * T::kPixels + owned<V, T::kPixels>(px, i)] = acc[i][j];
     __syncthreads();
+
+    if constexpr (kExpanded) {
+      expanded_epilogue<T::kPixels, kQueue>(emb, emb_layout, b, p0, P, pass_centres, c0, classes, M, D, dist_tile,
+                                            e_norm, pass_norm, queue, queued, dmin, mstar, posterior,
+                                            posterior_scale, out_layout);
+      continue;
+    }
 
     // A thread takes one pixel (consecutive pixels on consecutive threads) and
     // every kThreads / kPixels-th class of the pass.
@@ -351,9 +521,6 @@ constexpr int kModeRow = kDepth + 4;  // mode tile [mode][channel] (B, column-ma
 constexpr int kKeyRow = kPixels + 4;  // products [mode][pixel] (column-major)
 constexpr int kStaged = kDepth * kEmbRow + kModes * kModeRow;
 constexpr int kProducts = kModes * kKeyRow;
-constexpr float kTrustRatio = 0.5f;
-constexpr int kDirectBatch = 4;   // channels per batch of loads in a direct sum (at 8, nvcc -Xptxas -v for
-                                  // sm_90 gives the forward 112 registers instead of 90: 4 blocks per SM, not 5)
 constexpr int kCentreDepth = 32;  // mode_centre_kernel: channels per stage
 static_assert(kModes * kCentreDepth % kThreads == 0, "mode_centre_kernel: whole rounds of staging");
 static_assert(kThreads == 2 * kPixels, "two threads per pixel share the norms");
@@ -571,41 +738,9 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
 
     for (int q = threadIdx.x; q < queued; q += kThreads) {  // the class's modes directly
       const int cl = queue[q] / kPixels, p = queue[q] % kPixels;
-      float dist[kMaxModes];
-#pragma unroll
-      for (int m = 0; m < kMaxModes; ++m) dist[m] = 0.0f;
-      const float* centre = pass_centres + static_cast<int64_t>(cl) * M * D;
-      // kDirectBatch channels at a time, their loads in flight together: a
-      // block waits for its slowest direct sum, and with one load at a time
-      // the direct sums cost 87 of the kernel's 223 us on an H200
-      // (bench/results/NVIDIA_H200/tensor_core_probe.md).
-      for (int j0 = 0; j0 < D; j0 += kDirectBatch) {
-        float x[kDirectBatch];
-#pragma unroll
-        for (int u = 0; u < kDirectBatch; ++u)
-          x[u] = j0 + u < D ? load_as<float>(emb[emb_layout.offset(b, j0 + u, p0 + p)]) : 0.0f;
-#pragma unroll
-        for (int m = 0; m < kMaxModes; ++m) {
-          if (m < M) {
-#pragma unroll
-            for (int u = 0; u < kDirectBatch; ++u) {
-              if (j0 + u < D) {
-                const float t = x[u] - centre[static_cast<int64_t>(m) * D + j0 + u];
-                dist[m] += t * t;  // channels added in order 0..D-1, as in the fp32 kernel
-              }
-            }
-          }
-        }
-      }
-      float best = dist[0];
-      int best_mode = 0;
-#pragma unroll
-      for (int m = 1; m < kMaxModes; ++m) {
-        if (m < M && replaces_min(dist[m], best)) {
-          best = dist[m];
-          best_mode = m;
-        }
-      }
+      float best;
+      int best_mode;
+      direct_min(emb, emb_layout, b, p0 + p, pass_centres + static_cast<int64_t>(cl) * M * D, M, D, best, best_mode);
       store(cl, p, best, best_mode);
     }
   }
@@ -1073,13 +1208,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (use_tensor_cores("DRSL_FAST_TENSOR_CORE_FORWARD")) {
+      const bool tensor_cores = use_tensor_cores("DRSL_FAST_TENSOR_CORE_FORWARD");
+      if (tensor_cores || env_flag("DRSL_FAST_EXPANDED_FORWARD")) {
+        static_assert(cuda::tensor_core::kModes == cuda::Tiling<float>::kModes, "one pass layout for mu and norms");
         const int64_t passes = (p.C + cuda::tensor_core::kModes / p.M - 1) / (cuda::tensor_core::kModes / p.M);
         const at::Tensor mu = at::empty({passes, p.D}, p.modes.options());
         const at::Tensor mode_norm = at::empty({p.C * p.M}, p.modes.options());
         launch(cuda::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cuda::kThreads, 0,
                p.modes.const_data_ptr<float>(), p.C, p.M, p.D, mu.mutable_data_ptr<float>(),
                mode_norm.mutable_data_ptr<float>());
+        if (!tensor_cores) {
+          launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, float, true>,
+                 pixel_grid("mode_distance", p.P, p.B, cuda::Tiling<float>::kPixels), cuda::kThreads, 0,
+                 cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<float>(), p.C, p.M, p.D, p.P,
+                 out.dmin.mutable_data_ptr<float>(), out.mstar.mutable_data_ptr<uint8_t>(),
+                 sigma ? out.posterior.mutable_data_ptr<float>() : nullptr,
+                 sigma ? posterior_scale<float>(*sigma) : 0.0f, per_class_layout(emb, p.C),
+                 mu.const_data_ptr<float>(), mode_norm.const_data_ptr<float>());
+          return;
+        }
         launch(cuda::mode_distance_forward_tc_kernel<cuda_type<scalar_t>>,
                pixel_grid("mode_distance", p.P, p.B, cuda::tensor_core::kPixels), cuda::kThreads, 0,
                cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<float>(),
@@ -1090,12 +1237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
         return;
       }
     }
-    launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, acc_t>,
+    launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, acc_t, false>,
            pixel_grid("mode_distance", p.P, p.B, cuda::Tiling<acc_t>::kPixels), cuda::kThreads, 0,
            cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P,
            out.dmin.mutable_data_ptr<acc_t>(), out.mstar.mutable_data_ptr<uint8_t>(),
            sigma ? out.posterior.mutable_data_ptr<acc_t>() : nullptr, sigma ? posterior_scale<acc_t>(*sigma) : acc_t(0),
-           per_class_layout(emb, p.C));
+           per_class_layout(emb, p.C), nullptr, nullptr);
   });
   return out;
 }

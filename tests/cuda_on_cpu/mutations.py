@@ -48,12 +48,27 @@ MUTATIONS = {
     "mode centres: norms read the means without a barrier": (
         "    __syncthreads();\n    if (norm != nullptr && t < pass_modes)", "    if (norm != nullptr && t < pass_modes)"),
     "forward: direct sums skip a channel of each batch": (
-        "              if (j0 + u < D) {", "              if (j0 + u < D && u > 0) {"),
+        "          if (j0 + u < D) {", "          if (j0 + u < D && u > 0) {"),
     "forward: mode rows of 34 floats (misaligned)": ("constexpr int kModeRow = kDepth + 4;",
                                                      "constexpr int kModeRow = kDepth + 2;"),
     "forward: one channel left out of the norm": (
         "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2); ++d) {",
         "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2) - 1; ++d) {"),
+    "expanded forward: the queue never read": ("  const int waiting = min(queued, kQueue);",
+                                               "  const int waiting = 0;"),
+    "expanded forward: pairs past the queue dropped": (
+        "      if (slot < kQueue)\n        queue[slot] = static_cast<uint16_t>(cl * kPixels + p);\n      else\n"
+        "        direct(cl, p);",
+        "      if (slot < kQueue)\n        queue[slot] = static_cast<uint16_t>(cl * kPixels + p);"),
+    "expanded forward: every minimum trusted": (
+        "      if (bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX) {\n        store(cl, p, best,",
+        "      if (bound <= FLT_MAX && best <= FLT_MAX) {\n        store(cl, p, best,"),
+    "expanded forward: a channel left out of the pixel norm": (
+        "        for (int d = 0; d < T::kDepth; ++d) {\n          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];",
+        "        for (int d = 1; d < T::kDepth; ++d) {\n          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];"),
+    "expanded forward: modes not centred": (
+        "next_modes[r] = inside ? mode_first[d0 + r * mode_step] - mode_mu : acc_t(0);",
+        "next_modes[r] = inside ? mode_first[d0 + r * mode_step] : acc_t(0);"),
     "backward: padding columns not zeroed": (
         "      weights[(i / (kModes - modes_used)) * kWeightRow + modes_used + i % (kModes - modes_used)] = 0.0f;",
         "      ;"),
