@@ -230,6 +230,29 @@ __device__ __forceinline__ void direct_min(const scalar_t* __restrict__ emb, Pix
   }
 }
 
+// The expanded minimum of one (pixel, class) pair over the class's M modes,
+// ||e - mu||^2 + ||r - mu||^2 - 2 (e - mu).(r - mu) with the products at
+// products[k * row] (k = cl * M + m) and the mode norms at pass_norm[k] (ties:
+// lowest m; NaN wins), and whether the trust rule keeps it: false for
+// cancellation or anything non-finite, which direct_min then recomputes.
+__device__ __forceinline__ bool expanded_min(const float* products, int row, const float* pass_norm, float e_norm,
+                                             int cl, int M, float& best, int& best_mode) {
+  float largest_norm = 0.0f;
+  best = 0.0f;
+  best_mode = 0;
+  for (int m = 0; m < M; ++m) {
+    const int k = cl * M + m;
+    const float v = (e_norm + pass_norm[k]) - 2.0f * products[k * row];
+    if (m == 0 || replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
+      best = v;
+      best_mode = m;
+    }
+    if (m == 0 || replaces_max(pass_norm[k], largest_norm)) largest_norm = pass_norm[k];
+  }
+  const float bound = e_norm + largest_norm;
+  return bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX;
+}
+
 // The epilogue of the expanded forward (mode_distance_forward_kernel with
 // kExpanded), once the pass's products are parked in `products`
 // ([mode][pixel]): thread p takes pixel p (whose ||e - mu||^2, e_norm, it
@@ -260,19 +283,9 @@ __device__ __forceinline__ void expanded_epilogue(
   const int p = threadIdx.x;
   if (p0 + p < P) {
     for (int cl = 0; cl < classes; ++cl) {
-      float best = 0.0f, largest_norm = 0.0f;
-      int best_mode = 0;
-      for (int m = 0; m < M; ++m) {
-        const int k = cl * M + m;
-        const float v = (e_norm + pass_norm[k]) - 2.0f * products[k * kPixels + p];
-        if (m == 0 || replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
-          best = v;
-          best_mode = m;
-        }
-        if (m == 0 || replaces_max(pass_norm[k], largest_norm)) largest_norm = pass_norm[k];
-      }
-      const float bound = e_norm + largest_norm;
-      if (bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX) {
+      float best;
+      int best_mode;
+      if (expanded_min(products + p, kPixels, pass_norm, e_norm, cl, M, best, best_mode)) {
         store(cl, p, best, best_mode);
         continue;
       }
@@ -716,20 +729,9 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
     for (int i = threadIdx.x; i < classes * kPixels; i += kThreads) {
       const int cl = i / kPixels, p = i % kPixels;
       if (p0 + p >= P) continue;
-      const float e_norm = emb_norm[0][p] + emb_norm[1][p];
-      float best = 0.0f, largest_norm = 0.0f;
-      int best_mode = 0;
-      for (int m = 0; m < M; ++m) {
-        const int k = cl * M + m;
-        const float v = (e_norm + pass_norm[k]) - 2.0f * products[k * kKeyRow + p];
-        if (m == 0 || replaces_min(v, best)) {  // ties keep the lowest mode; NaN wins
-          best = v;
-          best_mode = m;
-        }
-        if (m == 0 || replaces_max(pass_norm[k], largest_norm)) largest_norm = pass_norm[k];
-      }
-      const float bound = e_norm + largest_norm;
-      if (bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX)
+      float best;
+      int best_mode;
+      if (expanded_min(products + p, kKeyRow, pass_norm, emb_norm[0][p] + emb_norm[1][p], cl, M, best, best_mode))
         store(cl, p, best, best_mode);
       else  // cancellation, or something non-finite
         queue[atomicAdd(&queued, 1)] = static_cast<uint16_t>(i);

@@ -61,8 +61,8 @@ MUTATIONS = {
         "        direct(cl, p);",
         "      if (slot < kQueue)\n        queue[slot] = static_cast<uint16_t>(cl * kPixels + p);"),
     "expanded forward: every minimum trusted": (
-        "      if (bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX) {\n        store(cl, p, best,",
-        "      if (bound <= FLT_MAX && best <= FLT_MAX) {\n        store(cl, p, best,"),
+        "      if (expanded_min(products + p, kPixels, pass_norm, e_norm, cl, M, best, best_mode)) {",
+        "      if (expanded_min(products + p, kPixels, pass_norm, e_norm, cl, M, best, best_mode) || true) {"),
     "expanded forward: a channel left out of the pixel norm": (
         "        for (int d = 0; d < T::kDepth; ++d) {\n          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];",
         "        for (int d = 1; d < T::kDepth; ++d) {\n          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];"),
