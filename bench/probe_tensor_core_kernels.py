@@ -74,10 +74,10 @@ VARIANTS = {
                                 "? 0.1f * static_cast<float>((k * 7 + d) % 11)")],
     "forward: no direct sums (all trusted)": [("constexpr float kTrustRatio = 0.5f;",
                                                "constexpr float kTrustRatio = 0.0f;")],
-    "forward: no output stores": [(
-        "      dmin[o] = best;\n      mstar[o] = static_cast<uint8_t>(best_mode);\n"
-        "      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n    };",
-        "      if (best == -1.0f) dmin[o] = static_cast<float>(best_mode);  // never: keeps the work alive\n    };")],
+    "forward: no output stores (and none in the expanded fp32 forward)": [(
+        "  dmin[o] = best;\n  mstar[o] = static_cast<uint8_t>(best_mode);\n"
+        "  if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n}",
+        "  if (best == -1.0f) dmin[o] = static_cast<float>(best_mode);  // never: keeps the work alive\n}")],
     "both: 1xTF32 (hi.hi only)": [("  nvcuda::wmma::mma_sync(step, a_lo, b_hi, step);\n"
                                    "  nvcuda::wmma::mma_sync(step, a_hi, b_lo, step);\n", "")],
     "both: no tf32 split (lo = hi)": [(

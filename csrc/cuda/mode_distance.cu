@@ -230,6 +230,16 @@ __device__ __forceinline__ void direct_min(const scalar_t* __restrict__ emb, Pix
   }
 }
 
+// One (pixel, class) output of the expanded forwards at offset o: dmin, mstar
+// and, when asked for, the posterior.
+__device__ __forceinline__ void store_nearest(float* __restrict__ dmin, uint8_t* __restrict__ mstar,
+                                              float* __restrict__ posterior, float posterior_scale, int64_t o,
+                                              float best, int best_mode) {
+  dmin[o] = best;
+  mstar[o] = static_cast<uint8_t>(best_mode);
+  if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+}
+
 // The expanded minimum of one (pixel, class) pair over the class's M modes,
 // ||e - mu||^2 + ||r - mu||^2 - 2 (e - mu).(r - mu) with the products at
 // products[k * row] (k = cl * M + m) and the mode norms at pass_norm[k] (ties:
@@ -269,10 +279,7 @@ __device__ __forceinline__ void expanded_epilogue(
     float e_norm, const float* pass_norm, uint16_t* queue, int& queued, float* __restrict__ dmin,
     uint8_t* __restrict__ mstar, float* __restrict__ posterior, float posterior_scale, PixelLayout out_layout) {
   const auto store = [&](int cl, int p, float best, int best_mode) {
-    const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
-    dmin[o] = best;
-    mstar[o] = static_cast<uint8_t>(best_mode);
-    if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+    store_nearest(dmin, mstar, posterior, posterior_scale, out_layout.offset(b, c0 + cl, p0 + p), best, best_mode);
   };
   const auto direct = [&](int cl, int p) {
     float best;
@@ -721,10 +728,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_forward_tc_kernel(
     __syncthreads();
 
     const auto store = [&](int cl, int p, float best, int best_mode) {
-      const int64_t o = out_layout.offset(b, c0 + cl, p0 + p);
-      dmin[o] = best;
-      mstar[o] = static_cast<uint8_t>(best_mode);
-      if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));
+      store_nearest(dmin, mstar, posterior, posterior_scale, out_layout.offset(b, c0 + cl, p0 + p), best, best_mode);
     };
     for (int i = threadIdx.x; i < classes * kPixels; i += kThreads) {
       const int cl = i / kPixels, p = i % kPixels;
