@@ -3,7 +3,8 @@ paired comparison: the floor, DRSL+ with the fast ops and DRSL+ with the head
 convolutions run apart are built in one process and timed in alternating
 rounds (the order rotates each round), so a drift of the machine (another
 tenant on the host, clocks) falls on every variant alike. Each round times a
-few synchronised steps per variant (CUDA events on a GPU); the overhead is
+few steps per variant, issued back to back and synchronised at the end
+(harness.host_and_pipelined_ms, as in a training loop); the overhead is
 the median over rounds of (DRSL+ / floor - 1) within a round, with its
 quartiles. Peak memory is bench/bench_training_step.py's job; this script
 only times.
@@ -33,27 +34,6 @@ VARIANTS = {"floor": dict(mmdl=False), "DRSL+ fast": dict(mmdl=True),
             "DRSL+ fast, head convs apart": dict(mmdl=True, shared_convs=False)}
 FIELDS = ["crop", "precision", "variant", "median_ms", "overhead", "overhead_q1", "overhead_q3", "rounds",
           "steps_per_round", "error"]
-
-
-def timed_round(step, device, steps: int) -> float:
-    """Mean ms per step of ``steps`` synchronised steps."""
-    import time
-
-    import torch
-
-    harness.sync(device)
-    if str(device).startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return 1e3 * (time.perf_counter() - t0) / steps
 
 
 def quartiles(values):
@@ -117,7 +97,7 @@ def timed_rounds(steps_of, device, rounds: int, steps: int):
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed_round(steps_of[name], device, steps))
+            times[name].append(harness.host_and_pipelined_ms(steps_of[name], device, steps)["pipelined_ms"])
     return times
 
 
@@ -153,7 +133,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="ResNet-18 x0.25 at 64x64, 3 rounds; print only")
     parser.add_argument("--crops", nargs="+", default=None, metavar="HxW")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 15 GPU, 10 CPU; 3 with --quick)")
-    parser.add_argument("--steps", type=int, default=3, help="synchronised steps per variant per round")
+    parser.add_argument("--steps", type=int, default=3, help="steps per variant per round (synchronised at its end)")
     parser.add_argument("--warmup", type=int, default=3, help="steps per variant before the rounds")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--cuda-graphs", action="store_true", help="each variant's step captured as one CUDA graph")
@@ -190,7 +170,7 @@ def main():
     graphs = " Each step captured as one CUDA graph and replayed." if args.cuda_graphs else ""
     body = (f"One training step (1 source + 1 target image, backward, SGD with momentum; fast ops, no "
             f"checkpointing), {scale}, amp = {amp}.{graphs} The variants of a (crop, precision) are built in one "
-            f"process and timed in {rounds} alternating rounds of {args.steps} synchronised steps each; "
+            f"process and timed in {rounds} alternating rounds of {args.steps} steps each, synchronised at the end; "
             f"overhead: median over rounds of the round's DRSL+ / floor - 1, with its quartiles.\n\n{table}\n")
     harness.write_results(stem, meta, rows, FIELDS, "DRSL+ step over the DeepLab-v2 floor, paired", body)
 
