@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "../kernels/class_sampling.h"
 #include "../kernels/confidence_bins.h"
 #include "../kernels/pixel_layout.h"
 
@@ -132,9 +133,8 @@ inline std::pair<at::Tensor, at::Tensor> backward_inputs(const at::Tensor& grad_
 
 // ------------------------------------------------------------ class_sampling
 
-// Sort keys of sample_per_class are uniform in [0, 2^kSampleKeyBits); the
-// CUDA backend puts the class above them in one int64 sort key.
-constexpr int kSampleKeyBits = 48;
+// Keys of sample_per_class are uniform in [0, 2^kSampleKeyBits)
+// (kernels/class_sampling.h).
 
 inline void check_sampling_inputs(const at::Tensor& labels, const at::Tensor& keys, int64_t num_classes, int64_t k) {
   TORCH_CHECK(labels.dim() == 3, "sample_per_class: labels must be (B, H, W), got ", labels.sizes());
@@ -187,15 +187,15 @@ struct SampleProblem {
   at::Tensor flags() const { return at::empty({B, S}, index.options().dtype(at::kBool)); }
 };
 
-// mmdl_losses' outputs from its per-sample losses (0 where a sample does not count)
-// and flags: those losses, or with mean their means over the counted samples
-// (0 when none; a 0-d int64 divisor keeps their dtype); then the count (int64, 0-d).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_outputs(const at::Tensor& triplet, const at::Tensor& ce,
-                                                                   const at::Tensor& counted, bool mean) {
-  at::Tensor count = counted.sum(at::kLong);
-  if (!mean) return {triplet, ce, count};
-  const at::Tensor divisor = count.clamp_min(1);
-  return {triplet.sum() / divisor, ce.sum() / divisor, count};
+// The end of a per-item loss op on the CPU (mmdl_losses, consistency_hinge;
+// the CUDA ops launch csrc/cuda/flagged_means.h instead): mean(a), mean(b)
+// over the flagged items (0 when none; undefined where a or b is) and the
+// number flagged (int64, 0-d). a and b hold 0 where an item is not flagged.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> flagged_means(const at::Tensor& a, const at::Tensor& b,
+                                                                    const at::Tensor& flagged) {
+  at::Tensor count = flagged.sum(at::kLong);
+  const at::Tensor divisor = count.clamp_min(1);  // a 0-d int64 divisor keeps the values' dtype
+  return {a.defined() ? a.sum() / divisor : a, b.defined() ? b.sum() / divisor : b, count};
 }
 
 inline SampleProblem sample_problem(const char* op, const at::Tensor& emb, const at::Tensor& index,
@@ -311,13 +311,6 @@ inline HingeProblem hinge_problem(const at::Tensor& target_emb, const at::Tensor
   return {target, source, anchor.contiguous().view(-1), positive.contiguous().view(-1),
           negative.contiguous().view(-1), accumulate_dtype(target_emb), anchor.numel(), target.size(1),
           target.size(2), source.size(2), target.size(0) * target.size(2), source.size(0) * source.size(2)};
-}
-
-// The op's outputs from per-triplet hinges (0 where not counted) and flags:
-// the mean over the counted triplets (0 when none) and their number (int64).
-inline std::tuple<at::Tensor, at::Tensor> hinge_mean(const at::Tensor& hinge, const at::Tensor& counted) {
-  at::Tensor used = counted.sum(at::kLong);
-  return {hinge.sum() / used.clamp_min(1), used};  // a 0-d int64 divisor keeps hinge's dtype
 }
 
 // A gradient map computed in the accumulation dtype, in the embeddings' dtype.

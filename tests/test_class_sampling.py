@@ -1,14 +1,16 @@
 """sample_per_class (docs/method.md §4, §10) on every backend: exact counts, no
 duplicates, right classes, -1 padding, reproducibility, and statistical
-uniformity (chi-square) against the plain-loop reference."""
+uniformity (chi-square) against the plain-loop reference; the CUDA kernels
+(emulated on the CPU, tests/cuda_on_cpu) give the CPU backend's samples."""
 import math
 
 import pytest
 import torch
 
+from conftest import emulating
 from drsl_fast.losses import sample_per_class
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "cpu", "triton", "cuda-emulated"]
 
 
 def available(backend):
@@ -17,6 +19,18 @@ def available(backend):
     reason = why_unavailable(backend, torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """A backend on CPU tensors; "cuda-emulated" runs the CUDA launcher's
+    kernels on the CPU as backend "cpu"."""
+    if request.param == "cuda-emulated":
+        with emulating(request, request.param):
+            yield "cpu"
+        return
+    available(request.param)
+    yield request.param
 
 
 def check_sample(labels, num_classes, k, samples):
@@ -36,10 +50,8 @@ def check_sample(labels, num_classes, k, samples):
             assert (flat[b, chosen] == c).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64], ids=str)
 def test_counts_classes_padding(backend, dtype):
-    available(backend)
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 6, (3, 11, 7), generator=g)
     labels[0, :4] = 255  # ignored
@@ -70,11 +82,9 @@ def chi_square_uniform(hits, expected):
     return (stat - dof) / math.sqrt(2 * dof)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_uniform_inclusion_and_order(backend):
     """Each of the n pixels of a class is chosen with probability k/n, and
     every output slot holds each pixel with probability 1/n (random order)."""
-    available(backend)
     labels = torch.full((1, 6, 5), 255, dtype=torch.int64)
     labels.view(-1)[::2] = 1  # 15 pixels of class 1 on a regular pattern
     pixels = (labels.view(-1) == 1).nonzero().squeeze(1)
@@ -102,6 +112,35 @@ def test_pairs_are_uniform_like_the_reference(backend):
         hits[a, b] += 1
     pairs = hits[torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)]
     assert abs(chi_square_uniform(pairs, 3000 / 15)) < 5
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64], ids=str)
+def test_emulated_cuda_gives_the_cpu_samples(request, dtype):
+    """For the same keys the CUDA launcher's steps (emulated) and the CPU
+    kernel select the same pixels in the same order: tied keys go to the lower
+    pixel, labels strided (a nearest reduction by 2 as a view), ignored and
+    out-of-range ids, an all-ignore image, k above and below the class sizes."""
+    from drsl_fast import _extension
+
+    if not _extension.has_cpu_kernels():
+        pytest.skip(_extension.LOAD_ERROR)
+    g = torch.Generator().manual_seed(4)
+    cases = [(3, 11, 7, 7, 3), (2, 16, 16, 4, 40), (1, 5, 9, 3, 100), (2, 30, 41, 19, 30)]
+    expected = []
+    for B, H, W, C, k in cases:
+        low = 0 if dtype == torch.uint8 else -1
+        labels = torch.randint(low, C + 1, (B, 2 * H, 2 * W), generator=g).to(dtype)[:, ::2, ::2]
+        labels[0, :2] = 255
+        if B > 1:
+            labels[1] = 255
+        keys = torch.randint(0, 1 << 48, (B, H * W), generator=g)
+        keys[:, ::3] = keys[:, :1]  # ties
+        cpu = torch.ops.drsl_fast.sample_per_class(labels.contiguous(), keys, C, k)
+        expected.append((labels, keys, C, k, cpu))
+    with emulating(request, "cuda-emulated"):
+        for labels, keys, C, k, (index, count) in expected:
+            got_index, got_count = torch.ops.drsl_fast.sample_per_class(labels, keys, C, k)
+            assert torch.equal(got_index, index) and torch.equal(got_count, count)
 
 
 def test_large_map_no_host_sync_shape():

@@ -9,8 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # op file name -> the layers it has (the differentiable ops have a C++
-# autograd file; class_sampling has no Triton kernel and is measured in
-# bench_mmdl_losses; entropy is measured in bench_pseudo_labels); every op's
+# autograd file; class_sampling has no Triton kernel, is measured in
+# bench_mmdl_losses and keeps its CUDA sort key in kernels/; entropy is
+# measured in bench_pseudo_labels); every op's
 # float64 reference is a section of drsl_fast/reference.py
 LAYERS = ("drsl_fast/ops/{}.py", "csrc/cpu/{}.cpp", "csrc/cuda/{}.cu", "drsl_fast/triton_kernels/{}.py",
           "tests/test_{}.py", "bench/bench_{}.py")
@@ -20,7 +21,7 @@ OPS = {
     "mmdl_losses": LAYERS + AUTOGRAD,
     "pseudo_labels": LAYERS,
     "entropy": LAYERS[:-1] + AUTOGRAD,
-    "class_sampling": LAYERS[:3] + LAYERS[4:5],
+    "class_sampling": LAYERS[:3] + LAYERS[4:5] + ("kernels/{}.h",),
 }
 # op -> its reference in drsl_fast/reference.py
 REFERENCES = {"mode_distance": "mode_distance", "mmdl_losses": "mmdl_losses", "pseudo_labels": "SortedThresholds",

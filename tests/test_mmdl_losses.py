@@ -408,3 +408,62 @@ def test_means_and_count_come_from_the_operator(fast_backend):
         for value, expected in zip(got, want):
             torch.testing.assert_close(value, expected, **tolerance)
     assert count == 0 and all((t == 0).all() for t in got)  # the last set: no sample counts
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction, used", [("mean", "both"), ("none", "both"), ("none", "triplet")])
+def test_embedding_gradient_layouts_dtypes_and_repeats(fast_backend, layout, dtype, reduction, used):
+    """The embedding gradient of the fast backend against the float64
+    reference's on the same (rounded) inputs: embeddings contiguous,
+    channels-last or (N, D) rows; low-precision storage; pixels repeated within
+    an image (their rows add up) and across images (they do not); a mean's
+    gradient (one value for every sample), per-sample ones, and per-sample ones
+    with the other loss unused (its gradient a single zero)."""
+    backend, device = fast_backend
+    if backend == "triton" and dtype != torch.float32:
+        pytest.skip("triton's low-precision inputs: test_low_precision_inputs_accumulate_in_fp32")
+    emb, index, label, modes = case(dtype=dtype, seed=13, B=2, D=6, H=5, W=4, C=5, S=30,
+                                    layout="channels_last" if layout == "channels_last" else "contiguous")
+    index[0, :5] = torch.tensor([3, 3, 9, 3, 9])
+    index[1, :2] = torch.tensor([3, 3])
+    label[0, :5] = torch.tensor([0, 1, 2, 4, 3])
+    if layout == "rows":  # one image of (N, D) rows
+        emb, index, label = emb[0].flatten(1).t().contiguous(), index[:1], label[:1]
+    weights = torch.rand(2, *index.shape, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for name, dev, as_dtype in ((backend, device, dtype), ("reference", torch.device("cpu"), torch.float64)):
+        e = emb.detach().to(dev, as_dtype).requires_grad_()
+        r = modes.detach().to(dev, as_dtype)
+        out = mmdl_losses(e, index.to(dev), label.to(dev), r, reduction=reduction, backend=name)
+        if reduction == "mean":
+            total = 0.3 * out.triplet + 0.7 * out.ce
+        elif used == "both":
+            total = (out.triplet * weights[0].to(dev)).sum() + (out.ce * weights[1].to(dev)).sum()
+        else:
+            total = (out.triplet * weights[0].to(dev)).sum()
+        total.backward()
+        assert e.grad.dtype == as_dtype and e.grad.shape == e.shape and e.grad.stride() == e.stride()
+        grads[name] = e.grad.cpu().double()
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grads[backend], grads["reference"], **tolerance)
+    assert (grads[backend][grads["reference"] == 0] == 0).all()  # pixels no sample counts at
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64], ids=str)
+def test_labels_at_is_nearest_interpolation(dtype):
+    """labels_at gives F.interpolate(mode="nearest")'s labels at every size:
+    as a strided view where the sizes divide (ratios 1, 2, 3, 4, unequal per
+    axis), through the interpolation where they do not."""
+    import torch.nn.functional as F
+
+    from drsl_fast.losses import labels_at
+
+    labels = torch.randint(0, 256, (2, 24, 36), generator=torch.Generator().manual_seed(0)).to(dtype)
+    for h, w in ((24, 36), (12, 18), (8, 12), (6, 9), (12, 9), (24, 12), (7, 10), (13, 36), (48, 72)):
+        emb = torch.empty(2, 3, h, w)
+        got = labels_at(labels, emb)
+        want = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+        if 24 % h == 0 and 36 % w == 0:
+            assert got.data_ptr() == labels.data_ptr()  # a view

@@ -111,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor> consistency_hinge_cpu(const at::Tensor& targe
     using acc_t = at::opmath_type<scalar_t>;
     hinge_forward<scalar_t, acc_t>(p, beta, hinge.mutable_data_ptr<acc_t>(), counted.mutable_data_ptr<bool>());
   });
-  return hinge_mean(hinge, counted);
+  const auto [mean, unused, used] = flagged_means(hinge, at::Tensor(), counted);
+  return {mean, used};
 }
 
 std::tuple<at::Tensor, at::Tensor> consistency_hinge_backward_cpu(

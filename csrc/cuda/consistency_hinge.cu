@@ -15,6 +15,7 @@
 // DRSL_FAST_KERNELS_ONLY).
 #include <cstdint>
 
+#include "../../kernels/cuda/flagged_means.cuh"
 #include "../../kernels/cuda/load_store.cuh"
 #include "../../kernels/pixel_layout.h"
 
@@ -111,6 +112,7 @@ __global__ void consistency_hinge_backward_kernel(HingeMaps<scalar_t> m, const i
 #include <tuple>
 
 #include "../host.h"
+#include "flagged_means.h"
 #include "launch.h"
 
 namespace drsl_fast {
@@ -140,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor> consistency_hinge_cuda(const at::Tensor& targ
              static_cast<acc_t>(beta), hinge.mutable_data_ptr<acc_t>(), counted.mutable_data_ptr<bool>());
     });
   }
-  return hinge_mean(hinge, counted);
+  const auto [mean, unused, used] = flagged_means_cuda(hinge, at::Tensor(), counted);
+  return {mean, used};
 }
 
 std::tuple<at::Tensor, at::Tensor> consistency_hinge_backward_cuda(

@@ -1,8 +1,9 @@
 // CUDA backend of the fused MMDL losses (docs/method.md §4 Eq. 4, 5) and of
 // label_mode: first the device kernels, free of ATen, then their launchers.
 // kernels/cuda/pascal_sm61.cu compiles the kernels alone for sm_61 (it defines
-// DRSL_FAST_KERNELS_ONLY). The launchers add the per-sample embedding gradients
-// into the full gradient with index_put_(accumulate) (repeated pixels add up).
+// DRSL_FAST_KERNELS_ONLY). The launchers write the per-sample embedding
+// gradients into the full gradient with claim_pixels_kernel and
+// scatter_rows_kernel (repeated pixels add up, in sample order; no atomics on values).
 // The mode gradient is summed without atomics, so it is deterministic: the
 // backward kernel records each sample's g_c and mstar[c] (a samples x C table,
 // 5 bytes an entry in fp32, 9 in fp64), and a second kernel sums, per class and
@@ -21,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../../kernels/cuda/flagged_means.cuh"
 #include "../../kernels/cuda/load_store.cuh"
 #include "../../kernels/nan_rules.h"
 #include "../../kernels/pixel_layout.h"
@@ -28,8 +30,10 @@
 namespace drsl_fast {
 namespace cuda {
 
-// label_mode: one thread per sample.
+// label_mode and claim_pixels_kernel: one thread per sample.
 constexpr int kSampleThreads = 64;
+// scatter_rows_kernel: one thread per (sample, channel).
+constexpr int kScatterThreads = 256;
 
 // The losses: a block of kBlockThreads threads takes `samples` samples
 // (SampleTiling). One thread per sample, each going over every mode of every
@@ -232,13 +236,15 @@ __global__ void mmdl_losses_forward_kernel(
 
 // Writes dL/de of each sample to sample_grad (B*S, D) and g_c, mstar[c] of
 // each sample and class to class_grad and class_mode (B*S, C), for the mode
-// gradient (each optional; all zero for samples that do not count).
+// gradient (each optional; all zero for samples that do not count). The loss
+// gradients are per sample (grad_stride 1) or one value for all (grad_stride 0,
+// the gradient of a mean).
 // Launched as the forward, with sample_tiling(C, D, sizeof(acc_t), true).
 template <typename scalar_t, typename acc_t>
 __global__ void mmdl_losses_backward_kernel(
-    const acc_t* __restrict__ grad_triplet, const acc_t* __restrict__ grad_ce, SampleBatch<scalar_t, acc_t> batch,
-    LossParams<acc_t> params, acc_t* __restrict__ sample_grad, acc_t* __restrict__ class_grad,
-    uint8_t* __restrict__ class_mode, int samples, bool staged) {
+    const acc_t* __restrict__ grad_triplet, const acc_t* __restrict__ grad_ce, int64_t grad_stride,
+    SampleBatch<scalar_t, acc_t> batch, LossParams<acc_t> params, acc_t* __restrict__ sample_grad,
+    acc_t* __restrict__ class_grad, uint8_t* __restrict__ class_mode, int samples, bool staged) {
   DRSL_DYNAMIC_SHARED(unsigned char, backward_shared);
   const int C = batch.C, M = batch.M, D = batch.D;
   const int64_t total = batch.B * batch.S;
@@ -266,7 +272,7 @@ __global__ void mmdl_losses_backward_kernel(
       const acc_t inv_two_var = params.inv_two_var, scale = params.scale;
       const auto s = summarise(dmin, C, static_cast<int>(y), inv_two_var, scale);
       const bool active = s.negative >= 0 && s.positive - s.nearest_wrong + params.alpha > acc_t(0);
-      const acc_t g_ce = grad_ce[o], g_tri = grad_triplet[o];
+      const acc_t g_ce = grad_ce[o * grad_stride], g_tri = grad_triplet[o * grad_stride];
       for (int c = 0; c < C; ++c) {
         const acc_t z = scale * exp_of(posterior_exponent(dmin[c], -inv_two_var));
         acc_t g = -g_ce * (exp_of(z - s.log_sum_exp) - acc_t(c == y)) * z * inv_two_var;
@@ -365,6 +371,46 @@ __global__ void label_mode_kernel(SampleBatch<scalar_t, acc_t> batch, uint8_t* _
   mode[o] = static_cast<uint8_t>(winner);
 }
 
+// The embedding gradient from the backward's per-sample rows, in two kernels
+// and without atomics on values: a pixel's gradient is the sum of the rows of
+// the samples that count there, in sample order, written once in the
+// embeddings' dtype (the rest of the map is zero, set before). Step 1 claims
+// the pixels: claim[2 (b P + p)] = S - (first sample there), claim[... + 1] =
+// the number of samples there (both start at 0). Step 2: the first sample of a
+// pixel writes it, adding the rows of later samples only when there are some
+// (per-class samples are distinct pixels; any index is allowed).
+template <typename scalar_t, typename acc_t>
+__global__ void claim_pixels_kernel(SampleBatch<scalar_t, acc_t> batch, int32_t* __restrict__ claim) {
+  const int64_t o = thread_index();
+  if (o >= batch.B * batch.S || !batch.counts(o)) return;
+  int32_t* pixel = claim + 2 * ((o / batch.S) * batch.P + batch.index[o]);
+  atomicMax(pixel, static_cast<int32_t>(batch.S - o % batch.S));
+  atomicAdd(pixel + 1, 1);
+}
+
+// One thread per (sample, channel).
+template <typename scalar_t, typename acc_t>
+__global__ void scatter_rows_kernel(SampleBatch<scalar_t, acc_t> batch, const acc_t* __restrict__ rows,
+                                    const int32_t* __restrict__ claim, scalar_t* __restrict__ grad,
+                                    PixelLayout grad_layout) {
+  const int64_t f = thread_index(), D = batch.D, S = batch.S;
+  if (f >= batch.B * S * D) return;
+  const int64_t o = f / D, d = f % D, b = o / S, s = o % S;
+  if (!batch.counts(o)) return;
+  const int64_t p = batch.index[o];
+  const int32_t* pixel = claim + 2 * (b * batch.P + p);
+  if (pixel[0] != S - s) return;  // a sample before this one writes the pixel
+  acc_t sum = acc_t(0) + rows[f];
+  for (int64_t t = s + 1, left = pixel[1] - 1; left > 0 && t < S; ++t) {
+    const int64_t other = b * S + t;
+    if (batch.index[other] == p && batch.counts(other)) {
+      sum += rows[other * D + d];
+      --left;
+    }
+  }
+  grad[grad_layout.offset(b, d, p)] = store_as<scalar_t>(sum);
+}
+
 }  // namespace cuda
 }  // namespace drsl_fast
 
@@ -376,6 +422,7 @@ __global__ void label_mode_kernel(SampleBatch<scalar_t, acc_t> batch, uint8_t* _
 #include <torch/library.h>
 
 #include "../host.h"
+#include "flagged_means.h"
 #include "launch.h"
 
 namespace drsl_fast {
@@ -406,19 +453,21 @@ cuda::SampleTiling loss_tiling(const char* op, const SampleProblem& p, bool back
   return tiling;
 }
 
-// Adds the (B * S, D) per-sample gradient rows into an embedding gradient;
-// samples that do not count have zero rows and go to pixel 0.
+// The embedding gradient from the (B * S, D) per-sample gradient rows
+// (claim_pixels_kernel, scatter_rows_kernel): zero where no sample counts.
+template <typename scalar_t, typename acc_t>
 at::Tensor scatter_rows(const SampleProblem& p, const at::Tensor& rows, const at::Tensor& emb) {
-  at::Tensor grad_acc = at::zeros({p.bdp.size(0), p.D, p.P}, p.modes.options());
-  if (p.B * p.S > 0) {
-    const at::Tensor counts = (p.index >= 0) & (p.index < p.P) & (p.label >= 0) & (p.label < p.C);
-    const at::Tensor pixel = at::where(counts, p.index, at::zeros_like(p.index)).reshape({-1});
-    const at::Tensor image = at::arange(p.B, p.index.options()).repeat_interleave(p.S);
-    const c10::List<std::optional<at::Tensor>> where_to{image, std::nullopt, pixel};  // [image, :, pixel]
-    grad_acc.index_put_(where_to, rows, /*accumulate=*/true);
-  }
-  at::Tensor grad_emb = empty_like_pixel_viewable(emb);
-  as_bdp(grad_emb).copy_(grad_acc);
+  at::Tensor grad_emb = empty_like_pixel_viewable(emb).zero_();
+  if (p.B * p.S * p.D == 0) return grad_emb;
+  TORCH_CHECK(p.S < std::numeric_limits<int32_t>::max(), "mmdl_losses_backward (cuda): S must be < 2^31 - 1");
+  at::Tensor claim = at::zeros({p.B, p.P, 2}, p.index.options().dtype(at::kInt));
+  const auto batch = sample_batch<scalar_t, acc_t>(p);
+  launch(cuda::claim_pixels_kernel<cuda_type<scalar_t>, acc_t>, sample_blocks(p), cuda::kSampleThreads, 0, batch,
+         claim.mutable_data_ptr<int32_t>());
+  launch(cuda::scatter_rows_kernel<cuda_type<scalar_t>, acc_t>,
+         dim3(blocks_for(p.B * p.S * p.D, cuda::kScatterThreads)), cuda::kScatterThreads, 0, batch,
+         rows.const_data_ptr<acc_t>(), claim.const_data_ptr<int32_t>(), mutable_cuda_ptr<scalar_t>(grad_emb),
+         layout_of(as_bdp(grad_emb)));
   return grad_emb;
 }
 
@@ -441,7 +490,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor
              counted.mutable_data_ptr<bool>(), tiling.samples, tiling.staged);
     });
   }
-  return loss_outputs(triplet, ce, counted, mean);
+  auto [mean_triplet, mean_ce, count] = flagged_means_cuda(mean ? triplet : at::Tensor(), mean ? ce : at::Tensor(), counted);
+  if (!mean) return {triplet, ce, count};
+  return {mean_triplet, mean_ce, count};
 }
 
 std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
@@ -451,8 +502,13 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
   check_loss_params(sigma, alpha, scale);
   const c10::cuda::CUDAGuard guard(emb.device());
   const SampleProblem p = sample_problem("mmdl_losses_backward", emb, index, label, modes_in);
-  const at::Tensor grad_triplet = grad_triplet_in.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
-  const at::Tensor grad_ce = grad_ce_in.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
+  // One value each (a mean's gradient) is read in place; otherwise both per sample.
+  const bool one_value = grad_triplet_in.numel() == 1 && grad_ce_in.numel() == 1;
+  const auto per_sample = [&](const at::Tensor& g) {
+    return one_value ? g.to(p.acc_dtype) : g.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
+  };
+  const at::Tensor grad_triplet = per_sample(grad_triplet_in), grad_ce = per_sample(grad_ce_in);
+  at::Tensor grad_emb = emb_requires_grad ? at::Tensor() : at::empty({0}, emb.options());
   at::Tensor sample_grad = at::empty({emb_requires_grad ? p.B * p.S : 0, p.D}, p.modes.options());
   TORCH_CHECK(p.C <= 65535, "mmdl_losses_backward (cuda): C must be <= 65535");
   at::Tensor grad_modes;  // summed by the kernels below; zero without samples
@@ -466,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
       const cuda::SampleTiling tiling = loss_tiling<acc_t>("mmdl_losses_backward", p, true);
       launch(cuda::mmdl_losses_backward_kernel<cuda_type<scalar_t>, acc_t>, blocks_for(p.B * p.S, tiling.samples),
              cuda::kBlockThreads, tiling.bytes, grad_triplet.const_data_ptr<acc_t>(), grad_ce.const_data_ptr<acc_t>(),
-             batch, loss_params<acc_t>(sigma, alpha, scale),
+             int64_t{one_value ? 0 : 1}, batch, loss_params<acc_t>(sigma, alpha, scale),
              emb_requires_grad ? sample_grad.mutable_data_ptr<acc_t>() : nullptr,
              modes_requires_grad ? class_grad.mutable_data_ptr<acc_t>() : nullptr,
              modes_requires_grad ? class_mode.mutable_data_ptr<uint8_t>() : nullptr, tiling.samples, tiling.staged);
@@ -481,9 +537,11 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
         // ATen's reduction over the first axis has a fixed order: deterministic.
         grad_modes = partial.sum(0);
       }
+      if (emb_requires_grad) grad_emb = scatter_rows<scalar_t, acc_t>(p, sample_grad, emb);
     });
   }
-  return {emb_requires_grad ? scatter_rows(p, sample_grad, emb) : at::empty({0}, emb.options()),
+  if (!grad_emb.defined()) grad_emb = empty_like_pixel_viewable(emb).zero_();  // no samples
+  return {grad_emb,
           !modes_requires_grad ? at::empty({0}, modes_in.options())
           : grad_modes.defined() ? grad_modes.to(modes_in.scalar_type())
                                  : at::zeros(modes_in.sizes(), modes_in.options())};

@@ -41,10 +41,17 @@ def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
 
 def labels_at(labels: Tensor, emb: Tensor) -> Tensor:
     """Labels (B, H, W) reduced to the embedding map's size by nearest
-    neighbour (docs/method.md §2: stride 2); unchanged when the sizes already match."""
+    neighbour (docs/method.md §2: stride 2); unchanged when the sizes already match.
+
+    Where the sizes divide (H = r h, W = s w), nearest neighbour picks label
+    (r i, s j) for (i, j): a strided view, no copy and no kernel; otherwise
+    ``F.interpolate(mode="nearest")``, which gives the same labels."""
     size = tuple(emb.shape[-2:])
-    if tuple(labels.shape[-2:]) == size:
+    (H, W), (h, w) = labels.shape[-2:], size
+    if (H, W) == (h, w):
         return labels
+    if 0 < h <= H and 0 < w <= W and H % h == 0 and W % w == 0:
+        return labels[:, :: H // h, :: W // w]
     reduced = F.interpolate(labels[:, None].float(), size=size, mode="nearest")
     return reduced[:, 0].to(labels.dtype)
 

@@ -13,7 +13,8 @@ They are distribution-equivalent to the reference loop, not index-identical.
 
 Operator: drsl_fast::sample_per_class(labels, keys, num_classes, k), C++ CPU
 (counting sort by class, then nth_element per (image, class)) and CUDA (one
-device sort of class-prefixed keys). Selection is a sort, which Triton does not
+device sort of class-prefixed keys between two kernels); both give the same
+samples for the same keys. Selection is a sort, which Triton does not
 express at this size, so ``backend='triton'`` runs the same device sort with
 plain torch ops (:func:`sort_based_sample_per_class`).
 """
@@ -26,7 +27,7 @@ from .. import _extension, reference
 from ..backends import resolve
 from .validation import check_dim, check_int, check_integer_tensor, describe
 
-KEY_BITS = 48  # csrc/host.h kSampleKeyBits
+KEY_BITS = 48  # kernels/class_sampling.h kSampleKeyBits
 MAX_CLASSES = 1 << (62 - KEY_BITS)
 
 

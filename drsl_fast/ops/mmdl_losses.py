@@ -104,7 +104,8 @@ def mmdl_losses(
 def loss_outputs(triplet: Tensor, ce: Tensor, counted: Tensor, mean: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """The per-sample losses (0 where a sample does not count), or with
     ``mean`` their means over the counted samples (0 when none), and the
-    count: what the operators return (csrc/host.h loss_outputs)."""
+    count: what the operators return (csrc/host.h flagged_means; on CUDA
+    csrc/cuda/flagged_means.h)."""
     count = counted.sum()
     if not mean:
         return triplet, ce, count

@@ -5,6 +5,7 @@
 // out the second, the ATen launchers. Every kernel is instantiated for every
 // storage type the launchers use.
 #define DRSL_FAST_KERNELS_ONLY
+#include "../../csrc/cuda/class_sampling.cu"
 #include "../../csrc/cuda/consistency_hinge.cu"
 #include "../../csrc/cuda/consistency_triplets.cu"
 #include "../../csrc/cuda/entropy.cu"
@@ -41,8 +42,11 @@ DRSL_INSTANTIATE_MODE_DISTANCE_FORWARD(__nv_bfloat16, float, true)
   template __global__ void mmdl_losses_forward_kernel<scalar_t, acc_t>(                                \
       SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*, bool*, int, bool);              \
   template __global__ void mmdl_losses_backward_kernel<scalar_t, acc_t>(                               \
-      const acc_t*, const acc_t*, SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*, acc_t*,     \
-      uint8_t*, int, bool);                                                                            \
+      const acc_t*, const acc_t*, int64_t, SampleBatch<scalar_t, acc_t>, LossParams<acc_t>, acc_t*,    \
+      acc_t*, uint8_t*, int, bool);                                                                    \
+  template __global__ void claim_pixels_kernel<scalar_t, acc_t>(SampleBatch<scalar_t, acc_t>, int32_t*); \
+  template __global__ void scatter_rows_kernel<scalar_t, acc_t>(                                       \
+      SampleBatch<scalar_t, acc_t>, const acc_t*, const int32_t*, scalar_t*, PixelLayout);             \
   template __global__ void mmdl_losses_mode_grad_kernel<scalar_t, acc_t>(                              \
       SampleBatch<scalar_t, acc_t>, const acc_t*, const uint8_t*, acc_t*, int);                        \
   template __global__ void label_mode_kernel<scalar_t, acc_t>(SampleBatch<scalar_t, acc_t>, uint8_t*);
@@ -51,6 +55,16 @@ DRSL_INSTANTIATE_MMDL_LOSSES(float, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(double, double)
 DRSL_INSTANTIATE_MMDL_LOSSES(__half, float)
 DRSL_INSTANTIATE_MMDL_LOSSES(__nv_bfloat16, float)
+
+// Per-class sampling (docs/method.md §4): labels of every integer dtype
+#define DRSL_INSTANTIATE_CLASS_KEY(label_t)                                                                   \
+  template __global__ void class_key_kernel<label_t>(const label_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                                     int64_t, const int64_t*, int64_t*);
+DRSL_INSTANTIATE_CLASS_KEY(uint8_t)
+DRSL_INSTANTIATE_CLASS_KEY(int8_t)
+DRSL_INSTANTIATE_CLASS_KEY(int16_t)
+DRSL_INSTANTIATE_CLASS_KEY(int32_t)
+DRSL_INSTANTIATE_CLASS_KEY(int64_t)
 
 // Eq. 6 triplet draw (docs/method.md §4): source labels of every integer dtype
 template __global__ void source_group_kernel<uint8_t>(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t,
@@ -63,6 +77,12 @@ template __global__ void source_group_kernel<int32_t>(const int32_t*, const uint
                                                       int32_t*);
 template __global__ void source_group_kernel<int64_t>(const int64_t*, const uint8_t*, int64_t, int64_t, int64_t,
                                                       int32_t*);
+
+// The means that end mmdl_losses and consistency_hinge
+template __global__ void flagged_means_kernel<float>(const float*, const float*, const bool*, int64_t, float*, float*,
+                                                     int64_t*);
+template __global__ void flagged_means_kernel<double>(const double*, const double*, const bool*, int64_t, double*,
+                                                      double*, int64_t*);
 
 // Eq. 6 hinge
 #define DRSL_INSTANTIATE_CONSISTENCY_HINGE(scalar_t, acc_t)                                                    \

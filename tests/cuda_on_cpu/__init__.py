@@ -1,8 +1,9 @@
-"""The CUDA kernels of the mode-distance op, of the MMDL losses and of the Eq. 6
-triplet draw and hinge, run on the CPU.
+"""The CUDA kernels of the mode-distance op, of the MMDL losses, of the per-class
+sampling and of the Eq. 6 triplet draw and hinge, run on the CPU.
 
 launchers.cpp compiles the device half of csrc/cuda/mode_distance.cu,
-mmdl_losses.cu, consistency_triplets.cu and consistency_hinge.cu with the
+mmdl_losses.cu, class_sampling.cu, consistency_triplets.cu and
+consistency_hinge.cu with the
 stand-ins of include/ (fibers for threads, shared memory refilled with NaN
 for every block, whole-tile WMMA fragments with the tensor cores' tf32
 rounding); this module builds it with the system C++
@@ -25,7 +26,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CUDA_DIR = HERE.parents[1] / "csrc" / "cuda"
-KERNEL_FILES = ("mode_distance.cu", "mmdl_losses.cu", "consistency_triplets.cu", "consistency_hinge.cu")
+KERNEL_FILES = ("mode_distance.cu", "mmdl_losses.cu", "class_sampling.cu", "consistency_triplets.cu",
+                "consistency_hinge.cu")
 NAN = float("nan")  # what outputs start as: an entry the kernels leave unwritten shows
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -139,7 +141,7 @@ class Kernels:
                                    (ctypes.c_int64 * len(variables))(*(size for _, size in variables)),
                                    ctypes.c_int64(len(variables)))
         for name in ("mode_distance_forward", "mode_distance_backward", "mmdl_losses_forward", "mmdl_losses_backward",
-                     "label_mode", "consistency_source_groups", "consistency_group_starts", "consistency_triplets",
+                     "label_mode", "sample_class_keys", "sample_classes", "flagged_means", "consistency_source_groups", "consistency_group_starts", "consistency_triplets",
                      "consistency_hinge_forward", "consistency_hinge_backward"):
             getattr(library, name).restype = ctypes.c_char_p
 
@@ -215,8 +217,8 @@ class Kernels:
 
     def mmdl_losses(self, emb, index, label, modes, sigma, alpha, scale, mean=False, *, reverse=False):
         """(triplet, ce, count) as the CUDA launcher computes them: the forward
-        kernel's per-sample losses and flags, then (csrc/host.h loss_outputs)
-        the count and, with mean, the means over the counted samples."""
+        kernel's per-sample losses and flags, then (flagged_means) the count
+        and, with mean, the means over the counted samples."""
         keep, (dtype, *args), acc = self._samples(emb, index, label, modes)
         triplet, ce = torch.full(index.shape, NAN, dtype=acc), torch.full(index.shape, NAN, dtype=acc)
         counted = torch.ones(index.shape, dtype=torch.bool)  # a flag left unwritten shows as a wrong count
@@ -224,39 +226,35 @@ class Kernels:
             self._check(self._lib.mmdl_losses_forward(dtype, int(reverse), *args, ctypes.c_double(sigma),
                                                       ctypes.c_double(alpha), ctypes.c_double(scale), _ptr(triplet),
                                                       _ptr(ce), _ptr(counted)))
-        count = counted.sum()
-        if not mean:
-            return triplet, ce, count
-        return triplet.sum() / count.clamp(min=1), ce.sum() / count.clamp(min=1), count
+        mean_triplet, mean_ce, count = self.flagged_means(triplet if mean else None, ce if mean else None, counted,
+                                                          reverse=reverse)
+        return (mean_triplet, mean_ce, count) if mean else (triplet, ce, count)
 
     def mmdl_losses_backward(self, grad_triplet, grad_ce, emb, index, label, modes, sigma, alpha, scale, *,
                              emb_grad=True, modes_grad=True, reverse=False):
         """(grad_emb or None, grad_modes or None) as the CUDA launcher computes them:
-        the kernels' per-sample rows added per pixel by index_put_(accumulate)."""
+        the loss gradients read in place when each is one value (stride 0), the
+        kernels' per-sample rows written into the zeroed embedding gradient
+        (repeated pixels summed in sample order)."""
         keep, (dtype, *args), acc = self._samples(emb, index, label, modes)
         B, S = index.shape
         C, M, D = modes.shape
-        grad_triplet = grad_triplet.to(acc).expand(B, S).contiguous()
-        grad_ce = grad_ce.to(acc).expand(B, S).contiguous()
-        rows = torch.full((B * S, D), NAN, dtype=acc) if emb_grad else None
+        one_value = grad_triplet.numel() == 1 and grad_ce.numel() == 1
+        if one_value:
+            grad_triplet, grad_ce = grad_triplet.to(acc).reshape(1), grad_ce.to(acc).reshape(1)
+        else:
+            grad_triplet = grad_triplet.to(acc).expand(B, S).contiguous()
+            grad_ce = grad_ce.to(acc).expand(B, S).contiguous()
+        grad_emb = empty_like_pixel_viewable(emb).zero_() if emb_grad else None
+        grad_bdp = as_bdp(grad_emb) if emb_grad else None
         grad_modes = torch.full((C, M, D), NAN, dtype=acc) if modes_grad else None
         if B * S == 0:  # the launcher's zeros
             grad_modes = grad_modes.zero_() if grad_modes is not None else None
-        else:
+        elif emb_grad or modes_grad:
             self._check(self._lib.mmdl_losses_backward(
                 dtype, int(reverse), *args, ctypes.c_double(sigma), ctypes.c_double(alpha), ctypes.c_double(scale),
-                _ptr(grad_triplet), _ptr(grad_ce), _ptr(rows), _ptr(grad_modes)))
-        grad_emb = None
-        if emb_grad:
-            bdp = as_bdp(emb)
-            P = bdp.shape[2]
-            grad_acc = torch.zeros(bdp.shape[0], D, P, dtype=acc)
-            counts = (index >= 0) & (index < P) & (label >= 0) & (label < C)
-            pixel = torch.where(counts, index, torch.zeros_like(index)).reshape(-1)
-            image = torch.arange(B).repeat_interleave(S)
-            grad_acc.permute(0, 2, 1).index_put_((image, pixel), rows, accumulate=True)
-            grad_emb = empty_like_pixel_viewable(emb)
-            as_bdp(grad_emb).copy_(grad_acc)
+                _ptr(grad_triplet), _ptr(grad_ce), ctypes.c_int64(0 if one_value else 1), _ptr(grad_emb),
+                _layout(*(grad_bdp.stride() if emb_grad else (0, 0, 0))), _ptr(grad_modes)))
         return grad_emb, (grad_modes.to(modes.dtype) if grad_modes is not None else None)
 
     def label_mode(self, emb, index, label, modes, *, reverse=False):
@@ -267,6 +265,28 @@ class Kernels:
             self._check(self._lib.label_mode(dtype, int(reverse), *args,
                                              ctypes.cast(_ptr(mode), ctypes.POINTER(ctypes.c_uint8))))
         return mode
+
+    def sample_per_class(self, labels, keys, num_classes, k, *, reverse=False):
+        """(index, count) of drsl_fast::sample_per_class from the CUDA launcher's
+        steps: the sort keys (int64 labels read with their strides),
+        torch.sort (stable) in place of at::sort, then a thread per output slot."""
+        B, H, W = labels.shape
+        P, C = H * W, num_classes
+        if B * P == 0 or k == 0:  # the launcher's early return
+            return torch.full((B, C, k), -1, dtype=torch.int64), torch.zeros(B, C, dtype=torch.int64)
+        labels = labels if labels.dtype == torch.int64 else labels.long()
+        keys = keys.contiguous()
+        sort_key = torch.full((B, P), -7, dtype=torch.int64)
+        self._check(self._lib.sample_class_keys(int(reverse), _ptr(labels), _layout(*labels.stride()), ctypes.c_int64(B),
+                                                ctypes.c_int64(W), ctypes.c_int64(P), ctypes.c_int64(C), _ptr(keys),
+                                                _ptr(sort_key)))
+        ordered, order = torch.sort(sort_key, dim=1, stable=True)
+        index = torch.full((B, C, k), -2, dtype=torch.int64)
+        count = torch.full((B, C), -2, dtype=torch.int64)
+        self._check(self._lib.sample_classes(int(reverse), _ptr(ordered), _ptr(order), ctypes.c_int64(B),
+                                             ctypes.c_int64(P), ctypes.c_int64(C), ctypes.c_int64(k), _ptr(index),
+                                             _ptr(count)))
+        return index, count
 
     def consistency_triplets(self, anchor_index, anchor_label, anchor_mode, source_label, source_mode, draws,
                              num_classes, num_modes, target_pixels, *, reverse=False):
@@ -313,7 +333,7 @@ class Kernels:
 
     def consistency_hinge(self, target_emb, source_emb, anchor, positive, negative, beta, *, reverse=False):
         """(loss, used) as the CUDA launcher computes them: the kernel's
-        per-triplet hinges and flags, then their sums."""
+        per-triplet hinges and flags, then (flagged_means) their mean and count."""
         acc = accumulation(target_emb.dtype)
         args, keep = self._hinge_args(target_emb, source_emb, anchor, positive, negative, beta)
         hinge = torch.full((args.T,), NAN, dtype=acc)
@@ -321,8 +341,21 @@ class Kernels:
         if args.T > 0:
             self._check(self._lib.consistency_hinge_forward(DTYPES[target_emb.dtype], int(reverse), ctypes.byref(args),
                                                             _ptr(hinge), _ptr(counted)))
-        used = counted.sum()
-        return hinge.sum() / used.clamp(min=1).to(acc), used
+        mean, _, used = self.flagged_means(hinge, None, counted, reverse=reverse)
+        return mean, used
+
+    def flagged_means(self, a, b, flagged, *, reverse=False):
+        """(mean of a, mean of b, count) over the flagged items as the CUDA
+        launchers end mmdl_losses and consistency_hinge (flagged_means_kernel;
+        a mean is None where its values are)."""
+        like = a if a is not None else b
+        dtype = like.dtype if like is not None else torch.float32
+        means = [torch.full((), NAN, dtype=dtype) if v is not None else None for v in (a, b)]
+        count = torch.full((), -1, dtype=torch.int64)
+        self._check(self._lib.flagged_means(DTYPES[dtype], int(reverse), _ptr(a), _ptr(b), _ptr(flagged),
+                                            ctypes.c_int64(flagged.numel()), _ptr(means[0]), _ptr(means[1]),
+                                            _ptr(count)))
+        return means[0], means[1], count
 
     def consistency_hinge_backward(self, grad, used, target_emb, source_emb, anchor, positive, negative, beta,
                                    target_requires_grad, source_requires_grad, *, reverse=False):
@@ -357,7 +390,7 @@ def as_cpu_kernels(kernels, *, tensor_cores, expanded=False):
     """Within the block, the CPU kernels of drsl_fast::mode_distance,
     mode_distance_backward (the tensor-core kernels or the fp32 ones, the
     forward in expanded form with `expanded`),
-    mmdl_losses, mmdl_losses_backward, label_mode, consistency_triplets,
+    mmdl_losses, mmdl_losses_backward, label_mode, sample_per_class, consistency_triplets,
     consistency_hinge and consistency_hinge_backward are the emulated CUDA
     kernels: every test of those ops with backend="cpu" runs them."""
     library = torch.library.Library("drsl_fast", "IMPL")
@@ -388,6 +421,7 @@ def as_cpu_kernels(kernels, *, tensor_cores, expanded=False):
         library.impl("mmdl_losses", kernels.mmdl_losses, "CPU")
         library.impl("mmdl_losses_backward", losses_backward, "CPU")
         library.impl("label_mode", kernels.label_mode, "CPU")
+        library.impl("sample_per_class", kernels.sample_per_class, "CPU")
         library.impl("consistency_triplets", kernels.consistency_triplets, "CPU")
         library.impl("consistency_hinge", kernels.consistency_hinge, "CPU")
         library.impl("consistency_hinge_backward", kernels.consistency_hinge_backward, "CPU")

@@ -1,5 +1,5 @@
-// The device kernels of csrc/cuda/mode_distance.cu, mmdl_losses.cu, consistency_triplets.cu and
-// consistency_hinge.cu,
+// The device kernels of csrc/cuda/mode_distance.cu, mmdl_losses.cu, class_sampling.cu,
+// consistency_triplets.cu and consistency_hinge.cu,
 // compiled for the CPU with the stand-ins of include/, behind C entry points
 // that launch them as the files' own launchers do (same kernels, grids,
 // threads and scratch buffers). Loaded by __init__.py with ctypes.
@@ -9,6 +9,7 @@
 #define DRSL_FAST_KERNELS_ONLY
 #include "mode_distance.cu"
 #include "mmdl_losses.cu"
+#include "class_sampling.cu"
 #include "consistency_triplets.cu"
 #include "consistency_hinge.cu"
 
@@ -182,21 +183,34 @@ void losses_forward(const Samples& s, bool reverse, double sigma, double alpha, 
          static_cast<acc_t*>(triplet), static_cast<acc_t*>(ce), counted, tiling.samples, tiling.staged);
 }
 
+// The backward; with grad_emb (the zeroed embedding gradient, laid out as
+// grad_layout) the per-sample rows are written into it as the launcher's
+// scatter_rows does (pixels claimed, then a thread per (sample, channel)).
 template <typename scalar_t, typename acc_t>
 void losses_backward(const Samples& s, bool reverse, double sigma, double alpha, double scale,
-                     const void* grad_triplet, const void* grad_ce, void* rows, void* grad_modes) {
+                     const void* grad_triplet, const void* grad_ce, int64_t grad_stride, void* grad_emb,
+                     PixelLayout grad_layout, void* grad_modes) {
   const auto batch = sample_batch<scalar_t, acc_t>(s);
   const int64_t n = s.B * s.S, table = grad_modes ? n * s.C : 0;
   std::vector<acc_t> class_grad(table, acc_t(NAN));
   std::vector<uint8_t> class_mode(table, 255);
+  std::vector<acc_t> rows(grad_emb ? n * s.D : 0, acc_t(NAN));
   const cu::SampleTiling tiling = cu::sample_tiling(s.C, s.D, sizeof(acc_t), true);
   if (tiling.samples == 0)
     return drsl_emu::fail("mmdl_losses_backward", "too many classes for one sample's row of shared memory");
   launch(reverse, cu::mmdl_losses_backward_kernel<scalar_t, acc_t>, dim3(blocks_for(n, tiling.samples)),
          cu::kBlockThreads, tiling.bytes, static_cast<const acc_t*>(grad_triplet), static_cast<const acc_t*>(grad_ce),
-         batch, loss_params<acc_t>(sigma, alpha, scale), static_cast<acc_t*>(rows),
+         grad_stride, batch, loss_params<acc_t>(sigma, alpha, scale), grad_emb ? rows.data() : nullptr,
          grad_modes ? class_grad.data() : nullptr, grad_modes ? class_mode.data() : nullptr, tiling.samples,
          tiling.staged);
+  if (grad_emb != nullptr && n * s.D > 0) {
+    std::vector<int32_t> claim(2 * s.B * s.P, 0);
+    launch(reverse, cu::claim_pixels_kernel<scalar_t, acc_t>, dim3(blocks_for(n, cu::kSampleThreads)),
+           cu::kSampleThreads, 0, batch, claim.data());
+    launch(reverse, cu::scatter_rows_kernel<scalar_t, acc_t>, dim3(blocks_for(n * s.D, cu::kScatterThreads)),
+           cu::kScatterThreads, 0, batch, static_cast<const acc_t*>(rows.data()),
+           static_cast<const int32_t*>(claim.data()), static_cast<scalar_t*>(grad_emb), grad_layout);
+  }
   if (grad_modes == nullptr) return;
   const int64_t chunks = blocks_for(n, cu::kModeGradSamples), size = static_cast<int64_t>(s.C) * s.M * s.D;
   std::vector<acc_t> partial(chunks * size, acc_t(NAN));
@@ -288,10 +302,13 @@ const char* mmdl_losses_forward(int dtype, int reverse, const void* emb, const i
 const char* mmdl_losses_backward(int dtype, int reverse, const void* emb, const int64_t* layout,
                                  const int64_t* index, const int64_t* label, const void* modes, int64_t B, int64_t S,
                                  int64_t P, int C, int M, int D, double sigma, double alpha, double scale,
-                                 const void* grad_triplet, const void* grad_ce, void* rows, void* grad_modes) {
+                                 const void* grad_triplet, const void* grad_ce, int64_t grad_stride,
+                                 void* grad_emb, const int64_t* grad_layout, void* grad_modes) {
   const Samples s{emb, {layout[0], layout[1], layout[2]}, index, label, modes, B, S, P, C, M, D};
+  const PixelLayout gl{grad_layout[0], grad_layout[1], grad_layout[2]};
   dispatch(dtype, "mmdl_losses_backward", [&]<typename scalar_t, typename acc_t>() {
-    losses_backward<scalar_t, acc_t>(s, reverse, sigma, alpha, scale, grad_triplet, grad_ce, rows, grad_modes);
+    losses_backward<scalar_t, acc_t>(s, reverse, sigma, alpha, scale, grad_triplet, grad_ce, grad_stride, grad_emb,
+                                     gl, grad_modes);
   });
   return finish();
 }
@@ -302,6 +319,22 @@ const char* label_mode(int dtype, int reverse, const void* emb, const int64_t* l
   const Samples s{emb, {layout[0], layout[1], layout[2]}, index, label, modes, B, S, P, C, M, D};
   dispatch(dtype, "label_mode",
            [&]<typename scalar_t, typename acc_t>() { launch_label_mode<scalar_t, acc_t>(s, reverse, mode); });
+  return finish();
+}
+
+// sample_per_class in the launcher's three steps; the stable sort between the
+// two kernels is the caller's (torch.sort, as the launcher's at::sort). Labels int64.
+const char* sample_class_keys(int reverse, const int64_t* label, const int64_t* strides, int64_t B, int64_t W,
+                              int64_t P, int64_t C, const int64_t* key, int64_t* sort_key) {
+  launch(reverse, cu::class_key_kernel<int64_t>, dim3(blocks_for(P, cu::kSamplingThreads), static_cast<unsigned>(B)),
+         cu::kSamplingThreads, 0, label, strides[0], strides[1], strides[2], W, P, C, key, sort_key);
+  return finish();
+}
+
+const char* sample_classes(int reverse, const int64_t* sorted, const int64_t* order, int64_t B, int64_t P, int64_t C,
+                           int64_t k, int64_t* index, int64_t* count) {
+  launch(reverse, cu::class_sample_kernel, dim3(blocks_for(B * C * k, cu::kSamplingThreads)), cu::kSamplingThreads, 0,
+         sorted, order, B, P, C, k, index, count);
   return finish();
 }
 
@@ -327,6 +360,16 @@ const char* consistency_triplets(int reverse, const int64_t* index, const int64_
   launch(reverse, cu::consistency_triplets_kernel, dim3(blocks_for(anchors, cu::kTripletThreads)),
          cu::kTripletThreads, 0, index, label, mode, draws, anchors, S, start, order, C, M, target_pixels, anchor,
          positive, negative, valid, reinterpret_cast<unsigned long long*>(skipped));
+  return finish();
+}
+
+// flagged_means_kernel (kernels/cuda/flagged_means.cuh): one block; a or b may be null.
+const char* flagged_means(int dtype, int reverse, const void* a, const void* b, const bool* flagged, int64_t n,
+                          void* mean_a, void* mean_b, int64_t* count) {
+  dispatch(dtype, "flagged_means", [&]<typename scalar_t, typename acc_t>() {
+    launch(reverse, cu::flagged_means_kernel<acc_t>, dim3(1), cu::kMeanThreads, 0, static_cast<const acc_t*>(a),
+           static_cast<const acc_t*>(b), flagged, n, static_cast<acc_t*>(mean_a), static_cast<acc_t*>(mean_b), count);
+  });
   return finish();
 }
 

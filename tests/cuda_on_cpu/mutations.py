@@ -1,5 +1,5 @@
 """Checks that the emulated-CUDA tests catch bugs in the mode-distance,
-MMDL-loss and Eq. 6 kernels: each mutation below (a barrier removed, a term dropped, an
+MMDL-loss, per-class sampling and Eq. 6 kernels: each mutation below (a barrier removed, a term dropped, an
 index swapped, a rule loosened) is applied to a copy of csrc/cuda/, and the
 ops' emulated tests must fail on it; the unchanged files must pass them.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-FILES = ("mode_distance.cu", "mmdl_losses.cu", "consistency_triplets.cu", "consistency_hinge.cu")
+FILES = ("mode_distance.cu", "mmdl_losses.cu", "class_sampling.cu", "consistency_triplets.cu", "consistency_hinge.cu")
 
 # name -> (text of a kernel file, what it becomes); each text occurs once in one file
 MUTATIONS = {
@@ -112,6 +112,12 @@ MUTATIONS = {
                                                "class_dmin(static_cast<const acc_t*>(rows.emb(j ^ 1)), 1,"),
     "MMDL backward: the triplet term dropped": ("        if (active) g += g_tri * (acc_t(c == y) - acc_t(c == s.negative));\n",
                                                 ""),
+    "MMDL scatter: the rows of a pixel's later samples left out": ("      sum += rows[other * D + d];\n", ""),
+    "MMDL scatter: every sample writes its pixel": (
+        "  if (pixel[0] != S - s) return;  // a sample before this one writes the pixel\n", ""),
+    "sampling: counts not capped at k": ("const int64_t taken = run < k ? run : k;", "const int64_t taken = run;"),
+    "sampling: labels read as if contiguous": (
+        "label[b * stride_b + (p / W) * stride_h + (p % W) * stride_w]", "label[b * P + p]"),
     "Eq. 6 draw: group runs start one key late": ("if (sorted[mid] < g) low = mid + 1;",
                                                   "if (sorted[mid] <= g) low = mid + 1;"),
     "Eq. 6 draw: anchors without a positive not counted": ("  if (t.no_positive) atomicAdd(skipped, 1ull);\n", ""),
@@ -128,6 +134,7 @@ MUTATIONS = {
 def emulated_tests_pass(cuda_dir: Path) -> bool:
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "emulated",
                "tests/test_mode_distance.py", "tests/test_bad_inputs.py", "tests/test_mmdl_losses.py",
+               "tests/test_class_sampling.py",
                "tests/test_consistency_triplets.py", "tests/test_consistency.py"]
     env = dict(os.environ, DRSL_FAST_EMULATED_CUDA_DIR=str(cuda_dir))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -179,6 +179,12 @@ inline int atomicAdd(int* address, int value) {
   return old;
 }
 
+inline int atomicMax(int* address, int value) {
+  const int old = *address;
+  *address = old > value ? old : value;
+  return old;
+}
+
 inline float atomicAdd(float* address, float value) {
   const float old = *address;
   *address = old + value;
