@@ -114,16 +114,21 @@ def test_pairs_are_uniform_like_the_reference(backend):
     assert abs(chi_square_uniform(pairs, 3000 / 15)) < 5
 
 
+@pytest.mark.parametrize("kernels", ["cuda-emulated", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64], ids=str)
-def test_emulated_cuda_gives_the_cpu_samples(request, dtype):
-    """For the same keys the CUDA launcher's steps (emulated) and the CPU
-    kernel select the same pixels in the same order: tied keys go to the lower
-    pixel, labels strided (a nearest reduction by 2 as a view), ignored and
-    out-of-range ids, an all-ignore image, k above and below the class sizes."""
+def test_cuda_gives_the_cpu_samples(request, kernels, dtype):
+    """For the same keys the CUDA backend (emulated on the CPU, or on a GPU
+    where one is present) and the CPU kernel select the same pixels in the
+    same order: tied keys go to the lower pixel, labels strided (a nearest
+    reduction by 2 as a view), ignored and out-of-range ids, an all-ignore
+    image, k above and below the class sizes."""
     from drsl_fast import _extension
+    from drsl_fast.backends import why_unavailable
 
     if not _extension.has_cpu_kernels():
         pytest.skip(_extension.LOAD_ERROR)
+    if kernels == "cuda" and why_unavailable("cuda", torch.device("cuda")) is not None:
+        pytest.skip(f"cuda: {why_unavailable('cuda', torch.device('cuda'))}")
     g = torch.Generator().manual_seed(4)
     cases = [(3, 11, 7, 7, 3), (2, 16, 16, 4, 40), (1, 5, 9, 3, 100), (2, 30, 41, 19, 30)]
     expected = []
@@ -137,7 +142,13 @@ def test_emulated_cuda_gives_the_cpu_samples(request, dtype):
         keys[:, ::3] = keys[:, :1]  # ties
         cpu = torch.ops.drsl_fast.sample_per_class(labels.contiguous(), keys, C, k)
         expected.append((labels, keys, C, k, cpu))
-    with emulating(request, "cuda-emulated"):
+    if kernels == "cuda":
+        for labels, keys, C, k, (index, count) in expected:
+            strided = labels._base.cuda()[:, ::2, ::2]  # the view on the GPU, not a contiguous copy
+            got_index, got_count = torch.ops.drsl_fast.sample_per_class(strided, keys.cuda(), C, k)
+            assert torch.equal(got_index.cpu(), index) and torch.equal(got_count.cpu(), count)
+        return
+    with emulating(request, kernels):
         for labels, keys, C, k, (index, count) in expected:
             got_index, got_count = torch.ops.drsl_fast.sample_per_class(labels, keys, C, k)
             assert torch.equal(got_index, index) and torch.equal(got_count, count)
