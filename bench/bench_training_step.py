@@ -126,14 +126,11 @@ def training_step(setting, device, dtype, generator=None):
     import torch
     from torch.profiler import record_function
 
-    from drsl_fast.memory_model import simulated_batch
+    from drsl_fast.memory_model import simulated_batch, step_network
     from drsl_fast.train.loop import drsl_loss, step_loss
-    from drsl_fast.train.network import build_network
-    from drsl_fast.train.settings import Settings
 
-    settings = Settings.of(setting.config())
-    network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).to(device).train()
-    network.shared_convs = setting.shared_convs
+    network, settings = step_network(setting)
+    network = network.to(device)
     optimizer = torch.optim.SGD(network.parameter_groups(5e-5), lr=5e-5, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = drsl_loss(settings.loss, settings.data.num_classes, settings.model.sigma, consistency=True)
@@ -180,15 +177,12 @@ def warm_up_step(setting, device, dtype) -> None:
 
     import torch
 
-    from drsl_fast.memory_model import simulated_batch
+    from drsl_fast.memory_model import simulated_batch, step_network
     from drsl_fast.train.loop import drsl_loss, step_loss
-    from drsl_fast.train.network import build_network
-    from drsl_fast.train.settings import Settings
 
     tiny = replace(setting, depth=18, width=0.125, crop=(32, 32))
-    settings = Settings.of(tiny.config())
-    network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).to(device).train()
-    network.shared_convs = tiny.shared_convs
+    network, settings = step_network(tiny)
+    network = network.to(device)
     source, target = simulated_batch(tiny, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:

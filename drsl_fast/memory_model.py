@@ -182,6 +182,19 @@ def simulated_batch(setting: StepSetting, device: str = "cpu") -> Tuple[Dict, Op
     return source, (batch() if setting.adaptation else None)
 
 
+def step_network(setting: StepSetting):
+    """The network a setting's step trains, in training mode (built from
+    :meth:`StepSetting.config`, the head's convolutions shared or apart as
+    ``setting.shared_convs`` says), and the run settings it was built from."""
+    from .train.network import build_network
+    from .train.settings import Settings
+
+    settings = Settings.of(setting.config())
+    network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).train()
+    network.shared_convs = setting.shared_convs
+    return network, settings
+
+
 @dataclass
 class NetworkMemory:
     static_bytes: int      # parameters, gradients and momentum buffers
@@ -200,17 +213,12 @@ def _network_memory(setting: StepSetting) -> NetworkMemory:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .train.loop import step_loss
-    from .train.network import build_network
-    from .train.settings import Settings
 
-    settings = Settings.of(setting.config())
     dtype = amp_dtype(setting.amp)
     counter = LiveBytes()
     stand_in = LossStandIn(counter)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None)
-        network.train()
-        network.shared_convs = setting.shared_convs
+        network, settings = step_network(setting)
         optimizer = torch.optim.SGD(network.parameter_groups(1e-4), lr=1e-4, momentum=0.9, weight_decay=5e-4,
                                     foreach=False)
         source, target = simulated_batch(setting)
