@@ -35,7 +35,10 @@ C = 19, M = 3:
   Eq. 6 draw, op        the same draw by ``drsl_fast::consistency_triplets``
 
 and a ``torch.profiler`` table of one tiny forward+backward: host self time
-per event (operators, autograd nodes, runtime calls).
+per event (operators, autograd nodes, runtime calls); and, per DRSL+ loss
+call at each map, what the profiler counts: operators (aten and drsl_fast,
+nested calls included), kernel launches the host issues, and kernels, copies
+and fills the device runs.
 
     python bench/probe_host_time.py --device cuda --out DIR/host_time
     python bench/probe_host_time.py --device cpu   # -> bench/results/host_time_cpu
@@ -52,6 +55,8 @@ import harness  # noqa: E402
 D, C, M = 64, 19, 3
 MAPS = {"tiny": (1, 8, 8), "realistic": (2, 256, 256)}
 CHAIN_LENGTHS = (1, 4, 16)
+COUNTED_CASES = ("DRSL+ loss, forward", "DRSL+ loss, forward+backward")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
 def cases(device, map_name: str):
@@ -150,9 +155,8 @@ def time_case(function, device, calls: int, rounds: int):
             1e3 * statistics.median(r["pipelined_ms"] for r in runs))
 
 
-def profile_table(function, device, calls: int, top: int):
-    """Host self time per profiler event (us per call) of ``calls`` calls, the largest ``top``."""
-    import torch
+def profiled_events(function, device, calls: int):
+    """The profiler's events of ``calls`` calls, after 3 unprofiled ones."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
@@ -163,8 +167,28 @@ def profile_table(function, device, calls: int, top: int):
         for _ in range(calls):
             function()
         harness.sync(device)
+    return prof.events()
+
+
+def call_counts(function, device, calls: int):
+    """Per call: operators (aten:: and drsl_fast:: events, nested calls
+    included), kernel launches issued by the host, and device activities
+    (kernels, copies, fills)."""
+    import torch
+
+    events = profiled_events(function, device, calls)
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    on_host = [e for e in events if e.device_type != torch.autograd.DeviceType.CUDA]
+    return dict(operators=sum(e.name.startswith(("aten::", "drsl_fast::")) for e in on_host) / calls,
+                launches=sum(e.name in LAUNCH_CALLS for e in on_host) / calls, device=len(on_device) / calls)
+
+
+def profile_table(function, device, calls: int, top: int):
+    """Host self time per profiler event (us per call) of ``calls`` calls, the largest ``top``."""
+    import torch
+
     totals = collections.defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
+    for event in profiled_events(function, device, calls):
         if event.device_type == torch.autograd.DeviceType.CUDA:
             continue
         entry = totals[event.name[:90]]
@@ -189,7 +213,7 @@ def main():
     if device == "cpu":
         torch.set_num_threads(1)  # the host's own cost; thread-pool wake-ups are not what this probes
     harness.warm_up_runtime(device)
-    rows, tiny_step = [], None
+    rows, counts, tiny_step = [], [], None
     for map_name in MAPS if device == "cuda" else ["tiny"]:  # the CPU's realistic calls are its kernels' time
         named, step = cases(device, map_name)
         tiny_step = tiny_step or step
@@ -197,6 +221,8 @@ def main():
             host_us, per_call_us = time_case(function, device, args.calls, args.rounds)
             rows.append(dict(map=map_name, case=name, host_us=host_us, per_call_us=per_call_us))
             print(f"{map_name:9s} {name:26s} host {host_us:9.1f} us   per call {per_call_us:9.1f} us", flush=True)
+        for name in COUNTED_CASES:
+            counts.append(dict(map=map_name, case=name, **call_counts(named[name], device, 5)))
     events = profile_table(tiny_step, device, args.calls, args.top)
 
     B, H, W = MAPS["realistic"]
@@ -207,12 +233,19 @@ def main():
             + harness.markdown_table(
                 ["map", "case", "host us", "per call us"],
                 [(r["map"], r["case"], f"{r['host_us']:.1f}", f"{r['per_call_us']:.1f}") for r in rows])
+            + "\n\n### Per DRSL+ loss call, as torch.profiler counts them\n\n"
+            + "Operators: aten and drsl_fast events, nested calls included; kernel launches: the host's launch "
+            "calls; device activities: kernels, copies and fills.\n\n"
+            + harness.markdown_table(
+                ["map", "case", "operators", "kernel launches", "device activities"],
+                [(c["map"], c["case"], f"{c['operators']:g}", f"{c['launches']:g}", f"{c['device']:g}")
+                 for c in counts])
             + "\n\n### One tiny forward+backward under torch.profiler (host self time per call)\n\n"
             + harness.markdown_table(["event", "self us", "calls"],
                                      [(f"`{e['event']}`", f"{e['self_us']:.1f}", f"{e['count']:g}") for e in events]))
     stem = harness.results_stem(args.out, "host_time", device)
     harness.write_results(stem, harness.metadata(device), rows, ["map", "case", "host_us", "per_call_us"],
-                          "Host time per call", body, extra_json=dict(profile=events))
+                          "Host time per call", body, extra_json=dict(profile=events, counts=counts))
 
 
 if __name__ == "__main__":
