@@ -1,7 +1,8 @@
 // CUDA backend of sample_per_class (docs/method.md §4, §10), in three steps and
 // no host synchronisation (kernels/class_sampling.h states the sort key):
 //   class_key_kernel        the sort key of every pixel (labels read in place,
-//                           any integer dtype and strides)
+//                           any integer dtype and strides; keys in [0, 2^48),
+//                           as the schema states)
 //   at::sort (stable)       each image's pixels by sort key: class runs, ignored last
 //   class_sample_kernel     one thread per output slot (b, c, s): class c's run
 //                           found by two binary searches, its entry s or -1
@@ -21,16 +22,17 @@ namespace cuda {
 
 constexpr int kSamplingThreads = 256;
 
-// sort_key[b * P + p] for pixel p = h * W + w of image b; labels (b, h, w) at
-// label[b * stride_b + h * stride_h + w * stride_w]. Grid (pixels, B).
+// sort_key[f] for f = b * P + p, pixel p = h * W + w of image b; labels (b,
+// h, w) at label[b * stride_b + h * stride_h + w * stride_w]. A thread per f.
 template <typename label_t>
 __global__ void class_key_kernel(const label_t* __restrict__ label, int64_t stride_b, int64_t stride_h,
-                                 int64_t stride_w, int64_t W, int64_t P, int64_t C, const int64_t* __restrict__ key,
-                                 int64_t* __restrict__ sort_key) {
-  const int64_t p = thread_index(), b = blockIdx.y;
-  if (p >= P) return;
+                                 int64_t stride_w, int64_t W, int64_t n, int64_t P, int64_t C,
+                                 const int64_t* __restrict__ key, int64_t* __restrict__ sort_key) {
+  const int64_t f = thread_index();
+  if (f >= n) return;
+  const int64_t b = f / P, p = f % P;
   const int64_t value = static_cast<int64_t>(label[b * stride_b + (p / W) * stride_h + (p % W) * stride_w]);
-  sort_key[b * P + p] = class_sort_key(value, C, key[b * P + p]);
+  sort_key[f] = class_sort_key(value, C, key[f]);
 }
 
 // index[(b * C + c) * k + s] = the pixel of entry s of class c's run in image
@@ -58,6 +60,8 @@ __global__ void class_sample_kernel(const int64_t* __restrict__ sorted, const in
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../host.h"
 #include "launch.h"
 
@@ -70,13 +74,15 @@ std::tuple<at::Tensor, at::Tensor> sample_per_class_cuda(const at::Tensor& label
   const auto long_options = labels.options().dtype(at::kLong);
   if (B == 0 || P == 0 || k == 0)
     return {at::full({B, C, k}, -1, long_options), at::zeros({B, C}, long_options)};
-  TORCH_CHECK(B * C * k < (int64_t(1) << 39), "sample_per_class (cuda): B * num_classes * k is too large");
+  constexpr int64_t kMaxThreads = int64_t{std::numeric_limits<int32_t>::max()} * cuda::kSamplingThreads;
+  TORCH_CHECK(B * P <= kMaxThreads && k <= kMaxThreads / (B * C),
+              "sample_per_class (cuda): B * H * W and B * num_classes * k must be at most ", kMaxThreads);
   const at::Tensor keys = keys_in.contiguous();
   at::Tensor sort_key = at::empty({B, P}, long_options);
   AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "sample_per_class_cuda", [&] {
-    launch(cuda::class_key_kernel<scalar_t>, pixel_grid("sample_per_class", P, B, cuda::kSamplingThreads),
-           cuda::kSamplingThreads, 0, labels.const_data_ptr<scalar_t>(), labels.stride(0), labels.stride(1),
-           labels.stride(2), W, P, C, keys.const_data_ptr<int64_t>(), sort_key.mutable_data_ptr<int64_t>());
+    launch(cuda::class_key_kernel<scalar_t>, dim3(blocks_for(B * P, cuda::kSamplingThreads)), cuda::kSamplingThreads,
+           0, labels.const_data_ptr<scalar_t>(), labels.stride(0), labels.stride(1), labels.stride(2), W, B * P, P, C,
+           keys.const_data_ptr<int64_t>(), sort_key.mutable_data_ptr<int64_t>());
   });
   const auto [sorted, order] = at::sort(sort_key, /*stable=*/true, /*dim=*/1, /*descending=*/false);
   at::Tensor index = at::empty({B, C, k}, long_options), count = at::empty({B, C}, long_options);

@@ -378,7 +378,11 @@ __global__ void label_mode_kernel(SampleBatch<scalar_t, acc_t> batch, uint8_t* _
 // the pixels: claim[2 (b P + p)] = S - (first sample there), claim[... + 1] =
 // the number of samples there (both start at 0). Step 2: the first sample of a
 // pixel writes it, adding the rows of later samples only when there are some
-// (per-class samples are distinct pixels; any index is allowed).
+// (per-class samples are distinct pixels; any index is allowed). It finds them
+// by scanning the image's later samples: nothing for a pixel sampled once, up
+// to S steps per channel for a repeated one, so index sets with thousands of
+// repeats take longer than a sort-based scatter would (a sort's launches are
+// what this replaces).
 template <typename scalar_t, typename acc_t>
 __global__ void claim_pixels_kernel(SampleBatch<scalar_t, acc_t> batch, int32_t* __restrict__ claim) {
   const int64_t o = thread_index();

@@ -59,7 +59,7 @@ DRSL_INSTANTIATE_MMDL_LOSSES(__nv_bfloat16, float)
 // Per-class sampling (docs/method.md §4): labels of every integer dtype
 #define DRSL_INSTANTIATE_CLASS_KEY(label_t)                                                                   \
   template __global__ void class_key_kernel<label_t>(const label_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                                     int64_t, const int64_t*, int64_t*);
+                                                     int64_t, int64_t, const int64_t*, int64_t*);
 DRSL_INSTANTIATE_CLASS_KEY(uint8_t)
 DRSL_INSTANTIATE_CLASS_KEY(int8_t)
 DRSL_INSTANTIATE_CLASS_KEY(int16_t)

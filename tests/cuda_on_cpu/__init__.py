@@ -30,6 +30,7 @@ KERNEL_FILES = ("mode_distance.cu", "mmdl_losses.cu", "class_sampling.cu", "cons
                 "consistency_hinge.cu")
 NAN = float("nan")  # what outputs start as: an entry the kernels leave unwritten shows
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+LABEL_DTYPES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}
 
 
 def why_unavailable():
@@ -141,7 +142,8 @@ class Kernels:
                                    (ctypes.c_int64 * len(variables))(*(size for _, size in variables)),
                                    ctypes.c_int64(len(variables)))
         for name in ("mode_distance_forward", "mode_distance_backward", "mmdl_losses_forward", "mmdl_losses_backward",
-                     "label_mode", "sample_class_keys", "sample_classes", "flagged_means", "consistency_source_groups", "consistency_group_starts", "consistency_triplets",
+                     "label_mode", "sample_class_keys", "sample_classes", "flagged_means",
+                     "consistency_source_groups", "consistency_group_starts", "consistency_triplets",
                      "consistency_hinge_forward", "consistency_hinge_backward"):
             getattr(library, name).restype = ctypes.c_char_p
 
@@ -268,16 +270,16 @@ class Kernels:
 
     def sample_per_class(self, labels, keys, num_classes, k, *, reverse=False):
         """(index, count) of drsl_fast::sample_per_class from the CUDA launcher's
-        steps: the sort keys (int64 labels read with their strides),
+        steps: the sort keys (labels of any integer dtype read with their strides),
         torch.sort (stable) in place of at::sort, then a thread per output slot."""
         B, H, W = labels.shape
         P, C = H * W, num_classes
         if B * P == 0 or k == 0:  # the launcher's early return
             return torch.full((B, C, k), -1, dtype=torch.int64), torch.zeros(B, C, dtype=torch.int64)
-        labels = labels if labels.dtype == torch.int64 else labels.long()
         keys = keys.contiguous()
         sort_key = torch.full((B, P), -7, dtype=torch.int64)
-        self._check(self._lib.sample_class_keys(int(reverse), _ptr(labels), _layout(*labels.stride()), ctypes.c_int64(B),
+        self._check(self._lib.sample_class_keys(int(reverse), LABEL_DTYPES[labels.dtype], _ptr(labels),
+                                                _layout(*labels.stride()), ctypes.c_int64(B),
                                                 ctypes.c_int64(W), ctypes.c_int64(P), ctypes.c_int64(C), _ptr(keys),
                                                 _ptr(sort_key)))
         ordered, order = torch.sort(sort_key, dim=1, stable=True)

@@ -323,11 +323,23 @@ const char* label_mode(int dtype, int reverse, const void* emb, const int64_t* l
 }
 
 // sample_per_class in the launcher's three steps; the stable sort between the
-// two kernels is the caller's (torch.sort, as the launcher's at::sort). Labels int64.
-const char* sample_class_keys(int reverse, const int64_t* label, const int64_t* strides, int64_t B, int64_t W,
-                              int64_t P, int64_t C, const int64_t* key, int64_t* sort_key) {
-  launch(reverse, cu::class_key_kernel<int64_t>, dim3(blocks_for(P, cu::kSamplingThreads), static_cast<unsigned>(B)),
-         cu::kSamplingThreads, 0, label, strides[0], strides[1], strides[2], W, P, C, key, sort_key);
+// two kernels is the caller's (torch.sort, as the launcher's at::sort). Labels
+// of the integer dtype label_dtype (0 uint8, 1 int8, 2 int16, 3 int32, 4 int64), read with their strides.
+const char* sample_class_keys(int reverse, int label_dtype, const void* label, const int64_t* strides, int64_t B,
+                              int64_t W, int64_t P, int64_t C, const int64_t* key, int64_t* sort_key) {
+  const auto keys = [&]<typename label_t>() {
+    launch(reverse, cu::class_key_kernel<label_t>, dim3(blocks_for(B * P, cu::kSamplingThreads)),
+           cu::kSamplingThreads, 0, static_cast<const label_t*>(label), strides[0], strides[1], strides[2], W, B * P,
+           P, C, key, sort_key);
+  };
+  switch (label_dtype) {
+    case 0: keys.template operator()<uint8_t>(); break;
+    case 1: keys.template operator()<int8_t>(); break;
+    case 2: keys.template operator()<int16_t>(); break;
+    case 3: keys.template operator()<int32_t>(); break;
+    case 4: keys.template operator()<int64_t>(); break;
+    default: drsl_emu::fail("sample_per_class", "unknown label dtype");
+  }
   return finish();
 }
 
