@@ -205,3 +205,16 @@ def test_every_fast_backend_on_its_device(fast_backend):
     for _ in range(draws):
         first_slot[sample_per_class(pattern.to(device), 2, 4, gen, backend=backend).index[0, 1, 0].cpu()] += 1
     assert abs(chi_square_uniform(first_slot[pixels], draws / pixels.numel())) < 5
+
+
+def test_repeated_rows_are_the_labels_of_pairs():
+    """DRSLLoss takes its sample labels from repeated_rows: the labels of
+    pairs(), contiguous, built once per shape and device."""
+    from drsl_fast.ops.class_sampling import repeated_rows
+
+    labels = torch.randint(0, 4, (2, 6, 7), generator=torch.Generator().manual_seed(0))
+    _, label = sample_per_class(labels, 4, 5, torch.Generator().manual_seed(0), backend="reference").pairs()
+    rows = repeated_rows(2, 20, 5, torch.device("cpu"))
+    assert torch.equal(rows, label) and rows.is_contiguous()
+    assert repeated_rows(2, 20, 5, torch.device("cpu")) is rows
+    assert torch.equal(repeated_rows(3, 7, 1, torch.device("cpu")), torch.arange(7).expand(3, 7))

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..backends import resolve
+from ..ops.class_sampling import repeated_rows
 from ..ops.mmdl_losses import label_mode
 from ..ops.mode_distance import empty_like_pixel_viewable
 from ..ops.registration import register_differentiable
@@ -78,7 +79,7 @@ def consistency_triplets(
     anchor_index, anchor_label = anchor_index.long(), anchor_label.long()
     anchor_mode = label_mode(target_emb, anchor_index, anchor_label, modes, backend=backend)
     source_label = source_labels.reshape(Bs, -1)
-    every_pixel = torch.arange(source_pixels, device=device).expand(Bs, -1)
+    every_pixel = repeated_rows(Bs, source_pixels, 1, source_label.device)
     source_mode = label_mode(source_emb, every_pixel, source_label, modes, backend=backend)
     draws = torch.rand((2,) + anchor_index.shape, generator=generator, device=device, dtype=torch.float64)
     args = (anchor_index, anchor_label, anchor_mode, source_label, source_mode, draws, C, M,

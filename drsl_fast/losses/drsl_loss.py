@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.class_sampling import sample_per_class
+from ..ops.class_sampling import repeated_rows, sample_per_class
 from ..ops.mmdl_losses import MMDLLosses, mmdl_losses
 from ..ops.mode_distance import check_sigma
 from ..ops.validation import check_bool, check_dim, check_float_tensor, check_int, check_integer_tensor, check_real
@@ -147,8 +147,10 @@ class DRSLLoss(nn.Module):
         return DRSLLossOutput(total, terms)
 
     def _pairs(self, labels, generator):
+        """``sample_per_class(...).pairs()``, its labels the shared contiguous rows of :func:`repeated_rows`."""
         samples = sample_per_class(labels, self.num_classes, self.samples_per_class, generator, backend=self.backend)
-        return samples.pairs()
+        B, C, k = samples.index.shape
+        return samples.index.reshape(B, C * k), repeated_rows(B, C * k, k, samples.index.device)
 
     def _mmdl(self, emb, pairs, modes) -> MMDLLosses:
         return mmdl_losses(emb, *pairs, modes, self.sigma, self.alpha, self.scale, backend=self.backend)

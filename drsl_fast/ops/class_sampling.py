@@ -18,6 +18,7 @@ samples for the same keys. Selection is a sort, which Triton does not
 express at this size, so ``backend='triton'`` runs the same device sort with
 plain torch ops (:func:`sort_based_sample_per_class`).
 """
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -43,6 +44,26 @@ class ClassSamples(NamedTuple):
         # class of slot i is i // k: two operators (repeat_interleave dispatches six)
         label = torch.arange(C * k, device=self.index.device).floor_divide_(max(k, 1)).expand(B, C * k)
         return self.index.reshape(B, C * k), label
+
+
+def repeated_rows(rows: int, width: int, divisor: int, device: torch.device) -> Tensor:
+    """(rows, width) int64, contiguous, entry j of every row ``j // divisor``:
+    the class of each slot of :meth:`ClassSamples.pairs` (divisor k) or every
+    pixel's position (divisor 1), built once per shape and device and then
+    reused, so that the ops read it without a copy (an expanded row is copied
+    by every op that takes it). For the library's own calls only: the tensor
+    is shared, and must not be modified. Not cached while a CUDA graph is
+    being captured (the graph's memory pool would own it)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _repeated_rows(rows, width, divisor, device)
+    return _cached_rows(rows, width, divisor, device)
+
+
+def _repeated_rows(rows: int, width: int, divisor: int, device: torch.device) -> Tensor:
+    return torch.arange(width, device=device).floor_divide_(max(divisor, 1)).expand(rows, width).contiguous()
+
+
+_cached_rows = functools.lru_cache(maxsize=32)(_repeated_rows)
 
 
 def sample_per_class(
