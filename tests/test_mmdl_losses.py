@@ -467,3 +467,28 @@ def test_labels_at_is_nearest_interpolation(dtype):
         assert got.dtype == dtype and torch.equal(got, want)
         if 24 % h == 0 and 36 % w == 0:
             assert got.data_ptr() == labels.data_ptr()  # a view
+
+
+def test_weighted_sum_as_one_product_and_as_a_chain():
+    """weighted_sum's dot of the stacked terms gives the chain of adds' total
+    and gradients (float64 and fp32, the latter also under autocast, where it
+    stays fp32); a term given as a number, or terms of two dtypes, take the
+    chain."""
+    from drsl_fast.losses.drsl_loss import weighted_sum
+
+    weights = (1.0, 1.0, 0.25, 0.25, 0.1, 0.1, 0.1)
+    for dtype in (torch.float64, torch.float32):
+        values = torch.rand(7, generator=torch.Generator().manual_seed(3), dtype=dtype)
+        terms = [v.clone().requires_grad_() for v in values]
+        total = weighted_sum(list(zip(terms, weights)))
+        assert total.grad_fn.name() == "DotBackward0" and total.dtype == dtype
+        total.backward()
+        expected = sum(float(v) * w for v, w in zip(values, weights))
+        torch.testing.assert_close(total.item(), expected)
+        assert [t.grad.item() for t in terms] == [torch.tensor(w, dtype=dtype).item() for w in weights]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert weighted_sum([(t.detach().float(), w) for t, w in zip(terms, weights)]).dtype == torch.float32
+    mixed = [(0.5, 1.0), (torch.tensor(2.0, dtype=torch.float64), 0.25)]
+    assert weighted_sum(mixed).item() == 1.0 and weighted_sum(mixed).grad_fn is None
+    two_dtypes = [(torch.tensor(1.0, requires_grad=True), 1.0), (torch.tensor(2.0, dtype=torch.float64), 0.5)]
+    assert weighted_sum(two_dtypes).grad_fn.name() == "AddBackward0"

@@ -63,16 +63,51 @@ def in_mode_variance(source: MMDLLosses, target: MMDLLosses) -> Tensor:
 
 
 def weighted_sum(terms: Sequence[Tuple[Tensor, float]]) -> Tensor:
-    """``sum_i w_i t_i`` over (t_i, w_i) pairs, one ``add(..., alpha=w_i)`` a
-    term: one operator and one autograd node each, where a product and a sum
-    take two (on a GPU every operator is a kernel launch and every node a step
-    of the backward's host work)."""
+    """``sum_i w_i t_i`` over (t_i, w_i) pairs. Terms that are 0-d fp32 or fp64
+    tensors of one dtype and device: ``dot(stack(t), w)``, two operators and
+    two autograd nodes whose backward is one multiplication (on a GPU every
+    operator is a kernel launch and every node a step of the backward's host
+    work), where a chain of ``add(..., alpha=w_i)``, the way taken otherwise,
+    takes one operator and one node a term, and a multiplication for each
+    weight other than 1 in the backward."""
+    values = [term for term, _ in terms]
+    first = values[0]
+    if (isinstance(first, Tensor) and first.dtype in (torch.float32, torch.float64)
+            and all(isinstance(t, Tensor) and t.dim() == 0 and t.dtype == first.dtype and t.device == first.device
+                    for t in values)):
+        weights = term_weights(tuple(float(w) for _, w in terms), first.dtype, first.device)
+        if weights is not None:
+            stacked = torch.stack(values)
+            if torch.is_autocast_enabled(first.device.type):  # the sum in the terms' dtype, not autocast's
+                with torch.autocast(first.device.type, enabled=False):
+                    return torch.dot(stacked, weights)
+            return torch.dot(stacked, weights)
     (first, weight), *rest = terms
     total = torch.as_tensor(first)  # a float term (a segmentation loss given as a number) as a 0-d tensor
     total = total * weight if weight != 1 else total
     for term, weight in rest:
         total = total.add(term, alpha=weight)
     return total
+
+
+_TERM_WEIGHTS: Dict[Tuple, Tensor] = {}
+
+
+def term_weights(weights: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+    """The weights of :func:`weighted_sum` as a tensor on ``device``, made
+    once per (weights, dtype, device), on a GPU by an asynchronous copy from
+    pinned memory (no host synchronisation); None when it is not made yet and
+    a CUDA graph is being captured, where a copy from the host cannot be."""
+    key = (weights, dtype, device)
+    if key not in _TERM_WEIGHTS:
+        host = torch.tensor(weights, dtype=dtype)
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            _TERM_WEIGHTS[key] = host.pin_memory().to(device, non_blocking=True)
+        else:
+            _TERM_WEIGHTS[key] = host.to(device)
+    return _TERM_WEIGHTS[key]
 
 
 class DRSLLossOutput(NamedTuple):
