@@ -29,12 +29,18 @@ inline at::Tensor as_bdp(const at::Tensor& emb) {
 }
 
 // A new tensor shaped like emb (of emb's dtype, or of `dtype`) whose as_bdp()
-// is always a view: same strides for (N, D), contiguous or channels-last for
-// (B, D, H, W).
+// is always a view: same strides for (N, D); for (B, D, H, W) channels-last
+// where emb is channels-last contiguous (and not contiguous), else contiguous.
+// The rule of the ops' fake kernels (drsl_fast/ops/mode_distance.py), so that
+// the strides they promise are the ones returned: a channel slice of a
+// channels-last tensor, which suggest_memory_format() calls channels-last,
+// gets contiguous gradients here as there.
 inline at::Tensor empty_like_pixel_viewable(const at::Tensor& emb, std::optional<at::ScalarType> dtype = {}) {
   const auto options = emb.options().dtype(dtype.value_or(emb.scalar_type()));
   if (emb.dim() == 2) return at::empty_like(emb, options);
-  return at::empty(emb.sizes(), options.memory_format(emb.suggest_memory_format()));
+  const bool channels_last = emb.is_contiguous(at::MemoryFormat::ChannelsLast) && !emb.is_contiguous();
+  return at::empty(emb.sizes(),
+                   options.memory_format(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
 inline PixelLayout layout_of(const at::Tensor& bdp) {

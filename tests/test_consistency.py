@@ -223,12 +223,16 @@ def test_hinge_in_low_precision_matches_the_reference(any_backend, dtype):
 
 def test_hinge_op_passes_opcheck():
     g = torch.Generator().manual_seed(9)
-    target = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     anchor, positive, negative = (torch.randint(-1, 12, (3, 7), generator=g) for _ in range(3))
-    for source in (torch.randn(12, 4, generator=g, dtype=torch.float64),
-                   torch.randn(4, 12, generator=g, dtype=torch.float64).t()):  # (N, D) rows, and a transposed view
-        torch.library.opcheck(torch.ops.drsl_fast.consistency_hinge,
-                              (target, source.requires_grad_(), anchor, positive, negative, 1.0))
+    channels_last = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    # contiguous, and a channel slice of channels-last (its gradient contiguous on both sides of the check)
+    for target in (torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64), channels_last[:, :4]):
+        for source in (torch.randn(12, 4, generator=g, dtype=torch.float64),
+                       torch.randn(4, 12, generator=g, dtype=torch.float64).t()):  # (N, D) rows, a transposed view
+            torch.library.opcheck(torch.ops.drsl_fast.consistency_hinge,
+                                  (target.detach().requires_grad_(), source.requires_grad_(), anchor, positive,
+                                   negative, 1.0))
 
 
 def test_no_host_synchronisation_on_cpu():

@@ -214,9 +214,16 @@ def test_saves_nothing_of_size_samples_by_classes():
     (out.triplet + out.ce).backward()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel slice of channels_last"])
 @pytest.mark.parametrize("mean", [False, True])
-def test_opcheck_cpu_operators(mean):
-    emb, index, label, modes = case(dtype=torch.float32, S=10)
+def test_opcheck_cpu_operators(mean, layout):
+    """The operators against their fake kernels (strides of every output
+    included): a channel slice of a channels-last map is neither layout, and
+    its gradient is contiguous on both sides."""
+    emb, index, label, modes = case(dtype=torch.float32, S=10, D=5 if layout == "contiguous" else 9,
+                                    layout="contiguous" if layout == "contiguous" else "channels_last")
+    if layout.startswith("channel slice"):
+        emb, modes = emb[:, :5], modes[..., :5]
     args = (emb.requires_grad_(), index, label, modes.requires_grad_(), SIGMA, ALPHA, SCALE, mean)
     torch.library.opcheck(torch.ops.drsl_fast.mmdl_losses.default, args)
     shape = () if mean else index.shape  # the backward also takes 0-d gradients, one for every sample

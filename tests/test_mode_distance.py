@@ -369,12 +369,15 @@ def test_opcheck_cpu_operator():
             modes = torch.randn(3, 2, 4, generator=g)
             args = (emb.requires_grad_(True), modes.requires_grad_(True), sigma)
             torch.library.opcheck(torch.ops.drsl_fast.mode_distance.default, args)
-    emb = torch.randn(2, 4, 3, 5, generator=g)
     modes = torch.randn(3, 2, 4, generator=g)
-    dmin, mstar, _ = torch.ops.drsl_fast.mode_distance(emb, modes, None)
-    torch.library.opcheck(
-        torch.ops.drsl_fast.mode_distance_backward.default, (torch.randn_like(dmin), emb, modes, mstar, True, True)
-    )
+    as_channels_last = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    # contiguous, channels-last, and a channel slice of channels-last (neither: its gradient is contiguous)
+    for emb in (torch.randn(2, 4, 3, 5, generator=g), as_channels_last(torch.randn(2, 4, 3, 5, generator=g)),
+                as_channels_last(torch.randn(2, 6, 3, 5, generator=g))[:, :4]):
+        dmin, mstar, _ = torch.ops.drsl_fast.mode_distance(emb, modes, None)
+        torch.library.opcheck(
+            torch.ops.drsl_fast.mode_distance_backward.default, (torch.randn_like(dmin), emb, modes, mstar, True, True)
+        )
 
 
 def test_opcheck_triton_operator():
