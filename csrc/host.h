@@ -39,8 +39,8 @@ inline at::Tensor empty_like_pixel_viewable(const at::Tensor& emb, std::optional
   const auto options = emb.options().dtype(dtype.value_or(emb.scalar_type()));
   if (emb.dim() == 2) return at::empty_like(emb, options);
   const bool channels_last = emb.is_contiguous(at::MemoryFormat::ChannelsLast) && !emb.is_contiguous();
-  return at::empty(emb.sizes(),
-                   options.memory_format(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return at::empty(emb.sizes(), options.memory_format(format));
 }
 
 inline PixelLayout layout_of(const at::Tensor& bdp) {

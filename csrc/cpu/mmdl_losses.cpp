@@ -315,7 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmdl_losses_cpu(const at::Tensor&
               counted.mutable_data_ptr<bool>());
     });
   }
-  auto [mean_triplet, mean_ce, count] = flagged_means(mean ? triplet : at::Tensor(), mean ? ce : at::Tensor(), counted);
+  auto [mean_triplet, mean_ce, count] =
+      flagged_means(mean ? triplet : at::Tensor(), mean ? ce : at::Tensor(), counted);
   if (!mean) return {triplet, ce, count};
   return {mean_triplet, mean_ce, count};
 }

@@ -457,22 +457,20 @@ cuda::SampleTiling loss_tiling(const char* op, const SampleProblem& p, bool back
   return tiling;
 }
 
-// The embedding gradient from the (B * S, D) per-sample gradient rows
-// (claim_pixels_kernel, scatter_rows_kernel): zero where no sample counts.
+// Writes the (B * S, D) per-sample gradient rows into the zeroed embedding
+// gradient grad_emb (claim_pixels_kernel, scatter_rows_kernel).
 template <typename scalar_t, typename acc_t>
-at::Tensor scatter_rows(const SampleProblem& p, const at::Tensor& rows, const at::Tensor& emb) {
-  at::Tensor grad_emb = empty_like_pixel_viewable(emb).zero_();
-  if (p.B * p.S * p.D == 0) return grad_emb;
+void scatter_rows(const SampleProblem& p, const cuda::SampleBatch<cuda_type<scalar_t>, acc_t>& batch,
+                  const at::Tensor& rows, at::Tensor& grad_emb) {
+  if (p.B * p.S * p.D == 0) return;
   TORCH_CHECK(p.S < std::numeric_limits<int32_t>::max(), "mmdl_losses_backward (cuda): S must be < 2^31 - 1");
   at::Tensor claim = at::zeros({p.B, p.P, 2}, p.index.options().dtype(at::kInt));
-  const auto batch = sample_batch<scalar_t, acc_t>(p);
   launch(cuda::claim_pixels_kernel<cuda_type<scalar_t>, acc_t>, sample_blocks(p), cuda::kSampleThreads, 0, batch,
          claim.mutable_data_ptr<int32_t>());
   launch(cuda::scatter_rows_kernel<cuda_type<scalar_t>, acc_t>,
          dim3(blocks_for(p.B * p.S * p.D, cuda::kScatterThreads)), cuda::kScatterThreads, 0, batch,
          rows.const_data_ptr<acc_t>(), claim.const_data_ptr<int32_t>(), mutable_cuda_ptr<scalar_t>(grad_emb),
          layout_of(as_bdp(grad_emb)));
-  return grad_emb;
 }
 
 }  // namespace
@@ -494,7 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmdl_losses_cuda(const at::Tensor
              counted.mutable_data_ptr<bool>(), tiling.samples, tiling.staged);
     });
   }
-  auto [mean_triplet, mean_ce, count] = flagged_means_cuda(mean ? triplet : at::Tensor(), mean ? ce : at::Tensor(), counted);
+  auto [mean_triplet, mean_ce, count] =
+      flagged_means_cuda(mean ? triplet : at::Tensor(), mean ? ce : at::Tensor(), counted);
   if (!mean) return {triplet, ce, count};
   return {mean_triplet, mean_ce, count};
 }
@@ -512,7 +511,8 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
     return one_value ? g.to(p.acc_dtype) : g.to(p.acc_dtype).expand({p.B, p.S}).contiguous();
   };
   const at::Tensor grad_triplet = per_sample(grad_triplet_in), grad_ce = per_sample(grad_ce_in);
-  at::Tensor grad_emb = emb_requires_grad ? at::Tensor() : at::empty({0}, emb.options());
+  // zero where no sample counts; the scatter writes the pixels where some do
+  at::Tensor grad_emb = emb_requires_grad ? empty_like_pixel_viewable(emb).zero_() : at::empty({0}, emb.options());
   at::Tensor sample_grad = at::empty({emb_requires_grad ? p.B * p.S : 0, p.D}, p.modes.options());
   TORCH_CHECK(p.C <= 65535, "mmdl_losses_backward (cuda): C must be <= 65535");
   at::Tensor grad_modes;  // summed by the kernels below; zero without samples
@@ -541,10 +541,9 @@ std::tuple<at::Tensor, at::Tensor> mmdl_losses_backward_cuda(
         // ATen's reduction over the first axis has a fixed order: deterministic.
         grad_modes = partial.sum(0);
       }
-      if (emb_requires_grad) grad_emb = scatter_rows<scalar_t, acc_t>(p, sample_grad, emb);
+      if (emb_requires_grad) scatter_rows<scalar_t, acc_t>(p, batch, sample_grad, grad_emb);
     });
   }
-  if (!grad_emb.defined()) grad_emb = empty_like_pixel_viewable(emb).zero_();  // no samples
   return {grad_emb,
           !modes_requires_grad ? at::empty({0}, modes_in.options())
           : grad_modes.defined() ? grad_modes.to(modes_in.scalar_type())

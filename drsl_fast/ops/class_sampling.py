@@ -41,9 +41,7 @@ class ClassSamples(NamedTuple):
     def pairs(self) -> Tuple[Tensor, Tensor]:
         """(index, label), each (B, C * k): the input format of :func:`mmdl_losses`."""
         B, C, k = self.index.shape
-        # class of slot i is i // k: two operators (repeat_interleave dispatches six)
-        label = torch.arange(C * k, device=self.index.device).floor_divide_(max(k, 1)).expand(B, C * k)
-        return self.index.reshape(B, C * k), label
+        return self.index.reshape(B, C * k), _expanded_rows(B, C * k, k, self.index.device)
 
 
 def repeated_rows(rows: int, width: int, divisor: int, device: torch.device) -> Tensor:
@@ -55,15 +53,19 @@ def repeated_rows(rows: int, width: int, divisor: int, device: torch.device) -> 
     is shared, and must not be modified. Not cached while a CUDA graph is
     being captured (the graph's memory pool would own it)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _repeated_rows(rows, width, divisor, device)
+        return _expanded_rows(rows, width, divisor, device).contiguous()
     return _cached_rows(rows, width, divisor, device)
 
 
-def _repeated_rows(rows: int, width: int, divisor: int, device: torch.device) -> Tensor:
-    return torch.arange(width, device=device).floor_divide_(max(divisor, 1)).expand(rows, width).contiguous()
+def _expanded_rows(rows: int, width: int, divisor: int, device: torch.device) -> Tensor:
+    """One row of ``j // divisor`` expanded to ``rows`` rows: two operators
+    (repeat_interleave dispatches six)."""
+    return torch.arange(width, device=device).floor_divide_(max(divisor, 1)).expand(rows, width)
 
 
-_cached_rows = functools.lru_cache(maxsize=32)(_repeated_rows)
+@functools.lru_cache(maxsize=32)
+def _cached_rows(rows: int, width: int, divisor: int, device: torch.device) -> Tensor:
+    return _expanded_rows(rows, width, divisor, device).contiguous()
 
 
 def sample_per_class(
