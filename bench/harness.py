@@ -25,6 +25,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MIB = 2**20
+# torch.profiler event names: the host's kernel launches, and the operators
+# (not the autograd:: ranges of backward nodes), as the profiling scripts count them
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                "cudaLaunchCooperativeKernel")
+OPERATOR_NAMESPACES = ("aten::", "drsl_fast::")
 # Input copies for rotation are kept to this many bytes in all (well above
 # the 50 MiB L2 of an H100).
 ROTATION_BYTES = 256 * MIB

@@ -56,7 +56,6 @@ D, C, M = 64, 19, 3
 MAPS = {"tiny": (1, 8, 8), "realistic": (2, 256, 256)}
 CHAIN_LENGTHS = (1, 4, 16)
 COUNTED_CASES = ("DRSL+ loss, forward", "DRSL+ loss, forward+backward")
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
 def cases(device, map_name: str):
@@ -173,14 +172,16 @@ def profiled_events(function, device, calls: int):
 def call_counts(function, device, calls: int):
     """Per call: operators (aten:: and drsl_fast:: events, nested calls
     included), kernel launches issued by the host, and device activities
-    (kernels, copies, fills)."""
+    (kernels, copies, fills; not the GPU ranges of record_function), counted
+    as bench/profile_training_step.py counts them."""
     import torch
 
     events = profiled_events(function, device, calls)
-    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                 and not getattr(e, "is_user_annotation", False)]
     on_host = [e for e in events if e.device_type != torch.autograd.DeviceType.CUDA]
-    return dict(operators=sum(e.name.startswith(("aten::", "drsl_fast::")) for e in on_host) / calls,
-                launches=sum(e.name in LAUNCH_CALLS for e in on_host) / calls, device=len(on_device) / calls)
+    return dict(operators=sum(e.name.startswith(harness.OPERATOR_NAMESPACES) for e in on_host) / calls,
+                launches=sum(e.name in harness.LAUNCH_CALLS for e in on_host) / calls, device=len(on_device) / calls)
 
 
 def profile_table(function, device, calls: int, top: int):

@@ -53,10 +53,7 @@ GPU_SIZES = dict(depth=101, width=1.0, crop=(512, 512))
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "masked_scatter", "argwhere",
                "repeat_interleave.Tensor", "_assert_async", "equal", "is_nonzero", "allclose")
 SYNC_RUNTIME_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
-                "cudaLaunchCooperativeKernel")
 LIBRARY = os.sep + "drsl_fast" + os.sep
-OPERATOR_NAMESPACES = ("aten::", "drsl_fast::")  # not the autograd:: ranges of backward nodes
 # record_function ranges of bench_training_step.training_step (network and drsl_loss lie inside forward)
 PHASES = ("step/forward", "step/network", "step/drsl_loss", "step/backward", "step/optimizer")
 
@@ -117,7 +114,7 @@ def profile_steps(step, device, steps: int) -> dict:
             entry = kernels[event.name[:120]]
             entry["count"] += 1 / steps
             entry["device_us"] += event.time_range.elapsed_us() / steps
-        elif event.name.startswith(OPERATOR_NAMESPACES):
+        elif event.name.startswith(harness.OPERATOR_NAMESPACES):
             for entry in (ops[event.name], phases[phase_of(event)]):
                 entry["count"] += 1 / steps
                 entry["self_us"] += event.self_cpu_time_total / steps
@@ -132,7 +129,7 @@ def profile_steps(step, device, steps: int) -> dict:
         result.update(
             kernels=sum(v["count"] for name, v in kernels.items() if name not in copies),
             busy_ms=sum(v["device_us"] for v in kernels.values()) / 1e3,
-            kernel_launch_calls=sum(runtime[n] for n in LAUNCH_CALLS) / steps,
+            kernel_launch_calls=sum(runtime[n] for n in harness.LAUNCH_CALLS) / steps,
             dtoh_copies=sum(v["count"] for name, v in kernels.items() if name.startswith("Memcpy DtoH")),
             sync_calls=sum(runtime[n] for n in SYNC_RUNTIME_CALLS) / steps,
             runtime_calls={name: count / steps for name, count in runtime.most_common()},
