@@ -319,16 +319,18 @@ def write_results(stem: str, meta: Dict, rows: Iterable[Dict], fields: Sequence[
         writer.writeheader()
         writer.writerows(rows)
     with open(stem + ".md", "w") as f:
-        f.write(f"# {title}\n\nDevice: {meta['device']}; torch {meta['torch']}. Command: `{meta['command']}`.\n\n"
-                f"{body}\n")
+        device = meta["device"] + (f"; the CPU kernels' {meta['cpu_build']} build" if meta.get("cpu_build") else "")
+        f.write(f"# {title}\n\nDevice: {device}; torch {meta['torch']}. Command: `{meta['command']}`.\n\n{body}\n")
     print(f"wrote {stem}.json, .csv, .md")
 
 
 def metadata(device: str, **extra) -> Dict:
     import torch
 
+    # the instruction set of drsl_fast's C++ CPU loops (csrc/cpu/multiversion.h) is ATen's CPU capability
+    build = {} if str(device).startswith("cuda") else dict(cpu_build=torch.backends.cpu.get_cpu_capability())
     return dict(device=device_name(device), device_type=device, torch=torch.__version__, command=command_line(),
-                date=time.strftime("%Y-%m-%d"), **extra)
+                date=time.strftime("%Y-%m-%d"), **build, **extra)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -179,8 +179,8 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
             memory_us = r["roofline_mib"] * 2**20 / (ceilings["copy_gbs"] * 1e3)
             compute_us = r["gflop"] * 1e6 / (ceilings["fp32_tflops"] * 1e3)
             lines.append(f"- {pass_name}: {r['roofline_mib']:.1f} MiB at the measured {rate(ceilings['copy_gbs'])} GB/s "
-                         f"= {duration(memory_us)}; {r['gflop']:.2f} GFLOP at the measured fp32 "
-                         f"{rate(ceilings['fp32_tflops'])} TFLOP/s = {duration(compute_us)}" + (
+                         f"= {duration(memory_us)}; {r['gflop']:.2f} GFLOP at torch's measured fp32 matrix "
+                         f"product, {rate(ceilings['fp32_tflops'])} TFLOP/s, = {duration(compute_us)}" + (
                              f"; the fastest drsl_fast backend here, {fast['method']}, takes "
                              f"{duration(1e3 * fast['time_ms'])}." if fast else "."))
             # the fp32 kernels are the ones a GTX 1080 Ti runs: "cuda", or "cuda-fp32" in results of versions

@@ -8,7 +8,9 @@
 // cancellation of that expansion are recomputed directly (kTrustRatio). The
 // backward transposes each tile to pixel-major in registers and adds each
 // class's winning-mode term to a block of channels of a pixel held in
-// registers. The hot loops are also built for AVX2+FMA, picked at run time.
+// registers. The hot loops are built for AVX-512, AVX2+FMA and the baseline
+// instruction set (multiversion.h); the forward's product runs on 64-byte
+// vectors in the AVX-512 build.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,7 +36,7 @@ namespace {
 
 constexpr int64_t kTile = 64;
 // The forward's register block: kBlockVecs vectors of pixels by kBlockModes
-// modes of accumulators (12 of the 16 AVX registers for float and double).
+// modes of accumulators (12 of the 16 AVX2 registers, of the 32 AVX-512 ones).
 constexpr int64_t kBlockVecs = 2;
 constexpr int64_t kBlockModes = 6;
 // The expanded distance is trusted when dmin >= kTrustRatio * (||e||^2 +
@@ -50,19 +52,19 @@ constexpr double kTrustRatio = 0.5;
 // count), so the summation order, and the result, never change.
 constexpr int64_t kModeGradChunk = 4096;
 
-// 32-byte vectors (GCC/Clang vector extensions): one AVX register in the
-// Haswell clones below, two SSE registers in the default ones.
-typedef float float_vec __attribute__((vector_size(32)));
-typedef double double_vec __attribute__((vector_size(32)));
-template <typename acc_t> struct VecOf;
-template <> struct VecOf<float> { using type = float_vec; };
-template <> struct VecOf<double> { using type = double_vec; };
-template <typename acc_t> constexpr int64_t kWidth = sizeof(typename VecOf<acc_t>::type) / sizeof(acc_t);
+// Vectors of kBytes (GCC/Clang vector extensions; multiversion.h): the
+// forward's product runs on the widest vectors of each build, everything else
+// on 32-byte ones (one AVX register; two SSE registers in the baseline build).
+template <typename acc_t, int64_t kBytes = 32>
+struct VecOf {
+  typedef acc_t type __attribute__((vector_size(kBytes)));
+};
+template <typename acc_t, int64_t kBytes = 32> constexpr int64_t kWidth = kBytes / sizeof(acc_t);
 // The winning mode of each lane, as the integer vectors comparisons give.
 template <typename acc_t> using ModeIndex = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
-// The backward handles the channels in blocks of kGradVecs vectors; rows of
-// its tiles are padded with zeros to a whole number of blocks.
-constexpr int64_t kGradVecs = 4;
+// The backward handles the channels in blocks of kGradBlockBytes; rows of its
+// tiles are padded with zeros to a whole number of blocks.
+constexpr int64_t kGradBlockBytes = 128;
 
 template <typename V, typename T>
 DRSL_ALWAYS_INLINE V load_vec(const T* p) {
@@ -109,9 +111,10 @@ struct PackedModes {
 // smallest of them and its mode (best, winner: [C][kTile]; ties keep the
 // lowest mode, NaN wins). Where that minimum is not trusted (kTrustRatio
 // against ||e||^2 + class_max_norm[c], or anything non-finite) the winner is
-// -1; returns whether there is any. Always inlined, so that each target clone
-// compiles its own copy.
-template <typename acc_t>
+// -1; returns whether there is any. The product runs on vectors of
+// kProductBytes, the rest on 32-byte ones. Always inlined, so that each build
+// (multiversion.h) compiles its own copy.
+template <int64_t kProductBytes, typename acc_t>
 DRSL_ALWAYS_INLINE bool forward_tile_impl(const acc_t* __restrict__ tile, int64_t D, const acc_t* __restrict__ panel,
                                           const acc_t* __restrict__ norm_r, int64_t panels, int64_t C, int64_t M,
                                           const acc_t* __restrict__ class_max_norm, acc_t* __restrict__ norm_e,
@@ -120,7 +123,9 @@ DRSL_ALWAYS_INLINE bool forward_tile_impl(const acc_t* __restrict__ tile, int64_
   using V = typename VecOf<acc_t>::type;
   using Mask = decltype(V{} < V{});
   constexpr int64_t W = kWidth<acc_t>;
-  constexpr int64_t kPixels = kBlockVecs * W;
+  using ProductV = typename VecOf<acc_t, kProductBytes>::type;
+  constexpr int64_t kProductW = kWidth<acc_t, kProductBytes>;
+  constexpr int64_t kPixels = kBlockVecs * kProductW;
   static_assert(kTile % kPixels == 0, "tile must hold whole register blocks");
   for (int64_t j0 = 0; j0 < kTile; j0 += W) {
     V sum = {};
@@ -131,15 +136,15 @@ DRSL_ALWAYS_INLINE bool forward_tile_impl(const acc_t* __restrict__ tile, int64_
     store_vec(norm_e + j0, sum);
   }
   for (int64_t j0 = 0; j0 < kTile; j0 += kPixels) {
-    V ne[kBlockVecs];
-    for (int64_t i = 0; i < kBlockVecs; ++i) ne[i] = load_vec<V>(norm_e + j0 + i * W);
+    ProductV ne[kBlockVecs];
+    for (int64_t i = 0; i < kBlockVecs; ++i) ne[i] = load_vec<ProductV>(norm_e + j0 + i * kProductW);
     for (int64_t q = 0; q < panels; ++q) {
       const acc_t* r = panel + q * D * kBlockModes;
-      V acc[kBlockModes][kBlockVecs] = {};
+      ProductV acc[kBlockModes][kBlockVecs] = {};
       for (int64_t d = 0; d < D; ++d) {
-        V e[kBlockVecs];
+        ProductV e[kBlockVecs];
 #pragma GCC unroll 4
-        for (int64_t i = 0; i < kBlockVecs; ++i) e[i] = load_vec<V>(tile + d * kTile + j0 + i * W);
+        for (int64_t i = 0; i < kBlockVecs; ++i) e[i] = load_vec<ProductV>(tile + d * kTile + j0 + i * kProductW);
 #pragma GCC unroll 8
         for (int64_t k = 0; k < kBlockModes; ++k) {
           const acc_t rk = r[d * kBlockModes + k];
@@ -152,8 +157,8 @@ DRSL_ALWAYS_INLINE bool forward_tile_impl(const acc_t* __restrict__ tile, int64_
         const acc_t nr = norm_r[q * kBlockModes + k];
 #pragma GCC unroll 4
         for (int64_t i = 0; i < kBlockVecs; ++i) {
-          const V expanded = (ne[i] + nr) - (acc[k][i] + acc[k][i]);
-          store_vec(dist + (q * kBlockModes + k) * kTile + j0 + i * W, expanded);
+          const ProductV expanded = (ne[i] + nr) - (acc[k][i] + acc[k][i]);
+          store_vec(dist + (q * kBlockModes + k) * kTile + j0 + i * kProductW, expanded);
         }
       }
     }
@@ -229,76 +234,118 @@ DRSL_ALWAYS_INLINE void transpose_impl(const acc_t* __restrict__ in, int64_t in_
   }
 }
 
+// The nonzero terms of one tile's gradient, per pixel j of the tile and in
+// class order: count[j] pairs at [j * C, j * C + count[j]) of the dmin
+// gradient g and `row`, the offset of the class's winning mode in the
+// padded modes ([C*M][Dp]). Gathered once per tile from the class-major
+// gradient and mstar, so the backward's loop over blocks of channels reads
+// them contiguously.
+template <typename acc_t>
+struct TileTerms {
+  std::vector<acc_t> g;
+  std::vector<int32_t> row, count;
+  explicit TileTerms(int64_t C) : g(kTile * C), row(kTile * C), count(kTile) {}
+};
+
+// Fills `terms` for pixels [0, n) of a tile (grad and mstar of class c, pixel
+// j at [c * class_stride + j * pixel_stride]). A zero gradient adds nothing,
+// even against a non-finite distance, and is left out.
+template <typename acc_t>
+void gather_terms(const acc_t* __restrict__ grad, const uint8_t* __restrict__ mstar, int64_t class_stride,
+                  int64_t pixel_stride, int64_t n, int64_t C, int64_t M, int64_t Dp, TileTerms<acc_t>& terms) {
+  std::fill(terms.count.begin(), terms.count.begin() + n, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* gc = grad + c * class_stride;
+    const uint8_t* mc = mstar + c * class_stride;
+    for (int64_t j = 0; j < n; ++j) {  // without branches: gradients are often sparse
+      const acc_t g = gc[j * pixel_stride];
+      const int64_t t = j * C + terms.count[j];
+      terms.g[t] = g;
+      terms.row[t] = static_cast<int32_t>((c * M + mc[j * pixel_stride]) * Dp);
+      terms.count[j] += g != acc_t(0);
+    }
+  }
+}
+
 // Backward over one tile of n pixels ([n][Dp] in `tile`, Dp a multiple of
-// kGradVecs vectors; grad and mstar of class c, pixel j at
-// [c * class_stride + j * pixel_stride]): adds
-// sum_c g (e - r[c, mstar]) to grad_tile ([n][Dp]) if kEmb and
+// kGradBlockBytes) from its terms (gather_terms): adds
+// 2 sum_c g (e - r[c, mstar]) to grad_tile ([n][Dp]) if kEmb and
 // g (r[c, mstar] - e) to the chunk's partial mode gradient ([C*M][Dp]) if
 // kModes. Each block of channels of a pixel is accumulated in registers over
 // the classes.
 template <bool kEmb, bool kModes, typename acc_t>
 DRSL_ALWAYS_INLINE void backward_tile_impl(const acc_t* __restrict__ tile, int64_t n, int64_t Dp, int64_t C,
-                                           int64_t M, const acc_t* __restrict__ grad, const uint8_t* __restrict__ mstar,
-                                           int64_t class_stride, int64_t pixel_stride,
-                                           const acc_t* __restrict__ modes, acc_t* __restrict__ grad_tile,
-                                           acc_t* __restrict__ partial) {
+                                           const acc_t* __restrict__ g, const int32_t* __restrict__ row,
+                                           const int32_t* __restrict__ count, const acc_t* __restrict__ modes,
+                                           acc_t* __restrict__ grad_tile, acc_t* __restrict__ partial) {
   using V = typename VecOf<acc_t>::type;
   constexpr int64_t W = kWidth<acc_t>;
+  constexpr int64_t kGradVecs = kGradBlockBytes / sizeof(V);
   for (int64_t j = 0; j < n; ++j) {
+    const acc_t* gj = g + j * C;
+    const int32_t* rj = row + j * C;
+    const int64_t terms = count[j];
     for (int64_t d0 = 0; d0 < Dp; d0 += kGradVecs * W) {
       V e[kGradVecs], acc[kGradVecs] = {};
 #pragma GCC unroll 4
       for (int64_t i = 0; i < kGradVecs; ++i) e[i] = load_vec<V>(tile + j * Dp + d0 + i * W);
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t o = c * class_stride + j * pixel_stride;
-        const acc_t g = grad[o];
-        if (g == acc_t(0)) continue;
-        const int64_t centre = c * M + mstar[o];
-        const acc_t* r = modes + centre * Dp + d0;
-        acc_t* pr = partial + centre * Dp + d0;
+      for (int64_t t = 0; t < terms; ++t) {
+        const acc_t gt = gj[t];
+        const acc_t* r = modes + rj[t] + d0;
+        acc_t* pr = partial + rj[t] + d0;
 #pragma GCC unroll 4
         for (int64_t i = 0; i < kGradVecs; ++i) {
-          const V step = g * (e[i] - load_vec<V>(r + i * W));
+          const V step = gt * (e[i] - load_vec<V>(r + i * W));
           if (kEmb) acc[i] += step;
           if (kModes) store_vec(pr + i * W, load_vec<V>(pr + i * W) - step);
         }
       }
       if (kEmb) {
 #pragma GCC unroll 4
-        for (int64_t i = 0; i < kGradVecs; ++i) store_vec(grad_tile + j * Dp + d0 + i * W, acc[i]);
+        for (int64_t i = 0; i < kGradVecs; ++i) store_vec(grad_tile + j * Dp + d0 + i * W, acc[i] + acc[i]);
       }
     }
   }
 }
 
-// The float and double instances of the hot loops above.
-#define DRSL_HOT_LOOPS(acc_t)                                                                                       \
-  DRSL_MULTIVERSIONED(bool forward_tile(const acc_t* tile, int64_t D, const acc_t* panel, const acc_t* norm_r,      \
-                                        int64_t panels, int64_t C, int64_t M, const acc_t* class_max_norm,          \
-                                        acc_t* norm_e, acc_t* dist, acc_t* best, ModeIndex<acc_t>* winner) {        \
-    return forward_tile_impl(tile, D, panel, norm_r, panels, C, M, class_max_norm, norm_e, dist, best, winner);     \
-  })                                                                                                                \
-  DRSL_MULTIVERSIONED(void transpose(const acc_t* in, int64_t in_stride, int64_t rows, int64_t cols, acc_t* out,    \
-                                     int64_t out_stride) {                                                          \
+// The hot loops above, built for each instruction set (multiversion.h).
+#define DRSL_HOT_LOOPS(build, target, bytes)                                                                        \
+  template <typename acc_t>                                                                                         \
+  target bool forward_tile_##build(const acc_t* tile, int64_t D, const acc_t* panel, const acc_t* norm_r,           \
+                                   int64_t panels, int64_t C, int64_t M, const acc_t* class_max_norm,               \
+                                   acc_t* norm_e, acc_t* dist, acc_t* best, ModeIndex<acc_t>* winner) {             \
+    return forward_tile_impl<bytes>(tile, D, panel, norm_r, panels, C, M, class_max_norm, norm_e, dist, best,       \
+                                    winner);                                                                        \
+  }                                                                                                                 \
+  template <typename acc_t>                                                                                         \
+  target void transpose_##build(const acc_t* in, int64_t in_stride, int64_t rows, int64_t cols, acc_t* out,         \
+                                int64_t out_stride) {                                                               \
     transpose_impl(in, in_stride, rows, cols, out, out_stride);                                                     \
-  })                                                                                                                \
-  DRSL_MULTIVERSIONED(void backward_tile(const acc_t* tile, int64_t n, int64_t Dp, int64_t C, int64_t M,            \
-                                         const acc_t* grad, const uint8_t* mstar, int64_t class_stride,             \
-                                         int64_t pixel_stride, const acc_t* modes, acc_t* grad_tile,                \
-                                         acc_t* partial) {                                                          \
+  }                                                                                                                 \
+  template <typename acc_t>                                                                                         \
+  target void backward_tile_##build(const acc_t* tile, int64_t n, int64_t Dp, int64_t C, const acc_t* g,            \
+                                    const int32_t* row, const int32_t* count, const acc_t* modes,                   \
+                                    acc_t* grad_tile, acc_t* partial) {                                             \
     if (grad_tile != nullptr && partial != nullptr)                                                                 \
-      backward_tile_impl<true, true>(tile, n, Dp, C, M, grad, mstar, class_stride, pixel_stride, modes,             \
-                                     grad_tile, partial);                                                           \
+      backward_tile_impl<true, true>(tile, n, Dp, C, g, row, count, modes, grad_tile, partial);                     \
     else if (grad_tile != nullptr)                                                                                  \
-      backward_tile_impl<true, false>(tile, n, Dp, C, M, grad, mstar, class_stride, pixel_stride, modes,            \
-                                      grad_tile, partial);                                                          \
+      backward_tile_impl<true, false>(tile, n, Dp, C, g, row, count, modes, grad_tile, partial);                    \
     else                                                                                                            \
-      backward_tile_impl<false, true>(tile, n, Dp, C, M, grad, mstar, class_stride, pixel_stride, modes,            \
-                                      grad_tile, partial);                                                          \
-  })
-DRSL_HOT_LOOPS(float)
-DRSL_HOT_LOOPS(double)
+      backward_tile_impl<false, true>(tile, n, Dp, C, g, row, count, modes, grad_tile, partial);                    \
+  }
+DRSL_FOR_EACH_CPU_BUILD(DRSL_HOT_LOOPS)
 #undef DRSL_HOT_LOOPS
+
+// The builds of the hot loops for the instruction set of this call.
+template <typename acc_t>
+struct HotLoops {
+  decltype(&forward_tile_baseline<acc_t>) forward_tile =
+      for_cpu_build(&forward_tile_avx512<acc_t>, &forward_tile_avx2<acc_t>, &forward_tile_baseline<acc_t>);
+  decltype(&transpose_baseline<acc_t>) transpose =
+      for_cpu_build(&transpose_avx512<acc_t>, &transpose_avx2<acc_t>, &transpose_baseline<acc_t>);
+  decltype(&backward_tile_baseline<acc_t>) backward_tile =
+      for_cpu_build(&backward_tile_avx512<acc_t>, &backward_tile_avx2<acc_t>, &backward_tile_baseline<acc_t>);
+};
 
 // Requests the cache lines of the next tile of a per-pixel row whose pixels
 // are contiguous: row is at pixel p0 of a row of P pixels. The hardware
@@ -318,7 +365,11 @@ void load_channel_major(const scalar_t* emb, PixelLayout L, int64_t b, int64_t p
     const scalar_t* src = emb + L.offset(b, d, p0);
     prefetch_next_tile(src, L.pixel, p0, P);
     acc_t* dst = tile + d * kTile;
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j * L.pixel]);
+    if (L.pixel == 1) {  // a separate loop, so that it vectorises
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j * L.pixel]);
+    }
     std::fill(dst + n, dst + kTile, acc_t(0));
   }
 }
@@ -373,6 +424,7 @@ void forward(const scalar_t* emb, PixelLayout emb_layout, const acc_t* modes, in
              int64_t B, int64_t P, acc_t* dmin, uint8_t* mstar, acc_t* posterior, acc_t posterior_scale,
              PixelLayout out_layout) {
   const PackedModes<acc_t> packed(modes, C, M, D);
+  const HotLoops<acc_t> loops;
   const int64_t tiles = (P + kTile - 1) / kTile;
   at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(D * kTile), norm_e(kTile), dist(packed.panels * kBlockModes * kTile), best(C * kTile);
@@ -382,9 +434,9 @@ void forward(const scalar_t* emb, PixelLayout emb_layout, const acc_t* modes, in
       const int64_t p0 = (t % tiles) * kTile;
       const int64_t n = std::min(kTile, P - p0);
       load_channel_major(emb, emb_layout, b, p0, n, P, D, tile.data());
-      const bool recompute = forward_tile(tile.data(), D, packed.panel.data(), packed.norm.data(), packed.panels, C, M,
-                                          packed.class_max_norm.data(), norm_e.data(), dist.data(), best.data(),
-                                          winner.data());
+      const bool recompute = loops.forward_tile(tile.data(), D, packed.panel.data(), packed.norm.data(), packed.panels,
+                                                C, M, packed.class_max_norm.data(), norm_e.data(), dist.data(),
+                                                best.data(), winner.data());
       for (int64_t c = 0; c < C; ++c) {
         for (int64_t j = 0; recompute && j < n; ++j) {
           if (winner[c * kTile + j] < 0) {
@@ -401,32 +453,56 @@ void forward(const scalar_t* emb, PixelLayout emb_layout, const acc_t* modes, in
   });
 }
 
-// The embedding gradient 2 * grad ([D][kTile]) of pixels [p0, p0 + n) of image b.
+// The channel rows of pixels [p0, p0 + n) of image b, for a transpose to
+// read in place, or null where they must be copied first (not acc_t, pixels
+// not contiguous, or a partial tile).
+template <typename acc_t, typename scalar_t>
+const acc_t* direct_rows(const scalar_t* x, PixelLayout L, int64_t b, int64_t p0, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (L.pixel == 1 && n == kTile) return x + L.offset(b, 0, p0);
+  }
+  return nullptr;
+}
+
+// The embedding gradient grad ([D][kTile]) of pixels [p0, p0 + n) of image b.
 template <typename scalar_t, typename acc_t>
 void store_grad(const acc_t* __restrict__ grad, int64_t n, int64_t D, PixelLayout L, int64_t b, int64_t p0,
                 scalar_t* __restrict__ grad_emb) {
   for (int64_t d = 0; d < D; ++d) {
     scalar_t* dst = grad_emb + L.offset(b, d, p0);
-    for (int64_t j = 0; j < n; ++j) dst[j * L.pixel] = static_cast<scalar_t>(acc_t(2) * grad[d * kTile + j]);
+    const acc_t* src = grad + d * kTile;
+    if (L.pixel == 1) {  // a separate loop, so that it vectorises
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) dst[j * L.pixel] = static_cast<scalar_t>(src[j]);
+    }
   }
 }
 
 // grad_emb (optional) and per-chunk partial mode gradients (optional, without
 // the factor 2), in one pass over the pixels: each tile is read channel-major,
 // transposed in registers to pixel-major with the channels padded to whole
-// register blocks, and its gradient transposed back.
+// register blocks, and its gradient transposed back. Whole tiles of acc_t
+// embeddings with contiguous pixels are transposed straight from the tensor,
+// the others from a channel-major copy. (Transposing the gradient straight
+// into the tensor was slower: its 32-byte pieces of rows a power of two
+// apart.)
 template <typename scalar_t, typename acc_t>
 void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layout, const scalar_t* emb,
               PixelLayout emb_layout, const acc_t* modes, int64_t C, int64_t M, int64_t D, int64_t B, int64_t P,
               scalar_t* grad_emb, PixelLayout grad_layout, acc_t* partial) {
-  constexpr int64_t block = kGradVecs * kWidth<acc_t>;
+  constexpr int64_t block = kGradBlockBytes / sizeof(acc_t);
+  const HotLoops<acc_t> loops;
   const int64_t Dp = (D + block - 1) / block * block;
+  TORCH_CHECK(C * M * Dp <= std::numeric_limits<int32_t>::max(),
+              "mode_distance_backward: C * M * D too large for the CPU backend");
   std::vector<acc_t> padded_modes(C * M * Dp, acc_t(0));
   for (int64_t k = 0; k < C * M; ++k) std::copy(modes + k * D, modes + (k + 1) * D, padded_modes.begin() + k * Dp);
   const int64_t chunks = (P + kModeGradChunk - 1) / kModeGradChunk;
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     // channel_major: [Dp][kTile], the embeddings as read, then their gradient to write
     std::vector<acc_t> channel_major(Dp * kTile), tile(kTile * Dp, acc_t(0)), grad_tile(kTile * Dp), part(C * M * Dp);
+    TileTerms<acc_t> terms(C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / chunks;
       const int64_t chunk_begin = (t % chunks) * kModeGradChunk;
@@ -434,18 +510,24 @@ void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layo
       std::fill(part.begin(), part.end(), acc_t(0));
       for (int64_t p0 = chunk_begin; p0 < chunk_end; p0 += kTile) {
         const int64_t n = std::min(kTile, chunk_end - p0);
-        load_channel_major(emb, emb_layout, b, p0, n, P, D, channel_major.data());
-        transpose(channel_major.data(), kTile, D, kTile, tile.data(), Dp);
+        if (const acc_t* rows = direct_rows<acc_t>(emb, emb_layout, b, p0, n)) {
+          for (int64_t d = 0; d < D; ++d) prefetch_next_tile(rows + d * emb_layout.channel, 1, p0, P);
+          loops.transpose(rows, emb_layout.channel, D, kTile, tile.data(), Dp);
+        } else {
+          load_channel_major(emb, emb_layout, b, p0, n, P, D, channel_major.data());
+          loops.transpose(channel_major.data(), kTile, D, kTile, tile.data(), Dp);
+        }
         const int64_t o = out_layout.offset(b, 0, p0);
         for (int64_t c = 0; c < C; ++c) {
           prefetch_next_tile(grad_dmin + o + c * out_layout.channel, out_layout.pixel, p0, P);
           prefetch_next_tile(mstar + o + c * out_layout.channel, out_layout.pixel, p0, P);
         }
-        backward_tile(tile.data(), n, Dp, C, M, grad_dmin + o, mstar + o, out_layout.channel, out_layout.pixel,
-                      padded_modes.data(), grad_emb == nullptr ? nullptr : grad_tile.data(),
-                      partial == nullptr ? nullptr : part.data());
+        gather_terms(grad_dmin + o, mstar + o, out_layout.channel, out_layout.pixel, n, C, M, Dp, terms);
+        loops.backward_tile(tile.data(), n, Dp, C, terms.g.data(), terms.row.data(), terms.count.data(),
+                            padded_modes.data(), grad_emb == nullptr ? nullptr : grad_tile.data(),
+                            partial == nullptr ? nullptr : part.data());
         if (grad_emb != nullptr) {
-          transpose(grad_tile.data(), Dp, kTile, Dp, channel_major.data(), kTile);
+          loops.transpose(grad_tile.data(), Dp, kTile, Dp, channel_major.data(), kTile);
           store_grad(channel_major.data(), n, D, grad_layout, b, p0, grad_emb);
         }
       }

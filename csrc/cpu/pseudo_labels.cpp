@@ -22,15 +22,23 @@ namespace {
 constexpr int64_t kTile = 256;
 
 // best[j], cls[j] = row[j], c where row[j] replaces best[j] as a maximum
-// (ties keep the lowest class; the first NaN wins, as in torch.max).
-DRSL_MULTIVERSIONED(void keep_larger(const float* __restrict__ row, int32_t c, int64_t n, float* __restrict__ best,
-                                     int32_t* __restrict__ cls) {
+// (ties keep the lowest class; the first NaN wins, as in torch.max); built
+// for each instruction set (multiversion.h).
+DRSL_ALWAYS_INLINE void keep_larger_impl(const float* __restrict__ row, int32_t c, int64_t n, float* __restrict__ best,
+                                         int32_t* __restrict__ cls) {
   for (int64_t j = 0; j < n; ++j) {
     const bool better = replaces_max(row[j], best[j]);
     best[j] = better ? row[j] : best[j];
     cls[j] = better ? c : cls[j];
   }
-})
+}
+#define DRSL_KEEP_LARGER(build, target, bytes)                                                         \
+  target void keep_larger_##build(const float* row, int32_t c, int64_t n, float* best, int32_t* cls) { \
+    keep_larger_impl(row, c, n, best, cls);                                                            \
+  }
+DRSL_FOR_EACH_CPU_BUILD(DRSL_KEEP_LARGER)
+#undef DRSL_KEEP_LARGER
+using KeepLarger = decltype(&keep_larger_baseline);
 
 // Loads channel c of pixels [p0, p0 + n) of image b as fp32.
 template <typename scalar_t>
@@ -47,7 +55,7 @@ inline void load_channel(const scalar_t* x, PixelLayout L, int64_t b, int64_t c,
 // logits, the confidence 1 / sum_c exp(l_c - best) written over `best`.
 template <typename scalar_t>
 void tile_argmax(const scalar_t* x, PixelLayout L, int64_t b, int64_t C, int64_t p0, int64_t n, bool from_logits,
-                 float* row, float* best, int32_t* cls, float* sum) {
+                 KeepLarger keep_larger, float* row, float* best, int32_t* cls, float* sum) {
   load_channel(x, L, b, 0, p0, n, best);
   std::fill(cls, cls + n, 0);
   for (int64_t c = 1; c < C; ++c) {
@@ -80,6 +88,7 @@ at::Tensor confidence_histogram_cpu(const at::Tensor& scores, bool from_logits, 
       const scalar_t* x = bcp.const_data_ptr<scalar_t>();
       const PixelLayout L = layout_of(bcp);
       int64_t* counts = partial.mutable_data_ptr<int64_t>();
+      const KeepLarger keep_larger = for_cpu_build(&keep_larger_avx512, &keep_larger_avx2, &keep_larger_baseline);
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> row(kTile), best(kTile), sum(kTile);
         std::vector<int32_t> cls(kTile);
@@ -88,7 +97,7 @@ at::Tensor confidence_histogram_cpu(const at::Tensor& scores, bool from_logits, 
           for (int64_t t = chunk * tiles / chunks; t < (chunk + 1) * tiles / chunks; ++t) {
             const int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * kTile;
             const int64_t n = std::min(kTile, P - p0);
-            tile_argmax(x, L, b, C, p0, n, from_logits, row.data(), best.data(), cls.data(), sum.data());
+            tile_argmax(x, L, b, C, p0, n, from_logits, keep_larger, row.data(), best.data(), cls.data(), sum.data());
             for (int64_t j = 0; j < n; ++j) ++hist[cls[j] * nbins + confidence_bin(best[j], bits)];
           }
         }
