@@ -469,6 +469,21 @@ def test_input_validation(emb_shape, modes_shape, dtype, sigma, error, match):
         drsl_fast.mode_distance(emb, modes, sigma)
 
 
+@pytest.mark.skipif(why_unavailable("cpu", torch.device("cpu")) is not None, reason="no C++ CPU backend")
+def test_cpu_backward_op_rejects_a_mode_index_out_of_range():
+    """The backward operator called directly with an mstar that is no mode
+    index (>= M) raises instead of reading past the modes."""
+    emb, modes = make_case("bdhw", torch.float32, "cpu")
+    dmin, mstar, _ = torch.ops.drsl_fast.mode_distance(emb, modes, None)
+    bad = mstar.clone()
+    bad[1, 2, 3, 4] = modes.shape[1]
+    grad = torch.ones_like(dmin)
+    torch.ops.drsl_fast.mode_distance_backward(grad, emb, modes, mstar, True, True)
+    for emb_grad, modes_grad in [(True, True), (True, False), (False, True)]:
+        with pytest.raises(RuntimeError, match="mstar holds a mode index >= M = 2"):
+            torch.ops.drsl_fast.mode_distance_backward(grad, emb, modes, bad, emb_grad, modes_grad)
+
+
 def test_device_mismatch_is_reported():
     with pytest.raises(ValueError, match="emb is on cpu but modes is on meta"):
         drsl_fast.mode_distance(torch.ones(2, 4), torch.ones(3, 2, 4, device="meta"))

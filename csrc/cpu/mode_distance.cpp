@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -249,26 +250,31 @@ struct TileTerms {
 
 // Fills `terms` for pixels [0, n) of a tile (grad and mstar of class c, pixel
 // j at [c * class_stride + j * pixel_stride]). A zero gradient adds nothing,
-// even against a non-finite distance, and is left out.
+// even against a non-finite distance, and is left out. Returns false if an
+// mstar is not a mode index (>= M): then the terms must not be used.
 template <typename acc_t>
-void gather_terms(const acc_t* __restrict__ grad, const uint8_t* __restrict__ mstar, int64_t class_stride,
+bool gather_terms(const acc_t* __restrict__ grad, const uint8_t* __restrict__ mstar, int64_t class_stride,
                   int64_t pixel_stride, int64_t n, int64_t C, int64_t M, int64_t Dp, TileTerms<acc_t>& terms) {
   std::fill(terms.count.begin(), terms.count.begin() + n, 0);
+  bool valid = true;
   for (int64_t c = 0; c < C; ++c) {
     const acc_t* gc = grad + c * class_stride;
     const uint8_t* mc = mstar + c * class_stride;
     for (int64_t j = 0; j < n; ++j) {  // without branches: gradients are often sparse
       const acc_t g = gc[j * pixel_stride];
+      const int64_t mode = mc[j * pixel_stride];
       const int64_t t = j * C + terms.count[j];
+      valid &= mode < M;
       terms.g[t] = g;
-      terms.row[t] = static_cast<int32_t>((c * M + mc[j * pixel_stride]) * Dp);
+      terms.row[t] = static_cast<int32_t>((c * M + mode) * Dp);
       terms.count[j] += g != acc_t(0);
     }
   }
+  return valid;
 }
 
 // Backward over one tile of n pixels ([n][Dp] in `tile`, Dp a multiple of
-// kGradBlockBytes) from its terms (gather_terms): adds
+// kGradBlockBytes / sizeof(acc_t)) from its terms (gather_terms): adds
 // 2 sum_c g (e - r[c, mstar]) to grad_tile ([n][Dp]) if kEmb and
 // g (r[c, mstar] - e) to the chunk's partial mode gradient ([C*M][Dp]) if
 // kModes. Each block of channels of a pixel is accumulated in registers over
@@ -499,6 +505,7 @@ void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layo
   std::vector<acc_t> padded_modes(C * M * Dp, acc_t(0));
   for (int64_t k = 0; k < C * M; ++k) std::copy(modes + k * D, modes + (k + 1) * D, padded_modes.begin() + k * Dp);
   const int64_t chunks = (P + kModeGradChunk - 1) / kModeGradChunk;
+  std::atomic<bool> invalid_mstar{false};
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     // channel_major: [Dp][kTile], the embeddings as read, then their gradient to write
     std::vector<acc_t> channel_major(Dp * kTile), tile(kTile * Dp, acc_t(0)), grad_tile(kTile * Dp), part(C * M * Dp);
@@ -522,7 +529,10 @@ void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layo
           prefetch_next_tile(grad_dmin + o + c * out_layout.channel, out_layout.pixel, p0, P);
           prefetch_next_tile(mstar + o + c * out_layout.channel, out_layout.pixel, p0, P);
         }
-        gather_terms(grad_dmin + o, mstar + o, out_layout.channel, out_layout.pixel, n, C, M, Dp, terms);
+        if (!gather_terms(grad_dmin + o, mstar + o, out_layout.channel, out_layout.pixel, n, C, M, Dp, terms)) {
+          invalid_mstar = true;
+          return;
+        }
         loops.backward_tile(tile.data(), n, Dp, C, terms.g.data(), terms.row.data(), terms.count.data(),
                             padded_modes.data(), grad_emb == nullptr ? nullptr : grad_tile.data(),
                             partial == nullptr ? nullptr : part.data());
@@ -537,6 +547,7 @@ void backward(const acc_t* grad_dmin, const uint8_t* mstar, PixelLayout out_layo
       }
     }
   });
+  TORCH_CHECK(!invalid_mstar, "mode_distance_backward: mstar holds a mode index >= M = ", M);
 }
 
 }  // namespace

@@ -10,12 +10,14 @@
 // CPU capability: the best the CPU has, lowered by
 // ATEN_CPU_CAPABILITY=default|avx2, so the tests run every build on one
 // machine. Each lane of a vector computes one pixel (or channel) in the same
-// order whatever the width, so the AVX2 and AVX-512 builds agree to the bit.
-// Compilers other than GCC on x86-64 get the baseline only.
+// order whatever the width, and GCC fuses the same multiply-adds in both
+// (tests/test_cpu_builds.py checks it), so the AVX2 and AVX-512 builds agree
+// to the bit. Compilers other than GCC on x86-64 get the baseline only.
 #pragma once
 
 #include <ATen/Version.h>
 
+#include <algorithm>
 #include <string>
 
 namespace drsl_fast {
@@ -26,11 +28,21 @@ enum class CpuBuild { kBaseline, kAvx2, kAvx512 };
 #define DRSL_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #define DRSL_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
+// ATen's capability, lowered to what the CPU has (ATEN_CPU_CAPABILITY=avx512
+// on a CPU without AVX-512 does not select that build).
 inline CpuBuild cpu_build() {
+  static const CpuBuild hardware = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return CpuBuild::kBaseline;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    return avx512 ? CpuBuild::kAvx512 : CpuBuild::kAvx2;
+  }();
   const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") return CpuBuild::kAvx512;
-  if (capability == "AVX2") return CpuBuild::kAvx2;
-  return CpuBuild::kBaseline;
+  const CpuBuild asked = capability == "AVX512" ? CpuBuild::kAvx512
+                         : capability == "AVX2" ? CpuBuild::kAvx2
+                                                : CpuBuild::kBaseline;
+  return std::min(asked, hardware);
 }
 #else
 #define DRSL_TARGET_AVX512
