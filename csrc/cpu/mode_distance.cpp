@@ -342,15 +342,16 @@ DRSL_ALWAYS_INLINE void backward_tile_impl(const acc_t* __restrict__ tile, int64
 DRSL_FOR_EACH_CPU_BUILD(DRSL_HOT_LOOPS)
 #undef DRSL_HOT_LOOPS
 
-// The builds of the hot loops for the instruction set of this call.
+// The builds of the hot loops for the instruction set of this call (read once).
 template <typename acc_t>
 struct HotLoops {
+  CpuBuild build = cpu_build();
   decltype(&forward_tile_baseline<acc_t>) forward_tile =
-      for_cpu_build(&forward_tile_avx512<acc_t>, &forward_tile_avx2<acc_t>, &forward_tile_baseline<acc_t>);
+      for_cpu_build(&forward_tile_avx512<acc_t>, &forward_tile_avx2<acc_t>, &forward_tile_baseline<acc_t>, build);
   decltype(&transpose_baseline<acc_t>) transpose =
-      for_cpu_build(&transpose_avx512<acc_t>, &transpose_avx2<acc_t>, &transpose_baseline<acc_t>);
+      for_cpu_build(&transpose_avx512<acc_t>, &transpose_avx2<acc_t>, &transpose_baseline<acc_t>, build);
   decltype(&backward_tile_baseline<acc_t>) backward_tile =
-      for_cpu_build(&backward_tile_avx512<acc_t>, &backward_tile_avx2<acc_t>, &backward_tile_baseline<acc_t>);
+      for_cpu_build(&backward_tile_avx512<acc_t>, &backward_tile_avx2<acc_t>, &backward_tile_baseline<acc_t>, build);
 };
 
 // Requests the cache lines of the next tile of a per-pixel row whose pixels

@@ -52,15 +52,15 @@ inline CpuBuild cpu_build() { return CpuBuild::kBaseline; }
 #endif
 
 // F(suffix, target attribute, widest vector in bytes) for each instruction set.
-#define DRSL_FOR_EACH_CPU_BUILD(F)       \
+#define DRSL_FOR_EACH_CPU_BUILD(F) \
   F(avx512, DRSL_TARGET_AVX512, 64) \
   F(avx2, DRSL_TARGET_AVX2, 32)     \
   F(baseline, , 32)
 
-// The build of a function for the instruction set cpu_build() picks.
+// The build of a function for `build` (by default what cpu_build() picks).
 template <typename Fn>
-Fn for_cpu_build(Fn avx512, Fn avx2, Fn baseline) {
-  switch (cpu_build()) {
+Fn for_cpu_build(Fn avx512, Fn avx2, Fn baseline, CpuBuild build = cpu_build()) {
+  switch (build) {
     case CpuBuild::kAvx512:
       return avx512;
     case CpuBuild::kAvx2:
