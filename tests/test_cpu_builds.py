@@ -38,7 +38,7 @@ def test_each_build_passes_the_cpu_backend_tests(build):
     if build not in builds_here():
         pytest.skip(f"this CPU has no {build} build (ATen capability {torch.backends.cpu.get_cpu_capability()})")
     done = run_with(build, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu and not emulated",
-                            "test_mode_distance.py", "test_pseudo_labels.py"])
+                            "test_mode_distance.py", "test_pseudo_labels.py", "test_mmdl_losses.py"])
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"\b[1-9]\d* passed\b", done.stdout), done.stdout[-2000:]
 
@@ -61,6 +61,16 @@ for name, (B, D, C, M, H, W) in {"odd": (2, 70, 19, 3, 19, 23), "wide": (1, 64, 
         (result.dmin * weights).sum().backward()
         key = f"{name}-{dtype}"
         out[key] = [result.dmin, result.mstar, result.posterior, emb.grad, modes.grad]
+from drsl_fast.losses import label_mode, mmdl_losses
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    emb = torch.randn(2, 37, 30, 31, generator=g).to(dtype).requires_grad_()
+    modes = (torch.randn(19, 3, 37, generator=g) * 0.3).to(dtype).requires_grad_()
+    index = torch.randint(-1, 30 * 31, (2, 1500), generator=g)
+    label = torch.randint(0, 19, (2, 1500), generator=g)
+    losses = mmdl_losses(emb, index, label, modes, sigma=3.0, reduction="none", backend="cpu")
+    (losses.triplet.sum() + losses.ce.sum()).backward()
+    out[f"mmdl-{dtype}"] = [losses.triplet, losses.ce, emb.grad, modes.grad,
+                            label_mode(emb.detach(), index, label, modes.detach(), backend="cpu")]
 scores = torch.randn(2, 19, 33, 41, generator=g).softmax(1)
 out["histogram"] = [confidence_histogram(scores, backend="cpu"),
                     confidence_histogram(scores.log(), from_logits=True, backend="cpu")]

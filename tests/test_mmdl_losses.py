@@ -333,18 +333,47 @@ def test_triton_refuses_float64_clearly():
         label_mode(emb, index, label, modes, backend="triton")
 
 
-def test_mode_gradient_is_deterministic_across_thread_counts():
+def test_gradients_are_deterministic_across_thread_counts():
     emb, index, label, modes = case(dtype=torch.float32, B=2, D=8, H=40, W=50, C=5, S=3000, seed=4)
     threads = torch.get_num_threads()
     grads = []
     for num_threads in (1, max(2, threads), 1):
         torch.set_num_threads(num_threads)
-        r = modes.clone().requires_grad_(True)
-        out = mmdl_losses(emb, index, label, r, backend="cpu")
+        e, r = emb.clone().requires_grad_(True), modes.clone().requires_grad_(True)
+        out = mmdl_losses(e, index, label, r, backend="cpu")
         (out.triplet + out.ce).backward()
-        grads.append(r.grad)
+        grads.append((e.grad, r.grad))
     torch.set_num_threads(threads)
-    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    assert all(torch.equal(a, b) for other in grads[1:] for a, b in zip(grads[0], other))
+
+
+def test_cpu_backend_over_many_runs_of_counted_samples():
+    """The CPU kernels take the counted samples of an image kTile (64) at a
+    time and the mode gradient in chunks of 1024 of them: here two images of
+    2600 slots, a third of them not counting (interleaved), D = 37 (no whole
+    number of vectors), repeated pixels. fp32 values, gradients and
+    label_mode against the float64 reference; and a channels-last copy of
+    the map gives the same bits (only the order of the reads differs)."""
+    emb, index, label, modes = case(dtype=torch.float64, seed=12, B=2, D=37, H=40, W=40, C=19, M=3, S=2600)
+    g = torch.Generator().manual_seed(13)
+    skipped = torch.rand(index.shape, generator=g) < 0.33
+    index[skipped & (torch.rand(index.shape, generator=g) < 0.5)] = -1
+    label[skipped & (index >= 0)] = 255
+    weights = torch.rand(2, *index.shape, dtype=torch.float64, generator=g)
+    results = {}
+    for name, backend, e0 in (("reference", "reference", emb), ("cpu", "cpu", emb.float()),
+                              ("cpu, channels-last", "cpu", emb.float().contiguous(memory_format=torch.channels_last))):
+        e, r = e0.clone().requires_grad_(), modes.to(e0.dtype).clone().requires_grad_()
+        out = mmdl_losses(e, index, label, r, reduction="none", backend=backend)
+        ((out.triplet * weights[0].to(e.dtype)).sum() + (out.ce * weights[1].to(e.dtype)).sum()).backward()
+        results[name] = [out.triplet, out.ce, e.grad, r.grad, label_mode(e.detach(), index, label, r.detach(),
+                                                                           backend=backend)]
+    assert ((index >= 0) & (label < 19)).sum(1).min() > 1024  # two chunks of the mode gradient in each image
+    for got, want in zip(results["cpu"][:4], results["reference"][:4]):
+        torch.testing.assert_close(got.double(), want, **FP32_TOLERANCE)
+    assert torch.equal(results["cpu"][4], results["reference"][4])
+    for got, want in zip(results["cpu, channels-last"], results["cpu"]):
+        assert torch.equal(got, want)
 
 
 def test_gradients_are_deterministic(fast_backend):

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -29,6 +28,7 @@
 
 #include "chunk_sum.h"
 #include "multiversion.h"
+#include "vec.h"
 #include "../host.h"
 #include "../../kernels/nan_rules.h"
 
@@ -53,31 +53,13 @@ constexpr double kTrustRatio = 0.5;
 // count), so the summation order, and the result, never change.
 constexpr int64_t kModeGradChunk = 4096;
 
-// Vectors of kBytes (GCC/Clang vector extensions; multiversion.h): the
-// forward's product runs on the widest vectors of each build, everything else
-// on 32-byte ones (one AVX register; two SSE registers in the baseline build).
-template <typename acc_t, int64_t kBytes = 32>
-struct VecOf {
-  typedef acc_t type __attribute__((vector_size(kBytes)));
-};
-template <typename acc_t, int64_t kBytes = 32> constexpr int64_t kWidth = kBytes / sizeof(acc_t);
+// Vectors (vec.h): the forward's product runs on the widest vectors of each
+// build, everything else on 32-byte ones.
 // The winning mode of each lane, as the integer vectors comparisons give.
 template <typename acc_t> using ModeIndex = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
 // The backward handles the channels in blocks of kGradBlockBytes; rows of its
 // tiles are padded with zeros to a whole number of blocks.
 constexpr int64_t kGradBlockBytes = 128;
-
-template <typename V, typename T>
-DRSL_ALWAYS_INLINE V load_vec(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename T, typename V>
-DRSL_ALWAYS_INLINE void store_vec(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
 
 // The modes R (C*M rows of D) laid out for the product e.r of §3's expansion
 // ||e - r||^2 = ||e||^2 - 2 e.r + ||r||^2: panels of kBlockModes modes,
