@@ -6,15 +6,23 @@
 // ones, -1, are skipped without a read). relu keeps NaN. Backward, with
 // w = 2 dL / used for each counted triplet with h > 0:
 //   dL/de_t = w (e_n - e_p),  dL/de_p = w (e_p - e_t),  dL/de_n = w (e_t - e_n),
-// added into zeroed gradient maps one triplet after the other (a fixed order:
-// deterministic), in the accumulation dtype, then cast to the embeddings'.
+// added into zeroed gradient maps in the accumulation dtype, each element's
+// terms in triplet order (deterministic), then cast to the embeddings' dtype.
+//
+// The rows are scattered over the maps, so the order of the reads is what
+// costs. Maps stored channel by channel (pixel stride 1) are read one channel
+// plane at a time for all the triplets of a task, so a plane's lines are
+// fetched once and then hit the cache; other layouts a triplet's row at a
+// time. Both orders add each triplet's channels in order: the same results.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -23,80 +31,104 @@
 namespace drsl_fast {
 namespace {
 
-template <typename scalar_t, typename acc_t>
-struct Rows {
-  const scalar_t* data;
-  PixelLayout L;
-  int64_t P, D;
+// The least triplets per task of the forward pass.
+constexpr int64_t kTripletGrain = 512;
 
-  explicit Rows(const at::Tensor& bdp)
-      : data(bdp.const_data_ptr<scalar_t>()), L(layout_of(bdp)), P(bdp.size(2)), D(bdp.size(1)) {}
+// The triplets that count (their three positions in their maps) and are kept
+// (keep[i], if given), in order: their ids and where their three rows start
+// in a pair of (B, D, P) maps (target, source); channel d of a row is
+// `channel` elements further per channel.
+struct RowStarts {
+  std::vector<int64_t> id, anchor, positive, negative;
+  int64_t target_channel, source_channel;
+  bool planes;  // both maps stored channel by channel
 
-  void read(int64_t flat, acc_t* row) const {
-    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<acc_t>(data[L.offset(flat / P, d, flat % P)]);
+  RowStarts(const HingeProblem& p, PixelLayout target, PixelLayout source, const bool* keep = nullptr)
+      : target_channel(target.channel), source_channel(source.channel),
+        planes(target.pixel == 1 && source.pixel == 1) {
+    const int64_t *a = p.anchor.const_data_ptr<int64_t>(), *pos = p.positive.const_data_ptr<int64_t>(),
+                  *neg = p.negative.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < p.T; ++i) {
+      const bool counts = a[i] >= 0 && a[i] < p.Nt && pos[i] >= 0 && pos[i] < p.Ns && neg[i] >= 0 && neg[i] < p.Ns;
+      if (!counts || (keep != nullptr && !keep[i])) continue;
+      id.push_back(i);
+      anchor.push_back(target.offset(a[i] / p.Pt, 0, a[i] % p.Pt));
+      positive.push_back(source.offset(pos[i] / p.Ps, 0, pos[i] % p.Ps));
+      negative.push_back(source.offset(neg[i] / p.Ps, 0, neg[i] % p.Ps));
+    }
   }
+
+  int64_t size() const { return static_cast<int64_t>(id.size()); }
 };
 
-// The flat positions of the triplets.
-struct Positions {
-  const int64_t *anchor, *positive, *negative;
-
-  explicit Positions(const HingeProblem& p)
-      : anchor(p.anchor.const_data_ptr<int64_t>()), positive(p.positive.const_data_ptr<int64_t>()),
-        negative(p.negative.const_data_ptr<int64_t>()) {}
-};
-
-// Whether the triplet (a, pos, neg) counts; its rows in e_t, e_p, e_n and h when it does.
-template <typename scalar_t, typename acc_t>
-bool triplet(const HingeProblem& p, const Rows<scalar_t, acc_t>& target, const Rows<scalar_t, acc_t>& source,
-             int64_t a, int64_t pos, int64_t neg, double beta, acc_t* e_t, acc_t* e_p, acc_t* e_n, acc_t& h) {
-  if (a < 0 || a >= p.Nt || pos < 0 || pos >= p.Ns || neg < 0 || neg >= p.Ns) return false;
-  target.read(a, e_t);
-  source.read(pos, e_p);
-  source.read(neg, e_n);
-  acc_t to_positive = 0, to_negative = 0;
-  for (int64_t d = 0; d < p.D; ++d) {
-    to_positive += (e_t[d] - e_p[d]) * (e_t[d] - e_p[d]);
-    to_negative += (e_t[d] - e_n[d]) * (e_t[d] - e_n[d]);
+// f(k, d, target offset, source offset of the positive, of the negative) for
+// the listed triplets k in [begin, end) and the channels d in [d0, d1): a
+// plane at a time if the rows lie in planes, else a row at a time; each
+// triplet's channels in order either way.
+template <typename F>
+void for_each_element(const RowStarts& rows, int64_t begin, int64_t end, int64_t d0, int64_t d1, F&& f) {
+  const auto visit = [&](int64_t k, int64_t d) {
+    f(k, d, rows.anchor[k] + d * rows.target_channel, rows.positive[k] + d * rows.source_channel,
+      rows.negative[k] + d * rows.source_channel);
+  };
+  if (rows.planes) {
+    for (int64_t d = d0; d < d1; ++d)
+      for (int64_t k = begin; k < end; ++k) visit(k, d);
+  } else {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t d = d0; d < d1; ++d) visit(k, d);
   }
-  h = to_positive - to_negative + static_cast<acc_t>(beta);
-  return true;
 }
 
+// h of every triplet; counted says which count (h = 0 for the others).
 template <typename scalar_t, typename acc_t>
-void hinge_forward(const HingeProblem& p, double beta, acc_t* hinge, bool* counted) {
-  const Rows<scalar_t, acc_t> target(p.target), source(p.source);
-  const Positions positions(p);
-  std::vector<acc_t> e_t(p.D), e_p(p.D), e_n(p.D);
-  for (int64_t i = 0; i < p.T; ++i) {
-    acc_t h = 0;
-    counted[i] = triplet(p, target, source, positions.anchor[i], positions.positive[i], positions.negative[i], beta,
-                         e_t.data(), e_p.data(), e_n.data(), h);
-    hinge[i] = counted[i] && (h > 0 || std::isnan(h)) ? h : acc_t(0);
-  }
+void triplet_hinges(const HingeProblem& p, const RowStarts& rows, double beta, acc_t* h, bool* counted) {
+  const scalar_t *target = p.target.const_data_ptr<scalar_t>(), *source = p.source.const_data_ptr<scalar_t>();
+  std::fill(h, h + p.T, acc_t(0));
+  std::fill(counted, counted + p.T, false);
+  at::parallel_for(0, rows.size(), kTripletGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> to_positive(end - begin, acc_t(0)), to_negative(end - begin, acc_t(0));
+    for_each_element(rows, begin, end, 0, p.D, [&](int64_t k, int64_t, int64_t t, int64_t pos, int64_t neg) {
+      const acc_t e_t = static_cast<acc_t>(target[t]);
+      const acc_t e_p = static_cast<acc_t>(source[pos]), e_n = static_cast<acc_t>(source[neg]);
+      to_positive[k - begin] += (e_t - e_p) * (e_t - e_p);
+      to_negative[k - begin] += (e_t - e_n) * (e_t - e_n);
+    });
+    for (int64_t k = begin; k < end; ++k) {
+      counted[rows.id[k]] = true;
+      h[rows.id[k]] = to_positive[k - begin] - to_negative[k - begin] + static_cast<acc_t>(beta);
+    }
+  });
 }
 
 // grad_target / grad_source: (B, D, P) views of the gradient maps (undefined: not asked for).
+// Their layouts may differ from the embeddings': each has its own row starts.
 template <typename scalar_t, typename acc_t>
 void hinge_backward(const HingeProblem& p, double beta, acc_t w, at::Tensor grad_target, at::Tensor grad_source) {
-  const Rows<scalar_t, acc_t> target(p.target), source(p.source);
+  std::vector<acc_t> h(p.T);
+  const std::unique_ptr<bool[]> active(new bool[p.T]);  // not vector<bool>: written by several threads
+  triplet_hinges<scalar_t, acc_t>(p, RowStarts(p, layout_of(p.target), layout_of(p.source)), beta, h.data(),
+                                  active.get());
+  for (int64_t i = 0; i < p.T; ++i) active[i] = active[i] && h[i] > 0;  // the triplets with a gradient
+  const at::Tensor& some_grad = grad_target.defined() ? grad_target : grad_source;
+  const RowStarts rows(p, layout_of(p.target), layout_of(p.source), active.get());
+  const RowStarts grad_rows(p, layout_of(grad_target.defined() ? grad_target : some_grad),
+                            layout_of(grad_source.defined() ? grad_source : some_grad), active.get());
+  const scalar_t *target = p.target.const_data_ptr<scalar_t>(), *source = p.source.const_data_ptr<scalar_t>();
   acc_t* gt = grad_target.defined() ? grad_target.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* gs = grad_source.defined() ? grad_source.mutable_data_ptr<acc_t>() : nullptr;
-  const PixelLayout Lt = gt ? layout_of(grad_target) : PixelLayout{}, Ls = gs ? layout_of(grad_source) : PixelLayout{};
-  const Positions positions(p);
-  std::vector<acc_t> e_t(p.D), e_p(p.D), e_n(p.D);
-  for (int64_t i = 0; i < p.T; ++i) {
-    const int64_t a = positions.anchor[i], pos = positions.positive[i], neg = positions.negative[i];
-    acc_t h = 0;
-    if (!triplet(p, target, source, a, pos, neg, beta, e_t.data(), e_p.data(), e_n.data(), h) || !(h > 0)) continue;
-    for (int64_t d = 0; d < p.D; ++d) {
-      if (gt) gt[Lt.offset(a / p.Pt, d, a % p.Pt)] += w * (e_n[d] - e_p[d]);
+  // One task per range of channels: the tasks write disjoint elements.
+  at::parallel_for(0, p.D, 1, [&](int64_t d0, int64_t d1) {
+    for_each_element(rows, 0, rows.size(), d0, d1, [&](int64_t k, int64_t d, int64_t t, int64_t pos, int64_t neg) {
+      const acc_t e_t = static_cast<acc_t>(target[t]);
+      const acc_t e_p = static_cast<acc_t>(source[pos]), e_n = static_cast<acc_t>(source[neg]);
+      if (gt) gt[grad_rows.anchor[k] + d * grad_rows.target_channel] += w * (e_n - e_p);
       if (gs) {
-        gs[Ls.offset(pos / p.Ps, d, pos % p.Ps)] += w * (e_p[d] - e_t[d]);
-        gs[Ls.offset(neg / p.Ps, d, neg % p.Ps)] += w * (e_t[d] - e_n[d]);
+        gs[grad_rows.positive[k] + d * grad_rows.source_channel] += w * (e_p - e_t);
+        gs[grad_rows.negative[k] + d * grad_rows.source_channel] += w * (e_t - e_n);
       }
-    }
-  }
+    });
+  });
 }
 
 }  // namespace
@@ -109,7 +141,10 @@ std::tuple<at::Tensor, at::Tensor> consistency_hinge_cpu(const at::Tensor& targe
   std::tie(hinge, counted) = p.per_triplet();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_emb.scalar_type(), "consistency_hinge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    hinge_forward<scalar_t, acc_t>(p, beta, hinge.mutable_data_ptr<acc_t>(), counted.mutable_data_ptr<bool>());
+    acc_t* h = hinge.mutable_data_ptr<acc_t>();
+    bool* flags = counted.mutable_data_ptr<bool>();
+    triplet_hinges<scalar_t, acc_t>(p, RowStarts(p, layout_of(p.target), layout_of(p.source)), beta, h, flags);
+    for (int64_t i = 0; i < p.T; ++i) h[i] = flags[i] && (h[i] > 0 || std::isnan(h[i])) ? h[i] : acc_t(0);
   });
   const auto [mean, unused, used] = flagged_means(hinge, at::Tensor(), counted);
   return {mean, used};
