@@ -15,7 +15,10 @@ Each measurement runs in a fresh subprocess: peak memory is the RSS
 high-water mark (CPU) or max_memory_allocated (GPU) above the inputs. Host
 synchronisations are counted with a TorchDispatchMode (calls of
 _local_scalar_dense / nonzero / masked_select, i.e. .item() and data-dependent
-shapes) on CPU, and with torch.cuda.set_sync_debug_mode on GPU.
+shapes) on CPU, and with torch.cuda.set_sync_debug_mode on GPU. For the fused
+backends a second table says where a step's time goes: each drsl_fast
+operator's calls and time per step under torch.profiler (the ATen calls
+inside an operator, such as zeroing its gradient maps, included).
 
     python bench/bench_mmdl_losses.py            # -> bench/results/mmdl_losses_<device>.{json,csv,md}
     python bench/bench_mmdl_losses.py --quick    # print only
@@ -116,6 +119,26 @@ def count_syncs(step, device):
     return Counter.count
 
 
+PROFILED_STEPS = 5
+
+
+def operator_times(step, device):
+    """Per drsl_fast operator: calls, host ms and device ms per step (children
+    included), from torch.profiler over PROFILED_STEPS steps after one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+        harness.sync(device)
+    ops = [dict(op=e.key, calls=e.count / PROFILED_STEPS, host_ms=e.cpu_time_total / PROFILED_STEPS / 1e3,
+                device_ms=e.device_time_total / PROFILED_STEPS / 1e3)
+           for e in prof.key_averages() if e.key.startswith("drsl_fast::")]
+    return sorted(ops, key=lambda op: -max(op["host_ms"], op["device_ms"]))
+
+
 def worker(spec):
     import torch
 
@@ -144,7 +167,8 @@ def worker(spec):
         step()
     syncs = count_syncs(step, device)
     timing = harness.median_ms(step, device, spec["repeats"], spec["budget_s"], warmup=0)
-    harness.emit(dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, host_syncs=syncs))
+    ops = operator_times(step, device) if method in ("cpu", "cuda") else []
+    harness.emit(dict(spec, **timing, peak_extra_mib=memory.extra / 2**20, host_syncs=syncs, operators=ops))
 
 
 def measure(spec):
@@ -161,6 +185,17 @@ def markdown_table(rows):
         speedup = f"{base / r['time_ms']:.1f}x" if base else ""
         lines.append(f"| {r['method']} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} | {r['host_syncs']} | {speedup} |")
     return "\n".join(lines)
+
+
+def operators_table(row):
+    """Where the step of a fused backend goes, operator by operator."""
+    device = row["device"].startswith("cuda")
+    header = ["operator", "calls per step", "host ms per step"] + (["device ms per step"] if device else [])
+    rows = [[f"`{op['op']}`", f"{op['calls']:g}", f"{op['host_ms']:.2f}"] + ([f"{op['device_ms']:.3f}"] if device
+                                                                             else [])
+            for op in row["operators"]]
+    return (f"Where the {row['method']} backend's step goes (torch.profiler over {PROFILED_STEPS} steps; an "
+            f"operator's time includes the ATen calls inside it):\n\n" + harness.markdown_table(header, rows))
 
 
 def main():
@@ -185,6 +220,7 @@ def main():
         print({k: v for k, v in row.items() if k in ("method", "time_ms", "peak_extra_mib", "host_syncs", "error")},
               flush=True)
     table = markdown_table(rows)
+    table += "".join("\n\n" + operators_table(r) for r in rows if r.get("operators"))
     machine = harness.device_name(device)
     print(f"\nDRSL+ loss step on {machine}\n\n{table}")
     if args.quick:
