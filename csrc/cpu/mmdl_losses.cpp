@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "chunk_sum.h"
+#include "mode_panels.h"
 #include "multiversion.h"
 #include "vec.h"
 #include "../host.h"
@@ -35,10 +36,7 @@ namespace drsl_fast {
 namespace {
 
 constexpr int64_t kTile = 64;
-// The distances' register block: kBlockVecs vectors of samples by kBlockModes
-// modes of accumulators. kTile is a whole number of blocks at every width.
-constexpr int64_t kBlockVecs = 2;
-constexpr int64_t kBlockModes = 6;
+// The distances' register block (mode_panels.h) has samples as its lanes.
 static_assert(kTile % (kBlockVecs * kWidth<float, 64>) == 0, "a run's tile is whole blocks at every width");
 // Counted samples per partial mode gradient: fixed, so the summation order is too.
 constexpr int64_t kChunk = 1024;
@@ -100,16 +98,6 @@ struct CountedSamples {
   }
 };
 
-// The modes as panels of kBlockModes, [panel][d][kBlockModes] (zero modes fill the last panel).
-template <typename acc_t>
-std::vector<acc_t> mode_panels(const acc_t* modes, int64_t CM, int64_t D) {
-  const int64_t panels = (CM + kBlockModes - 1) / kBlockModes;
-  std::vector<acc_t> panel(panels * D * kBlockModes, acc_t(0));
-  for (int64_t k = 0; k < CM; ++k)
-    for (int64_t d = 0; d < D; ++d) panel[((k / kBlockModes) * D + d) * kBlockModes + k % kBlockModes] = modes[k * D + d];
-  return panel;
-}
-
 // The embeddings of the counted samples (list order) as [D][ld] in the
 // accumulation dtype; ld leaves kTile zeros after each channel's values, so
 // that a block of lanes may read past the last sample (at most a block, which
@@ -152,22 +140,11 @@ DRSL_ALWAYS_INLINE void tile_distances_impl(const acc_t* __restrict__ tile, int6
   constexpr int64_t W = kWidth<acc_t, kBytes>;
   for (int64_t j0 = 0; j0 < n; j0 += kBlockVecs * W) {
     for (int64_t q = 0; q < panels; ++q) {
-      const acc_t* r = panel + q * D * kBlockModes;
       V acc[kBlockVecs][kBlockModes] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        V x[kBlockVecs];
-#pragma GCC unroll 2
-        for (int64_t i = 0; i < kBlockVecs; ++i) x[i] = load_vec<V>(tile + d * ld + j0 + i * W);
-#pragma GCC unroll 6
-        for (int64_t k = 0; k < kBlockModes; ++k) {
-          const acc_t rk = r[d * kBlockModes + k];
-#pragma GCC unroll 2
-          for (int64_t i = 0; i < kBlockVecs; ++i) {
-            const V t = x[i] - rk;
-            acc[i][k] += t * t;
-          }
-        }
-      }
+      accumulate_panel(tile, ld, j0, D, panel + q * D * kBlockModes, acc, [](V& a, const V& x, acc_t rk) {
+        const V t = x - rk;
+        a += t * t;
+      });
 #pragma GCC unroll 6
       for (int64_t k = 0; k < kBlockModes; ++k)
 #pragma GCC unroll 2
@@ -275,8 +252,8 @@ struct TileDistances {
   int64_t panels, D;
 
   TileDistances(const acc_t* modes, int64_t C, int64_t M, int64_t D)
-      : panel(mode_panels(modes, C * M, D)), dist(((C * M + kBlockModes - 1) / kBlockModes) * kBlockModes * kTile),
-        panels((C * M + kBlockModes - 1) / kBlockModes), D(D) {}
+      : panel(mode_panels(modes, C * M, D)), dist(panel_count(C * M) * kBlockModes * kTile),
+        panels(panel_count(C * M)), D(D) {}
 
   // The distances of the samples [k, k + n) of the list (n <= kTile).
   void compute(const GatheredSamples<acc_t>& samples, const HotLoops<acc_t>& loops, int64_t k, int64_t n) {

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "chunk_sum.h"
+#include "mode_panels.h"
 #include "multiversion.h"
 #include "vec.h"
 #include "../host.h"
@@ -36,10 +37,7 @@ namespace drsl_fast {
 namespace {
 
 constexpr int64_t kTile = 64;
-// The forward's register block: kBlockVecs vectors of pixels by kBlockModes
-// modes of accumulators (12 of the 16 AVX2 registers, of the 32 AVX-512 ones).
-constexpr int64_t kBlockVecs = 2;
-constexpr int64_t kBlockModes = 6;
+// The forward's register block (mode_panels.h) has pixels as its lanes.
 // The expanded distance is trusted when dmin >= kTrustRatio * (||e||^2 +
 // max_m ||r[c, m]||^2). Its rounding error is at most about
 // 2 (D + 1) u (||e||^2 + ||r||^2) (u the unit roundoff; of order sqrt(D) u
@@ -62,26 +60,19 @@ template <typename acc_t> using ModeIndex = std::conditional_t<sizeof(acc_t) == 
 constexpr int64_t kGradBlockBytes = 128;
 
 // The modes R (C*M rows of D) laid out for the product e.r of §3's expansion
-// ||e - r||^2 = ||e||^2 - 2 e.r + ||r||^2: panels of kBlockModes modes,
-// [panel][d][kBlockModes] (zero modes fill the last panel), with ||r||^2 per
-// mode and its maximum over each class's modes (NaN if any is NaN).
+// ||e - r||^2 = ||e||^2 - 2 e.r + ||r||^2: panels (mode_panels.h), with
+// ||r||^2 per mode and its maximum over each class's modes (NaN if any is NaN).
 template <typename acc_t>
 struct PackedModes {
   int64_t panels;
   std::vector<acc_t> panel, norm, class_max_norm;
 
   PackedModes(const acc_t* modes, int64_t C, int64_t M, int64_t D)
-      : panels((C * M + kBlockModes - 1) / kBlockModes),
-        panel(panels * kBlockModes * D, acc_t(0)),
-        norm(panels * kBlockModes, acc_t(0)),
+      : panels(panel_count(C * M)), panel(mode_panels(modes, C * M, D)), norm(panels * kBlockModes, acc_t(0)),
         class_max_norm(C) {
     for (int64_t k = 0; k < C * M; ++k) {
       acc_t sum = acc_t(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t v = modes[k * D + d];
-        panel[((k / kBlockModes) * D + d) * kBlockModes + k % kBlockModes] = v;
-        sum += v * v;
-      }
+      for (int64_t d = 0; d < D; ++d) sum += modes[k * D + d] * modes[k * D + d];
       norm[k] = sum;
       if (k % M == 0 || replaces_max(sum, class_max_norm[k / M])) class_max_norm[k / M] = sum;
     }
@@ -122,25 +113,15 @@ DRSL_ALWAYS_INLINE bool forward_tile_impl(const acc_t* __restrict__ tile, int64_
     ProductV ne[kBlockVecs];
     for (int64_t i = 0; i < kBlockVecs; ++i) ne[i] = load_vec<ProductV>(norm_e + j0 + i * kProductW);
     for (int64_t q = 0; q < panels; ++q) {
-      const acc_t* r = panel + q * D * kBlockModes;
-      ProductV acc[kBlockModes][kBlockVecs] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        ProductV e[kBlockVecs];
-#pragma GCC unroll 4
-        for (int64_t i = 0; i < kBlockVecs; ++i) e[i] = load_vec<ProductV>(tile + d * kTile + j0 + i * kProductW);
-#pragma GCC unroll 8
-        for (int64_t k = 0; k < kBlockModes; ++k) {
-          const acc_t rk = r[d * kBlockModes + k];
-#pragma GCC unroll 4
-          for (int64_t i = 0; i < kBlockVecs; ++i) acc[k][i] += rk * e[i];
-        }
-      }
+      ProductV acc[kBlockVecs][kBlockModes] = {};
+      accumulate_panel(tile, kTile, j0, D, panel + q * D * kBlockModes, acc,
+                       [](ProductV& a, const ProductV& e, acc_t rk) { a += rk * e; });
 #pragma GCC unroll 8
       for (int64_t k = 0; k < kBlockModes; ++k) {
         const acc_t nr = norm_r[q * kBlockModes + k];
 #pragma GCC unroll 4
         for (int64_t i = 0; i < kBlockVecs; ++i) {
-          const ProductV expanded = (ne[i] + nr) - (acc[k][i] + acc[k][i]);
+          const ProductV expanded = (ne[i] + nr) - (acc[i][k] + acc[i][k]);
           store_vec(dist + (q * kBlockModes + k) * kTile + j0 + i * kProductW, expanded);
         }
       }
