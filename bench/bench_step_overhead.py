@@ -73,7 +73,10 @@ def measure(base, device, rounds: int, steps: int, warmup: int, cuda_graphs: boo
 def graphed(step, generator, warmup: int):
     """``step`` captured as one CUDA graph, after ``warmup`` eager steps on a
     side stream (they create the momentum buffers and load the kernel
-    libraries, as a capture needs); returns its replay."""
+    libraries, as a capture needs); returns its replay, which holds ``step``
+    too: the graph reads the network, optimizer state and batch that the
+    closure owns, and freeing them would hand their memory to the next
+    variant while the graph still points at it."""
     import torch
 
     side = torch.cuda.Stream()
@@ -87,7 +90,12 @@ def graphed(step, generator, warmup: int):
     with torch.cuda.graph(graph):
         step()
     graph.replay()
-    return graph.replay
+
+    def replay():
+        graph.replay()
+
+    replay.keeps_alive = step
+    return replay
 
 
 def timed_rounds(steps_of, device, rounds: int, steps: int):

@@ -136,6 +136,24 @@ def overhead_section(data: Dict) -> str:
                                for r in failed] if failed else []))
 
 
+def overhead_runs_section(runs: List[Dict]) -> str:
+    """DRSL+ over the floor in every eager paired run kept for one device
+    (step_overhead, step_overhead_run2, ...): the spread between runs, which
+    one run's quartiles do not show."""
+    cells: Dict[tuple, Dict[int, str]] = {}
+    for i, data in enumerate(runs):
+        for r in data["results"]:
+            if r.get("variant") == "DRSL+ fast" and "overhead" in r:
+                cells.setdefault((r["crop"], r["precision"]), {})[i] = f"{100 * r['overhead']:+.1f} %"
+    header = ["crop", "precision"] + [f"run {i + 1} ({data.get('rounds', '?')} rounds)" for i, data in
+                                      enumerate(runs)]
+    return "\n".join([
+        f"**The same paired measure, run {len(runs)} times on this device** (DRSL+ over the floor, median of "
+        "rounds; each run a fresh process, some on a fresh machine):", "",
+        table(header, [[crop, precision] + [v.get(i, "") for i in range(len(runs))]
+                       for (crop, precision), v in cells.items()])])
+
+
 # GTX 1080 Ti datasheet rates (fp32 FMA, memory), for the estimate of the CUDA
 # backend there (the only one it runs).
 GTX_1080TI_FP32_TFLOPS = 11.3
@@ -288,6 +306,10 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
         for name in ("step_overhead", "step_overhead_graphs"):
             if name in benches:
                 out += [overhead_section(benches[name]), ""]
+        runs = [benches[n] for n in sorted(benches, key=lambda n: (len(n), n))
+                if n == "step_overhead" or n.startswith("step_overhead_run")]
+        if len(runs) > 1:
+            out += [overhead_runs_section(runs), ""]
         if "gtx_1080ti_verdict" in benches:
             verdict = benches["gtx_1080ti_verdict"]["markdown"].split("\n", 2)[-1].strip()
             out += ["**GTX 1080 Ti verdict** (`python -m drsl_fast.memory_model`; its error against measured GPU "

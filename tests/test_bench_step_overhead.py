@@ -76,3 +76,21 @@ def test_a_step_drawing_from_one_generator():
     before = generator.get_state()
     step()
     assert not torch.equal(generator.get_state(), before)  # the loss drew from it
+
+
+def test_the_report_lists_every_paired_run_side_by_side():
+    import report
+
+    def run(rounds, overheads):
+        results = [dict(crop=crop, precision=precision, variant="floor", median_ms=40.0)
+                   for (crop, precision) in overheads]
+        results += [dict(crop=crop, precision=precision, variant="DRSL+ fast", median_ms=44.0, overhead=o)
+                    for (crop, precision), o in overheads.items()]
+        return dict(rounds=rounds, results=results)
+
+    first = run(15, {("512x512", "fp32"): 0.085, ("512x1024", "fp32"): 0.066})
+    second = run(25, {("512x512", "fp32"): 0.104})  # one crop only
+    lines = report.overhead_runs_section([first, second]).splitlines()
+    assert "| crop | precision | run 1 (15 rounds) | run 2 (25 rounds) |" in lines
+    assert "| 512x512 | fp32 | +8.5 % | +10.4 % |" in lines
+    assert "| 512x1024 | fp32 | +6.6 % |  |" in lines
