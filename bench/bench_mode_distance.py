@@ -17,8 +17,6 @@ Methods:
              its tensor-core backward or forward; listed on GPUs that have
              tensor cores (cuda-fp32 in results of earlier versions: the fp32
              kernels, when the tensor-core backward was the default there)
-  cuda-expanded-forward  the CUDA backend with DRSL_FAST_EXPANDED_FORWARD=1:
-             the fp32 forward in expanded form, on every GPU
   triton-ieee / triton-tf32  the Triton forward with its ranking product in
              fp32 FMA or plain tf32 (the library's default is tf32x3)
   triton-pXwY  the Triton forward with X pixels per program and Y warps
@@ -303,16 +301,15 @@ def methods_for(device):
 
 
 def cuda_variants(fast):
-    """drsl_fast's CUDA_KERNEL_VARIANTS that run on this GPU (the tensor-core
-    ones at compute capability >= 8.0): measured beside its default."""
+    """drsl_fast's CUDA_KERNEL_VARIANTS (tensor-core kernels), where this GPU
+    runs them (compute capability >= 8.0): measured beside its default."""
     import torch
 
-    from drsl_fast.backends import CUDA_KERNEL_VARIANTS, TENSOR_CORE_VARIANTS
+    from drsl_fast.backends import CUDA_KERNEL_VARIANTS
 
-    if "cuda" not in fast:
+    if "cuda" not in fast or torch.cuda.get_device_capability()[0] < 8:
         return []
-    tensor_cores = torch.cuda.get_device_capability()[0] >= 8
-    return [name for name in CUDA_KERNEL_VARIANTS if tensor_cores or name not in TENSOR_CORE_VARIANTS]
+    return list(CUDA_KERNEL_VARIANTS)
 
 
 def peers():

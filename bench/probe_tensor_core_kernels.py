@@ -32,8 +32,7 @@ SCALING = [64 * 64, 128 * 128, 512 * 512]  # further pixel counts, "as built" on
 FORWARD_PRODUCT = "          mma_3xtf32(acc[t], a_hi, a_lo, b_hi, b_lo);\n"
 BACKWARD_PRODUCTS = ["          mma_3xtf32(acc, a_hi, a_lo, b_hi, b_lo);\n",
                      "            mma_3xtf32(mode_acc[j], a_hi, a_lo, b_hi, b_lo);\n"]
-FP32_BOUNDS = "__launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks : sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2)"
-EXPANDED_BLOCKS = "constexpr int kExpandedForwardBlocks = 3;"
+FP32_BOUNDS = "__launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2)"
 FP32_DEPTH = "static constexpr int kDepth = 8;"
 WEIGHT_BATCH = "kWeightBatch = 2;"
 # The fp32 forward's epilogue as the file has it (up to its min over the
@@ -74,7 +73,7 @@ VARIANTS = {
                                 "? 0.1f * static_cast<float>((k * 7 + d) % 11)")],
     "forward: no direct sums (all trusted)": [("constexpr float kTrustRatio = 0.5f;",
                                                "constexpr float kTrustRatio = 0.0f;")],
-    "forward: no output stores (and none in the expanded fp32 forward)": [(
+    "forward: no output stores": [(
         "  dmin[o] = best;\n  mstar[o] = static_cast<uint8_t>(best_mode);\n"
         "  if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n}",
         "  if (best == -1.0f) dmin[o] = static_cast<float>(best_mode);  // never: keeps the work alive\n}")],
@@ -86,8 +85,6 @@ VARIANTS = {
     "fp32 forward: 2 blocks per SM (255 registers)": [(FP32_BOUNDS, "__launch_bounds__(kThreads, 2)")],
     "fp32 forward: 3 blocks per SM (168 registers; before on sm_90)": [(FP32_BOUNDS,
                                                                          "__launch_bounds__(kThreads, 3)")],
-    "expanded forward: 4 blocks per SM (128 registers, spills)": [(EXPANDED_BLOCKS,
-                                                                    EXPANDED_BLOCKS.replace("3", "4"))],
     "fp32 forward: 16 channels per step (before)": [(FP32_DEPTH, FP32_DEPTH.replace("8", "16"))],
     "fp32 forward: every load bounds-checked (before)": [("      if (pixels_inside && d0 + T::kDepth <= D)\n",
                                                           "      if (false)\n")],
@@ -106,8 +103,8 @@ VARIANTS = {
         "            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros",
         "            (void)t;")],
     "fp32 forward: no embedding loads": [(text, "for (int r = 0; r < next.kPerThread; ++r) next.value[r] = 0.01f * r;")
-                                         for text in ("next.fetch_inside(emb, emb_layout, b, d0, p0, pass_mu);",
-                                                      "next.fetch(emb, emb_layout, b, d0, D, p0, P, pass_mu);")],
+                                         for text in ("next.fetch_inside(emb, emb_layout, b, d0, p0);",
+                                                      "next.fetch(emb, emb_layout, b, d0, D, p0, P);")],
     "fp32 forward: no output stores": [(
         "        dmin[o] = best;\n        mstar[o] = static_cast<uint8_t>(best_mode);\n"
         "        if (posterior != nullptr) posterior[o] = exp_of(posterior_exponent(best, posterior_scale));\n"
@@ -132,7 +129,7 @@ VARIANTS = {
                                     "total = weights[threadIdx.x * kWeightRow];")],
 }
 FIELDS = ["variant", "centre_us", "forward_us", "forward_saved_us", "backward_us", "backward_saved_us",
-          "backward_emb_us", "backward_modes_us", "forward_fp32_us", "forward_expanded_us", "backward_fp32_us",
+          "backward_emb_us", "backward_modes_us", "forward_fp32_us", "backward_fp32_us",
           "refused_pairs"]
 
 
@@ -201,11 +198,10 @@ def main():
         row["backward_saved_us"] = round(base["backward_us"] - row["backward_us"], 2)
     table = harness.markdown_table(
         ["variant", "forward us", "saved vs as built", "backward us (both gradients)", "saved vs as built",
-         "backward, dL/de only", "backward, dL/dr only", "centre us", "fp32 forward us",
-         "fp32 forward, expanded, us", "fp32 backward us"],
+         "backward, dL/de only", "backward, dL/dr only", "centre us", "fp32 forward us", "fp32 backward us"],
         [[r["variant"], r["forward_us"], r["forward_saved_us"], r["backward_us"], r["backward_saved_us"],
           r["backward_emb_us"], r["backward_modes_us"], r["centre_us"], r["forward_fp32_us"],
-          r.get("forward_expanded_us", ""), r["backward_fp32_us"]] for r in rows])
+          r["backward_fp32_us"]] for r in rows])
     scaling_table = harness.markdown_table(
         ["P", "forward us", "backward us", "fp32 forward us", "fp32 backward us", "centre us"],
         [[r["P"], r["forward_us"], r["backward_us"], r["forward_fp32_us"], r["backward_fp32_us"], r["centre_us"]]
@@ -218,8 +214,7 @@ def main():
             "(B, D, H, W) contiguous, posterior on). Each row is csrc/cuda/mode_distance.cu with one stage left out "
             "(wrong results: timing only), built with nvcc for this GPU; medians of 7 batches of 20 launches "
             "(CUDA events), the embeddings rotated through 4 copies. The fp32 kernels (the CUDA backend's default) on "
-            f"the same inputs: forward {base['forward_fp32_us']} us (in expanded form, with its mode centring, "
-            f"{base.get('forward_expanded_us')} us), backward (dL/de and the mode gradient's "
+            f"the same inputs: forward {base['forward_fp32_us']} us, backward (dL/de and the mode gradient's "
             f"partials) {base['backward_fp32_us']} us.{refused}\n\n{table}\n\n"
             "As built, against the number of pixels per image (B and the rest as above):\n\n" + scaling_table)
     harness.write_results(harness.results_stem(args.out, "tensor_core_probe", "cuda"),

@@ -160,7 +160,7 @@ GTX_1080TI_FP32_TFLOPS = 11.3
 GTX_1080TI_GBS = 484.0
 
 
-FAST_METHODS = ("cpu", "cuda", "cuda-fp32", "cuda-tc-backward", "cuda-tc-forward", "cuda-expanded-forward", "triton")
+FAST_METHODS = ("cpu", "cuda", "cuda-fp32", "cuda-tc-backward", "cuda-tc-forward", "triton")
 
 
 def rate(value: float) -> str:

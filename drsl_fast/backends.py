@@ -24,17 +24,13 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
 }
 TRITON_MIN_CAPABILITY = (8, 0)
-# The CUDA backend's other mode-distance kernels, each run on request: the
-# environment variable named here, read by the CUDA launcher at every call,
-# set to 1. The tensor-core ones (TENSOR_CORE_VARIANTS) run on GPUs of compute
-# capability >= 8.0; the fp32 forward in expanded form (products plus norms,
-# with the tensor-core forward's trust rule and direct fallback) on every GPU.
-# By default every GPU runs the fp32 kernels in difference form, the ones a
-# GTX 1080 Ti runs (on an H200 faster than the tensor-core ones: bench/NOTES.md).
+# The CUDA backend's tensor-core mode-distance kernels, each run on request on
+# GPUs of compute capability >= 8.0: the environment variable named here, read
+# by the CUDA launcher at every call, set to 1. By default every GPU runs the
+# fp32 kernels in difference form, the ones a GTX 1080 Ti runs (on an H200
+# faster than the tensor-core ones: bench/NOTES.md).
 CUDA_KERNEL_VARIANTS = {"cuda-tc-backward": "DRSL_FAST_TENSOR_CORE_BACKWARD",
-                        "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD",
-                        "cuda-expanded-forward": "DRSL_FAST_EXPANDED_FORWARD"}
-TENSOR_CORE_VARIANTS = ("cuda-tc-backward", "cuda-tc-forward")
+                        "cuda-tc-forward": "DRSL_FAST_TENSOR_CORE_FORWARD"}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -20,17 +20,14 @@ def device_for(backend: str) -> torch.device:
 
 # The CUDA kernels emulated on the CPU (tests/cuda_on_cpu), as backends of the
 # ops that have them: the fp32 kernels (the CUDA backend's default) and the
-# tensor-core ones; and, for the mode-distance tests only, the fp32 kernels with
-# the forward in expanded form (DRSL_FAST_EXPANDED_FORWARD).
+# tensor-core ones.
 EMULATED = ("cuda-emulated", "cuda-tc-emulated")
-EMULATED_FORWARDS = ("cuda-expanded-emulated",)
 
 
 @contextlib.contextmanager
 def emulating(request, name: str):
     """Within the block, the ops' CPU kernels are the emulated CUDA kernel set ``name``."""
-    with cuda_on_cpu.as_cpu_kernels(request.getfixturevalue("emulated_cuda"), tensor_cores=name == "cuda-tc-emulated",
-                                    expanded=name == "cuda-expanded-emulated"):
+    with cuda_on_cpu.as_cpu_kernels(request.getfixturevalue("emulated_cuda"), tensor_cores=name == "cuda-tc-emulated"):
         yield
 
 
@@ -38,7 +35,7 @@ def backend_under_test(request, name: str):
     """The body of a fast_backend fixture: yields (backend, device) for
     ``name``, a backend or an emulated kernel set (run as backend "cpu",
     emulated for the test's duration), or skips saying why it cannot run."""
-    if name in EMULATED or name in EMULATED_FORWARDS:
+    if name in EMULATED:
         with emulating(request, name):
             yield "cpu", torch.device("cpu")
         return

@@ -3,10 +3,10 @@ AddressSanitizer: no kernel reads or writes outside its inputs, outputs and
 scratch buffers in global memory, over the layouts, dtypes, class and mode
 counts the op tests use; the architecture-chosen forms of a kernel that
 the default emulation does not build (dL/de's class batches loaded ahead, as
-on sm_90) give the same results as the default; and the expanded fp32
-forward falls back to the direct sums exactly where it should. (Shared memory is not covered: the emulation refills
-it with NaN before every block instead, so a read of what no thread wrote
-shows in the results.) (The op tests themselves run on the emulation through their
+on sm_90) give the same results as the default; and the tensor-core
+forward falls back to the direct sums exactly where it should. (Shared
+memory is not covered: the emulation refills it with NaN before every block
+instead, so a read of what no thread wrote shows in the results.) (The op tests themselves run on the emulation through their
 "cuda-emulated" and "cuda-tc-emulated" backends; the race check is in tests/test_mode_distance.py.)"""
 import os
 import subprocess
@@ -40,8 +40,6 @@ for emb in embeddings:
         for dtype, tensor_cores in ((torch.float32, True), (torch.bfloat16, True), (torch.float64, False)):
             e = emb.to(dtype)
             dmin, mstar, _ = k.forward(e, modes, 0.5, tensor_cores=tensor_cores)
-            if dtype != torch.float64:  # the fp32 forward in expanded form
-                k.forward(e, modes, 0.5, tensor_cores=False, expanded=True)
             k.backward(torch.randn(dmin.shape, generator=g), e, modes, mstar, tensor_cores=tensor_cores)
 emb, modes = torch.randn(2, 8, 12, 13, generator=g), torch.randn(19, 3, 8, generator=g)
 index, label = torch.randint(-1, 160, (2, 700), generator=g), torch.randint(0, 20, (2, 700), generator=g)
@@ -120,28 +118,27 @@ def test_dl_de_loaded_ahead_matches_the_default(tmp_path, emulated_cuda, dtype):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_expanded_forward_falls_back_to_the_direct_sums(emulated_cuda, reverse):
-    """The fp32 forward in expanded form (DRSL_FAST_EXPANDED_FORWARD) with
-    every class's modes the same three points and every embedding within
-    1e-4 of the first: each (pixel, class) pair cancels (dmin about 6e-7, the
+def test_tensor_core_forward_falls_back_to_the_direct_sums(emulated_cuda, reverse):
+    """The tensor-core forward (DRSL_FAST_TENSOR_CORE_FORWARD) with every
+    class's modes the same three points and every embedding within 1e-4 of
+    the first: each (pixel, class) pair cancels (dmin about 6e-7, the
     expanded form's rounding about 1e-5), so the trust rule refuses all of
-    them, far more than a block's queue holds, and both the queued pairs and
-    those past the queue (summed by their own threads) must come out as
-    direct sums: to fp32 rounding of the float64 distances, mode 0 every
-    time, threads in either order. On spread-out inputs the expanded minima
-    are kept: not the direct kernel's bits, within fp32 rounding of them."""
+    them, every pair of every block queued, and all must come out as direct
+    sums: to fp32 rounding of the float64 distances, mode 0 every time,
+    threads in either order. On spread-out inputs the expanded minima are
+    kept: not the direct kernel's bits, within rounding of them."""
     g = torch.Generator().manual_seed(5)
     points = torch.randn(3, 64, generator=g)
     modes = points.expand(19, 3, 64).contiguous()
     emb = points[0].reshape(1, 64, 1, 1) + 1e-4 * torch.randn(2, 64, 9, 17, generator=g)  # 153 pixels a image
-    dmin, mstar, _ = emulated_cuda.forward(emb, modes, 0.5, tensor_cores=False, expanded=True, reverse=reverse)
+    dmin, mstar, _ = emulated_cuda.forward(emb, modes, 0.5, tensor_cores=True, reverse=reverse)
     exact = ((emb.double() - points[0].double().reshape(1, 64, 1, 1)) ** 2).sum(1, keepdim=True).expand_as(dmin)
     torch.testing.assert_close(dmin.double(), exact, rtol=1e-5, atol=0)
     assert (mstar == 0).all()
     spread = torch.randn(2, 64, 9, 17, generator=g)
     modes = torch.randn(19, 3, 64, generator=g)
     direct = emulated_cuda.forward(spread, modes, None, tensor_cores=False)
-    expanded = emulated_cuda.forward(spread, modes, None, tensor_cores=False, expanded=True)
+    expanded = emulated_cuda.forward(spread, modes, None, tensor_cores=True)
     assert not torch.equal(expanded[0], direct[0])
     torch.testing.assert_close(expanded[0], direct[0], rtol=2e-6, atol=0)
     assert torch.equal(expanded[1], direct[1])

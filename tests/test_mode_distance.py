@@ -7,31 +7,29 @@ import pytest
 import torch
 
 import drsl_fast
-from conftest import EMULATED, EMULATED_FORWARDS, backend_under_test
+from conftest import EMULATED, backend_under_test
 from drsl_fast import reference
-from drsl_fast.backends import CUDA_KERNEL_VARIANTS, TENSOR_CORE_VARIANTS, BackendUnavailableError, why_unavailable
+from drsl_fast.backends import CUDA_KERNEL_VARIANTS, BackendUnavailableError, why_unavailable
 
 SIGMA = 0.5
 
 
-@pytest.fixture(params=["cpu", "cuda", *CUDA_KERNEL_VARIANTS, "triton", *EMULATED, *EMULATED_FORWARDS])
+@pytest.fixture(params=["cpu", "cuda", *CUDA_KERNEL_VARIANTS, "triton", *EMULATED])
 def fast_backend(request, monkeypatch):
     """Each fast backend available here, with the device it runs on. "cuda"
     runs the fp32 kernels, the ones older GPUs such as the GTX 1080 Ti run; on
     GPUs of compute capability >= 8.0, "cuda-tc-backward" runs the tensor-core
     backward (DRSL_FAST_TENSOR_CORE_BACKWARD=1) and "cuda-tc-forward" the
     tensor-core forward (DRSL_FAST_TENSOR_CORE_FORWARD=1), each with the fp32
-    kernel for the other half: all three are tested there; on every GPU,
-    "cuda-expanded-forward" the fp32 forward in expanded form
-    (DRSL_FAST_EXPANDED_FORWARD=1). Everywhere, "cuda-emulated",
-    "cuda-tc-emulated" and "cuda-expanded-emulated" run the fp32, the
-    tensor-core and the expanded-forward kernel sets on the CPU, in place of
-    the CPU kernels (tests/cuda_on_cpu): their logic is checked without a GPU."""
+    kernel for the other half: all three are tested there. Everywhere,
+    "cuda-emulated" and "cuda-tc-emulated" run the fp32 and the tensor-core
+    kernel sets on the CPU, in place of the CPU kernels (tests/cuda_on_cpu):
+    their logic is checked without a GPU."""
     name = request.param
     if name in CUDA_KERNEL_VARIANTS:
         if not torch.cuda.is_available():
             pytest.skip(f"{name}: no GPU here")
-        if name in TENSOR_CORE_VARIANTS and torch.cuda.get_device_capability()[0] < 8:
+        if torch.cuda.get_device_capability()[0] < 8:
             pytest.skip(f"{name}: no GPU with tensor cores here")
         monkeypatch.setenv(CUDA_KERNEL_VARIANTS[name], "1")
         name = "cuda"
@@ -254,10 +252,9 @@ def test_ties_pick_the_lowest_mode(fast_backend):
     assert (drsl_fast.mode_distance(zero, tied, backend=backend).mstar == 0).all()
 
 
-@pytest.mark.parametrize("tensor_cores, expanded", [(True, False), (False, False), (False, True)],
-                         ids=["tensor-cores", "fp32", "fp32-expanded-forward"])
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "fp32"])
 @pytest.mark.parametrize("shape", ["bdhw_channels_last", "nd_transposed", "many_classes", "wide_many_pixels"])
-def test_emulated_cuda_kernels_have_no_races(emulated_cuda, shape, tensor_cores, expanded):
+def test_emulated_cuda_kernels_have_no_races(emulated_cuda, shape, tensor_cores):
     """The emulation runs a block's threads between two barriers one after
     another, and the blocks one after another, in ascending or descending
     order: a thread that reads what another writes with no barrier between
@@ -267,8 +264,7 @@ def test_emulated_cuda_kernels_have_no_races(emulated_cuda, shape, tensor_cores,
     grad = torch.randn((emb.shape[0], modes.shape[0], *emb.shape[2:]), generator=torch.Generator().manual_seed(9))
     runs = []
     for reverse in (False, True):
-        dmin, mstar, posterior = emulated_cuda.forward(emb, modes, SIGMA, tensor_cores=tensor_cores, reverse=reverse,
-                                                       expanded=expanded)
+        dmin, mstar, posterior = emulated_cuda.forward(emb, modes, SIGMA, tensor_cores=tensor_cores, reverse=reverse)
         grads = emulated_cuda.backward(grad, emb, modes, mstar, tensor_cores=tensor_cores, reverse=reverse)
         runs.append((dmin, mstar, posterior, *grads))
     for ascending, descending in zip(*runs):

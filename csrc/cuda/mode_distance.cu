@@ -9,8 +9,7 @@
 // products in one kernel at C*M <= 64 (DRSL_FAST_TENSOR_CORE_BACKWARD=1), and
 // the forward, which ranks the modes with a 3xTF32 product
 // (DRSL_FAST_TENSOR_CORE_FORWARD=1). On an H200 both are slower than the fp32
-// kernels (bench/NOTES.md). On every GPU, the fp32 forward also runs in
-// expanded form on request (DRSL_FAST_EXPANDED_FORWARD=1; kExpanded below).
+// kernels (bench/NOTES.md).
 //
 // The maths. For one pixel embedding e (a D-vector) and the K = C*M mode
 // centres r[k], k = c*M + m (docs/method.md §3):
@@ -26,8 +25,10 @@
 // e * r. By default we keep the difference form rather than ||e||^2 - 2 e.r
 // + ||r||^2: it costs one FSUB more per term but never cancels, so dmin
 // carries only the rounding of a plain sum of squares, added channel by
-// channel in order. (The expanded form saves that FSUB and pays for a trust
-// rule and direct recomputation where it cancels; it has not been timed yet.)
+// channel in order. (The expanded form saves that FSUB but pays for the
+// pixel norms, a trust rule and direct recomputation where it cancels: as an
+// fp32 forward it took 129 us against this form's 61 on an H200,
+// bench/NOTES.md, and only the tensor-core forward keeps it.)
 // The mode gradient is likewise a product, of the one-hot weights a
 // (modes x pixels) with (r - e), each term in difference form.
 //
@@ -153,7 +154,7 @@ struct EmbeddingStep {
   // 64-bit comparisons and addresses (ncu, bench/NOTES.md).
   template <typename scalar_t>
   __device__ __forceinline__ void fetch_inside(const scalar_t* emb, PixelLayout layout, int64_t b, int d0,
-                                               int64_t p0, const acc_t* centre = nullptr) {
+                                               int64_t p0) {
     const int t = static_cast<int>(threadIdx.x);
     const bool adjacent = layout.pixel == 1;
     const int d_first = adjacent ? t / kPixels : t % kDepth, d_step = adjacent ? kBlockThreads / kPixels : 0;
@@ -161,10 +162,7 @@ struct EmbeddingStep {
     const scalar_t* src = emb + layout.offset(b, d0 + d_first, p0 + p_first);
     const int64_t stride = adjacent ? d_step * layout.channel : p_step * layout.pixel;
 #pragma unroll
-    for (int r = 0; r < kPerThread; ++r, src += stride) {
-      value[r] = load_as<acc_t>(*src);
-      if (centre != nullptr) value[r] -= centre[d0 + d_first + r * d_step];
-    }
+    for (int r = 0; r < kPerThread; ++r, src += stride) value[r] = load_as<acc_t>(*src);
   }
 
   __device__ __forceinline__ void park(acc_t* dst, int d_stride, int p_stride, bool adjacent) const {
@@ -177,11 +175,10 @@ struct EmbeddingStep {
   }
 };
 
-// The expanded forwards (the FMA one below with kExpanded, the tensor-core
-// one) trust an expanded minimum when it is at least kTrustRatio of
-// ||e - mu||^2 + max_m ||r - mu||^2 (the bound is argued at "Tensor-core
-// forward and backward" below) and otherwise take the class's distances
-// directly (direct_min).
+// The tensor-core forward trusts an expanded minimum when it is at least
+// kTrustRatio of ||e - mu||^2 + max_m ||r - mu||^2 (the bound is argued at
+// "Tensor-core forward and backward" below) and otherwise takes the class's
+// distances directly (direct_min).
 constexpr float kTrustRatio = 0.5f;
 constexpr int kDirectBatch = 4;  // channels per batch of loads in a direct sum (at 8, nvcc -Xptxas -v for
                                  // sm_90 gives the tensor-core forward 112 registers instead of 90: 4 blocks
@@ -230,7 +227,7 @@ __device__ __forceinline__ void direct_min(const scalar_t* __restrict__ emb, Pix
   }
 }
 
-// One (pixel, class) output of the expanded forwards at offset o: dmin, mstar
+// One (pixel, class) output of the tensor-core forward at offset o: dmin, mstar
 // and, when asked for, the posterior.
 __device__ __forceinline__ void store_nearest(float* __restrict__ dmin, uint8_t* __restrict__ mstar,
                                               float* __restrict__ posterior, float posterior_scale, int64_t o,
@@ -263,51 +260,6 @@ __device__ __forceinline__ bool expanded_min(const float* products, int row, con
   return bound <= FLT_MAX && best >= kTrustRatio * bound && best <= FLT_MAX;
 }
 
-// The epilogue of the expanded forward (mode_distance_forward_kernel with
-// kExpanded), once the pass's products are parked in `products`
-// ([mode][pixel]): thread p takes pixel p (whose ||e - mu||^2, e_norm, it
-// added up) and the pass's classes in order,
-// and as in the tensor-core forward keeps the expanded minimum where the
-// trust rule allows it, queues the (class, pixel) pair for direct_min
-// otherwise, and once all are ranked the threads take the queue one pair
-// each. Pairs past kQueue (a block whose pixels are all close to several
-// modes) are summed directly by their own thread.
-template <int kPixels, int kQueue, typename scalar_t>
-__device__ __forceinline__ void expanded_epilogue(
-    const scalar_t* __restrict__ emb, PixelLayout emb_layout, int64_t b, int64_t p0, int64_t P,
-    const float* __restrict__ pass_centres, int c0, int classes, int M, int D, const float* products,
-    float e_norm, const float* pass_norm, uint16_t* queue, int& queued, float* __restrict__ dmin,
-    uint8_t* __restrict__ mstar, float* __restrict__ posterior, float posterior_scale, PixelLayout out_layout) {
-  const auto store = [&](int cl, int p, float best, int best_mode) {
-    store_nearest(dmin, mstar, posterior, posterior_scale, out_layout.offset(b, c0 + cl, p0 + p), best, best_mode);
-  };
-  const auto direct = [&](int cl, int p) {
-    float best;
-    int best_mode;
-    direct_min(emb, emb_layout, b, p0 + p, pass_centres + static_cast<int64_t>(cl) * M * D, M, D, best, best_mode);
-    store(cl, p, best, best_mode);
-  };
-  const int p = threadIdx.x;
-  if (p0 + p < P) {
-    for (int cl = 0; cl < classes; ++cl) {
-      float best;
-      int best_mode;
-      if (expanded_min(products + p, kPixels, pass_norm, e_norm, cl, M, best, best_mode)) {
-        store(cl, p, best, best_mode);
-        continue;
-      }
-      const int slot = atomicAdd(&queued, 1);  // cancellation, or something non-finite
-      if (slot < kQueue)
-        queue[slot] = static_cast<uint16_t>(cl * kPixels + p);
-      else
-        direct(cl, p);
-    }
-  }
-  __syncthreads();  // the expanded queue is complete
-  const int waiting = min(queued, kQueue);
-  for (int q = threadIdx.x; q < waiting; q += blockDim.x) direct(queue[q] / kPixels, queue[q] % kPixels);
-}
-
 // Forward. grid = (ceil(P / kPixels), B). A block takes kPixels pixels of one
 // image and goes over the classes in passes of floor(kModes / M) whole classes
 // (one pass at C*M <= kModes). A pass accumulates the thread's 2kVec x 2kVec
@@ -332,45 +284,21 @@ constexpr int kFp32ForwardBlocks = 4;
 #else
 constexpr int kFp32ForwardBlocks = 3;
 #endif
-// The expanded form at 3 blocks everywhere: on sm_90 at 4 (128 registers)
-// CUDA 13.0 spills 28 bytes of it; at 3, none (168 registers on sm_61 too,
-// where its shared memory allows 2 blocks per SM anyway). Untimed.
-constexpr int kExpandedForwardBlocks = 3;
-
-//
-// kExpanded (fp32 accumulation only; on request, DRSL_FAST_EXPANDED_FORWARD=1):
-// the same register tiles accumulate the products (e - mu).(r - mu) instead
-// of the squared differences, one FMA a term instead of an FSUB and an FMA,
-// with e and r centred on the pass's mode mean mu (mode_centre_kernel, which
-// also gives ||r - mu||^2; a thread per pixel adds ||e - mu||^2 from the
-// staged tile and takes that pixel in the epilogue). On sm_61 its 33 KB of
-// shared memory (the queue and the mode norms beside the 32 KB tile) allow 2
-// blocks per SM, not 3. The epilogue takes ||e - mu||^2 - 2 (e - mu).(r - mu) +
-// ||r - mu||^2 where the trust rule of the tensor-core forward allows it and
-// queues the other (pixel, class) pairs for direct_min, as that kernel does;
-// a queue that fills up (kQueue pairs) leaves the rest to their own threads.
-template <typename scalar_t, typename acc_t, bool kExpanded>
-__global__ void __launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks : sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2)
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? kFp32ForwardBlocks : 2)
     mode_distance_forward_kernel(
     const scalar_t* __restrict__ emb, PixelLayout emb_layout,
     const acc_t* __restrict__ modes, int C, int M, int D, int64_t P,
     acc_t* __restrict__ dmin, uint8_t* __restrict__ mstar,
-    acc_t* __restrict__ posterior, acc_t posterior_scale, PixelLayout out_layout,
-    const acc_t* __restrict__ mu, const acc_t* __restrict__ mode_norm) {
+    acc_t* __restrict__ posterior, acc_t posterior_scale, PixelLayout out_layout) {
   using T = Tiling<acc_t>;
   constexpr int V = T::kVec;
-  static_assert(!kExpanded || (std::is_same_v<acc_t, float> && T::kPixels == kThreads),
-                "expanded: fp32, one thread per pixel for the norms and the epilogue");
   // Rows padded by 16 bytes: staging writes that walk down a column spread over banks.
   constexpr int kEmbRow = T::kPixels + V;
   constexpr int kModeRow = T::kModes + V;
   constexpr int kStaged = T::kDepth * (kEmbRow + kModeRow);
   constexpr int kDistances = T::kModes * T::kPixels;
-  constexpr int kQueue = kExpanded ? 2 * T::kPixels : 1;
   __shared__ __align__(16) acc_t shared[kStaged > kDistances ? kStaged : kDistances];
-  __shared__ acc_t pass_norm[kExpanded ? T::kModes : 1];  // ||r - mu||^2 of the pass's modes
-  __shared__ uint16_t queue[kQueue];                      // pairs for direct_min, as cl * kPixels + p
-  __shared__ int queued;
   acc_t* const emb_tile = shared;                         // [kDepth][kEmbRow]
   acc_t* const mode_tile = shared + T::kDepth * kEmbRow;  // [kDepth][kModeRow]
   acc_t* const dist_tile = shared;                        // [kModes][kPixels], after the channel loop
@@ -384,16 +312,10 @@ __global__ void __launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks :
   const int classes_per_pass = T::kModes / M;
   const bool pixels_adjacent = emb_layout.pixel == 1;
 
-  for (int c0 = 0, pass = 0; c0 < C; c0 += classes_per_pass, ++pass) {
+  for (int c0 = 0; c0 < C; c0 += classes_per_pass) {
     const int classes = min(classes_per_pass, C - c0);
     const int pass_modes = classes * M;
     const acc_t* pass_centres = modes + static_cast<int64_t>(c0) * M * D;
-    const acc_t* const pass_mu = kExpanded ? mu + static_cast<int64_t>(pass) * D : nullptr;
-    acc_t e_norm = acc_t(0);  // kExpanded: ||e - mu||^2 of pixel threadIdx.x, over the channels so far
-    if (kExpanded) {
-      __syncthreads();  // the previous pass's readers are done with the queue's count
-      if (threadIdx.x == 0) queued = 0;
-    }
 
     acc_t acc[2 * V][2 * V];
 #pragma unroll
@@ -413,15 +335,14 @@ __global__ void __launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks :
     const bool pixels_inside = p0 + T::kPixels <= P;
     const auto fetch = [&](int d0) {
       if (pixels_inside && d0 + T::kDepth <= D)
-        next.fetch_inside(emb, emb_layout, b, d0, p0, pass_mu);
+        next.fetch_inside(emb, emb_layout, b, d0, p0);
       else
-        next.fetch(emb, emb_layout, b, d0, D, p0, P, pass_mu);
+        next.fetch(emb, emb_layout, b, d0, D, p0, P);
       const bool channel_inside = d0 + mode_d < D;
-      const acc_t mode_mu = kExpanded && channel_inside ? pass_mu[d0 + mode_d] : acc_t(0);
 #pragma unroll
       for (int r = 0; r < kModeLoads; ++r) {
         const bool inside = channel_inside && mode_k + r * kModeStride < pass_modes;
-        next_modes[r] = inside ? mode_first[d0 + r * mode_step] - mode_mu : acc_t(0);
+        next_modes[r] = inside ? mode_first[d0 + r * mode_step] : acc_t(0);
       }
     };
     if (D > 0) fetch(0);
@@ -432,13 +353,6 @@ __global__ void __launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks :
       for (int r = 0; r < kModeLoads; ++r) mode_tile[mode_d * kModeRow + mode_k + r * kModeStride] = next_modes[r];
       __syncthreads();
       if (d0 + T::kDepth < D) fetch(d0 + T::kDepth);
-      if (kExpanded) {
-#pragma unroll
-        for (int d = 0; d < T::kDepth; ++d) {
-          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];
-          e_norm += v * v;
-        }
-      }
 #pragma unroll
       for (int d = 0; d < T::kDepth; ++d) {
         acc_t x[2 * V], r[2 * V];
@@ -450,20 +364,12 @@ __global__ void __launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks :
         for (int i = 0; i < 2 * V; ++i)
 #pragma unroll
           for (int j = 0; j < 2 * V; ++j) {
-            if (kExpanded) {
-              acc[i][j] += x[i] * r[j];
-            } else {
-              const acc_t t = x[i] - r[j];
-              acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros
-            }
+            const acc_t t = x[i] - r[j];
+            acc[i][j] += t * t;  // channels added in order 0..D-1; padding adds exact zeros
           }
       }
     }
 
-    if (kExpanded) {
-      for (int k = threadIdx.x; k < T::kModes; k += kThreads)
-        pass_norm[k] = k < pass_modes ? mode_norm[static_cast<int64_t>(c0) * M + k] : acc_t(0);
-    }
     __syncthreads();  // the staged tiles are read; the distances take their place
 #pragma unroll
     for (int i = 0; i < 2 * V; ++i)
@@ -471,13 +377,6 @@ __global__ void __launch_bounds__(kThreads, kExpanded ? kExpandedForwardBlocks :
       for (int j = 0; j < 2 * V; ++j)
         dist_tile[owned<V, T::kModes>(my, j) * T::kPixels + owned<V, T::kPixels>(px, i)] = acc[i][j];
     __syncthreads();
-
-    if constexpr (kExpanded) {
-      expanded_epilogue<T::kPixels, kQueue>(emb, emb_layout, b, p0, P, pass_centres, c0, classes, M, D, dist_tile,
-                                            e_norm, pass_norm, queue, queued, dmin, mstar, posterior,
-                                            posterior_scale, out_layout);
-      continue;
-    }
 
     // A thread takes one pixel (consecutive pixels on consecutive threads) and
     // every kThreads / kPixels-th class of the pass.
@@ -1214,25 +1113,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "mode_distance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if constexpr (std::is_same_v<acc_t, float>) {
-      const bool tensor_cores = use_tensor_cores("DRSL_FAST_TENSOR_CORE_FORWARD");
-      if (tensor_cores || env_flag("DRSL_FAST_EXPANDED_FORWARD")) {
-        static_assert(cuda::tensor_core::kModes == cuda::Tiling<float>::kModes, "one pass layout for mu and norms");
+      if (use_tensor_cores("DRSL_FAST_TENSOR_CORE_FORWARD")) {
         const int64_t passes = (p.C + cuda::tensor_core::kModes / p.M - 1) / (cuda::tensor_core::kModes / p.M);
         const at::Tensor mu = at::empty({passes, p.D}, p.modes.options());
         const at::Tensor mode_norm = at::empty({p.C * p.M}, p.modes.options());
         launch(cuda::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cuda::kThreads, 0,
                p.modes.const_data_ptr<float>(), p.C, p.M, p.D, mu.mutable_data_ptr<float>(),
                mode_norm.mutable_data_ptr<float>());
-        if (!tensor_cores) {
-          launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, float, true>,
-                 pixel_grid("mode_distance", p.P, p.B, cuda::Tiling<float>::kPixels), cuda::kThreads, 0,
-                 cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<float>(), p.C, p.M, p.D, p.P,
-                 out.dmin.mutable_data_ptr<float>(), out.mstar.mutable_data_ptr<uint8_t>(),
-                 sigma ? out.posterior.mutable_data_ptr<float>() : nullptr,
-                 sigma ? posterior_scale<float>(*sigma) : 0.0f, per_class_layout(emb, p.C),
-                 mu.const_data_ptr<float>(), mode_norm.const_data_ptr<float>());
-          return;
-        }
         launch(cuda::mode_distance_forward_tc_kernel<cuda_type<scalar_t>>,
                pixel_grid("mode_distance", p.P, p.B, cuda::tensor_core::kPixels), cuda::kThreads, 0,
                cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<float>(),
@@ -1243,12 +1130,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mode_distance_cuda(const at::Tens
         return;
       }
     }
-    launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, acc_t, false>,
+    launch(cuda::mode_distance_forward_kernel<cuda_type<scalar_t>, acc_t>,
            pixel_grid("mode_distance", p.P, p.B, cuda::Tiling<acc_t>::kPixels), cuda::kThreads, 0,
            cuda_ptr<scalar_t>(p.bdp), layout_of(p.bdp), p.modes.const_data_ptr<acc_t>(), p.C, p.M, p.D, p.P,
            out.dmin.mutable_data_ptr<acc_t>(), out.mstar.mutable_data_ptr<uint8_t>(),
            sigma ? out.posterior.mutable_data_ptr<acc_t>() : nullptr, sigma ? posterior_scale<acc_t>(*sigma) : acc_t(0),
-           per_class_layout(emb, p.C), nullptr, nullptr);
+           per_class_layout(emb, p.C));
   });
   return out;
 }

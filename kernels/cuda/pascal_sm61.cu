@@ -16,12 +16,10 @@
 namespace drsl_fast {
 namespace cuda {
 
-#define DRSL_INSTANTIATE_MODE_DISTANCE_FORWARD(scalar_t, acc_t, expanded)                   \
-  template __global__ void mode_distance_forward_kernel<scalar_t, acc_t, expanded>(          \
-      const scalar_t*, PixelLayout, const acc_t*, int, int, int, int64_t, acc_t*,            \
-      uint8_t*, acc_t*, acc_t, PixelLayout, const acc_t*, const acc_t*);
 #define DRSL_INSTANTIATE_MODE_DISTANCE(scalar_t, acc_t)                                      \
-  DRSL_INSTANTIATE_MODE_DISTANCE_FORWARD(scalar_t, acc_t, false)                             \
+  template __global__ void mode_distance_forward_kernel<scalar_t, acc_t>(                    \
+      const scalar_t*, PixelLayout, const acc_t*, int, int, int, int64_t, acc_t*,            \
+      uint8_t*, acc_t*, acc_t, PixelLayout);                                                 \
   template __global__ void mode_distance_grad_emb_kernel<scalar_t, acc_t>(                   \
       const acc_t*, const uint8_t*, PixelLayout, const scalar_t*, PixelLayout, const acc_t*, \
       int, int, int, int64_t, bool, scalar_t*, PixelLayout);                                 \
@@ -33,9 +31,6 @@ DRSL_INSTANTIATE_MODE_DISTANCE(float, float)
 DRSL_INSTANTIATE_MODE_DISTANCE(double, double)
 DRSL_INSTANTIATE_MODE_DISTANCE(__half, float)
 DRSL_INSTANTIATE_MODE_DISTANCE(__nv_bfloat16, float)
-DRSL_INSTANTIATE_MODE_DISTANCE_FORWARD(float, float, true)
-DRSL_INSTANTIATE_MODE_DISTANCE_FORWARD(__half, float, true)
-DRSL_INSTANTIATE_MODE_DISTANCE_FORWARD(__nv_bfloat16, float, true)
 
 // DRSL losses (docs/method.md §4)
 #define DRSL_INSTANTIATE_MMDL_LOSSES(scalar_t, acc_t)                                                  \

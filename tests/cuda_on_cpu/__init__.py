@@ -165,17 +165,16 @@ class Kernels:
         if error is not None:
             raise RuntimeError(f"emulated CUDA kernel: {error.decode()}")
 
-    def forward(self, emb, modes, sigma=None, *, tensor_cores, reverse=False, expanded=False):
+    def forward(self, emb, modes, sigma=None, *, tensor_cores, reverse=False):
         """(dmin, mstar, posterior or None) from the forward kernel the CUDA
         launcher would run (tensor_cores: on sm_80 and newer with
-        DRSL_FAST_TENSOR_CORE_FORWARD=1; expanded: the fp32 kernel in expanded
-        form, with DRSL_FAST_EXPANDED_FORWARD=1)."""
+        DRSL_FAST_TENSOR_CORE_FORWARD=1)."""
         bdp, layout, centres, acc, C, M, D, P, B = self._problem(emb, modes)
         dmin, mstar = per_class_empty(emb, C, acc).fill_(NAN), per_class_empty(emb, C, torch.uint8).fill_(255)
         posterior = per_class_empty(emb, C, acc).fill_(NAN) if sigma is not None else None
         if dmin.numel() > 0:
             self._check(self._lib.mode_distance_forward(
-                DTYPES[emb.dtype], 1 if tensor_cores else 2 if expanded else 0, int(reverse), _ptr(bdp), layout,
+                DTYPES[emb.dtype], int(tensor_cores), int(reverse), _ptr(bdp), layout,
                 _ptr(centres), C, M, D, ctypes.c_int64(P), ctypes.c_int64(B), per_class_layout(emb, C), _ptr(dmin),
                 ctypes.cast(_ptr(mstar), ctypes.POINTER(ctypes.c_uint8)), _ptr(posterior),
                 ctypes.c_double(sigma if sigma is not None else 0.0)))
@@ -388,17 +387,16 @@ class _HingeArgs(ctypes.Structure):
 
 
 @contextlib.contextmanager
-def as_cpu_kernels(kernels, *, tensor_cores, expanded=False):
+def as_cpu_kernels(kernels, *, tensor_cores):
     """Within the block, the CPU kernels of drsl_fast::mode_distance,
-    mode_distance_backward (the tensor-core kernels or the fp32 ones, the
-    forward in expanded form with `expanded`),
+    mode_distance_backward (the tensor-core kernels or the fp32 ones),
     mmdl_losses, mmdl_losses_backward, label_mode, sample_per_class, consistency_triplets,
     consistency_hinge and consistency_hinge_backward are the emulated CUDA
     kernels: every test of those ops with backend="cpu" runs them."""
     library = torch.library.Library("drsl_fast", "IMPL")
 
     def forward(emb, modes, sigma):
-        dmin, mstar, posterior = kernels.forward(emb, modes, sigma, tensor_cores=tensor_cores, expanded=expanded)
+        dmin, mstar, posterior = kernels.forward(emb, modes, sigma, tensor_cores=tensor_cores)
         return dmin, mstar, posterior if posterior is not None else dmin.new_empty(0)
 
     def as_op_gradients(grads, emb, modes):  # a gradient not asked for is an empty tensor

@@ -57,27 +57,19 @@ acc_t posterior_scale(double sigma) {  // as the launchers' (csrc/host.h)
   return -scale > static_cast<double>(FLT_MAX) && sizeof(acc_t) == 4 ? -INFINITY : static_cast<acc_t>(scale);
 }
 
-// variant: 0 the fp32 kernel (fp64 for fp64), 1 the tensor-core one, 2 the
-// fp32 kernel in expanded form (both of these for fp32 accumulation only).
+// tensor_cores: the tensor-core kernel (fp32 accumulation only), else the
+// fp32 one (fp64 for fp64).
 template <typename scalar_t, typename acc_t>
-void forward(const Problem& p, int variant, bool reverse, void* dmin, uint8_t* mstar, void* posterior,
+void forward(const Problem& p, bool tensor_cores, bool reverse, void* dmin, uint8_t* mstar, void* posterior,
              double sigma) {
   const auto* emb = static_cast<const scalar_t*>(p.emb);
   const auto* modes = static_cast<const acc_t*>(p.modes);
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (variant != 0) {
+    if (tensor_cores) {
       const int64_t passes = (p.C + tc::kModes / p.M - 1) / (tc::kModes / p.M);
       std::vector<float> mu(passes * p.D, NAN), mode_norm(p.C * p.M, NAN);
       launch(reverse, cu::mode_centre_kernel, dim3(static_cast<unsigned>(passes)), cu::kThreads, 0, modes,
              p.C, p.M, p.D, mu.data(), mode_norm.data());
-      if (variant == 2) {
-        launch(reverse, cu::mode_distance_forward_kernel<scalar_t, float, true>,
-               dim3(blocks_for(p.P, cu::Tiling<float>::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, 0, emb,
-               p.emb_layout, modes, p.C, p.M, p.D, p.P, static_cast<float*>(dmin), mstar,
-               static_cast<float*>(posterior), posterior ? posterior_scale<float>(sigma) : 0.0f, p.out_layout,
-               static_cast<const float*>(mu.data()), static_cast<const float*>(mode_norm.data()));
-        return;
-      }
       launch(reverse, cu::mode_distance_forward_tc_kernel<scalar_t>,
              dim3(blocks_for(p.P, tc::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, 0, emb, p.emb_layout,
              modes,
@@ -87,11 +79,10 @@ void forward(const Problem& p, int variant, bool reverse, void* dmin, uint8_t* m
       return;
     }
   }
-  launch(reverse, cu::mode_distance_forward_kernel<scalar_t, acc_t, false>,
+  launch(reverse, cu::mode_distance_forward_kernel<scalar_t, acc_t>,
          dim3(blocks_for(p.P, cu::Tiling<acc_t>::kPixels), static_cast<unsigned>(p.B)), cu::kThreads, 0, emb,
          p.emb_layout, modes, p.C, p.M, p.D, p.P, static_cast<acc_t*>(dmin), mstar, static_cast<acc_t*>(posterior),
-         posterior ? posterior_scale<acc_t>(sigma) : acc_t(0), p.out_layout, static_cast<const acc_t*>(nullptr),
-         static_cast<const acc_t*>(nullptr));
+         posterior ? posterior_scale<acc_t>(sigma) : acc_t(0), p.out_layout);
 }
 
 // grad_modes (C, M, D) is the sum of the per-chunk partials over their first axis, in order.
@@ -263,14 +254,14 @@ void set_shared_regions(void* const* addresses, const int64_t* sizes, int64_t n)
 }
 
 // Both return null, or the first error the emulation found.
-const char* mode_distance_forward(int dtype, int variant, int reverse, const void* emb, const int64_t* emb_layout,
+const char* mode_distance_forward(int dtype, int tensor_cores, int reverse, const void* emb, const int64_t* emb_layout,
                                   const void* modes, int C, int M, int D, int64_t P, int64_t B,
                                   const int64_t* out_layout, void* dmin, uint8_t* mstar, void* posterior,
                                   double sigma) {
   const Problem p{emb, {emb_layout[0], emb_layout[1], emb_layout[2]}, modes, C, M, D, P, B,
                   {out_layout[0], out_layout[1], out_layout[2]}};
   dispatch(dtype, "mode_distance_forward", [&]<typename scalar_t, typename acc_t>() {
-    forward<scalar_t, acc_t>(p, variant, reverse, dmin, mstar, posterior, sigma);
+    forward<scalar_t, acc_t>(p, tensor_cores != 0, reverse, dmin, mstar, posterior, sigma);
   });
   return finish();
 }

@@ -54,21 +54,6 @@ MUTATIONS = {
     "forward: one channel left out of the norm": (
         "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2); ++d) {",
         "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2) - 1; ++d) {"),
-    "expanded forward: the queue never read": ("  const int waiting = min(queued, kQueue);",
-                                               "  const int waiting = 0;"),
-    "expanded forward: pairs past the queue dropped": (
-        "      if (slot < kQueue)\n        queue[slot] = static_cast<uint16_t>(cl * kPixels + p);\n      else\n"
-        "        direct(cl, p);",
-        "      if (slot < kQueue)\n        queue[slot] = static_cast<uint16_t>(cl * kPixels + p);"),
-    "expanded forward: every minimum trusted": (
-        "      if (expanded_min(products + p, kPixels, pass_norm, e_norm, cl, M, best, best_mode)) {",
-        "      if (expanded_min(products + p, kPixels, pass_norm, e_norm, cl, M, best, best_mode) || true) {"),
-    "expanded forward: a channel left out of the pixel norm": (
-        "        for (int d = 0; d < T::kDepth; ++d) {\n          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];",
-        "        for (int d = 1; d < T::kDepth; ++d) {\n          const acc_t v = emb_tile[d * kEmbRow + threadIdx.x];"),
-    "expanded forward: modes not centred": (
-        "next_modes[r] = inside ? mode_first[d0 + r * mode_step] - mode_mu : acc_t(0);",
-        "next_modes[r] = inside ? mode_first[d0 + r * mode_step] : acc_t(0);"),
     "backward: padding columns not zeroed": (
         "      weights[(i / (kModes - modes_used)) * kWeightRow + modes_used + i % (kModes - modes_used)] = 0.0f;",
         "      ;"),
