@@ -123,7 +123,7 @@ VARIANTS = {
     "backward: no products": [(text, "") for text in BACKWARD_PRODUCTS],
     "backward: no embedding loads": [(
         "v = load_as<float>(emb[emb_layout.offset(b, d0 + d, q0 + p)]) - mu[d0 + d];", "v = 0.01f * (d - p);")],
-    "backward: no weight loads": [("          winner = mstar[o];\n          g = grad_dmin[o];",
+    "backward: no weight loads": [("          winner = checked_mode(mstar[o], M);\n          g = grad_dmin[o];",
                                    "          winner = static_cast<int>(o % M);\n          g = 0.001f * (p - c);")],
     "backward: no weight totals": [("for (int k = 0; k < kModes; ++k) total += weights[threadIdx.x * kWeightRow + k];",
                                     "total = weights[threadIdx.x * kWeightRow];")],

@@ -480,6 +480,55 @@ def test_cpu_backward_op_rejects_a_mode_index_out_of_range():
             torch.ops.drsl_fast.mode_distance_backward(grad, emb, modes, bad, emb_grad, modes_grad)
 
 
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["fp32", "tensor-cores"])
+def test_emulated_cuda_backward_stops_on_a_mode_index_out_of_range(emulated_cuda, tensor_cores):
+    """The CUDA backward kernels check mstar < M before any mode is read by
+    it (dL/de, the tensor-core backward) or after their sums (the fp32 mode
+    gradient, where such an index only zeroed a weight row): every
+    combination of gradients asked for stops, as the CPU backend raises."""
+    emb, modes = make_case("bdhw", torch.float32, "cpu")
+    dmin, mstar, _ = emulated_cuda.forward(emb, modes, None, tensor_cores=tensor_cores)
+    grad = torch.ones_like(dmin)
+    emulated_cuda.backward(grad, emb, modes, mstar, tensor_cores=tensor_cores)
+    bad = mstar.clone()
+    bad[1, 0, 3, 4] = modes.shape[1]  # class 0: the emulation, which runs on, still reads inside the modes
+    for emb_grad, modes_grad in [(True, True), (True, False), (False, True)]:
+        with pytest.raises(RuntimeError, match="device check failed: mstar < M"):
+            emulated_cuda.backward(grad, emb, modes, bad, tensor_cores=tensor_cores, emb_grad=emb_grad,
+                                   modes_grad=modes_grad)
+
+
+STOPPED_ON_A_GPU = r"""
+import sys
+import torch
+import drsl_fast  # noqa: F401  (registers the ops)
+
+emb = torch.randn(2, 5, 7, 9, device="cuda")
+modes = torch.randn(3, 2, 5, device="cuda")
+dmin, mstar, _ = torch.ops.drsl_fast.mode_distance(emb, modes, None)
+mstar[1, 0, 3, 4] = 2
+emb_grad, modes_grad = sys.argv[1] == "1", sys.argv[2] == "1"
+try:
+    torch.ops.drsl_fast.mode_distance_backward(torch.ones_like(dmin), emb, modes, mstar, emb_grad, modes_grad)
+    torch.cuda.synchronize()
+except RuntimeError as error:
+    print("stopped:", error)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("emb_grad, modes_grad", [(True, True), (True, False), (False, True)])
+def test_cuda_backward_op_stops_on_a_mode_index_out_of_range(emb_grad, modes_grad):
+    """On a GPU the same call stops the kernels (in a fresh process: a stopped
+    kernel leaves the CUDA context unusable)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", STOPPED_ON_A_GPU, str(int(emb_grad)), str(int(modes_grad))],
+                         capture_output=True, text=True, timeout=300)
+    assert "stopped:" in run.stdout or run.returncode != 0, run.stdout + run.stderr
+
+
 def test_device_mismatch_is_reported():
     with pytest.raises(ValueError, match="emb is on cpu but modes is on meta"):
         drsl_fast.mode_distance(torch.ones(2, 4), torch.ones(3, 2, 4, device="meta"))

@@ -227,6 +227,16 @@ __device__ __forceinline__ void direct_min(const scalar_t* __restrict__ emb, Pix
   }
 }
 
+// mstar as a mode index in the backward kernels. An mstar that is no mode
+// index (>= M, possible only where the backward operator is called directly)
+// stops the kernel with a device-side assertion rather than read past the
+// modes (the CPU backend raises); in the CPU emulation, which records the
+// failure and runs on, it reads as mode 0.
+__device__ __forceinline__ int checked_mode(uint8_t mstar, int M) {
+  DRSL_DEVICE_CHECK(mstar < M);
+  return mstar < M ? mstar : 0;
+}
+
 // One (pixel, class) output of the tensor-core forward at offset o: dmin, mstar
 // and, when asked for, the posterior.
 __device__ __forceinline__ void store_nearest(float* __restrict__ dmin, uint8_t* __restrict__ mstar,
@@ -724,7 +734,7 @@ __global__ void __launch_bounds__(tensor_core::kGradThreads, 3) mode_distance_ba
         float g = 0.0f;
         if (p < n) {
           const int64_t o = out_layout.offset(b, c, q0 + p);
-          winner = mstar[o];
+          winner = checked_mode(mstar[o], M);
           g = grad_dmin[o];
         }
         winners[p * kModes + c] = static_cast<uint8_t>(winner);
@@ -862,7 +872,7 @@ __device__ __forceinline__ void grad_emb_sums(const acc_t* __restrict__ grad_dmi
       const bool used = c0 + u < C;
       const int64_t oc = o + static_cast<int64_t>(c0 + u) * o_channel;
       to_g[u] = used ? grad_dmin[oc] : acc_t(0);
-      to_winner[u] = used ? mstar[oc] : 0;
+      to_winner[u] = used ? mstar[oc] : 0;  // checked by the caller
     }
   };
   if (kDlDeLoadAhead) load(0, g_next, winner_next);
@@ -914,6 +924,7 @@ __global__ void __launch_bounds__(kThreads) mode_distance_grad_emb_kernel(
   const scalar_t* e = emb + emb_layout.offset(b, 0, p);
   scalar_t* ge = grad_emb + grad_layout.offset(b, 0, p);
   const int64_t o = out_layout.offset(b, 0, p);
+  for (int c = 0; c < C; ++c) checked_mode(mstar[o + c * out_layout.channel], M);  // before any mode is read by it
 
   for (int d0 = 0; d0 < D; d0 += kDepth) {
     const int n = min(kDepth, D - d0);
@@ -1041,6 +1052,14 @@ __global__ void __launch_bounds__(kThreads, 3) mode_distance_grad_modes_kernel(
       const int d = d0 + cx * V + j;
       if (k < pass_modes && d < D) out[static_cast<int64_t>(k) * D + d] = acc_t(2) * acc[i][j];
     }
+  }
+  // The chunk's winners, checked once and last: a mode index >= M only
+  // zeroed its weight row above, and checked in the loop they cost ptxas
+  // registers (136 on sm_90, 3 blocks per SM instead of 4).
+  if (d0 == 0) {
+    const int pixels = static_cast<int>(end - begin);
+    for (int i = threadIdx.x; i < pixels * classes; i += kThreads)
+      checked_mode(mstar[out_layout.offset(b, c0 + i / pixels, begin + i % pixels)], M);
   }
 }
 

@@ -54,6 +54,7 @@ MUTATIONS = {
     "forward: one channel left out of the norm": (
         "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2); ++d) {",
         "for (int d = half * (kDepth / 2); d < (half + 1) * (kDepth / 2) - 1; ++d) {"),
+    "backward: mode indices unchecked": ("  DRSL_DEVICE_CHECK(mstar < M);\n", ""),
     "backward: padding columns not zeroed": (
         "      weights[(i / (kModes - modes_used)) * kWeightRow + modes_used + i % (kModes - modes_used)] = 0.0f;",
         "      ;"),

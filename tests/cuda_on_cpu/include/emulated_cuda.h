@@ -43,6 +43,12 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 #define DRSL_DYNAMIC_SHARED(type, name) type* const name = reinterpret_cast<type*>(drsl_emu::dynamic_shared)
+// A failed device check is recorded (the launcher then returns it as the
+// kernel's error), and the kernel runs on.
+#define DRSL_DEVICE_CHECK(cond) \
+  do {                          \
+    if (!(cond)) drsl_emu::fail(__func__, "device check failed: " #cond); \
+  } while (0)
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
