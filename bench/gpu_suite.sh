@@ -3,11 +3,12 @@
 # extension for this card only, run the op tests (CUDA and Triton), the op
 # microbenchmarks against their peers (realistic sizes, medians of many runs on
 # rotated inputs, achieved bandwidth and FLOP rate), the kernels' stage probe and
-# hardware counters (Nsight Compute), the training-step
-# benchmark with the memory model's predictions, the paired step overhead over
-# the floor (eager, and each step one CUDA graph), the training-step profile, and
-# the performance report. Everything is written under bench/results/<device>/
-# (or $DEST), with a log per stage and stage timings in $DEST/timings.txt.
+# hardware counters (Nsight Compute), the head's convolutions by output
+# channels, the training-step benchmark with the memory model's predictions,
+# the paired step overhead over the floor (eager, and each step one CUDA
+# graph), the training-step profile, and the performance report. Everything
+# is written under bench/results/<device>/ (or $DEST), with a log per stage
+# and stage timings in $DEST/timings.txt.
 # Where $OUT is set (a lent GPU machine, which returns only a few files of
 # $OUT), the results go to /tmp/gpu_suite/<device> and are packed into
 # $OUT/<device>.tgz after every stage. Each stage has a time limit (T_<stage>
@@ -23,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe ncu host mmdl_losses pseudo_labels training overhead overhead_graphs profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe ncu host mmdl_losses head_convs pseudo_labels training overhead overhead_graphs profile report"}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names itself in the results
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -71,6 +72,7 @@ run_stage() {
     probe) timed probe $PY bench/probe_tensor_core_kernels.py --out "$DEST/tensor_core_probe" ;;
     ncu) timed ncu $PY bench/ncu_mode_distance.py --out "$DEST/ncu" ;;
     host) timed host $PY bench/probe_host_time.py --device cuda --out "$DEST/host_time" ;;
+    head_convs) timed head_convs $PY bench/bench_head_convs.py --device cuda --out "$DEST/head_convs" ;;
     mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
     pseudo_labels)
         timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} \

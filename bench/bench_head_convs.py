@@ -1,0 +1,155 @@
+"""The summed dilated 3x3 convolutions on the layer4 features, forward and
+backward, by their number of output channels: 19 (DeepLab-v2's classifier,
+all the floor has), 64 (the MMDL-FR embedding block alone), 83 (both as one
+convolution per dilation, drsl_fast.models.deeplab.shared_input_convs, what
+a DRSL+ step runs), and 83 padded with zero filters to 88, 96 and 128.
+
+Why: the ninth H200 run's profile of the 512x512 fp32 step
+(bench/results/NVIDIA_H200/training_step_profile.md and bench/NOTES.md) put
+most of the GPU time DRSL+ adds in these convolutions: about 3.4 ms of
+kernels for 0.24 TFLOP more, where the tf32 product rate would take 0.6 ms,
+and cuDNN ran them with tiles for 4-aligned channels. Whether an output-channel
+count the libraries tile better pays for its zero filters is a measurement,
+made here in one process for every count, with cuDNN's autotuner off (as the
+training loop runs) and on.
+
+Each row (fp32: cuDNN's default, tf32 tensor cores; bf16: under autocast):
+the four convolutions summed (batch 2: one source and one target
+image, the layer4 map of the crop), the gradient of the input and of the
+weights and biases, timed together (median of CUDA events); the rate counts
+the FLOPs of the row's own channels (3 products of 2 N H W Cin 9 Cout each:
+forward, input gradient, weight gradient) and, for the padded rows, those
+of the 83 channels that are used.
+
+    python bench/bench_head_convs.py --device cuda   # -> bench/results/<device>/head_convs.*
+    python bench/bench_head_convs.py --quick         # small, on the CPU; prints only
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from drsl_fast.models.deeplab import CLASSIFIER_DILATIONS  # noqa: E402
+
+USED = 83  # 19 classes + a 64-dimensional embedding
+CHANNELS = (19, 64, 83, 88, 96, 128)
+FIELDS = ["crop", "precision", "autotune", "out_channels", "time_ms", "tflops", "used_tflops", "flop_per_channel",
+          "min_ms", "max_ms", "runs"]
+
+
+def feature_shape(crop, depth: int, width: float):
+    """(channels, h, w) of layer4 for a crop, from the network itself (on the meta device)."""
+    from drsl_fast.models import DeepLabV2
+
+    backbone = DeepLabV2(19, depth=depth, width=width).backbone.to("meta")
+    return tuple(backbone(torch.empty(1, 3, *crop, device="meta")).layer4.shape[1:])
+
+
+def convs_step(x, out_channels: int, dtype):
+    """One forward and backward of the summed dilated convolutions with
+    ``out_channels`` filters each (fp32 weights, autocast to ``dtype``)."""
+    generator = torch.Generator(x.device).manual_seed(0)
+    weights = [(0.01 * torch.randn(out_channels, x.shape[1], 3, 3, generator=generator, device=x.device))
+               .requires_grad_() for _ in CLASSIFIER_DILATIONS]
+    biases = [torch.zeros(out_channels, device=x.device, requires_grad=True) for _ in CLASSIFIER_DILATIONS]
+    grad = torch.randn(x.shape[0], out_channels, *x.shape[2:], generator=generator, device=x.device)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            out = None
+            for w, b, d in zip(weights, biases, CLASSIFIER_DILATIONS):
+                y = F.conv2d(x, w, b, padding=d, dilation=d)
+                out = y if out is None else out + y
+        out.backward(grad.to(out.dtype))
+
+    return step
+
+
+def measure(device: str, crop, depth: int, width: float, precisions, autotunes, repeats: int):
+    channels, h, w = feature_shape(crop, depth, width)
+    x = torch.randn(2, channels, h, w, device=device, requires_grad=True)
+    flop_per_channel = 3 * len(CLASSIFIER_DILATIONS) * 2 * x.shape[0] * h * w * channels * 9
+    rows = []
+    for precision, dtype in precisions:
+        for autotune in autotunes:
+            torch.backends.cudnn.benchmark = autotune
+            for out_channels in CHANNELS:
+                step = convs_step(x, out_channels, dtype)
+                timing = harness.median_ms(step, device, repeats, budget_s=10.0, warmup=3)
+                rows.append(dict(crop=f"{crop[0]}x{crop[1]}", precision=precision, autotune=autotune,
+                                 out_channels=out_channels, flop_per_channel=flop_per_channel, **timing,
+                                 tflops=flop_per_channel * out_channels / timing["time_ms"] / 1e9,
+                                 used_tflops=flop_per_channel * min(out_channels, USED) / timing["time_ms"] / 1e9))
+                print({k: rows[-1][k] for k in ("crop", "precision", "autotune", "out_channels", "time_ms")},
+                      flush=True)
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def markdown(rows, ceilings):
+    def ceiling(precision):
+        key = "bf16_tflops" if precision == "bf16" else "tf32_tflops"
+        return ceilings.get(key) if ceilings else None
+
+    def floor_ms(r):
+        rate = ceiling(r["precision"])
+        return f"{r['flop_per_channel'] * min(r['out_channels'], USED) / rate / 1e9:.3f}" if rate else "-"
+
+    return harness.markdown_table(
+        ["crop", "precision", "cuDNN autotuner", "output channels", "ms", "TFLOP/s", "TFLOP/s of used channels",
+         "ms at the product rate (used channels)"],
+        [[r["crop"], r["precision"], "on" if r["autotune"] else "off", r["out_channels"], f"{r['time_ms']:.3f}",
+          f"{r['tflops']:.1f}", f"{r['used_tflops']:.1f}", floor_ms(r)] for r in rows])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 x0.25 at 64x64, fp32 only, on the CPU")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/<device>/head_convs)")
+    args = parser.parse_args()
+    device = "cpu" if args.quick else harness.default_device(args.device)
+    gpu = device == "cuda"
+    if args.quick:
+        crops, depth, width, repeats = [(64, 64)], 18, 0.25, 3
+    else:
+        crops, depth, width, repeats = [(512, 512), (512, 1024)], 101, 1.0, args.repeats
+    precisions = [("fp32", None), ("bf16", torch.bfloat16)] if gpu else [("fp32", None)]
+    autotunes = (False, True) if gpu else (False,)
+    rows = [r for crop in crops for r in measure(device, crop, depth, width, precisions, autotunes, repeats)]
+    stem = args.out or os.path.join(harness.RESULTS_DIR, harness.device_slug(device), "head_convs")
+    ceilings = load_ceilings(os.path.dirname(stem), device)
+    table = markdown(rows, ceilings)
+    print(table)
+    if args.quick:
+        return
+    body = (f"ResNet-{depth}'s layer4 map of each crop, batch 2; the four dilated 3x3 convolutions "
+            f"(dilations {', '.join(map(str, CLASSIFIER_DILATIONS))}) summed, forward and both gradients, timed "
+            f"together; medians of up to {repeats} runs. 19 output channels: the floor's classifier; 64: the "
+            f"embedding block alone; 83: both as one convolution (a DRSL+ step); 88, 96, 128: 83 padded with zero "
+            f"filters. Product rate: bench/ceilings.py's tf32 or bf16 rate on this card.\n\n{table}\n")
+    harness.write_results(stem, harness.metadata(device, depth=depth, width=width), rows, FIELDS,
+                          "Head convolutions by output channels", body)
+
+
+def load_ceilings(folder: str, device: str):
+    """This card's bench/ceilings.py results: in ``folder`` (a GPU suite's run
+    that measured them), else among the committed results of this device."""
+    for path in (os.path.join(folder, "ceilings.json"),
+                 os.path.join(harness.RESULTS_DIR, harness.device_slug(device), "ceilings.json")):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""bench/bench_head_convs.py, the head's convolutions timed by their number of
+output channels: a quick run on the CPU, so that a lent GPU's time is not
+what finds a broken script, and the FLOP count it rates them by."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import bench_head_convs as head_convs  # noqa: E402
+
+
+def test_a_quick_run_times_every_channel_count():
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_head_convs.py"), "--quick"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 64x64 | fp32 | off |")]
+    assert [int(line.split("|")[4]) for line in rows] == list(head_convs.CHANNELS)
+
+
+def test_the_rate_counts_three_products_per_dilation():
+    rows = head_convs.measure("cpu", (64, 64), 18, 0.25, [("fp32", None)], (False,), repeats=1)
+    channels, h, w = head_convs.feature_shape((64, 64), 18, 0.25)
+    one_product = 2 * 2 * h * w * channels * 9  # batch 2, per output channel
+    for r in rows:
+        assert r["flop_per_channel"] == 3 * 4 * one_product
+        used = min(r["out_channels"], head_convs.USED)  # padded filters are not counted as work done
+        assert abs(r["used_tflops"] - r["tflops"] * used / r["out_channels"]) < 1e-12 * r["tflops"]
