@@ -1,6 +1,8 @@
 """What a DRSL+ training step costs over the DeepLab-v2 floor, measured as a
-paired comparison: the floor, DRSL+ with the fast ops and DRSL+ with the head
-convolutions run apart are built in one process and timed in alternating
+paired comparison: the floor, DRSL+ with the fast ops, DRSL+ with the head
+convolutions run apart and DRSL+ with the shared convolution's 83 filters
+padded with zero filters to 96 (bench/bench_head_convs.py times that
+convolution alone) are built in one process and timed in alternating
 rounds (the order rotates each round), so a drift of the machine (another
 tenant on the host, clocks) falls on every variant alike. Each round times a
 few steps per variant, issued back to back and synchronised at the end
@@ -31,7 +33,8 @@ import harness  # noqa: E402
 from bench_training_step import CPU_SIZES, GPU_SIZES, QUICK_SIZES, amp_for, setting_of, training_step  # noqa: E402
 
 VARIANTS = {"floor": dict(mmdl=False), "DRSL+ fast": dict(mmdl=True),
-            "DRSL+ fast, head convs apart": dict(mmdl=True, shared_convs=False)}
+            "DRSL+ fast, head convs apart": dict(mmdl=True, shared_convs=False),
+            "DRSL+ fast, shared filters padded to 96": dict(mmdl=True, shared_channel_multiple=32)}
 FIELDS = ["crop", "precision", "variant", "median_ms", "overhead", "overhead_q1", "overhead_q3", "rounds",
           "steps_per_round", "error"]
 

@@ -78,7 +78,8 @@ def setting_of(spec):
     s = spec["setting"]
     return StepSetting(depth=s["depth"], width=s["width"], crop=tuple(s["crop"]), amp=s["amp"],
                        checkpointing=s["checkpointing"], ops=s["ops"], mmdl=s["mmdl"],
-                       shared_convs=s.get("shared_convs", True))
+                       shared_convs=s.get("shared_convs", True),
+                       shared_channel_multiple=s.get("shared_channel_multiple", 1))
 
 
 def measure(spec):

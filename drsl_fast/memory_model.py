@@ -66,7 +66,9 @@ class StepSetting:
     "reference" (the DRSL loss's ops); mmdl False is plain DeepLab-v2 with the
     segmentation loss only; consistency: Eq. 10 (DRSL+) rather than Eq. 9;
     shared_convs: the MMDL-FR embedding block run with the classifier
-    (:class:`~drsl_fast.train.network.DRSLNetwork`, the default) or apart.
+    (:class:`~drsl_fast.train.network.DRSLNetwork`, the default) or apart;
+    shared_channel_multiple: that shared convolution's filters padded with
+    zeros to a multiple of it (its few extra output channels are not modelled).
     """
 
     depth: int = 101
@@ -85,6 +87,7 @@ class StepSetting:
     consistency: bool = True
     aux_head: bool = False
     shared_convs: bool = True
+    shared_channel_multiple: int = 1
 
     def config(self) -> Dict:
         """The pipeline config (``gta5`` with this setting's overrides)."""
@@ -192,6 +195,7 @@ def step_network(setting: StepSetting):
     settings = Settings.of(setting.config())
     network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).train()
     network.shared_convs = setting.shared_convs
+    network.shared_channel_multiple = setting.shared_channel_multiple
     return network, settings
 
 

@@ -226,9 +226,10 @@ def test_load_missing_file_names_it(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_head_convs_shared_with_the_classifier_compute_the_same_function(device):
     """DRSLNetwork runs the MMDL-FR embedding block with the classifier, one
-    convolution per dilation: logits, embeddings and every gradient as when
-    the two run apart (float64; on a GPU through cuDNN's algorithms for both
-    shapes), and the state dict is unchanged."""
+    convolution per dilation, its filters padded with zeros or not (5 + 8
+    output channels: none, to 16 and to 32): logits, embeddings and every
+    gradient as when the two run apart (float64; on a GPU through cuDNN's
+    algorithms for every shape), and the state dict is unchanged."""
     from drsl_fast.train.network import DRSLNetwork
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -242,8 +243,8 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
     keys = set(network.state_dict())
     images = torch.randn(2, 3, 41, 49, dtype=torch.float64, device=device)
     results = []
-    for shared in (True, False):
-        network.shared_convs = shared
+    for shared, multiple in ((False, 1), (True, 1), (True, 16), (True, 32)):
+        network.shared_convs, network.shared_channel_multiple = shared, multiple
         network.zero_grad(set_to_none=True)
         out = network(images, (21, 25))
         assert out.embeddings.shape == (2, 8, 21, 25)
@@ -251,16 +252,20 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
         results.append([out.logits, out.aux_logits, out.embeddings]
                        + [p.grad for p in network.parameters() if p.requires_grad])
     tolerance = 1e-12 if device == "cpu" else 1e-10  # cuDNN may sum in another order for each shape
-    for shared, apart in zip(*results):
-        torch.testing.assert_close(shared, apart, rtol=tolerance, atol=tolerance)
+    for apart, *shared in zip(*results):
+        for tensor in shared:
+            torch.testing.assert_close(tensor, apart, rtol=tolerance, atol=tolerance)
     assert set(network.state_dict()) == keys
     assert network(images).embeddings is None  # no size asked: the classifier alone
 
 
-def test_shared_input_convs_refuses_blocks_that_differ():
+def test_shared_input_convs_refuses_blocks_that_differ_and_bad_multiples():
     from drsl_fast.models.deeplab import shared_input_convs
 
     x = torch.randn(1, 6, 9, 9)
+    for multiple in (0, -32, 2.0, True):
+        with pytest.raises(ValueError, match="channel_multiple must be an int >= 1"):
+            shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2)], x, multiple)
     with pytest.raises(ValueError, match="differ in shape or dilation"):
         shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2, dilations=(6, 12, 18, 23))], x)
     with pytest.raises(ValueError, match="different numbers of dilations"):

@@ -37,7 +37,7 @@ class SummedDilatedConvs(nn.Module):
         return out
 
 
-def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor) -> List[Tensor]:
+def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, channel_multiple: int = 1) -> List[Tensor]:
     """Each block's output on the same input ``x``, as one convolution per
     dilation: the blocks' weights and biases at that dilation concatenated
     along the output channels, the sum over the dilations split back into the
@@ -45,11 +45,18 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor) -> List[
     ``[block(x) for block in blocks]``; the input is read, converted to the
     kernels' layout and differentiated once per dilation instead of once per
     block and dilation, and each convolution is one call (a GPU's library
-    spends a host-side plan lookup on every call)."""
+    spends a host-side plan lookup on every call). ``channel_multiple``: the
+    concatenated filters padded with zero filters to a multiple of it (83
+    output channels, 19 classes and 64 embedding dimensions, tile poorly on a
+    GPU: bench/bench_head_convs.py); the padding's outputs are dropped."""
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"shared_input_convs: channel_multiple must be an int >= 1, got {channel_multiple!r}")
     if len(blocks) == 1:
         return [blocks[0](x)]
     if len({len(block.conv2d_list) for block in blocks}) != 1:
         raise ValueError("shared_input_convs: the blocks have different numbers of dilations")
+    sizes = [block.conv2d_list[0].out_channels for block in blocks]
+    pad = -sum(sizes) % channel_multiple
     out = None
     for convs in zip(*(block.conv2d_list for block in blocks)):
         first = convs[0]
@@ -57,9 +64,11 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor) -> List[
             raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs])
+        if pad:
+            weight, bias = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad)), F.pad(bias, (0, pad))
         y = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
         out = y if out is None else out + y
-    return list(out.split([block.conv2d_list[0].out_channels for block in blocks], dim=1))
+    return list(out.split(sizes + [pad], dim=1))[:len(blocks)]
 
 
 def conv_shape(conv: nn.Conv2d) -> tuple:
@@ -108,13 +117,15 @@ class DeepLabV2(nn.Module):
         """Channels of the base features (input of the MMDL-FR head)."""
         return self.backbone.out_channels
 
-    def forward(self, images: Tensor, beside: Sequence[SummedDilatedConvs] = ()) -> DeepLabOutput:
+    def forward(self, images: Tensor, beside: Sequence[SummedDilatedConvs] = (),
+                channel_multiple: int = 1) -> DeepLabOutput:
         """``beside``: blocks on the layer4 features with the classifier's
         dilations (the MMDL-FR embedding block), run with it by
-        :func:`shared_input_convs`; their outputs are ``out.beside``."""
+        :func:`shared_input_convs` (filters padded to ``channel_multiple``);
+        their outputs are ``out.beside``."""
         features = self.backbone(images)
         aux = self.aux_classifier(features.layer3) if self.aux_classifier is not None else None
-        logits, *others = shared_input_convs([self.classifier, *beside], features.layer4)
+        logits, *others = shared_input_convs([self.classifier, *beside], features.layer4, channel_multiple)
         return DeepLabOutput(logits, features.layer4, aux, tuple(others))
 
     def head_modules(self) -> List[nn.Module]:
