@@ -2,16 +2,17 @@
 backward, by their number of output channels: 19 (DeepLab-v2's classifier,
 all the floor has), 64 (the MMDL-FR embedding block alone), 83 (both as one
 convolution per dilation, drsl_fast.models.deeplab.shared_input_convs, what
-a DRSL+ step runs), and 83 padded with zero filters to 88, 96 and 128.
+a DRSL+ step runs), and the padded counts: 19 to 32, 83 to 88, 96 and 128
+(in the network the extra filters are zeros; here every filter is random,
+which takes the same time, and the padding's own small kernels are left out).
 
 Why: the ninth H200 run's profile of the 512x512 fp32 step
-(bench/results/NVIDIA_H200/training_step_profile.md and bench/NOTES.md) put
-most of the GPU time DRSL+ adds in these convolutions: about 3.4 ms of
-kernels for 0.24 TFLOP more, where the tf32 product rate would take 0.6 ms,
-and cuDNN ran them with tiles for 4-aligned channels. Whether an output-channel
-count the libraries tile better pays for its zero filters is a measurement,
-made here in one process for every count, with cuDNN's autotuner off (as the
-training loop runs) and on.
+(bench/results/NVIDIA_H200/training_step_profile.md and bench/NOTES.md) ran
+the 83-channel convolutions at 89 TFLOP/s and the floor's 19-channel ones at
+36, on tf32 kernels for 4-aligned channels, where the card's tf32 product
+rate is 399. Whether an output-channel count the libraries tile better pays
+for its extra filters is a measurement, made here in one process for every
+count, with cuDNN's autotuner off (as the training loop runs) and on.
 
 Each row (fp32: cuDNN's default, tf32 tensor cores; bf16: under autocast):
 the four convolutions summed (batch 2: one source and one target
@@ -38,10 +39,10 @@ import harness  # noqa: E402
 
 from drsl_fast.models.deeplab import CLASSIFIER_DILATIONS  # noqa: E402
 
-USED = 83  # 19 classes + a 64-dimensional embedding
-CHANNELS = (19, 64, 83, 88, 96, 128)
-FIELDS = ["crop", "precision", "autotune", "out_channels", "time_ms", "tflops", "used_tflops", "flop_per_channel",
-          "min_ms", "max_ms", "runs"]
+CHANNELS = (19, 32, 64, 83, 88, 96, 128)
+USED_OF = {32: 19, 88: 83, 96: 83, 128: 83}  # a padded count: the channels that are used (19 classes; + 64 embedding)
+FIELDS = ["crop", "precision", "autotune", "out_channels", "used_channels", "time_ms", "tflops", "used_tflops",
+          "flop_per_channel", "min_ms", "max_ms", "runs"]
 
 
 def feature_shape(crop, depth: int, width: float):
@@ -67,7 +68,8 @@ def convs_step(x, out_channels: int, dtype):
             for w, b, d in zip(weights, biases, CLASSIFIER_DILATIONS):
                 y = F.conv2d(x, w, b, padding=d, dilation=d)
                 out = y if out is None else out + y
-        out.backward(grad.to(out.dtype))
+        # the gradients returned, not accumulated: no extra pass over the input's gradient
+        torch.autograd.grad(out, [x, *weights, *biases], grad.to(out.dtype))
 
     return step
 
@@ -77,20 +79,29 @@ def measure(device: str, crop, depth: int, width: float, precisions, autotunes, 
     x = torch.randn(2, channels, h, w, device=device, requires_grad=True)
     flop_per_channel = 3 * len(CLASSIFIER_DILATIONS) * 2 * x.shape[0] * h * w * channels * 9
     rows = []
-    for precision, dtype in precisions:
-        for autotune in autotunes:
-            torch.backends.cudnn.benchmark = autotune
-            for out_channels in CHANNELS:
-                step = convs_step(x, out_channels, dtype)
-                timing = harness.median_ms(step, device, repeats, budget_s=10.0, warmup=3)
-                rows.append(dict(crop=f"{crop[0]}x{crop[1]}", precision=precision, autotune=autotune,
-                                 out_channels=out_channels, flop_per_channel=flop_per_channel, **timing,
-                                 tflops=flop_per_channel * out_channels / timing["time_ms"] / 1e9,
-                                 used_tflops=flop_per_channel * min(out_channels, USED) / timing["time_ms"] / 1e9))
-                print({k: rows[-1][k] for k in ("crop", "precision", "autotune", "out_channels", "time_ms")},
-                      flush=True)
-    torch.backends.cudnn.benchmark = False
+    previous = torch.backends.cudnn.benchmark
+    try:
+        for precision, dtype in precisions:
+            for autotune in autotunes:
+                torch.backends.cudnn.benchmark = autotune
+                rows += [measure_one(x, crop, precision, dtype, autotune, out_channels, flop_per_channel, device,
+                                     repeats) for out_channels in CHANNELS]
+    finally:
+        torch.backends.cudnn.benchmark = previous
     return rows
+
+
+def measure_one(x, crop, precision: str, dtype, autotune: bool, out_channels: int, flop_per_channel: int, device,
+                repeats: int):
+    """One row: the convolutions with ``out_channels`` filters, timed."""
+    timing = harness.median_ms(convs_step(x, out_channels, dtype), device, repeats, budget_s=10.0, warmup=3)
+    used = USED_OF.get(out_channels, out_channels)
+    row = dict(crop=f"{crop[0]}x{crop[1]}", precision=precision, autotune=autotune, out_channels=out_channels,
+               used_channels=used, flop_per_channel=flop_per_channel, **timing,
+               tflops=flop_per_channel * out_channels / timing["time_ms"] / 1e9,
+               used_tflops=flop_per_channel * used / timing["time_ms"] / 1e9)
+    print({k: row[k] for k in ("crop", "precision", "autotune", "out_channels", "time_ms")}, flush=True)
+    return row
 
 
 def markdown(rows, ceilings):
@@ -100,13 +111,13 @@ def markdown(rows, ceilings):
 
     def floor_ms(r):
         rate = ceiling(r["precision"])
-        return f"{r['flop_per_channel'] * min(r['out_channels'], USED) / rate / 1e9:.3f}" if rate else "-"
+        return f"{r['flop_per_channel'] * r['used_channels'] / rate / 1e9:.3f}" if rate else "-"
 
     return harness.markdown_table(
-        ["crop", "precision", "cuDNN autotuner", "output channels", "ms", "TFLOP/s", "TFLOP/s of used channels",
-         "ms at the product rate (used channels)"],
-        [[r["crop"], r["precision"], "on" if r["autotune"] else "off", r["out_channels"], f"{r['time_ms']:.3f}",
-          f"{r['tflops']:.1f}", f"{r['used_tflops']:.1f}", floor_ms(r)] for r in rows])
+        ["crop", "precision", "cuDNN autotuner", "output channels", "used", "ms", "TFLOP/s",
+         "TFLOP/s of used channels", "ms at the product rate (used channels)"],
+        [[r["crop"], r["precision"], "on" if r["autotune"] else "off", r["out_channels"], r["used_channels"],
+          f"{r['time_ms']:.3f}", f"{r['tflops']:.1f}", f"{r['used_tflops']:.1f}", floor_ms(r)] for r in rows])
 
 
 def main():
@@ -134,8 +145,9 @@ def main():
     body = (f"ResNet-{depth}'s layer4 map of each crop, batch 2; the four dilated 3x3 convolutions "
             f"(dilations {', '.join(map(str, CLASSIFIER_DILATIONS))}) summed, forward and both gradients, timed "
             f"together; medians of up to {repeats} runs. 19 output channels: the floor's classifier; 64: the "
-            f"embedding block alone; 83: both as one convolution (a DRSL+ step); 88, 96, 128: 83 padded with zero "
-            f"filters. Product rate: bench/ceilings.py's tf32 or bf16 rate on this card.\n\n{table}\n")
+            f"embedding block alone; 83: both as one convolution (a DRSL+ step); 32: 19 padded, 88, 96, 128: "
+            f"83 padded (used: the channels that count as work). Product rate: bench/ceilings.py's tf32 or bf16 "
+            f"rate on this card.\n\n{table}\n")
     harness.write_results(stem, harness.metadata(device, depth=depth, width=width), rows, FIELDS,
                           "Head convolutions by output channels", body)
 

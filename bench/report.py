@@ -151,7 +151,7 @@ def overhead_runs_section(runs: List[Dict]) -> str:
                                       enumerate(runs)]
     return "\n".join([
         f"**The same paired measure, run {len(runs)} times on this device** (DRSL+ over the floor, median of "
-        "rounds; each run a fresh process, some on a fresh machine):", "",
+        "rounds; each run a fresh process):", "",
         table(header, [[crop, precision] + [v.get(i, "") for i in range(len(runs))]
                        for (crop, precision), v in cells.items()])])
 

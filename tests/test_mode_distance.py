@@ -506,8 +506,11 @@ import drsl_fast  # noqa: F401  (registers the ops)
 emb = torch.randn(2, 5, 7, 9, device="cuda")
 modes = torch.randn(3, 2, 5, device="cuda")
 dmin, mstar, _ = torch.ops.drsl_fast.mode_distance(emb, modes, None)
-mstar[1, 0, 3, 4] = 2
 emb_grad, modes_grad = sys.argv[1] == "1", sys.argv[2] == "1"
+torch.ops.drsl_fast.mode_distance_backward(torch.ones_like(dmin), emb, modes, mstar, emb_grad, modes_grad)
+torch.cuda.synchronize()
+print("valid mstar: ran")
+mstar[1, 0, 3, 4] = 2
 try:
     torch.ops.drsl_fast.mode_distance_backward(torch.ones_like(dmin), emb, modes, mstar, emb_grad, modes_grad)
     torch.cuda.synchronize()
@@ -517,16 +520,24 @@ except RuntimeError as error:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["fp32", "tensor-cores"])
 @pytest.mark.parametrize("emb_grad, modes_grad", [(True, True), (True, False), (False, True)])
-def test_cuda_backward_op_stops_on_a_mode_index_out_of_range(emb_grad, modes_grad):
-    """On a GPU the same call stops the kernels (in a fresh process: a stopped
-    kernel leaves the CUDA context unusable)."""
+def test_cuda_backward_op_stops_on_a_mode_index_out_of_range(emb_grad, modes_grad, tensor_cores):
+    """On a GPU the same call stops the kernels, the fp32 ones and (compute
+    capability >= 8.0) the tensor-core backward, where the valid mstar before
+    it ran (each in a fresh process: a stopped kernel leaves the CUDA context
+    unusable)."""
+    import os
     import subprocess
     import sys
 
+    if tensor_cores and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("no GPU with tensor cores here")
+    env = dict(os.environ, DRSL_FAST_TENSOR_CORE_BACKWARD="1" if tensor_cores else "0")
     run = subprocess.run([sys.executable, "-c", STOPPED_ON_A_GPU, str(int(emb_grad)), str(int(modes_grad))],
-                         capture_output=True, text=True, timeout=300)
-    assert "stopped:" in run.stdout or run.returncode != 0, run.stdout + run.stderr
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "valid mstar: ran" in run.stdout and "stopped:" in run.stdout, run.stdout + run.stderr
 
 
 def test_device_mismatch_is_reported():

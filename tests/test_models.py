@@ -243,10 +243,25 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
     keys = set(network.state_dict())
     images = torch.randn(2, 3, 41, 49, dtype=torch.float64, device=device)
     results = []
+    from drsl_fast.models import deeplab
+
+    filters = []  # output channels of each convolution the network runs on layer4
+    conv2d = deeplab.F.conv2d
+
+    def recording(x, weight, *args):
+        dilation = tuple(args[3]) if len(args) > 3 else (1, 1)
+        if x.shape[1] == segmenter.feature_channels and dilation[0] in deeplab.CLASSIFIER_DILATIONS:
+            filters.append(weight.shape[0])  # the classifier's and the embedding block's convolutions
+        return conv2d(x, weight, *args)
+
     for shared, multiple in ((False, 1), (True, 1), (True, 16), (True, 32)):
         network.shared_convs, network.shared_channel_multiple = shared, multiple
         network.zero_grad(set_to_none=True)
-        out = network(images, (21, 25))
+        filters.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(deeplab.F, "conv2d", recording)
+            out = network(images, (21, 25))
+        assert filters == ([5 + 8 if multiple == 1 else multiple] * 4 if shared else [5] * 4 + [8] * 4)
         assert out.embeddings.shape == (2, 8, 21, 25)
         (out.logits.square().mean() + out.aux_logits.mean() + out.embeddings.sin().sum()).backward()
         results.append([out.logits, out.aux_logits, out.embeddings]

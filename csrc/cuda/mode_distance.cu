@@ -229,7 +229,7 @@ __device__ __forceinline__ void direct_min(const scalar_t* __restrict__ emb, Pix
 
 // mstar as a mode index in the backward kernels. An mstar that is no mode
 // index (>= M, possible only where the backward operator is called directly)
-// stops the kernel with a device-side assertion rather than read past the
+// stops the kernel with a trap (DRSL_DEVICE_CHECK) rather than read past the
 // modes (the CPU backend raises); in the CPU emulation, which records the
 // failure and runs on, it reads as mode 0.
 __device__ __forceinline__ int checked_mode(uint8_t mstar, int M) {

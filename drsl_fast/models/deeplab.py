@@ -62,10 +62,9 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, channel_
         first = convs[0]
         if any(conv_shape(c) != conv_shape(first) for c in convs):
             raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
-        weight = torch.cat([c.weight for c in convs])
-        bias = torch.cat([c.bias for c in convs])
-        if pad:
-            weight, bias = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad)), F.pad(bias, (0, pad))
+        zeros = [first.weight.new_zeros(pad, *first.weight.shape[1:])] if pad else []
+        weight = torch.cat([c.weight for c in convs] + zeros)
+        bias = torch.cat([c.bias for c in convs] + ([first.bias.new_zeros(pad)] if pad else []))
         y = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
         out = y if out is None else out + y
     return list(out.split(sizes + [pad], dim=1))[:len(blocks)]
