@@ -10,7 +10,7 @@ TORCH_LIBRARY(drsl_fast, m) {
   // posterior exp(-dmin / (2 sigma^2)) when sigma is given (else an empty tensor).
   m.def("mode_distance(Tensor emb, Tensor modes, float? sigma) -> (Tensor dmin, Tensor mstar, Tensor posterior)");
   // mstar as the forward returns it. A value >= M raises on the CPU; on a GPU
-  // the kernels stop (an unspecified launch failure at the next synchronisation).
+  // the kernels stop (a trap: a CUDA error at the next synchronisation).
   m.def(
       "mode_distance_backward(Tensor grad_dmin, Tensor emb, Tensor modes, Tensor mstar, "
       "bool emb_requires_grad, bool modes_requires_grad) -> (Tensor grad_emb, Tensor grad_modes)");

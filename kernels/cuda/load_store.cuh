@@ -14,7 +14,7 @@
 #endif
 
 // Stops the kernel where `cond` is false (a trap: the next synchronising
-// CUDA call reports an unspecified launch failure), where it would otherwise
+// CUDA call reports the kernel's failure), where it would otherwise
 // read out of bounds. A trap rather than a device-side assert: the assert's
 // message is a function call, whose saved registers made the fp32 backward
 // kernels spill (252 bytes on sm_61). A macro, so that the CPU emulation of
