@@ -4,7 +4,12 @@ all the floor has), 64 (the MMDL-FR embedding block alone), 83 (both as one
 convolution per dilation, drsl_fast.models.deeplab.shared_input_convs, what
 a DRSL+ step runs), and the padded counts: 19 to 32, 83 to 88, 96 and 128
 (in the network the extra filters are zeros; here every filter is random,
-which takes the same time, and the padding's own small kernels are left out).
+which takes the same time, and the padding's own small kernels are left out);
+and 19, 64 and 83 channels computed as one matrix product and a shifted
+sum (method "gemm", drsl_fast/models/tap_gemm.py, which the network runs
+with DeepLabV2.head_as_gemm), checked against the convolutions on the same
+inputs first (the largest difference of the output and of the input's
+gradient, relative to the largest value of each).
 
 Why: the ninth H200 run's profile of the 512x512 fp32 step
 (bench/results/NVIDIA_H200/training_step_profile.md and bench/NOTES.md) ran
@@ -38,11 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from drsl_fast.models.deeplab import CLASSIFIER_DILATIONS  # noqa: E402
+from drsl_fast.models.tap_gemm import summed_dilated_convs_as_gemm  # noqa: E402
 
 CHANNELS = (19, 32, 64, 83, 88, 96, 128)
+GEMM_CHANNELS = (19, 64, 83)
 USED_OF = {32: 19, 88: 83, 96: 83, 128: 83}  # a padded count: the channels that are used (19 classes; + 64 embedding)
-FIELDS = ["crop", "precision", "autotune", "out_channels", "used_channels", "time_ms", "tflops", "used_tflops",
-          "flop_per_channel", "min_ms", "max_ms", "runs"]
+FIELDS = ["crop", "precision", "autotune", "method", "out_channels", "used_channels", "time_ms", "tflops", "used_tflops",
+          "flop_per_channel", "min_ms", "max_ms", "runs", "max_rel_diff"]
 
 
 def feature_shape(crop, depth: int, width: float):
@@ -53,9 +60,11 @@ def feature_shape(crop, depth: int, width: float):
     return tuple(backbone(torch.empty(1, 3, *crop, device="meta")).layer4.shape[1:])
 
 
-def convs_step(x, out_channels: int, dtype):
+def convs_step(x, out_channels: int, dtype, method: str = "cudnn"):
     """One forward and backward of the summed dilated convolutions with
-    ``out_channels`` filters each (fp32 weights, autocast to ``dtype``)."""
+    ``out_channels`` filters each (fp32 weights, autocast to ``dtype``), as
+    convolutions ("cudnn") or one matrix product ("gemm"); the step returns
+    the output and the input's gradient."""
     generator = torch.Generator(x.device).manual_seed(0)
     weights = [(0.01 * torch.randn(out_channels, x.shape[1], 3, 3, generator=generator, device=x.device))
                .requires_grad_() for _ in CLASSIFIER_DILATIONS]
@@ -64,12 +73,15 @@ def convs_step(x, out_channels: int, dtype):
 
     def step():
         with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            out = None
-            for w, b, d in zip(weights, biases, CLASSIFIER_DILATIONS):
-                y = F.conv2d(x, w, b, padding=d, dilation=d)
-                out = y if out is None else out + y
+            if method == "gemm":
+                out = summed_dilated_convs_as_gemm(x, weights, biases, CLASSIFIER_DILATIONS)
+            else:
+                out = None
+                for w, b, d in zip(weights, biases, CLASSIFIER_DILATIONS):
+                    y = F.conv2d(x, w, b, padding=d, dilation=d)
+                    out = y if out is None else out + y
         # the gradients returned, not accumulated: no extra pass over the input's gradient
-        torch.autograd.grad(out, [x, *weights, *biases], grad.to(out.dtype))
+        return out, torch.autograd.grad(out, [x, *weights, *biases], grad.to(out.dtype))[0]
 
     return step
 
@@ -86,21 +98,31 @@ def measure(device: str, crop, depth: int, width: float, precisions, autotunes, 
                 torch.backends.cudnn.benchmark = autotune
                 rows += [measure_one(x, crop, precision, dtype, autotune, out_channels, flop_per_channel, device,
                                      repeats) for out_channels in CHANNELS]
+                rows += [measure_one(x, crop, precision, dtype, autotune, out_channels, flop_per_channel, device,
+                                     repeats, "gemm") for out_channels in GEMM_CHANNELS]
     finally:
         torch.backends.cudnn.benchmark = previous
     return rows
 
 
 def measure_one(x, crop, precision: str, dtype, autotune: bool, out_channels: int, flop_per_channel: int, device,
-                repeats: int):
-    """One row: the convolutions with ``out_channels`` filters, timed."""
-    timing = harness.median_ms(convs_step(x, out_channels, dtype), device, repeats, budget_s=10.0, warmup=3)
+                repeats: int, method: str = "cudnn"):
+    """One row: the convolutions with ``out_channels`` filters, timed; for
+    "gemm", first compared with the convolutions."""
+    step = convs_step(x, out_channels, dtype, method)
+    extra = {}
+    if method == "gemm":
+        extra["max_rel_diff"] = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                                    for a, b in zip(step(), convs_step(x, out_channels, dtype)()))
+    timing = harness.median_ms(step, device, repeats, budget_s=10.0, warmup=3)
     used = USED_OF.get(out_channels, out_channels)
-    row = dict(crop=f"{crop[0]}x{crop[1]}", precision=precision, autotune=autotune, out_channels=out_channels,
+    row = dict(crop=f"{crop[0]}x{crop[1]}", precision=precision, autotune=autotune, method=method,
+               out_channels=out_channels, **extra,
                used_channels=used, flop_per_channel=flop_per_channel, **timing,
                tflops=flop_per_channel * out_channels / timing["time_ms"] / 1e9,
                used_tflops=flop_per_channel * used / timing["time_ms"] / 1e9)
-    print({k: row[k] for k in ("crop", "precision", "autotune", "out_channels", "time_ms")}, flush=True)
+    print({k: row[k] for k in ("crop", "precision", "autotune", "method", "out_channels", "time_ms", "max_rel_diff")
+           if k in row}, flush=True)
     return row
 
 
@@ -114,10 +136,11 @@ def markdown(rows, ceilings):
         return f"{r['flop_per_channel'] * r['used_channels'] / rate / 1e9:.3f}" if rate else "-"
 
     return harness.markdown_table(
-        ["crop", "precision", "cuDNN autotuner", "output channels", "used", "ms", "TFLOP/s",
-         "TFLOP/s of used channels", "ms at the product rate (used channels)"],
-        [[r["crop"], r["precision"], "on" if r["autotune"] else "off", r["out_channels"], r["used_channels"],
-          f"{r['time_ms']:.3f}", f"{r['tflops']:.1f}", f"{r['used_tflops']:.1f}", floor_ms(r)] for r in rows])
+        ["crop", "precision", "cuDNN autotuner", "method", "output channels", "used", "ms", "TFLOP/s",
+         "TFLOP/s of used channels", "ms at the product rate (used channels)", "largest difference to cudnn"],
+        [[r["crop"], r["precision"], "on" if r["autotune"] else "off", r.get("method", "cudnn"), r["out_channels"],
+          r["used_channels"], f"{r['time_ms']:.3f}", f"{r['tflops']:.1f}", f"{r['used_tflops']:.1f}", floor_ms(r),
+          f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else ""] for r in rows])
 
 
 def main():
@@ -146,7 +169,8 @@ def main():
             f"(dilations {', '.join(map(str, CLASSIFIER_DILATIONS))}) summed, forward and both gradients, timed "
             f"together; medians of up to {repeats} runs. 19 output channels: the floor's classifier; 64: the "
             f"embedding block alone; 83: both as one convolution (a DRSL+ step); 32: 19 padded, 88, 96, 128: "
-            f"83 padded (used: the channels that count as work). Product rate: bench/ceilings.py's tf32 or bf16 "
+            f"83 padded (used: the channels that count as work); method gemm: one matrix product and a shifted sum, "
+            f"the largest difference to the convolutions relative to the largest value. Product rate: bench/ceilings.py's tf32 or bf16 "
             f"rate on this card.\n\n{table}\n")
     harness.write_results(stem, harness.metadata(device, depth=depth, width=width), rows, FIELDS,
                           "Head convolutions by output channels", body)

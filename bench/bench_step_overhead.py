@@ -1,14 +1,15 @@
 """What a DRSL+ training step costs over the DeepLab-v2 floor, measured as a
 paired comparison: the floor, DRSL+ with the fast ops, DRSL+ with the head
-convolutions run apart and DRSL+ with the shared convolution's 83 filters
-padded with zero filters to 96 (bench/bench_head_convs.py times that
-convolution alone) are built in one process and timed in alternating
+convolutions run apart, and the floor and DRSL+ with the layer4 head's
+dilated convolutions computed as one matrix product
+(drsl_fast/models/tap_gemm.py; bench/bench_head_convs.py times them alone)
+are built in one process and timed in alternating
 rounds (the order rotates each round), so a drift of the machine (another
 tenant on the host, clocks) falls on every variant alike. Each round times a
 few steps per variant, issued back to back and synchronised at the end
 (harness.host_and_pipelined_ms, as in a training loop); the overhead is
 the median over rounds of (DRSL+ / floor - 1) within a round, with its
-quartiles. Peak memory is bench/bench_training_step.py's job; this script
+quartiles, each variant over the floor with the same head (column "over"). Peak memory is bench/bench_training_step.py's job; this script
 only times.
 
 With ``--cuda-graphs`` (a GPU only) every variant's whole step (forward,
@@ -34,8 +35,10 @@ from bench_training_step import CPU_SIZES, GPU_SIZES, QUICK_SIZES, amp_for, sett
 
 VARIANTS = {"floor": dict(mmdl=False), "DRSL+ fast": dict(mmdl=True),
             "DRSL+ fast, head convs apart": dict(mmdl=True, shared_convs=False),
-            "DRSL+ fast, shared filters padded to 96": dict(mmdl=True, shared_channel_multiple=32)}
-FIELDS = ["crop", "precision", "variant", "median_ms", "overhead", "overhead_q1", "overhead_q3", "rounds",
+            "floor, head as one GEMM": dict(mmdl=False, head_as_gemm=True),
+            "DRSL+ fast, head as one GEMM": dict(mmdl=True, head_as_gemm=True)}
+BASELINE = {"floor, head as one GEMM": "floor", "DRSL+ fast, head as one GEMM": "floor, head as one GEMM"}
+FIELDS = ["crop", "precision", "variant", "median_ms", "over", "overhead", "overhead_q1", "overhead_q3", "rounds",
           "steps_per_round", "error"]
 
 
@@ -113,15 +116,17 @@ def timed_rounds(steps_of, device, rounds: int, steps: int):
 
 
 def overhead_rows(times, base, steps: int):
-    """One row per variant: its median ms per step and, beside the floor's,
-    the quartiles over rounds of (its time / the floor's - 1) in the same
-    round."""
+    """One row per variant: its median ms per step and, beside its floor's
+    (BASELINE, else "floor"), the quartiles over rounds of (its time / the
+    floor's - 1) in the same round."""
     rows = []
     for name, own in times.items():
         row = dict(crop=f"{base['crop'][0]}x{base['crop'][1]}", precision=base["amp"] or "fp32", variant=name,
                    median_ms=statistics.median(own), rounds=len(own), steps_per_round=steps)
-        if name != "floor":
-            ratios = [t / f - 1 for t, f in zip(own, times["floor"])]
+        over = BASELINE.get(name, "floor")
+        if name != "floor" and over in times:
+            ratios = [t / f - 1 for t, f in zip(own, times[over])]
+            row["over"] = over
             row["overhead_q1"], row["overhead"], row["overhead_q3"] = quartiles(ratios)
         rows.append(row)
     return rows
@@ -132,10 +137,10 @@ def markdown(rows):
         return f"{100 * r[key]:+.1f} %" if key in r else ""
 
     return harness.markdown_table(
-        ["crop", "precision", "variant", "ms per step (median)", "over the floor (median of rounds)",
+        ["crop", "precision", "variant", "ms per step (median)", "over", "overhead (median of rounds)",
          "quartiles"],
-        [[r["crop"], r["precision"], r["variant"], f"failed: {r['error'][:80]}", "", ""] if "error" in r else
-         [r["crop"], r["precision"], r["variant"], f"{r['median_ms']:.1f}", pct(r, "overhead"),
+        [[r["crop"], r["precision"], r["variant"], f"failed: {r['error'][:80]}", "", "", ""] if "error" in r else
+         [r["crop"], r["precision"], r["variant"], f"{r['median_ms']:.1f}", r.get("over", ""), pct(r, "overhead"),
           f"{pct(r, 'overhead_q1')} to {pct(r, 'overhead_q3')}" if "overhead" in r else ""] for r in rows])
 
 

@@ -79,7 +79,7 @@ def setting_of(spec):
     return StepSetting(depth=s["depth"], width=s["width"], crop=tuple(s["crop"]), amp=s["amp"],
                        checkpointing=s["checkpointing"], ops=s["ops"], mmdl=s["mmdl"],
                        shared_convs=s.get("shared_convs", True),
-                       shared_channel_multiple=s.get("shared_channel_multiple", 1))
+                       head_as_gemm=s.get("head_as_gemm", False))
 
 
 def measure(spec):

@@ -121,7 +121,9 @@ def overhead_section(data: Dict) -> str:
                 if r else "")
 
     others = list(dict.fromkeys(name for v in rows.values() for name in v if name != "floor"))
-    columns = ["DRSL+ over the floor" if name == "DRSL+ fast" else f"{name.replace('DRSL+ fast, ', '')}, over the floor"
+    baseline = {name: r.get("over", "floor") for v in rows.values() for name, r in v.items()}
+    columns = ["DRSL+ over the floor" if name == "DRSL+ fast" else
+               f"{name.replace('DRSL+ fast, ', '')}, over the {baseline[name].replace('floor, ', 'floor with the ')}"
                for name in others]
     body = [[crop, precision, f"{v['floor']['median_ms']:.1f}", f"{v['DRSL+ fast']['median_ms']:.1f}"]
             + [over(v.get(name)) for name in others]

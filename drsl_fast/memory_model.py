@@ -67,8 +67,9 @@ class StepSetting:
     segmentation loss only; consistency: Eq. 10 (DRSL+) rather than Eq. 9;
     shared_convs: the MMDL-FR embedding block run with the classifier
     (:class:`~drsl_fast.train.network.DRSLNetwork`, the default) or apart;
-    shared_channel_multiple: that shared convolution's filters padded with
-    zeros to a multiple of it (its few extra output channels are not modelled).
+    head_as_gemm: the layer4 classifier (with the embedding block when shared)
+    as one matrix product and a shifted sum
+    (:func:`~drsl_fast.models.tap_gemm.summed_dilated_convs_as_gemm`).
     """
 
     depth: int = 101
@@ -87,7 +88,7 @@ class StepSetting:
     consistency: bool = True
     aux_head: bool = False
     shared_convs: bool = True
-    shared_channel_multiple: int = 1
+    head_as_gemm: bool = False
 
     def config(self) -> Dict:
         """The pipeline config (``gta5`` with this setting's overrides)."""
@@ -195,7 +196,7 @@ def step_network(setting: StepSetting):
     settings = Settings.of(setting.config())
     network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).train()
     network.shared_convs = setting.shared_convs
-    network.shared_channel_multiple = setting.shared_channel_multiple
+    network.segmenter.head_as_gemm = setting.head_as_gemm
     return network, settings
 
 

@@ -15,8 +15,11 @@ def test_a_quick_run_times_every_channel_count():
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_head_convs.py"), "--quick"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| 64x64 | fp32 | off |")]
-    assert [int(line.split("|")[4]) for line in rows] == list(head_convs.CHANNELS)
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| 64x64 | fp32 | off |")]
+    assert [(cells[4].strip(), int(cells[5])) for cells in rows] == (
+        [("cudnn", c) for c in head_convs.CHANNELS] + [("gemm", c) for c in head_convs.GEMM_CHANNELS])
+    for cells in rows:  # the matrix product agrees with the convolutions (fp32 on the CPU)
+        assert (float(cells[11]) < 1e-5) if cells[4].strip() == "gemm" else not cells[11].strip()
 
 
 def test_the_rate_counts_three_products_per_dilation():
@@ -24,7 +27,7 @@ def test_the_rate_counts_three_products_per_dilation():
     channels, h, w = head_convs.feature_shape((64, 64), 18, 0.25)
     one_product = 2 * 2 * h * w * channels * 9  # batch 2, per output channel
     used = {19: 19, 32: 19, 64: 64, 83: 83, 88: 83, 96: 83, 128: 83}  # padded filters are not work done
-    assert [r["used_channels"] for r in rows] == [used[c] for c in head_convs.CHANNELS]
+    assert [r["used_channels"] for r in rows] == [used[c] for c in head_convs.CHANNELS + head_convs.GEMM_CHANNELS]
     for r in rows:
         assert r["flop_per_channel"] == 3 * 4 * one_product
         assert abs(r["used_tflops"] - r["tflops"] * r["used_channels"] / r["out_channels"]) < 1e-12 * r["tflops"]

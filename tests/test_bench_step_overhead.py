@@ -37,6 +37,18 @@ def test_the_quartiles_are_those_of_the_paired_ratios():
     assert drsl["overhead_q1"] < drsl["overhead"] < drsl["overhead_q3"]
 
 
+def test_a_variant_with_another_head_is_paired_with_the_floor_with_that_head():
+    floor = [40.0, 60.0, 120.0]
+    gemm_floor = [0.9 * f for f in floor]
+    times = {"floor": floor, "floor, head as one GEMM": gemm_floor,
+             "DRSL+ fast, head as one GEMM": [1.1 * f for f in gemm_floor]}
+    rows = {r["variant"]: r for r in overhead.overhead_rows(times, BASE, steps=3)}
+    assert rows["floor, head as one GEMM"]["over"] == "floor"
+    assert rows["floor, head as one GEMM"]["overhead"] == pytest.approx(-0.1)
+    assert rows["DRSL+ fast, head as one GEMM"]["over"] == "floor, head as one GEMM"
+    assert rows["DRSL+ fast, head as one GEMM"]["overhead"] == pytest.approx(0.1)
+
+
 def test_rounds_rotate_the_order():
     calls = []
     steps_of = {name: (lambda name=name: calls.append(name)) for name in ("floor", "a", "b")}

@@ -226,10 +226,11 @@ def test_load_missing_file_names_it(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_head_convs_shared_with_the_classifier_compute_the_same_function(device):
     """DRSLNetwork runs the MMDL-FR embedding block with the classifier, one
-    convolution per dilation, its filters padded with zeros or not (5 + 8
-    output channels: none, to 16 and to 32): logits, embeddings and every
-    gradient as when the two run apart (float64; on a GPU through cuDNN's
-    algorithms for every shape), and the state dict is unchanged."""
+    convolution per dilation, or the layer4 head as one matrix product
+    (DeepLabV2.head_as_gemm), shared or apart: logits, embeddings and every
+    gradient as when the two run apart as convolutions (float64; on a GPU
+    through cuDNN's algorithms for every shape), and the state dict is
+    unchanged."""
     from drsl_fast.train.network import DRSLNetwork
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -243,44 +244,52 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
     keys = set(network.state_dict())
     images = torch.randn(2, 3, 41, 49, dtype=torch.float64, device=device)
     results = []
-    from drsl_fast.models import deeplab
+    from drsl_fast.models import deeplab, tap_gemm
 
-    filters = []  # output channels of each convolution the network runs on layer4
+    filters = []  # (output channels, kernel size) of each convolution the network runs on layer4
     conv2d = deeplab.F.conv2d
 
     def recording(x, weight, *args):
         dilation = tuple(args[3]) if len(args) > 3 else (1, 1)
-        if x.shape[1] == segmenter.feature_channels and dilation[0] in deeplab.CLASSIFIER_DILATIONS:
-            filters.append(weight.shape[0])  # the classifier's and the embedding block's convolutions
+        if x.shape[1] == segmenter.feature_channels and (dilation[0] in deeplab.CLASSIFIER_DILATIONS
+                                                         or weight.shape[-1] == 1):
+            filters.append((weight.shape[0], weight.shape[-1]))  # the classifier's and the embedding block's
         return conv2d(x, weight, *args)
 
-    for shared, multiple in ((False, 1), (True, 1), (True, 16), (True, 32)):
-        network.shared_convs, network.shared_channel_multiple = shared, multiple
+    for shared, gemm in ((False, False), (True, False), (True, True), (False, True)):
+        network.shared_convs, segmenter.head_as_gemm = shared, gemm
         network.zero_grad(set_to_none=True)
         filters.clear()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(deeplab.F, "conv2d", recording)
+            patch.setattr(tap_gemm.F, "conv2d", recording)
             out = network(images, (21, 25))
-        assert filters == ([5 + 8 if multiple == 1 else multiple] * 4 if shared else [5] * 4 + [8] * 4)
+        one_product = [(n, 1) for n, _ in filters[:1]]
+        expected = {(False, False): [(5, 3)] * 4 + [(8, 3)] * 4, (True, False): [(13, 3)] * 4,
+                    (True, True): one_product, (False, True): one_product + [(8, 3)] * 4}[shared, gemm]
+        assert filters == expected
+        if gemm:  # one row block of filters per tap
+            assert filters[0][0] % (13 if shared else 5) == 0 and filters[0][0] > (13 if shared else 5)
         assert out.embeddings.shape == (2, 8, 21, 25)
         (out.logits.square().mean() + out.aux_logits.mean() + out.embeddings.sin().sum()).backward()
         results.append([out.logits, out.aux_logits, out.embeddings]
                        + [p.grad for p in network.parameters() if p.requires_grad])
     tolerance = 1e-12 if device == "cpu" else 1e-10  # cuDNN may sum in another order for each shape
-    for apart, *shared in zip(*results):
-        for tensor in shared:
+    for apart, *others in zip(*results):
+        for tensor in others:
             torch.testing.assert_close(tensor, apart, rtol=tolerance, atol=tolerance)
     assert set(network.state_dict()) == keys
     assert network(images).embeddings is None  # no size asked: the classifier alone
 
 
-def test_shared_input_convs_refuses_blocks_that_differ_and_bad_multiples():
+def test_shared_input_convs_refuses_blocks_that_differ():
     from drsl_fast.models.deeplab import shared_input_convs
 
     x = torch.randn(1, 6, 9, 9)
-    for multiple in (0, -32, 2.0, True):
-        with pytest.raises(ValueError, match="channel_multiple must be an int >= 1"):
-            shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2)], x, multiple)
+    odd = SummedDilatedConvs(6, 3)
+    odd.conv2d_list[1].padding = (3, 3)
+    with pytest.raises(ValueError, match="as_gemm needs 3x3 convolutions with padding = dilation"):
+        shared_input_convs([odd], x, as_gemm=True)
     with pytest.raises(ValueError, match="differ in shape or dilation"):
         shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2, dilations=(6, 12, 18, 23))], x)
     with pytest.raises(ValueError, match="different numbers of dilations"):

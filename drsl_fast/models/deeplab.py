@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .resnet import DeepLabResNet
+from .tap_gemm import summed_dilated_convs_as_gemm
 
 CLASSIFIER_DILATIONS = (6, 12, 18, 24)
 AUX_LOSS_WEIGHT = 0.1
@@ -37,7 +38,7 @@ class SummedDilatedConvs(nn.Module):
         return out
 
 
-def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, channel_multiple: int = 1) -> List[Tensor]:
+def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, as_gemm: bool = False) -> List[Tensor]:
     """Each block's output on the same input ``x``, as one convolution per
     dilation: the blocks' weights and biases at that dilation concatenated
     along the output channels, the sum over the dilations split back into the
@@ -45,29 +46,36 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, channel_
     ``[block(x) for block in blocks]``; the input is read, converted to the
     kernels' layout and differentiated once per dilation instead of once per
     block and dilation, and each convolution is one call (a GPU's library
-    spends a host-side plan lookup on every call). ``channel_multiple``: the
-    concatenated filters padded with zero filters to a multiple of it (83
-    output channels, 19 classes and 64 embedding dimensions, tile poorly on a
-    GPU: bench/bench_head_convs.py); the padding's outputs are dropped."""
-    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise ValueError(f"shared_input_convs: channel_multiple must be an int >= 1, got {channel_multiple!r}")
-    if len(blocks) == 1:
-        return [blocks[0](x)]
+    spends a host-side plan lookup on every call). ``as_gemm``: every
+    dilation's taps as one matrix product and a shifted sum instead
+    (:func:`~drsl_fast.models.tap_gemm.summed_dilated_convs_as_gemm`), the
+    same function again."""
     if len({len(block.conv2d_list) for block in blocks}) != 1:
         raise ValueError("shared_input_convs: the blocks have different numbers of dilations")
     sizes = [block.conv2d_list[0].out_channels for block in blocks]
-    pad = -sum(sizes) % channel_multiple
-    out = None
-    for convs in zip(*(block.conv2d_list for block in blocks)):
-        first = convs[0]
-        if any(conv_shape(c) != conv_shape(first) for c in convs):
+    per_dilation = list(zip(*(block.conv2d_list for block in blocks)))
+    for convs in per_dilation:
+        if any(conv_shape(c) != conv_shape(convs[0]) for c in convs):
             raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
-        zeros = [first.weight.new_zeros(pad, *first.weight.shape[1:])] if pad else []
-        weight = torch.cat([c.weight for c in convs] + zeros)
-        bias = torch.cat([c.bias for c in convs] + ([first.bias.new_zeros(pad)] if pad else []))
+    if as_gemm:
+        if any(c.padding != c.dilation or c.stride != (1, 1) or c.kernel_size != (3, 3) or c.groups != 1
+               for c, *_ in per_dilation):
+            raise ValueError("shared_input_convs: as_gemm needs 3x3 convolutions with padding = dilation, stride 1")
+        weights = [torch.cat([c.weight for c in convs]) if len(convs) > 1 else convs[0].weight
+                   for convs in per_dilation]
+        biases = [torch.cat([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias for convs in per_dilation]
+        out = summed_dilated_convs_as_gemm(x, weights, biases, [convs[0].dilation[0] for convs in per_dilation])
+        return list(out.split(sizes, dim=1))
+    if len(blocks) == 1:
+        return [blocks[0](x)]
+    out = None
+    for convs in per_dilation:
+        first = convs[0]
+        weight = torch.cat([c.weight for c in convs])
+        bias = torch.cat([c.bias for c in convs])
         y = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
         out = y if out is None else out + y
-    return list(out.split(sizes + [pad], dim=1))[:len(blocks)]
+    return list(out.split(sizes, dim=1))
 
 
 def conv_shape(conv: nn.Conv2d) -> tuple:
@@ -110,21 +118,21 @@ class DeepLabV2(nn.Module):
         self.backbone = DeepLabResNet(depth, width, checkpointing)
         self.classifier = SummedDilatedConvs(self.backbone.out_channels, num_classes)
         self.aux_classifier = SummedDilatedConvs(self.backbone.layer3_channels, num_classes) if aux_classifier else None
+        self.head_as_gemm = False  # the layer4 classifier (and blocks beside it) as one matrix product
 
     @property
     def feature_channels(self) -> int:
         """Channels of the base features (input of the MMDL-FR head)."""
         return self.backbone.out_channels
 
-    def forward(self, images: Tensor, beside: Sequence[SummedDilatedConvs] = (),
-                channel_multiple: int = 1) -> DeepLabOutput:
+    def forward(self, images: Tensor, beside: Sequence[SummedDilatedConvs] = ()) -> DeepLabOutput:
         """``beside``: blocks on the layer4 features with the classifier's
         dilations (the MMDL-FR embedding block), run with it by
-        :func:`shared_input_convs` (filters padded to ``channel_multiple``);
-        their outputs are ``out.beside``."""
+        :func:`shared_input_convs` (as one matrix product with
+        ``self.head_as_gemm``); their outputs are ``out.beside``."""
         features = self.backbone(images)
         aux = self.aux_classifier(features.layer3) if self.aux_classifier is not None else None
-        logits, *others = shared_input_convs([self.classifier, *beside], features.layer4, channel_multiple)
+        logits, *others = shared_input_convs([self.classifier, *beside], features.layer4, self.head_as_gemm)
         return DeepLabOutput(logits, features.layer4, aux, tuple(others))
 
     def head_modules(self) -> List[nn.Module]:

@@ -21,17 +21,13 @@ class DRSLNetwork(nn.Module):
     default) the head's embedding block runs with the classifier, one
     convolution per dilation (:func:`~drsl_fast.models.deeplab.shared_input_convs`);
     the same function as running them apart (bench/bench_training_step.py
-    times both). ``shared_channel_multiple``: that convolution's filters
-    padded with zeros to a multiple of it (1: none), the same function again
-    (bench/bench_step_overhead.py times it)."""
+    times both)."""
 
-    def __init__(self, segmenter: DeepLabV2, head: Optional[MMDLHead], shared_convs: bool = True,
-                 shared_channel_multiple: int = 1):
+    def __init__(self, segmenter: DeepLabV2, head: Optional[MMDLHead], shared_convs: bool = True):
         super().__init__()
         self.segmenter = segmenter
         self.head = head
         self.shared_convs = shared_convs
-        self.shared_channel_multiple = shared_channel_multiple
 
     @property
     def num_classes(self) -> int:
@@ -42,7 +38,7 @@ class DRSLNetwork(nn.Module):
             out = self.segmenter(images)
             return NetworkOutput(out.logits, out.aux_logits, None)
         if self.shared_convs:
-            out = self.segmenter(images, [self.head.embedding], self.shared_channel_multiple)
+            out = self.segmenter(images, [self.head.embedding])
             embeddings = self.head.upsample(out.beside[0], tuple(embedding_size))
         else:
             out = self.segmenter(images)
