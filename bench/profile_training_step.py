@@ -372,6 +372,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="profiled (and timed) steps (default 5)")
     parser.add_argument("--top", type=int, default=25, help="rows of the per-operator tables")
     parser.add_argument("--variants", nargs="+", choices=("floor", "DRSL+"), default=["floor", "DRSL+"])
+    parser.add_argument("--head-as-gemm", action="store_true",
+                        help="the layer4 head as one matrix product (DeepLabV2.head_as_gemm) in every variant")
     parser.add_argument("--out", default=None,
                         help="output stem (default bench/results/training_step_profile_<device>)")
     args = parser.parse_args()
@@ -385,12 +387,13 @@ def main():
     defaults = GPU_SIZES if device.type == "cuda" else CPU_SIZES
     depth, width, crop = args.depth or defaults["depth"], args.width or defaults["width"], args.crop or defaults["crop"]
     scale = (f"ResNet-{depth}" + (f" x{width:g}" if width != 1 else "") + f", {crop[0]}x{crop[1]}, "
-             f"{args.amp or 'fp32'}, 1 source + 1 target image")
+             f"{args.amp or 'fp32'}, 1 source + 1 target image" + (", head as one GEMM" if args.head_as_gemm else ""))
     stem = harness.results_stem(args.out, "training_step_profile", args.device)
     harness.warm_up_runtime(device)
     results = []
     for name in args.variants:
-        setting = StepSetting(depth=depth, width=width, crop=crop, amp=args.amp, mmdl=name == "DRSL+")
+        setting = StepSetting(depth=depth, width=width, crop=crop, amp=args.amp, mmdl=name == "DRSL+",
+                              head_as_gemm=args.head_as_gemm)
         results.append(run_variant(name, setting, device, amp_dtype(args.amp), args))
         text = report(results, scale, args.top)  # written after every variant: a later failure loses nothing
         meta = harness.metadata(args.device, scale=scale, warmup=args.warmup, steps=args.steps,

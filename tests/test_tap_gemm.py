@@ -75,3 +75,23 @@ def test_bad_inputs_are_refused():
         summed_dilated_convs_as_gemm(x[:, :3], weights, biases, (1, 2))
     with pytest.raises(ValueError, match=r"x \(B, 4, H, W\)"):
         summed_dilated_convs_as_gemm(x[0], weights, biases, (1, 2))
+
+
+def test_a_handful_of_operators_forward_and_backward():
+    """Host time per call is per operator on a GPU: the head must stay a few
+    dozen calls (col2im per dilation, not a slice addition per tap; the
+    convolutions themselves are 16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    x, weights, biases = inputs((2, 8, 33, 33), 5, DILATIONS, dtype=torch.float32)
+    with Count():
+        out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS)
+        torch.autograd.grad(out, [x, *weights, *biases], torch.ones_like(out))
+    assert Count.calls <= 60
