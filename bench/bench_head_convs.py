@@ -2,9 +2,8 @@
 backward, by their number of output channels: 19 (DeepLab-v2's classifier,
 all the floor has), 64 (the MMDL-FR embedding block alone), 83 (both as one
 convolution per dilation, drsl_fast.models.deeplab.shared_input_convs, what
-a DRSL+ step runs), and the padded counts: 19 to 32, 83 to 88, 96 and 128
-(in the network the extra filters are zeros; here every filter is random,
-which takes the same time, and the padding's own small kernels are left out);
+a DRSL+ step runs), and padded counts: 19 to 32, 83 to 88, 96 and 128
+(padding with zero filters would take the same time as the random ones here);
 and 19, 64 and 83 channels computed as one matrix product and a shifted
 sum (method "gemm", drsl_fast/models/tap_gemm.py, which the network runs
 with DeepLabV2.head_as_gemm), checked against the convolutions on the same
@@ -25,7 +24,7 @@ image, the layer4 map of the crop), the gradient of the input and of the
 weights and biases, timed together (median of CUDA events); the rate counts
 the FLOPs of the row's own channels (3 products of 2 N H W Cin 9 Cout each:
 forward, input gradient, weight gradient) and, for the padded rows, those
-of the 83 channels that are used.
+of the channels that are used (19 or 83).
 
     python bench/bench_head_convs.py --device cuda   # -> bench/results/<device>/head_convs.*
     python bench/bench_head_convs.py --quick         # small, on the CPU; prints only
@@ -112,8 +111,9 @@ def measure_one(x, crop, precision: str, dtype, autotune: bool, out_channels: in
     step = convs_step(x, out_channels, dtype, method)
     extra = {}
     if method == "gemm":
-        extra["max_rel_diff"] = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
-                                    for a, b in zip(step(), convs_step(x, out_channels, dtype)()))
+        pairs = zip(step(), convs_step(x, out_channels, dtype)())
+        extra["max_rel_diff"] = max(float((a - b).abs().max() / b.abs().max())
+                                    for a, b in ((a.detach().float(), b.detach().float()) for a, b in pairs))
     timing = harness.median_ms(step, device, repeats, budget_s=10.0, warmup=3)
     used = USED_OF.get(out_channels, out_channels)
     row = dict(crop=f"{crop[0]}x{crop[1]}", precision=precision, autotune=autotune, method=method,

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)
+import bench_step_overhead as step_overhead  # noqa: E402  (its variants: which ones a result may no longer have)
 
 
 def load(path: str) -> Optional[Dict]:
@@ -123,8 +125,11 @@ def overhead_section(data: Dict) -> str:
     others = list(dict.fromkeys(name for v in rows.values() for name in v if name != "floor"))
     baseline = {name: r.get("over", "floor") for v in rows.values() for name, r in v.items()}
     columns = ["DRSL+ over the floor" if name == "DRSL+ fast" else
-               f"{name.replace('DRSL+ fast, ', '')}, over the {baseline[name].replace('floor, ', 'floor with the ')}"
+               f"{name.replace('DRSL+ fast, ', '')}, over the floor" if baseline[name] == "floor" else
+               f"{name.replace('DRSL+ fast, ', 'DRSL+, ')}, over the floor with the same head"
                for name in others]
+    columns = [c if name in step_overhead.VARIANTS else f"{c} (a variant since removed)"
+               for c, name in zip(columns, others)]
     body = [[crop, precision, f"{v['floor']['median_ms']:.1f}", f"{v['DRSL+ fast']['median_ms']:.1f}"]
             + [over(v.get(name)) for name in others]
             for (crop, precision), v in rows.items() if "floor" in v and "DRSL+ fast" in v]

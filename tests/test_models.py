@@ -264,12 +264,10 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
             patch.setattr(deeplab.F, "conv2d", recording)
             patch.setattr(tap_gemm.F, "conv2d", recording)
             out = network(images, (21, 25))
-        one_product = [(n, 1) for n, _ in filters[:1]]
+        taps = 4 * 9  # one block of filters per dilation and tap, in one 1x1 convolution
         expected = {(False, False): [(5, 3)] * 4 + [(8, 3)] * 4, (True, False): [(13, 3)] * 4,
-                    (True, True): one_product, (False, True): one_product + [(8, 3)] * 4}[shared, gemm]
+                    (True, True): [(taps * 13, 1)], (False, True): [(taps * 5, 1)] + [(8, 3)] * 4}[shared, gemm]
         assert filters == expected
-        if gemm:  # one row block of filters per tap
-            assert filters[0][0] % (13 if shared else 5) == 0 and filters[0][0] > (13 if shared else 5)
         assert out.embeddings.shape == (2, 8, 21, 25)
         (out.logits.square().mean() + out.aux_logits.mean() + out.embeddings.sin().sum()).backward()
         results.append([out.logits, out.aux_logits, out.embeddings]
@@ -288,8 +286,14 @@ def test_shared_input_convs_refuses_blocks_that_differ():
     x = torch.randn(1, 6, 9, 9)
     odd = SummedDilatedConvs(6, 3)
     odd.conv2d_list[1].padding = (3, 3)
-    with pytest.raises(ValueError, match="as_gemm needs 3x3 convolutions with padding = dilation"):
+    with pytest.raises(ValueError, match="as_gemm needs 3x3 convolutions with bias, zero padding = dilation"):
         shared_input_convs([odd], x, as_gemm=True)
+    for change in ({"dilation": (6, 12), "padding": (6, 12)}, {"padding_mode": "reflect"}, {"bias": None}):
+        block = SummedDilatedConvs(6, 3)
+        for name, value in change.items():
+            setattr(block.conv2d_list[0], name, value)
+        with pytest.raises(ValueError, match="as_gemm needs"):
+            shared_input_convs([block], x, as_gemm=True)
     with pytest.raises(ValueError, match="differ in shape or dilation"):
         shared_input_convs([SummedDilatedConvs(6, 3), SummedDilatedConvs(6, 2, dilations=(6, 12, 18, 23))], x)
     with pytest.raises(ValueError, match="different numbers of dilations"):

@@ -41,6 +41,17 @@ def test_the_same_function_and_gradients_as_the_convolutions(size, dilations):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_any_layout_of_the_input(layout):
+    x, weights, biases = inputs((2, 6, 11, 13), 4, DILATIONS)
+    ref = convs(x, weights, biases, DILATIONS)
+    y = (x.detach().to(memory_format=torch.channels_last) if layout == "channels_last"
+         else x.detach().repeat_interleave(2, dim=3)[..., ::2])
+    torch.testing.assert_close(y, x.detach())
+    torch.testing.assert_close(summed_dilated_convs_as_gemm(y, weights, biases, DILATIONS), ref,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_gradcheck():
     x, weights, biases = inputs((1, 3, 7, 9), 2, (1, 2, 4))
 
@@ -71,6 +82,8 @@ def test_bad_inputs_are_refused():
         summed_dilated_convs_as_gemm(x, [weights[0], weights[1][:2]], biases, (1, 2))
     with pytest.raises(ValueError, match="3x3 filters of one shape"):
         summed_dilated_convs_as_gemm(x, [w[..., :2, :2] for w in weights], biases, (1, 2))
+    with pytest.raises(ValueError, match=r"biases \(3,\)"):
+        summed_dilated_convs_as_gemm(x, weights, [biases[0], biases[1][:2]], (1, 2))
     with pytest.raises(ValueError, match=r"x \(B, 4, H, W\)"):
         summed_dilated_convs_as_gemm(x[:, :3], weights, biases, (1, 2))
     with pytest.raises(ValueError, match=r"x \(B, 4, H, W\)"):

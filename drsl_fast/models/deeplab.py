@@ -58,9 +58,11 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, as_gemm:
         if any(conv_shape(c) != conv_shape(convs[0]) for c in convs):
             raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
     if as_gemm:
-        if any(c.padding != c.dilation or c.stride != (1, 1) or c.kernel_size != (3, 3) or c.groups != 1
+        if any(c.padding != c.dilation or c.dilation[0] != c.dilation[1] or c.stride != (1, 1)
+               or c.kernel_size != (3, 3) or c.groups != 1 or c.padding_mode != "zeros" or c.bias is None
                for c, *_ in per_dilation):
-            raise ValueError("shared_input_convs: as_gemm needs 3x3 convolutions with padding = dilation, stride 1")
+            raise ValueError("shared_input_convs: as_gemm needs 3x3 convolutions with bias, zero padding = "
+                             "dilation (the same in both directions), stride 1")
         weights = [torch.cat([c.weight for c in convs]) if len(convs) > 1 else convs[0].weight
                    for convs in per_dilation]
         biases = [torch.cat([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias for convs in per_dilation]

@@ -14,9 +14,9 @@ tap's filter, read at an offset: with Y_{d,ij} = W_d[:, :, i, j] x,
 Y = [W_d[:, :, i, j]]_{d,i,j} x is one product of a (36 C) x Cin matrix by
 the Cin x (H W) map, a shape that matrix units run well (36 x 83 rows in a
 DRSL+ step), where the convolutions themselves are products with few output
-channels (19 or 83) that the GPU's libraries tile poorly
-(bench/bench_head_convs.py). Same FLOPs as the convolutions, which multiply
-the padding's zeros too. The product runs as a 1x1 convolution, so fp32 gets
+channels (19 or 83) that run at a few tens of TFLOP/s on an H200
+(bench/bench_head_convs.py). The product computes every tap at every pixel,
+as the convolutions do at the padded positions too: equal FLOPs. The product runs as a 1x1 convolution, so fp32 gets
 the tensor-core precision the 3x3 convolutions get
 (torch.backends.cudnn.allow_tf32).
 
@@ -43,13 +43,15 @@ def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: S
         raise ValueError("summed_dilated_convs_as_gemm: one weight and one bias per dilation")
     if any(w.dim() != 4 or w.shape != weights[0].shape or w.shape[-2:] != (3, 3) for w in weights):
         raise ValueError(f"summed_dilated_convs_as_gemm: 3x3 filters of one shape, got {[tuple(w.shape) for w in weights]}")
+    if any(b.shape != weights[0].shape[:1] for b in biases):
+        raise ValueError(f"summed_dilated_convs_as_gemm: biases ({weights[0].shape[0]},), got {[tuple(b.shape) for b in biases]}")
     if x.dim() != 4 or x.shape[1] != weights[0].shape[1]:
         raise ValueError(f"summed_dilated_convs_as_gemm: x (B, {weights[0].shape[1]}, H, W), got {tuple(x.shape)}")
     channels, in_channels = weights[0].shape[:2]
     batch, _, h, w = x.shape
     # rows ordered (d, c, tap), taps reversed: what fold reads as (channel, kernel position)
     filters = torch.stack(list(weights)).flip(-2, -1).permute(0, 1, 3, 4, 2).reshape(-1, in_channels, 1, 1)
-    y = F.conv2d(x, filters).view(batch, len(dilations), channels * 9, h * w)
+    y = F.conv2d(x, filters).reshape(batch, len(dilations), channels * 9, h * w)
     out = torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
     for cols, d in zip(y.unbind(1), dilations):
         out = out + F.fold(cols, (h, w), 3, dilation=d, padding=d)
