@@ -30,10 +30,11 @@ def inputs(shape, channels, dilations, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 7), (6, 6), (13, 30), (25, 24), (65, 65)])
 @pytest.mark.parametrize("dilations", [DILATIONS, (1,), (2, 2), (1, 3)])
-def test_the_same_function_and_gradients_as_the_convolutions(size, dilations):
+@pytest.mark.parametrize("product", ["conv", "matmul"])
+def test_the_same_function_and_gradients_as_the_convolutions(size, dilations, product):
     x, weights, biases = inputs((2, 6, *size), 5, dilations, seed=sum(size))
     ref = convs(x, weights, biases, dilations)
-    out = summed_dilated_convs_as_gemm(x, weights, biases, dilations)
+    out = summed_dilated_convs_as_gemm(x, weights, biases, dilations, product)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(ref)
     params = [x, *weights, *biases]
@@ -61,11 +62,12 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (x, *weights, *biases))
 
 
-def test_bf16_under_autocast_is_near_the_convolutions_in_float32():
+@pytest.mark.parametrize("product", ["conv", "matmul"])
+def test_bf16_under_autocast_is_near_the_convolutions_in_float32(product):
     x, weights, biases = inputs((2, 16, 17, 19), 7, DILATIONS, dtype=torch.float32)
     ref = convs(x, weights, biases, DILATIONS)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS)
+        out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS, product)
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2  # bf16 inputs: 8 bits of mantissa
     out.float().sum().backward()
@@ -82,6 +84,8 @@ def test_bad_inputs_are_refused():
         summed_dilated_convs_as_gemm(x, [weights[0], weights[1][:2]], biases, (1, 2))
     with pytest.raises(ValueError, match="3x3 filters of one shape"):
         summed_dilated_convs_as_gemm(x, [w[..., :2, :2] for w in weights], biases, (1, 2))
+    with pytest.raises(ValueError, match="product must be one of"):
+        summed_dilated_convs_as_gemm(x, weights, biases, (1, 2), "einsum")
     with pytest.raises(ValueError, match=r"biases \(3,\)"):
         summed_dilated_convs_as_gemm(x, weights, [biases[0], biases[1][:2]], (1, 2))
     with pytest.raises(ValueError, match=r"x \(B, 4, H, W\)"):
@@ -104,7 +108,9 @@ def test_a_handful_of_operators_forward_and_backward():
             return func(*args, **(kwargs or {}))
 
     x, weights, biases = inputs((2, 8, 33, 33), 5, DILATIONS, dtype=torch.float32)
-    with Count():
-        out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS)
-        torch.autograd.grad(out, [x, *weights, *biases], torch.ones_like(out))
-    assert Count.calls <= 60
+    for product in ("conv", "matmul"):
+        Count.calls = 0
+        with Count():
+            out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS, product)
+            torch.autograd.grad(out, [x, *weights, *biases], torch.ones_like(out))
+        assert Count.calls <= 60, product

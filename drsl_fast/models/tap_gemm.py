@@ -34,11 +34,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+PRODUCTS = ("conv", "matmul")
+
+
 def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
-                                 dilations: Sequence[int]) -> Tensor:
+                                 dilations: Sequence[int], product: str = "conv") -> Tensor:
     """sum_d conv2d(x, weights[d], biases[d], padding=d, dilation=d), Eq. (1):
-    one 1x1 convolution of x by every tap's filter, then one col2im per
-    dilation. weights: (C, Cin, 3, 3) each; biases: (C,) each; x: (B, Cin, H, W)."""
+    one product of x by every tap's filter, then one col2im per dilation.
+    weights: (C, Cin, 3, 3) each; biases: (C,) each; x: (B, Cin, H, W).
+    ``product``: "conv", a 1x1 convolution (the library's convolution
+    kernels, and fp32 at their precision, tf32 on tensor cores by default);
+    or "matmul", a batched matrix product (the library's matrix kernels: fp32
+    stays fp32 unless torch.backends.cuda.matmul.allow_tf32)."""
+    if product not in PRODUCTS:
+        raise ValueError(f"summed_dilated_convs_as_gemm: product must be one of {PRODUCTS}, got {product!r}")
     if not weights or not (len(weights) == len(biases) == len(dilations)):
         raise ValueError("summed_dilated_convs_as_gemm: one weight and one bias per dilation")
     if any(w.dim() != 4 or w.shape != weights[0].shape or w.shape[-2:] != (3, 3) for w in weights):
@@ -50,8 +59,12 @@ def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: S
     channels, in_channels = weights[0].shape[:2]
     batch, _, h, w = x.shape
     # rows ordered (d, c, tap), taps reversed: what fold reads as (channel, kernel position)
-    filters = torch.stack(list(weights)).flip(-2, -1).permute(0, 1, 3, 4, 2).reshape(-1, in_channels, 1, 1)
-    y = F.conv2d(x, filters).reshape(batch, len(dilations), channels * 9, h * w)
+    filters = torch.stack(list(weights)).flip(-2, -1).permute(0, 1, 3, 4, 2).reshape(-1, in_channels)
+    if product == "conv":
+        y = F.conv2d(x, filters[:, :, None, None])
+    else:
+        y = torch.bmm(filters.expand(batch, -1, -1), x.reshape(batch, in_channels, h * w))
+    y = y.reshape(batch, len(dilations), channels * 9, h * w)
     out = torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
     for cols, d in zip(y.unbind(1), dilations):
         out = out + F.fold(cols, (h, w), 3, dilation=d, padding=d)
