@@ -145,6 +145,28 @@ def overhead_section(data: Dict) -> str:
         table(["crop", "precision", "floor ms", "DRSL+ ms"] + columns, body)] + ([""] + not_captured if failed else []))
 
 
+def head_convs_section(data: Dict) -> str:
+    """The layer4 head's summed dilated convolutions, forward and backward
+    (bench/bench_head_convs.py), autotuner off: ms per method for the
+    floor's 19 channels, the embedding block's 64 and DRSL+'s 83."""
+    rows = [r for r in data["results"] if not r["autotune"] and r["out_channels"] == r["used_channels"]]
+    methods = list(dict.fromkeys(r.get("method", "cudnn") for r in rows))
+    channels = sorted({r["out_channels"] for r in rows if r.get("method", "cudnn") != "cudnn"}) or [19, 83]
+    cells = {(r["crop"], r["precision"], r.get("method", "cudnn"), r["out_channels"]): r for r in rows}
+    groups = list(dict.fromkeys((r["crop"], r["precision"]) for r in rows))
+    header = ["crop", "precision"] + [f"{c} ch, {m}" for c in channels for m in methods]
+    body = [[crop, precision] + [f"{cells[key]['time_ms']:.2f}" if key in cells else "" for key in
+                                 ((crop, precision, m, c) for c in channels for m in methods)]
+            for crop, precision in groups]
+    return "\n".join([
+        "**The head's convolutions** (`bench/bench_head_convs.py`): the four summed dilated 3x3 convolutions on "
+        "layer4, forward and both gradients, ms (median; batch 2, cuDNN's autotuner off), as convolutions "
+        "(cudnn) or as one matrix product and a col2im per dilation (gemm: the product a 1x1 convolution, "
+        "gemm-bmm: a batched matrix product; `drsl_fast/models/tap_gemm.py`). 19 channels: the floor's "
+        "classifier; 64: the embedding block; 83: both, as DRSL+ runs them. bench/NOTES.md says which code each "
+        "run measured.", "", table(header, body)])
+
+
 def overhead_runs_section(runs: List[Dict]) -> str:
     """DRSL+ over the floor in every eager paired run kept for one device
     (step_overhead, step_overhead_run2, ...): the spread between runs, which
@@ -315,6 +337,8 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
         for name in ("step_overhead", "step_overhead_graphs"):
             if name in benches:
                 out += [overhead_section(benches[name]), ""]
+        if "head_convs" in benches:
+            out += [head_convs_section(benches["head_convs"]), ""]
         runs = [benches[n] for n in sorted(benches, key=lambda n: (len(n), n))
                 if n == "step_overhead" or n.startswith("step_overhead_run")]
         if len(runs) > 1:

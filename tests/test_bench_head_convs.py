@@ -32,3 +32,17 @@ def test_the_rate_counts_three_products_per_dilation():
     for r in rows:
         assert r["flop_per_channel"] == 3 * 4 * one_product
         assert abs(r["used_tflops"] - r["tflops"] * r["used_channels"] / r["out_channels"]) < 1e-12 * r["tflops"]
+
+
+def test_the_report_puts_each_method_beside_the_convolutions():
+    import report
+
+    def row(method, channels, ms, autotune=False, used=None):
+        return dict(crop="512x512", precision="fp32", autotune=autotune, method=method, out_channels=channels,
+                    used_channels=used or channels, time_ms=ms)
+
+    results = [row("cudnn", 19, 3.0), row("cudnn", 83, 4.8), row("cudnn", 96, 4.6, used=83),
+               row("cudnn", 83, 9.9, autotune=True), row("gemm", 19, 1.1), row("gemm", 83, 2.2)]
+    lines = report.head_convs_section(dict(results=results)).splitlines()
+    assert "| crop | precision | 19 ch, cudnn | 19 ch, gemm | 83 ch, cudnn | 83 ch, gemm |" in lines
+    assert "| 512x512 | fp32 | 3.00 | 1.10 | 4.80 | 2.20 |" in lines  # padded rows and the autotuner's left out
