@@ -16,9 +16,10 @@ the Cin x (H W) map, a shape that matrix units run well (36 x 83 rows in a
 DRSL+ step), where the convolutions themselves are products with few output
 channels (19 or 83) that run at a few tens of TFLOP/s on an H200
 (bench/bench_head_convs.py). The product computes every tap at every pixel,
-as the convolutions do at the padded positions too: equal FLOPs. The product runs as a 1x1 convolution, so fp32 gets
-the tensor-core precision the 3x3 convolutions get
-(torch.backends.cudnn.allow_tf32).
+as the convolutions do at the padded positions too: equal FLOPs. By default
+the product runs as a 1x1 convolution, so fp32 gets the tensor-core
+precision the 3x3 convolutions get (torch.backends.cudnn.allow_tf32); it
+can also run as a batched matrix product (``product="matmul"``).
 
 The inner sum of (1) for one d is col2im (torch's fold, the adjoint of the
 im2col that a convolution's lowering reads its input with): fold sums
@@ -32,7 +33,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 
 PRODUCTS = ("conv", "matmul")
 
