@@ -373,7 +373,7 @@ def main():
     parser.add_argument("--top", type=int, default=25, help="rows of the per-operator tables")
     parser.add_argument("--variants", nargs="+", choices=("floor", "DRSL+"), default=["floor", "DRSL+"])
     parser.add_argument("--head-as-gemm", action="store_true",
-                        help="the layer4 head as one matrix product (DeepLabV2.head_as_gemm) in every variant")
+                        help="the classifiers as matrix products (DeepLabV2.head_as_gemm) in every variant")
     parser.add_argument("--out", default=None,
                         help="output stem (default bench/results/training_step_profile_<device>)")
     args = parser.parse_args()

@@ -67,8 +67,8 @@ class StepSetting:
     segmentation loss only; consistency: Eq. 10 (DRSL+) rather than Eq. 9;
     shared_convs: the MMDL-FR embedding block run with the classifier
     (:class:`~drsl_fast.train.network.DRSLNetwork`, the default) or apart;
-    head_as_gemm: the layer4 classifier (with the embedding block when shared)
-    as one matrix product and a shifted sum
+    head_as_gemm: the classifiers (the layer4 one with the embedding block
+    when shared) as one matrix product and a col2im per dilation each
     (:func:`~drsl_fast.models.tap_gemm.summed_dilated_convs_as_gemm`).
     """
 

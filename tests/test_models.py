@@ -226,8 +226,9 @@ def test_load_missing_file_names_it(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_head_convs_shared_with_the_classifier_compute_the_same_function(device):
     """DRSLNetwork runs the MMDL-FR embedding block with the classifier, one
-    convolution per dilation, or the layer4 head as one matrix product
-    (DeepLabV2.head_as_gemm), shared or apart: logits, embeddings and every
+    convolution per dilation, or the layer4 head (and the layer3 auxiliary
+    classifier) as one matrix product each (DeepLabV2.head_as_gemm), shared
+    or apart: logits, embeddings and every
     gradient as when the two run apart as convolutions (float64; on a GPU
     through cuDNN's algorithms for every shape), and the state dict is
     unchanged."""
@@ -246,7 +247,7 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
     results = []
     from drsl_fast.models import deeplab, tap_gemm
 
-    filters = []  # (output channels, kernel size) of each convolution the network runs on layer4
+    filters, aux_filters = [], []  # (output channels, kernel size) of each convolution on layer4, on layer3
     conv2d = deeplab.F.conv2d
 
     def recording(x, weight, *args):
@@ -254,12 +255,15 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
         if x.shape[1] == segmenter.feature_channels and (dilation[0] in deeplab.CLASSIFIER_DILATIONS
                                                          or weight.shape[-1] == 1):
             filters.append((weight.shape[0], weight.shape[-1]))  # the classifier's and the embedding block's
+        elif x.shape[1] == segmenter.backbone.layer3_channels and weight.shape[0] in (5, 4 * 9 * 5):
+            aux_filters.append((weight.shape[0], weight.shape[-1]))  # the auxiliary classifier's (layer3)
         return conv2d(x, weight, *args)
 
     for shared, gemm in ((False, False), (True, False), (True, True), (False, True)):
         network.shared_convs, segmenter.head_as_gemm = shared, gemm
         network.zero_grad(set_to_none=True)
         filters.clear()
+        aux_filters.clear()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(deeplab.F, "conv2d", recording)
             patch.setattr(tap_gemm.F, "conv2d", recording)
@@ -268,6 +272,7 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
         expected = {(False, False): [(5, 3)] * 4 + [(8, 3)] * 4, (True, False): [(13, 3)] * 4,
                     (True, True): [(taps * 13, 1)], (False, True): [(taps * 5, 1)] + [(8, 3)] * 4}[shared, gemm]
         assert filters == expected
+        assert aux_filters == ([(4 * 9 * 5, 1)] if gemm else [(5, 3)] * 4)
         assert out.embeddings.shape == (2, 8, 21, 25)
         (out.logits.square().mean() + out.aux_logits.mean() + out.embeddings.sin().sum()).backward()
         results.append([out.logits, out.aux_logits, out.embeddings]

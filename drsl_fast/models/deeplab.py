@@ -47,7 +47,7 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, as_gemm:
     kernels' layout and differentiated once per dilation instead of once per
     block and dilation, and each convolution is one call (a GPU's library
     spends a host-side plan lookup on every call). ``as_gemm``: every
-    dilation's taps as one matrix product and a shifted sum instead
+    dilation's taps as one matrix product and a col2im per dilation instead
     (:func:`~drsl_fast.models.tap_gemm.summed_dilated_convs_as_gemm`), the
     same function again."""
     if len({len(block.conv2d_list) for block in blocks}) != 1:
@@ -120,7 +120,7 @@ class DeepLabV2(nn.Module):
         self.backbone = DeepLabResNet(depth, width, checkpointing)
         self.classifier = SummedDilatedConvs(self.backbone.out_channels, num_classes)
         self.aux_classifier = SummedDilatedConvs(self.backbone.layer3_channels, num_classes) if aux_classifier else None
-        self.head_as_gemm = False  # the layer4 classifier (and blocks beside it) as one matrix product
+        self.head_as_gemm = False  # the classifiers (and blocks beside the layer4 one) as one matrix product each
 
     @property
     def feature_channels(self) -> int:
@@ -133,7 +133,8 @@ class DeepLabV2(nn.Module):
         :func:`shared_input_convs` (as one matrix product with
         ``self.head_as_gemm``); their outputs are ``out.beside``."""
         features = self.backbone(images)
-        aux = self.aux_classifier(features.layer3) if self.aux_classifier is not None else None
+        aux = (shared_input_convs([self.aux_classifier], features.layer3, self.head_as_gemm)[0]
+               if self.aux_classifier is not None else None)
         logits, *others = shared_input_convs([self.classifier, *beside], features.layer4, self.head_as_gemm)
         return DeepLabOutput(logits, features.layer4, aux, tuple(others))
 
