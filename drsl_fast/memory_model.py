@@ -96,6 +96,7 @@ class StepSetting:
 
         overrides = [
             f"model.depth={self.depth}", f"model.width={self.width}", f"model.checkpointing={str(self.checkpointing).lower()}",
+            f"model.head_as_gemm={str(self.head_as_gemm).lower()}",
             f"model.mmdl={str(self.mmdl).lower()}", f"model.num_modes={self.num_modes}",
             f"model.embedding_dim={self.embedding_dim}", f"data.num_classes={self.num_classes}",
             f"loss.samples_per_class={self.samples_per_class}", f"data.crop=[{self.crop[0]}, {self.crop[1]}]",
@@ -196,7 +197,6 @@ def step_network(setting: StepSetting):
     settings = Settings.of(setting.config())
     network = build_network(settings.model, settings.data.num_classes, log=lambda *_: None).train()
     network.shared_convs = setting.shared_convs
-    network.segmenter.head_as_gemm = setting.head_as_gemm
     return network, settings
 
 

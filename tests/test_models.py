@@ -285,6 +285,18 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
     assert network(images).embeddings is None  # no size asked: the classifier alone
 
 
+def test_the_config_switches_the_classifiers_to_matrix_products():
+    from drsl_fast.train.config import load_config
+    from drsl_fast.train.intrada import intrada_network
+    from drsl_fast.train.network import build_network
+    from drsl_fast.train.settings import Settings
+
+    for value in (False, True):
+        settings = Settings.of(load_config("demo", [f"model.head_as_gemm={str(value).lower()}"]))
+        assert build_network(settings.model, 5, log=lambda *_: None).segmenter.head_as_gemm is value
+        assert intrada_network(settings, log=lambda *_: None).segmenter.head_as_gemm is value
+
+
 def test_shared_input_convs_refuses_blocks_that_differ():
     from drsl_fast.models.deeplab import shared_input_convs
 

@@ -114,13 +114,14 @@ class DeepLabV2(nn.Module):
         width: float = 1.0,
         aux_classifier: bool = False,
         checkpointing: bool = False,
+        head_as_gemm: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.backbone = DeepLabResNet(depth, width, checkpointing)
         self.classifier = SummedDilatedConvs(self.backbone.out_channels, num_classes)
         self.aux_classifier = SummedDilatedConvs(self.backbone.layer3_channels, num_classes) if aux_classifier else None
-        self.head_as_gemm = False  # the classifiers (and blocks beside the layer4 one) as one matrix product each
+        self.head_as_gemm = head_as_gemm  # the classifiers (and blocks beside the layer4 one) as matrix products
 
     @property
     def feature_channels(self) -> int:

@@ -25,7 +25,8 @@ import torch
 
 # config keys that may differ between a run and its resumption (they change
 # neither the numbers nor the files a stage writes; evaluation.tta adds a report)
-RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods", "evaluation.tta", "predict")
+RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods", "evaluation.tta", "predict",
+                     "model.head_as_gemm")
 TEMPORARY = re.compile(r".+\.(\d+)\.tmp$")
 
 

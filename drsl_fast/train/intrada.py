@@ -86,7 +86,8 @@ def intrada_network(settings: Settings, log=print, init_weights: bool = False) -
     torch.manual_seed(stream_seed(settings.seed, METHOD, "network"))
     try:
         segmenter = DeepLabV2(settings.data.num_classes, depth=model.depth, width=model.width,
-                              aux_classifier=settings.intrada.aux_classifier, checkpointing=model.checkpointing)
+                              aux_classifier=settings.intrada.aux_classifier, checkpointing=model.checkpointing,
+                              head_as_gemm=model.head_as_gemm)
     finally:
         torch.set_rng_state(state)
     if init_weights and model.init_weights:

@@ -62,7 +62,8 @@ def network_settings(config: Dict) -> Dict:
 
 def build_network(model: Model, num_classes: int, log=print) -> DRSLNetwork:
     """DeepLab-v2 and, with model.mmdl, the MMDL-FR head (docs/method.md §2)."""
-    segmenter = DeepLabV2(num_classes, depth=model.depth, width=model.width, checkpointing=model.checkpointing)
+    segmenter = DeepLabV2(num_classes, depth=model.depth, width=model.width, checkpointing=model.checkpointing,
+                          head_as_gemm=model.head_as_gemm)
     if model.init_weights:
         report = load_init_weights(segmenter, model.init_weights)
         log(f"init weights {model.init_weights}: {report.summary()}")

@@ -154,6 +154,7 @@ SCHEMA: Dict[str, Rule] = {
     "model.width": positive(),
     "model.init_weights": optional(PATH),
     "model.checkpointing": BOOLEAN,
+    "model.head_as_gemm": BOOLEAN,
     "model.mmdl": BOOLEAN,
     "model.num_modes": integer(1),
     "model.embedding_dim": integer(1),

@@ -98,6 +98,7 @@ class Model:
     width: float
     init_weights: Optional[str]
     checkpointing: bool
+    head_as_gemm: bool
     mmdl: bool
     num_modes: int
     embedding_dim: int
