@@ -19,20 +19,23 @@ def convs(x, weights, biases, dilations):
     return out
 
 
-def inputs(shape, channels, dilations, dtype=torch.float64, seed=0):
+def inputs(shape, channels, dilations, dtype=torch.float64, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
-    weights = [torch.randn(channels, shape[1], 3, 3, generator=generator, dtype=dtype).requires_grad_()
-               for _ in dilations]
-    biases = [torch.randn(channels, generator=generator, dtype=dtype).requires_grad_() for _ in dilations]
-    return x, weights, biases
+
+    def draw(*size):
+        return torch.randn(*size, generator=generator, dtype=dtype).to(device).requires_grad_()
+
+    return draw(*shape), [draw(channels, shape[1], 3, 3) for _ in dilations], [draw(channels) for _ in dilations]
 
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 7), (6, 6), (13, 30), (25, 24), (65, 65)])
 @pytest.mark.parametrize("dilations", [DILATIONS, (1,), (2, 2), (1, 3)])
 @pytest.mark.parametrize("product", ["conv", "matmul"])
-def test_the_same_function_and_gradients_as_the_convolutions(size, dilations, product):
-    x, weights, biases = inputs((2, 6, *size), 5, dilations, seed=sum(size))
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_same_function_and_gradients_as_the_convolutions(size, dilations, product, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x, weights, biases = inputs((2, 6, *size), 5, dilations, seed=sum(size), device=device)
     ref = convs(x, weights, biases, dilations)
     out = summed_dilated_convs_as_gemm(x, weights, biases, dilations, product)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
