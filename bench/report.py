@@ -151,7 +151,7 @@ def head_convs_section(data: Dict) -> str:
     floor's 19 channels, the embedding block's 64 and DRSL+'s 83."""
     rows = [r for r in data["results"] if not r["autotune"] and r["out_channels"] == r["used_channels"]]
     methods = list(dict.fromkeys(r.get("method", "cudnn") for r in rows))
-    channels = sorted({r["out_channels"] for r in rows if r.get("method", "cudnn") != "cudnn"}) or [19, 83]
+    channels = sorted({r["out_channels"] for r in rows if r.get("method", "cudnn") != "cudnn"}) or [19, 64, 83]
     cells = {(r["crop"], r["precision"], r.get("method", "cudnn"), r["out_channels"]): r for r in rows}
     groups = list(dict.fromkeys((r["crop"], r["precision"]) for r in rows))
     header = ["crop", "precision"] + [f"{c} ch, {m}" for c in channels for m in methods]
@@ -161,10 +161,10 @@ def head_convs_section(data: Dict) -> str:
     return "\n".join([
         "**The head's convolutions** (`bench/bench_head_convs.py`): the four summed dilated 3x3 convolutions on "
         "layer4, forward and both gradients, ms (median; batch 2, cuDNN's autotuner off), as convolutions "
-        "(cudnn) or as one matrix product and a col2im per dilation (gemm: the product a 1x1 convolution, "
-        "gemm-bmm: a batched matrix product; `drsl_fast/models/tap_gemm.py`). 19 channels: the floor's "
-        "classifier; 64: the embedding block; 83: both, as DRSL+ runs them. bench/NOTES.md says which code each "
-        "run measured.", "", table(header, body)])
+        "(cudnn) or as one matrix product and a sum of the taps' planes at their offsets (gemm: the product a "
+        "1x1 convolution, gemm-bmm: a batched matrix product; `drsl_fast/models/tap_gemm.py` at the run's "
+        "commit, which bench/NOTES.md names: the form of that sum has changed between runs). 19 channels: the "
+        "floor's classifier; 64: the embedding block; 83: both, as DRSL+ runs them.", "", table(header, body)])
 
 
 def overhead_runs_section(runs: List[Dict]) -> str:

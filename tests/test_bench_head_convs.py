@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
@@ -23,7 +25,9 @@ def test_a_quick_run_times_every_channel_count():
 
 
 def test_the_rate_counts_three_products_per_dilation():
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     rows = head_convs.measure("cpu", (64, 64), 18, 0.25, [("fp32", None)], (False,), repeats=1)
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32  # the products' precision restored
     channels, h, w = head_convs.feature_shape((64, 64), 18, 0.25)
     one_product = 2 * 2 * h * w * channels * 9  # batch 2, per output channel
     used = {19: 19, 32: 19, 64: 64, 83: 83, 88: 83, 96: 83, 128: 83}  # padded filters are not work done

@@ -239,8 +239,9 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
     torch.manual_seed(0)
     segmenter = DeepLabV2(5, aux_classifier=True, **TINY).double().to(device)
     head = MMDLHead(segmenter.feature_channels, 5, embedding_dim=8).double().to(device)
-    for conv in (*segmenter.classifier.conv2d_list, *head.embedding.conv2d_list):
-        torch.nn.init.normal_(conv.bias)  # nonzero biases, so their concatenation counts
+    for conv in (*segmenter.classifier.conv2d_list, *segmenter.aux_classifier.conv2d_list,
+                 *head.embedding.conv2d_list):
+        torch.nn.init.normal_(conv.bias)  # nonzero biases, so their concatenation and sum count
     network = DRSLNetwork(segmenter, head)
     keys = set(network.state_dict())
     images = torch.randn(2, 3, 41, 49, dtype=torch.float64, device=device)
@@ -274,7 +275,7 @@ def test_head_convs_shared_with_the_classifier_compute_the_same_function(device)
         assert filters == expected
         assert aux_filters == ([(4 * 9 * 5, 1)] if gemm else [(5, 3)] * 4)
         assert out.embeddings.shape == (2, 8, 21, 25)
-        (out.logits.square().mean() + out.aux_logits.mean() + out.embeddings.sin().sum()).backward()
+        (out.logits.square().mean() + out.aux_logits.square().mean() + out.embeddings.sin().sum()).backward()
         results.append([out.logits, out.aux_logits, out.embeddings]
                        + [p.grad for p in network.parameters() if p.requires_grad])
     tolerance = 1e-12 if device == "cpu" else 1e-10  # cuDNN may sum in another order for each shape

@@ -127,9 +127,14 @@ def test_the_digest_ignores_what_may_change_on_resume():
     from drsl_fast.train.config import load_config
 
     config = load_config("demo")
-    same = dict(config, output_dir="elsewhere", train=dict(config["train"], log_every=3), dry_run=True,
-                model=dict(config["model"], head_as_gemm=not config["model"]["head_as_gemm"]))  # the same function
+    same = dict(config, output_dir="elsewhere", train=dict(config["train"], log_every=3), dry_run=True)
     assert checkpoint.config_digest(config) == checkpoint.config_digest(same)
+    # a run made before model.head_as_gemm existed keeps its digest while it is off; on, it rounds otherwise
+    assert not config["model"]["head_as_gemm"]
+    older = dict(config, model={k: v for k, v in config["model"].items() if k != "head_as_gemm"})
+    assert checkpoint.config_digest(config) == checkpoint.config_digest(older)
+    gemm = dict(config, model=dict(config["model"], head_as_gemm=True))
+    assert checkpoint.config_digest(config) != checkpoint.config_digest(gemm)
     other = dict(config, source=dict(config["source"], iterations=config["source"]["iterations"] + 1))
     assert checkpoint.config_digest(config) != checkpoint.config_digest(other)
 

@@ -25,8 +25,7 @@ import torch
 
 # config keys that may differ between a run and its resumption (they change
 # neither the numbers nor the files a stage writes; evaluation.tta adds a report)
-RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods", "evaluation.tta", "predict",
-                     "model.head_as_gemm")
+RESUMABLE_CHANGES = ("train", "data.workers", "dry_run", "adaptation.methods", "evaluation.tta", "predict")
 TEMPORARY = re.compile(r".+\.(\d+)\.tmp$")
 
 
@@ -45,8 +44,9 @@ def comparable(config: Dict) -> Dict:
         else:
             reduced.pop(section, None)
     # settings added after runs were made leave those runs' digest alone while
-    # off: ISA unused, TTA and source-look pseudo-labels off, and inference.*
-    # while no pseudo-label depends on it (only evaluation.tta reads it then)
+    # off: ISA unused, TTA and source-look pseudo-labels off, inference.*
+    # while no pseudo-label depends on it (only evaluation.tta reads it then),
+    # and the classifiers as convolutions (model.head_as_gemm false)
     labels = reduced.get("pseudo_labels", {})
     for key in ("tta", "isa"):
         if not labels.get(key):
@@ -56,6 +56,8 @@ def comparable(config: Dict) -> Dict:
         reduced.pop("isa", None)
     if not labels.get("tta") and not reduced.get("inference", {}).get("window"):
         reduced.pop("inference", None)
+    if not reduced.get("model", {}).get("head_as_gemm", True):
+        reduced["model"].pop("head_as_gemm")
     return reduced
 
 
