@@ -94,7 +94,8 @@ def measure(device: str, crop, depth: int, width: float, precisions, autotunes, 
     x = torch.randn(2, channels, h, w, device=device, requires_grad=True)
     flop_per_channel = 3 * len(CLASSIFIER_DILATIONS) * 2 * x.shape[0] * h * w * channels * 9
     rows = []
-    previous = torch.backends.cudnn.benchmark
+    previous = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32  # the products at one precision
     try:
         for precision, dtype in precisions:
             for autotune in autotunes:
@@ -104,7 +105,7 @@ def measure(device: str, crop, depth: int, width: float, precisions, autotunes, 
                 rows += [measure_one(x, crop, precision, dtype, autotune, out_channels, flop_per_channel, device,
                                      repeats, method) for method in PRODUCT_OF for out_channels in GEMM_CHANNELS]
     finally:
-        torch.backends.cudnn.benchmark = previous
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = previous
     return rows
 
 
@@ -112,17 +113,6 @@ def measure_one(x, crop, precision: str, dtype, autotune: bool, out_channels: in
                 repeats: int, method: str = "cudnn"):
     """One row: the convolutions with ``out_channels`` filters, timed; for a
     matrix product, first compared with the convolutions."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32  # the products at one precision
-    try:
-        return measure_at(x, crop, precision, dtype, autotune, out_channels, flop_per_channel, device, repeats,
-                          method)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def measure_at(x, crop, precision: str, dtype, autotune: bool, out_channels: int, flop_per_channel: int, device,
-               repeats: int, method: str):
     step = convs_step(x, out_channels, dtype, method)
     extra = {}
     if method in PRODUCT_OF:

@@ -57,26 +57,23 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, as_gemm:
     for convs in per_dilation:
         if any(conv_shape(c) != conv_shape(convs[0]) for c in convs):
             raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
-    if as_gemm:
-        if any(c.padding != c.dilation or c.dilation[0] != c.dilation[1] or c.stride != (1, 1)
-               or c.kernel_size != (3, 3) or c.groups != 1 or c.padding_mode != "zeros" or c.bias is None
-               for c, *_ in per_dilation):
-            raise ValueError("shared_input_convs: as_gemm needs 3x3 convolutions with bias, zero padding = "
-                             "dilation (the same in both directions), stride 1")
-        weights = [torch.cat([c.weight for c in convs]) if len(convs) > 1 else convs[0].weight
-                   for convs in per_dilation]
-        biases = [torch.cat([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias for convs in per_dilation]
-        out = summed_dilated_convs_as_gemm(x, weights, biases, [convs[0].dilation[0] for convs in per_dilation])
-        return list(out.split(sizes, dim=1))
-    if len(blocks) == 1:
+    if len(blocks) == 1 and not as_gemm:
         return [blocks[0](x)]
-    out = None
-    for convs in per_dilation:
-        first = convs[0]
-        weight = torch.cat([c.weight for c in convs])
-        bias = torch.cat([c.bias for c in convs])
-        y = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
-        out = y if out is None else out + y
+    if as_gemm and any(c.padding != c.dilation or c.dilation[0] != c.dilation[1] or c.stride != (1, 1)
+                       or c.kernel_size != (3, 3) or c.groups != 1 or c.padding_mode != "zeros" or c.bias is None
+                       for c, *_ in per_dilation):
+        raise ValueError("shared_input_convs: as_gemm needs 3x3 convolutions with bias, zero padding = "
+                         "dilation (the same in both directions), stride 1")
+    # each dilation's filters and biases, the blocks' concatenated (one block's as they are)
+    weights = [torch.cat([c.weight for c in convs]) if len(convs) > 1 else convs[0].weight for convs in per_dilation]
+    biases = [torch.cat([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias for convs in per_dilation]
+    if as_gemm:
+        out = summed_dilated_convs_as_gemm(x, weights, biases, [convs[0].dilation[0] for convs in per_dilation])
+    else:
+        out = None
+        for (first, *_), weight, bias in zip(per_dilation, weights, biases):
+            y = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation)
+            out = y if out is None else out + y
     return list(out.split(sizes, dim=1))
 
 

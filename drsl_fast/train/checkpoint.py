@@ -56,7 +56,7 @@ def comparable(config: Dict) -> Dict:
         reduced.pop("isa", None)
     if not labels.get("tta") and not reduced.get("inference", {}).get("window"):
         reduced.pop("inference", None)
-    if not reduced.get("model", {}).get("head_as_gemm", True):
+    if reduced.get("model", {}).get("head_as_gemm") is False:
         reduced["model"].pop("head_as_gemm")
     return reduced
 
