@@ -4,14 +4,14 @@ all the floor has), 64 (the MMDL-FR embedding block alone), 83 (both as one
 convolution per dilation, drsl_fast.models.deeplab.shared_input_convs, what
 a DRSL+ step runs), and padded counts: 19 to 32, 83 to 88, 96 and 128
 (padding with zero filters would take the same time as the random ones here);
-and 19, 64 and 83 channels computed as one matrix product and a col2im
-per dilation (drsl_fast/models/tap_gemm.py, which the network runs with
-DeepLabV2.head_as_gemm): method "gemm" with the product as a 1x1
-convolution (what the network runs), "gemm-bmm" as a batched matrix
-product (in fp32 with tf32 allowed for it, as the convolutions have it);
-each checked against the convolutions on the same inputs first (the
-largest difference of the output and of the input's gradient, relative to
-the largest value of each).
+and 19, 64 and 83 channels computed as one matrix product (a 1x1
+convolution) and a shifted sum of its taps (drsl_fast/models/tap_gemm.py,
+which the network runs with DeepLabV2.head_as_gemm): method "gemm" with the
+sum the network runs (the Triton kernels on a GPU that runs them, else
+fold), "gemm-fold" with one col2im per dilation; each checked against the
+convolutions on the same inputs first (the largest difference of the
+output and of the input's gradient, relative to the largest value of
+each).
 
 Why: the ninth H200 run's profile of the 512x512 fp32 step
 (bench/results/NVIDIA_H200/training_step_profile.md and bench/NOTES.md) ran
@@ -45,14 +45,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 from drsl_fast.models.deeplab import CLASSIFIER_DILATIONS  # noqa: E402
-from drsl_fast.models.tap_gemm import summed_dilated_convs_as_gemm  # noqa: E402
+from drsl_fast.models.tap_gemm import resolve_tap_sum, summed_dilated_convs_as_gemm  # noqa: E402
 
 CHANNELS = (19, 32, 64, 83, 88, 96, 128)
 GEMM_CHANNELS = (19, 64, 83)
-PRODUCT_OF = {"gemm": "conv", "gemm-bmm": "matmul"}  # method -> summed_dilated_convs_as_gemm's product
+TAP_SUM_OF = {"gemm": "auto", "gemm-fold": "fold"}  # method -> summed_dilated_convs_as_gemm's tap_sum
 USED_OF = {32: 19, 88: 83, 96: 83, 128: 83}  # a padded count: the channels that are used (19 classes; + 64 embedding)
 FIELDS = ["crop", "precision", "autotune", "method", "out_channels", "used_channels", "time_ms", "tflops", "used_tflops",
           "flop_per_channel", "min_ms", "max_ms", "runs", "max_rel_diff"]
+
+
+def summed_tap_method(device: str) -> str:
+    """How method "gemm" sums the taps on ``device``: triton or fold."""
+    return resolve_tap_sum("auto", torch.device(device))
 
 
 def feature_shape(crop, depth: int, width: float):
@@ -66,7 +71,7 @@ def feature_shape(crop, depth: int, width: float):
 def convs_step(x, out_channels: int, dtype, method: str = "cudnn"):
     """One forward and backward of the summed dilated convolutions with
     ``out_channels`` filters each (fp32 weights, autocast to ``dtype``), as
-    convolutions ("cudnn") or one matrix product (PRODUCT_OF); the step
+    convolutions ("cudnn") or one matrix product (TAP_SUM_OF); the step
     returns the output and the input's gradient."""
     generator = torch.Generator(x.device).manual_seed(0)
     weights = [(0.01 * torch.randn(out_channels, x.shape[1], 3, 3, generator=generator, device=x.device))
@@ -76,8 +81,8 @@ def convs_step(x, out_channels: int, dtype, method: str = "cudnn"):
 
     def step():
         with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            if method in PRODUCT_OF:
-                out = summed_dilated_convs_as_gemm(x, weights, biases, CLASSIFIER_DILATIONS, PRODUCT_OF[method])
+            if method in TAP_SUM_OF:
+                out = summed_dilated_convs_as_gemm(x, weights, biases, CLASSIFIER_DILATIONS, TAP_SUM_OF[method])
             else:
                 out = None
                 for w, b, d in zip(weights, biases, CLASSIFIER_DILATIONS):
@@ -94,8 +99,7 @@ def measure(device: str, crop, depth: int, width: float, precisions, autotunes, 
     x = torch.randn(2, channels, h, w, device=device, requires_grad=True)
     flop_per_channel = 3 * len(CLASSIFIER_DILATIONS) * 2 * x.shape[0] * h * w * channels * 9
     rows = []
-    previous = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32  # the products at one precision
+    previous = torch.backends.cudnn.benchmark
     try:
         for precision, dtype in precisions:
             for autotune in autotunes:
@@ -103,9 +107,9 @@ def measure(device: str, crop, depth: int, width: float, precisions, autotunes, 
                 rows += [measure_one(x, crop, precision, dtype, autotune, out_channels, flop_per_channel, device,
                                      repeats) for out_channels in CHANNELS]
                 rows += [measure_one(x, crop, precision, dtype, autotune, out_channels, flop_per_channel, device,
-                                     repeats, method) for method in PRODUCT_OF for out_channels in GEMM_CHANNELS]
+                                     repeats, method) for method in TAP_SUM_OF for out_channels in GEMM_CHANNELS]
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = previous
+        torch.backends.cudnn.benchmark = previous
     return rows
 
 
@@ -115,7 +119,7 @@ def measure_one(x, crop, precision: str, dtype, autotune: bool, out_channels: in
     matrix product, first compared with the convolutions."""
     step = convs_step(x, out_channels, dtype, method)
     extra = {}
-    if method in PRODUCT_OF:
+    if method in TAP_SUM_OF:
         pairs = zip(step(), convs_step(x, out_channels, dtype)())
         extra["max_rel_diff"] = max(float((a - b).abs().max() / b.abs().max())
                                     for a, b in ((a.detach().float(), b.detach().float()) for a, b in pairs))
@@ -174,10 +178,11 @@ def main():
             f"(dilations {', '.join(map(str, CLASSIFIER_DILATIONS))}) summed, forward and both gradients, timed "
             f"together; medians of up to {repeats} runs. 19 output channels: the floor's classifier; 64: the "
             f"embedding block alone; 83: both as one convolution (a DRSL+ step); 32: 19 padded, 88, 96, 128: "
-            f"83 padded (used: the channels that count as work); methods gemm (the product as a 1x1 "
-            f"convolution) and gemm-bmm (as a batched matrix product): one matrix product and a col2im per "
-            f"dilation, with the largest difference to the convolutions relative to the largest value. Product rate: bench/ceilings.py's tf32 or bf16 "
-            f"rate on this card.\n\n{table}\n")
+            f"83 padded (used: the channels that count as work); methods gemm and gemm-fold: one matrix "
+            f"product (a 1x1 convolution) and the shifted sum of its taps, gemm's as the network runs it "
+            f"({'Triton kernels' if summed_tap_method(device) == 'triton' else 'fold'}), gemm-fold's as one "
+            f"col2im per dilation, with the largest difference to the convolutions relative to the largest "
+            f"value. Product rate: bench/ceilings.py's tf32 or bf16 rate on this card.\n\n{table}\n")
     harness.write_results(stem, harness.metadata(device, depth=depth, width=width), rows, FIELDS,
                           "Head convolutions by output channels", body)
 

@@ -161,9 +161,10 @@ def head_convs_section(data: Dict) -> str:
     return "\n".join([
         "**The head's convolutions** (`bench/bench_head_convs.py`): the four summed dilated 3x3 convolutions on "
         "layer4, forward and both gradients, ms (median; batch 2, cuDNN's autotuner off), as convolutions "
-        "(cudnn) or as one matrix product and a sum of the taps' planes at their offsets (gemm: the product a "
-        "1x1 convolution, gemm-bmm: a batched matrix product; `drsl_fast/models/tap_gemm.py` at the run's "
-        "commit, which bench/NOTES.md names: the form of that sum has changed between runs). 19 channels: the "
+        "(cudnn) or as one matrix product (a 1x1 convolution) and a sum of the taps' planes at their offsets "
+        "(gemm: the sum the network runs, `drsl_fast/models/tap_gemm.py` at the run's commit, which "
+        "bench/NOTES.md names: its form has changed between runs; gemm-fold: one col2im per dilation, "
+        "gemm-bmm: a batched matrix product, since removed). 19 channels: the "
         "floor's classifier; 64: the embedding block; 83: both, as DRSL+ runs them.", "", table(header, body)])
 
 

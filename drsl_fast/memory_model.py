@@ -68,7 +68,7 @@ class StepSetting:
     shared_convs: the MMDL-FR embedding block run with the classifier
     (:class:`~drsl_fast.train.network.DRSLNetwork`, the default) or apart;
     head_as_gemm: the classifiers (the layer4 one with the embedding block
-    when shared) as one matrix product and a col2im per dilation each
+    when shared) as one matrix product and a shifted sum of its taps each
     (:func:`~drsl_fast.models.tap_gemm.summed_dilated_convs_as_gemm`).
     """
 

@@ -19,20 +19,20 @@ def test_a_quick_run_times_every_channel_count():
     assert run.returncode == 0, run.stderr
     rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| 64x64 | fp32 | off |")]
     assert [(cells[4].strip(), int(cells[5])) for cells in rows] == (
-        [("cudnn", c) for c in head_convs.CHANNELS] + [(m, c) for m in head_convs.PRODUCT_OF for c in head_convs.GEMM_CHANNELS])
+        [("cudnn", c) for c in head_convs.CHANNELS] + [(m, c) for m in head_convs.TAP_SUM_OF for c in head_convs.GEMM_CHANNELS])
     for cells in rows:  # the matrix product agrees with the convolutions (fp32 on the CPU)
-        assert (float(cells[11]) < 1e-5) if cells[4].strip() in head_convs.PRODUCT_OF else not cells[11].strip()
+        assert (float(cells[11]) < 1e-5) if cells[4].strip() in head_convs.TAP_SUM_OF else not cells[11].strip()
 
 
 def test_the_rate_counts_three_products_per_dilation():
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    benchmark = torch.backends.cudnn.benchmark
     rows = head_convs.measure("cpu", (64, 64), 18, 0.25, [("fp32", None)], (False,), repeats=1)
-    assert torch.backends.cuda.matmul.allow_tf32 == tf32  # the products' precision restored
+    assert torch.backends.cudnn.benchmark == benchmark  # the autotuner's setting restored
     channels, h, w = head_convs.feature_shape((64, 64), 18, 0.25)
     one_product = 2 * 2 * h * w * channels * 9  # batch 2, per output channel
     used = {19: 19, 32: 19, 64: 64, 83: 83, 88: 83, 96: 83, 128: 83}  # padded filters are not work done
     assert [r["used_channels"] for r in rows] == [used[c] for c in head_convs.CHANNELS
-                                                  + len(head_convs.PRODUCT_OF) * head_convs.GEMM_CHANNELS]
+                                                  + len(head_convs.TAP_SUM_OF) * head_convs.GEMM_CHANNELS]
     for r in rows:
         assert r["flop_per_channel"] == 3 * 4 * one_product
         assert abs(r["used_tflops"] - r["tflops"] * r["used_channels"] / r["out_channels"]) < 1e-12 * r["tflops"]

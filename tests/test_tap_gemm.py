@@ -1,14 +1,23 @@
 """drsl_fast.models.tap_gemm: the summed dilated 3x3 convolutions as one
 matrix product (Eq. 1 of its docstring) against the convolutions
-themselves, in float64, on maps smaller than, near and larger than the
-dilations; gradients (and gradcheck); bf16 under autocast; bad inputs."""
+themselves, both shifted sums (the Triton kernels, in the interpreter
+without a GPU, and fold), in float64, on maps smaller than, near and larger
+than the dilations; gradients (and gradcheck); bf16 under autocast; bad
+inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from drsl_fast.backends import why_unavailable
 from drsl_fast.models.tap_gemm import summed_dilated_convs_as_gemm
 
 DILATIONS = (6, 12, 18, 24)
+
+
+def skip_unless_runs(tap_sum, device):
+    reason = why_unavailable("triton", torch.device(device)) if tap_sum == "triton" else None
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def convs(x, weights, biases, dilations):
@@ -30,14 +39,15 @@ def inputs(shape, channels, dilations, dtype=torch.float64, seed=0, device="cpu"
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 7), (6, 6), (13, 30), (25, 24), (65, 65)])
 @pytest.mark.parametrize("dilations", [DILATIONS, (1,), (2, 2), (1, 3)])
-@pytest.mark.parametrize("product", ["conv", "matmul"])
+@pytest.mark.parametrize("tap_sum", ["triton", "fold"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_the_same_function_and_gradients_as_the_convolutions(size, dilations, product, device):
+def test_the_same_function_and_gradients_as_the_convolutions(size, dilations, tap_sum, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    skip_unless_runs(tap_sum, device)
     x, weights, biases = inputs((2, 6, *size), 5, dilations, seed=sum(size), device=device)
     ref = convs(x, weights, biases, dilations)
-    out = summed_dilated_convs_as_gemm(x, weights, biases, dilations, product)
+    out = summed_dilated_convs_as_gemm(x, weights, biases, dilations, tap_sum)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(ref)
     params = [x, *weights, *biases]
@@ -46,31 +56,40 @@ def test_the_same_function_and_gradients_as_the_convolutions(size, dilations, pr
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
-def test_any_layout_of_the_input(layout):
+@pytest.mark.parametrize("tap_sum", ["triton", "fold"])
+def test_any_layout_of_the_input(layout, tap_sum):
+    skip_unless_runs(tap_sum, "cpu")
     x, weights, biases = inputs((2, 6, 11, 13), 4, DILATIONS)
     ref = convs(x, weights, biases, DILATIONS)
     y = (x.detach().to(memory_format=torch.channels_last) if layout == "channels_last"
          else x.detach().repeat_interleave(2, dim=3)[..., ::2])
     torch.testing.assert_close(y, x.detach())
-    torch.testing.assert_close(summed_dilated_convs_as_gemm(y, weights, biases, DILATIONS), ref,
+    torch.testing.assert_close(summed_dilated_convs_as_gemm(y, weights, biases, DILATIONS, tap_sum), ref,
                                rtol=1e-12, atol=1e-12)
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("tap_sum", ["triton", "fold"])
+def test_gradcheck(tap_sum):
+    skip_unless_runs(tap_sum, "cpu")
     x, weights, biases = inputs((1, 3, 7, 9), 2, (1, 2, 4))
 
     def f(x, *params):
-        return summed_dilated_convs_as_gemm(x, params[:3], params[3:], (1, 2, 4))
+        return summed_dilated_convs_as_gemm(x, params[:3], params[3:], (1, 2, 4), tap_sum)
 
-    assert torch.autograd.gradcheck(f, (x, *weights, *biases))
+    # fast mode (random directions) for the kernels: the interpreter's launches are slow
+    assert torch.autograd.gradcheck(f, (x, *weights, *biases), fast_mode=tap_sum == "triton")
 
 
-@pytest.mark.parametrize("product", ["conv", "matmul"])
-def test_bf16_under_autocast_is_near_the_convolutions_in_float32(product):
-    x, weights, biases = inputs((2, 16, 17, 19), 7, DILATIONS, dtype=torch.float32)
+@pytest.mark.parametrize("tap_sum", ["triton", "fold"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bf16_under_autocast_is_near_the_convolutions_in_float32(tap_sum, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    skip_unless_runs(tap_sum, device)
+    x, weights, biases = inputs((2, 16, 17, 19), 7, DILATIONS, dtype=torch.float32, device=device)
     ref = convs(x, weights, biases, DILATIONS)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS, product)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS, tap_sum)
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2  # bf16 inputs: 8 bits of mantissa
     out.float().sum().backward()
@@ -87,8 +106,8 @@ def test_bad_inputs_are_refused():
         summed_dilated_convs_as_gemm(x, [weights[0], weights[1][:2]], biases, (1, 2))
     with pytest.raises(ValueError, match="3x3 filters of one shape"):
         summed_dilated_convs_as_gemm(x, [w[..., :2, :2] for w in weights], biases, (1, 2))
-    with pytest.raises(ValueError, match="product must be one of"):
-        summed_dilated_convs_as_gemm(x, weights, biases, (1, 2), "einsum")
+    with pytest.raises(ValueError, match="tap_sum must be one of"):
+        summed_dilated_convs_as_gemm(x, weights, biases, (1, 2), "scatter")
     with pytest.raises(ValueError, match=r"biases \(3,\)"):
         summed_dilated_convs_as_gemm(x, weights, [biases[0], biases[1][:2]], (1, 2))
     with pytest.raises(ValueError, match=r"x \(B, 4, H, W\)"):
@@ -97,10 +116,10 @@ def test_bad_inputs_are_refused():
         summed_dilated_convs_as_gemm(x[0], weights, biases, (1, 2))
 
 
-def test_a_handful_of_operators_forward_and_backward():
+def test_a_handful_of_operators_forward_and_backward(monkeypatch):
     """Host time per call is per operator on a GPU: the head must stay a few
-    dozen calls (col2im per dilation, not a slice addition per tap; the
-    convolutions themselves are 16)."""
+    dozen calls (one kernel or one col2im per dilation, not a slice
+    addition per tap; the convolutions themselves are 16)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -111,9 +130,23 @@ def test_a_handful_of_operators_forward_and_backward():
             return func(*args, **(kwargs or {}))
 
     x, weights, biases = inputs((2, 8, 33, 33), 5, DILATIONS, dtype=torch.float32)
-    for product in ("conv", "matmul"):
+    if why_unavailable("triton", x.device) is None:
+        # one launch each way, outside the dispatcher on a GPU; the interpreter's copies are not counted
+        from drsl_fast.triton_kernels import tap_sum as kernels
+        monkeypatch.setattr(kernels, "forward", lambda *args: None)
+        monkeypatch.setattr(kernels, "backward", lambda *args: None)
+    for tap_sum in [t for t in ("triton", "fold") if t == "fold" or why_unavailable(t, x.device) is None]:
         Count.calls = 0
         with Count():
-            out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS, product)
+            out = summed_dilated_convs_as_gemm(x, weights, biases, DILATIONS, tap_sum)
             torch.autograd.grad(out, [x, *weights, *biases], torch.ones_like(out))
-        assert Count.calls <= 60, product
+        assert Count.calls <= 60, tap_sum
+
+
+def test_auto_picks_the_kernel_only_on_a_gpu_and_a_forced_kernel_says_why_it_cannot_run(monkeypatch):
+    from drsl_fast.models import tap_gemm
+
+    assert tap_gemm.resolve_tap_sum("auto", torch.device("cpu")) == "fold"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="tap_sum='triton' cannot run on cpu: .*TRITON_INTERPRET"):
+        tap_gemm.resolve_tap_sum("triton", torch.device("cpu"))

@@ -143,6 +143,16 @@ def mmdl_losses_label_mode(kernels, launch, dtype, layout):
     kernels.mmdl_losses.label_mode(emb, index, label, _modes(), mode, launch=launch)
 
 
+def tap_sum_forward(kernels, launch, dtype):
+    y = torch.randn(B, 4, C, 9, H, W).to(FLOATS[dtype])
+    kernels.tap_sum.forward(y, (6, 12, 18, 24), torch.empty(B, C, H, W, dtype=y.dtype), launch=launch)
+
+
+def tap_sum_backward(kernels, launch, dtype):
+    grad_y = torch.empty(B, 4, C, 9, H, W).to(FLOATS[dtype])
+    kernels.tap_sum.backward(torch.randn(B, C, H, W).to(FLOATS[dtype]), (6, 12, 18, 24), grad_y, launch=launch)
+
+
 # ---------------------------------------------------------------- cases
 
 
@@ -168,6 +178,8 @@ CALLS = {
     "mmdl_losses.backward": mmdl_losses_backward,
     "mmdl_losses.scatter_rows": mmdl_losses_scatter_rows,
     "mmdl_losses.label_mode": mmdl_losses_label_mode,
+    "tap_sum.forward": tap_sum_forward,
+    "tap_sum.backward": tap_sum_backward,
 }
 
 # The embedding launchers take no boolean switch: each dtype once, over the three layouts.
@@ -223,6 +235,8 @@ VARIANTS = {
     ],
     "mmdl_losses.scatter_rows": EMBEDDING_VARIANTS,
     "mmdl_losses.label_mode": EMBEDDING_VARIANTS,
+    "tap_sum.forward": [dict(dtype=dtype) for dtype in FLOATS],
+    "tap_sum.backward": [dict(dtype=dtype) for dtype in FLOATS],
 }
 
 

@@ -47,7 +47,7 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, as_gemm:
     kernels' layout and differentiated once per dilation instead of once per
     block and dilation, and each convolution is one call (a GPU's library
     spends a host-side plan lookup on every call). ``as_gemm``: every
-    dilation's taps as one matrix product and a col2im per dilation instead
+    dilation's taps as one matrix product and a shifted sum of the taps instead
     (:func:`~drsl_fast.models.tap_gemm.summed_dilated_convs_as_gemm`), the
     same function again."""
     if len({len(block.conv2d_list) for block in blocks}) != 1:

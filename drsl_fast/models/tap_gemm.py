@@ -1,5 +1,5 @@
 """Summed dilated 3x3 convolutions (DeepLab-v2's classifier, docs/method.md §2)
-computed as one matrix product and a col2im.
+computed as one matrix product and a shifted sum of its taps.
 
 With the filters W_d of the convolution at dilation d (padding d), the
 summed output at pixel p is
@@ -16,17 +16,25 @@ the Cin x (H W) map, a shape that matrix units run well (36 x 83 rows in a
 DRSL+ step), where the convolutions themselves are products with few output
 channels (19 or 83) that run at a few tens of TFLOP/s on an H200
 (bench/bench_head_convs.py). The product computes every tap at every pixel,
-as the convolutions do at the padded positions too: equal FLOPs. By default
-the product runs as a 1x1 convolution, so fp32 gets the tensor-core
-precision the 3x3 convolutions get (torch.backends.cudnn.allow_tf32); it
-can also run as a batched matrix product (``product="matmul"``).
+as the convolutions do at the padded positions too: equal FLOPs. It runs as
+a 1x1 convolution, so fp32 gets the tensor-core precision the 3x3
+convolutions get (torch.backends.cudnn.allow_tf32).
 
-The inner sum of (1) for one d is col2im (torch's fold, the adjoint of the
-im2col that a convolution's lowering reads its input with): fold sums
-cols[(i,j)](p - d (i - 1, j - 1)) over the taps, so reading the taps in
-reverse order, cols[(i,j)] = Y_{d,(2-i)(2-j)}, gives the + of (1). Its
-gradient is im2col of the output's gradient (autograd's unfold): no
-gradient kernel of our own, and the whole head is a handful of calls.
+The shifted sum of (1) runs one of two ways (``tap_sum``):
+
+- ``"triton"``: one kernel reads every tap at its offset and sums
+  (drsl_fast/triton_kernels/tap_sum.py); its gradient is one kernel that
+  copies the output's gradient to each tap at minus the offset. Both are
+  bound by memory: one pass over Y.
+- ``"fold"``: the inner sum for one d is col2im (torch's fold, the adjoint
+  of the im2col that a convolution's lowering reads its input with): fold
+  sums cols[(i,j)](p - d (i - 1, j - 1)) over the taps, so reading the taps
+  in reverse order, cols[(i,j)] = Y_{d,(2-i)(2-j)}, gives the + of (1). Its
+  gradient is im2col of the output's gradient (autograd's unfold). Any
+  device; on an H200 torch's col2im runs far from the memory bound
+  (bench/NOTES.md, eleventh run).
+
+Both read Y with its rows ordered (d, c, tap), taps reversed.
 """
 from typing import Sequence
 
@@ -34,20 +42,55 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PRODUCTS = ("conv", "matmul")
+from ..backends import why_unavailable
+
+TAP_SUMS = ("auto", "triton", "fold")
+
+
+class _TritonTapSum(torch.autograd.Function):
+    """The inner sums of Eq. (1) over taps and dilations: Y (B, D, C, 9, H, W) -> (B, C, H, W)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, dilations: Sequence[int]) -> Tensor:
+        from ..triton_kernels import tap_sum
+
+        ctx.dilations, ctx.shape = dilations, y.shape
+        y = y.contiguous()
+        out = y.new_empty(y.shape[0], y.shape[2], *y.shape[-2:])
+        tap_sum.forward(y, dilations, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        from ..triton_kernels import tap_sum
+
+        grad_y = grad_out.new_empty(ctx.shape)
+        tap_sum.backward(grad_out.contiguous(), ctx.dilations, grad_y)
+        return grad_y, None
+
+
+def resolve_tap_sum(tap_sum: str, device: torch.device) -> str:
+    """The shifted sum ``tap_sum`` names on ``device`` ("auto" resolved); raises where it cannot run."""
+    if tap_sum not in TAP_SUMS:
+        raise ValueError(f"summed_dilated_convs_as_gemm: tap_sum must be one of {TAP_SUMS}, got {tap_sum!r}")
+    if tap_sum == "auto":
+        return "triton" if device.type == "cuda" and why_unavailable("triton", device) is None else "fold"
+    if tap_sum == "triton":
+        reason = why_unavailable("triton", device)
+        if reason is not None:
+            raise RuntimeError(f"summed_dilated_convs_as_gemm: tap_sum='triton' cannot run on {device}: {reason}")
+    return tap_sum
 
 
 def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
-                                 dilations: Sequence[int], product: str = "conv") -> Tensor:
+                                 dilations: Sequence[int], tap_sum: str = "auto") -> Tensor:
     """sum_d conv2d(x, weights[d], biases[d], padding=d, dilation=d), Eq. (1):
-    one product of x by every tap's filter, then one col2im per dilation.
-    weights: (C, Cin, 3, 3) each; biases: (C,) each; x: (B, Cin, H, W).
-    ``product``: "conv", a 1x1 convolution (the library's convolution
-    kernels, and fp32 at their precision, tf32 on tensor cores by default);
-    or "matmul", a batched matrix product (the library's matrix kernels: fp32
-    stays fp32 unless torch.backends.cuda.matmul.allow_tf32)."""
-    if product not in PRODUCTS:
-        raise ValueError(f"summed_dilated_convs_as_gemm: product must be one of {PRODUCTS}, got {product!r}")
+    one product of x by every tap's filter (a 1x1 convolution), then the
+    shifted sum of the taps. weights: (C, Cin, 3, 3) each; biases: (C,) each;
+    x: (B, Cin, H, W). ``tap_sum``: "triton" (one kernel each way, GPUs of
+    compute capability >= 8.0), "fold" (one col2im per dilation, any device),
+    or "auto": triton where it runs on a GPU, else fold."""
+    method = resolve_tap_sum(tap_sum, x.device)
     if not weights or not (len(weights) == len(biases) == len(dilations)):
         raise ValueError("summed_dilated_convs_as_gemm: one weight and one bias per dilation")
     if any(w.dim() != 4 or w.shape != weights[0].shape or w.shape[-2:] != (3, 3) for w in weights):
@@ -58,14 +101,13 @@ def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: S
         raise ValueError(f"summed_dilated_convs_as_gemm: x (B, {weights[0].shape[1]}, H, W), got {tuple(x.shape)}")
     channels, in_channels = weights[0].shape[:2]
     batch, _, h, w = x.shape
-    # rows ordered (d, c, tap), taps reversed: what fold reads as (channel, kernel position)
+    # rows ordered (d, c, tap), taps reversed
     filters = torch.stack(list(weights)).flip(-2, -1).permute(0, 1, 3, 4, 2).reshape(-1, in_channels)
-    if product == "conv":
-        y = F.conv2d(x, filters[:, :, None, None])
-    else:
-        y = torch.bmm(filters.expand(batch, -1, -1), x.reshape(batch, in_channels, h * w))
-    y = y.reshape(batch, len(dilations), channels * 9, h * w)
-    out = torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
-    for cols, d in zip(y.unbind(1), dilations):
+    y = F.conv2d(x, filters[:, :, None, None])
+    bias = torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
+    if method == "triton":
+        return _TritonTapSum.apply(y.reshape(batch, len(dilations), channels, 9, h, w), tuple(dilations)) + bias
+    out = bias
+    for cols, d in zip(y.reshape(batch, len(dilations), channels * 9, h * w).unbind(1), dilations):
         out = out + F.fold(cols, (h, w), 3, dilation=d, padding=d)
     return out
