@@ -4,7 +4,7 @@
 # microbenchmarks against their peers (realistic sizes, medians of many runs on
 # rotated inputs, achieved bandwidth and FLOP rate), the kernels' stage probe and
 # hardware counters (Nsight Compute), the head's convolutions by output
-# channels, the training-step benchmark with the memory model's predictions,
+# channels and the shifted sum of its taps, the training-step benchmark with the memory model's predictions,
 # the paired step overhead over the floor (eager, and each step one CUDA
 # graph), the training-step profile, and the performance report. Everything
 # is written under bench/results/<device>/ (or $DEST), with a log per stage
@@ -24,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe ncu host mmdl_losses head_convs pseudo_labels training overhead overhead_graphs profile report"}
+STAGES=${STAGES:-"ceilings build tests mode_distance kernels probe ncu host mmdl_losses head_convs tap_sum pseudo_labels training overhead overhead_graphs profile report"}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash in native code names itself in the results
 
 device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || {
@@ -73,6 +73,7 @@ run_stage() {
     ncu) timed ncu $PY bench/ncu_mode_distance.py --out "$DEST/ncu" ;;
     host) timed host $PY bench/probe_host_time.py --device cuda --out "$DEST/host_time" ;;
     head_convs) timed head_convs $PY bench/bench_head_convs.py --device cuda --out "$DEST/head_convs" ;;
+    tap_sum) timed tap_sum $PY bench/bench_tap_sum.py --device cuda --out "$DEST/tap_sum" ;;
     mmdl_losses) timed mmdl_losses $PY bench/bench_mmdl_losses.py --device cuda --out "$DEST/mmdl_losses" ${BENCH_ARGS:-} ;;
     pseudo_labels)
         timed pseudo_labels $PY bench/bench_pseudo_labels.py --device cuda --images ${PSEUDO_LABEL_IMAGES:-100} \

@@ -90,7 +90,7 @@ def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: S
     x: (B, Cin, H, W). ``tap_sum``: "triton" (one kernel each way, GPUs of
     compute capability >= 8.0), "fold" (one col2im per dilation, any device),
     or "auto": triton where it runs on a GPU, else fold."""
-    method = resolve_tap_sum(tap_sum, x.device)
+    resolve_tap_sum(tap_sum, x.device)
     if not weights or not (len(weights) == len(biases) == len(dilations)):
         raise ValueError("summed_dilated_convs_as_gemm: one weight and one bias per dilation")
     if any(w.dim() != 4 or w.shape != weights[0].shape or w.shape[-2:] != (3, 3) for w in weights):
@@ -104,10 +104,19 @@ def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: S
     # rows ordered (d, c, tap), taps reversed
     filters = torch.stack(list(weights)).flip(-2, -1).permute(0, 1, 3, 4, 2).reshape(-1, in_channels)
     y = F.conv2d(x, filters[:, :, None, None])
-    bias = torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
+    taps = y.reshape(batch, len(dilations), channels, 9, h, w)
+    return summed_taps(taps, dilations, tap_sum) + torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
+
+
+def summed_taps(taps: Tensor, dilations: Sequence[int], tap_sum: str = "auto") -> Tensor:
+    """The shifted sum of Eq. (1) without the biases: ``taps`` (B, D, C, 9, H, W),
+    row r of dilation k the tap (2 - r // 3, 2 - r % 3) of W_k -> (B, C, H, W)."""
+    method = resolve_tap_sum(tap_sum, taps.device)
     if method == "triton":
-        return _TritonTapSum.apply(y.reshape(batch, len(dilations), channels, 9, h, w), tuple(dilations)) + bias
-    out = bias
-    for cols, d in zip(y.reshape(batch, len(dilations), channels * 9, h * w).unbind(1), dilations):
-        out = out + F.fold(cols, (h, w), 3, dilation=d, padding=d)
+        return _TritonTapSum.apply(taps, tuple(dilations))
+    batch, _, channels, _, h, w = taps.shape
+    out = None
+    for cols, d in zip(taps.reshape(batch, len(dilations), channels * 9, h * w).unbind(1), dilations):
+        y = F.fold(cols, (h, w), 3, dilation=d, padding=d)
+        out = y if out is None else out + y
     return out
