@@ -168,6 +168,25 @@ def head_convs_section(data: Dict) -> str:
         "floor's classifier; 64: the embedding block; 83: both, as DRSL+ runs them.", "", table(header, body)])
 
 
+def tap_sum_section(data: Dict) -> str:
+    """The shifted sum of the head's taps alone (bench/bench_tap_sum.py): ms per
+    method and direction, with the Triton kernels' share of the copy bandwidth."""
+    cells = {(r["crop"], r["precision"], r["channels"], r["direction"], r["method"]): r for r in data["results"]}
+    keys = list(dict.fromkeys(k[:4] for k in cells))
+    methods = list(dict.fromkeys(k[4] for k in cells))
+
+    def cell(r):
+        share = f" ({100 * r['copy_share']:.0f} %)" if r.get("copy_share") else ""
+        return f"{r['time_ms']:.3f}{share}"
+
+    body = [list(k) + [cell(cells[k + (m,)]) if k + (m,) in cells else "" for m in methods] for k in keys]
+    return "\n".join([
+        "**The shifted sum of the head's taps** (`bench/bench_tap_sum.py`): what follows the matrix product when "
+        "the classifiers run as one, ms (median) with the share of the card's copy bandwidth in brackets (bytes: "
+        "the taps, the sum and its gradient, each once per direction); fold: one col2im per dilation.", "",
+        table(["crop", "precision", "channels", "direction"] + [f"{m} ms" for m in methods], body)])
+
+
 def overhead_runs_section(runs: List[Dict]) -> str:
     """DRSL+ over the floor in every eager paired run kept for one device
     (step_overhead, step_overhead_run2, ...): the spread between runs, which
@@ -340,6 +359,8 @@ def render(sets: Dict[str, Dict[str, Dict]], plot_name: Optional[str]) -> str:
                 out += [overhead_section(benches[name]), ""]
         if "head_convs" in benches:
             out += [head_convs_section(benches["head_convs"]), ""]
+        if "tap_sum" in benches:
+            out += [tap_sum_section(benches["tap_sum"]), ""]
         runs = [benches[n] for n in sorted(benches, key=lambda n: (len(n), n))
                 if n == "step_overhead" or n.startswith("step_overhead_run")]
         if len(runs) > 1:

@@ -34,3 +34,17 @@ def test_every_method_agrees_and_the_bytes_are_the_taps_and_the_sum(monkeypatch)
         assert r["bytes"] == one_pass * (1 if r["direction"] == "forward" else 2)
         assert r["gbs"] == r["bytes"] / 1e6 and r["copy_share"] == r["gbs"] / 100.0
         assert r["max_rel_diff"] < 1e-6
+
+
+def test_the_report_puts_both_methods_side_by_side():
+    import report
+
+    def row(method, direction, ms, share=None):
+        return dict(crop="512x512", precision="fp32", channels=83, method=method, direction=direction, time_ms=ms,
+                    copy_share=share)
+
+    lines = report.tap_sum_section(dict(results=[row("triton", "forward", 0.1, 0.24), row("fold", "forward", 2.0),
+                                                 row("triton", "forward+backward", 0.4, 0.13)])).splitlines()
+    assert "| crop | precision | channels | direction | triton ms | fold ms |" in lines
+    assert "| 512x512 | fp32 | 83 | forward | 0.100 (24 %) | 2.000 |" in lines
+    assert "| 512x512 | fp32 | 83 | forward+backward | 0.400 (13 %) |  |" in lines
