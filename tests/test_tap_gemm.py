@@ -150,3 +150,15 @@ def test_auto_picks_the_kernel_only_on_a_gpu_and_a_forced_kernel_says_why_it_can
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="tap_sum='triton' cannot run on cpu: .*TRITON_INTERPRET"):
         tap_gemm.resolve_tap_sum("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tap_sum", ["triton", "fold"])
+def test_an_empty_batch_gives_an_empty_sum_and_gradient(tap_sum):
+    skip_unless_runs(tap_sum, "cpu")
+    from drsl_fast.models.tap_gemm import summed_taps
+
+    taps = torch.randn(0, 2, 3, 9, 5, 4, dtype=torch.float64, requires_grad=True)
+    out = summed_taps(taps, (1, 2), tap_sum)
+    assert out.shape == (0, 3, 5, 4)
+    (grad,) = torch.autograd.grad(out, taps, torch.ones_like(out))
+    assert grad.shape == taps.shape

@@ -36,6 +36,7 @@ The shifted sum of (1) runs one of two ways (``tap_sum``):
 
 Both read Y with its rows ordered (d, c, tap), taps reversed.
 """
+import contextlib
 from typing import Sequence
 
 import torch
@@ -57,7 +58,9 @@ class _TritonTapSum(torch.autograd.Function):
         ctx.dilations, ctx.shape = dilations, y.shape
         y = y.contiguous()
         out = y.new_empty(y.shape[0], y.shape[2], *y.shape[-2:])
-        tap_sum.forward(y, dilations, out)
+        if out.numel() > 0:
+            with _on(y.device):
+                tap_sum.forward(y, dilations, out)
         return out
 
     @staticmethod
@@ -65,8 +68,15 @@ class _TritonTapSum(torch.autograd.Function):
         from ..triton_kernels import tap_sum
 
         grad_y = grad_out.new_empty(ctx.shape)
-        tap_sum.backward(grad_out.contiguous(), ctx.dilations, grad_y)
+        if grad_y.numel() > 0:
+            with _on(grad_y.device):
+                tap_sum.backward(grad_out.contiguous(), ctx.dilations, grad_y)
         return grad_y, None
+
+
+def _on(device: torch.device):
+    """Triton launches on the current GPU: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def resolve_tap_sum(tap_sum: str, device: torch.device) -> str:

@@ -37,11 +37,20 @@ def _shifted(pixels, H, W, d, r: tl.constexpr, sign: tl.constexpr):
 
 
 @triton.jit
+def _program_pixels(C, P, BLOCK_P: tl.constexpr):
+    """(b, c, the flat index of its (b, c) plane, its pixels) of this program:
+    the programs are ordered by plane, then by block of pixels (grid axis 0,
+    which allows 2^31 - 1 programs where the others allow 65535)."""
+    blocks = tl.cdiv(P, BLOCK_P)
+    plane = tl.program_id(0).to(tl.int64) // blocks  # b * C + c
+    pixels = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return plane // C, plane % C, plane, pixels
+
+
+@triton.jit
 def _forward_kernel(y_ptr, out_ptr, dilation_ptr, D, C, H, W, FP64: tl.constexpr, BLOCK_P: tl.constexpr):
-    bc = tl.program_id(1).to(tl.int64)  # b * C + c
-    b, c = bc // C, bc % C
     P = H * W
-    pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, c, bc, pixels = _program_pixels(C, P, BLOCK_P)
     if FP64:
         total = tl.zeros([BLOCK_P], dtype=tl.float64)
     else:
@@ -57,11 +66,9 @@ def _forward_kernel(y_ptr, out_ptr, dilation_ptr, D, C, H, W, FP64: tl.constexpr
 
 @triton.jit
 def _backward_kernel(grad_out_ptr, grad_y_ptr, dilation_ptr, D, C, H, W, BLOCK_P: tl.constexpr):
-    bc = tl.program_id(1).to(tl.int64)
-    k = tl.program_id(2)
-    b, c = bc // C, bc % C
     P = H * W
-    pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, c, bc, pixels = _program_pixels(C, P, BLOCK_P)
+    k = tl.program_id(1)
     d = tl.load(dilation_ptr + k)
     taps = grad_y_ptr + ((b * D + k) * C + c) * 9 * P
     for r in tl.static_range(9):
@@ -80,7 +87,7 @@ def _dilations_on(dilations, device):
 def forward(y, dilations, out, launch=lambda kernel: kernel):
     """Fills ``out`` (B, C, H, W) from ``y`` (B, D, C, 9, H, W), both contiguous, Eq. (1)."""
     B, D, C, _, H, W = y.shape
-    launch(_forward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS), B * C)](
+    launch(_forward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS) * B * C,)](
         y, out, _dilations_on(tuple(dilations), y.device), D, C, H, W, FP64=y.dtype == torch.float64,
         BLOCK_P=BLOCK_PIXELS)
 
@@ -88,5 +95,5 @@ def forward(y, dilations, out, launch=lambda kernel: kernel):
 def backward(grad_out, dilations, grad_y, launch=lambda kernel: kernel):
     """Fills ``grad_y`` (B, D, C, 9, H, W) from ``grad_out`` (B, C, H, W), both contiguous."""
     B, D, C, _, H, W = grad_y.shape
-    launch(_backward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS), B * C, D)](
+    launch(_backward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS) * B * C, D)](
         grad_out, grad_y, _dilations_on(tuple(dilations), grad_y.device), D, C, H, W, BLOCK_P=BLOCK_PIXELS)
