@@ -162,3 +162,22 @@ def test_an_empty_batch_gives_an_empty_sum_and_gradient(tap_sum):
     assert out.shape == (0, 3, 5, 4)
     (grad,) = torch.autograd.grad(out, taps, torch.ones_like(out))
     assert grad.shape == taps.shape
+
+
+def test_more_planes_than_one_launch_holds(monkeypatch):
+    """Batch x channels above the grid's 65535 planes per launch: launched in
+    chunks (made small here), each plane summed once."""
+    skip_unless_runs("triton", "cpu")
+    from drsl_fast.models.tap_gemm import summed_taps
+    from drsl_fast.triton_kernels import tap_sum as kernels
+
+    assert kernels._plane_chunks(70000) == [(0, 65535), (65535, 4465)]
+    taps = torch.randn(3, 2, 5, 9, 6, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    want = summed_taps(taps, (1, 3), "fold")
+    (want_grad,) = torch.autograd.grad(want, taps, grad)
+    original = kernels._plane_chunks
+    monkeypatch.setattr(kernels, "_plane_chunks", lambda planes: original(planes, most=4))
+    got = summed_taps(taps, (1, 3), "triton")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, taps, grad)[0], want_grad, rtol=1e-12, atol=1e-12)

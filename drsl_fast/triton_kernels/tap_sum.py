@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 BLOCK_PIXELS = 512
+MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -37,20 +38,19 @@ def _shifted(pixels, H, W, d, r: tl.constexpr, sign: tl.constexpr):
 
 
 @triton.jit
-def _program_pixels(C, P, BLOCK_P: tl.constexpr):
-    """(b, c, the flat index of its (b, c) plane, its pixels) of this program:
-    the programs are ordered by plane, then by block of pixels (grid axis 0,
-    which allows 2^31 - 1 programs where the others allow 65535)."""
-    blocks = tl.cdiv(P, BLOCK_P)
-    plane = tl.program_id(0).to(tl.int64) // blocks  # b * C + c
-    pixels = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return plane // C, plane % C, plane, pixels
+def _program_pixels(first_plane, C, BLOCK_P: tl.constexpr):
+    """(b, c, the flat index b C + c of its plane, its pixels) of this
+    program: grid axis 0 walks the blocks of pixels, axis 1 the planes from
+    ``first_plane`` (at most 65535 per launch)."""
+    plane = first_plane + tl.program_id(1).to(tl.int64)
+    return plane // C, plane % C, plane, tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
 
 
 @triton.jit
-def _forward_kernel(y_ptr, out_ptr, dilation_ptr, D, C, H, W, FP64: tl.constexpr, BLOCK_P: tl.constexpr):
+def _forward_kernel(y_ptr, out_ptr, dilation_ptr, first_plane, D, C, H, W, FP64: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
     P = H * W
-    b, c, bc, pixels = _program_pixels(C, P, BLOCK_P)
+    b, c, bc, pixels = _program_pixels(first_plane, C, BLOCK_P)
     if FP64:
         total = tl.zeros([BLOCK_P], dtype=tl.float64)
     else:
@@ -65,16 +65,21 @@ def _forward_kernel(y_ptr, out_ptr, dilation_ptr, D, C, H, W, FP64: tl.constexpr
 
 
 @triton.jit
-def _backward_kernel(grad_out_ptr, grad_y_ptr, dilation_ptr, D, C, H, W, BLOCK_P: tl.constexpr):
+def _backward_kernel(grad_out_ptr, grad_y_ptr, dilation_ptr, first_plane, D, C, H, W, BLOCK_P: tl.constexpr):
     P = H * W
-    b, c, bc, pixels = _program_pixels(C, P, BLOCK_P)
-    k = tl.program_id(1)
+    b, c, bc, pixels = _program_pixels(first_plane, C, BLOCK_P)
+    k = tl.program_id(2)
     d = tl.load(dilation_ptr + k)
     taps = grad_y_ptr + ((b * D + k) * C + c) * 9 * P
     for r in tl.static_range(9):
         at, ok = _shifted(pixels, H, W, d, r, -1)
         g = tl.load(grad_out_ptr + bc * P + at, mask=ok, other=0.0)
         tl.store(taps + r * P + pixels, g.to(grad_y_ptr.dtype.element_ty), mask=pixels < P)
+
+
+def _plane_chunks(planes: int, most: int = MAX_GRID_Y):
+    """(first plane, planes) of each launch: grid axes 1 and 2 hold at most 65535."""
+    return [(first, min(most, planes - first)) for first in range(0, planes, most)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,13 +92,16 @@ def _dilations_on(dilations, device):
 def forward(y, dilations, out, launch=lambda kernel: kernel):
     """Fills ``out`` (B, C, H, W) from ``y`` (B, D, C, 9, H, W), both contiguous, Eq. (1)."""
     B, D, C, _, H, W = y.shape
-    launch(_forward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS) * B * C,)](
-        y, out, _dilations_on(tuple(dilations), y.device), D, C, H, W, FP64=y.dtype == torch.float64,
-        BLOCK_P=BLOCK_PIXELS)
+    for first, planes in _plane_chunks(B * C):
+        launch(_forward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS), planes)](
+            y, out, _dilations_on(tuple(dilations), y.device), first, D, C, H, W, FP64=y.dtype == torch.float64,
+            BLOCK_P=BLOCK_PIXELS)
 
 
 def backward(grad_out, dilations, grad_y, launch=lambda kernel: kernel):
     """Fills ``grad_y`` (B, D, C, 9, H, W) from ``grad_out`` (B, C, H, W), both contiguous."""
     B, D, C, _, H, W = grad_y.shape
-    launch(_backward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS) * B * C, D)](
-        grad_out, grad_y, _dilations_on(tuple(dilations), grad_y.device), D, C, H, W, BLOCK_P=BLOCK_PIXELS)
+    for first, planes in _plane_chunks(B * C):
+        launch(_backward_kernel)[(triton.cdiv(H * W, BLOCK_PIXELS), planes, D)](
+            grad_out, grad_y, _dilations_on(tuple(dilations), grad_y.device), first, D, C, H, W,
+            BLOCK_P=BLOCK_PIXELS)
