@@ -10,6 +10,10 @@ The physical limit is memory: the forward reads the taps (B 4 C 9 H W
 values) and writes the sum (B C H W); the backward reads the output's
 gradient and writes the taps' gradient. Each row gives those bytes, the
 achieved rate and its share of the card's copy bandwidth (bench/ceilings.py).
+Each row times whole calls (CUDA events around one synchronised call, the
+Python launch included): calls under about 0.1 ms are bound by that host
+time, and their share of the bandwidth is not the kernel's (a profile of the
+training step gives the kernels' device time).
 
     python bench/bench_tap_sum.py --device cuda   # -> bench/results/<device>/tap_sum.*
     python bench/bench_tap_sum.py --quick         # small, on the CPU (fold only); prints only

@@ -183,7 +183,8 @@ def tap_sum_section(data: Dict) -> str:
     return "\n".join([
         "**The shifted sum of the head's taps** (`bench/bench_tap_sum.py`): what follows the matrix product when "
         "the classifiers run as one, ms (median) with the share of the card's copy bandwidth in brackets (bytes: "
-        "the taps, the sum and its gradient, each once per direction); fold: one col2im per dilation.", "",
+        "the taps, the sum and its gradient, each once per direction; whole calls timed, so rows under about 0.1 ms "
+        "are bound by the Python launch); fold: one col2im per dilation.", "",
         table(["crop", "precision", "channels", "direction"] + [f"{m} ms" for m in methods], body)])
 
 

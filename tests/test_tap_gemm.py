@@ -14,6 +14,12 @@ from drsl_fast.models.tap_gemm import summed_dilated_convs_as_gemm
 DILATIONS = (6, 12, 18, 24)
 
 
+def where(tap_sum):
+    """The device a test of ``tap_sum`` runs on: the GPU for the Triton kernels
+    when there is one (else the interpreter on the CPU), the CPU for fold."""
+    return "cuda" if tap_sum == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def skip_unless_runs(tap_sum, device):
     reason = why_unavailable("triton", torch.device(device)) if tap_sum == "triton" else None
     if reason is not None:
@@ -58,8 +64,8 @@ def test_the_same_function_and_gradients_as_the_convolutions(size, dilations, ta
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("tap_sum", ["triton", "fold"])
 def test_any_layout_of_the_input(layout, tap_sum):
-    skip_unless_runs(tap_sum, "cpu")
-    x, weights, biases = inputs((2, 6, 11, 13), 4, DILATIONS)
+    skip_unless_runs(tap_sum, where(tap_sum))
+    x, weights, biases = inputs((2, 6, 11, 13), 4, DILATIONS, device=where(tap_sum))
     ref = convs(x, weights, biases, DILATIONS)
     y = (x.detach().to(memory_format=torch.channels_last) if layout == "channels_last"
          else x.detach().repeat_interleave(2, dim=3)[..., ::2])
@@ -70,8 +76,8 @@ def test_any_layout_of_the_input(layout, tap_sum):
 
 @pytest.mark.parametrize("tap_sum", ["triton", "fold"])
 def test_gradcheck(tap_sum):
-    skip_unless_runs(tap_sum, "cpu")
-    x, weights, biases = inputs((1, 3, 7, 9), 2, (1, 2, 4))
+    skip_unless_runs(tap_sum, where(tap_sum))
+    x, weights, biases = inputs((1, 3, 7, 9), 2, (1, 2, 4), device=where(tap_sum))
 
     def f(x, *params):
         return summed_dilated_convs_as_gemm(x, params[:3], params[3:], (1, 2, 4), tap_sum)
@@ -154,10 +160,10 @@ def test_auto_picks_the_kernel_only_on_a_gpu_and_a_forced_kernel_says_why_it_can
 
 @pytest.mark.parametrize("tap_sum", ["triton", "fold"])
 def test_an_empty_batch_gives_an_empty_sum_and_gradient(tap_sum):
-    skip_unless_runs(tap_sum, "cpu")
+    skip_unless_runs(tap_sum, where(tap_sum))
     from drsl_fast.models.tap_gemm import summed_taps
 
-    taps = torch.randn(0, 2, 3, 9, 5, 4, dtype=torch.float64, requires_grad=True)
+    taps = torch.randn(0, 2, 3, 9, 5, 4, dtype=torch.float64, device=where(tap_sum), requires_grad=True)
     out = summed_taps(taps, (1, 2), tap_sum)
     assert out.shape == (0, 3, 5, 4)
     (grad,) = torch.autograd.grad(out, taps, torch.ones_like(out))
@@ -167,13 +173,13 @@ def test_an_empty_batch_gives_an_empty_sum_and_gradient(tap_sum):
 def test_more_planes_than_one_launch_holds(monkeypatch):
     """Batch x channels above the grid's 65535 planes per launch: launched in
     chunks (made small here), each plane summed once."""
-    skip_unless_runs("triton", "cpu")
+    skip_unless_runs("triton", where("triton"))
     from drsl_fast.models.tap_gemm import summed_taps
     from drsl_fast.triton_kernels import tap_sum as kernels
 
     assert kernels._plane_chunks(70000) == [(0, 65535), (65535, 4465)]
-    taps = torch.randn(3, 2, 5, 9, 6, 7, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    taps = torch.randn(3, 2, 5, 9, 6, 7, dtype=torch.float64, device=where("triton"), requires_grad=True)
+    grad = torch.randn(3, 5, 6, 7, dtype=torch.float64, device=where("triton"))
     want = summed_taps(taps, (1, 3), "fold")
     (want_grad,) = torch.autograd.grad(want, taps, grad)
     original = kernels._plane_chunks
@@ -181,3 +187,19 @@ def test_more_planes_than_one_launch_holds(monkeypatch):
     got = summed_taps(taps, (1, 3), "triton")
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got, taps, grad)[0], want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_the_kernels_refuse_a_second_derivative_and_taps_of_another_shape():
+    skip_unless_runs("triton", where("triton"))
+    from drsl_fast.models.tap_gemm import summed_taps
+
+    taps = torch.randn(1, 2, 3, 9, 5, 4, dtype=torch.float64, device=where("triton"), requires_grad=True)
+    out = summed_taps(taps, (1, 2), "triton")
+    (grad,) = torch.autograd.grad(out, taps, torch.ones_like(out), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad.sum(), taps)
+    for tap_sum in ("triton", "fold"):
+        with pytest.raises(ValueError, match=r"taps \(B, 3, C, 9, H, W\) for 3 dilations, got \(1, 2, 3, 9, 5, 4\)"):
+            summed_taps(taps, (1, 2, 3), tap_sum)
+        with pytest.raises(ValueError, match=r"taps \(B, 2, C, 9, H, W\)"):
+            summed_taps(taps[:, :, :, :8], (1, 2), tap_sum)

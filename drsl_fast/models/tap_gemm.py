@@ -49,7 +49,10 @@ TAP_SUMS = ("auto", "triton", "fold")
 
 
 class _TritonTapSum(torch.autograd.Function):
-    """The inner sums of Eq. (1) over taps and dilations: Y (B, D, C, 9, H, W) -> (B, C, H, W)."""
+    """The inner sums of Eq. (1) over taps and dilations: Y (B, D, C, 9, H, W) -> (B, C, H, W).
+    Differentiable once (a second derivative raises). The first call on a
+    GPU compiles the kernels and copies the dilations there: under CUDA
+    graphs, make it before capturing."""
 
     @staticmethod
     def forward(ctx, y: Tensor, dilations: Sequence[int]) -> Tensor:
@@ -64,6 +67,7 @@ class _TritonTapSum(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         from ..triton_kernels import tap_sum
 
@@ -122,6 +126,9 @@ def summed_taps(taps: Tensor, dilations: Sequence[int], tap_sum: str = "auto") -
     """The shifted sum of Eq. (1) without the biases: ``taps`` (B, D, C, 9, H, W),
     row r of dilation k the tap (2 - r // 3, 2 - r % 3) of W_k -> (B, C, H, W)."""
     method = resolve_tap_sum(tap_sum, taps.device)
+    if taps.dim() != 6 or taps.shape[3] != 9 or taps.shape[1] != len(dilations):
+        raise ValueError(f"summed_taps: taps (B, {len(dilations)}, C, 9, H, W) for {len(dilations)} dilations, "
+                         f"got {tuple(taps.shape)}")
     if method == "triton":
         return _TritonTapSum.apply(taps, tuple(dilations))
     batch, _, channels, _, h, w = taps.shape
