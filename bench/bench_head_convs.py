@@ -154,10 +154,7 @@ def markdown(rows, ceilings):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="ResNet-18 x0.25 at 64x64, fp32 only, on the CPU")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None, help="output stem (default bench/results/<device>/head_convs)")
+    harness.add_head_arguments(parser, "head_convs", repeats=20)
     args = parser.parse_args()
     device = "cpu" if args.quick else harness.default_device(args.device)
     gpu = device == "cuda"

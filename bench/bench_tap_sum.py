@@ -86,10 +86,7 @@ def markdown(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="ResNet-18 x0.25 at 64x64, fp32 only, on the CPU")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", default=None, help="output stem (default bench/results/<device>/tap_sum)")
+    harness.add_head_arguments(parser, "tap_sum", repeats=30)
     args = parser.parse_args()
     device = "cpu" if args.quick else harness.default_device(args.device)
     crops, depth, width = ([(64, 64)], 18, 0.25) if args.quick else ([(512, 512), (512, 1024)], 101, 1.0)

@@ -297,6 +297,15 @@ def add_run_arguments(parser, name: str, repeats: str, budget: str) -> None:
     parser.add_argument("--out", default=None, help=f"output stem (default bench/results/{name}_<device>)")
 
 
+def add_head_arguments(parser, name: str, repeats: int) -> None:
+    """--device, --quick, --repeats and --out of the benchmarks of the
+    network's head (full size on the GPU, or a quick run on the CPU)."""
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 x0.25 at 64x64, fp32 only, on the CPU")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", default=None, help=f"output stem (default bench/results/<device>/{name})")
+
+
 def results_stem(out: Optional[str], name: str, device) -> str:
     """Where a benchmark writes: ``out`` if given, else bench/results/<name>_<device>."""
     return out or os.path.join(RESULTS_DIR, f"{name}_{device}")
