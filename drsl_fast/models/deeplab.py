@@ -50,6 +50,8 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, as_gemm:
     dilation's taps as one matrix product and a shifted sum of the taps instead
     (:func:`~drsl_fast.models.tap_gemm.summed_dilated_convs_as_gemm`), the
     same function again."""
+    if len(blocks) == 1 and not as_gemm:
+        return [blocks[0](x)]
     if len({len(block.conv2d_list) for block in blocks}) != 1:
         raise ValueError("shared_input_convs: the blocks have different numbers of dilations")
     sizes = [block.conv2d_list[0].out_channels for block in blocks]
@@ -57,8 +59,6 @@ def shared_input_convs(blocks: Sequence[SummedDilatedConvs], x: Tensor, as_gemm:
     for convs in per_dilation:
         if any(conv_shape(c) != conv_shape(convs[0]) for c in convs):
             raise ValueError("shared_input_convs: the blocks' convolutions differ in shape or dilation")
-    if len(blocks) == 1 and not as_gemm:
-        return [blocks[0](x)]
     if as_gemm and any(c.padding != c.dilation or c.dilation[0] != c.dilation[1] or c.stride != (1, 1)
                        or c.kernel_size != (3, 3) or c.groups != 1 or c.padding_mode != "zeros" or c.bias is None
                        for c, *_ in per_dilation):

@@ -104,7 +104,7 @@ def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: S
     x: (B, Cin, H, W). ``tap_sum``: "triton" (one kernel each way, GPUs of
     compute capability >= 8.0), "fold" (one col2im per dilation, any device),
     or "auto": triton where it runs on a GPU, else fold."""
-    resolve_tap_sum(tap_sum, x.device)
+    method = resolve_tap_sum(tap_sum, x.device)
     if not weights or not (len(weights) == len(biases) == len(dilations)):
         raise ValueError("summed_dilated_convs_as_gemm: one weight and one bias per dilation")
     if any(w.dim() != 4 or w.shape != weights[0].shape or w.shape[-2:] != (3, 3) for w in weights):
@@ -119,7 +119,7 @@ def summed_dilated_convs_as_gemm(x: Tensor, weights: Sequence[Tensor], biases: S
     filters = torch.stack(list(weights)).flip(-2, -1).permute(0, 1, 3, 4, 2).reshape(-1, in_channels)
     y = F.conv2d(x, filters[:, :, None, None])
     taps = y.reshape(batch, len(dilations), channels, 9, h, w)
-    return summed_taps(taps, dilations, tap_sum) + torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
+    return _summed_taps(taps, dilations, method) + torch.stack(list(biases)).sum(0).to(y.dtype)[:, None, None]
 
 
 def summed_taps(taps: Tensor, dilations: Sequence[int], tap_sum: str = "auto") -> Tensor:
@@ -129,6 +129,11 @@ def summed_taps(taps: Tensor, dilations: Sequence[int], tap_sum: str = "auto") -
     if taps.dim() != 6 or taps.shape[3] != 9 or taps.shape[1] != len(dilations):
         raise ValueError(f"summed_taps: taps (B, {len(dilations)}, C, 9, H, W) for {len(dilations)} dilations, "
                          f"got {tuple(taps.shape)}")
+    return _summed_taps(taps, dilations, method)
+
+
+def _summed_taps(taps: Tensor, dilations: Sequence[int], method: str) -> Tensor:
+    """:func:`summed_taps` with ``method`` resolved ("triton" or "fold") and the taps' shape checked."""
     if method == "triton":
         return _TritonTapSum.apply(taps, tuple(dilations))
     batch, _, channels, _, h, w = taps.shape
