@@ -8,7 +8,9 @@ Methods:
              requirements-bench.txt): per class, a KeOps LazyTensor min over
              the class's modes, as its users write it (with gradients: its
              argmin, then the distances to the chosen modes in PyTorch); it
-             compiles its kernels at first use (outside the timing)
+             compiles its kernels at first use (outside the timing); on a GPU
+             with the NVRTC of torch's wheels where the machine has none
+             (keops_cuda.py)
   reference  drsl_fast's pure-PyTorch oracle (a broadcast with gather)
   cpu / cuda / triton   drsl_fast's fused backends (cuda: the fp32 kernels,
              the ones older GPUs such as the GTX 1080 Ti run)
@@ -46,6 +48,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import keops_cuda  # noqa: E402
 
 REALISTIC = dict(B=2, D=64, C=19, M=3, H=256, W=256)  # embedding map of a 512x512 crop
 SWEEP = [
@@ -149,7 +152,7 @@ TRITON_FORWARDS = {"triton-ieee": (LIBRARY, "ieee", 64, 4),
                    "triton-p128w8": (LIBRARY, "tf32x3", 128, 8)}
 
 
-def build_method(name, backend_device):
+def build_method(name, device):
     import torch
 
     import drsl_fast
@@ -170,6 +173,8 @@ def build_method(name, backend_device):
     if name == "cdist":
         return cdist
     if name == "pykeops":
+        if str(device).startswith("cuda"):
+            keops_cuda.check()
         return keops_min
     if name in TRITON_FORWARDS:
         import importlib
@@ -384,12 +389,14 @@ def main():
                     skipped[len(specs)] = dict(spec, error="skipped: forward only")
                 specs.append(spec)
     # on a GPU every measurement in one process (saves a process start each), but pykeops in its own (its
-    # run-time compilation can take its process down); on the CPU one each
+    # run-time compilation can take its process down), given the CUDA of torch's wheels where the machine's
+    # toolkit lacks NVRTC (keops_cuda.py); on the CPU one each
     to_measure = [i for i in range(len(specs)) if i not in skipped]
     own = [i for i in to_measure if specs[i]["method"] == "pykeops"]
     shared = [i for i in to_measure if specs[i]["method"] != "pykeops"]
     measured = dict(zip(shared, harness.measure_all(__file__, [specs[i] for i in shared], one_process=gpu)))
-    measured.update(zip(own, harness.measure_all(__file__, [specs[i] for i in own], one_process=gpu)))
+    measured.update(zip(own, harness.measure_all(__file__, [specs[i] for i in own], one_process=gpu,
+                                                 env=keops_cuda.environment() if gpu and own else None)))
     rows = []
     for index, spec in enumerate(specs):
         row = skipped[index] if index in skipped else measured[index]

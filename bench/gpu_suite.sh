@@ -20,7 +20,9 @@
 #
 # Uses the python3 on PATH (PYTHON to override) and the torch installed there.
 # Benchmark-only peers (requirements-bench.txt) are installed from .whl/ when
-# that folder holds their wheels (machines without a package index).
+# that folder holds their wheels (machines without a package index); make it
+# where there is one, then carry it (it is git-ignored):
+#   python -m pip wheel --no-deps -w .whl -r requirements-bench.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

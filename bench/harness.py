@@ -219,15 +219,18 @@ def run_fresh(script: str, args: Sequence[str], spec: Dict, timeout: float = 180
     return run_fresh_many(script, args, [spec], timeout)[0]
 
 
-def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], timeout: float = 3600) -> List[Dict]:
+def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], timeout: float = 3600,
+                   env: Optional[Dict[str, str]] = None) -> List[Dict]:
     """Runs a worker that measures every spec of ``specs`` in one fresh
-    process and emits one result line each, carrying its ``index`` (a worker
-    of one spec may leave it out); a spec without a line (the process died)
-    gets ``error``."""
+    process (with environment ``env``, default this one's) and emits one
+    result line each, carrying its ``index`` (a worker of one spec may leave
+    it out); a spec without a line (the process died) gets ``error``."""
     try:
         done = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
         stdout, reason = done.stdout, crash_reason(done.stderr, done.returncode)
+        if done.returncode:
+            echo_stderr(script, done.stderr)
     except subprocess.TimeoutExpired as exc:
         stdout, reason = exc.stdout or "", f"timed out after {timeout:.0f} s"
     if isinstance(stdout, bytes):
@@ -238,6 +241,16 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
             result = json.loads(line)
             found[result.pop("index", 0)] = result
     return [found.get(i, dict(spec, error=reason)) for i, spec in enumerate(specs)]
+
+
+def echo_stderr(script: str, stderr: str, lines: int = 60) -> None:
+    """The last ``lines`` of a failed worker's stderr, on this process's
+    stderr (the run's log): a row keeps one line of why, the log keeps the
+    native crash's traceback and what the worker printed before it."""
+    tail = stderr.strip().splitlines()[-lines:]
+    if tail:
+        print(f"--- {os.path.basename(script)} worker failed; its stderr ends:", *tail, "---", sep="\n",
+              file=sys.stderr, flush=True)
 
 
 def crash_reason(stderr: str, returncode: int) -> str:
@@ -271,16 +284,18 @@ def serve(measure: Callable[[Dict], Dict], specs: Sequence[Dict]) -> None:
         emit(dict(result, index=index))
 
 
-def measure_all(script: str, specs: Sequence[Dict], one_process: bool, flag: str = "--worker") -> Iterator[Dict]:
+def measure_all(script: str, specs: Sequence[Dict], one_process: bool, flag: str = "--worker",
+                env: Optional[Dict[str, str]] = None) -> Iterator[Dict]:
     """Results of ``specs``, in order, measured by ``script <flag> '<json
-    list>'``: all in one fresh process (on a GPU, where ``max_memory_allocated``
-    is reset per measurement) or each in its own, yielded as it ends (on the
-    CPU, whose RSS high-water mark cannot be reset)."""
+    list>'`` (environment ``env``, default this one's): all in one fresh
+    process (on a GPU, where ``max_memory_allocated`` is reset per
+    measurement) or each in its own, yielded as it ends (on the CPU, whose
+    RSS high-water mark cannot be reset)."""
     if one_process:
-        yield from run_fresh_many(script, [flag, json.dumps(list(specs))], specs)
+        yield from run_fresh_many(script, [flag, json.dumps(list(specs))], specs, env=env)
         return
     for spec in specs:
-        yield run_fresh_many(script, [flag, json.dumps([spec])], [spec])[0]
+        yield run_fresh_many(script, [flag, json.dumps([spec])], [spec], env=env)[0]
 
 
 def emit(result: Dict) -> None:

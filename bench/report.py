@@ -228,8 +228,9 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
     """The realistic size's rows, speed-ups against cdist + min, achieved
     rates, the roofline from the measured ceilings and, on a GPU, the
     GTX 1080 Ti estimate of the CUDA backend."""
-    rows = [r for r in data["results"] if "time_ms" in r and (r.get("size") or r).get("H") == 256
-            and (r.get("size") or r).get("W") == 256]
+    realistic = [r for r in data["results"] if (r.get("size") or r).get("H") == 256
+                 and (r.get("size") or r).get("W") == 256]
+    rows = [r for r in realistic if "time_ms" in r]
     cdist = {r["pass"]: r["time_ms"] for r in rows if r["method"] == "cdist"}
     body = [[r["pass"], r["method"], f"{r['time_ms']:.3f}", f"{r['peak_extra_mib']:.1f}",
              f"{cdist[r['pass']] / r['time_ms']:.1f}x" if r["pass"] in cdist else "",
@@ -238,6 +239,13 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
     out = ("**Mode distance** (`bench/bench_mode_distance.py`), B=2, D=64, C=19, M=3, 256x256 map (512x512 crop), "
            "fp32:\n\n" + table(["pass", "method", "ms", "peak extra MiB", "vs cdist + min", "achieved GB/s",
                                    "achieved GFLOP/s"], body))
+    failed: Dict[tuple, List[str]] = {}  # failures, not the skips the benchmark makes by design
+    for r in realistic:
+        if "time_ms" not in r and not r.get("error", "").startswith("skipped"):
+            failed.setdefault((r["method"], r.get("error", "no result")), []).append(r["pass"])
+    if failed:
+        out += "\n\nNot measured:\n\n" + "\n".join(f"- {method} ({', '.join(passes)}): {error}"
+                                                   for (method, error), passes in failed.items())
     if ceilings and rows:
         lines = []
         for pass_name in ("forward", "forward+backward"):

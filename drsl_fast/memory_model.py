@@ -361,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ops", choices=("fast", "reference"), default="fast")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--no-mmdl", action="store_true", help="plain DeepLab-v2, segmentation loss only")
+    parser.add_argument("--head-as-gemm", action="store_true",
+                        help="the classifiers as one matrix product and a shifted sum each (model.head_as_gemm)")
     parser.add_argument("--device", default="cuda", help="cuda (adds the workspace allowance) or cpu")
     parser.add_argument("--reserve-gib", type=float, default=GTX_1080TI_RESERVE_BYTES / GIB)
     parser.add_argument("--out", default=None, help="also write the GTX 1080 Ti table (markdown) to this file")
@@ -377,7 +379,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              f"{table}\n")
         return 0
     setting = StepSetting(depth=args.depth, width=args.width, crop=args.crop, batch=args.batch, amp=args.amp,
-                          checkpointing=args.checkpointing, ops=args.ops, mmdl=not args.no_mmdl)
+                          checkpointing=args.checkpointing, ops=args.ops, mmdl=not args.no_mmdl,
+                          head_as_gemm=args.head_as_gemm)
     p = predict_step_peak(setting, args.device)
     print(f"predicted peak {p.peak_bytes / MIB:.0f} MiB: parameters+gradients+momentum {p.static_bytes / MIB:.0f}, "
           f"network peak {p.network_peak_bytes / MIB:.0f}, live at the loss {p.live_at_loss_bytes / MIB:.0f}, "

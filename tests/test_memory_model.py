@@ -88,3 +88,18 @@ def test_static_memory_is_parameters_gradients_and_momentum():
     buffers = sum(b.numel() * b.element_size() for b in network.buffers())
     # a few scalars (the loss stand-in's constants) may stay alive beside them
     assert 0 <= network_memory(setting).static_bytes - (3 * trainable + frozen + buffers) < 1024
+
+
+def test_the_command_line_predicts_one_setting_with_the_head_as_one_product(capsys):
+    from drsl_fast import memory_model
+
+    args = ["--crop", "64x64", "--depth", "18", "--width", "0.25", "--device", "cpu"]
+    assert memory_model.main(args) == 0
+    convolutions = capsys.readouterr().out
+    assert memory_model.main(args + ["--head-as-gemm"]) == 0
+    product = capsys.readouterr().out
+    assert convolutions.startswith("predicted peak") and product.startswith("predicted peak")
+    assert "| 64x64 | fp32 | fast | off |" in product
+    setting = replace(StepSetting(depth=18, width=0.25, crop=(64, 64)), head_as_gemm=True)
+    expected = predict_step_peak(setting, "cpu").peak_bytes / MIB
+    assert f"predicted peak {expected:.0f} MiB" in product
