@@ -3,7 +3,7 @@ matrix product (Eq. 1 of its docstring) against the convolutions
 themselves, both shifted sums (the Triton kernels, in the interpreter
 without a GPU, and fold), in float64, on maps smaller than, near and larger
 than the dilations; gradients (and gradcheck); bf16 under autocast; bad
-inputs."""
+inputs; the Triton operators under opcheck and torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,8 +139,8 @@ def test_a_handful_of_operators_forward_and_backward(monkeypatch):
     if why_unavailable("triton", x.device) is None:
         # one launch each way, outside the dispatcher on a GPU; the interpreter's copies are not counted
         from drsl_fast.triton_kernels import tap_sum as kernels
-        monkeypatch.setattr(kernels, "forward", lambda *args: None)
-        monkeypatch.setattr(kernels, "backward", lambda *args: None)
+        monkeypatch.setattr(kernels, "forward", lambda *args, **kwargs: None)
+        monkeypatch.setattr(kernels, "backward", lambda *args, **kwargs: None)
     for tap_sum in [t for t in ("triton", "fold") if t == "fold" or why_unavailable(t, x.device) is None]:
         Count.calls = 0
         with Count():
@@ -203,3 +203,32 @@ def test_the_kernels_refuse_a_second_derivative_and_taps_of_another_shape():
             summed_taps(taps, (1, 2, 3), tap_sum)
         with pytest.raises(ValueError, match=r"taps \(B, 2, C, 9, H, W\)"):
             summed_taps(taps[:, :, :, :8], (1, 2), tap_sum)
+
+
+def test_opcheck_triton_operators():
+    skip_unless_runs("triton", where("triton"))
+    generator = torch.Generator().manual_seed(5)
+    taps = torch.randn(2, 2, 3, 9, 5, 7, generator=generator, dtype=torch.float64).to(where("triton"))
+    grad = torch.randn(2, 3, 5, 7, generator=generator, dtype=torch.float64).to(where("triton"))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.drsl_fast.tap_sum_triton.default, (taps.requires_grad_(), [1, 3]),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.drsl_fast.tap_sum_backward_triton.default, (grad, [1, 3]), test_utils=utils)
+
+
+@pytest.mark.parametrize("tap_sum", ["triton", "fold"])
+def test_torch_compile_fullgraph(tap_sum):
+    device = where(tap_sum)
+    skip_unless_runs(tap_sum, device)
+    if tap_sum == "triton" and device == "cpu":
+        pytest.skip("torch.compile traces triton_op bodies, which the Triton CPU interpreter cannot run")
+    x, weights, biases = inputs((2, 6, 13, 11), 5, DILATIONS, dtype=torch.float32, device=device)
+
+    def loss_fn(*params):
+        return (summed_dilated_convs_as_gemm(params[0], params[1:5], params[5:], DILATIONS, tap_sum) ** 2).sum()
+
+    params = [x, *weights, *biases]
+    eager = torch.autograd.grad(loss_fn(*params), params)
+    traced = torch.autograd.grad(torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*params), params)
+    for got, want in zip(traced, eager):
+        torch.testing.assert_close(got, want)

@@ -25,7 +25,9 @@ The shifted sum of (1) runs one of two ways (``tap_sum``):
 - ``"triton"``: one kernel reads every tap at its offset and sums
   (drsl_fast/triton_kernels/tap_sum.py); its gradient is one kernel that
   copies the output's gradient to each tap at minus the offset. Both are
-  bound by memory: one pass over Y.
+  bound by memory: one pass over Y. They run as the operators
+  ``drsl_fast::tap_sum_triton`` and ``drsl_fast::tap_sum_backward_triton``
+  (``torch.library``, with fake kernels, so ``torch.compile`` traces them).
 - ``"fold"``: the inner sum for one d is col2im (torch's fold, the adjoint
   of the im2col that a convolution's lowering reads its input with): fold
   sums cols[(i,j)](p - d (i - 1, j - 1)) over the taps, so reading the taps
@@ -37,50 +39,72 @@ The shifted sum of (1) runs one of two ways (``tap_sum``):
 Both read Y with its rows ordered (d, c, tap), taps reversed.
 """
 import contextlib
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import why_unavailable
+from ..backends import triton_import_error, why_unavailable
+from ..ops.registration import register_differentiable
 
 TAP_SUMS = ("auto", "triton", "fold")
-
-
-class _TritonTapSum(torch.autograd.Function):
-    """The inner sums of Eq. (1) over taps and dilations: Y (B, D, C, 9, H, W) -> (B, C, H, W).
-    Differentiable once (a second derivative raises). The first call on a
-    GPU compiles the kernels and copies the dilations there: under CUDA
-    graphs, make it before capturing."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, dilations: Sequence[int]) -> Tensor:
-        from ..triton_kernels import tap_sum
-
-        ctx.dilations, ctx.shape = dilations, y.shape
-        y = y.contiguous()
-        out = y.new_empty(y.shape[0], y.shape[2], *y.shape[-2:])
-        if out.numel() > 0:
-            with _on(y.device):
-                tap_sum.forward(y, dilations, out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        from ..triton_kernels import tap_sum
-
-        grad_y = grad_out.new_empty(ctx.shape)
-        if grad_y.numel() > 0:
-            with _on(grad_y.device):
-                tap_sum.backward(grad_out.contiguous(), ctx.dilations, grad_y)
-        return grad_y, None
 
 
 def _on(device: torch.device):
     """Triton launches on the current GPU: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _fake_tap_sum(y: Tensor, dilations: List[int]) -> Tensor:
+    return y.new_empty(y.shape[0], y.shape[2], *y.shape[-2:])
+
+
+def _fake_tap_sum_backward(grad_out: Tensor, dilations: List[int]) -> Tensor:
+    batch, channels, h, w = grad_out.shape
+    return grad_out.new_empty(batch, len(dilations), channels, 9, h, w)
+
+
+def _register_autograd(op_name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.dilations = inputs[1]
+
+    def backward(ctx, grad_out):
+        return backward_op(grad_out, ctx.dilations), None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+if triton_import_error() is None:
+    from torch.library import triton_op, wrap_triton
+
+    from ..triton_kernels import tap_sum as triton_kernels
+
+    @triton_op("drsl_fast::tap_sum_triton", mutates_args=())
+    def _tap_sum_triton(y: Tensor, dilations: List[int]) -> Tensor:
+        """The inner sums of Eq. (1) over taps and dilations: Y (B, D, C, 9,
+        H, W) -> (B, C, H, W). Its gradient is drsl_fast::tap_sum_backward_triton,
+        itself not differentiable (a second derivative raises). The first
+        call compiles the kernels: under CUDA graphs, make it before capturing."""
+        y = y.contiguous()
+        out = _fake_tap_sum(y, dilations)
+        if out.numel() > 0:
+            with _on(y.device):
+                triton_kernels.forward(y, dilations, out, launch=wrap_triton)
+        return out
+
+    @triton_op("drsl_fast::tap_sum_backward_triton", mutates_args=())
+    def _tap_sum_backward_triton(grad_out: Tensor, dilations: List[int]) -> Tensor:
+        grad_out = grad_out.contiguous()
+        grad_y = _fake_tap_sum_backward(grad_out, dilations)
+        if grad_y.numel() > 0:
+            with _on(grad_y.device):
+                triton_kernels.backward(grad_out, dilations, grad_y, launch=wrap_triton)
+        return grad_y
+
+    # Explicit fake kernels: triton_op derives them by tracing, which the
+    # Triton interpreter (CPU tensors) does not support.
+    register_differentiable("tap_sum", _fake_tap_sum, _fake_tap_sum_backward, _register_autograd, "_triton")
 
 
 def resolve_tap_sum(tap_sum: str, device: torch.device) -> str:
@@ -135,7 +159,7 @@ def summed_taps(taps: Tensor, dilations: Sequence[int], tap_sum: str = "auto") -
 def _summed_taps(taps: Tensor, dilations: Sequence[int], method: str) -> Tensor:
     """:func:`summed_taps` with ``method`` resolved ("triton" or "fold") and the taps' shape checked."""
     if method == "triton":
-        return _TritonTapSum.apply(taps, tuple(dilations))
+        return torch.ops.drsl_fast.tap_sum_triton(taps, list(dilations))
     batch, _, channels, _, h, w = taps.shape
     out = None
     for cols, d in zip(taps.reshape(batch, len(dilations), channels * 9, h * w).unbind(1), dilations):
