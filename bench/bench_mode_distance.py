@@ -317,6 +317,16 @@ def cuda_variants(fast):
     return list(CUDA_KERNEL_VARIANTS)
 
 
+def keops_environment():
+    """The pykeops worker's environment on a GPU (keops_cuda.py); where making
+    it fails, this process's (the rows will say what KeOps then does)."""
+    try:
+        return keops_cuda.environment()
+    except OSError as exc:
+        print(f"pykeops: torch's NVRTC not given to KeOps ({exc})", file=sys.stderr, flush=True)
+        return None
+
+
 def peers():
     """pykeops where it is installed (requirements-bench.txt)."""
     try:
@@ -396,7 +406,7 @@ def main():
     shared = [i for i in to_measure if specs[i]["method"] != "pykeops"]
     measured = dict(zip(shared, harness.measure_all(__file__, [specs[i] for i in shared], one_process=gpu)))
     measured.update(zip(own, harness.measure_all(__file__, [specs[i] for i in own], one_process=gpu,
-                                                 env=keops_cuda.environment() if gpu and own else None)))
+                                                 env=keops_environment() if gpu and own else None)))
     rows = []
     for index, spec in enumerate(specs):
         row = skipped[index] if index in skipped else measured[index]

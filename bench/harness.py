@@ -233,6 +233,8 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
             echo_stderr(script, done.stderr)
     except subprocess.TimeoutExpired as exc:
         stdout, reason = exc.stdout or "", f"timed out after {timeout:.0f} s"
+        stderr = exc.stderr or ""
+        echo_stderr(script, stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr)
     if isinstance(stdout, bytes):
         stdout = stdout.decode(errors="replace")
     found = {}
@@ -244,9 +246,9 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
 
 
 def echo_stderr(script: str, stderr: str, lines: int = 60) -> None:
-    """The last ``lines`` of a failed worker's stderr, on this process's
-    stderr (the run's log): a row keeps one line of why, the log keeps the
-    native crash's traceback and what the worker printed before it."""
+    """The last ``lines`` of a failed or timed-out worker's stderr, on this
+    process's stderr (the run's log): a row keeps one line of why, the log
+    keeps the native crash's traceback and what the worker printed before it."""
     tail = stderr.strip().splitlines()[-lines:]
     if tail:
         print(f"--- {os.path.basename(script)} worker failed; its stderr ends:", *tail, "---", sep="\n",

@@ -2,21 +2,28 @@
 
 KeOps finds the CUDA driver and NVRTC with ctypes' ``find_library`` and the
 headers cuda.h and nvrtc.h under CUDA_PATH or CUDA_HOME. Where it finds no
-NVRTC (a toolkit without one; torch's CUDA wheels carry their own under
-site-packages/nvidia/), it switches to its CPU code, which then reads the
-addresses of CUDA tensors as host memory, and the process dies with a
-segmentation fault. :func:`environment` gives the worker that runs pykeops on
-a GPU the NVRTC and headers of torch's wheel; :func:`check` turns a KeOps
-without GPU support into an error that says why, and prints the CUDA set-up
-it found (on stderr: the run's log).
+NVRTC (a toolkit without one; torch's CUDA 13 wheels carry their own under
+site-packages/nvidia/cu13/), it switches to its CPU code, which then reads the
+addresses of CUDA tensors as host memory: the likely cause of the
+segmentation faults of pykeops on the H200 machines (bench/NOTES.md).
+:func:`environment` gives the worker that runs pykeops on a GPU the NVRTC and
+headers of torch's wheel; :func:`check` turns a KeOps without GPU support
+into an error that says why and what CUDA set-up it found.
+
+An NVRTC that ``find_library`` does find (ldconfig's cache first) is the one
+KeOps uses, even if its version is not torch's: an environment cannot
+override that cache.
 """
 import ctypes
 import glob
 import os
-import sys
 import tempfile
 from ctypes.util import find_library
 from typing import Callable, Dict, Iterable, Optional, Tuple
+
+
+class _LinkMap(ctypes.Structure):  # the head of glibc's struct link_map
+    _fields_ = [("l_addr", ctypes.c_void_p), ("l_name", ctypes.c_char_p)]
 
 
 def versioned(folder: str, name: str) -> Optional[str]:
@@ -28,7 +35,8 @@ def versioned(folder: str, name: str) -> Optional[str]:
 def wheel_cuda(roots: Optional[Iterable[str]] = None) -> Optional[Tuple[str, str]]:
     """(include, lib) folders of the first CUDA wheel under ``roots`` (default:
     the ``nvidia`` package's folders) whose include holds cuda.h and nvrtc.h
-    and whose lib holds NVRTC; None if there is none."""
+    and whose lib holds NVRTC (the CUDA 13 wheels' nvidia/cu13 layout; the
+    CUDA 12 wheels split those headers over two folders); None if none does."""
     if roots is None:
         try:
             import nvidia
@@ -45,28 +53,23 @@ def wheel_cuda(roots: Optional[Iterable[str]] = None) -> Optional[Tuple[str, str
 
 
 def loaded_path(soname: str) -> Optional[str]:
-    """The file the loader opens for ``soname`` (lib<name>.so.<version>;
-    loaded into this process to ask), or None."""
+    """The path under which the loader opens ``soname`` (loaded into this
+    process to ask, then asked with glibc's dlinfo), or None."""
     try:
-        ctypes.CDLL(soname)
+        handle = ctypes.CDLL(soname)
     except OSError:
         return None
-    stem = soname.split(".so")[0] + ".so"
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split()[-1]
-            if os.path.basename(path).startswith(stem):
-                return path
+    for library in (None, find_library("dl")):  # dlinfo: in libc since glibc 2.34, in libdl before
+        try:
+            dlinfo = ctypes.CDLL(library).dlinfo
+        except (OSError, AttributeError):
+            continue
+        dlinfo.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+        link_map = ctypes.POINTER(_LinkMap)()
+        if dlinfo(handle._handle, 2, ctypes.byref(link_map)) == 0 and link_map:  # 2: RTLD_DI_LINKMAP
+            name = link_map.contents.l_name
+            return os.fsdecode(name) if name else None
     return None
-
-
-def link(path: str, target: str) -> None:
-    """``path`` a symbolic link to ``target``, replaced atomically."""
-    temporary = f"{path}.{os.getpid()}"
-    if os.path.lexists(temporary):
-        os.remove(temporary)
-    os.symlink(target, temporary)
-    os.replace(temporary, path)
 
 
 def environment(base: Optional[Dict[str, str]] = None, found: Callable[[str], Optional[str]] = find_library,
@@ -74,18 +77,20 @@ def environment(base: Optional[Dict[str, str]] = None, found: Callable[[str], Op
     """``base`` (default this process's environment) for a pykeops worker on
     a GPU: unchanged where ``found`` (find_library) finds an NVRTC, or where
     no torch CUDA wheel has one. Else CUDA_PATH names the wheel's folder (its
-    headers), and ``links`` (default a folder under the temporary directory)
-    holds libnvrtc.so and libcudart.so, the names the linker and find_library
-    look for, beside their versioned names, and libcuda.so for the driver;
-    it comes first on LD_LIBRARY_PATH and LIBRARY_PATH, the wheel's lib
-    folder (NVRTC's builtins) next."""
+    headers), and ``links`` (default a new folder under the temporary
+    directory) holds libnvrtc.so and libcudart.so, the names the linker and
+    find_library look for, beside their versioned names, and libcuda.so for
+    the driver; it comes first on LD_LIBRARY_PATH and LIBRARY_PATH, the
+    wheel's lib folder (NVRTC's builtins) next."""
     env = dict(os.environ if base is None else base)
     wheel = None if found("nvrtc") else wheel_cuda(roots)
     if wheel is None:
         return env
     include, lib = wheel
-    links = links or os.path.join(tempfile.gettempdir(), "drsl_fast_keops_cuda")
-    os.makedirs(links, exist_ok=True)
+    if links is None:
+        links = tempfile.mkdtemp(prefix="drsl_fast_keops_cuda_")
+    else:
+        os.makedirs(links, exist_ok=True)
     targets = {}
     for name in ("nvrtc", "cudart"):
         path = versioned(lib, name)
@@ -96,7 +101,10 @@ def environment(base: Optional[Dict[str, str]] = None, found: Callable[[str], Op
     if driver:
         targets["libcuda.so"] = driver
     for name, target in targets.items():
-        link(os.path.join(links, name), target)
+        path = os.path.join(links, name)
+        if os.path.lexists(path):
+            os.remove(path)
+        os.symlink(target, path)
     env["CUDA_PATH"] = os.path.dirname(include)
     for variable in ("LD_LIBRARY_PATH", "LIBRARY_PATH"):
         env[variable] = os.pathsep.join(p for p in (links, lib, env.get(variable)) if p)
@@ -104,16 +112,17 @@ def environment(base: Optional[Dict[str, str]] = None, found: Callable[[str], Op
 
 
 def check() -> None:
-    """Prints KeOps' CUDA set-up on stderr; raises RuntimeError where it has
-    no GPU support (its CPU code would read the device's memory)."""
+    """Raises RuntimeError where pykeops has no GPU support (its CPU code
+    would read the device's memory), with KeOps' reason and the CUDA set-up
+    it found."""
     import keopscore
     import pykeops
 
+    if pykeops.config.gpu_available:
+        return
     cuda = keopscore.cuda_config
-    print(f"pykeops {pykeops.__version__}: GPU support {pykeops.config.gpu_available}; NVRTC in "
-          f"{cuda.libnvrtc_folder}, CUDA headers in {cuda.cuda_include_path}, CUDA runtime {cuda.cuda_version}",
-          file=sys.stderr, flush=True)
-    if not pykeops.config.gpu_available:
-        reason = cuda.cuda_message or "its CUDA set-up failed"
-        raise RuntimeError(f"pykeops has no GPU support here ({reason}): its CPU code would read the device's "
-                           f"memory")
+    reason = cuda.cuda_message or "its CUDA set-up failed"
+    raise RuntimeError(f"pykeops {pykeops.__version__} has no GPU support here ({reason}; GPUs found "
+                       f"{getattr(cuda, 'n_gpus', '?')}, NVRTC in {cuda.libnvrtc_folder}, CUDA headers in "
+                       f"{cuda.cuda_include_path}, CUDA runtime {cuda.cuda_version}): its CPU code would read the "
+                       f"device's memory")

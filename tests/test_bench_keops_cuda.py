@@ -63,27 +63,42 @@ def test_the_driver_is_linked_where_the_loader_finds_it(tmp_path, monkeypatch):
     assert os.readlink(os.path.join(links, "libcuda.so")) == "/usr/lib/libcuda.so.580.1"
 
 
-def test_loaded_path_names_the_file_behind_a_soname():
+def test_loaded_path_names_where_the_loader_found_a_soname():
     import ctypes.util
 
     libc = ctypes.util.find_library("c")
+    if libc is None:
+        pytest.skip("find_library finds no C library here")
     path = keops_cuda.loaded_path(libc)
-    assert os.path.isfile(path) and os.path.basename(path).startswith("libc.so")
+    assert os.path.isabs(path) and os.path.isfile(path)
+    assert any(os.path.samefile(path, line.split()[-1]) for line in open("/proc/self/maps")
+               if line.split()[-1].startswith("/") and os.path.exists(line.split()[-1]))
     assert keops_cuda.loaded_path("libdrsl_fast_absent.so.3") is None
+
+
+def test_the_links_go_to_a_new_folder_of_their_own_by_default(tmp_path, monkeypatch):
+    nvidia, _ = fake_wheel(str(tmp_path))
+    monkeypatch.setattr(keops_cuda.tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    first = keops_cuda.environment({}, found=lambda name: None, roots=[nvidia])
+    second = keops_cuda.environment({}, found=lambda name: None, roots=[nvidia])
+    folders = [env["LD_LIBRARY_PATH"].split(os.pathsep)[0] for env in (first, second)]
+    assert folders[0] != folders[1] and all(os.path.dirname(f) == str(tmp_path / "tmp") for f in folders)
+    assert all(os.path.basename(f).startswith("drsl_fast_keops_cuda_") for f in folders)
 
 
 def fake_keops(monkeypatch, gpu, message=""):
     monkeypatch.setitem(sys.modules, "pykeops", types.SimpleNamespace(
         __version__="2.3", config=types.SimpleNamespace(gpu_available=gpu)))
     monkeypatch.setitem(sys.modules, "keopscore", types.SimpleNamespace(cuda_config=types.SimpleNamespace(
-        cuda_message=message, libnvrtc_folder="/l", cuda_include_path="/i", cuda_version=13000)))
+        cuda_message=message, n_gpus=0, libnvrtc_folder="/l", cuda_include_path="/i", cuda_version=13000)))
 
 
-def test_check_refuses_a_keops_without_gpu_support_and_says_why(monkeypatch, capsys):
+def test_check_refuses_a_keops_without_gpu_support_and_says_why_and_what_it_found(monkeypatch):
     fake_keops(monkeypatch, gpu=False, message="CUDA libraries not found")
-    with pytest.raises(RuntimeError, match="no GPU support here \\(CUDA libraries not found\\)"):
+    with pytest.raises(RuntimeError, match=r"pykeops 2.3 has no GPU support here \(CUDA libraries not found; GPUs "
+                                           r"found 0, NVRTC in /l, CUDA headers in /i, CUDA runtime 13000\)"):
         keops_cuda.check()
-    assert "GPU support False; NVRTC in /l, CUDA headers in /i, CUDA runtime 13000" in capsys.readouterr().err
     fake_keops(monkeypatch, gpu=True)
     keops_cuda.check()
 
@@ -130,3 +145,12 @@ def test_the_report_lists_what_failed_at_the_realistic_size_not_what_was_skipped
     assert text.endswith("Not measured:\n\n- pykeops (forward, forward+backward): crashed: Fatal Python error: "
                          "Segmentation fault")
     assert "Not measured" not in report.mode_distance_section(dict(results=results[:2]))
+
+
+def test_a_worker_that_times_out_gets_its_row_and_its_stderr_in_the_log(tmp_path, capsys):
+    script = tmp_path / "hangs.py"
+    script.write_text("import sys, time\nprint('compiling...', file=sys.stderr, flush=True)\ntime.sleep(60)\n")
+    row, = harness.run_fresh_many(str(script), [], [{"method": "m"}], timeout=3)
+    assert row == {"method": "m", "error": "timed out after 3 s"}
+    log = capsys.readouterr().err
+    assert "hangs.py worker failed" in log and "compiling..." in log

@@ -100,6 +100,6 @@ def test_the_command_line_predicts_one_setting_with_the_head_as_one_product(caps
     product = capsys.readouterr().out
     assert convolutions.startswith("predicted peak") and product.startswith("predicted peak")
     assert "| 64x64 | fp32 | fast | off |" in product
-    setting = replace(StepSetting(depth=18, width=0.25, crop=(64, 64)), head_as_gemm=True)
-    expected = predict_step_peak(setting, "cpu").peak_bytes / MIB
-    assert f"predicted peak {expected:.0f} MiB" in product
+    for printed, head_as_gemm in ((convolutions, False), (product, True)):
+        setting = StepSetting(depth=18, width=0.25, crop=(64, 64), head_as_gemm=head_as_gemm)
+        assert f"predicted peak {predict_step_peak(setting, 'cpu').peak_bytes / MIB:.0f} MiB" in printed

@@ -189,20 +189,43 @@ def test_more_planes_than_one_launch_holds(monkeypatch):
     torch.testing.assert_close(torch.autograd.grad(got, taps, grad)[0], want_grad, rtol=1e-12, atol=1e-12)
 
 
-def test_the_kernels_refuse_a_second_derivative_and_taps_of_another_shape():
+def test_second_derivatives_through_the_kernels_match_fold():
+    """Each kernel is the other's adjoint, so the gradient of the gradient
+    (with respect to the output's gradient) is the forward sum again."""
     skip_unless_runs("triton", where("triton"))
     from drsl_fast.models.tap_gemm import summed_taps
 
-    taps = torch.randn(1, 2, 3, 9, 5, 4, dtype=torch.float64, device=where("triton"), requires_grad=True)
-    out = summed_taps(taps, (1, 2), "triton")
-    (grad,) = torch.autograd.grad(out, taps, torch.ones_like(out), create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        torch.autograd.grad(grad.sum(), taps)
+    generator = torch.Generator().manual_seed(6)
+    taps = torch.randn(1, 2, 3, 9, 5, 4, generator=generator, dtype=torch.float64).to(where("triton"))
+    grad_out = torch.randn(1, 3, 5, 4, generator=generator, dtype=torch.float64).to(where("triton"))
+    weights = torch.randn(taps.shape, generator=generator, dtype=torch.float64).to(where("triton"))
+    results = []
+    for tap_sum in ("triton", "fold"):
+        t, g = taps.clone().requires_grad_(), grad_out.clone().requires_grad_()
+        (grad_taps,) = torch.autograd.grad(summed_taps(t, (1, 2), tap_sum), t, g, create_graph=True)
+        results.append(torch.autograd.grad((grad_taps * weights).sum(), g)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0], summed_taps(weights, (1, 2), "fold"), rtol=1e-12, atol=1e-12)
+    t, g = taps.clone().requires_grad_(), grad_out.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: summed_taps(x, (1, 2), "triton"), (t,), (g,), fast_mode=True)
+
+
+def test_taps_of_another_shape_or_dtype_are_refused():
+    skip_unless_runs("triton", where("triton"))
+    from drsl_fast.models.tap_gemm import summed_taps
+
+    taps = torch.randn(1, 2, 3, 9, 5, 4, dtype=torch.float64, device=where("triton"))
     for tap_sum in ("triton", "fold"):
         with pytest.raises(ValueError, match=r"taps \(B, 3, C, 9, H, W\) for 3 dilations, got \(1, 2, 3, 9, 5, 4\)"):
             summed_taps(taps, (1, 2, 3), tap_sum)
         with pytest.raises(ValueError, match=r"taps \(B, 2, C, 9, H, W\)"):
             summed_taps(taps[:, :, :, :8], (1, 2), tap_sum)
+        with pytest.raises(TypeError, match="taps must be floating point, got torch.int64"):
+            summed_taps(taps.long(), (1, 2), tap_sum)
+    with pytest.raises(ValueError, match=r"tap_sum_triton: taps \(B, 1, C, 9, H, W\) for 1 dilations"):
+        torch.ops.drsl_fast.tap_sum_triton(taps, [1])
+    with pytest.raises(ValueError, match=r"tap_sum_backward_triton: grad_out a floating \(B, C, H, W\) tensor"):
+        torch.ops.drsl_fast.tap_sum_backward_triton(taps, [1, 2])
 
 
 def test_opcheck_triton_operators():

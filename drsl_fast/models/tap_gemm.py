@@ -65,14 +65,29 @@ def _fake_tap_sum_backward(grad_out: Tensor, dilations: List[int]) -> Tensor:
     return grad_out.new_empty(batch, len(dilations), channels, 9, h, w)
 
 
+def _check_taps(taps: Tensor, dilations: Sequence[int], caller: str) -> None:
+    if taps.dim() != 6 or taps.shape[3] != 9 or taps.shape[1] != len(dilations):
+        raise ValueError(f"{caller}: taps (B, {len(dilations)}, C, 9, H, W) for {len(dilations)} dilations, "
+                         f"got {tuple(taps.shape)}")
+    if not taps.is_floating_point():
+        raise TypeError(f"{caller}: taps must be floating point, got {taps.dtype}")
+
+
 def _register_autograd(op_name: str, backward_op) -> None:
+    """Both operators are linear, each the adjoint of the other, so each one's
+    gradient is the other: differentiable to any order."""
     def setup_context(ctx, inputs, output):
         ctx.dilations = inputs[1]
 
-    def backward(ctx, grad_out):
+    def forward_gradient(ctx, grad_out):
         return backward_op(grad_out, ctx.dilations), None
 
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    def backward_gradient(ctx, grad_grad_y):
+        return torch.ops.drsl_fast.tap_sum_triton(grad_grad_y, ctx.dilations), None
+
+    torch.library.register_autograd(op_name, forward_gradient, setup_context=setup_context)
+    torch.library.register_autograd("drsl_fast::tap_sum_backward_triton", backward_gradient,
+                                    setup_context=setup_context)
 
 
 if triton_import_error() is None:
@@ -84,8 +99,9 @@ if triton_import_error() is None:
     def _tap_sum_triton(y: Tensor, dilations: List[int]) -> Tensor:
         """The inner sums of Eq. (1) over taps and dilations: Y (B, D, C, 9,
         H, W) -> (B, C, H, W). Its gradient is drsl_fast::tap_sum_backward_triton,
-        itself not differentiable (a second derivative raises). The first
-        call compiles the kernels: under CUDA graphs, make it before capturing."""
+        whose gradient is this operator again. The first call compiles the
+        kernels: under CUDA graphs, make it before capturing."""
+        _check_taps(y, dilations, "tap_sum_triton")
         y = y.contiguous()
         out = _fake_tap_sum(y, dilations)
         if out.numel() > 0:
@@ -95,6 +111,10 @@ if triton_import_error() is None:
 
     @triton_op("drsl_fast::tap_sum_backward_triton", mutates_args=())
     def _tap_sum_backward_triton(grad_out: Tensor, dilations: List[int]) -> Tensor:
+        """The gradient of Eq. (1): each tap is the output's gradient read at minus its offset."""
+        if grad_out.dim() != 4 or not grad_out.is_floating_point():
+            raise ValueError(f"tap_sum_backward_triton: grad_out a floating (B, C, H, W) tensor, got "
+                             f"{grad_out.dtype} {tuple(grad_out.shape)}")
         grad_out = grad_out.contiguous()
         grad_y = _fake_tap_sum_backward(grad_out, dilations)
         if grad_y.numel() > 0:
@@ -150,9 +170,7 @@ def summed_taps(taps: Tensor, dilations: Sequence[int], tap_sum: str = "auto") -
     """The shifted sum of Eq. (1) without the biases: ``taps`` (B, D, C, 9, H, W),
     row r of dilation k the tap (2 - r // 3, 2 - r % 3) of W_k -> (B, C, H, W)."""
     method = resolve_tap_sum(tap_sum, taps.device)
-    if taps.dim() != 6 or taps.shape[3] != 9 or taps.shape[1] != len(dilations):
-        raise ValueError(f"summed_taps: taps (B, {len(dilations)}, C, 9, H, W) for {len(dilations)} dilations, "
-                         f"got {tuple(taps.shape)}")
+    _check_taps(taps, dilations, "summed_taps")
     return _summed_taps(taps, dilations, method)
 
 
