@@ -232,17 +232,19 @@ def run_fresh_many(script: str, args: Sequence[str], specs: Sequence[Dict], time
         if done.returncode:
             echo_stderr(script, done.stderr)
     except subprocess.TimeoutExpired as exc:
-        stdout, reason = exc.stdout or "", f"timed out after {timeout:.0f} s"
-        stderr = exc.stderr or ""
-        echo_stderr(script, stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr)
-    if isinstance(stdout, bytes):
-        stdout = stdout.decode(errors="replace")
+        stdout, reason = as_text(exc.stdout), f"timed out after {timeout:.0f} s"
+        echo_stderr(script, as_text(exc.stderr))
     found = {}
     for line in stdout.splitlines():
         if line.startswith("{"):
             result = json.loads(line)
             found[result.pop("index", 0)] = result
     return [found.get(i, dict(spec, error=reason)) for i, spec in enumerate(specs)]
+
+
+def as_text(output) -> str:
+    """A subprocess's captured output as text (a timeout hands it over as bytes, or None)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def echo_stderr(script: str, stderr: str, lines: int = 60) -> None:

@@ -95,6 +95,14 @@ if triton_import_error() is None:
 
     from ..triton_kernels import tap_sum as triton_kernels
 
+    def _launched(launcher, source: Tensor, dilations: List[int], out: Tensor) -> Tensor:
+        """``out``, filled by ``launcher`` (a tap_sum launcher) from the
+        contiguous ``source`` on the tensors' GPU; no launch when empty."""
+        if out.numel() > 0:
+            with _on(out.device):
+                launcher(source, dilations, out, launch=wrap_triton)
+        return out
+
     @triton_op("drsl_fast::tap_sum_triton", mutates_args=())
     def _tap_sum_triton(y: Tensor, dilations: List[int]) -> Tensor:
         """The inner sums of Eq. (1) over taps and dilations: Y (B, D, C, 9,
@@ -102,12 +110,7 @@ if triton_import_error() is None:
         whose gradient is this operator again. The first call compiles the
         kernels: under CUDA graphs, make it before capturing."""
         _check_taps(y, dilations, "tap_sum_triton")
-        y = y.contiguous()
-        out = _fake_tap_sum(y, dilations)
-        if out.numel() > 0:
-            with _on(y.device):
-                triton_kernels.forward(y, dilations, out, launch=wrap_triton)
-        return out
+        return _launched(triton_kernels.forward, y.contiguous(), dilations, _fake_tap_sum(y, dilations))
 
     @triton_op("drsl_fast::tap_sum_backward_triton", mutates_args=())
     def _tap_sum_backward_triton(grad_out: Tensor, dilations: List[int]) -> Tensor:
@@ -115,12 +118,8 @@ if triton_import_error() is None:
         if grad_out.dim() != 4 or not grad_out.is_floating_point():
             raise ValueError(f"tap_sum_backward_triton: grad_out a floating (B, C, H, W) tensor, got "
                              f"{grad_out.dtype} {tuple(grad_out.shape)}")
-        grad_out = grad_out.contiguous()
-        grad_y = _fake_tap_sum_backward(grad_out, dilations)
-        if grad_y.numel() > 0:
-            with _on(grad_y.device):
-                triton_kernels.backward(grad_out, dilations, grad_y, launch=wrap_triton)
-        return grad_y
+        return _launched(triton_kernels.backward, grad_out.contiguous(), dilations,
+                         _fake_tap_sum_backward(grad_out, dilations))
 
     # Explicit fake kernels: triton_op derives them by tracing, which the
     # Triton interpreter (CPU tensors) does not support.
