@@ -332,13 +332,13 @@ def verdict_table(predictions: List[Prediction], reserve_bytes: int = GTX_1080TI
     budget = (GTX_1080TI_BYTES - reserve_bytes) / GIB
     lines = [f"GTX 1080 Ti: 11 GiB, {reserve_bytes / GIB:.1f} GiB kept for the CUDA context and allocator slack: "
              f"a step fits when its predicted peak is at most {budget:.1f} GiB.", "",
-             "| crop | precision | ops | checkpointing | predicted peak GiB | headroom GiB | fits |",
-             "|---|---|---|---|---|---|---|"]
+             "| crop | precision | ops | head | checkpointing | predicted peak GiB | headroom GiB | fits |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in predictions:
         s = p.setting
         headroom = budget - p.peak_bytes / GIB
         lines.append(f"| {s.crop[0]}x{s.crop[1]} | {s.amp or 'fp32'}{' + scaler' if s.amp == 'fp16' else ''} | "
-                     f"{s.ops} | {'on' if s.checkpointing else 'off'} | {p.peak_bytes / GIB:.2f} | {headroom:+.2f} | "
+                     f"{s.ops} | {'GEMM' if s.head_as_gemm else 'convs'} | {'on' if s.checkpointing else 'off'} | {p.peak_bytes / GIB:.2f} | {headroom:+.2f} | "
                      f"{'yes' if fits_1080ti(p, reserve_bytes) else '**no**'} |")
     return "\n".join(lines)
 

@@ -99,7 +99,8 @@ def test_the_command_line_predicts_one_setting_with_the_head_as_one_product(caps
     assert memory_model.main(args + ["--head-as-gemm"]) == 0
     product = capsys.readouterr().out
     assert convolutions.startswith("predicted peak") and product.startswith("predicted peak")
-    assert "| 64x64 | fp32 | fast | off |" in product
+    assert "| 64x64 | fp32 | fast | convs | off |" in convolutions
+    assert "| 64x64 | fp32 | fast | GEMM | off |" in product
     for printed, head_as_gemm in ((convolutions, False), (product, True)):
         setting = StepSetting(depth=18, width=0.25, crop=(64, 64), head_as_gemm=head_as_gemm)
         assert f"predicted peak {predict_step_peak(setting, 'cpu').peak_bytes / MIB:.0f} MiB" in printed
