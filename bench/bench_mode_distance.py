@@ -19,9 +19,10 @@ Methods:
              its tensor-core backward or forward; listed on GPUs that have
              tensor cores (cuda-fp32 in results of earlier versions: the fp32
              kernels, when the tensor-core backward was the default there)
-  triton-ieee / triton-tf32  the Triton forward with its ranking product in
-             fp32 FMA or plain tf32 (the library's default is tf32x3)
   triton-pXwY  the Triton forward with X pixels per program and Y warps
+             (the library's: 128 and 4; triton-ieee, triton-tf32 and other
+             triton-pXwY rows in results of earlier versions: the forward
+             that ranked modes with a tl.dot product, in that precision)
 
 Each row also states the roofline: the bytes the op must move and its FLOPs
 (3 per pixel, mode and channel forward: a difference and a fused
@@ -111,45 +112,46 @@ def keops_min(e, r):
 
 
 class Retiled:
-    """A ``launch`` for the Triton launchers that runs their kernel with
-    ``pixels`` pixels per program (a multiple or fraction of the launcher's
-    64, its grid rescaled to match) and ``warps`` warps."""
+    """A ``launch`` for the Triton forward launcher that runs its kernel with
+    ``pixels`` pixels per program (its grid rescaled to match) and ``warps``
+    warps."""
 
-    def __init__(self, pixels, warps):
-        self.pixels, self.warps = pixels, warps
+    def __init__(self, pixels, warps, base_pixels):
+        self.pixels, self.warps, self.base_pixels = pixels, warps, base_pixels
 
     def __call__(self, kernel):
         def with_grid(grid):
-            blocks = -(-grid[0] * 64 // self.pixels) if self.pixels <= 64 else -(-grid[0] // (self.pixels // 64))
+            blocks = -(-grid[0] * self.base_pixels // self.pixels)
 
             def run(*args, **kwargs):
-                kwargs["BLOCK_P"] = self.pixels
-                return kernel[(blocks,) + tuple(grid[1:])](*args, num_warps=self.warps, **kwargs)
+                kwargs.update(BLOCK_P=self.pixels, num_warps=self.warps)
+                return kernel[(blocks,) + tuple(grid[1:])](*args, **kwargs)
             return run
         return type("Launch", (), {"__getitem__": lambda _, grid: with_grid(grid)})()
 
 
-def triton_launcher(kernels, precision, pixels=64, warps=4):
-    """A Triton forward launcher as a method (forward only): the library's,
-    with its ranking product in another precision (dmin is still recomputed
-    exactly) or with other tiles."""
+def triton_launcher(kernels, pixels, warps):
+    """The library's Triton forward launcher as a method (forward only), with
+    other tiles."""
     def run(e, r):
         import torch
 
         shape = (e.shape[0], r.shape[0], e.shape[2], e.shape[3])
         dmin = torch.empty(shape, device=e.device)
-        kernels.forward(e, r, dmin, torch.empty(shape, dtype=torch.uint8, device=e.device), None, 0.0, precision,
-                        launch=Retiled(pixels, warps))
+        kernels.forward(e, r, dmin, torch.empty(shape, dtype=torch.uint8, device=e.device), None, 0.0,
+                        launch=Retiled(pixels, warps, kernels.FORWARD_PIXELS))
         return dmin
     return run
 
 
 LIBRARY = "drsl_fast.triton_kernels.mode_distance"
-# forward-only Triton methods: name -> (module, precision of the ranking product, pixels per program, warps)
-TRITON_FORWARDS = {"triton-ieee": (LIBRARY, "ieee", 64, 4),
-                   "triton-tf32": (LIBRARY, "tf32", 64, 4),
-                   "triton-p64w8": (LIBRARY, "tf32x3", 64, 8),
-                   "triton-p128w8": (LIBRARY, "tf32x3", 128, 8)}
+# forward-only Triton methods: name -> (module, pixels per program, warps). The
+# library's forward runs 128 pixels on 4 warps, one pixel per thread; compiled
+# for sm_90, 256 on 8 is the same per thread in larger programs, and 256 on 4
+# (two pixels per thread) issues 8 % fewer instructions on 214 registers
+# instead of 96 (2 programs per SM instead of 5).
+TRITON_FORWARDS = {"triton-p256w8": (LIBRARY, 256, 8),
+                   "triton-p256w4": (LIBRARY, 256, 4)}
 
 
 def build_method(name, device):
@@ -179,8 +181,8 @@ def build_method(name, device):
     if name in TRITON_FORWARDS:
         import importlib
 
-        module, precision, pixels, warps = TRITON_FORWARDS[name]
-        return triton_launcher(importlib.import_module(module), precision, pixels, warps)
+        module, pixels, warps = TRITON_FORWARDS[name]
+        return triton_launcher(importlib.import_module(module), pixels, warps)
     for variable in CUDA_KERNEL_VARIANTS.values():  # read by the CUDA launcher at each call
         os.environ.pop(variable, None)
     if name in CUDA_KERNEL_VARIANTS:

@@ -211,11 +211,11 @@ def test_close_modes_far_apart_classes(fast_backend):
     assert torch.equal(as_rows(result.mstar)[:, 0].cpu().long()[clear], dist.argmin(-1)[clear])
 
 
-@pytest.mark.parametrize("precision", ["tf32x3", "ieee", "tf32"])
-def test_triton_product_precision_keeps_dmin_exact(precision):
-    """The Triton forward ranks modes with a product in ``precision`` and
-    settles near-ties directly: tf32x3 (the default) and tf32 (tensor cores)
-    still give the float64 minimum to fp32 accuracy."""
+@pytest.mark.parametrize("C,M", [(16, 3), (32, 3), (1, 1), (64, 1), (5, 64), (9, 7)])
+def test_triton_forward_class_passes(C, M):
+    """The Triton forward's passes over the classes: whole passes only
+    (16 or 32 classes of 3 modes, 64 of 1), one narrow pass only (1 class),
+    one class per pass (64 modes) and a narrow last pass (9 classes of 7)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = why_unavailable("triton", device)
     if reason is not None:
@@ -223,13 +223,16 @@ def test_triton_product_precision_keeps_dmin_exact(precision):
     from drsl_fast.ops.mode_distance import ModeDistance
     from drsl_fast.triton_kernels import mode_distance as kernels
 
-    emb, modes = make_case("bdhw_channels_last", torch.float32, device, seed=8)
-    shape = (emb.shape[0], modes.shape[0], emb.shape[2], emb.shape[3])
+    g = torch.Generator().manual_seed(C * 100 + M)
+    emb = torch.randn(2, 6, 5, 7, generator=g).to(device)
+    modes = (torch.randn(C, M, 6, generator=g) * 0.7).to(device)
+    shape = (emb.shape[0], C, emb.shape[2], emb.shape[3])
     dmin = torch.full(shape, float("nan"), device=device)
     mstar = torch.full(shape, 255, dtype=torch.uint8, device=device)
     posterior = torch.full(shape, float("nan"), device=device)
-    kernels.forward(emb, modes, dmin, mstar, posterior, -1 / (2 * SIGMA**2), precision)
+    kernels.forward(emb, modes, dmin, mstar, posterior, -1 / (2 * SIGMA**2))
     assert_forward_close(ModeDistance(dmin, mstar, posterior), emb, modes, SIGMA)
+    assert torch.equal(as_rows(mstar).cpu().long(), independent_distances(emb, modes).argmin(-1))
 
 
 def test_ties_pick_the_lowest_mode(fast_backend):

@@ -92,11 +92,11 @@ def pseudo_labels_select(kernels, launch, dtype, layout):
     kernels.pseudo_labels.select(_scores(dtype, layout), torch.full((C,), 0.5), labels, launch=launch)
 
 
-def mode_distance_forward(kernels, launch, dtype, layout, with_posterior, precision="ieee"):
+def mode_distance_forward(kernels, launch, dtype, layout, with_posterior):
     emb = _emb(dtype, layout)
     posterior, scale = (_per_class(emb), -2.0) if with_posterior else (None, 0.0)
     kernels.mode_distance.forward(
-        emb, _modes(), _per_class(emb), _per_class(emb, torch.uint8), posterior, scale, precision, launch=launch
+        emb, _modes(), _per_class(emb), _per_class(emb, torch.uint8), posterior, scale, launch=launch
     )
 
 
@@ -219,7 +219,6 @@ VARIANTS = {
         dict(dtype="fp32", layout="contiguous", with_posterior=True),
         dict(dtype="fp16", layout="channels_last", with_posterior=False),
         dict(dtype="bf16", layout="rows", with_posterior=True),
-        dict(dtype="fp32", layout="contiguous", with_posterior=True, precision="tf32"),
     ],
     "mode_distance.backward": [  # 40 classes of 3 modes: two passes of the product, both kernels
         dict(dtype="fp32", layout="contiguous", emb_grad=True, modes_grad=True),
@@ -274,6 +273,10 @@ def _argument_type(value, param):
     raise TypeError(f"{param.name}: cannot pass {type(value).__name__} to a Triton kernel")
 
 
+# keywords of a launch that are compile options, not kernel arguments
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
 class CompileInsteadOfLaunch:
     """``launch`` for the launchers: ``launch(kernel)[grid](*args, **kwargs)``
     compiles ``kernel`` for ``target`` with the types of args and kwargs."""
@@ -294,6 +297,7 @@ class CompileInsteadOfLaunch:
         if not isinstance(kernel, JITFunction):
             raise TypeError(f"{kernel.__name__} is a {type(kernel).__name__}, not a JITFunction: "
                             "its module was imported under TRITON_INTERPRET")
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
         names = [p.name for p in kernel.params]
         if len(args) > len(names) or set(kwargs) - set(names):
             raise TypeError(f"{kernel.__name__}: arguments do not match its parameters {names}")
@@ -314,7 +318,8 @@ class CompileInsteadOfLaunch:
                 constexprs[param.name] = value
             elif divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=self.target)
+        triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=self.target,
+                       options=options)
 
 
 class _KernelCompiler:

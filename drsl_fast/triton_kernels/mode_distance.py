@@ -5,19 +5,22 @@ inputs in their storage dtype and computes in fp32. Embeddings are addressed
 as (b, channel, pixel) with explicit strides, so (B, D, H, W), channels-last
 and (N, D) inputs are all read in place.
 
-Derivation (docs/method.md §3). With the C*M mode centres as the rows of R,
+Forward (docs/method.md §3), in difference form:
 
-    ||e - r_k||^2 = ||e||^2 - 2 e.r_k + ||r_k||^2,
+    dist[p, c, m] = sum_d (e[p, d] - r[c, m, d])^2,
+    dmin[p, c] = min_m dist[p, c, m],   mstar[p, c] = its argmin.
 
-so for a block of pixels E (BLOCK_P, D) the distances to every mode are one
-matrix product E R^T plus a broadcast; ||e||^2 is the same for every mode of a
-pixel and does not change the argmin, so the forward ranks modes by
-``key = ||r_k||^2 - 2 e.r_k``. The product loses digits when e is close to a
-mode relative to their norms (cancellation), and an embedding near its mode is
-the usual case for a trained network, so the epilogue recomputes each class's
-winning distance directly as sum((e - r[c, m*])^2): dmin is then as exact as
-the direct formula, and the product only decides which mode wins. A NaN key
-ranks first (torch.min's rule); ties keep the lowest mode.
+One program holds a block of pixels, one per thread, and for each pixel the
+distances to a pass of classes (all modes of each) in registers: a loop over
+the channels loads one embedding value per pixel and the pass's mode values
+(the same for every thread), and adds (e - r)^2 to every distance, two fp32
+instructions a term. The modes are staged by the launcher as a (D, mode
+slots, class columns) table padded with zeros, so that a channel's mode
+values are one contiguous, aligned row. Each distance is the direct
+formula's sum, so dmin needs no cancellation guard, and the min over modes
+is a loop inside each thread: a NaN distance ranks first (torch.min's rule),
+ties keep the lowest mode. The classes run in passes of CLASS_SLOTS (mode slots times
+class slots at most MODE_COLUMNS), and one narrower pass for the rest.
 
 Backward, with g[p, c] the gradient of dmin[p, c] and the one-hot weights
 W[p, c*M + m] = g[p, c] [m*[p, c] = m] built on the fly from mstar:
@@ -32,12 +35,7 @@ over the winning modes, as the other backends compute it. The mode
 gradient is summed per fixed chunk of MODE_GRAD_CHUNK pixels (partials reduced
 on the host in a fixed order), so it is deterministic.
 
-``precision`` picks tl.dot's input precision for the ranking product:
-"tf32x3" (the default: tensor cores, nearly fp32), "ieee" (fp32 FMA) or
-"tf32". Whatever it is, a class whose two best keys are closer than the
-product's rounding bound is ranked directly, so the winner is the true
-nearest mode and dmin the direct formula's; a coarser product only sends
-more blocks to the direct ranking. The backward products run in tf32x3.
+The backward products run in tf32x3 (PRODUCT_PRECISION).
 """
 import triton
 import triton.language as tl
@@ -45,18 +43,25 @@ import triton.language as tl
 from .layout import channel_block, pixel_view
 from .rules import posterior_exponent, replaces_min
 
+# The backward's pixels per tile.
 BLOCK_PIXELS = 64
-# Precision of the products (tl.dot input_precision): tf32x3 runs on tensor
-# cores with nearly fp32 accuracy; Triton's fp32 FMA products ("ieee") were
-# 5-6x slower on an H200 (bench/NOTES.md). The ranking's near-tie bound and
-# the direct recomputation of every winner keep dmin exact either way.
+# The forward's pixels per program (one per thread) and warps. Compiled for
+# sm_90 (Triton 3.8, 19 classes of 3 modes): 96 registers, and a full pass's
+# channel loop is 167 instructions, 128 of them the sums and 17 loads (one
+# embedding value and 16 four-wide loads of mode values). At 64 pixels on 2
+# warps the mode values went through shared memory and took 217 registers.
+FORWARD_PIXELS = 128
+FORWARD_WARPS = 4
+# Precision of the backward's products (tl.dot input_precision): tf32x3 runs
+# on tensor cores with nearly fp32 accuracy; Triton's fp32 FMA products
+# ("ieee") were 5-6x slower on an H200 (bench/NOTES.md).
 PRODUCT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 # Pixels summed by one program of the backward kernel into one partial of the
 # mode gradient (fixed, so the summation order, and the result, do not depend
 # on the launch).
 MODE_GRAD_CHUNK = 512
-# Columns of one pass of the forward's product: classes padded to a power of
-# two of modes each, as many as fit (at least one).
+# Distances per pixel of one pass, forward (mode slots x class slots), and
+# columns of one pass of the backward's products (whole classes).
 MODE_COLUMNS = 64
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
@@ -70,84 +75,60 @@ def _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp):
 
 
 @triton.jit
+def _class_pass(emb_ptr, table_ptr, dmin_ptr, mstar_ptr, posterior_ptr, b, pixels, pixel_ok, first, C, M, D,
+                emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp, posterior_scale,
+                WITH_POSTERIOR: tl.constexpr, CLASS_COLUMNS: tl.constexpr, MODE_SLOTS: tl.constexpr,
+                CLASS_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dmin, mstar (and the posterior) of classes first .. first + CLASS_SLOTS - 1."""
+    slot_m = tl.arange(0, MODE_SLOTS)[:, None, None]
+    slot_c = tl.arange(0, CLASS_SLOTS)[None, :, None]
+    row = slot_m * CLASS_COLUMNS + first + slot_c  # within one channel's row of the table
+    e_ptrs = emb_ptr + b * emb_sb + pixels * emb_sp
+    dist = tl.zeros([MODE_SLOTS, CLASS_SLOTS, BLOCK_P], tl.float32)
+    e_next = tl.load(e_ptrs, mask=pixel_ok & (0 < D), other=0.0).to(tl.float32)
+    for d in range(0, D):
+        e = e_next  # the next channel's load is in flight while this one's sums run
+        e_next = tl.load(e_ptrs + (d + 1) * emb_sd, mask=pixel_ok & (d + 1 < D), other=0.0).to(tl.float32)
+        r = tl.load(table_ptr + d * (MODE_SLOTS * CLASS_COLUMNS) + row)
+        diff = e[None, None, :] - r
+        dist += diff * diff
+    # the min over modes, inside each thread: a NaN ranks first, ties keep the lower mode
+    dmin = tl.sum(tl.where(slot_m == 0, dist, 0.0), axis=0)
+    mstar = tl.zeros([CLASS_SLOTS, BLOCK_P], tl.int32)
+    for m in tl.static_range(1, MODE_SLOTS):
+        dist_m = tl.sum(tl.where(slot_m == m, dist, 0.0), axis=0)
+        closer = replaces_min(dist_m, dmin) & (m < M)
+        dmin = tl.where(closer, dist_m, dmin)
+        mstar = tl.where(closer, m, mstar)
+    classes = first + tl.arange(0, CLASS_SLOTS)
+    out = b * out_sb + classes[:, None] * out_sc + pixels[None, :] * out_sp
+    ok = (classes < C)[:, None] & pixel_ok[None, :]
+    tl.store(dmin_ptr + out, dmin, mask=ok)
+    tl.store(mstar_ptr + out, mstar.to(tl.uint8), mask=ok)
+    if WITH_POSTERIOR:
+        tl.store(posterior_ptr + out, tl.exp(posterior_exponent(dmin, posterior_scale)), mask=ok)
+
+
+@triton.jit
 def _forward_kernel(
-    emb_ptr, modes_ptr, dmin_ptr, mstar_ptr, posterior_ptr,
-    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
-    posterior_scale, rounding,
-    WITH_POSTERIOR: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, CLASS_SLOTS: tl.constexpr, MODE_SLOTS: tl.constexpr,
+    emb_ptr, table_ptr, dmin_ptr, mstar_ptr, posterior_ptr,
+    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp, posterior_scale,
+    WITH_POSTERIOR: tl.constexpr, CLASS_COLUMNS: tl.constexpr, MODE_SLOTS: tl.constexpr,
+    CLASS_SLOTS: tl.constexpr, TAIL_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Column k of a pass's product is mode k % MODE_SLOTS of the pass's class
-    k // MODE_SLOTS, so the (BLOCK_P, CLASS_SLOTS, MODE_SLOTS) view of the
-    keys ranks every class of the pass in one reduction."""
+    """Passes of CLASS_SLOTS classes, then one of TAIL_SLOTS (if not 0);
+    the table's rows hold CLASS_COLUMNS = their sum of class slots."""
     b = tl.program_id(1).to(tl.int64)
     pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_ok = pixels < P
-    channels = tl.arange(0, BLOCK_D)
-    channel_ok = channels < D
-    columns = tl.arange(0, CLASS_SLOTS * MODE_SLOTS)
-    slots = tl.arange(0, CLASS_SLOTS)
-    e = _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp)
-    e_finite = (e == e) & (tl.abs(e) < float("inf"))
-    pixel_odd = tl.max((~e_finite).to(tl.int32), axis=1) > 0  # a NaN or inf channel
-    for first_class in range(0, C, CLASS_SLOTS):
-        n_classes = tl.minimum(CLASS_SLOTS, C - first_class)
-        mode = columns % MODE_SLOTS
-        valid = (columns // MODE_SLOTS < n_classes) & (mode < M)
-        row = (first_class + columns // MODE_SLOTS) * M + mode
-        r_t = tl.load(modes_ptr + row[None, :] * D + channels[:, None], mask=valid[None, :] & channel_ok[:, None],
-                      other=0.0)
-        r_finite = (r_t == r_t) & (tl.abs(r_t) < float("inf"))
-        class_odd = tl.max(tl.reshape(tl.max((~r_finite).to(tl.int32), axis=0), [CLASS_SLOTS, MODE_SLOTS]), axis=1) > 0
-        # the product runs on e - mu and r - mu (mu: the pass's mean finite
-        # mode): distances do not change, the numbers (and their rounding) shrink
-        r_t = tl.where(r_finite, r_t, 0.0)
-        mu = tl.sum(r_t, axis=1) / (n_classes * M)
-        r_t = tl.where(valid[None, :], r_t - mu[:, None], 0.0)
-        e_centred = tl.where(e_finite, e - mu[None, :], 0.0)
-        e_sq = tl.sum(e_centred * e_centred, axis=1)
-        r_sq = tl.sum(r_t * r_t, axis=0)
-        key = r_sq[None, :] - 2.0 * tl.dot(e_centred, r_t, input_precision=PRECISION)
-        key = tl.where(valid[None, :], key, float("inf"))
-        key = tl.reshape(key, [BLOCK_P, CLASS_SLOTS, MODE_SLOTS])
-        best, winner = tl.min(key, axis=2, return_indices=True, return_indices_tie_break_left=True)
-        modes_of_slot = tl.arange(0, MODE_SLOTS)[None, None, :]
-        runner_up = tl.min(tl.where(modes_of_slot == winner[:, :, None], float("inf"), key), axis=2)
-        # A class is settled by the product where its two best keys differ by
-        # more than both keys' rounding (`rounding` times 2 ||e|| ||r|| + ||r||^2)
-        # plus the direct formula's own (`rounding` times the distance), so
-        # that the direct ranking would pick the same mode. NaN and inf
-        # anywhere in the pixel or the class's modes: ranked directly.
-        r_norm = tl.sqrt(tl.max(r_sq, axis=0))
-        band = rounding * (4.0 * tl.sqrt(e_sq) * r_norm + 2.0 * r_norm * r_norm + 2.0 * e_sq)[:, None] \
-            + rounding * 2.0 * tl.abs(best)
-        settled = (runner_up > best + band) & (best == best) & (tl.abs(best) < float("inf")) & (band < float("inf"))
-        unsettled = (~settled | pixel_odd[:, None] | class_odd[None, :]) & (slots < n_classes)[None, :]
-        for j in range(0, n_classes):
-            c = first_class + j
-            mine = (slots == j)[None, :]
-            class_winner = tl.sum(tl.where(mine, winner, 0), axis=1)
-            if tl.max(tl.where(mine, unsettled, False).to(tl.int32)) > 0:
-                # a near-tie the product cannot settle: rank this class's modes
-                # directly, for the whole block (ties keep the lowest mode)
-                exact = tl.full([BLOCK_P], float("inf"), tl.float32)
-                for m in range(0, M):
-                    r = tl.load(modes_ptr + (c * M + m) * D + channels, mask=channel_ok, other=0.0)
-                    diff = e - r[None, :]
-                    dist = tl.sum(diff * diff, axis=1)
-                    closer = replaces_min(dist, exact) | (m == 0)
-                    exact = tl.where(closer, dist, exact)
-                    class_winner = tl.where(closer, m, class_winner)
-            # dmin recomputed directly from the winning mode (no cancellation)
-            r = tl.load(modes_ptr + (c * M + class_winner)[:, None] * D + channels[None, :],
-                        mask=channel_ok[None, :], other=0.0)
-            diff = e - r
-            dmin = tl.sum(diff * diff, axis=1)
-            out = b * out_sb + c * out_sc + pixels * out_sp
-            tl.store(dmin_ptr + out, dmin, mask=pixel_ok)
-            tl.store(mstar_ptr + out, class_winner.to(tl.uint8), mask=pixel_ok)
-            if WITH_POSTERIOR:
-                tl.store(posterior_ptr + out, tl.exp(posterior_exponent(dmin, posterior_scale)), mask=pixel_ok)
+    for first in range(0, CLASS_COLUMNS - TAIL_SLOTS, CLASS_SLOTS):
+        _class_pass(emb_ptr, table_ptr, dmin_ptr, mstar_ptr, posterior_ptr, b, pixels, pixel_ok, first, C, M, D,
+                    emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp, posterior_scale,
+                    WITH_POSTERIOR, CLASS_COLUMNS, MODE_SLOTS, CLASS_SLOTS, BLOCK_P)
+    if TAIL_SLOTS > 0:
+        _class_pass(emb_ptr, table_ptr, dmin_ptr, mstar_ptr, posterior_ptr, b, pixels, pixel_ok,
+                    CLASS_COLUMNS - TAIL_SLOTS, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
+                    posterior_scale, WITH_POSTERIOR, CLASS_COLUMNS, MODE_SLOTS, TAIL_SLOTS, BLOCK_P)
 
 
 @triton.jit
@@ -260,34 +241,27 @@ def mode_block(n_modes: int) -> int:
     return max(16, triton.next_power_of_2(n_modes))
 
 
-# Rounding of the operands of the ranking product, relative: none in fp32
-# FMA ("ieee"); tf32x3 (each operand split into two tf32 parts, three
-# tensor-core products) drops the low parts' product and rounds the low
-# parts, under 3 * 2^-22; plain tf32 rounds (or truncates) both operands to
-# 10 mantissa bits.
-OPERAND_ROUNDING = {"ieee": 0.0, "tf32x3": 2.0**-20, "tf32": 2.0**-9}
+def forward_slots(C: int, M: int):
+    """(mode slots, class slots of a full pass, class slots of the last
+    narrower pass or 0): powers of two, MODE_COLUMNS distances per pass."""
+    mode_slots = triton.next_power_of_2(M)
+    class_slots = max(1, MODE_COLUMNS // mode_slots)
+    rest = C % class_slots
+    return mode_slots, class_slots, triton.next_power_of_2(rest) if rest else 0
 
 
-def key_rounding(precision: str, D: int) -> float:
-    """A bound, relative to 2 ||e|| ||r|| + ||r||^2, on the error of a key
-    ||r||^2 - 2 e.r: the operands' rounding plus fp32 products summed over D
-    channels (at most (D + 1) units of 2^-24 relative to the sum of |terms|,
-    which Cauchy-Schwarz bounds by ||e|| ||r||), with a factor 2 to spare."""
-    return 2.0 * (OPERAND_ROUNDING[precision] + (D + 1) * 2.0**-24)
-
-
-def forward(emb, modes, dmin, mstar, posterior, posterior_scale, precision="tf32x3", launch=lambda kernel: kernel):
+def forward(emb, modes, dmin, mstar, posterior, posterior_scale, launch=lambda kernel: kernel):
     """Fills dmin, mstar and (if not None) posterior. ``modes`` is fp32, contiguous."""
     bdp, B, shape = _shape_arguments(emb, modes)
     P, C, M, D = shape[:4]
-    mode_slots = triton.next_power_of_2(M)
-    class_slots = max(1, MODE_COLUMNS // mode_slots)
-    while class_slots > 1 and (class_slots // 2) * mode_slots >= 16 and class_slots // 2 >= C:
-        class_slots //= 2  # fewer classes than slots: a narrower product
-    launch(_forward_kernel)[(triton.cdiv(P, BLOCK_PIXELS), B)](
-        bdp, modes, dmin, mstar, dmin if posterior is None else posterior, *shape, posterior_scale,
-        key_rounding(precision, D), WITH_POSTERIOR=posterior is not None, PRECISION=precision,
-        BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D), CLASS_SLOTS=class_slots, MODE_SLOTS=mode_slots,
+    mode_slots, class_slots, tail_slots = forward_slots(C, M)
+    columns = C - C % class_slots + tail_slots
+    table = modes.new_zeros((D, mode_slots, columns))  # (channel, mode, class), zero padded
+    table[:, :M, :C] = modes.permute(2, 1, 0)
+    launch(_forward_kernel)[(triton.cdiv(P, FORWARD_PIXELS), B)](
+        bdp, table, dmin, mstar, dmin if posterior is None else posterior, *shape, posterior_scale,
+        WITH_POSTERIOR=posterior is not None, CLASS_COLUMNS=columns, MODE_SLOTS=mode_slots,
+        CLASS_SLOTS=class_slots, TAIL_SLOTS=tail_slots, BLOCK_P=FORWARD_PIXELS, num_warps=FORWARD_WARPS,
     )
 
 
