@@ -236,9 +236,12 @@ def mode_distance_section(data: Dict, ceilings: Optional[Dict] = None) -> str:
              f"{cdist[r['pass']] / r['time_ms']:.1f}x" if r["pass"] in cdist else "",
              f"{r['bandwidth_gbs']:.3g}" if r.get("bandwidth_gbs") is not None else "",
              f"{r['gflops']:.3g}" if r.get("gflops") is not None else ""] for r in rows]
+    triton = any(r["method"].startswith("triton") for r in rows)
     out = ("**Mode distance** (`bench/bench_mode_distance.py`), B=2, D=64, C=19, M=3, 256x256 map (512x512 crop), "
-           "fp32:\n\n" + table(["pass", "method", "ms", "peak extra MiB", "vs cdist + min", "achieved GB/s",
-                                   "achieved GFLOP/s"], body))
+           "fp32" + (" (the triton rows: the Triton kernels at the run's commit, which bench/NOTES.md names; they "
+                     "have changed between runs)" if triton else "")
+           + ":\n\n" + table(["pass", "method", "ms", "peak extra MiB", "vs cdist + min", "achieved GB/s",
+                                "achieved GFLOP/s"], body))
     failed: Dict[tuple, List[str]] = {}  # failures, not the skips the benchmark makes by design
     for r in realistic:
         if "time_ms" not in r and not r.get("error", "").startswith("skipped"):

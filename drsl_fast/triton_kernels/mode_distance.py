@@ -22,20 +22,21 @@ is a loop inside each thread: a NaN distance ranks first (torch.min's rule),
 ties keep the lowest mode. The classes run in passes of CLASS_SLOTS (mode slots times
 class slots at most MODE_COLUMNS), and one narrower pass for the rest.
 
-Backward, with g[p, c] the gradient of dmin[p, c] and the one-hot weights
-W[p, c*M + m] = g[p, c] [m*[p, c] = m] built on the fly from mstar:
+Backward, with g[p, c] the gradient of dmin[p, c]:
 
-    dL/de_p    = 2 (sum_c g[p, c]) e_p - 2 (W R)_p
-    dL/dr_k    = 2 (sum_p W[p, k]) r_k - 2 (W^T E)_k
+    dL/de_p = 2 sum_c g[p, c] (e_p - r[c, mstar[p, c]])
 
-two more products; no (pixels, C, M) tensor exists in memory. An element
-of dL/de that comes out inf or NaN (an overflow, or an infinite mode that
-no pixel wins: its zero weight times inf) is recomputed as the direct sum
-over the winning modes, as the other backends compute it. The mode
-gradient is summed per fixed chunk of MODE_GRAD_CHUNK pixels (partials reduced
-on the host in a fixed order), so it is deterministic.
+summed directly, class by class, each pixel's winning modes gathered from the
+forward's table (so inf and NaN come out as the direct formula's, and there
+is no cancellation); and, with the one-hot weights W[p, c*M + m] =
+g[p, c] [mstar[p, c] = m] built on the fly from mstar,
 
-The backward products run in tf32x3 (PRODUCT_PRECISION).
+    dL/dr_k = 2 (sum_p W[p, k]) r_k - 2 (W^T E)_k,
+
+a product on tensor cores in tf32x3 (PRODUCT_PRECISION); no (pixels, C, M)
+tensor exists in memory. The mode gradient is summed per fixed chunk of
+MODE_GRAD_CHUNK pixels (partials reduced on the host in a fixed order), so it
+is deterministic.
 """
 import triton
 import triton.language as tl
@@ -43,8 +44,12 @@ import triton.language as tl
 from .layout import channel_block, pixel_view
 from .rules import posterior_exponent, replaces_min
 
-# The backward's pixels per tile.
+# The mode gradient's pixels per tile.
 BLOCK_PIXELS = 64
+# dL/de: pixels per program, channels at a time, warps.
+GRAD_EMB_PIXELS = 128
+GRAD_EMB_CHANNELS = 32
+GRAD_EMB_WARPS = 4
 # The forward's pixels per program (one per thread) and warps. Compiled for
 # sm_90 (Triton 3.8, 19 classes of 3 modes): 96 registers, and a full pass's
 # channel loop is 167 instructions, 128 of them the sums and 17 loads (one
@@ -52,18 +57,17 @@ BLOCK_PIXELS = 64
 # warps the mode values went through shared memory and took 217 registers.
 FORWARD_PIXELS = 128
 FORWARD_WARPS = 4
-# Precision of the backward's products (tl.dot input_precision): tf32x3 runs
+# Precision of the mode gradient's products (tl.dot input_precision): tf32x3 runs
 # on tensor cores with nearly fp32 accuracy; Triton's fp32 FMA products
 # ("ieee") were 5-6x slower on an H200 (bench/NOTES.md).
 PRODUCT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
-# Pixels summed by one program of the backward kernel into one partial of the
+# Pixels summed by one program of the mode-gradient kernel into one partial of the
 # mode gradient (fixed, so the summation order, and the result, do not depend
 # on the launch).
 MODE_GRAD_CHUNK = 512
 # Distances per pixel of one pass, forward (mode slots x class slots), and
-# columns of one pass of the backward's products (whole classes).
+# columns of one pass of the mode gradient's products (whole classes).
 MODE_COLUMNS = 64
-FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -132,50 +136,57 @@ def _forward_kernel(
 
 
 @triton.jit
+def _grad_emb_kernel(
+    grad_ptr, mstar_ptr, emb_ptr, table_ptr, grad_emb_ptr,
+    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp, gemb_sb, gemb_sd, gemb_sp,
+    CLASS_COLUMNS: tl.constexpr, MODE_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dL/de of a block of pixels, BLOCK_D channels at a time: the direct sum
+    2 sum_c g[p, c] (e_p - r[c, mstar[p, c]]), each winning mode's values
+    gathered from the forward's table."""
+    b = tl.program_id(1).to(tl.int64)
+    pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_ok = pixels < P
+    for first_channel in range(0, D, BLOCK_D):
+        channels = first_channel + tl.arange(0, BLOCK_D)[:, None]
+        ok = (channels < D) & pixel_ok[None, :]
+        e = tl.load(emb_ptr + b * emb_sb + channels * emb_sd + pixels[None, :] * emb_sp, mask=ok,
+                    other=0.0).to(tl.float32)
+        rows = table_ptr + channels * (MODE_SLOTS * CLASS_COLUMNS)
+        grad = tl.zeros([BLOCK_D, BLOCK_P], tl.float32)
+        for c in range(0, C):
+            out = b * out_sb + c * out_sc + pixels * out_sp
+            g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
+            winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int32)
+            r = tl.load(rows + (winner * CLASS_COLUMNS + c)[None, :], mask=ok, other=0.0)
+            grad += g[None, :] * (e - r)
+        tl.store(grad_emb_ptr + b * gemb_sb + channels * gemb_sd + pixels[None, :] * gemb_sp,
+                 (2.0 * grad).to(grad_emb_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first_class, n_classes, M, columns,
              out_sb, out_sc, out_sp, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """W (BLOCK_P, BLOCK_K) of classes first_class .. + n_classes (column
-    j * M + m is mode m of class first_class + j), and sum_c g over them."""
+    j * M + m is mode m of class first_class + j)."""
     one_hot = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-    g_total = tl.zeros([BLOCK_P], dtype=tl.float32)
     for j in range(0, n_classes):
         out = b * out_sb + (first_class + j) * out_sc + pixels * out_sp
         g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
         winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int32)
         one_hot = tl.where(columns[None, :] == (j * M + winner)[:, None], g[:, None], one_hot)
-        g_total += g
-    return one_hot, g_total
+    return one_hot
 
 
 @triton.jit
-def _direct_grad(grad_ptr, mstar_ptr, modes_ptr, e, b, pixels, pixel_ok, channels, C, M, D, out_sb, out_sc, out_sp):
-    """sum_c g[p, c] (e_p - r[c, mstar[p, c]]) summed class by class: half of
-    dL/de where the products give inf or NaN (an overflow, or a non-finite
-    mode that no pixel wins, whose zero weight times inf is NaN)."""
-    direct = tl.zeros_like(e)
-    for c in range(0, C):
-        out = b * out_sb + c * out_sc + pixels * out_sp
-        g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
-        winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int64)
-        r = tl.load(modes_ptr + (c * M + winner)[:, None] * D + channels[None, :],
-                    mask=pixel_ok[:, None] & (channels < D)[None, :], other=0.0)
-        direct += g[:, None] * (e - r)
-    return direct
-
-
-@triton.jit
-def _backward_kernel(
-    grad_ptr, mstar_ptr, emb_ptr, modes_ptr, grad_emb_ptr, partial_ptr,
-    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp,
-    gemb_sb, gemb_sd, gemb_sp, classes_per_pass,
-    GRAD_EMB: tl.constexpr, GRAD_MODES: tl.constexpr, ONE_PASS: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+def _grad_modes_kernel(
+    grad_ptr, mstar_ptr, emb_ptr, modes_ptr, partial_ptr,
+    P, C, M, D, emb_sb, emb_sd, emb_sp, out_sb, out_sc, out_sp, classes_per_pass,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One chunk of pixels of image b. With GRAD_EMB, dL/de of its pixels (over
-    every class, classes_per_pass at a time). With GRAD_MODES, the partial mode
-    gradient of class pass program_id(2): partial[b * chunks + chunk] rows
-    k = 2 (weight_k r_k - (W^T E)_k) of that pass's modes. ONE_PASS: every
-    class fits one pass, whose one-hot tile serves both."""
+    """The partial mode gradient of one chunk of pixels of image b and of
+    class pass program_id(2): partial[b * chunks + chunk] rows
+    k = 2 (weight_k r_k - (W^T E)_k) of that pass's modes."""
     chunk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     channels = tl.arange(0, BLOCK_D)
@@ -190,40 +201,14 @@ def _backward_kernel(
         pixels = chunk * CHUNK + start + tl.arange(0, BLOCK_P)
         pixel_ok = pixels < P
         e = _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp)
-        if ONE_PASS:
-            one_hot, g_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, own_first, C, M, columns,
-                                        out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
-        if GRAD_EMB:
-            if ONE_PASS:
-                grad = g_total[:, None] * e - tl.dot(one_hot, own_r, input_precision=PRODUCT_PRECISION)
-            else:
-                grad = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-                for first in range(0, C, classes_per_pass):
-                    n_classes = tl.minimum(classes_per_pass, C - first)
-                    pass_ok = (columns < n_classes * M)[:, None] & (channels < D)[None, :]
-                    r = tl.load(modes_ptr + (first * M + columns)[:, None] * D + channels[None, :],
-                                mask=pass_ok, other=0.0)
-                    w, w_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first, n_classes, M,
-                                          columns, out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
-                    grad += w_total[:, None] * e - tl.dot(w, r, input_precision=PRODUCT_PRECISION)
-            bad = ~(tl.abs(grad) <= FLT_MAX)
-            if tl.max(bad.to(tl.int32)) > 0:
-                grad = tl.where(bad, _direct_grad(grad_ptr, mstar_ptr, modes_ptr, e, b, pixels, pixel_ok, channels,
-                                                  C, M, D, out_sb, out_sc, out_sp), grad)
-            tl.store(grad_emb_ptr + b * gemb_sb + pixels[:, None] * gemb_sp + channels[None, :] * gemb_sd,
-                     (2.0 * grad).to(grad_emb_ptr.dtype.element_ty),
-                     mask=pixel_ok[:, None] & (channels < D)[None, :])
-        if GRAD_MODES:
-            if not ONE_PASS:
-                one_hot, g_total = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, own_first,
-                                            own_modes // M, M, columns, out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
-            weighted_emb += tl.dot(tl.trans(one_hot), e, input_precision=PRODUCT_PRECISION)
-            weight += tl.sum(one_hot, axis=0)
-    if GRAD_MODES:
-        chunks = tl.num_programs(0)
-        block = (own_first * M + columns)[:, None] * D + channels[None, :]
-        tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + block,
-                 2.0 * (weight[:, None] * own_r - weighted_emb), mask=own_ok)
+        one_hot = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, own_first, own_modes // M, M, columns,
+                           out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
+        weighted_emb += tl.dot(tl.trans(one_hot), e, input_precision=PRODUCT_PRECISION)
+        weight += tl.sum(one_hot, axis=0)
+    chunks = tl.num_programs(0)
+    block = (own_first * M + columns)[:, None] * D + channels[None, :]
+    tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + block,
+             2.0 * (weight[:, None] * own_r - weighted_emb), mask=own_ok)
 
 
 def _shape_arguments(emb, modes):
@@ -250,17 +235,25 @@ def forward_slots(C: int, M: int):
     return mode_slots, class_slots, triton.next_power_of_2(rest) if rest else 0
 
 
+def mode_table(modes):
+    """The (C, M, D) modes as a zero-padded (D, mode slots, class columns)
+    table: a channel's values of every mode in one contiguous row."""
+    C, M, D = modes.shape
+    mode_slots, class_slots, tail_slots = forward_slots(C, M)
+    table = modes.new_zeros((D, mode_slots, C - C % class_slots + tail_slots))
+    table[:, :M, :C] = modes.permute(2, 1, 0)
+    return table
+
+
 def forward(emb, modes, dmin, mstar, posterior, posterior_scale, launch=lambda kernel: kernel):
     """Fills dmin, mstar and (if not None) posterior. ``modes`` is fp32, contiguous."""
     bdp, B, shape = _shape_arguments(emb, modes)
     P, C, M, D = shape[:4]
     mode_slots, class_slots, tail_slots = forward_slots(C, M)
-    columns = C - C % class_slots + tail_slots
-    table = modes.new_zeros((D, mode_slots, columns))  # (channel, mode, class), zero padded
-    table[:, :M, :C] = modes.permute(2, 1, 0)
+    table = mode_table(modes)
     launch(_forward_kernel)[(triton.cdiv(P, FORWARD_PIXELS), B)](
         bdp, table, dmin, mstar, dmin if posterior is None else posterior, *shape, posterior_scale,
-        WITH_POSTERIOR=posterior is not None, CLASS_COLUMNS=columns, MODE_SLOTS=mode_slots,
+        WITH_POSTERIOR=posterior is not None, CLASS_COLUMNS=table.shape[2], MODE_SLOTS=mode_slots,
         CLASS_SLOTS=class_slots, TAIL_SLOTS=tail_slots, BLOCK_P=FORWARD_PIXELS, num_warps=FORWARD_WARPS,
     )
 
@@ -270,24 +263,19 @@ def backward(grad_dmin, mstar, emb, modes, grad_emb, partial, launch=lambda kern
     (B * chunks, C, M, D; or None) with the per-chunk mode gradients."""
     bdp, B, shape = _shape_arguments(emb, modes)
     P, C, M, D = shape[:4]
-    classes_per_pass = _classes_per_pass(C, M)
-    passes = triton.cdiv(C, classes_per_pass)
-    gemb = pixel_view(grad_emb) if grad_emb is not None else bdp
-    with_modes = partial is not None
-    args = (grad_dmin, mstar, bdp, modes, gemb, partial if with_modes else grad_dmin,
-            *shape, *gemb.stride(), classes_per_pass)
-    blocks = dict(CHUNK=MODE_GRAD_CHUNK, BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D),
-                  BLOCK_K=mode_block(classes_per_pass * M))
-    if passes == 1:
-        launch(_backward_kernel)[(mode_grad_chunks(P), B, 1)](
-            *args, GRAD_EMB=grad_emb is not None, GRAD_MODES=with_modes, ONE_PASS=True, **blocks)
-        return
     if grad_emb is not None:
-        launch(_backward_kernel)[(mode_grad_chunks(P), B, 1)](
-            *args, GRAD_EMB=True, GRAD_MODES=False, ONE_PASS=False, **blocks)
-    if with_modes:
-        launch(_backward_kernel)[(mode_grad_chunks(P), B, passes)](
-            *args, GRAD_EMB=False, GRAD_MODES=True, ONE_PASS=False, **blocks)
+        table = mode_table(modes)
+        gemb = pixel_view(grad_emb)
+        launch(_grad_emb_kernel)[(triton.cdiv(P, GRAD_EMB_PIXELS), B)](
+            grad_dmin, mstar, bdp, table, gemb, *shape, *gemb.stride(), CLASS_COLUMNS=table.shape[2],
+            MODE_SLOTS=table.shape[1], BLOCK_P=GRAD_EMB_PIXELS, BLOCK_D=GRAD_EMB_CHANNELS, num_warps=GRAD_EMB_WARPS,
+        )
+    if partial is not None:
+        classes_per_pass = _classes_per_pass(C, M)
+        launch(_grad_modes_kernel)[(mode_grad_chunks(P), B, triton.cdiv(C, classes_per_pass))](
+            grad_dmin, mstar, bdp, modes, partial, *shape, classes_per_pass, CHUNK=MODE_GRAD_CHUNK,
+            BLOCK_P=BLOCK_PIXELS, BLOCK_D=channel_block(D), BLOCK_K=mode_block(classes_per_pass * M),
+        )
 
 
 def _classes_per_pass(C: int, M: int) -> int:
