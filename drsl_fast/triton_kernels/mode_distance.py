@@ -52,7 +52,7 @@ GRAD_EMB_CHANNELS = 32
 GRAD_EMB_WARPS = 4
 # The forward's pixels per program (one per thread) and warps. Compiled for
 # sm_90 (Triton 3.8, 19 classes of 3 modes): 96 registers, and a full pass's
-# channel loop is 167 instructions, 128 of them the sums and 17 loads (one
+# channel loop is 169 instructions, 128 of them the sums and 17 loads (one
 # embedding value and 16 four-wide loads of mode values). At 64 pixels on 2
 # warps the mode values went through shared memory and took 217 registers.
 FORWARD_PIXELS = 128
@@ -74,7 +74,7 @@ MODE_COLUMNS = 64
 def _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp):
     """The fp32 embedding tile (BLOCK_P, BLOCK_D), 0 outside (P, D)."""
     ok = (pixels < P)[:, None] & (channels < D)[None, :]
-    return tl.load(emb_ptr + b * emb_sb + pixels[:, None] * emb_sp + channels[None, :] * emb_sd,
+    return tl.load(emb_ptr + b * emb_sb + pixels[:, None] * emb_sp + channels[None, :].to(tl.int64) * emb_sd,
                    mask=ok, other=0.0).to(tl.float32)
 
 
@@ -87,12 +87,13 @@ def _class_pass(emb_ptr, table_ptr, dmin_ptr, mstar_ptr, posterior_ptr, b, pixel
     slot_m = tl.arange(0, MODE_SLOTS)[:, None, None]
     slot_c = tl.arange(0, CLASS_SLOTS)[None, :, None]
     row = slot_m * CLASS_COLUMNS + first + slot_c  # within one channel's row of the table
-    e_ptrs = emb_ptr + b * emb_sb + pixels * emb_sp
+    e_ptrs = emb_ptr + b * emb_sb + pixels * emb_sp  # 64-bit pointers, moved a channel at a time
     dist = tl.zeros([MODE_SLOTS, CLASS_SLOTS, BLOCK_P], tl.float32)
     e_next = tl.load(e_ptrs, mask=pixel_ok & (0 < D), other=0.0).to(tl.float32)
     for d in range(0, D):
         e = e_next  # the next channel's load is in flight while this one's sums run
-        e_next = tl.load(e_ptrs + (d + 1) * emb_sd, mask=pixel_ok & (d + 1 < D), other=0.0).to(tl.float32)
+        e_ptrs += emb_sd
+        e_next = tl.load(e_ptrs, mask=pixel_ok & (d + 1 < D), other=0.0).to(tl.float32)
         r = tl.load(table_ptr + d * (MODE_SLOTS * CLASS_COLUMNS) + row)
         diff = e[None, None, :] - r
         dist += diff * diff
@@ -105,7 +106,7 @@ def _class_pass(emb_ptr, table_ptr, dmin_ptr, mstar_ptr, posterior_ptr, b, pixel
         dmin = tl.where(closer, dist_m, dmin)
         mstar = tl.where(closer, m, mstar)
     classes = first + tl.arange(0, CLASS_SLOTS)
-    out = b * out_sb + classes[:, None] * out_sc + pixels[None, :] * out_sp
+    out = b * out_sb + classes[:, None].to(tl.int64) * out_sc + pixels[None, :] * out_sp
     ok = (classes < C)[:, None] & pixel_ok[None, :]
     tl.store(dmin_ptr + out, dmin, mask=ok)
     tl.store(mstar_ptr + out, mstar.to(tl.uint8), mask=ok)
@@ -148,18 +149,19 @@ def _grad_emb_kernel(
     pixels = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_ok = pixels < P
     for first_channel in range(0, D, BLOCK_D):
-        channels = first_channel + tl.arange(0, BLOCK_D)[:, None]
+        channels = (first_channel + tl.arange(0, BLOCK_D)[:, None]).to(tl.int64)
         ok = (channels < D) & pixel_ok[None, :]
         e = tl.load(emb_ptr + b * emb_sb + channels * emb_sd + pixels[None, :] * emb_sp, mask=ok,
                     other=0.0).to(tl.float32)
         rows = table_ptr + channels * (MODE_SLOTS * CLASS_COLUMNS)
         grad = tl.zeros([BLOCK_D, BLOCK_P], tl.float32)
+        out = b * out_sb + pixels * out_sp  # moved a class at a time (64-bit)
         for c in range(0, C):
-            out = b * out_sb + c * out_sc + pixels * out_sp
             g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
             winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int32)
             r = tl.load(rows + (winner * CLASS_COLUMNS + c)[None, :], mask=ok, other=0.0)
             grad += g[None, :] * (e - r)
+            out += out_sc
         tl.store(grad_emb_ptr + b * gemb_sb + channels * gemb_sd + pixels[None, :] * gemb_sp,
                  (2.0 * grad).to(grad_emb_ptr.dtype.element_ty), mask=ok)
 
