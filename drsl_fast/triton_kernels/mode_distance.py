@@ -44,8 +44,12 @@ import triton.language as tl
 from .layout import channel_block, pixel_view
 from .rules import posterior_exponent, replaces_min
 
-# The mode gradient's pixels per tile.
-BLOCK_PIXELS = 64
+# The mode gradient's pixels per tile. Compiled for sm_90 (Triton 3.8, 19
+# classes of 3 modes): 184 registers, and per tile of 32 pixels the one-hot
+# weights (built as W^T, one class's loads two per thread) and the product
+# take about 1400 instructions a warp; with 64-pixel tiles, W built as
+# (pixels, modes) and transposed, 6100 (bench/NOTES.md).
+BLOCK_PIXELS = 32
 # dL/de: pixels per program, channels at a time, warps.
 GRAD_EMB_PIXELS = 128
 GRAD_EMB_CHANNELS = 32
@@ -169,14 +173,14 @@ def _grad_emb_kernel(
 @triton.jit
 def _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, first_class, n_classes, M, columns,
              out_sb, out_sc, out_sp, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W (BLOCK_P, BLOCK_K) of classes first_class .. + n_classes (column
+    """W^T (BLOCK_K, BLOCK_P) of classes first_class .. + n_classes (row
     j * M + m is mode m of class first_class + j)."""
-    one_hot = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+    one_hot = tl.zeros([BLOCK_K, BLOCK_P], dtype=tl.float32)
     for j in range(0, n_classes):
         out = b * out_sb + (first_class + j) * out_sc + pixels * out_sp
         g = tl.load(grad_ptr + out, mask=pixel_ok, other=0.0)
         winner = tl.load(mstar_ptr + out, mask=pixel_ok, other=0).to(tl.int32)
-        one_hot = tl.where(columns[None, :] == (j * M + winner)[:, None], g[:, None], one_hot)
+        one_hot = tl.where(columns[:, None] == (j * M + winner)[None, :], g[None, :], one_hot)
     return one_hot
 
 
@@ -195,18 +199,21 @@ def _grad_modes_kernel(
     columns = tl.arange(0, BLOCK_K)
     own_first = tl.program_id(2) * classes_per_pass
     own_modes = tl.minimum(classes_per_pass, C - own_first) * M
-    own_ok = (columns < own_modes)[:, None] & (channels < D)[None, :]
-    own_r = tl.load(modes_ptr + (own_first * M + columns)[:, None] * D + channels[None, :], mask=own_ok, other=0.0)
     weighted_emb = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    weight = tl.zeros([BLOCK_K], dtype=tl.float32)
+    # sum_p W[p, k], kept per pixel slot and summed across the threads once, after the loop
+    weights = tl.zeros([BLOCK_K, BLOCK_P], dtype=tl.float32)
     for start in range(0, CHUNK, BLOCK_P):
         pixels = chunk * CHUNK + start + tl.arange(0, BLOCK_P)
         pixel_ok = pixels < P
         e = _pixel_tile(emb_ptr, b, pixels, channels, P, D, emb_sb, emb_sd, emb_sp)
         one_hot = _one_hot(grad_ptr, mstar_ptr, b, pixels, pixel_ok, own_first, own_modes // M, M, columns,
                            out_sb, out_sc, out_sp, BLOCK_P, BLOCK_K)
-        weighted_emb += tl.dot(tl.trans(one_hot), e, input_precision=PRODUCT_PRECISION)
-        weight += tl.sum(one_hot, axis=0)
+        weighted_emb += tl.dot(one_hot, e, input_precision=PRODUCT_PRECISION)
+        weights += one_hot
+    weight = tl.sum(weights, axis=1)
+    # the modes are read only now, so that they hold no registers during the loop
+    own_ok = (columns < own_modes)[:, None] & (channels < D)[None, :]
+    own_r = tl.load(modes_ptr + (own_first * M + columns)[:, None] * D + channels[None, :], mask=own_ok, other=0.0)
     chunks = tl.num_programs(0)
     block = (own_first * M + columns)[:, None] * D + channels[None, :]
     tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + block,
