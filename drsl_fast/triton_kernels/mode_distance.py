@@ -38,6 +38,7 @@ tensor exists in memory. The mode gradient is summed per fixed chunk of
 MODE_GRAD_CHUNK pixels (partials reduced on the host in a fixed order), so it
 is deterministic.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -249,9 +250,9 @@ def mode_table(modes):
     table: a channel's values of every mode in one contiguous row."""
     C, M, D = modes.shape
     mode_slots, class_slots, tail_slots = forward_slots(C, M)
-    table = modes.new_zeros((D, mode_slots, C - C % class_slots + tail_slots))
-    table[:, :M, :C] = modes.permute(2, 1, 0)
-    return table
+    columns = C - C % class_slots + tail_slots
+    table = torch.nn.functional.pad(modes.permute(2, 1, 0), (0, columns - C, 0, mode_slots - M))
+    return table.contiguous()  # a copy only where nothing was padded (pad then keeps the strides)
 
 
 def forward(emb, modes, dmin, mstar, posterior, posterior_scale, launch=lambda kernel: kernel):
