@@ -54,9 +54,9 @@ def _emb(dtype: str, layout: str) -> torch.Tensor:
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-def _per_class(emb: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """dmin-shaped: (B, C, H, W), or (N, C) for an (N, D) embedding."""
-    shape = (emb.shape[0], C) if emb.dim() == 2 else (emb.shape[0], C, emb.shape[2], emb.shape[3])
+def _per_class(emb: torch.Tensor, classes: int = C, dtype=torch.float32) -> torch.Tensor:
+    """dmin-shaped: (B, classes, H, W), or (N, classes) for an (N, D) embedding."""
+    shape = (emb.shape[0], classes) if emb.dim() == 2 else (emb.shape[0], classes, emb.shape[2], emb.shape[3])
     return torch.zeros(shape, dtype=dtype)
 
 
@@ -94,20 +94,18 @@ def pseudo_labels_select(kernels, launch, dtype, layout):
 
 def mode_distance_forward(kernels, launch, dtype, layout, with_posterior, classes=C):
     emb = _emb(dtype, layout)
-    per_class = (emb.shape[0], classes) if emb.dim() == 2 else (emb.shape[0], classes, emb.shape[2], emb.shape[3])
-    posterior, scale = (torch.zeros(per_class), -2.0) if with_posterior else (None, 0.0)
-    kernels.mode_distance.forward(emb, torch.randn(classes, M, D), torch.zeros(per_class),
-                                  torch.zeros(per_class, dtype=torch.uint8), posterior, scale, launch=launch)
+    posterior, scale = (_per_class(emb, classes), -2.0) if with_posterior else (None, 0.0)
+    kernels.mode_distance.forward(emb, torch.randn(classes, M, D), _per_class(emb, classes),
+                                  _per_class(emb, classes, torch.uint8), posterior, scale, launch=launch)
 
 
 def mode_distance_backward(kernels, launch, dtype, layout, emb_grad, modes_grad, classes=C):
     emb = _emb(dtype, layout)
     modes = torch.randn(classes, M, D)
     batch, pixels = (1, emb.shape[0]) if emb.dim() == 2 else (emb.shape[0], emb.shape[2] * emb.shape[3])
-    per_class = (emb.shape[0], classes) if emb.dim() == 2 else (emb.shape[0], classes, emb.shape[2], emb.shape[3])
     out = torch.empty_like(emb) if emb_grad else None  # keeps channels-last, as the op's grad_emb does
     partial = torch.zeros(batch * kernels.mode_distance.mode_grad_chunks(pixels), classes, M, D) if modes_grad else None
-    kernels.mode_distance.backward(torch.zeros(per_class), torch.zeros(per_class, dtype=torch.uint8), emb, modes,
+    kernels.mode_distance.backward(_per_class(emb, classes), _per_class(emb, classes, torch.uint8), emb, modes,
                                    out, partial, launch=launch)
 
 

@@ -214,9 +214,9 @@ def _grad_modes_kernel(
     weight = tl.sum(weights, axis=1)
     # the modes are read only now, so that they hold no registers during the loop
     own_ok = (columns < own_modes)[:, None] & (channels < D)[None, :]
-    own_r = tl.load(modes_ptr + (own_first * M + columns)[:, None] * D + channels[None, :], mask=own_ok, other=0.0)
+    block = (own_first * M + columns)[:, None] * D + channels[None, :]  # the pass's rows of (C * M, D)
+    own_r = tl.load(modes_ptr + block, mask=own_ok, other=0.0)
     chunks = tl.num_programs(0)
-    block = (own_first * M + columns)[:, None] * D + channels[None, :]
     tl.store(partial_ptr + (b * chunks + chunk) * C * M * D + block,
              2.0 * (weight[:, None] * own_r - weighted_emb), mask=own_ok)
 
